@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# Both create .venv when it is missing (or when pyproject.toml changed) and install the project.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdir
+# CPU machines: keep jax on the CPU even though libtpu is installed for AOT TPU compiles.
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[tpu,dev]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.demo --workdir=$(WORKDIR)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

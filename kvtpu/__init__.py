@@ -1,0 +1,20 @@
+"""kvtpu: quantized (INT8 / INT4 / FP8) KV caches for JAX on TPU.
+
+Public API:
+  KVFormat, QuantSpec      storage formats (`KVFormat.parse("int8")`)
+  KVCache                  the cache pytree: init / update / advance / counts
+  attend                   attention over the cache (`impl="xla" | "pallas" | ...`)
+  quantize, dequantize     the reference quantization math
+  memory                   exact bytes per token and per cache
+"""
+
+from kvtpu import memory
+from kvtpu.attention import attend
+from kvtpu.cache import KVCache
+from kvtpu.formats import PRESETS, Granularity, KVFormat, QuantSpec, StorageDtype
+from kvtpu.quant import dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = ["KVFormat", "QuantSpec", "StorageDtype", "Granularity", "PRESETS", "KVCache",
+           "attend", "quantize", "dequantize", "memory", "__version__"]

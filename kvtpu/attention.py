@@ -1,0 +1,109 @@
+"""Attention over the quantized cache, with one entry point and several implementations.
+
+`attend(q, cache, layer)` is called after `cache.update(layer, k, v)` (the chunk's
+own keys are in the cache) and before `cache.advance`. Query `t` of sequence `b`
+sits at position `p = lengths[b] + t` and sees cache positions `s <= p` that hold a
+token: causal over the prefix and the chunk, grouped-query (query head `n` reads kv
+head `n // G`, G = N / K), softmax in float32.
+
+`impl="xla"` is the reference: it dequantizes the layer to float32 and computes
+exact attention with jnp; it is also what later kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvtpu.cache import KVCache, _check_layer, _per_sequence
+
+__all__ = ["attend", "IMPLS"]
+
+IMPLS = ("auto", "xla", "pallas", "interpret")
+
+
+def _validate(q: jax.Array, cache: KVCache, layer, impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a kvtpu.KVCache, got {type(cache).__name__}")
+  _check_layer(layer, cache.num_layers)
+  if jnp.ndim(q) != 4:
+    raise ValueError(f"q must be a [B, T, N, H] array, got q.shape={jnp.shape(q)}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"q must be floating point, got q.dtype={q.dtype}")
+  b, t, n, h = q.shape
+  if b != cache.batch:
+    raise ValueError(f"q.shape[0]={b} does not match the cache's batch={cache.batch}")
+  if h != cache.head_dim:
+    raise ValueError(f"q.shape[3]={h} does not match the cache's head_dim={cache.head_dim}")
+  if n % cache.kv_heads:
+    raise ValueError(
+        f"q's N={n} query heads must be a multiple of the cache's K={cache.kv_heads} kv heads")
+  if t > cache.max_len:
+    raise ValueError(f"q has T={t} tokens, more than the cache's max_len={cache.max_len}")
+
+
+def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float | None = None,
+           impl: str = "auto") -> jax.Array:
+  """Causal grouped-query attention of new queries over one layer of the cache.
+
+  Args:
+    q: `[B, T, N, H]` queries (after RoPE) of the chunk written by `update`.
+    cache: the cache after `update(layer, ...)` for this chunk, before `advance`.
+    layer: layer index (int, or integer scalar under `lax.scan`).
+    valid_len: as passed to `update` for ragged chunks: only the first
+      `valid_len[b]` chunk tokens are keys; query rows past it are padding and
+      see the same keys as the last valid one. A sequence with no keys at all
+      (length 0 and valid_len 0) gets zeros.
+    scale: logit scale; default `1 / sqrt(H)`.
+    impl: "xla" (reference, any backend), "pallas" (compiled TPU kernel),
+      "interpret" (the kernel in Pallas interpret mode), or "auto" (Pallas on
+      TPU, XLA elsewhere).
+
+  Returns:
+    `[B, T, N, H]` in `q.dtype`.
+
+  Raises:
+    ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
+      multiple of K, a bad layer or impl.
+    NotImplementedError: for the Pallas implementations, until issue #3 lands.
+  """
+  _validate(q, cache, layer, impl)
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "tpu" else "xla"
+  if impl != "xla":
+    raise NotImplementedError(
+        f"impl={impl!r}: the Pallas attention kernels arrive with issue #3 "
+        "('Pallas TPU kernels that fuse dequantization into attention'); use impl='xla'")
+  return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
+
+
+def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
+                        scale: float | None = None) -> jax.Array:
+  """The XLA reference of `attend` (float32 throughout, highest matmul precision)."""
+  b, t, n, h = q.shape
+  kh, s = cache.kv_heads, cache.max_len
+  scale = h**-0.5 if scale is None else scale
+  chunk = jnp.full((b,), t, jnp.int32) if valid_len is None else jnp.minimum(
+      _per_sequence("valid_len", valid_len, b), t)
+  end = cache.lengths + chunk  # [B]: positions < end hold tokens.
+  pos_s = jnp.arange(s)
+  held = pos_s[None, :] < end[:, None]  # [B, S]
+  pos_q = cache.lengths[:, None] + jnp.minimum(jnp.arange(t)[None, :], jnp.maximum(chunk - 1, 0)[:, None])
+  visible = held[:, None, :] & (pos_s[None, None, :] <= pos_q[:, :, None])  # [B, T, S]
+
+  # Unwritten positions may hold anything (NaN included): zero them before use.
+  keys = jnp.where(held[:, None, :, None], cache.dequantized(layer, "k"), 0.0)  # [B, K, S, H]
+  values = jnp.where(held[:, None, :, None], cache.dequantized(layer, "v"), 0.0)
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  hi = jax.lax.Precision.HIGHEST
+  logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, precision=hi) * scale
+  mask = visible[:, None, None, :, :]  # [B, 1, 1, T, S]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  probs = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = probs / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values, precision=hi)
+  return out.reshape(b, t, n, h).astype(q.dtype)

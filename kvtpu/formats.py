@@ -1,0 +1,319 @@
+"""KV-cache storage formats: what is stored for keys and values, and how it is scaled.
+
+A `KVFormat` holds one `QuantSpec` for keys and one for values. Both are frozen,
+hashable dataclasses, so a format is a static (meta) field of the cache pytree
+and a valid static argument under `jax.jit`.
+
+Names. Every format has a stable `name` that `KVFormat.parse` reads back:
+
+  tensor spec   := dtype ("-" option)*
+  dtype         := bf16 | int8 | int4 | fp8_e4m3 | fp8_e5m2
+  option        := asym            asymmetric (zero point), integer dtypes only
+                 | g<N>            dynamic scales per token, head and group of N channels
+                 | tensor | head | channel
+                                   static (calibrated) scales per layer, per layer and
+                                   kv head, or per layer, kv head and channel
+                 | sbf16           scales (and zero points) stored as bfloat16
+  format        := tensor spec                  same spec for K and V
+                 | "k" bits "v" bits            bits in {16, 8, 4}: bf16/int8/int4
+                 | "k=" tensor spec ",v=" tensor spec
+
+Without a granularity option a quantized spec has dynamic scales per token and
+kv head (`token_head`), computed when the token is written. Examples: `int8`,
+`fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `k8v4`,
+`k=int8-head,v=int4-g64`.
+
+Static or dynamic is decided by the granularity: a scale shared across tokens
+(tensor, head, channel) cannot be recomputed on write without rescaling what is
+already stored, so it is calibrated ahead of time; a scale per token (token_head,
+group) is computed on write. `QuantSpec.dynamic` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["StorageDtype", "Granularity", "QuantSpec", "KVFormat", "PRESETS"]
+
+
+class StorageDtype(enum.Enum):
+  """The element type stored in the cache."""
+
+  BF16 = "bf16"
+  INT8 = "int8"
+  INT4 = "int4"
+  FP8_E4M3 = "fp8_e4m3"
+  FP8_E5M2 = "fp8_e5m2"
+
+  @property
+  def jnp_dtype(self) -> jnp.dtype:
+    return jnp.dtype(_JNP_DTYPES[self])
+
+  @property
+  def bits(self) -> int:
+    return {"bf16": 16, "int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.value]
+
+  @property
+  def is_int(self) -> bool:
+    return self in (StorageDtype.INT8, StorageDtype.INT4)
+
+  @property
+  def is_fp8(self) -> bool:
+    return self in (StorageDtype.FP8_E4M3, StorageDtype.FP8_E5M2)
+
+  @property
+  def quantized(self) -> bool:
+    return self is not StorageDtype.BF16
+
+
+_JNP_DTYPES = {
+    StorageDtype.BF16: jnp.bfloat16,
+    StorageDtype.INT8: jnp.int8,
+    StorageDtype.INT4: jnp.int4,
+    StorageDtype.FP8_E4M3: jnp.float8_e4m3fn,
+    StorageDtype.FP8_E5M2: jnp.float8_e5m2,
+}
+
+
+class Granularity(enum.Enum):
+  """Which values share one scale (and zero point)."""
+
+  NONE = "none"  # bf16: nothing is scaled.
+  TENSOR = "tensor"  # static: one scale per layer.
+  HEAD = "head"  # static: one per layer and kv head.
+  CHANNEL = "channel"  # static: one per layer, kv head and channel of H.
+  TOKEN_HEAD = "token_head"  # dynamic: one per token and kv head.
+  GROUP = "group"  # dynamic: one per token, kv head and group of channels.
+
+  @property
+  def dynamic(self) -> bool:
+    return self in (Granularity.TOKEN_HEAD, Granularity.GROUP)
+
+
+_SCALE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one tensor (K or V) is stored.
+
+  Attributes:
+    dtype: element type in the cache.
+    granularity: which values share a scale; decides static vs dynamic.
+    group_size: channels per scale group along H; only with `GROUP`.
+    symmetric: True stores `x = q * scale`; False adds a zero point,
+      `x = (q - zero) * scale` (integer dtypes only).
+    scale_dtype: dtype of stored scales and zero points, "float32" or
+      "bfloat16".
+  """
+
+  dtype: StorageDtype
+  granularity: Granularity = Granularity.TOKEN_HEAD
+  group_size: int | None = None
+  symmetric: bool = True
+  scale_dtype: str = "float32"
+
+  def __post_init__(self):
+    # Accept plain strings for the enum fields; normalize bf16 to "no scales".
+    object.__setattr__(self, "dtype", StorageDtype(self.dtype))
+    object.__setattr__(self, "granularity", Granularity(self.granularity))
+    if self.dtype is StorageDtype.BF16:
+      if self.granularity not in (Granularity.NONE, Granularity.TOKEN_HEAD) or (
+          self.group_size is not None or not self.symmetric
+          or self.scale_dtype != "float32"):
+        raise ValueError(f"bf16 storage takes no scale options, got {self!r}")
+      object.__setattr__(self, "granularity", Granularity.NONE)
+      return
+    if self.granularity is Granularity.NONE:
+      raise ValueError(f"granularity=none is only for bf16 storage, got dtype={self.dtype.value}")
+    if self.granularity is Granularity.GROUP:
+      if not isinstance(self.group_size, int) or self.group_size < 1:
+        raise ValueError(
+            f"granularity=group needs a positive integer group_size, got group_size={self.group_size!r}")
+    elif self.group_size is not None:
+      raise ValueError(
+          f"group_size is only for granularity=group, got group_size={self.group_size} "
+          f"with granularity={self.granularity.value}")
+    if not self.symmetric and not self.dtype.is_int:
+      raise ValueError(
+          f"asymmetric (zero-point) scales are only for int8/int4, got dtype={self.dtype.value}: "
+          "fp8 is already non-uniform around zero; use a symmetric fp8 spec")
+    if self.scale_dtype not in _SCALE_DTYPES:
+      raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got scale_dtype={self.scale_dtype!r}")
+
+  # Derived properties, the single place other modules read them from.
+  @property
+  def quantized(self) -> bool:
+    return self.dtype.quantized
+
+  @property
+  def dynamic(self) -> bool:
+    """Scales computed per token on write (vs calibrated static scales)."""
+    return self.granularity.dynamic
+
+  @property
+  def static(self) -> bool:
+    return self.quantized and not self.dynamic
+
+  @property
+  def storage_dtype(self) -> jnp.dtype:
+    return self.dtype.jnp_dtype
+
+  @property
+  def scale_jnp_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.scale_dtype)
+
+  @property
+  def qmin(self) -> float:
+    """Smallest stored value used (integers: -qmax when symmetric)."""
+    if self.dtype.is_int:
+      info = jnp.iinfo(self.storage_dtype)
+      return float(info.min) if not self.symmetric else -float(info.max)
+    return -self.qmax
+
+  @property
+  def qmax(self) -> float:
+    """Largest finite stored value (127, 7, 448, 57344; bf16: its max)."""
+    if self.dtype.is_int:
+      return float(jnp.iinfo(self.storage_dtype).max)
+    return float(jnp.finfo(self.storage_dtype).max)
+
+  def num_groups(self, head_dim: int) -> int:
+    """Scale groups per token and head (dynamic specs); validates `head_dim`."""
+    if self.granularity is Granularity.TOKEN_HEAD:
+      return 1
+    if self.granularity is Granularity.GROUP:
+      if head_dim % self.group_size:
+        raise ValueError(
+            f"head_dim={head_dim} is not a multiple of group_size={self.group_size} ({self.name})")
+      return head_dim // self.group_size
+    raise ValueError(f"{self.name} has no per-token scale groups")
+
+  @property
+  def name(self) -> str:
+    parts = [self.dtype.value]
+    if not self.symmetric:
+      parts.append("asym")
+    if self.granularity is Granularity.GROUP:
+      parts.append(f"g{self.group_size}")
+    elif self.granularity in (Granularity.TENSOR, Granularity.HEAD, Granularity.CHANNEL):
+      parts.append(self.granularity.value)
+    if self.scale_dtype == "bfloat16":
+      parts.append("sbf16")
+    return "-".join(parts)
+
+  @classmethod
+  def parse(cls, name: str) -> QuantSpec:
+    """Parses a tensor spec name such as `int8`, `int4-asym-g32`, `fp8_e4m3-channel`."""
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"a tensor spec name must be a non-empty string, got name={name!r}")
+    dtype_name, *options = name.strip().lower().split("-")
+    valid_dtypes = [d.value for d in StorageDtype]
+    if dtype_name not in valid_dtypes:
+      raise ValueError(f"unknown storage dtype {dtype_name!r} in name={name!r}; valid: {valid_dtypes}")
+    kwargs: dict = {"dtype": StorageDtype(dtype_name)}
+    seen: set[str] = set()
+    for opt in options:
+      # Each option kind at most once: two granularities (or `asym-asym`) is a typo.
+      kind = "granularity" if opt in ("tensor", "head", "channel") or opt.startswith("g") else opt
+      if kind in seen:
+        raise ValueError(f"option {opt!r} conflicts with an earlier option in name={name!r}")
+      seen.add(kind)
+      if opt == "asym":
+        kwargs["symmetric"] = False
+      elif opt == "sbf16":
+        kwargs["scale_dtype"] = "bfloat16"
+      elif opt in ("tensor", "head", "channel"):
+        kwargs["granularity"] = Granularity(opt)
+      elif re.fullmatch(r"g[1-9]\d*", opt):
+        kwargs["granularity"] = Granularity.GROUP
+        kwargs["group_size"] = int(opt[1:])
+      else:
+        raise ValueError(
+            f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, tensor, head, "
+            "channel, sbf16")
+    return cls(**kwargs)
+
+
+_SHORT_BITS = {"16": "bf16", "8": "int8", "4": "int4"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+  """The storage format of a KV cache: one `QuantSpec` for K, one for V.
+
+  Attributes:
+    k: how keys are stored.
+    v: how values are stored.
+  """
+
+  k: QuantSpec
+  v: QuantSpec
+
+  def __post_init__(self):
+    for field in ("k", "v"):
+      if not isinstance(getattr(self, field), QuantSpec):
+        raise TypeError(f"KVFormat.{field} must be a QuantSpec, got {type(getattr(self, field)).__name__}")
+
+  @property
+  def name(self) -> str:
+    """Stable name; `KVFormat.parse(fmt.name) == fmt`."""
+    if self.k == self.v:
+      return self.k.name
+    short = {v: k for k, v in _SHORT_BITS.items()}
+    if self.k.name in short and self.v.name in short:
+      return f"k{short[self.k.name]}v{short[self.v.name]}"
+    return f"k={self.k.name},v={self.v.name}"
+
+  @property
+  def quantized(self) -> bool:
+    return self.k.quantized or self.v.quantized
+
+  @property
+  def static(self) -> bool:
+    """True if either K or V needs calibrated static scales."""
+    return self.k.static or self.v.static
+
+  def spec(self, which: str) -> QuantSpec:
+    if which not in ("k", "v"):
+      raise ValueError(f"which must be 'k' or 'v', got which={which!r}")
+    return self.k if which == "k" else self.v
+
+  @classmethod
+  def parse(cls, name: str | KVFormat) -> KVFormat:
+    """Parses a format name (see module docstring); a `KVFormat` passes through.
+
+    Raises:
+      ValueError: for an unknown name, listing the presets and the grammar.
+    """
+    if isinstance(name, KVFormat):
+      return name
+    if not isinstance(name, str):
+      raise TypeError(f"format name must be a str, got {type(name).__name__}")
+    text = name.strip().lower()
+    try:
+      if m := re.fullmatch(r"k(16|8|4)v(16|8|4)", text):
+        return cls(QuantSpec.parse(_SHORT_BITS[m[1]]), QuantSpec.parse(_SHORT_BITS[m[2]]))
+      if m := re.fullmatch(r"k=([^,]+),v=([^,]+)", text):
+        return cls(QuantSpec.parse(m[1]), QuantSpec.parse(m[2]))
+      spec = QuantSpec.parse(text)
+      return cls(spec, spec)
+    except ValueError as e:
+      raise ValueError(
+          f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
+          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16]', 'k<bits>v<bits>' with bits "
+          "in 16/8/4, or 'k=<spec>,v=<spec>'") from None
+
+  def __str__(self) -> str:
+    return self.name
+
+
+PRESETS: tuple[str, ...] = (
+    "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "k4v8", "k8v16", "k16v8",
+    "int8-asym", "int4-asym", "int4-g32", "int4-asym-g32",
+)

@@ -1,0 +1,208 @@
+"""Reference quantization math: the single source of truth for what a stored value means.
+
+Convention, for every format: a stored value `q` with scale `s` and zero point `z`
+means `x = (q - z) * s` (symmetric specs have no zero point: `x = q * s`); bf16
+storage is the value itself.
+
+Quantizing (`quantize`):
+  * Integers round to nearest (ties to even) and are clipped to `[qmin, qmax]`:
+    int8 `[-127, 127]`, int4 `[-7, 7]` symmetric; `[-128, 127]`, `[-8, 7]` asymmetric.
+  * fp8 values are clipped to the format's finite range before the cast, because an
+    out-of-range cast gives NaN (e4m3fn) or inf (e5m2); the cast rounds to nearest.
+  * Dynamic scales are computed per token and group from the finite values, in
+    float32, then rounded *up* into the scale dtype, so that no value of the group
+    is clipped by the rounding of its own scale: under dynamic scales the
+    saturation count is exactly zero, and any clipping reported by the cache comes
+    from static scales that the data outgrew.
+  * An all-zero (or tiny) group gets a safe finite scale: the scale dtype's smallest
+    normal number (symmetric), so every value quantizes to 0 and dequantizes to 0.
+    Asymmetric scales are floored at `max(|min|, |max|) * 2**-16` as well, which
+    bounds the zero point (|z| <= 2**16 + 128) so that it stays exact in float32.
+  * Zero points are float32 whatever the scale dtype: a bfloat16 zero point of a
+    group far from 0 would be off by many quantization steps.
+
+NaN / inf policy. A non-finite value in incoming K or V is stored as 0 and reported
+in the `nonfinite` mask (the cache counts it per layer). It is excluded from its
+group's scale, so the finite values of the same token and head are quantized
+exactly as if it were 0; other tokens, heads and sequences are untouched. bf16
+storage follows the same policy. Finite values beyond the bf16 range are clipped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvtpu.formats import Granularity, QuantSpec
+
+__all__ = ["Quantized", "quantize", "dequantize", "dynamic_scales", "validate_scale",
+           "ZERO_DTYPE"]
+
+ZERO_DTYPE = jnp.float32
+# Asymmetric scales are at least this fraction of the group's largest magnitude.
+_ASYM_SCALE_FLOOR = 2.0**-16
+
+
+class Quantized(NamedTuple):
+  """Result of `quantize`.
+
+  Attributes:
+    q: stored values, `x.shape`, in the spec's storage dtype.
+    scale: the scales used. Dynamic: `[..., G]` (G groups along H), in the scale
+      dtype. Static: the scale passed in. bf16: None.
+    zero: zero points like `scale` (float32), or None when symmetric.
+    saturated: bool `x.shape`, values whose quantized value was clipped.
+    nonfinite: bool `x.shape`, NaN/inf inputs (stored as 0).
+  """
+
+  q: jax.Array
+  scale: jax.Array | None
+  zero: jax.Array | None
+  saturated: jax.Array
+  nonfinite: jax.Array
+
+
+def _round_up_to(x: jax.Array, dtype) -> jax.Array:
+  """Casts float32 `x` to `dtype`, never rounding below `x`."""
+  y = x.astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return y
+  return jnp.where(y.astype(jnp.float32) < x, jnp.nextafter(y, jnp.asarray(jnp.inf, dtype)), y)
+
+
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+  """[..., H] -> [..., G, H/G]."""
+  return x.reshape(*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
+
+
+def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+  """Per-token (and group) scales and zero points for `x: [..., H]`.
+
+  Non-finite values are ignored (treated as 0). Returns `scale: [..., G]` in the
+  spec's scale dtype and `zero: [..., G]` float32 (None when symmetric).
+  """
+  if not spec.dynamic:
+    raise ValueError(f"dynamic_scales needs a dynamic spec, got {spec.name}")
+  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
+  tiny = float(jnp.finfo(spec.scale_jnp_dtype).tiny)
+  if spec.symmetric:
+    amax = jnp.max(jnp.abs(xg), axis=-1)
+    return _round_up_to(jnp.maximum(amax / spec.qmax, tiny), spec.scale_jnp_dtype), None
+  lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
+  floor = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * _ASYM_SCALE_FLOOR, tiny)
+  scale = _round_up_to(jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), floor), spec.scale_jnp_dtype)
+  zero = (spec.qmin - lo / scale.astype(jnp.float32)).astype(ZERO_DTYPE)
+  return scale, zero
+
+
+def _sanitize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _broadcast_params(spec: QuantSpec, p: jax.Array, x: jax.Array) -> jax.Array:
+  """Scale or zero -> same rank as `x: [..., H]` (dynamic `[..., G]`: groups expanded)."""
+  p = p.astype(jnp.float32)
+  if spec.dynamic:
+    return jnp.repeat(p, x.shape[-1] // p.shape[-1], axis=-1)
+  if p.ndim > x.ndim:
+    raise ValueError(f"static scale of shape {p.shape} has more dims than x.shape={x.shape}")
+  return p.reshape((1,) * (x.ndim - p.ndim) + p.shape)
+
+
+def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
+             zero: jax.Array | None = None) -> Quantized:
+  """Quantizes `x: [..., H]` into `spec`'s storage.
+
+  Args:
+    x: values to store, any float dtype; the last axis is the head dimension.
+    spec: the storage spec.
+    scale: static specs only: the calibrated scale, broadcastable to `x` (tensor:
+      `[1, 1]`, head: `[K, 1]`, channel: `[K, H]` against `x: [..., K, H]`).
+    zero: static asymmetric specs only: the zero point, shaped like `scale`.
+
+  Returns:
+    A `Quantized` tuple; see its docstring.
+  """
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be floating point, got x.dtype={x.dtype}")
+  finite = jnp.isfinite(x)
+  xs = _sanitize(x)
+  if not spec.quantized:
+    big = float(jnp.finfo(jnp.bfloat16).max)
+    return Quantized(jnp.clip(xs, -big, big).astype(jnp.bfloat16), None, None,
+                     jnp.abs(xs) > big, ~finite)
+  if spec.dynamic:
+    if scale is not None or zero is not None:
+      raise ValueError(f"{spec.name} computes its scales on write; do not pass scale or zero")
+    scale, zero = dynamic_scales(xs, spec)
+  else:
+    if scale is None:
+      raise ValueError(f"{spec.name} has static scales: pass the calibrated scale")
+    if (zero is None) != spec.symmetric:
+      raise ValueError(
+          f"{spec.name}: zero must be {'None' if spec.symmetric else 'given'} for a "
+          f"{'symmetric' if spec.symmetric else 'asymmetric'} spec")
+  y = xs / _broadcast_params(spec, scale, xs)
+  if zero is not None:
+    y = y + _broadcast_params(spec, zero, xs)
+  if spec.dtype.is_int:
+    y = jnp.round(y)
+    saturated = (y > spec.qmax) | (y < spec.qmin)
+  else:
+    saturated = jnp.abs(y) > spec.qmax
+  q = jnp.clip(y, spec.qmin, spec.qmax).astype(spec.storage_dtype)
+  return Quantized(q, scale, zero, saturated, ~finite)
+
+
+def dequantize(q: jax.Array, spec: QuantSpec, scale: jax.Array | None = None,
+               zero: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
+  """Inverse of `quantize`: `(q - zero) * scale` in `dtype`.
+
+  Args:
+    q: stored values `[..., H]`.
+    spec: the storage spec they were written with.
+    scale: as returned by / passed to `quantize` (dynamic: `[..., G]`).
+    zero: likewise; None for symmetric specs.
+    dtype: output dtype.
+  """
+  if not spec.quantized:
+    return q.astype(dtype)
+  if scale is None:
+    raise ValueError(f"dequantize({spec.name}) needs scale")
+  x = q.astype(jnp.float32)
+  if zero is not None:
+    x = x - _broadcast_params(spec, zero, q)
+  return (x * _broadcast_params(spec, scale, q)).astype(dtype)
+
+
+def static_scale_shape(spec: QuantSpec, kv_heads: int, head_dim: int) -> tuple[int, int]:
+  """Per-layer shape of a static scale, broadcastable against `[..., K, H]`."""
+  return {
+      Granularity.TENSOR: (1, 1),
+      Granularity.HEAD: (kv_heads, 1),
+      Granularity.CHANNEL: (kv_heads, head_dim),
+  }[spec.granularity]
+
+
+def validate_scale(name: str, scale, *, zero_ok: bool = False) -> None:
+  """Rejects scales that are 0, negative, NaN or inf (zero points: non-finite).
+
+  Checks concrete arrays only; traced values are checked by the caller's shapes.
+
+  Raises:
+    ValueError: naming `name`, the count of bad entries and the first one.
+  """
+  if isinstance(scale, jax.core.Tracer):
+    return
+  a = np.asarray(jax.device_get(scale), dtype=np.float64)
+  bad = ~np.isfinite(a) if zero_ok else ~(np.isfinite(a) & (a > 0))
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    what = "finite" if zero_ok else "finite and > 0"
+    raise ValueError(
+        f"{name} must be {what} everywhere; {int(bad.sum())} of {a.size} entries are not, "
+        f"first at index {idx}: {a[idx]!r}")

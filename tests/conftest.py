@@ -1,0 +1,22 @@
+"""Test setup: 8 fake CPU devices, strict rank promotion, per-test seeds."""
+
+import os
+
+# Before jax is imported anywhere: CPU backend (libtpu is installed for AOT compiles
+# only) with 8 host devices for sharding tests.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import zlib  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """A numpy Generator seeded from the test's name (stable across runs and workers)."""
+  return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
