@@ -82,11 +82,18 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
 def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
                         scale: float | None = None) -> jax.Array:
   """The XLA reference of `attend` (float32 throughout, highest matmul precision)."""
+  _validate(q, cache, layer, "xla")
+  b, t, _, h = q.shape
+  chunk = t if valid_len is None else valid_len
+  chunk = jnp.minimum(_per_sequence("valid_len", chunk, b), t)
+  return _reference(q, cache, layer, chunk, h**-0.5 if scale is None else scale)
+
+
+@jax.jit
+def _reference(q: jax.Array, cache: KVCache, layer, chunk: jax.Array, scale) -> jax.Array:
+  """`reference_attention` after validation, jitted so that eager calls compile once."""
   b, t, n, h = q.shape
   kh, s = cache.kv_heads, cache.max_len
-  scale = h**-0.5 if scale is None else scale
-  chunk = jnp.full((b,), t, jnp.int32) if valid_len is None else jnp.minimum(
-      _per_sequence("valid_len", valid_len, b), t)
   end = cache.lengths + chunk  # [B]: positions < end hold tokens.
   pos_s = jnp.arange(s)
   held = pos_s[None, :] < end[:, None]  # [B, S]

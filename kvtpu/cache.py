@@ -157,7 +157,7 @@ class KVCache:
     arr = jnp.asarray(value, dtype=jnp.float32)
     if arr.shape not in (sds.shape, sds.shape[1:]):
       raise ValueError(f"{name} must have shape {sds.shape} or {sds.shape[1:]}, got {arr.shape}")
-    quant.validate_scale(name, arr, zero_ok=name.endswith("zero"))
+    quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
     stored = jnp.broadcast_to(arr, sds.shape).astype(sds.dtype)
     if name.endswith("scale"):  # Rounding into a narrower dtype must not make it 0 or inf.
       quant.validate_scale(f"{name} (as {sds.dtype})", stored)
@@ -227,11 +227,15 @@ class KVCache:
     t = k.shape[1]
     if t > self.max_len:
       raise ValueError(f"a chunk of T={t} tokens cannot fit in a cache of max_len={self.max_len}")
+    if valid_len is None:
+      valid_len = t
+    return _write(self, layer, k, v, _per_sequence("valid_len", valid_len, self.batch))
 
-    pos = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
-    written = pos < self.max_len
-    if valid_len is not None:
-      written &= jnp.arange(t)[None, :] < _per_sequence("valid_len", valid_len, self.batch)[:, None]
+  def _write(self, layer, k: jax.Array, v: jax.Array, valid_len: jax.Array) -> KVCache:
+    """`update` after validation; jitted (below) so that eager calls compile once."""
+    t = k.shape[1]
+    pos = self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    written = (pos < self.max_len) & (jnp.arange(t)[None, :] < valid_len[:, None])
     target = jnp.where(written, pos, self.max_len)  # out of range: dropped by the scatter.
     rows = jnp.arange(self.batch)[:, None]  # [B, 1]
 
@@ -308,3 +312,9 @@ class KVCache:
     c = self.counts()
     written = np.maximum(c["written"], 1)
     return {"k": c["k_saturated"] / written, "v": c["v_saturated"] / written}
+
+
+# Eager callers get one compiled executable per shape instead of an op-by-op dispatch;
+# under an outer jit this inlines. The layer index is traced: one executable serves
+# every layer.
+_write = jax.jit(KVCache._write)

@@ -36,7 +36,6 @@ import enum
 import re
 
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["StorageDtype", "Granularity", "QuantSpec", "KVFormat", "PRESETS"]
 
@@ -132,7 +131,9 @@ class QuantSpec:
     if self.granularity is Granularity.NONE:
       raise ValueError(f"granularity=none is only for bf16 storage, got dtype={self.dtype.value}")
     if self.granularity is Granularity.GROUP:
-      if not isinstance(self.group_size, int) or self.group_size < 1:
+      # bool is an int to Python, but `group_size=True` is a mistake, not a 1.
+      if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+          or self.group_size < 1):
         raise ValueError(
             f"granularity=group needs a positive integer group_size, got group_size={self.group_size!r}")
     elif self.group_size is not None:
@@ -216,6 +217,9 @@ class QuantSpec:
     valid_dtypes = [d.value for d in StorageDtype]
     if dtype_name not in valid_dtypes:
       raise ValueError(f"unknown storage dtype {dtype_name!r} in name={name!r}; valid: {valid_dtypes}")
+    if dtype_name == StorageDtype.BF16.value and options:
+      raise ValueError(
+          f"bf16 storage takes no options, got {'-'.join(options)!r} in name={name!r}")
     kwargs: dict = {"dtype": StorageDtype(dtype_name)}
     seen: set[str] = set()
     for opt in options:
@@ -237,7 +241,10 @@ class QuantSpec:
         raise ValueError(
             f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, tensor, head, "
             "channel, sbf16")
-    return cls(**kwargs)
+    try:
+      return cls(**kwargs)
+    except ValueError as e:  # Field validation: say which name it came from.
+      raise ValueError(f"{e} (in name={name!r})") from None
 
 
 _SHORT_BITS = {"16": "bf16", "8": "int8", "4": "int4"}

@@ -124,6 +124,7 @@ def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> flo
 def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> int:
   """Bytes per layer that do not grow with tokens: static scales, zero points, counters."""
   fmt = KVFormat.parse(fmt)
+  _check_dims(kv_heads=kv_heads, head_dim=head_dim)
   total = len(COUNTERS) * 2 * 4
   for spec in (fmt.k, fmt.v):
     if spec.static:
@@ -141,9 +142,13 @@ PER_SEQUENCE_BYTES = 4 + 1
 def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
                 max_len: int, head_dim: int) -> int:
   """Total bytes of a cache; equals `KVCache.init(...).nbytes`."""
-  _check_dims(num_layers=num_layers, batch=batch, max_len=max_len)
-  per_token = bytes_per_token(fmt, kv_heads=kv_heads, head_dim=head_dim)
+  fmt = KVFormat.parse(fmt)
+  _check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
+              head_dim=head_dim)
   tokens = num_layers * batch * max_len
-  return (math.ceil(tokens * per_token)
+  # Rounded up per tensor, as each of K and V is its own array: two int4 arrays of an
+  # odd number of values take one byte more than the ceiling of their sum.
+  return (sum(math.ceil(tokens * _spec_bytes_per_token(spec, kv_heads, head_dim))
+              for spec in (fmt.k, fmt.v))
           + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
           + batch * PER_SEQUENCE_BYTES)

@@ -5,21 +5,32 @@ means `x = (q - z) * s` (symmetric specs have no zero point: `x = q * s`); bf16
 storage is the value itself.
 
 Quantizing (`quantize`):
-  * Integers round to nearest (ties to even) and are clipped to `[qmin, qmax]`:
-    int8 `[-127, 127]`, int4 `[-7, 7]` symmetric; `[-128, 127]`, `[-8, 7]` asymmetric.
+  * `y = x * (1 / scale)` in float32: a multiplication by the reciprocal, which is
+    what XLA makes of a division under jit anyway.
+  * Integers store `round(y) + zero`: round to nearest (ties to even), then the
+    integer zero point, clipped to `[qmin, qmax]`: int8 `[-127, 127]`, int4
+    `[-7, 7]` symmetric; `[-128, 127]`, `[-8, 7]` asymmetric. Rounding before the
+    integer offset is exact and leaves XLA no multiply-add to fuse differently
+    under jit and eagerly, and it bounds the error by `scale / 2` in both schemes.
   * fp8 values are clipped to the format's finite range before the cast, because an
     out-of-range cast gives NaN (e4m3fn) or inf (e5m2); the cast rounds to nearest.
-  * Dynamic scales are computed per token and group from the finite values, in
-    float32, then rounded *up* into the scale dtype, so that no value of the group
-    is clipped by the rounding of its own scale: under dynamic scales the
-    saturation count is exactly zero, and any clipping reported by the cache comes
-    from static scales that the data outgrew.
+  * Dynamic scales are computed per token and group from the finite values: the
+    smallest value of the scale dtype that is >= `amax / qmax` (symmetric) or
+    `(max - min) / (qmax - qmin - 1)` (asymmetric, up to an ulp), exactly, whatever the
+    backend's division does. So no value of the group is clipped by the rounding of
+    its own scale: under dynamic scales the `saturated` mask is all False, and any
+    clipping reported by the cache comes from static scales that the data outgrew.
   * An all-zero (or tiny) group gets a safe finite scale: the scale dtype's smallest
     normal number (symmetric), so every value quantizes to 0 and dequantizes to 0.
     Asymmetric scales are floored at `max(|min|, |max|) * 2**-16` as well, which
     bounds the zero point (|z| <= 2**16 + 128) so that it stays exact in float32.
-  * Zero points are float32 whatever the scale dtype: a bfloat16 zero point of a
-    group far from 0 would be off by many quantization steps.
+  * Asymmetric zero points are integers, `z = qmin - floor(min / scale)`: 0, and
+    the values much smaller than a step (the bulk of K/V beside an outlier
+    channel), are stored exactly, where a fractional zero point gives them a
+    uniform half-step error. The range spans `qmax - qmin - 1` steps, one spare
+    for the flooring, so a group never clips its own values. Zero points are
+    float32 whatever the scale dtype (bfloat16 is not exact above 256); static
+    zero points must be integers too.
 
 NaN / inf policy. A non-finite value in incoming K or V is stored as 0 and reported
 in the `nonfinite` mask (the cache counts it per layer). It is excluded from its
@@ -54,7 +65,9 @@ class Quantized(NamedTuple):
     scale: the scales used. Dynamic: `[..., G]` (G groups along H), in the scale
       dtype. Static: the scale passed in. bf16: None.
     zero: zero points like `scale` (float32), or None when symmetric.
-    saturated: bool `x.shape`, values whose quantized value was clipped.
+    saturated: bool `x.shape`, values clipped to the storage range: static scales
+      that the data outgrew, or values beyond the bf16 range. All False under
+      dynamic scales.
     nonfinite: bool `x.shape`, NaN/inf inputs (stored as 0).
   """
 
@@ -71,6 +84,51 @@ def _round_up_to(x: jax.Array, dtype) -> jax.Array:
   if jnp.dtype(dtype) == jnp.float32:
     return y
   return jnp.where(y.astype(jnp.float32) < x, jnp.nextafter(y, jnp.asarray(jnp.inf, dtype)), y)
+
+
+_INF32 = float("inf")
+
+
+def _covers(r: jax.Array, num: jax.Array, den: float) -> jax.Array:
+  """Exactly `r * den >= num`, for float32 `r, num >= 0` and `den` of <= 12 significant bits.
+
+  With `r = hi + lo`, `hi` the top 12 bits of `r`, the products `hi * den` and
+  `lo * den` are exact and so is `num - hi * den` (Sterbenz, `r` being near
+  `num / den`). Exact unless the terms are subnormal (`num` below ~2**-100), which
+  may flush to 0.
+  """
+  bits = jax.lax.bitcast_convert_type(r, jnp.uint32) & jnp.uint32(0xFFFFF000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return num - hi * den <= (r - hi) * den
+
+
+def _div_up(num: jax.Array, den: float) -> jax.Array:
+  """The smallest float32 `r` with `r * den >= num`: `num / den` rounded up.
+
+  For `num >= 0` and a constant `den` of at most 12 significant bits (every qmax and
+  half of qmax - qmin is). XLA does not always round a division correctly (on CPU
+  it multiplies by `1 / den`, off by an ulp either way), and a scale an ulp below
+  `amax / qmax` puts `amax / scale` above qmax, which fp8 flags as saturated. So the
+  quotient is checked exactly and moved by an ulp, up then down, twice each: the
+  result does not depend on how the backend divides.
+  """
+  r = num / den
+  for _ in range(2):
+    r = jnp.where(_covers(r, num, den), r, jnp.nextafter(r, _INF32))
+  for _ in range(2):
+    down = jnp.nextafter(r, 0.0)
+    r = jnp.where(_covers(down, num, den), down, r)
+  return r
+
+
+def _half_range_up(lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """float32 `(hi - lo) / 2` rounded up; halving first cannot overflow."""
+  a, b = hi * 0.5, lo * -0.5
+  s = a + b
+  # TwoSum: `err` is exactly (a + b) - s.
+  bp = s - a
+  err = (a - (s - bp)) + (b - bp)
+  return jnp.where(err > 0, jnp.nextafter(s, _INF32), s)
 
 
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
@@ -90,12 +148,22 @@ def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array 
   tiny = float(jnp.finfo(spec.scale_jnp_dtype).tiny)
   if spec.symmetric:
     amax = jnp.max(jnp.abs(xg), axis=-1)
-    return _round_up_to(jnp.maximum(amax / spec.qmax, tiny), spec.scale_jnp_dtype), None
+    scale = _round_up_to(jnp.maximum(_div_up(amax, spec.qmax), tiny), spec.scale_jnp_dtype)
+    return scale, None
   lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
   floor = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * _ASYM_SCALE_FLOOR, tiny)
-  scale = _round_up_to(jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), floor), spec.scale_jnp_dtype)
-  zero = (spec.qmin - lo / scale.astype(jnp.float32)).astype(ZERO_DTYPE)
+  # (hi - lo) / (qmax - qmin - 1) as half-range / half-steps: hi - lo overflows
+  # float32 for |values| above 1.7e38. One step is spare for the integer zero point:
+  # lo lands on qmin or qmin + 1, hi at most on qmax.
+  step = _div_up(_half_range_up(lo, hi), (spec.qmax - spec.qmin - 1) / 2)
+  scale = _round_up_to(jnp.maximum(step, floor), spec.scale_jnp_dtype)
+  # `lo * (1 / scale)` is the product `quantize` computes for lo, bit for bit.
+  zero = (spec.qmin - jnp.floor(lo * _reciprocal(scale))).astype(ZERO_DTYPE)
   return scale, zero
+
+
+def _reciprocal(scale: jax.Array) -> jax.Array:
+  return 1.0 / scale.astype(jnp.float32)
 
 
 def _sanitize(x: jax.Array) -> jax.Array:
@@ -146,14 +214,21 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
       raise ValueError(
           f"{spec.name}: zero must be {'None' if spec.symmetric else 'given'} for a "
           f"{'symmetric' if spec.symmetric else 'asymmetric'} spec")
-  y = xs / _broadcast_params(spec, scale, xs)
-  if zero is not None:
-    y = y + _broadcast_params(spec, zero, xs)
+  # x * (1 / scale), not x / scale: under jit XLA rewrites a division by a broadcast
+  # scale into this multiplication (an ulp apart from the division), so writing it
+  # out makes eager and jit (and kernels that do the same) agree bit for bit.
+  y = xs * _broadcast_params(spec, _reciprocal(scale), xs)
   if spec.dtype.is_int:
     y = jnp.round(y)
-    saturated = (y > spec.qmax) | (y < spec.qmin)
+    if zero is not None:  # An integer: exact, and no multiply-add for XLA to fuse.
+      y = y + _broadcast_params(spec, zero, xs)
+    beyond = (y > spec.qmax) | (y < spec.qmin)
   else:
-    saturated = jnp.abs(y) > spec.qmax
+    beyond = jnp.abs(y) > spec.qmax
+  # Dynamic scales cover their group exactly (scale * qmax >= amax), so a value can
+  # pass qmax only by the float32 rounding of x * (1 / scale), which the clip absorbs:
+  # that is not saturation.
+  saturated = jnp.zeros(x.shape, bool) if spec.dynamic else beyond
   q = jnp.clip(y, spec.qmin, spec.qmax).astype(spec.storage_dtype)
   return Quantized(q, scale, zero, saturated, ~finite)
 
@@ -188,10 +263,15 @@ def static_scale_shape(spec: QuantSpec, kv_heads: int, head_dim: int) -> tuple[i
   }[spec.granularity]
 
 
-def validate_scale(name: str, scale, *, zero_ok: bool = False) -> None:
-  """Rejects scales that are 0, negative, NaN or inf (zero points: non-finite).
+def validate_scale(name: str, scale, *, is_zero: bool = False) -> None:
+  """Rejects scales that are 0, negative, NaN or inf, and zero points that are not integers.
 
-  Checks concrete arrays only; traced values are checked by the caller's shapes.
+  Args:
+    name: the argument's name, for the message.
+    scale: the scale, or with `is_zero` the zero point, to check.
+    is_zero: check a zero point (a finite integer, |z| <= 2**24) instead of a scale.
+
+  Checks concrete arrays only: traced values cannot be inspected at trace time.
 
   Raises:
     ValueError: naming `name`, the count of bad entries and the first one.
@@ -199,10 +279,15 @@ def validate_scale(name: str, scale, *, zero_ok: bool = False) -> None:
   if isinstance(scale, jax.core.Tracer):
     return
   a = np.asarray(jax.device_get(scale), dtype=np.float64)
-  bad = ~np.isfinite(a) if zero_ok else ~(np.isfinite(a) & (a > 0))
+  with np.errstate(invalid="ignore"):
+    if is_zero:
+      bad = ~(np.isfinite(a) & (np.round(a) == a) & (np.abs(a) <= 2**24))
+      what = "finite integers (|z| <= 2**24)"
+    else:
+      bad = ~(np.isfinite(a) & (a > 0))
+      what = "finite and > 0"
   if bad.any():
     idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    what = "finite" if zero_ok else "finite and > 0"
     raise ValueError(
         f"{name} must be {what} everywhere; {int(bad.sum())} of {a.size} entries are not, "
         f"first at index {idx}: {a[idx]!r}")

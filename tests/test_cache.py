@@ -1,0 +1,266 @@
+"""KVCache: layout, writes at each sequence's length, overflow, counters, jit/scan/vmap."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvtpu
+from kvtpu import memory, quant
+from kvtpu.cache import _add_u64
+from tests.helpers import assert_close, kv_with_outliers
+
+L, B, K, S, H = 3, 3, 2, 16, 32
+DYNAMIC = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "int8-asym", "int4-g16", "k8v4"]
+
+
+def make(fmt, **kw):
+  return kvtpu.KVCache.init(fmt, num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H, **kw)
+
+
+def static_scales(fmt, value=0.05):
+  """Static parameters of the right shapes for a static format (all `value`)."""
+  fmt = kvtpu.KVFormat.parse(fmt)
+  out = {}
+  for name, spec in (("k", fmt.k), ("v", fmt.v)):
+    if spec.static:
+      shape = quant.static_scale_shape(spec, K, H)
+      out[f"{name}_scale"] = np.full(shape, value, np.float32)
+      if not spec.symmetric:
+        out[f"{name}_zero"] = np.zeros(shape, np.float32)
+  return out
+
+
+@pytest.mark.parametrize("fmt", DYNAMIC + ["int8-head", "fp8_e4m3-channel", "int4-asym-tensor"])
+def test_init_stores_what_the_format_claims(fmt):
+  cache = make(fmt, **static_scales(fmt))
+  f = cache.fmt
+  assert cache.k.dtype == f.k.storage_dtype and cache.v.dtype == f.v.storage_dtype
+  assert cache.k.shape == cache.v.shape == (L, B, K, S, H)
+  for name, spec in (("k", f.k), ("v", f.v)):
+    scale, zero = getattr(cache, f"{name}_scale"), getattr(cache, f"{name}_zero")
+    assert (scale is None) == (not spec.quantized)
+    assert (zero is None) == spec.symmetric or not spec.quantized
+    if spec.quantized:
+      assert scale.dtype == spec.scale_jnp_dtype
+  assert int(cache.lengths.sum()) == 0 and not bool(cache.overflow.any())
+  layout = memory.cache_layout(f, num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H)
+  for name, sds in layout.items():
+    arr = getattr(cache, name)
+    assert (arr.shape, arr.dtype) == (sds.shape, sds.dtype), name
+  assert cache.nbytes == memory.cache_bytes(f, num_layers=L, batch=B, kv_heads=K, max_len=S,
+                                            head_dim=H)
+
+
+def test_static_scales_are_required_and_validated():
+  with pytest.raises(ValueError, match="k_scale.*shape"):
+    make("int8-head")
+  with pytest.raises(ValueError, match="k_zero"):
+    make("int8-asym-head", k_scale=np.ones((K, 1)), v_scale=np.ones((K, 1)))
+  for bad in (0.0, -1.0, np.nan, np.inf):
+    s = np.ones((L, K, 1), np.float32)
+    s[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"k_scale must be finite and > 0.*index \(1, 0, 0\)"):
+      make("int8-head", k_scale=s, v_scale=np.ones((K, 1)))
+  with pytest.raises(ValueError, match=r"v_scale must have shape \(3, 2, 1\) or \(2, 1\)"):
+    make("int8-head", k_scale=np.ones((K, 1)), v_scale=np.ones((K, H)))
+  # Positive in float32 but 0 once rounded into the bf16 scale dtype.
+  with pytest.raises(ValueError, match=r"k_scale \(as bfloat16\)"):
+    make("int8-head-sbf16", k_scale=np.full((K, 1), 1e-45), v_scale=np.ones((K, 1)))
+  with pytest.raises(ValueError, match="k_scale given, but format int8 has no static"):
+    make("int8", k_scale=np.ones((1, 1)))
+  # Broadcast over layers when the leading L is left out.
+  cache = make("int8-head", k_scale=np.full((K, 1), 0.5), v_scale=np.full((L, K, 1), 0.25))
+  np.testing.assert_array_equal(cache.k_scale, np.full((L, K, 1), 0.5))
+
+
+@pytest.mark.parametrize("fmt", DYNAMIC + ["int8-head"])
+def test_update_writes_at_each_length_and_nowhere_else(fmt, rng):
+  cache = make(fmt, **static_scales(fmt, 0.2))
+  # Ragged prefixes: 0, 5 and S - 4 tokens, then a chunk of 4 new tokens.
+  prefix = np.array([0, 5, S - 4])
+  pre = jnp.asarray(kv_with_outliers(rng, (B, S - 4, K, H)))
+  cache = cache.update(1, pre, pre, valid_len=prefix).advance(prefix)
+  before = cache
+  k = jnp.asarray(kv_with_outliers(rng, (B, 4, K, H)))
+  v = jnp.asarray(rng.standard_normal((B, 4, K, H)), jnp.bfloat16)
+  cache = cache.update(1, k, v)
+  np.testing.assert_array_equal(cache.lengths, prefix)  # update does not move lengths.
+  f = cache.fmt
+  for name, x in (("k", k), ("v", v)):
+    spec = f.spec(name)
+    static = {} if not spec.static else dict(scale=before.k_scale[1] if name == "k" else before.v_scale[1])
+    expect = quant.quantize(x, spec, **static)
+    got, old = np.asarray(getattr(cache, name)), np.asarray(getattr(before, name))
+    written = np.zeros(got.shape, bool)
+    for b in range(B):
+      for t in range(4):
+        pos = prefix[b] + t
+        np.testing.assert_array_equal(got[1, b, :, pos], np.asarray(expect.q[b, t]))
+        written[1, b, :, pos] = True
+        if spec.dynamic:
+          np.testing.assert_array_equal(getattr(cache, f"{name}_scale")[1, b, :, :, pos],
+                                        expect.scale[b, t])
+    np.testing.assert_array_equal(got[~written], old[~written])  # Nothing else moved.
+  counts = cache.counts()
+  # Layer 1: the ragged prefix (0 + 5 + 12 tokens) and the chunk (3 x 4), K*H values each.
+  assert counts["written"].tolist() == [0, (prefix.sum() + B * 4) * K * H, 0]
+
+
+def test_advance_and_overflow_touch_only_their_sequence(rng):
+  cache = make("int8")
+  x = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32)
+  cache = cache.update(0, x, x).advance(jnp.array([S - 1, 3, 0]))
+  snapshot = cache
+  # Sequence 0 has one free slot: a 3-token chunk writes one and drops two.
+  y = jnp.asarray(rng.standard_normal((B, 3, K, H)), jnp.float32)
+  cache = cache.update(0, y, y)
+  np.testing.assert_array_equal(cache.k[0, 0, :, : S - 1], snapshot.k[0, 0, :, : S - 1])
+  assert not np.array_equal(cache.k[0, 0, :, S - 1], snapshot.k[0, 0, :, S - 1])
+  # Other sequences get exactly their 3 new tokens, nothing at other positions.
+  np.testing.assert_array_equal(cache.k[0, 1, :, 6:], snapshot.k[0, 1, :, 6:])
+  np.testing.assert_array_equal(cache.k[0, 2, :, 3:], snapshot.k[0, 2, :, 3:])
+  cache = cache.advance(3)
+  np.testing.assert_array_equal(cache.lengths, [S, 6, 3])
+  np.testing.assert_array_equal(cache.overflow, [True, False, False])
+  # Dropped writes are not counted as written.
+  assert cache.counts()["written"][0] == (B * S + (1 + 3 + 3)) * K * H
+  # Overflow is sticky; reset clears the chosen sequence only.
+  cache = cache.advance(0).reset(np.array([True, False, False]))
+  np.testing.assert_array_equal(cache.lengths, [0, 6, 3])
+  np.testing.assert_array_equal(cache.overflow, [False, False, False])
+
+
+def test_bad_inputs_are_clear_errors():
+  cache = make("int8")
+  k = jnp.zeros((B, 2, K, H))
+  with pytest.raises(IndexError, match=f"layer={L} is out of range for num_layers={L}"):
+    cache.update(L, k, k)
+  with pytest.raises(IndexError, match="layer=-1"):
+    cache.update(-1, k, k)
+  with pytest.raises(TypeError, match="layer must be an int"):
+    cache.update(1.0, k, k)
+  with pytest.raises(ValueError, match=r"k must be a \[B, T, K, H\] array"):
+    cache.update(0, k[0], k)
+  with pytest.raises(ValueError, match=r"v.shape=.*expected \[B=3, T, K=2, H=32\]"):
+    cache.update(0, k, jnp.zeros((B, 2, K, H + 1)))
+  with pytest.raises(TypeError, match="k must be floating point"):
+    cache.update(0, k.astype(jnp.int8), k)
+  with pytest.raises(ValueError, match=f"T={S + 1} tokens cannot fit in a cache of max_len={S}"):
+    cache.update(0, jnp.zeros((B, S + 1, K, H)), jnp.zeros((B, S + 1, K, H)))
+  with pytest.raises(ValueError, match="num_new must be >= 0"):
+    cache.advance(-1)
+  with pytest.raises(ValueError, match=r"num_new must be a scalar or have shape \(batch,\)"):
+    cache.advance(jnp.ones((B + 1,), jnp.int32))
+  with pytest.raises(TypeError, match="num_new must be an int"):
+    cache.advance(1.5)
+  with pytest.raises(ValueError, match="valid_len must be >= 0"):
+    cache.update(0, k, k, valid_len=np.array([1, -1, 2]))
+  with pytest.raises(ValueError, match="num_layers must be a positive int"):
+    kvtpu.KVCache.init("int8", num_layers=0, batch=B, kv_heads=K, max_len=S, head_dim=H)
+  with pytest.raises(ValueError, match="invalid KV format name='int9'"):
+    kvtpu.KVCache.init("int9", num_layers=1, batch=B, kv_heads=K, max_len=S, head_dim=H)
+
+
+def test_counters_saturation_and_nonfinite(rng):
+  # Static per-head scale 0.01: int8 holds |x| <= 1.27 (plus half a step).
+  scale = 0.01
+  cache = make("int8-head", **static_scales("int8-head", scale))
+  x = rng.standard_normal((B, 5, K, H)).astype(np.float32)
+  x[0, 1, 0, :4] = [np.nan, np.inf, -np.inf, np.nan]
+  v = x.copy()
+  v[2, 3, 1, 7] = np.nan
+  cache = cache.update(2, jnp.asarray(x), jnp.asarray(v), valid_len=np.array([5, 5, 3]))
+  counts = cache.counts()
+  valid = np.arange(5)[None, :] < np.array([5, 5, 3])[:, None]  # [B, T]
+
+  def expected_saturated(a):
+    r = np.round(np.where(np.isfinite(a), a, 0) / scale)
+    return int(((np.abs(r) > 127) & valid[:, :, None, None]).sum())
+
+  assert counts["k_saturated"].tolist() == [0, 0, expected_saturated(x)]
+  assert counts["v_saturated"].tolist() == [0, 0, expected_saturated(v)]
+  assert counts["k_nonfinite"].tolist() == [0, 0, 4]
+  assert counts["v_nonfinite"].tolist() == [0, 0, 4]  # v[2, 3] is past valid_len: not counted.
+  assert counts["written"][2] == valid.sum() * K * H
+  rates = cache.saturation_rates()
+  assert 0 < rates["k"][2] < 1 and rates["k"][0] == 0
+  # Dynamic scales never saturate, even with outliers.
+  dyn = make("int8").update(0, jnp.asarray(kv_with_outliers(rng, (B, 5, K, H))),
+                            jnp.asarray(kv_with_outliers(rng, (B, 5, K, H))))
+  assert dyn.counts()["k_saturated"][0] == 0 and dyn.counts()["v_saturated"][0] == 0
+
+
+def test_counters_are_64_bit():
+  c = jnp.array([[2**32 - 3, 7], [5, 0]], jnp.uint32)
+  out = np.asarray(_add_u64(c, jnp.array([10, 2**32 - 1], jnp.uint32)))
+  assert out.tolist() == [[7, 8], [4, 1]]  # 7*2^32 + 2^32 - 3 + 10 = 8*2^32 + 7.
+  cache = make("int8")
+  cache = dataclasses.replace(cache, counters=cache.counters.at[0, 0].set(jnp.array([2**32 - 1, 2], jnp.uint32)))
+  cache = cache.update(0, jnp.zeros((B, 1, K, H)), jnp.zeros((B, 1, K, H)))
+  assert cache.counts()["written"][0] == 3 * 2**32 - 1 + B * K * H
+
+
+def test_jit_donation_writes_in_place():
+  cache = make("int8")
+  k = jnp.ones((B, 1, K, H))
+  step = jax.jit(lambda c, k: c.update(1, k, k).advance(1), donate_argnums=0)
+  compiled = step.lower(cache, k).compile()
+  stats = compiled.memory_analysis()
+  # Every cache buffer is aliased to its output, and no temporary holds a copy.
+  assert stats.alias_size_in_bytes >= cache.nbytes
+  assert stats.temp_size_in_bytes < cache.nbytes / 10
+  out = step(cache, k)
+  assert cache.k.is_deleted()  # Donated.
+  np.testing.assert_array_equal(out.lengths, [1, 1, 1])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-asym-g16", "fp8_e4m3"])
+def test_scan_over_layers_and_steps_matches_a_python_loop(fmt, rng):
+  ks = jnp.asarray(kv_with_outliers(rng, (L * B, 2, K, H)).reshape(L, B, 2, K, H))
+  vs = jnp.asarray(rng.standard_normal((L, B, 2, K, H)), jnp.float32)
+
+  def body(cache, layer_kv):
+    layer, k, v = layer_kv
+    return cache.update(layer, k, v), None
+
+  scanned, _ = jax.jit(lambda c: jax.lax.scan(body, c, (jnp.arange(L), ks, vs)))(make(fmt))
+  looped = make(fmt)
+  for layer in range(L):
+    looped = looped.update(layer, ks[layer], vs[layer])
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+  # Decode steps under scan: lengths advance per step.
+  def decode(cache, kv):
+    return cache.update(0, kv, kv).advance(1), None
+
+  steps = jnp.asarray(rng.standard_normal((5, B, 1, K, H)), jnp.float32)
+  out, _ = jax.lax.scan(decode, make(fmt), steps)
+  np.testing.assert_array_equal(out.lengths, [5] * B)
+  ref = make(fmt).update(0, jnp.swapaxes(steps[:, :, 0], 0, 1), jnp.swapaxes(steps[:, :, 0], 0, 1))
+  np.testing.assert_array_equal(np.asarray(out.k[0, :, :, :5], np.float32),
+                                np.asarray(ref.k[0, :, :, :5], np.float32))
+
+
+def test_vmap_over_stacked_caches(rng):
+  caches = [make("int8"), make("int8").advance(jnp.array([1, 2, 3]))]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
+  k = jnp.asarray(rng.standard_normal((2, B, 2, K, H)), jnp.float32)
+  out = jax.vmap(lambda c, k: c.update(1, k, k).advance(2))(stacked, k)
+  for i, cache in enumerate(caches):
+    ref = cache.update(1, k[i], k[i]).advance(2)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_array_equal(a[i], b)
+
+
+def test_dequantized_round_trips_with_quant(rng):
+  cache = make("int4-g16")
+  x = jnp.asarray(kv_with_outliers(rng, (B, 3, K, H)))
+  cache = cache.update(0, x, x)
+  deq = cache.dequantized(0, "k")[:, :, :3]  # [B, K, 3, H]
+  res = quant.quantize(x, cache.fmt.k)
+  expect = quant.dequantize(res.q, cache.fmt.k, res.scale)
+  assert_close(deq, jnp.swapaxes(expect, 1, 2), atol=0, name="dequantized")
