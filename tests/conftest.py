@@ -5,6 +5,9 @@ import os
 # Before jax is imported anywhere: CPU backend (libtpu is installed for AOT compiles
 # only) with 8 host devices for sharding tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist workers each load libtpu (for AOT compiles); without this only the
+# first worker gets libtpu's process lock and the others cannot compile for TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import zlib  # noqa: E402

@@ -7,23 +7,25 @@ byte) up to the tile padding of the small per-sequence arrays.
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import topologies
 
 import kvtpu
 
-topologies = pytest.importorskip("jax.experimental.topologies")
-pytestmark = pytest.mark.tpu_compile
+pytestmark = [
+    pytest.mark.tpu_compile,
+    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                       reason="libtpu (the `tpu` extra) is not installed: no TPU compiler"),
+]
 
 
 @functools.cache
 def tpu_device(topology: str):
-  try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
-  except Exception as e:  # No libtpu (the `tpu` extra) on this machine.
-    pytest.skip(f"no TPU compiler for {topology}: {e}")
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
 
 
 def decode_step(cache, q, k, v):
