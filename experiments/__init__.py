@@ -1,0 +1,2 @@
+"""absl experiment binaries: short `main()`s around library functions, writing
+`config.json`, `results.jsonl` and `report.md` to `--workdir`."""

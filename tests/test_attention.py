@@ -87,6 +87,7 @@ S = 24  # max_len
     ((7, 12), 5),         # ragged prefill chunk
     ((0, 0), S),          # one chunk of max_len tokens
     ((5, 9), 0),          # empty chunk
+    ((S, 2), 1),          # sequence 0 is full: its write is dropped, it sees its S tokens
 ])
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
 def test_matches_float64_numpy_on_poisoned_cache(fmt, prefix, t, rng):
