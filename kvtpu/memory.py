@@ -1,16 +1,21 @@
 """Exact memory accounting for KV caches.
 
 `cache_layout` is the one definition of the arrays a `KVCache` holds (shape and
-dtype of each); `KVCache.init` allocates exactly these, and the headroom sweep
-lowers decode steps on them as `ShapeDtypeStruct`s. `bytes_per_token` and
+dtype of each): `KVCache.init` allocates exactly these, and as `ShapeDtypeStruct`s
+they let a decode step be compiled ahead of time without allocating a cache. `bytes_per_token` and
 `cache_bytes` are closed forms over the same layout, checked against it in tests.
 
 Bytes are the arrays' logical bytes at each dtype's bit width: int4 counts half a
 byte per value, as TPUs store it (XLA's `memory_analysis` agrees; numpy and
-`jax.Array.nbytes` report one byte per int4 value, which overstates it 2x). TPU
-tiling can pad a minor dimension in device memory (for example head_dim 64 under a
-row-major layout); that physical padding depends on the compiled layout and is
-measured by the headroom sweep's `aot` mode, not assumed here.
+`jax.Array.nbytes` report one byte per int4 value, which overstates it 2x).
+
+These are logical bytes. A TPU stores arrays in tiles, so device memory can be
+larger: with max_len a multiple of 128 and head_dim 128 an AOT-compiled decode step
+on v4/v5e/v5p/v6e holds exactly these bytes for K, V and scales (tests/
+test_tpu_compile.py), but max_len=1000 with K=3, head_dim 64 took 2.4 % more on v5e
+(tile padding of the S axis). That physical padding depends on the compiled layout;
+the headroom sweep (issue #7) measures it with `memory_analysis` rather than
+assuming it here.
 
 Layout (axis letters as in ARCHITECTURE.md; G = scale groups per token and head):
   k, v          [L, B, K, S, H]    storage dtype
