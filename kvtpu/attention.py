@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from kvtpu.cache import KVCache, _check_layer, _per_sequence
+from pallas_kernels import decode_attention
 
 __all__ = ["attend", "IMPLS"]
 
@@ -67,16 +69,58 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   Raises:
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
       multiple of K, a bad layer or impl.
-    NotImplementedError: for the Pallas implementations, until issue #3 lands.
+    NotImplementedError: for the Pallas implementations with T > 8 query tokens,
+      until the chunked-prefill kernel lands (issue #3).
   """
   _validate(q, cache, layer, impl)
   if impl == "auto":
     impl = "pallas" if jax.default_backend() == "tpu" else "xla"
-  if impl != "xla":
+  if impl == "xla":
+    return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
+  b, t, _, h = q.shape
+  if t > decode_attention.MAX_DECODE_T:
     raise NotImplementedError(
-        f"impl={impl!r}: the Pallas attention kernels arrive with issue #3 "
-        "('Pallas TPU kernels that fuse dequantization into attention'); use impl='xla'")
-  return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
+        f"impl={impl!r} with T={t} > {decode_attention.MAX_DECODE_T} query tokens needs the "
+        "chunked-prefill kernel, which is not written yet (issue #3); use impl='xla'")
+  chunk = jnp.minimum(_per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
+  interpret = pltpu.InterpretParams() if impl == "interpret" else False
+  return _pallas_attention(q, cache, layer, chunk, h**-0.5 if scale is None else scale,
+                           interpret=interpret)
+
+
+def _per_query_head(p: jax.Array) -> jax.Array:
+  """Static scale or zero `[1|K, 1|H]` -> `[1, 1, 1|K, 1, 1|H]` against `[B, T, K, G, H]`."""
+  return p.astype(jnp.float32)[None, None, :, None, :]
+
+
+def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> jax.Array:
+  """`attend` through the decode kernel: static scales are folded around it.
+
+  A static key scale multiplies q (per kv head and channel); a static key zero point
+  shifts every logit of a query row by the same amount, which softmax ignores. A
+  static value scale and zero point apply to the normalized output, as the
+  probabilities of a row sum to 1 (rows with no keys stay 0).
+  """
+  b, t, n, h = q.shape
+  kh = cache.kv_heads
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) * scale
+  fk, fv = cache.fmt.k, cache.fmt.v
+  if fk.static:
+    qg = qg * _per_query_head(cache.k_scale[layer])
+  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
+  out = decode_attention.decode_attention(
+      qg.reshape(b, t, n, h), cache.k, cache.v, cache.lengths, chunk, layer,
+      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
+      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero),
+      interpret=interpret)
+  if fv.static:
+    og = out.reshape(b, t, kh, n // kh, h)
+    if cache.v_zero is not None:
+      og = og - _per_query_head(cache.v_zero[layer])
+    og = og * _per_query_head(cache.v_scale[layer])
+    has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
+    out = jnp.where(has_keys, og, 0.0).reshape(b, t, n, h)
+  return out.astype(q.dtype)
 
 
 def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,

@@ -1,0 +1,19 @@
+"""Decode attention (T <= 8) over a quantized KV cache: Pallas TPU kernel and reference."""
+
+from pallas_kernels.decode_attention.kernel import (
+    BlockSizes,
+    decode_attention,
+    default_block_sizes,
+    hbm_bytes,
+    vmem_estimate_bytes,
+)
+from pallas_kernels.decode_attention.reference import (
+    MAX_DECODE_T,
+    Dims,
+    ref_decode_attention,
+    validate_inputs,
+)
+
+__all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
+           "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "ref_decode_attention",
+           "validate_inputs"]

@@ -1,0 +1,286 @@
+"""Decode attention over a quantized KV cache, as a Pallas TPU kernel.
+
+What it computes: for each sequence b and kv head, the T (<= 8) new queries of all G
+query heads that share the kv head attend to the cache positions they may see
+(causal within the chunk, up to `lengths[b] + chunk[b]`), with an f32 online
+softmax over KV blocks. Same contract as `reference.ref_decode_attention`.
+
+Layout and traffic:
+  * Grid `(B, K, S / block_s)`, the last axis sequential. Per (b, kv head) the cache
+    is a contiguous `[S, H]` slab of the `[L, B, K, S, H]` array, so each block is
+    one DMA of `block_s * H` stored values (int4 at half a byte), and its per-token
+    scales a separate `[G, block_s]` copy of the `[L, B, K, G, S]` scale array:
+    never broadcast to H.
+  * The layer index, lengths and chunk sizes are scalar-prefetched. The KV index map
+    clamps the block index to the last block a sequence needs, so blocks past its
+    length repeat the previous block index: Pallas skips the copy, and the body is
+    skipped by `pl.when`. Each needed block is read from HBM exactly once.
+  * Quantized values are converted to f32 in VMEM; scales are applied where they are
+    cheapest in this layout, with the token axis in lanes: the key scale multiplies
+    the logits `[TG, block_s]` and the value scale the probabilities (per group, with
+    the group's channels selected by a mask, so grouped scales cost G matmuls).
+    Zero points enter as `q.k - z * sum(q)` and `p.v - sum(p * z)`.
+  * head_dim is handled natively (the block's last dim is the full H): 64 works, at
+    the cost of half-empty 128-lane vregs in VMEM for H = 64.
+
+Limits: T <= 8; block_s a multiple of 128 or the full S. Static (per tensor / head /
+channel) scales are folded into q and the output by the caller (`kvtpu.attend`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.decode_attention.reference import Dims, validate_inputs
+
+__all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
+           "hbm_bytes"]
+
+_LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of the KV axis.
+
+  Attributes:
+    block_s: cache positions per block; a multiple of 128 (the lane width: the
+      scale blocks put S in lanes), or any value >= S (one block of the full S).
+  """
+
+  block_s: int
+
+  def __post_init__(self):
+    if not isinstance(self.block_s, int) or self.block_s < 1:
+      raise ValueError(f"block_s must be a positive int, got block_s={self.block_s!r}")
+
+  def resolve(self, max_len: int) -> int:
+    """The block actually used for a cache of `max_len` positions (validated)."""
+    if self.block_s >= max_len:
+      return max_len
+    if self.block_s % _LANES:
+      raise ValueError(
+          f"block_s={self.block_s} must be a multiple of {_LANES} when smaller than "
+          f"max_len={max_len}")
+    return self.block_s
+
+
+# Default block per (storage bits, head_dim): about 256 KiB of K+V per block, so the
+# per-block overhead (~0.35 us per grid step) stays small against the DMA time while
+# double-buffered blocks fit every generation's scoped VMEM. Not yet tuned on TPU
+# hardware (none is available to this project): revisit with experiments/kernel_bench.
+_DEFAULT_BLOCK_BYTES = 256 * 1024
+
+
+def default_block_sizes(k_dtype, v_dtype, head_dim: int) -> BlockSizes:
+  bits = jnp.dtype(k_dtype).itemsize * 8 if jnp.dtype(k_dtype) != jnp.int4 else 4
+  bits += jnp.dtype(v_dtype).itemsize * 8 if jnp.dtype(v_dtype) != jnp.int4 else 4
+  per_token = head_dim * bits / 8
+  block = int(_DEFAULT_BLOCK_BYTES // per_token) // _LANES * _LANES
+  return BlockSizes(max(_LANES, min(block, 4096)))
+
+
+def _bits(dtype) -> int:
+  return 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
+
+
+def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp.float32) -> int:
+  """VMEM the kernel uses: double-buffered input blocks, output, scratch."""
+  tg = d.t * d.group
+  kv = block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
+  scale_bytes = jnp.dtype(scale_dtype).itemsize
+  scales = block_s * (d.k_groups + d.v_groups) * scale_bytes * 2  # scales + zeros (at most)
+  q_out = 2 * tg * d.head_dim * 4
+  scratch = tg * (d.head_dim + 2) * 4
+  temps = 4 * tg * block_s * 4 + 2 * block_s * d.head_dim * 4  # logits/probs, f32 K/V block
+  return 2 * (kv + scales + q_out) + scratch + temps
+
+
+def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype,
+              scale_itemsize: dict[str, int] | None = None, has_zero=(False, False)) -> int:
+  """Bytes the kernel copies HBM -> VMEM for concrete lengths and chunks.
+
+  Per (b, kv head): `max(1, ceil(min(lengths + chunk, S) / block_s))` KV blocks (the
+  pipeline's first fetch happens even for an empty sequence), each with its scale
+  and zero blocks; plus q in and the output out. The edge block of an S that
+  `block_s` does not divide is counted whole, as the DMA moves it whole.
+  """
+  import numpy as np  # Host-side accounting only.
+
+  scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
+  end = np.minimum(np.asarray(lengths) + np.asarray(chunk), d.max_len)
+  blocks = np.maximum(1, -(-end // block_s))
+  per_block = block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
+  for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
+    per_block += block_s * groups * scale_itemsize[name] * (2 if zero else 1)
+  q_out = 2 * d.batch * d.t * d.q_heads * d.head_dim * 4
+  return int(blocks.sum()) * d.kv_heads * per_block + q_out
+
+
+def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
+            block_s: int, k_zero: bool, v_zero: bool):
+  del layer_ref  # Used by the index maps only.
+  refs = list(rest)
+  ks_ref = refs.pop(0) if d.k_groups else None
+  kz_ref = refs.pop(0) if k_zero else None
+  vs_ref = refs.pop(0) if d.v_groups else None
+  vz_ref = refs.pop(0) if v_zero else None
+  o_ref, m_ref, l_ref, acc_ref = refs
+  b, i = pl.program_id(0), pl.program_id(2)
+  num_blocks = pl.num_programs(2)
+  length, chunk = lengths_ref[b], chunk_ref[b]
+  end = jnp.minimum(length + chunk, d.max_len)
+  tg, h = d.t * d.group, d.head_dim
+  hi = jax.lax.Precision.HIGHEST
+
+  @pl.when(i == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(i * block_s < end)
+  def _block():
+    q = q_ref[...].astype(jnp.float32)  # [TG, H]
+    k = k_ref[...].astype(jnp.float32)  # [bs, H]
+    pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
+    # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
+    # which needs the present device to be a TPU; all operands here are >= 0.
+    t = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
+    mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < end)  # [TG, bs]
+    chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
+
+    def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
+      return jax.lax.dot_general(a, bt, (((1,), (1,)), ((), ())), precision=hi,
+                                 preferred_element_type=jnp.float32)
+
+    if not d.k_groups:
+      logits = nt_dot(q, k)
+    else:
+      ks = ks_ref[...].astype(jnp.float32)  # [Gk, bs]
+      kz = kz_ref[...].astype(jnp.float32) if k_zero else None
+      gw = h // d.k_groups
+      logits = jnp.zeros((tg, block_s), jnp.float32)
+      for g in range(d.k_groups):
+        qg = q if d.k_groups == 1 else jnp.where((chan >= g * gw) & (chan < (g + 1) * gw), q, 0.0)
+        part = nt_dot(qg, k)
+        if k_zero:
+          part = part - kz[g:g + 1, :] * jnp.sum(qg, axis=1, keepdims=True)
+        logits = logits + part * ks[g:g + 1, :]
+    logits = jnp.where(mask, logits, -jnp.inf)
+
+    m_prev = m_ref[...]  # [TG, 1]
+    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
+    alpha = jnp.exp(m_prev - m_safe)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+
+    # Unwritten positions may hold NaN: zero them (0 * NaN would poison the sum).
+    held = (i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)) < end
+    v = jnp.where(held, v_ref[...].astype(jnp.float32), 0.0)  # [bs, H]
+
+    def dot(a, b_):
+      return jnp.dot(a, b_, precision=hi, preferred_element_type=jnp.float32)
+
+    if not d.v_groups:
+      pv = dot(p, v)
+    else:
+      vs = vs_ref[...].astype(jnp.float32)  # [Gv, bs]
+      vz = vz_ref[...].astype(jnp.float32) if v_zero else None
+      gw = h // d.v_groups
+      pv = jnp.zeros((tg, h), jnp.float32)
+      for g in range(d.v_groups):
+        ps = jnp.where(mask, p * vs[g:g + 1, :], 0.0)
+        part = dot(ps, v)
+        if v_zero:
+          part = part - jnp.sum(jnp.where(mask, ps * vz[g:g + 1, :], 0.0), axis=1, keepdims=True)
+        if d.v_groups > 1:
+          part = jnp.where((chan >= g * gw) & (chan < (g + 1) * gw), part, 0.0)
+        pv = pv + part
+    acc_ref[...] = alpha * acc_ref[...] + pv
+    m_ref[...] = m_new
+
+  @pl.when(i == num_blocks - 1)
+  def _finish():
+    denom = l_ref[...]
+    o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
+                     v_scale=None, v_zero=None, block_sizes: BlockSizes | None = None,
+                     interpret=False) -> jax.Array:
+  """Decode attention over one layer of a quantized cache (see module docstring).
+
+  Args:
+    q: `[B, T, N, H]` queries, T <= 8, already multiplied by the softmax scale
+      (and by any static key scale).
+    k, v: `[L, B, K, S, H]` caches in bf16, int8, int4, fp8 e4m3 or e5m2.
+    lengths: `i32[B]` tokens held before the chunk.
+    chunk: `i32[B]` tokens of the chunk written to the cache (0..T).
+    layer: integer scalar: which layer of `k`, `v` and the scales to read.
+    k_scale, v_scale: per-token scales `[L, B, K, G, S]` (G groups along H), or None.
+    k_zero, v_zero: per-token zero points shaped like the scales, or None.
+    block_sizes: KV tiling; default from `default_block_sizes`.
+    interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
+
+  Returns:
+    `[B, T, N, H]` float32.
+  """
+  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  if block_sizes is None:
+    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)
+  bs = block_sizes.resolve(d.max_len)
+  num_blocks = pl.cdiv(d.max_len, bs)
+  tg = d.t * d.group
+  # [B, T, N, H] -> [B, K, T*G, H]: the G heads of a kv head and the T tokens share a pass.
+  qk = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
+  qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, tg, d.head_dim)
+
+  def kv_block(b, h, i, layer_ref, lengths_ref, chunk_ref):
+    end = jnp.minimum(lengths_ref[b] + chunk_ref[b], d.max_len)
+    last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's t.
+    return layer_ref[0], b, h, jnp.minimum(i, last)
+
+  sq = pl.Squeezed()
+  in_specs = [
+      pl.BlockSpec((sq, sq, tg, d.head_dim), lambda b, h, i, *_: (b, h, 0, 0)),
+      pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0)),
+      pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0)),
+  ]
+  operands = [qk, k, v]
+  for scale, zero, groups in ((k_scale, k_zero, d.k_groups), (v_scale, v_zero, d.v_groups)):
+    for arr in (scale, zero):
+      if arr is not None:
+        # The scale block follows its data block: same (layer, b, head, block) indices.
+        in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs),
+                                     lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
+        operands.append(arr)
+  kernel = functools.partial(_kernel, d=d, block_s=bs, k_zero=k_zero is not None,
+                             v_zero=v_zero is not None)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((d.batch, d.kv_heads, tg, d.head_dim), jnp.float32),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(d.batch, d.kv_heads, num_blocks),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((sq, sq, tg, d.head_dim), lambda b, h, i, *_: (b, h, 0, 0)),
+          scratch_shapes=[pltpu.VMEM((tg, 1), jnp.float32), pltpu.VMEM((tg, 1), jnp.float32),
+                          pltpu.VMEM((tg, d.head_dim), jnp.float32)],
+      ),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lengths.astype(jnp.int32),
+    chunk.astype(jnp.int32), *operands)
+  out = out.reshape(d.batch, d.kv_heads, d.t, d.group, d.head_dim).transpose(0, 2, 1, 3, 4)
+  return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)
+

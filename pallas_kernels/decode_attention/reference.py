@@ -1,0 +1,147 @@
+"""Pure-jnp reference of `decode_attention`, and the input validation both share.
+
+The reference is written for clarity: it dequantizes one layer of the cache to
+float32 and computes masked softmax attention with highest-precision matmuls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Storage dtypes the kernels read.
+STORAGE_DTYPES = tuple(jnp.dtype(d) for d in (
+    jnp.bfloat16, jnp.int8, jnp.int4, jnp.float8_e4m3fn, jnp.float8_e5m2))
+MAX_DECODE_T = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+  """Static dimensions of one call (axis letters as in ARCHITECTURE.md)."""
+
+  num_layers: int  # L
+  batch: int  # B
+  t: int  # T, query tokens per sequence
+  q_heads: int  # N
+  kv_heads: int  # K
+  max_len: int  # S
+  head_dim: int  # H
+  k_groups: int  # scale groups per token for K (0: no per-token scales)
+  v_groups: int  # likewise for V
+
+  @property
+  def group(self) -> int:
+    """G = N / K query heads per kv head."""
+    return self.q_heads // self.kv_heads
+
+
+def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v_scale=None,
+                    v_zero=None, *, max_t: int | None = MAX_DECODE_T) -> Dims:
+  """Checks shapes and dtypes of a decode/prefill call; returns its `Dims`.
+
+  Args:
+    q: `[B, T, N, H]` float queries (already multiplied by the softmax scale).
+    k, v: `[L, B, K, S, H]` caches in a storage dtype.
+    lengths: `i32[B]` tokens held before this chunk; query t sits at lengths + t.
+    chunk: `i32[B]` tokens of this chunk already written (valid), <= T.
+    layer: integer scalar, the layer to read.
+    k_scale, v_scale: per-token scales `[L, B, K, G, S]` float, or None (unscaled).
+    k_zero, v_zero: per-token zero points shaped like the scales, or None.
+    max_t: largest T accepted (decode: 8), or None.
+
+  Raises:
+    ValueError, TypeError: naming the argument and the expected shape or dtype.
+  """
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, N, H], got q.shape={q.shape}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"q must be floating point, got q.dtype={q.dtype}")
+  for name, x in (("k", k), ("v", v)):
+    if x.ndim != 5:
+      raise ValueError(f"{name} must be [L, B, K, S, H], got {name}.shape={x.shape}")
+    if jnp.dtype(x.dtype) not in STORAGE_DTYPES:
+      raise TypeError(f"{name}.dtype={x.dtype} is not a storage dtype {STORAGE_DTYPES}")
+  if k.shape != v.shape:
+    raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} differ")
+  num_layers, b, kh, s, h = k.shape
+  qb, t, n, qh = q.shape
+  if (qb, qh) != (b, h):
+    raise ValueError(f"q.shape={q.shape} does not match the cache: expected [B={b}, T, N, H={h}]")
+  if n % kh:
+    raise ValueError(f"q's N={n} query heads must be a multiple of K={kh} kv heads")
+  if max_t is not None and t > max_t:
+    raise ValueError(f"decode attention takes T <= {max_t} query tokens, got T={t}")
+  for name, x in (("lengths", lengths), ("chunk", chunk)):
+    if jnp.shape(x) != (b,) or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+      raise ValueError(f"{name} must be i32[B={b}], got shape {jnp.shape(x)}, "
+                       f"dtype {jnp.result_type(x)}")
+  if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+    raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+  groups = {}
+  for name, scale, zero in (("k", k_scale, k_zero), ("v", v_scale, v_zero)):
+    if scale is None:
+      if zero is not None:
+        raise ValueError(f"{name}_zero given without {name}_scale")
+      groups[name] = 0
+      continue
+    if scale.ndim != 5 or scale.shape[:3] != (num_layers, b, kh) or scale.shape[4] != s:
+      raise ValueError(f"{name}_scale must be [L={num_layers}, B={b}, K={kh}, G, S={s}], "
+                       f"got {scale.shape}")
+    g = scale.shape[3]
+    if h % g:
+      raise ValueError(f"{name}_scale has G={g} groups, which does not divide H={h}")
+    if zero is not None and zero.shape != scale.shape:
+      raise ValueError(f"{name}_zero.shape={zero.shape} must equal {name}_scale.shape={scale.shape}")
+    groups[name] = g
+  return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"])
+
+
+def _dequantize(x, scale, zero):
+  """`[B, K, S, H]` stored values and `[B, K, G, S]` scales -> float32."""
+  x = x.astype(jnp.float32)
+  if scale is None:
+    return x
+  b, kh, s, h = x.shape
+  g = scale.shape[2]
+  xg = x.reshape(b, kh, s, g, h // g)
+  sg = jnp.swapaxes(scale.astype(jnp.float32), 2, 3)[..., None]  # [B, K, S, G, 1]
+  if zero is not None:
+    xg = xg - jnp.swapaxes(zero.astype(jnp.float32), 2, 3)[..., None]
+  return (xg * sg).reshape(b, kh, s, h)
+
+
+def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
+                         v_scale=None, v_zero=None, block_sizes=None, interpret=None,
+                         max_t: int | None = MAX_DECODE_T) -> jax.Array:
+  """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
+
+  Query t of sequence b sits at position `p = lengths[b] + min(t, chunk[b] - 1)` and
+  sees cache positions `s <= p` with `s < lengths[b] + chunk[b]` and `s < S`; rows
+  with no visible position are 0. Returns `[B, T, N, H]` float32.
+  """
+  del block_sizes, interpret
+  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                      max_t=max_t)
+  pick = lambda a: None if a is None else a[layer]  # noqa: E731
+  keys = _dequantize(k[layer], pick(k_scale), pick(k_zero))  # [B, K, S, H]
+  values = _dequantize(v[layer], pick(v_scale), pick(v_zero))
+  pos_s = jnp.arange(d.max_len)[None, :]
+  end = (lengths + chunk)[:, None]
+  held = pos_s < end  # [B, S]
+  keys = jnp.where(held[:, None, :, None], keys, 0.0)
+  values = jnp.where(held[:, None, :, None], values, 0.0)
+  limit = lengths[:, None] + jnp.minimum(jnp.arange(d.t)[None, :], chunk[:, None] - 1)  # [B, T]
+  visible = held[:, None, :] & (pos_s[None, :, :] <= limit[:, :, None])  # [B, T, S]
+  qg = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
+  hi = jax.lax.Precision.HIGHEST
+  logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, precision=hi)
+  mask = visible[:, None, None]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values, precision=hi)
+  return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)
