@@ -69,6 +69,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   Raises:
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
       multiple of K, a bad layer or impl.
+    ValueError: for impl="pallas" off TPU.
     NotImplementedError: for the Pallas implementations with T > 8 query tokens,
       until the chunked-prefill kernel lands (issue #3).
   """
@@ -77,6 +78,11 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     impl = "pallas" if jax.default_backend() == "tpu" else "xla"
   if impl == "xla":
     return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
+  if impl == "pallas" and jax.default_backend() != "tpu":
+    raise ValueError(
+        f"impl='pallas' compiles the kernel for TPU, but the backend is "
+        f"{jax.default_backend()!r}; use impl='interpret' (the kernel in Pallas interpret "
+        "mode) or impl='xla'")
   b, t, _, h = q.shape
   if t > decode_attention.MAX_DECODE_T:
     raise NotImplementedError(

@@ -19,7 +19,9 @@ Layout and traffic:
     cheapest in this layout, with the token axis in lanes: the key scale multiplies
     the logits `[TG, block_s]` and the value scale the probabilities (per group, with
     the group's channels selected by a mask, so grouped scales cost G matmuls).
-    Zero points enter as `q.k - z * sum(q)` and `p.v - sum(p * z)`.
+    Zero points are subtracted from the values in VMEM (their `[1, block_s]` rows
+    transposed to token columns): folding them into the dots instead, as
+    `q.k - z * sum(q)`, cancels catastrophically in f32 when z is large.
   * head_dim is handled natively (the block's last dim is the full H): 64 works, at
     the cost of half-empty 128-lane vregs in VMEM for H = 64.
 
@@ -148,14 +150,30 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
   @pl.when(i * block_s < end)
   def _block():
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
+    chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
+
+    def in_group(g, groups):
+      width = h // groups
+      return (chan >= g * width) & (chan < (g + 1) * width)
+
+    def zero_points(z_ref, groups):
+      """`[G, bs]` per-token zero points -> `[bs, H]`, each channel its group's."""
+      z = z_ref[...].astype(jnp.float32)
+      out = jnp.zeros((block_s, h), jnp.float32)
+      for g in range(groups):
+        # [1, bs] -> [bs, 1]: Mosaic transposes whole (8, 128) tiles, so broadcast first.
+        col = jnp.transpose(jnp.broadcast_to(z[g:g + 1, :], (8, block_s)))[:, :1]
+        out = out + (col if groups == 1 else jnp.where(in_group(g, groups), col, 0.0))
+      return out
+
     k = k_ref[...].astype(jnp.float32)  # [bs, H]
+    if k_zero:
+      k = k - zero_points(kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
     # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
     # which needs the present device to be a TPU; all operands here are >= 0.
     t = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
     mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < end)  # [TG, bs]
-    chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
-
     def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
       return jax.lax.dot_general(a, bt, (((1,), (1,)), ((), ())), precision=hi,
                                  preferred_element_type=jnp.float32)
@@ -164,15 +182,10 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
       logits = nt_dot(q, k)
     else:
       ks = ks_ref[...].astype(jnp.float32)  # [Gk, bs]
-      kz = kz_ref[...].astype(jnp.float32) if k_zero else None
-      gw = h // d.k_groups
       logits = jnp.zeros((tg, block_s), jnp.float32)
       for g in range(d.k_groups):
-        qg = q if d.k_groups == 1 else jnp.where((chan >= g * gw) & (chan < (g + 1) * gw), q, 0.0)
-        part = nt_dot(qg, k)
-        if k_zero:
-          part = part - kz[g:g + 1, :] * jnp.sum(qg, axis=1, keepdims=True)
-        logits = logits + part * ks[g:g + 1, :]
+        qg = q if d.k_groups == 1 else jnp.where(in_group(g, d.k_groups), q, 0.0)
+        logits = logits + nt_dot(qg, k) * ks[g:g + 1, :]
     logits = jnp.where(mask, logits, -jnp.inf)
 
     m_prev = m_ref[...]  # [TG, 1]
@@ -184,7 +197,10 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
 
     # Unwritten positions may hold NaN: zero them (0 * NaN would poison the sum).
     held = (i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)) < end
-    v = jnp.where(held, v_ref[...].astype(jnp.float32), 0.0)  # [bs, H]
+    v = v_ref[...].astype(jnp.float32)  # [bs, H]
+    if v_zero:
+      v = v - zero_points(vz_ref, d.v_groups)
+    v = jnp.where(held, v, 0.0)
 
     def dot(a, b_):
       return jnp.dot(a, b_, precision=hi, preferred_element_type=jnp.float32)
@@ -193,17 +209,10 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
       pv = dot(p, v)
     else:
       vs = vs_ref[...].astype(jnp.float32)  # [Gv, bs]
-      vz = vz_ref[...].astype(jnp.float32) if v_zero else None
-      gw = h // d.v_groups
       pv = jnp.zeros((tg, h), jnp.float32)
       for g in range(d.v_groups):
-        ps = jnp.where(mask, p * vs[g:g + 1, :], 0.0)
-        part = dot(ps, v)
-        if v_zero:
-          part = part - jnp.sum(jnp.where(mask, ps * vz[g:g + 1, :], 0.0), axis=1, keepdims=True)
-        if d.v_groups > 1:
-          part = jnp.where((chan >= g * gw) & (chan < (g + 1) * gw), part, 0.0)
-        pv = pv + part
+        part = dot(jnp.where(mask, p * vs[g:g + 1, :], 0.0), v)
+        pv = pv + (part if d.v_groups == 1 else jnp.where(in_group(g, d.v_groups), part, 0.0))
     acc_ref[...] = alpha * acc_ref[...] + pv
     m_ref[...] = m_new
 

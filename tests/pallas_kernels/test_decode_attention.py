@@ -1,0 +1,254 @@
+"""Decode attention kernel: reference vs float64, interpret mode vs reference, TPU compiles."""
+
+import dataclasses
+import functools
+import importlib.util
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import topologies
+from jax.experimental.pallas import tpu as pltpu
+
+import kvtpu
+from pallas_kernels.decode_attention import (
+    BlockSizes,
+    decode_attention,
+    default_block_sizes,
+    hbm_bytes,
+    ref_decode_attention,
+    validate_inputs,
+    vmem_estimate_bytes,
+)
+from tests.helpers import assert_close, kv_with_outliers
+from tests.test_attention import np_attention, poison
+
+# Interpret mode vs the reference on the same stored values: both float32 with
+# highest-precision matmuls, differing only in summation order (blocked online
+# softmax vs one softmax); relative to the largest value magnitude.
+KERNEL_RTOL = 2e-5
+
+INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
+FORMATS = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
+           "fp8_e4m3-sbf16"]
+GQA = [1, 3, 8]
+HEAD_DIMS = [64, 128, 256]
+BLOCK = 128
+
+
+def _kernel_args(cache, layer, chunk):
+  """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
+  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
+  fk, fv = cache.fmt.k, cache.fmt.v
+  return (cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer), dict(
+      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
+      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero))
+
+
+def _filled(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):
+  """A NaN-poisoned cache with ragged `lengths` held and a `chunk`-token chunk written."""
+  b = len(lengths)
+  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=kv_heads,
+                                    max_len=max_len, head_dim=head_dim))
+  lengths = np.asarray(lengths)
+  if lengths.max() > 0:
+    pre = jnp.asarray(kv_with_outliers(rng, (b, int(lengths.max()), kv_heads, head_dim)))
+    cache = cache.update(layer, pre, pre[:, ::-1], valid_len=lengths).advance(lengths)
+  if t:
+    new = jnp.asarray(kv_with_outliers(rng, (b, t, kv_heads, head_dim)))
+    cache = cache.update(layer, new, new * 0.5, valid_len=np.asarray(chunk))
+  return cache
+
+
+# ------------------------------------------------------------- the reference
+def test_reference_by_hand():
+  # One sequence, one kv head, H = 2, bf16 keys (1, 0) and (0, 1), values 10 and 20.
+  # Query (ln 3, 0) at position 1 sees both keys: logits ln 3 and 0 -> p = (3/4, 1/4),
+  # output 3/4 * 10 + 1/4 * 20 = 12.5 per channel.
+  k = jnp.zeros((1, 1, 1, 4, 2), jnp.bfloat16).at[0, 0, 0, :2].set(jnp.eye(2))
+  v = jnp.zeros((1, 1, 1, 4, 2), jnp.bfloat16).at[0, 0, 0, :2].set(
+      jnp.array([[10.0, 10.0], [20.0, 20.0]]))
+  q = jnp.array([[[[np.log(3.0), 0.0]]]], jnp.float32)  # [B=1, T=1, N=1, H=2]
+  out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([1]), 0)
+  np.testing.assert_allclose(out, [[[[12.5, 12.5]]]], rtol=1e-6)
+  # With a chunk of 0 the query sits at position 1 but only position 0 is held.
+  out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([0]), 0)
+  np.testing.assert_allclose(out, [[[[10.0, 10.0]]]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
+def test_reference_matches_float64_numpy(fmt, rng):
+  cache = _filled(fmt, rng, lengths=[0, 5, 20], t=3, chunk=[3, 1, 3], kv_heads=2, head_dim=32,
+                  max_len=24)
+  q = rng.standard_normal((3, 3, 6, 32)).astype(np.float32)
+  args, kw = _kernel_args(cache, 1, [3, 1, 3])
+  out = ref_decode_attention(jnp.asarray(q), *args, **kw)
+  keys = np.asarray(cache.dequantized(1, "k"), np.float64)
+  values = np.asarray(cache.dequantized(1, "v"), np.float64)
+  expect = np_attention(q, keys, values, [0, 5, 20], [3, 1, 3], 1.0)
+  assert_close(out, expect, atol=2e-5 * np.nanmax(np.abs(np.nan_to_num(values))), rtol=1e-3,
+               name=f"ref_decode_attention[{fmt}]")
+
+
+# --------------------------------------------------------- interpret vs reference
+def _case_params():
+  """Full product over formats x GQA ratios; head_dim and T sampled per case."""
+  for i, (fmt, gqa) in enumerate(itertools.product(FORMATS, GQA)):
+    yield pytest.param(fmt, gqa, HEAD_DIMS[i % 3], (1, 4, 8)[i % 3], id=f"{fmt}-G{gqa}")
+
+
+@pytest.mark.parametrize("fmt,gqa,head_dim,t", list(_case_params()))
+def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
+  max_len = 3 * BLOCK
+  # Every edge length in one ragged batch: 0, 1, block-1, block, block+1, capacity.
+  lengths = np.array([0, 1, BLOCK - 1, BLOCK, BLOCK + 1, max_len - t])
+  chunk = rng.integers(0, t + 1, size=len(lengths))
+  chunk[-1] = t  # Fills the cache to capacity.
+  cache = _filled(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1 + (gqa != 8),
+                  head_dim=head_dim, max_len=max_len)
+  n = cache.kv_heads * gqa
+  q = jnp.asarray(rng.standard_normal((len(lengths), t, n, head_dim)) * head_dim**-0.5,
+                  jnp.float32)
+  args, kw = _kernel_args(cache, 1, chunk)
+  ref = ref_decode_attention(q, *args, **kw)
+  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=INTERPRET)
+  assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
+  scale = float(jnp.max(jnp.abs(ref)))
+  assert_close(out, ref, atol=KERNEL_RTOL * scale, name=f"decode_attention[{fmt}]")
+
+
+def test_unaligned_block_and_edge_block(rng):
+  # block_s = 384 does not divide max_len = 640: the edge block is half outside.
+  lengths = [0, 383, 384, 385, 639]
+  cache = _filled("int8", rng, lengths=lengths, t=1, chunk=[1] * 5, kv_heads=2, head_dim=128,
+                  max_len=640)
+  q = jnp.asarray(rng.standard_normal((5, 1, 4, 128)) * 0.1, jnp.float32)
+  args, kw = _kernel_args(cache, 1, [1] * 5)
+  ref = ref_decode_attention(q, *args, **kw)
+  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(384), interpret=INTERPRET)
+  assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="block 384")
+
+
+def test_race_detection_smoke(rng):
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
+
+  cache = _filled("int4-asym-g16", rng, lengths=[3, 200], t=2, chunk=[2, 2], kv_heads=2,
+                  head_dim=64, max_len=256)
+  q = jnp.asarray(rng.standard_normal((2, 2, 4, 64)) * 0.1, jnp.float32)
+  args, kw = _kernel_args(cache, 1, [2, 2])
+  params = dataclasses.replace(INTERPRET, detect_races=True, num_cores_or_threads=2)
+  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=params)
+  jax.block_until_ready(out)
+  assert not mosaic_interpret.races.races_found
+  ref = ref_decode_attention(q, *args, **kw)
+  assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="race run")
+
+
+@pytest.mark.parametrize("fmt", ["int8-head", "int4-asym-channel", "k=fp8_e4m3-tensor,v=int8-asym-head"])
+def test_attend_folds_static_scales_around_the_kernel(fmt, rng):
+  f = kvtpu.KVFormat.parse(fmt)
+  static = {}
+  for name, spec in (("k", f.k), ("v", f.v)):
+    shape = kvtpu.quant.static_scale_shape(spec, 2, 64)
+    static[f"{name}_scale"] = rng.uniform(0.02, 0.05, shape).astype(np.float32)
+    if not spec.symmetric:
+      static[f"{name}_zero"] = np.round(rng.uniform(-3, 3, shape)).astype(np.float32)
+  cache = kvtpu.KVCache.init(f, num_layers=1, batch=3, kv_heads=2, max_len=256, head_dim=64,
+                             **static)
+  lengths, valid = np.array([0, 100, 250]), np.array([0, 3, 2])
+  pre = jnp.asarray(rng.standard_normal((3, 250, 2, 64)), jnp.float32)
+  cache = cache.update(0, pre, pre, valid_len=lengths).advance(lengths)
+  new = jnp.asarray(rng.standard_normal((3, 3, 2, 64)), jnp.float32)
+  cache = cache.update(0, new, new, valid_len=valid)
+  q = jnp.asarray(rng.standard_normal((3, 3, 6, 64)), jnp.float32)
+  ref = kvtpu.attend(q, cache, 0, valid_len=valid, impl="xla")
+  out = kvtpu.attend(q, cache, 0, valid_len=valid, impl="interpret")
+  assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name=fmt)
+  np.testing.assert_array_equal(out[0], 0.0)  # No keys: zeros, also after the zero point.
+
+
+# -------------------------------------------------------------- configuration
+def test_block_sizes_and_estimates():
+  assert BlockSizes(100).resolve(64) == 64  # One block of the full S.
+  assert BlockSizes(384).resolve(1000) == 384
+  with pytest.raises(ValueError, match="block_s=100 must be a multiple of 128"):
+    BlockSizes(100).resolve(1000)
+  with pytest.raises(ValueError, match="block_s must be a positive int"):
+    BlockSizes(0)
+  for k_dtype, v_dtype, h in itertools.product([jnp.bfloat16, jnp.int8, jnp.int4],
+                                               [jnp.bfloat16, jnp.int4], HEAD_DIMS):
+    bs = default_block_sizes(k_dtype, v_dtype, h).block_s
+    assert bs % 128 == 0 and 128 <= bs <= 4096
+    sds = jax.ShapeDtypeStruct
+    d = validate_inputs(sds((8, 8, 64, h), jnp.float32), sds((1, 8, 8, 32768, h), k_dtype),
+                        sds((1, 8, 8, 32768, h), k_dtype), jnp.zeros(8, jnp.int32),
+                        jnp.zeros(8, jnp.int32), 0)
+    # Double-buffered blocks of the largest case fit v5e's 16 MiB default scoped VMEM.
+    assert vmem_estimate_bytes(d, bs, k_dtype, v_dtype) < 16 * 2**20
+
+
+def test_hbm_account_by_hand():
+  # B=2, K=1, H=128, int8 K and V with f32 per-token scales, block 128.
+  # Sequence 0: 300 tokens held + 1 new -> ceil(301/128) = 3 blocks; sequence 1 is
+  # empty: the first block is still fetched once. Each block: 2 * 128 * 128 bytes of
+  # K/V + 2 * 128 * 4 bytes of scales = 33792; q and output: 2 * 2*1*1*128 * 4.
+  d = validate_inputs(jnp.zeros((2, 1, 1, 128)), jnp.zeros((1, 2, 1, 512, 128), jnp.int8),
+                      jnp.zeros((1, 2, 1, 512, 128), jnp.int8), jnp.zeros(2, jnp.int32),
+                      jnp.zeros(2, jnp.int32), 0, jnp.ones((1, 2, 1, 1, 512)), None,
+                      jnp.ones((1, 2, 1, 1, 512)))
+  got = hbm_bytes(d, 128, [300, 0], [1, 0], jnp.int8, jnp.int8)
+  assert got == 4 * 33792 + 2 * 2 * 128 * 4
+
+
+def test_bad_inputs_share_one_validation():
+  q, kv = jnp.zeros((2, 1, 4, 64)), jnp.zeros((1, 2, 2, 128, 64), jnp.int8)
+  i32 = jnp.zeros(2, jnp.int32)
+  for fn in (decode_attention, ref_decode_attention):
+    with pytest.raises(ValueError, match="decode attention takes T <= 8"):
+      fn(jnp.zeros((2, 9, 4, 64)), kv, kv, i32, i32, 0)
+    with pytest.raises(ValueError, match="N=3 query heads must be a multiple of K=2"):
+      fn(jnp.zeros((2, 1, 3, 64)), kv, kv, i32, i32, 0)
+    with pytest.raises(TypeError, match="is not a storage dtype"):
+      fn(q, kv.astype(jnp.int32), kv, i32, i32, 0)
+    with pytest.raises(ValueError, match=r"k_scale must be \[L=1, B=2, K=2, G, S=128\]"):
+      fn(q, kv, kv, i32, i32, 0, k_scale=jnp.ones((1, 2, 2, 1, 64)))
+    with pytest.raises(ValueError, match="lengths must be i32"):
+      fn(q, kv, kv, jnp.zeros(3, jnp.int32), i32, 0)
+
+
+# ------------------------------------------------------------- TPU compilation
+GENERATIONS = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
+
+
+@functools.cache
+def _tpu(generation):
+  return topologies.get_topology_desc(platform="tpu",
+                                      topology_name=GENERATIONS[generation]).devices[0]
+
+
+def _compile_cases():
+  for gen, fmt in itertools.product(GENERATIONS, FORMATS):
+    h = HEAD_DIMS[zlib.crc32(f"{gen}{fmt}".encode()) % 3]
+    yield pytest.param(gen, fmt, h, id=f"{gen}-{fmt}-H{h}")
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("generation,fmt,head_dim", list(_compile_cases()))
+def test_compiles_through_mosaic(generation, fmt, head_dim):
+  sharding = jax.sharding.SingleDeviceSharding(_tpu(generation))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=4, kv_heads=2,
+                                                    max_len=2048, head_dim=head_dim))
+  q = jax.ShapeDtypeStruct((4, 2, 16, head_dim), jnp.float32)
+  args, kw = _kernel_args(cache, 1, jnp.zeros(4, jnp.int32))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  args = jax.tree.map(on_tpu, (q, *args[:3], jax.ShapeDtypeStruct((4,), jnp.int32)))
+  kw = jax.tree.map(on_tpu, kw)
+  fn = jax.jit(lambda q, k, v, lengths, chunk, kw: decode_attention(q, k, v, lengths, chunk, 1,
+                                                                    **kw))
+  compiled = fn.lower(*args, kw).compile()  # Raises if Mosaic rejects the kernel.
+  # The f32 output, at least (H = 64 pads to 128 lanes in TPU tiles).
+  assert compiled.memory_analysis().output_size_in_bytes >= 4 * 2 * 16 * head_dim * 4
