@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from kvtpu.cache import KVCache, _check_layer, _per_sequence
-from pallas_kernels import decode_attention
+from pallas_kernels import decode_attention, prefill_attention
 
 __all__ = ["attend", "IMPLS"]
 
@@ -70,8 +70,6 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
       multiple of K, a bad layer or impl.
     ValueError: for impl="pallas" off TPU.
-    NotImplementedError: for the Pallas implementations with T > 8 query tokens,
-      until the chunked-prefill kernel lands (issue #3).
   """
   _validate(q, cache, layer, impl)
   if impl == "auto":
@@ -84,10 +82,6 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
         f"{jax.default_backend()!r}; use impl='interpret' (the kernel in Pallas interpret "
         "mode) or impl='xla'")
   b, t, _, h = q.shape
-  if t > decode_attention.MAX_DECODE_T:
-    raise NotImplementedError(
-        f"impl={impl!r} with T={t} > {decode_attention.MAX_DECODE_T} query tokens needs the "
-        "chunked-prefill kernel, which is not written yet (issue #3); use impl='xla'")
   chunk = jnp.minimum(_per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
   interpret = pltpu.InterpretParams() if impl == "interpret" else False
   return _pallas_attention(q, cache, layer, chunk, h**-0.5 if scale is None else scale,
@@ -100,8 +94,9 @@ def _per_query_head(p: jax.Array) -> jax.Array:
 
 
 def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> jax.Array:
-  """`attend` through the decode kernel: static scales are folded around it.
+  """`attend` through a Pallas kernel: decode for T <= 8, chunked prefill above.
 
+  Static scales are folded around the kernel.
   A static key scale multiplies q (per kv head and channel); a static key zero point
   shifts every logit of a query row by the same amount, which softmax ignores. A
   static value scale and zero point apply to the normalized output, as the
@@ -114,7 +109,9 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
   if fk.static:
     qg = qg * _per_query_head(cache.k_scale[layer])
   per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
-  out = decode_attention.decode_attention(
+  kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
+            else prefill_attention.prefill_attention)
+  out = kernel(
       qg.reshape(b, t, n, h), cache.k, cache.v, cache.lengths, chunk, layer,
       k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
       v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero),

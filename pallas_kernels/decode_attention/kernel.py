@@ -126,7 +126,7 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype,
 
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
-            block_s: int, k_zero: bool, v_zero: bool):
+            block_t: int, block_s: int, k_zero: bool, v_zero: bool):
   del layer_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups else None
@@ -134,11 +134,13 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
   vs_ref = refs.pop(0) if d.v_groups else None
   vz_ref = refs.pop(0) if v_zero else None
   o_ref, m_ref, l_ref, acc_ref = refs
-  b, i = pl.program_id(0), pl.program_id(2)
-  num_blocks = pl.num_programs(2)
+  b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  num_blocks = pl.num_programs(3)
   length, chunk = lengths_ref[b], chunk_ref[b]
-  end = jnp.minimum(length + chunk, d.max_len)
-  tg, h = d.t * d.group, d.head_dim
+  end = jnp.minimum(length + chunk, d.max_len)  # Positions < end hold tokens.
+  # The last query of this block sees positions < block_end.
+  block_end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk), d.max_len)
+  tg, h = block_t * d.group, d.head_dim
   hi = jax.lax.Precision.HIGHEST
 
   @pl.when(i == 0)
@@ -147,7 +149,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(i * block_s < end)
+  @pl.when(i * block_s < block_end)
   def _block():
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
     chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
@@ -172,7 +174,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
     # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
     # which needs the present device to be a TPU; all operands here are >= 0.
-    t = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
+    t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
     mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < end)  # [TG, bs]
     def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
       return jax.lax.dot_general(a, bt, (((1,), (1,)), ((), ())), precision=hi,
@@ -246,25 +248,36 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   if block_sizes is None:
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)
-  bs = block_sizes.resolve(d.max_len)
-  num_blocks = pl.cdiv(d.max_len, bs)
-  tg = d.t * d.group
+  return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                        block_t=d.t, block_s=block_sizes.resolve(d.max_len),
+                        interpret=interpret)
+
+
+def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                   *, block_t: int, block_s: int, interpret) -> jax.Array:
+  """The pallas_call shared by decode (one query block of all T) and prefill.
+
+  Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
+  `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
+  """
+  bs = block_s
+  num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pl.cdiv(d.max_len, bs)
+  rows = block_t * d.group
   # [B, T, N, H] -> [B, K, T*G, H]: the G heads of a kv head and the T tokens share a pass.
   qk = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
-  qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, tg, d.head_dim)
+  qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, d.t * d.group, d.head_dim)
 
-  def kv_block(b, h, i, layer_ref, lengths_ref, chunk_ref):
-    end = jnp.minimum(lengths_ref[b] + chunk_ref[b], d.max_len)
+  def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref):
+    """(layer, b, h, block): blocks past what query block j sees repeat the last one."""
+    length, chunk_b = lengths_ref[b], chunk_ref[b]
+    end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk_b), d.max_len)
     last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's t.
     return layer_ref[0], b, h, jnp.minimum(i, last)
 
   sq = pl.Squeezed()
-  in_specs = [
-      pl.BlockSpec((sq, sq, tg, d.head_dim), lambda b, h, i, *_: (b, h, 0, 0)),
-      pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0)),
-      pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0)),
-  ]
-  operands = [qk, k, v]
+  q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
+  kv_spec = pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
+  in_specs, operands = [q_spec, kv_spec, kv_spec], [qk, k, v]
   for scale, zero, groups in ((k_scale, k_zero, d.k_groups), (v_scale, v_zero, d.v_groups)):
     for arr in (scale, zero):
       if arr is not None:
@@ -272,24 +285,23 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
         in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs),
                                      lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
         operands.append(arr)
-  kernel = functools.partial(_kernel, d=d, block_s=bs, k_zero=k_zero is not None,
-                             v_zero=v_zero is not None)
+  kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
+                             k_zero=k_zero is not None, v_zero=v_zero is not None)
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((d.batch, d.kv_heads, tg, d.head_dim), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
-          grid=(d.batch, d.kv_heads, num_blocks),
+          grid=(d.batch, d.kv_heads, num_q_blocks, num_kv_blocks),
           in_specs=in_specs,
-          out_specs=pl.BlockSpec((sq, sq, tg, d.head_dim), lambda b, h, i, *_: (b, h, 0, 0)),
-          scratch_shapes=[pltpu.VMEM((tg, 1), jnp.float32), pltpu.VMEM((tg, 1), jnp.float32),
-                          pltpu.VMEM((tg, d.head_dim), jnp.float32)],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                          pltpu.VMEM((rows, d.head_dim), jnp.float32)],
       ),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lengths.astype(jnp.int32),
     chunk.astype(jnp.int32), *operands)
   out = out.reshape(d.batch, d.kv_heads, d.t, d.group, d.head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)
-

@@ -1,7 +1,6 @@
 """Decode attention kernel: reference vs float64, interpret mode vs reference, TPU compiles."""
 
 import dataclasses
-import functools
 import importlib.util
 import itertools
 import zlib
@@ -10,57 +9,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
-from jax.experimental.pallas import tpu as pltpu
 
 import kvtpu
 from pallas_kernels.decode_attention import (
-    BlockSizes,
-    decode_attention,
-    default_block_sizes,
-    hbm_bytes,
-    ref_decode_attention,
-    validate_inputs,
-    vmem_estimate_bytes,
+  BlockSizes,
+  decode_attention,
+  default_block_sizes,
+  hbm_bytes,
+  ref_decode_attention,
+  validate_inputs,
+  vmem_estimate_bytes,
 )
-from tests.helpers import assert_close, kv_with_outliers
-from tests.test_attention import np_attention, poison
-
-# Interpret mode vs the reference on the same stored values: both float32 with
-# highest-precision matmuls, differing only in summation order (blocked online
-# softmax vs one softmax); relative to the largest value magnitude.
-KERNEL_RTOL = 2e-5
-
-INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-FORMATS = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
-           "fp8_e4m3-sbf16"]
-GQA = [1, 3, 8]
-HEAD_DIMS = [64, 128, 256]
-BLOCK = 128
-
-
-def _kernel_args(cache, layer, chunk):
-  """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
-  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
-  fk, fv = cache.fmt.k, cache.fmt.v
-  return (cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer), dict(
-      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
-      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero))
-
-
-def _filled(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):
-  """A NaN-poisoned cache with ragged `lengths` held and a `chunk`-token chunk written."""
-  b = len(lengths)
-  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=kv_heads,
-                                    max_len=max_len, head_dim=head_dim))
-  lengths = np.asarray(lengths)
-  if lengths.max() > 0:
-    pre = jnp.asarray(kv_with_outliers(rng, (b, int(lengths.max()), kv_heads, head_dim)))
-    cache = cache.update(layer, pre, pre[:, ::-1], valid_len=lengths).advance(lengths)
-  if t:
-    new = jnp.asarray(kv_with_outliers(rng, (b, t, kv_heads, head_dim)))
-    cache = cache.update(layer, new, new * 0.5, valid_len=np.asarray(chunk))
-  return cache
+from tests.helpers import assert_close
+from tests.pallas_kernels.cases import (
+  BLOCK,
+  FORMATS,
+  GENERATIONS,
+  GQA,
+  HEAD_DIMS,
+  INTERPRET,
+  KERNEL_RTOL,
+  filled_cache,
+  kernel_args,
+  tpu_device,
+)
+from tests.test_attention import np_attention
 
 
 # ------------------------------------------------------------- the reference
@@ -81,10 +54,10 @@ def test_reference_by_hand():
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
 def test_reference_matches_float64_numpy(fmt, rng):
-  cache = _filled(fmt, rng, lengths=[0, 5, 20], t=3, chunk=[3, 1, 3], kv_heads=2, head_dim=32,
+  cache = filled_cache(fmt, rng, lengths=[0, 5, 20], t=3, chunk=[3, 1, 3], kv_heads=2, head_dim=32,
                   max_len=24)
   q = rng.standard_normal((3, 3, 6, 32)).astype(np.float32)
-  args, kw = _kernel_args(cache, 1, [3, 1, 3])
+  args, kw = kernel_args(cache, 1, [3, 1, 3])
   out = ref_decode_attention(jnp.asarray(q), *args, **kw)
   keys = np.asarray(cache.dequantized(1, "k"), np.float64)
   values = np.asarray(cache.dequantized(1, "v"), np.float64)
@@ -107,12 +80,12 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
   lengths = np.array([0, 1, BLOCK - 1, BLOCK, BLOCK + 1, max_len - t])
   chunk = rng.integers(0, t + 1, size=len(lengths))
   chunk[-1] = t  # Fills the cache to capacity.
-  cache = _filled(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1 + (gqa != 8),
+  cache = filled_cache(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1 + (gqa != 8),
                   head_dim=head_dim, max_len=max_len)
   n = cache.kv_heads * gqa
   q = jnp.asarray(rng.standard_normal((len(lengths), t, n, head_dim)) * head_dim**-0.5,
                   jnp.float32)
-  args, kw = _kernel_args(cache, 1, chunk)
+  args, kw = kernel_args(cache, 1, chunk)
   ref = ref_decode_attention(q, *args, **kw)
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=INTERPRET)
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
@@ -123,10 +96,10 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
 def test_unaligned_block_and_edge_block(rng):
   # block_s = 384 does not divide max_len = 640: the edge block is half outside.
   lengths = [0, 383, 384, 385, 639]
-  cache = _filled("int8", rng, lengths=lengths, t=1, chunk=[1] * 5, kv_heads=2, head_dim=128,
+  cache = filled_cache("int8", rng, lengths=lengths, t=1, chunk=[1] * 5, kv_heads=2, head_dim=128,
                   max_len=640)
   q = jnp.asarray(rng.standard_normal((5, 1, 4, 128)) * 0.1, jnp.float32)
-  args, kw = _kernel_args(cache, 1, [1] * 5)
+  args, kw = kernel_args(cache, 1, [1] * 5)
   ref = ref_decode_attention(q, *args, **kw)
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(384), interpret=INTERPRET)
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="block 384")
@@ -135,10 +108,10 @@ def test_unaligned_block_and_edge_block(rng):
 def test_race_detection_smoke(rng):
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
 
-  cache = _filled("int4-asym-g16", rng, lengths=[3, 200], t=2, chunk=[2, 2], kv_heads=2,
+  cache = filled_cache("int4-asym-g16", rng, lengths=[3, 200], t=2, chunk=[2, 2], kv_heads=2,
                   head_dim=64, max_len=256)
   q = jnp.asarray(rng.standard_normal((2, 2, 4, 64)) * 0.1, jnp.float32)
-  args, kw = _kernel_args(cache, 1, [2, 2])
+  args, kw = kernel_args(cache, 1, [2, 2])
   params = dataclasses.replace(INTERPRET, detect_races=True, num_cores_or_threads=2)
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=params)
   jax.block_until_ready(out)
@@ -220,15 +193,6 @@ def test_bad_inputs_share_one_validation():
 
 
 # ------------------------------------------------------------- TPU compilation
-GENERATIONS = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
-
-
-@functools.cache
-def _tpu(generation):
-  return topologies.get_topology_desc(platform="tpu",
-                                      topology_name=GENERATIONS[generation]).devices[0]
-
-
 def _compile_cases():
   for gen, fmt in itertools.product(GENERATIONS, FORMATS):
     h = HEAD_DIMS[zlib.crc32(f"{gen}{fmt}".encode()) % 3]
@@ -239,11 +203,11 @@ def _compile_cases():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 @pytest.mark.parametrize("generation,fmt,head_dim", list(_compile_cases()))
 def test_compiles_through_mosaic(generation, fmt, head_dim):
-  sharding = jax.sharding.SingleDeviceSharding(_tpu(generation))
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=4, kv_heads=2,
                                                     max_len=2048, head_dim=head_dim))
   q = jax.ShapeDtypeStruct((4, 2, 16, head_dim), jnp.float32)
-  args, kw = _kernel_args(cache, 1, jnp.zeros(4, jnp.int32))
+  args, kw = kernel_args(cache, 1, jnp.zeros(4, jnp.int32))
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   args = jax.tree.map(on_tpu, (q, *args[:3], jax.ShapeDtypeStruct((4,), jnp.int32)))
   kw = jax.tree.map(on_tpu, kw)

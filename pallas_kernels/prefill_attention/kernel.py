@@ -1,0 +1,91 @@
+"""Chunked-prefill attention over a quantized KV cache, as a Pallas TPU kernel.
+
+A chunk of T new tokens (already written to the cache by `update`) attends causally
+to the cached prefix and to itself, flash-attention style. It is the decode kernel's
+body (`decode_attention.kernel.attention_call`, same layout, scales, zero points,
+masking and f32 online softmax) with the queries tiled too: grid
+`(B, K, ceil(T / block_t), ceil(S / block_s))`. Query block j sees positions below
+`lengths[b] + min((j + 1) * block_t, chunk[b])`; the KV index map clamps to that
+block, so the causal upper triangle of the chunk and everything past it is neither
+copied nor computed. The prefix is read once per query block: ceil(T / block_t)
+times in all, which is what block_t trades against VMEM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention.kernel import (
+    BlockSizes,
+    attention_call,
+    default_block_sizes,
+    vmem_estimate_bytes,
+)
+from pallas_kernels.prefill_attention.reference import validate_prefill_inputs
+
+__all__ = ["PrefillBlockSizes", "prefill_attention", "default_prefill_block_sizes",
+           "prefill_vmem_estimate_bytes"]
+
+_SUBLANES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBlockSizes:
+  """Tiling of the query and KV axes.
+
+  Attributes:
+    block_t: query tokens per block (x G query heads = rows of one block); a
+      multiple of 8 (the sublane count), or any value >= T (one block of all T).
+    block_s: cache positions per KV block, as `decode_attention.BlockSizes`.
+  """
+
+  block_t: int
+  block_s: int
+
+  def __post_init__(self):
+    if not isinstance(self.block_t, int) or self.block_t < 1:
+      raise ValueError(f"block_t must be a positive int, got block_t={self.block_t!r}")
+    BlockSizes(self.block_s)  # Validates block_s.
+
+  def resolve(self, t: int, max_len: int) -> tuple[int, int]:
+    """`(block_t, block_s)` actually used for T query tokens and S positions."""
+    block_t = t if self.block_t >= t else self.block_t
+    if block_t < t and block_t % _SUBLANES:
+      raise ValueError(
+          f"block_t={self.block_t} must be a multiple of {_SUBLANES} when smaller than T={t}")
+    return block_t, BlockSizes(self.block_s).resolve(max_len)
+
+
+def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int) -> PrefillBlockSizes:
+  """128 query tokens per block (x G heads: >= 128 MXU rows); the decode KV block."""
+  return PrefillBlockSizes(128, default_block_sizes(k_dtype, v_dtype, head_dim).block_s)
+
+
+def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
+                                scale_dtype=jnp.float32) -> int:
+  """VMEM of one prefill grid step: the decode estimate with `block_t` query tokens."""
+  return vmem_estimate_bytes(dataclasses.replace(d, t=block_t), block_s, k_dtype, v_dtype,
+                             scale_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
+                      v_scale=None, v_zero=None, block_sizes: PrefillBlockSizes | None = None,
+                      interpret=False) -> jax.Array:
+  """Causal attention of a T-token chunk over one layer of a quantized cache.
+
+  Args: as `decode_attention`, with any T, and `block_sizes` a `PrefillBlockSizes`.
+
+  Returns:
+    `[B, T, N, H]` float32.
+  """
+  d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  if block_sizes is None:
+    block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim)
+  block_t, block_s = block_sizes.resolve(d.t, d.max_len)
+  return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                        block_t=block_t, block_s=block_s, interpret=interpret)

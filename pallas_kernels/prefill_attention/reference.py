@@ -1,0 +1,29 @@
+"""Pure-jnp reference of `prefill_attention`: the decode reference without the T limit."""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.decode_attention.reference import ref_decode_attention, validate_inputs
+
+__all__ = ["ref_prefill_attention", "validate_prefill_inputs"]
+
+
+def validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None,
+                            v_scale=None, v_zero=None):
+  """The decode validation with any number of query tokens T."""
+  return validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                         max_t=None)
+
+
+def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
+                          v_scale=None, v_zero=None, block_sizes=None,
+                          interpret=None) -> jax.Array:
+  """Reference of `prefill_attention` (same signature; `block_sizes`/`interpret` unused).
+
+  A chunk of T tokens at positions `lengths[b] + t` attends causally to the cache
+  prefix and to itself; see `ref_decode_attention` for the exact visibility rule.
+  """
+  return ref_decode_attention(q, k, v, lengths, chunk, layer, k_scale=k_scale, k_zero=k_zero,
+                              v_scale=v_scale, v_zero=v_zero, block_sizes=block_sizes,
+                              interpret=interpret, max_t=None)

@@ -1,0 +1,61 @@
+"""Shared cases of the kernel tests: formats, interpret parameters, filled caches."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.experimental.pallas import tpu as pltpu
+
+import kvtpu
+from tests.helpers import kv_with_outliers
+from tests.test_attention import poison
+
+# Interpret mode vs the reference on the same stored values: both float32 with
+# highest-precision matmuls, differing only in summation order (blocked online
+# softmax vs one softmax); relative to the largest output magnitude. Logits reach
+# ~1e3 on the 1000x outlier keys, where an f32 ulp moves probabilities by ~1e-5:
+# seen up to 3e-5 over ~4M outputs. Formats' own errors are >= 1e-3 of it.
+KERNEL_RTOL = 5e-5
+
+INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
+FORMATS = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
+           "fp8_e4m3-sbf16"]
+GQA = [1, 3, 8]
+HEAD_DIMS = [64, 128, 256]
+BLOCK = 128
+
+
+def kernel_args(cache, layer, chunk):
+  """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
+  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
+  fk, fv = cache.fmt.k, cache.fmt.v
+  return (cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer), dict(
+      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
+      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero))
+
+
+def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):
+  """A NaN-poisoned cache with ragged `lengths` held and a `chunk`-token chunk written."""
+  b = len(lengths)
+  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=kv_heads,
+                                    max_len=max_len, head_dim=head_dim))
+  lengths = np.asarray(lengths)
+  if lengths.max() > 0:
+    pre = jnp.asarray(kv_with_outliers(rng, (b, int(lengths.max()), kv_heads, head_dim)))
+    cache = cache.update(layer, pre, pre[:, ::-1], valid_len=lengths).advance(lengths)
+  if t:
+    new = jnp.asarray(kv_with_outliers(rng, (b, t, kv_heads, head_dim)))
+    cache = cache.update(layer, new, new * 0.5, valid_len=np.asarray(chunk))
+  return cache
+
+
+GENERATIONS = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
+
+
+@functools.cache
+def tpu_device(generation):
+  return topologies.get_topology_desc(platform="tpu",
+                                      topology_name=GENERATIONS[generation]).devices[0]
+
+

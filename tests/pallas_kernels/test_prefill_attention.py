@@ -1,0 +1,97 @@
+"""Chunked-prefill kernel: interpret mode vs the reference, attend dispatch, TPU compiles."""
+
+import importlib.util
+import itertools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvtpu
+from pallas_kernels.prefill_attention import (
+    PrefillBlockSizes,
+    default_prefill_block_sizes,
+    prefill_attention,
+    ref_prefill_attention,
+)
+from tests.helpers import assert_close
+from tests.pallas_kernels.cases import (
+    BLOCK,
+    FORMATS,
+    GENERATIONS,
+    GQA,
+    HEAD_DIMS,
+    INTERPRET,
+    KERNEL_RTOL,
+    filled_cache,
+    kernel_args,
+    tpu_device,
+)
+
+
+def _cases():
+  """Formats x GQA in full; head_dim, T and block_t sampled per case (one unaligned T)."""
+  for i, (fmt, gqa) in enumerate(itertools.product(FORMATS, GQA)):
+    t, block_t = ((9, 8), (33, 16), (64, 64))[i % 3]
+    yield pytest.param(fmt, gqa, HEAD_DIMS[(i // 3) % 3], t, block_t, id=f"{fmt}-G{gqa}-T{t}")
+
+
+@pytest.mark.parametrize("fmt,gqa,head_dim,t,block_t", list(_cases()))
+def test_interpret_matches_reference(fmt, gqa, head_dim, t, block_t, rng):
+  max_len = 3 * BLOCK
+  # Prefix lengths at the edges (0, 1, block-1, block, block+1) and one that the chunk
+  # fills to capacity; chunks of 0, 1, partial and full length.
+  lengths = np.array([0, 1, BLOCK - 1, BLOCK, BLOCK + 1, max_len - t])
+  chunk = np.array([t, 1, 0, t // 2, t, t])
+  cache = filled_cache(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1 + (gqa != 8),
+                       head_dim=head_dim, max_len=max_len)
+  n = cache.kv_heads * gqa
+  q = jnp.asarray(rng.standard_normal((len(lengths), t, n, head_dim)) * head_dim**-0.5,
+                  jnp.float32)
+  args, kw = kernel_args(cache, 1, chunk)
+  ref = ref_prefill_attention(q, *args, **kw)
+  out = prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(block_t, BLOCK),
+                          interpret=INTERPRET)
+  assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
+  assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))),
+               name=f"prefill_attention[{fmt}]")
+
+
+def test_attend_dispatches_long_chunks_to_prefill(rng):
+  cache = kvtpu.KVCache.init("k8v4", num_layers=1, batch=2, kv_heads=2, max_len=256,
+                             head_dim=64)
+  x = jnp.asarray(rng.standard_normal((2, 40, 2, 64)), jnp.float32)
+  cache = cache.update(0, x, x, valid_len=np.array([40, 17]))
+  q = jnp.asarray(rng.standard_normal((2, 40, 8, 64)), jnp.float32)
+  ref = kvtpu.attend(q, cache, 0, valid_len=np.array([40, 17]), impl="xla")
+  out = kvtpu.attend(q, cache, 0, valid_len=np.array([40, 17]), impl="interpret")
+  assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="attend T=40")
+
+
+def test_block_sizes():
+  assert PrefillBlockSizes(12, 128).resolve(10, 1000) == (10, 128)  # One block of all T.
+  assert PrefillBlockSizes(16, 384).resolve(100, 1000) == (16, 384)
+  with pytest.raises(ValueError, match="block_t=12 must be a multiple of 8 when smaller than T=100"):
+    PrefillBlockSizes(12, 128).resolve(100, 1000)
+  with pytest.raises(ValueError, match="block_s must be a positive int"):
+    PrefillBlockSizes(8, 0)
+  assert default_prefill_block_sizes(jnp.int8, jnp.int8, 128).block_t == 128
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("generation,fmt", list(itertools.product(GENERATIONS, FORMATS)))
+def test_compiles_through_mosaic(generation, fmt):
+  head_dim = HEAD_DIMS[zlib.crc32(f"{generation}{fmt}".encode()) % 3]
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
+                                                    max_len=2048, head_dim=head_dim))
+  args, kw = kernel_args(cache, 1, jnp.zeros(2, jnp.int32))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, 256, 8, head_dim), jnp.float32),
+                               *args[:3], jax.ShapeDtypeStruct((2,), jnp.int32)))
+  fn = jax.jit(lambda q, k, v, lengths, chunk, kw: prefill_attention(
+      q, k, v, lengths, chunk, 1, **kw, block_sizes=PrefillBlockSizes(128, 512)))
+  fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()  # Raises if Mosaic rejects the kernel.
