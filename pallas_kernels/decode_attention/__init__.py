@@ -5,6 +5,7 @@ from pallas_kernels.decode_attention.kernel import (
     decode_attention,
     default_block_sizes,
     hbm_bytes,
+    min_hbm_bytes,
     vmem_estimate_bytes,
 )
 from pallas_kernels.decode_attention.reference import (
@@ -15,5 +16,5 @@ from pallas_kernels.decode_attention.reference import (
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
-           "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "ref_decode_attention",
+           "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "ref_decode_attention",
            "validate_inputs"]

@@ -42,7 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.decode_attention.reference import Dims, validate_inputs
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
-           "hbm_bytes"]
+           "hbm_bytes", "min_hbm_bytes", "attention_call"]
 
 _LANES = 128
 
@@ -104,25 +104,62 @@ def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp
   return 2 * (kv + scales + q_out) + scratch + temps
 
 
-def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype,
-              scale_itemsize: dict[str, int] | None = None, has_zero=(False, False)) -> int:
-  """Bytes the kernel copies HBM -> VMEM for concrete lengths and chunks.
+def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
+              block_t: int | None = None, scale_itemsize: dict[str, int] | None = None,
+              has_zero=(False, False)) -> dict[str, int]:
+  """Bytes a kernel call moves between HBM and VMEM, for concrete lengths and chunks.
 
-  Per (b, kv head): `max(1, ceil(min(lengths + chunk, S) / block_s))` KV blocks (the
-  pipeline's first fetch happens even for an empty sequence), each with its scale
-  and zero blocks; plus q in and the output out. The edge block of an S that
-  `block_s` does not divide is counted whole, as the DMA moves it whole.
+  Derived from the grid, the block specs and the skip logic: a block is copied when
+  its block index differs from the previous grid step's. Per (b, kv head) and query
+  block j, the KV index map visits blocks `0..last_j` with `last_j = max(0,
+  ceil(min(lengths + min((j + 1) * block_t, chunk), S) / block_s) - 1)`: `last_j + 1`
+  copies, one fewer when the previous query block ended on block 0 too. Each KV copy
+  moves its K and V blocks and their scale (and zero point) blocks; the edge block
+  of an S that `block_s` does not divide is counted whole.
+
+  Args:
+    d: the call's `Dims`.
+    block_s, block_t: the tiling (block_t defaults to T: the decode kernel).
+    lengths, chunk: `[B]` host arrays.
+    k_dtype, v_dtype: storage dtypes.
+    scale_itemsize: bytes per scale (and zero point) for "k" and "v" (default 4).
+    has_zero: whether K and V have per-token zero points.
+
+  Returns:
+    `{"kv": ..., "scales": ..., "q": ..., "out": ..., "total": ...}` in bytes.
   """
-  import numpy as np  # Host-side accounting only.
+  import numpy as np  # Host-side accounting.
+
+  block_t = d.t if block_t is None else block_t
+  scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
+  lengths, chunk = np.asarray(lengths), np.asarray(chunk)
+  num_q_blocks = -(-d.t // block_t)
+  j = np.arange(num_q_blocks)[None, :]
+  end = np.minimum(lengths[:, None] + np.minimum((j + 1) * block_t, chunk[:, None]), d.max_len)
+  last = np.maximum(-(-end // block_s) - 1, 0)  # [B, J]
+  copies = (last + 1).sum(axis=1) - (last[:, :-1] == 0).sum(axis=1)  # [B]
+  kv_copies = int(copies.sum()) * d.kv_heads
+  kv = kv_copies * block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
+  scales = 0
+  for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
+    scales += kv_copies * block_s * groups * scale_itemsize[name] * (2 if zero else 1)
+  rows = block_t * d.group
+  q = d.batch * d.kv_heads * num_q_blocks * rows * d.head_dim * 4
+  out = q
+  return {"kv": kv, "scales": scales, "q": q, "out": out, "total": kv + scales + q + out}
+
+
+def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
+                  scale_itemsize: dict[str, int] | None = None, has_zero=(False, False)) -> int:
+  """The least any kernel must read: each held token's K, V and scales once."""
+  import numpy as np
 
   scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
-  end = np.minimum(np.asarray(lengths) + np.asarray(chunk), d.max_len)
-  blocks = np.maximum(1, -(-end // block_s))
-  per_block = block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
+  tokens = int(np.minimum(np.asarray(lengths) + np.asarray(chunk), d.max_len).sum()) * d.kv_heads
+  per_token = d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
   for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
-    per_block += block_s * groups * scale_itemsize[name] * (2 if zero else 1)
-  q_out = 2 * d.batch * d.t * d.q_heads * d.head_dim * 4
-  return int(blocks.sum()) * d.kv_heads * per_block + q_out
+    per_token += groups * scale_itemsize[name] * (2 if zero else 1)
+  return int(tokens * per_token)
 
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,

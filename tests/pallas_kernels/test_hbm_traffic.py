@@ -1,0 +1,83 @@
+"""The kernels' HBM-traffic account vs the copies the TPU interpreter actually makes.
+
+The interpreter (jax._src.pallas.mosaic.interpret, private; jax is pinned in
+pyproject.toml) copies an input block from HBM only when its block indices change
+between grid steps, through its module-level `get`. Wrapping `get` counts those
+copies' bytes; `hbm_bytes` must predict them exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
+
+from pallas_kernels.decode_attention import (
+    BlockSizes,
+    decode_attention,
+    hbm_bytes,
+    min_hbm_bytes,
+    validate_inputs,
+)
+from pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
+from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args
+
+_HBM = mosaic_interpret.TPU_MEMORY_SPACE_IDXS[mosaic_interpret.mosaic_core.MemorySpace.HBM]
+
+
+def _bits(dtype) -> int:
+  return 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
+
+
+@pytest.fixture
+def copied_bytes(monkeypatch):
+  """Bytes of every HBM -> VMEM block copy of kernel inputs, by input name."""
+  counts: dict[str, int] = {}
+  real_get = mosaic_interpret.get
+
+  def counting_get(token, device_id, local_core_id, memory_space, *args, input_name=None, **kw):
+    token, value = real_get(token, device_id, local_core_id, memory_space, *args,
+                            input_name=input_name, **kw)
+    if input_name is not None and int(memory_space) == _HBM:
+      counts[input_name] = counts.get(input_name, 0) + value.size * _bits(value.dtype) // 8
+    return token, value
+
+  monkeypatch.setattr(mosaic_interpret, "get", counting_get)
+  jax.clear_caches()  # The wrapper is captured when the interpreter is traced.
+  yield counts
+  jax.clear_caches()
+
+
+CASES = [
+    # fmt, lengths, chunk, T, block_t (None: decode), block_s, max_len
+    ("int8", [0, 1, 127, 128, 129, 380], [1, 1, 1, 1, 0, 1], 1, None, 128, 384),
+    ("int4-asym-g16", [0, 200, 511], [2, 2, 1], 2, None, 256, 512),
+    ("k8v4", [0, 5, 130], [20, 0, 17], 20, 8, 128, 384),
+    ("fp8_e4m3", [0, 100, 300], [40, 33, 9], 40, 16, 128, 512),
+]
+
+
+@pytest.mark.parametrize("fmt,lengths,chunk,t,block_t,block_s,max_len", CASES)
+def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, block_s, max_len,
+                                            copied_bytes, rng):
+  cache = filled_cache(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=2, head_dim=64,
+                       max_len=max_len)
+  q = jnp.asarray(rng.standard_normal((len(lengths), t, 4, 64)), jnp.float32)
+  args, kw = kernel_args(cache, 1, chunk)
+  if block_t is None:
+    out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(block_s), interpret=INTERPRET)
+  else:
+    out = prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(block_t, block_s),
+                            interpret=INTERPRET)
+  jax.block_until_ready(out)
+  d = validate_inputs(q, *args, kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
+                      max_t=None)
+  account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,
+                      block_t=block_t, has_zero=(kw["k_zero"] is not None,
+                                                 kw["v_zero"] is not None))
+  assert copied_bytes, "no copies were counted: the interpreter's `get` hook did not run"
+  counted = sum(copied_bytes.values())
+  assert counted == account["total"] - account["out"], (copied_bytes, account)
+  # Never below the minimum: every held token's K, V and scales once.
+  assert account["kv"] + account["scales"] >= min_hbm_bytes(
+      d, lengths, chunk, cache.k.dtype, cache.v.dtype,
+      has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None))
