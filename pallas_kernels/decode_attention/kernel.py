@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -73,18 +74,18 @@ class BlockSizes:
     return self.block_s
 
 
-# Default block per (storage bits, head_dim): about 256 KiB of K+V per block, so the
-# per-block overhead (~0.35 us per grid step) stays small against the DMA time while
-# double-buffered blocks fit every generation's scoped VMEM. Not yet tuned on TPU
-# hardware (none is available to this project): revisit with experiments/kernel_bench.
+# Default block per (storage bits, head_dim): the largest power of two with at most
+# 256 KiB of K+V, so the per-block overhead (~0.35 us per grid step) stays small
+# against the DMA time while double-buffered blocks fit every generation's scoped
+# VMEM, and the block divides any power-of-two max_len (no partial edge block). Not
+# yet tuned on TPU hardware (none is available to this project): revisit with
+# experiments/kernel_bench.
 _DEFAULT_BLOCK_BYTES = 256 * 1024
 
 
 def default_block_sizes(k_dtype, v_dtype, head_dim: int) -> BlockSizes:
-  bits = jnp.dtype(k_dtype).itemsize * 8 if jnp.dtype(k_dtype) != jnp.int4 else 4
-  bits += jnp.dtype(v_dtype).itemsize * 8 if jnp.dtype(v_dtype) != jnp.int4 else 4
-  per_token = head_dim * bits / 8
-  block = int(_DEFAULT_BLOCK_BYTES // per_token) // _LANES * _LANES
+  per_token = head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
+  block = 2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token)))
   return BlockSizes(max(_LANES, min(block, 4096)))
 
 

@@ -41,9 +41,9 @@ def test_reference_by_hand():
   # One sequence, one kv head, H = 2, bf16 keys (1, 0) and (0, 1), values 10 and 20.
   # Query (ln 3, 0) at position 1 sees both keys: logits ln 3 and 0 -> p = (3/4, 1/4),
   # output 3/4 * 10 + 1/4 * 20 = 12.5 per channel.
-  k = jnp.zeros((1, 1, 1, 4, 2), jnp.bfloat16).at[0, 0, 0, :2].set(jnp.eye(2))
+  k = jnp.zeros((1, 1, 1, 4, 2), jnp.bfloat16).at[0, 0, 0, :2].set(jnp.eye(2, dtype=jnp.bfloat16))
   v = jnp.zeros((1, 1, 1, 4, 2), jnp.bfloat16).at[0, 0, 0, :2].set(
-      jnp.array([[10.0, 10.0], [20.0, 20.0]]))
+      jnp.array([[10.0, 10.0], [20.0, 20.0]], jnp.bfloat16))
   q = jnp.array([[[[np.log(3.0), 0.0]]]], jnp.float32)  # [B=1, T=1, N=1, H=2]
   out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([1]), 0)
   np.testing.assert_allclose(out, [[[[12.5, 12.5]]]], rtol=1e-6)
