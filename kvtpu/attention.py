@@ -12,6 +12,8 @@ exact attention with jnp; it is also what later kernels are tested against.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
@@ -69,23 +71,67 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   Raises:
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
       multiple of K, a bad layer or impl.
-    ValueError: for impl="pallas" off TPU.
+    ValueError: for impl="pallas" on a TPU generation whose Mosaic compiler rejects
+      the format (int4 on v2/v3); "auto" falls back to XLA there and logs it once.
+      Off TPU, Pallas itself rejects impl="pallas" ("Only interpret mode is
+      supported"); ahead-of-time compiles for TPU topologies work from any host.
   """
   _validate(q, cache, layer, impl)
-  if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "tpu" else "xla"
+  impl = _resolve_impl(impl, cache.fmt)
   if impl == "xla":
     return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
-  if impl == "pallas" and jax.default_backend() != "tpu":
-    raise ValueError(
-        f"impl='pallas' compiles the kernel for TPU, but the backend is "
-        f"{jax.default_backend()!r}; use impl='interpret' (the kernel in Pallas interpret "
-        "mode) or impl='xla'")
   b, t, _, h = q.shape
   chunk = jnp.minimum(_per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
   interpret = pltpu.InterpretParams() if impl == "interpret" else False
   return _pallas_attention(q, cache, layer, chunk, h**-0.5 if scale is None else scale,
                            interpret=interpret)
+
+
+# (TPU generation, storage dtype) pairs whose kernels Mosaic rejects, found by compiling
+# every format for every generation ahead of time (tests/pallas_kernels): v2 and v3
+# have no layout for int4 operands. v4, v5e, v5p and v6e compile every format.
+_UNSUPPORTED = {("v2", "int4"), ("v3", "int4")}
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def tpu_generation(device_kind: str) -> str | None:
+  """"TPU v5 lite" -> "v5e", "TPU v4" -> "v4"; None for non-TPU kinds."""
+  kind = device_kind.lower()
+  if "tpu" not in kind:
+    return None
+  for token, gen in (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v6", "v6e"),
+                     ("v4", "v4"), ("v3", "v3"), ("v2", "v2")):
+    if token in kind:
+      return gen
+  return kind.replace("tpu", "").strip()
+
+
+def kernel_support_error(device_kind: str, fmt) -> str | None:
+  """Why the Pallas kernels cannot compile `fmt` for this device, or None if they can."""
+  gen = tpu_generation(device_kind)
+  bad = sorted({s.dtype.value for s in (fmt.k, fmt.v) if (gen, s.dtype.value) in _UNSUPPORTED})
+  if not bad:
+    return None
+  return (f"the Pallas attention kernels cannot compile KV format {fmt.name} for TPU {gen}: "
+          f"Mosaic has no operand layout for {', '.join(bad)} on {gen}; use impl='xla' or "
+          "an int8/fp8 format")
+
+
+def _resolve_impl(impl: str, fmt) -> str:
+  """"auto" -> "pallas" on TPU (unless unsupported there: "xla", logged once), else "xla"."""
+  on_tpu = jax.default_backend() == "tpu"
+  if impl not in ("auto", "pallas") or not on_tpu:
+    return "xla" if impl == "auto" else impl
+  kind = jax.devices()[0].device_kind
+  error = kernel_support_error(kind, fmt)
+  if error is None:
+    return "pallas"
+  if impl == "pallas":
+    raise ValueError(error)
+  if (kind, fmt.name) not in _fallbacks_logged:
+    _fallbacks_logged.add((kind, fmt.name))
+    logging.warning("kvtpu.attend(impl='auto') uses the XLA reference: %s", error)
+  return "xla"
 
 
 def _per_query_head(p: jax.Array) -> jax.Array:

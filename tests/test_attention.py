@@ -167,9 +167,35 @@ def test_bad_inputs_are_clear_errors():
     kvtpu.attend(q, cache, 0, impl="cuda")
   with pytest.raises(TypeError, match="cache must be a kvtpu.KVCache"):
     kvtpu.attend(q, {"k": 1}, 0, impl="xla")
-  with pytest.raises(ValueError, match="impl='pallas' compiles the kernel for TPU"):
+  with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):
     kvtpu.attend(q, cache, 0, impl="pallas")
 
   # auto: the XLA reference off TPU.
   assert jax.default_backend() != "tpu"
   np.testing.assert_array_equal(kvtpu.attend(q, cache, 0), kvtpu.attend(q, cache, 0, impl="xla"))
+
+
+def test_kernel_support_by_generation(monkeypatch, caplog):
+  from kvtpu import attention
+
+  assert attention.tpu_generation("TPU v5 lite") == "v5e"
+  assert attention.tpu_generation("TPU v3") == "v3" and attention.tpu_generation("cpu") is None
+  k8v4 = kvtpu.KVFormat.parse("k8v4")
+  assert attention.kernel_support_error("TPU v5 lite", k8v4) is None
+  msg = attention.kernel_support_error("TPU v3", k8v4)
+  assert "cannot compile KV format k8v4 for TPU v3" in msg and "int4" in msg
+  assert attention.kernel_support_error("TPU v3", kvtpu.KVFormat.parse("int8")) is None
+
+  # On a (pretend) TPU v3: "pallas" raises the clear error, "auto" falls back, logging once.
+  class FakeTpu:
+    device_kind = "TPU v3"
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [FakeTpu()])
+  with pytest.raises(ValueError, match="cannot compile KV format int4 for TPU v3"):
+    attention._resolve_impl("pallas", kvtpu.KVFormat.parse("int4"))
+  with caplog.at_level("WARNING"):
+    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4")) == "xla"
+    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4")) == "xla"
+  assert sum("uses the XLA reference" in r.message for r in caplog.records) == 1
+  assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int8")) == "pallas"

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import topologies
 
 import kvtpu
 from pallas_kernels.decode_attention import (
@@ -217,3 +218,28 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
   compiled = fn.lower(*args, kw).compile()  # Raises if Mosaic rejects the kernel.
   # The f32 output, at least (H = 64 pads to 128 lanes in TPU tiles).
   assert compiled.memory_analysis().output_size_in_bytes >= 4 * 2 * 16 * head_dim * 4
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8_e5m2"])
+def test_support_table_matches_the_compiler_on_v3(fmt):
+  """kvtpu.attention's table of unsupported (generation, dtype) pairs is what Mosaic says."""
+  from kvtpu import attention
+
+  device = topologies.get_topology_desc(platform="tpu", topology_name="v3:1x1").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=1, batch=2, kv_heads=2,
+                                                    max_len=1024, head_dim=128))
+  args, kw = kernel_args(cache, 0, jnp.zeros(2, jnp.int32))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, 1, 4, 128), jnp.float32), *args[:3],
+                               jax.ShapeDtypeStruct((2,), jnp.int32)))
+  fn = jax.jit(lambda q, k, v, lengths, chunk, kw: decode_attention(q, k, v, lengths, chunk, 0,
+                                                                    **kw))
+  expected_error = attention.kernel_support_error(device.device_kind, cache.fmt)
+  if expected_error is None:
+    fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()
+  else:
+    with pytest.raises(Exception, match="Mosaic failed to compile TPU kernel"):
+      fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()
