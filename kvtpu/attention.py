@@ -185,25 +185,7 @@ def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
 @jax.jit
 def _reference(q: jax.Array, cache: KVCache, layer, chunk: jax.Array, scale) -> jax.Array:
   """`reference_attention` after validation, jitted so that eager calls compile once."""
-  b, t, n, h = q.shape
-  kh, s = cache.kv_heads, cache.max_len
-  end = cache.lengths + chunk  # [B]: positions < end hold tokens.
-  pos_s = jnp.arange(s)
-  held = pos_s[None, :] < end[:, None]  # [B, S]
-  pos_q = cache.lengths[:, None] + jnp.minimum(jnp.arange(t)[None, :], jnp.maximum(chunk - 1, 0)[:, None])
-  visible = held[:, None, :] & (pos_s[None, None, :] <= pos_q[:, :, None])  # [B, T, S]
-
-  # Unwritten positions may hold anything (NaN included): zero them before use.
-  keys = jnp.where(held[:, None, :, None], cache.dequantized(layer, "k"), 0.0)  # [B, K, S, H]
-  values = jnp.where(held[:, None, :, None], cache.dequantized(layer, "v"), 0.0)
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
-  hi = jax.lax.Precision.HIGHEST
-  logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, precision=hi) * scale
-  mask = visible[:, None, None, :, :]  # [B, 1, 1, T, S]
-  logits = jnp.where(mask, logits, -jnp.inf)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  probs = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-  denom = jnp.sum(probs, axis=-1, keepdims=True)
-  probs = probs / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values, precision=hi)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  out = decode_attention.masked_attention(
+      q.astype(jnp.float32) * scale, cache.dequantized(layer, "k"), cache.dequantized(layer, "v"),
+      cache.lengths, chunk)
+  return out.astype(q.dtype)

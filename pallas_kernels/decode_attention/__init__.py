@@ -11,10 +11,11 @@ from pallas_kernels.decode_attention.kernel import (
 from pallas_kernels.decode_attention.reference import (
     MAX_DECODE_T,
     Dims,
+    masked_attention,
     ref_decode_attention,
     validate_inputs,
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
-           "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "ref_decode_attention",
-           "validate_inputs"]
+           "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "masked_attention",
+           "ref_decode_attention", "validate_inputs"]

@@ -122,19 +122,34 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   with no visible position are 0. Returns `[B, T, N, H]` float32.
   """
   del block_sizes, interpret
-  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      max_t=max_t)
+  validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero, max_t=max_t)
   pick = lambda a: None if a is None else a[layer]  # noqa: E731
   keys = _dequantize(k[layer], pick(k_scale), pick(k_zero))  # [B, K, S, H]
   values = _dequantize(v[layer], pick(v_scale), pick(v_zero))
-  pos_s = jnp.arange(d.max_len)[None, :]
-  end = (lengths + chunk)[:, None]
-  held = pos_s < end  # [B, S]
-  keys = jnp.where(held[:, None, :, None], keys, 0.0)
-  values = jnp.where(held[:, None, :, None], values, 0.0)
-  limit = lengths[:, None] + jnp.minimum(jnp.arange(d.t)[None, :], chunk[:, None] - 1)  # [B, T]
+  return masked_attention(q, keys, values, lengths, chunk)
+
+
+def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
+  """Exact attention over dequantized K/V, with the kernels' visibility rule.
+
+  Args:
+    q: `[B, T, N, H]` queries, already multiplied by the softmax scale.
+    keys, values: `[B, K, S, H]` float; positions that hold no token may hold
+      anything (NaN included) and are never read.
+    lengths, chunk: `i32[B]`, as in `ref_decode_attention`.
+
+  Returns:
+    `[B, T, N, H]` float32; rows that see no position are 0.
+  """
+  b, t, n, h = q.shape
+  kh, s = keys.shape[1], keys.shape[2]
+  pos_s = jnp.arange(s)[None, :]
+  held = pos_s < (lengths + chunk)[:, None]  # [B, S]
+  keys = jnp.where(held[:, None, :, None], keys.astype(jnp.float32), 0.0)
+  values = jnp.where(held[:, None, :, None], values.astype(jnp.float32), 0.0)
+  limit = lengths[:, None] + jnp.minimum(jnp.arange(t)[None, :], chunk[:, None] - 1)  # [B, T]
   visible = held[:, None, :] & (pos_s[None, :, :] <= limit[:, :, None])  # [B, T, S]
-  qg = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
   hi = jax.lax.Precision.HIGHEST
   logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys, precision=hi)
   mask = visible[:, None, None]
@@ -144,4 +159,4 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
   out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values, precision=hi)
-  return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)
+  return out.reshape(b, t, n, h)
