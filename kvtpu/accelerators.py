@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["Accelerator", "ACCELERATORS", "get", "from_device"]
+__all__ = ["Accelerator", "ACCELERATORS", "get", "from_device", "chip_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +48,19 @@ def get(name: str) -> Accelerator:
   return ACCELERATORS[key]
 
 
-def from_device(device) -> Accelerator | None:
-  """The chip of a JAX device (from its `device_kind`), or None off TPU/known GPUs."""
-  kind = getattr(device, "device_kind", "").lower()
+def chip_name(device_kind: str) -> str | None:
+  """Short chip name of a JAX `device_kind`: "TPU v5 lite" -> "v5e", "NVIDIA H200" ->
+  "h200"; TPUs missing from the table keep their version ("TPU v3" -> "v3"); None
+  for anything else (CPU)."""
+  kind = device_kind.lower()
   for token, name in (("v6", "v6e"), ("v5p", "v5p"), ("v5 lite", "v5e"), ("v5e", "v5e"),
-                      ("v4", "v4"), ("h200", "h200"), ("h100", "h100")):
+                      ("v4", "v4"), ("v3", "v3"), ("v2", "v2"), ("h200", "h200"),
+                      ("h100", "h100")):
     if token in kind:
-      return ACCELERATORS[name]
-  return None
+      return name
+  return kind.replace("tpu", "").strip() if "tpu" in kind else None
+
+
+def from_device(device) -> Accelerator | None:
+  """The chip of a JAX device (from its `device_kind`), or None if not in the table."""
+  return ACCELERATORS.get(chip_name(getattr(device, "device_kind", "")))

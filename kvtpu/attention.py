@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from kvtpu import accelerators
 from kvtpu.cache import KVCache, _check_layer, _per_sequence
 from pallas_kernels import decode_attention, prefill_attention
 
@@ -78,13 +79,18 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   """
   _validate(q, cache, layer, impl)
   impl = _resolve_impl(impl, cache.fmt)
+  chunk, scale = _chunk_and_scale(q, valid_len, scale)
   if impl == "xla":
-    return reference_attention(q, cache, layer, valid_len=valid_len, scale=scale)
+    return _reference(q, cache, layer, chunk, scale)
+  interpret = pltpu.InterpretParams() if impl == "interpret" else False
+  return _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret)
+
+
+def _chunk_and_scale(q, valid_len, scale):
+  """`i32[B]` chunk tokens that are keys (valid_len capped at T), and the logit scale."""
   b, t, _, h = q.shape
   chunk = jnp.minimum(_per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
-  interpret = pltpu.InterpretParams() if impl == "interpret" else False
-  return _pallas_attention(q, cache, layer, chunk, h**-0.5 if scale is None else scale,
-                           interpret=interpret)
+  return chunk, h**-0.5 if scale is None else scale
 
 
 # (TPU generation, storage dtype) pairs whose kernels Mosaic rejects, found by compiling
@@ -94,21 +100,9 @@ _UNSUPPORTED = {("v2", "int4"), ("v3", "int4")}
 _fallbacks_logged: set[tuple[str, str]] = set()
 
 
-def tpu_generation(device_kind: str) -> str | None:
-  """"TPU v5 lite" -> "v5e", "TPU v4" -> "v4"; None for non-TPU kinds."""
-  kind = device_kind.lower()
-  if "tpu" not in kind:
-    return None
-  for token, gen in (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v6", "v6e"),
-                     ("v4", "v4"), ("v3", "v3"), ("v2", "v2")):
-    if token in kind:
-      return gen
-  return kind.replace("tpu", "").strip()
-
-
 def kernel_support_error(device_kind: str, fmt) -> str | None:
   """Why the Pallas kernels cannot compile `fmt` for this device, or None if they can."""
-  gen = tpu_generation(device_kind)
+  gen = accelerators.chip_name(device_kind)
   bad = sorted({s.dtype.value for s in (fmt.k, fmt.v) if (gen, s.dtype.value) in _UNSUPPORTED})
   if not bad:
     return None
@@ -154,14 +148,10 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
   fk, fv = cache.fmt.k, cache.fmt.v
   if fk.static:
     qg = qg * _per_query_head(cache.k_scale[layer])
-  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
   kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
             else prefill_attention.prefill_attention)
-  out = kernel(
-      qg.reshape(b, t, n, h), cache.k, cache.v, cache.lengths, chunk, layer,
-      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
-      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero),
-      interpret=interpret)
+  out = kernel(qg.reshape(b, t, n, h), cache.k, cache.v, cache.lengths, chunk, layer,
+               **cache.per_token_scales(), interpret=interpret)
   if fv.static:
     og = out.reshape(b, t, kh, n // kh, h)
     if cache.v_zero is not None:
@@ -176,10 +166,7 @@ def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
                         scale: float | None = None) -> jax.Array:
   """The XLA reference of `attend` (float32 throughout, highest matmul precision)."""
   _validate(q, cache, layer, "xla")
-  b, t, _, h = q.shape
-  chunk = t if valid_len is None else valid_len
-  chunk = jnp.minimum(_per_sequence("valid_len", chunk, b), t)
-  return _reference(q, cache, layer, chunk, h**-0.5 if scale is None else scale)
+  return _reference(q, cache, layer, *_chunk_and_scale(q, valid_len, scale))
 
 
 @jax.jit

@@ -115,10 +115,8 @@ def traffic_markdown(rows: list[dict]) -> str:
 
 def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   """(bytes the call moves, minimum bytes) for one attend call on layer 0."""
-  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
   fk, fv = cache.fmt.k, cache.fmt.v
-  scales = dict(k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
-                v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero))
+  scales = cache.per_token_scales()
   d = validate_inputs(q, cache.k, cache.v, cache.lengths, jnp.asarray(chunk), 0, **scales,
                       max_t=None)
   itemsize = {"k": jnp.dtype(fk.scale_jnp_dtype).itemsize, "v": jnp.dtype(fv.scale_jnp_dtype).itemsize}

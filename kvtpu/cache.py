@@ -301,6 +301,17 @@ class KVCache:
 
     return quant.dequantize(data, spec, per_position(scale), per_position(zero), dtype=dtype)
 
+  def per_token_scales(self) -> dict[str, jax.Array | None]:
+    """The kernels' scale arguments: dynamic specs' `[L, B, K, G, S]` scales and zero
+    points; None for bf16 and static specs (whose scales `kvtpu.attend` folds
+    around the kernel)."""
+    out = {}
+    for name in ("k", "v"):
+      dynamic = self.fmt.spec(name).dynamic
+      for part in ("scale", "zero"):
+        out[f"{name}_{part}"] = getattr(self, f"{name}_{part}") if dynamic else None
+    return out
+
   def counts(self) -> dict[str, np.ndarray]:
     """The counters on the host: `{name: int64[L]}` for each of `memory.COUNTERS`."""
     c = np.asarray(jax.device_get(self.counters)).astype(np.uint64)

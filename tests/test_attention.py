@@ -176,10 +176,10 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_kernel_support_by_generation(monkeypatch, caplog):
-  from kvtpu import attention
+  from kvtpu import accelerators, attention
 
-  assert attention.tpu_generation("TPU v5 lite") == "v5e"
-  assert attention.tpu_generation("TPU v3") == "v3" and attention.tpu_generation("cpu") is None
+  assert accelerators.chip_name("TPU v5 lite") == "v5e"
+  assert accelerators.chip_name("TPU v3") == "v3" and accelerators.chip_name("cpu") is None
   k8v4 = kvtpu.KVFormat.parse("k8v4")
   assert attention.kernel_support_error("TPU v5 lite", k8v4) is None
   msg = attention.kernel_support_error("TPU v3", k8v4)

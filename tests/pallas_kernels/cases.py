@@ -28,11 +28,8 @@ BLOCK = 128
 
 def kernel_args(cache, layer, chunk):
   """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
-  per_token = lambda spec, a: a if spec.dynamic else None  # noqa: E731
-  fk, fv = cache.fmt.k, cache.fmt.v
-  return (cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer), dict(
-      k_scale=per_token(fk, cache.k_scale), k_zero=per_token(fk, cache.k_zero),
-      v_scale=per_token(fv, cache.v_scale), v_zero=per_token(fv, cache.v_zero))
+  return ((cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
+          cache.per_token_scales())
 
 
 def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):
