@@ -7,7 +7,7 @@ and a valid static argument under `jax.jit`.
 Names. Every format has a stable `name` that `KVFormat.parse` reads back:
 
   tensor spec   := dtype ("-" option)*
-  dtype         := bf16 | int8 | int4 | fp8_e4m3 | fp8_e5m2
+  dtype         := bf16 | f32 | int8 | int4 | fp8_e4m3 | fp8_e5m2   (f32: exact reference)
   option        := asym            asymmetric (zero point), integer dtypes only
                  | g<N>            dynamic scales per token, head and group of N channels
                  | tensor | head | channel
@@ -44,6 +44,7 @@ class StorageDtype(enum.Enum):
   """The element type stored in the cache."""
 
   BF16 = "bf16"
+  F32 = "f32"  # Unquantized reference storage: exact K/V, for checking models and kernels.
   INT8 = "int8"
   INT4 = "int4"
   FP8_E4M3 = "fp8_e4m3"
@@ -55,7 +56,7 @@ class StorageDtype(enum.Enum):
 
   @property
   def bits(self) -> int:
-    return {"bf16": 16, "int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.value]
+    return {"bf16": 16, "f32": 32, "int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.value]
 
   @property
   def is_int(self) -> bool:
@@ -67,11 +68,12 @@ class StorageDtype(enum.Enum):
 
   @property
   def quantized(self) -> bool:
-    return self is not StorageDtype.BF16
+    return self not in (StorageDtype.BF16, StorageDtype.F32)
 
 
 _JNP_DTYPES = {
     StorageDtype.BF16: jnp.bfloat16,
+    StorageDtype.F32: jnp.float32,
     StorageDtype.INT8: jnp.int8,
     StorageDtype.INT4: jnp.int4,
     StorageDtype.FP8_E4M3: jnp.float8_e4m3fn,
@@ -121,11 +123,11 @@ class QuantSpec:
     # Accept plain strings for the enum fields; normalize bf16 to "no scales".
     object.__setattr__(self, "dtype", StorageDtype(self.dtype))
     object.__setattr__(self, "granularity", Granularity(self.granularity))
-    if self.dtype is StorageDtype.BF16:
+    if not self.dtype.quantized:
       if self.granularity not in (Granularity.NONE, Granularity.TOKEN_HEAD) or (
           self.group_size is not None or not self.symmetric
           or self.scale_dtype != "float32"):
-        raise ValueError(f"bf16 storage takes no scale options, got {self!r}")
+        raise ValueError(f"{self.dtype.value} storage takes no scale options, got {self!r}")
       object.__setattr__(self, "granularity", Granularity.NONE)
       return
     if self.granularity is Granularity.NONE:
@@ -217,9 +219,9 @@ class QuantSpec:
     valid_dtypes = [d.value for d in StorageDtype]
     if dtype_name not in valid_dtypes:
       raise ValueError(f"unknown storage dtype {dtype_name!r} in name={name!r}; valid: {valid_dtypes}")
-    if dtype_name == StorageDtype.BF16.value and options:
+    if not StorageDtype(dtype_name).quantized and options:
       raise ValueError(
-          f"bf16 storage takes no options, got {'-'.join(options)!r} in name={name!r}")
+          f"{dtype_name} storage takes no options, got {'-'.join(options)!r} in name={name!r}")
     kwargs: dict = {"dtype": StorageDtype(dtype_name)}
     seen: set[str] = set()
     for opt in options:

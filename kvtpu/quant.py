@@ -200,8 +200,9 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
   finite = jnp.isfinite(x)
   xs = _sanitize(x)
   if not spec.quantized:
-    big = float(jnp.finfo(jnp.bfloat16).max)
-    return Quantized(jnp.clip(xs, -big, big).astype(jnp.bfloat16), None, None,
+    store = spec.dtype.jnp_dtype
+    big = float(jnp.finfo(store).max)
+    return Quantized(jnp.clip(xs, -big, big).astype(store), None, None,
                      jnp.abs(xs) > big, ~finite)
   if spec.dynamic:
     if scale is not None or zero is not None:

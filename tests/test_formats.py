@@ -12,7 +12,7 @@ from kvtpu.formats import PRESETS, Granularity, KVFormat, QuantSpec, StorageDtyp
 EXTRA_NAMES = (
     "fp8_e4m3-channel", "fp8_e5m2-tensor", "int8-head", "int8-tensor", "int8-channel",
     "int4-asym-head", "int8-sbf16", "int4-asym-g16-sbf16", "int8-g64", "k=int8-head,v=int4-g32",
-    "k=fp8_e4m3,v=int4-asym", "k=bf16,v=fp8_e5m2-sbf16",
+    "k=fp8_e4m3,v=int4-asym", "k=bf16,v=fp8_e5m2-sbf16", "f32", "k=f32,v=int8",
 )
 
 
@@ -114,6 +114,7 @@ def test_invalid_names(name, bad_part):
 
 @pytest.mark.parametrize("name, bad_part", [
     ("int9", "int9"), ("int8-zz", "zz"), ("fp8_e4m3-asym", "asym"), ("", "''"),
+    ("f32-g32", "f32 storage takes no options"),
 ])
 def test_quant_spec_parse_errors(name, bad_part):
   with pytest.raises(ValueError, match="name=") as e:

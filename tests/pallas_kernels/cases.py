@@ -19,7 +19,7 @@ from tests.test_attention import poison
 KERNEL_RTOL = 5e-5
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
-FORMATS = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
+FORMATS = ["f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
            "fp8_e4m3-sbf16"]
 GQA = [1, 3, 8]
 HEAD_DIMS = [64, 128, 256]
