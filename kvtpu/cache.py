@@ -36,6 +36,24 @@ def _add_u64(counter: jax.Array, inc: jax.Array) -> jax.Array:
   return jnp.stack([new_lo, new_hi], axis=-1)
 
 
+def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
+  """`store.at[index].set(values, mode="drop")`, moving bits, not numbers.
+
+  Sub-32-bit floats (bf16, fp8) scatter as unsigned integers of the same width: the
+  same bytes, but XLA's CPU backend would otherwise widen the whole cache to f32 and
+  back around every scatter (measured on SmolLM2's 30 layers at 4096 positions: 0.38 s
+  per decode step for bf16, 1.2 s for fp8, vs 0.06 ms for int8). On TPU the bitcasts
+  are free.
+  """
+  dtype = jnp.dtype(store.dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+    out = jax.lax.bitcast_convert_type(store, bits).at[index].set(
+        jax.lax.bitcast_convert_type(values.astype(dtype), bits), mode="drop")
+    return jax.lax.bitcast_convert_type(out, dtype)
+  return store.at[index].set(values, mode="drop")
+
+
 def _check_layer(layer, num_layers: int) -> None:
   if isinstance(layer, jax.core.Tracer) or isinstance(layer, jax.Array):
     if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
@@ -248,7 +266,8 @@ class KVCache:
           scale=scale[layer], zero=None if zero is None else zero[layer])
       res = quant.quantize(x, spec, **static)
       # [B, T, K, H] rows scatter to [layer, b, :, pos[b, t], :].
-      new[name] = getattr(self, name).at[layer, rows, :, target, :].set(res.q, mode="drop")
+      new[name] = _scatter_bits(getattr(self, name), (layer, rows, slice(None), target),
+                                res.q)
       if spec.dynamic:  # [B, T, K, G] scatter to [layer, b, :, :, pos[b, t]].
         new[f"{name}_scale"] = scale.at[layer, rows, :, :, target].set(res.scale, mode="drop")
         if zero is not None:
