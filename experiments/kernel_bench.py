@@ -19,6 +19,7 @@ import jax
 from absl import app, flags, logging
 
 import kvtpu
+from experiments.common import positive_ints
 from kvtpu import benchmark
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/kernel_bench", "Output directory.")
@@ -34,20 +35,11 @@ _IMPL = flags.DEFINE_enum("impl", "auto", list(kvtpu.attention.IMPLS), "attend i
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed runs per point (median reported).")
 
 
-def _ints(name: str, values: list[str]) -> list[int]:
-  try:
-    out = [int(v) for v in values]
-  except ValueError:
-    raise app.UsageError(f"--{name} must be comma-separated integers, got {values}") from None
-  if not out or min(out) < 1:
-    raise app.UsageError(f"--{name} must be positive integers, got {values}")
-  return out
-
-
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  contexts, batches = _ints("contexts", _CONTEXTS.value), _ints("batches", _BATCHES.value)
+  contexts = positive_ints("contexts", _CONTEXTS.value)
+  batches = positive_ints("batches", _BATCHES.value)
   try:
     formats = [kvtpu.KVFormat.parse(f) for f in _FORMATS.value]
   except ValueError as e:

