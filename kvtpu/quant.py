@@ -136,21 +136,30 @@ def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
 
 
-def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
-  """Per-token (and group) scales and zero points for `x: [..., H]`.
+def scales_for_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
+                     ) -> tuple[jax.Array, jax.Array | None]:
+  """The smallest scale (and integer zero point) whose grid covers `[lo, hi]`.
 
-  Non-finite values are ignored (treated as 0). Returns `scale: [..., G]` in the
-  spec's scale dtype and `zero: [..., G]` float32 (None when symmetric).
+  The one rule behind dynamic scales and calibrated static ones: symmetric specs
+  cover `max(|lo|, |hi|)` (`scale >= amax / qmax`, rounded up in the scale dtype);
+  asymmetric integer specs put `lo` on `qmin` or `qmin + 1` with one spare step for
+  the integer zero point. A zero range gets the smallest normal scale, never 0.
+
+  Args:
+    lo, hi: elementwise bounds (`lo <= 0 <= hi` is not required), any shape.
+    spec: a quantized spec.
+
+  Returns:
+    `scale` in the spec's scale dtype and `zero` float32 (None when symmetric),
+    shaped like `lo`.
   """
-  if not spec.dynamic:
-    raise ValueError(f"dynamic_scales needs a dynamic spec, got {spec.name}")
-  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
+  if not spec.quantized:
+    raise ValueError(f"scales_for_range needs a quantized spec, got {spec.name}")
+  lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
   tiny = float(jnp.finfo(spec.scale_jnp_dtype).tiny)
   if spec.symmetric:
-    amax = jnp.max(jnp.abs(xg), axis=-1)
-    scale = _round_up_to(jnp.maximum(_div_up(amax, spec.qmax), tiny), spec.scale_jnp_dtype)
-    return scale, None
-  lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
+    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return _round_up_to(jnp.maximum(_div_up(amax, spec.qmax), tiny), spec.scale_jnp_dtype), None
   floor = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * _ASYM_SCALE_FLOOR, tiny)
   # (hi - lo) / (qmax - qmin - 1) as half-range / half-steps: hi - lo overflows
   # float32 for |values| above 1.7e38. One step is spare for the integer zero point:
@@ -160,6 +169,21 @@ def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array 
   # `lo * (1 / scale)` is the product `quantize` computes for lo, bit for bit.
   zero = (spec.qmin - jnp.floor(lo * _reciprocal(scale))).astype(ZERO_DTYPE)
   return scale, zero
+
+
+def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+  """Per-token (and group) scales and zero points for `x: [..., H]`.
+
+  Non-finite values are ignored (treated as 0). Returns `scale: [..., G]` in the
+  spec's scale dtype and `zero: [..., G]` float32 (None when symmetric).
+  """
+  if not spec.dynamic:
+    raise ValueError(f"dynamic_scales needs a dynamic spec, got {spec.name}")
+  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
+  if spec.symmetric:
+    amax = jnp.max(jnp.abs(xg), axis=-1)
+    return scales_for_range(-amax, amax, spec)
+  return scales_for_range(jnp.min(xg, axis=-1), jnp.max(xg, axis=-1), spec)
 
 
 def _reciprocal(scale: jax.Array) -> jax.Array:
