@@ -11,6 +11,7 @@ prefill chunks and single-token decode, for every cache format and `impl`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +79,19 @@ class Block(nnx.Module):
     self.up_proj = dense(d, cfg.intermediate_size)
     self.down_proj = dense(cfg.intermediate_size, d)
 
-  def __call__(self, x, cache: kvtpu.KVCache, positions, inv_freq, valid_len, impl):
+  def __call__(self, x, cache: kvtpu.KVCache, positions, inv_freq, valid_len, impl, observe):
     cfg = self.cfg
     b, t, _ = x.shape
     y = self.input_norm(x)
     q = self.q_proj(y).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(y).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(y).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if observe is not None:
+      observe(self.index, "k_pre", k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if observe is not None:
+      observe(self.index, "k", k)
+      observe(self.index, "v", v)
     cache = cache.update(self.index, k, v, valid_len=valid_len)
     attn = kvtpu.attend(q, cache, self.index, valid_len=valid_len, impl=impl)
     x = x + self.o_proj(attn.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -125,7 +131,9 @@ class Llama(nnx.Module):
                               head_dim=self.cfg.head_dim, **static_scales)
 
   def __call__(self, tokens: jax.Array, cache: kvtpu.KVCache, *, valid_len=None,
-               impl: str = "auto", logits_at=None) -> tuple[jax.Array, kvtpu.KVCache]:
+               impl: str = "auto", logits_at=None,
+               observe: Callable[[int, str, jax.Array], None] | None = None,
+               ) -> tuple[jax.Array, kvtpu.KVCache]:
     """Runs `tokens: i32[B, T]` at positions `cache.lengths[b] + t`.
 
     Args:
@@ -137,6 +145,11 @@ class Llama(nnx.Module):
       logits_at: optional `i32[B]`: compute logits only at chunk position
         `logits_at[b]` of each sequence (e.g. the last prompt token in a prefill),
         which skips the `[B, T, vocab]` output projection.
+      observe: optional hook, called while tracing as `observe(layer, kind, x)` with
+        `x: [B, T, K, H]` the keys before RoPE (`kind="k_pre"`), after RoPE (`"k"`,
+        what the cache stores) and the values (`"v"`), before quantization. Calibration
+        reduces them to statistics inside the same jitted step (see
+        `models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
 
     Returns:
       `logits: f32[B, T, vocab]` (`f32[B, 1, vocab]` with `logits_at`) and the
@@ -155,7 +168,7 @@ class Llama(nnx.Module):
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x = self.embed(tokens)
     for layer in self.layers:
-      x, cache = layer(x, cache, positions, inv_freq, valid_len, impl)
+      x, cache = layer(x, cache, positions, inv_freq, valid_len, impl, observe)
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = self.norm(x)

@@ -1,5 +1,6 @@
 """The Llama decoder on the kvtpu cache: a tiny random config, every format and impl."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,6 +60,40 @@ def test_logits_at_selects_one_position_per_sequence():
   assert one.shape == (2, 1, 97)
   assert_close(one[:, 0], full[jnp.arange(2), at], atol=1e-5, rtol=1e-5, name="logits_at")
   np.testing.assert_array_equal(cache.lengths, [9, 9])
+
+
+def test_observe_hook_sees_pre_and_post_rope_keys_and_values():
+  model = _model()
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 97, (2, 6)), jnp.int32)
+  seen = {}
+
+  def observe(layer, kind, x):
+    seen[layer, kind] = x
+
+  _, cache = model(tokens, model.init_cache("f32", batch=2, max_len=8), impl="xla",
+                   observe=observe)
+  assert sorted(seen) == [(i, k) for i in range(2) for k in ("k", "k_pre", "v")]
+  for layer in range(2):
+    k_pre, k, v = (seen[layer, kind] for kind in ("k_pre", "k", "v"))
+    assert k.shape == (2, 6, TINY.num_kv_heads, TINY.head_dim)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    assert_close(apply_rope(k_pre, positions, rope_frequencies(16, 10000.0, None)), k,
+                 atol=1e-6, name="rope(k_pre)")
+    # What the (exact) cache stores is what the hook saw.
+    assert_close(cache.dequantized(layer, "k")[:, :, :6].transpose(0, 2, 1, 3), k, atol=0,
+                 name="cached k")
+    assert_close(cache.dequantized(layer, "v")[:, :, :6].transpose(0, 2, 1, 3), v, atol=0,
+                 name="cached v")
+  # Jitted, the hook runs while tracing and its arrays can be reduced in the same step.
+  amax = jax.jit(lambda tk: _observed_amax(model, tk))(tokens)
+  assert_close(amax, jnp.abs(seen[1, "k_pre"]).max(), atol=1e-5, name="jitted observe")
+
+
+def _observed_amax(model, tokens):
+  out = {}
+  model(tokens, model.init_cache("f32", batch=2, max_len=8), impl="xla",
+        observe=lambda layer, kind, x: out.setdefault((layer, kind), jnp.abs(x).max()))
+  return out[1, "k_pre"]
 
 
 def test_ragged_prefill_matches_separate_sequences():
