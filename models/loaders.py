@@ -24,10 +24,8 @@ original file, which is the fast path `load_pretrained` takes the second time.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvtpu.checkpointing import quiet_orbax
 from models.config import ModelConfig, RopeScaling
 from models.llama import Llama, rope_frequencies
 
@@ -438,23 +437,6 @@ def _check_materialized(model: Llama) -> None:
 # --------------------------------------------------------------------------- orbax
 
 
-class _DropOrbaxInfo(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs a dozen INFO lines per save or restore through absl; keep its warnings."""
-  quiet = _DropOrbaxInfo()
-  logger = logging.getLogger("absl")
-  logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    logger.removeFilter(quiet)
-
-
 def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
                     extra: Mapping[str, Any] = ()) -> Path:
   """Writes `model`'s parameters (orbax) and config (`kvtpu_model.json`) to `path`.
@@ -476,7 +458,7 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
     raise FileExistsError(f"checkpoint path={str(path)!r} exists and is not empty")
   path.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with _quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
+  with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path / "params", params)
   if tokenizer is not None:
     tokenizer.save_hf(path)
@@ -518,7 +500,7 @@ def load_checkpoint(path: str | os.PathLike) -> Llama:
                                        weight_precision=meta["weight_precision"]))
   abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   try:
-    with _quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
+    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
       params = ckpt.restore(path / "params", abstract)
   except Exception as e:
     raise LoadError(f"{path}: parameters do not match {CHECKPOINT_MARKER} ({e})") from e
