@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from kvtpu import accelerators
-from kvtpu.cache import KVCache, _check_layer, _per_sequence
+from kvtpu.cache import KVCache, _per_sequence, check_layer
 from pallas_kernels import decode_attention, prefill_attention
 
 __all__ = ["attend", "IMPLS"]
@@ -32,7 +32,7 @@ def _validate(q: jax.Array, cache: KVCache, layer, impl: str) -> None:
     raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a kvtpu.KVCache, got {type(cache).__name__}")
-  _check_layer(layer, cache.num_layers)
+  check_layer(layer, cache.num_layers)
   if jnp.ndim(q) != 4:
     raise ValueError(f"q must be a [B, T, N, H] array, got q.shape={jnp.shape(q)}")
   if not jnp.issubdtype(q.dtype, jnp.floating):

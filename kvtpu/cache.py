@@ -54,7 +54,7 @@ def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
   return store.at[index].set(values, mode="drop")
 
 
-def _check_layer(layer, num_layers: int) -> None:
+def check_layer(layer, num_layers: int) -> None:
   if isinstance(layer, jax.core.Tracer) or isinstance(layer, jax.Array):
     if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
       raise TypeError(f"layer must be an int or an integer scalar, got {jax.typeof(layer)}")
@@ -126,7 +126,7 @@ class KVCache:
   @classmethod
   def init(cls, fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
            max_len: int, head_dim: int, k_scale=None, k_zero=None, v_scale=None,
-           v_zero=None) -> KVCache:
+           v_zero=None, calibration=None) -> KVCache:
     """An empty cache (all lengths 0).
 
     Args:
@@ -136,12 +136,23 @@ class KVCache:
         asymmetric specs) of static specs, shaped `[L, 1|K, 1|H]` as the spec's
         granularity says, or without the leading L to share them across layers.
         Required for static specs, rejected for dynamic ones.
+      calibration: instead of the four above, a
+        `kvtpu.calibration.CalibrationArtifact`; its layer count, kv heads, head dim
+        and format must match this cache.
 
     Raises:
       ValueError: for an invalid format name or dimension, a missing, extra or
-        misshaped scale, or a scale that is 0, negative, NaN or inf.
+        misshaped scale, or a scale that is 0, negative, NaN or inf, or a calibration
+        artifact made for another model shape or format.
     """
     fmt = KVFormat.parse(fmt)
+    if calibration is not None:
+      if any(s is not None for s in (k_scale, k_zero, v_scale, v_zero)):
+        raise ValueError("pass either calibration= or explicit k_/v_ scales, not both")
+      calibration.check_compatible(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim,
+                                   fmt=fmt)
+      k_scale, k_zero, v_scale, v_zero = (calibration.scales.get(n) for n in (
+          "k_scale", "k_zero", "v_scale", "v_zero"))
     layout = cache_layout(fmt, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
                           max_len=max_len, head_dim=head_dim)
     given = {"k_scale": k_scale, "k_zero": k_zero, "v_scale": v_scale, "v_zero": v_zero}
@@ -229,7 +240,7 @@ class KVCache:
       TypeError, ValueError, IndexError: for a bad layer, rank, shape or dtype,
         or a chunk longer than max_len (T > max_len).
     """
-    _check_layer(layer, self.num_layers)
+    check_layer(layer, self.num_layers)
     for name, x in (("k", k), ("v", v)):
       if not isinstance(x, (jax.Array, np.ndarray)) or x.ndim != 4:
         raise ValueError(f"{name} must be a [B, T, K, H] array, got {name}.shape={jnp.shape(x)}")
@@ -304,7 +315,7 @@ class KVCache:
 
     Positions that hold no token are whatever the memory holds; mask them.
     """
-    _check_layer(layer, self.num_layers)
+    check_layer(layer, self.num_layers)
     spec = self.fmt.spec(which)
     data = getattr(self, which)[layer]
     scale, zero = getattr(self, f"{which}_scale"), getattr(self, f"{which}_zero")

@@ -90,6 +90,7 @@ class Block(nnx.Module):
       observe(self.index, "k_pre", k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if observe is not None:
+      observe(self.index, "q", q)
       observe(self.index, "k", k)
       observe(self.index, "v", v)
     cache = cache.update(self.index, k, v, valid_len=valid_len)
@@ -124,11 +125,25 @@ class Llama(nnx.Module):
         cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
         rngs=rngs)
 
-  def init_cache(self, fmt, *, batch: int, max_len: int, **static_scales) -> kvtpu.KVCache:
-    """An empty cache for this model in `fmt`."""
+  def init_cache(self, fmt, *, batch: int, max_len: int, calibration=None,
+                 **static_scales) -> kvtpu.KVCache:
+    """An empty cache for this model in `fmt`.
+
+    Args:
+      fmt: the cache format.
+      batch, max_len: sequences and positions.
+      calibration: a `kvtpu.calibration.CalibrationArtifact` for static formats; it
+        must have been made on this model (same `cfg.name`) and format.
+      **static_scales: or explicit `k_scale=`, `v_scale=`, ... (see `KVCache.init`).
+    """
+    if calibration is not None:
+      calibration.check_compatible(num_layers=self.cfg.num_layers,
+                                   kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+                                   model_name=self.cfg.name)
     return kvtpu.KVCache.init(fmt, num_layers=self.cfg.num_layers, batch=batch,
                               kv_heads=self.cfg.num_kv_heads, max_len=max_len,
-                              head_dim=self.cfg.head_dim, **static_scales)
+                              head_dim=self.cfg.head_dim, calibration=calibration,
+                              **static_scales)
 
   def __call__(self, tokens: jax.Array, cache: kvtpu.KVCache, *, valid_len=None,
                impl: str = "auto", logits_at=None,
@@ -147,7 +162,8 @@ class Llama(nnx.Module):
         which skips the `[B, T, vocab]` output projection.
       observe: optional hook, called while tracing as `observe(layer, kind, x)` with
         `x: [B, T, K, H]` the keys before RoPE (`kind="k_pre"`), after RoPE (`"k"`,
-        what the cache stores) and the values (`"v"`), before quantization. Calibration
+        what the cache stores) and the values (`"v"`), before quantization, and the
+        queries after RoPE (`"q"`, `[B, T, N, H]`). Calibration
         reduces them to statistics inside the same jitted step (see
         `models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
 

@@ -72,7 +72,8 @@ def test_observe_hook_sees_pre_and_post_rope_keys_and_values():
 
   _, cache = model(tokens, model.init_cache("f32", batch=2, max_len=8), impl="xla",
                    observe=observe)
-  assert sorted(seen) == [(i, k) for i in range(2) for k in ("k", "k_pre", "v")]
+  assert sorted(seen) == [(i, k) for i in range(2) for k in ("k", "k_pre", "q", "v")]
+  assert seen[0, "q"].shape == (2, 6, TINY.num_heads, TINY.head_dim)
   for layer in range(2):
     k_pre, k, v = (seen[layer, kind] for kind in ("k_pre", "k", "v"))
     assert k.shape == (2, 6, TINY.num_kv_heads, TINY.head_dim)

@@ -1,0 +1,32 @@
+"""Calibration of static K/V scales.
+
+  stats      streaming per layer/head/channel statistics under jit: `init_stats`,
+             `observe`, `merge`, `percentile`, `summary` (`TensorStats`).
+  methods    static scales from the statistics: `compute_scales` (absmax,
+             percentile, mse), `learn_scales` (attention-output error, optax),
+             `clip_fraction` (the drift baseline).
+  artifact   the calibration artifact: scales plus their disclosure.
+  drift      run-time clip rates against the calibration baseline.
+"""
+
+from kvtpu.calibration.methods import (
+    METHODS,
+    LearnedScale,
+    attention_error,
+    clip_fraction,
+    compute_scales,
+    learn_scales,
+)
+from kvtpu.calibration.stats import (
+    TensorStats,
+    init_stats,
+    merge,
+    observe,
+    percentile,
+    stats_nbytes,
+    summary,
+)
+
+__all__ = ["TensorStats", "init_stats", "observe", "merge", "percentile", "summary",
+           "stats_nbytes", "METHODS", "compute_scales", "clip_fraction", "learn_scales",
+           "attention_error", "LearnedScale"]

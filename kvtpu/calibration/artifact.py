@@ -1,0 +1,217 @@
+"""The calibration artifact: static scales plus the disclosure of how they were made.
+
+Static scales are only as good as the workload they were calibrated on, so the
+artifact carries, next to the scales, everything a report needs to say so: the
+model id and its weight precision, the cache format, the scale method and its
+options, every workload's name, token count and content hashes, the kvtpu version
+and the date. It also stores, per layer, the fraction of calibration values that
+the chosen scales clip: the baseline that drift monitoring (`kvtpu.calibration.drift`)
+compares the cache's run-time saturation counters against.
+
+On disk (`save` / `load`) it is a directory: `kvtpu_calibration.json` (the format,
+disclosure and summary; written last, so its presence means a complete artifact)
+and an orbax checkpoint `arrays/` of the scale and clip-fraction arrays.
+
+Applying it: `KVCache.init(fmt, ..., calibration=artifact)` validates the layer
+count, kv heads, head dim and format against the cache and uses the scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtpu import quant
+from kvtpu.checkpointing import quiet_orbax
+from kvtpu.formats import KVFormat
+
+__all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "SCALE_NAMES"]
+
+ARTIFACT_MARKER = "kvtpu_calibration.json"
+SCALE_NAMES = ("k_scale", "k_zero", "v_scale", "v_zero")
+_MODEL_FIELDS = ("name", "weight_precision", "num_layers", "kv_heads", "head_dim")
+_WORKLOAD_FIELDS = ("name", "num_tokens", "token_sha256", "source_sha256")
+
+
+def _expected_names(fmt: KVFormat) -> list[str]:
+  names = []
+  for which, spec in (("k", fmt.k), ("v", fmt.v)):
+    if spec.static:
+      names.append(f"{which}_scale")
+      if not spec.symmetric:
+        names.append(f"{which}_zero")
+  return names
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationArtifact:
+  """Calibrated static scales of one model and cache format, with their disclosure.
+
+  Attributes:
+    fmt: the cache format; at least one of its specs has static scales.
+    scales: `k_scale` / `k_zero` / `v_scale` / `v_zero` for the static specs (zero
+      points only for asymmetric ones), float32 `[L, 1|K, 1|H]`.
+    clip_fraction: `{"k": f64[L], "v": f64[L]}` for the static specs: the fraction of
+      calibration values these scales clip (the run-time saturation baseline).
+    model: `name`, `weight_precision`, `num_layers`, `kv_heads`, `head_dim`.
+    method: the scale method (`absmax`, `percentile`, `mse`, `learned`);
+      method_options: its options (e.g. `{"percentile": 99.99}`).
+    workloads: per calibration workload its disclosure: `name`, `num_tokens`,
+      `token_sha256`, `source_sha256` (and whatever else it reports).
+    kvtpu_version: the library version that computed the scales.
+    created: ISO 8601 date and time (UTC).
+    summary: JSON-able statistics summary (per-layer outlier table), for reports.
+  """
+
+  fmt: KVFormat
+  scales: Mapping[str, np.ndarray]
+  clip_fraction: Mapping[str, np.ndarray]
+  model: Mapping[str, Any]
+  method: str
+  workloads: tuple[Mapping[str, Any], ...]
+  method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  kvtpu_version: str = ""
+  created: str = ""
+  summary: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, "fmt", KVFormat.parse(self.fmt))
+    object.__setattr__(self, "workloads", tuple(dict(w) for w in self.workloads))
+    if not self.kvtpu_version:
+      from kvtpu import __version__
+      object.__setattr__(self, "kvtpu_version", __version__)
+    if not self.created:
+      object.__setattr__(self, "created", datetime.datetime.now(datetime.UTC).isoformat(
+          timespec="seconds"))
+    missing = [f for f in _MODEL_FIELDS if f not in self.model]
+    if missing:
+      raise ValueError(f"model is missing {missing}; it needs {list(_MODEL_FIELDS)}")
+    if not self.workloads:
+      raise ValueError("workloads is empty: an artifact must name the data it was calibrated on")
+    for i, w in enumerate(self.workloads):
+      lacking = [f for f in _WORKLOAD_FIELDS if f not in w]
+      if lacking:
+        raise ValueError(f"workloads[{i}] lacks {lacking} (a disclosure needs {_WORKLOAD_FIELDS})")
+    expected = _expected_names(self.fmt)
+    if not expected:
+      raise ValueError(f"format {self.fmt.name} has dynamic scales only: nothing to calibrate "
+                       "statically (use e.g. int8-channel or k=int8-head,v=int8)")
+    if sorted(self.scales) != sorted(expected):
+      raise ValueError(f"format {self.fmt.name} needs scales {expected}, got {sorted(self.scales)}")
+    layers, heads, dim = (int(self.model[f]) for f in ("num_layers", "kv_heads", "head_dim"))
+    arrays = {}
+    for name in expected:
+      arr = np.asarray(self.scales[name], np.float32)
+      spec = self.fmt.spec(name[0])
+      shape = (layers, *quant.static_scale_shape(spec, heads, dim))
+      if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}; {spec.name} on this model needs {shape}")
+      quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
+      arrays[name] = arr
+    object.__setattr__(self, "scales", arrays)
+    fractions = {}
+    for which in sorted({n[0] for n in expected}):
+      if which not in self.clip_fraction:
+        raise ValueError(f"clip_fraction lacks {which!r}: the drift baseline of the static "
+                         f"{which.upper()} scales")
+      frac = np.asarray(self.clip_fraction[which], np.float64)
+      if frac.shape != (layers,) or not np.all((frac >= 0) & (frac <= 1)):
+        raise ValueError(f"clip_fraction[{which!r}] must be {layers} fractions in [0, 1], got "
+                         f"shape {frac.shape}")
+      fractions[which] = frac
+    object.__setattr__(self, "clip_fraction", fractions)
+
+  # ---------------------------------------------------------------- applying
+  def check_compatible(self, *, num_layers: int, kv_heads: int, head_dim: int,
+                       fmt: KVFormat | str | None = None, model_name: str | None = None) -> None:
+    """Raises a ValueError naming the first mismatch with a cache (or model)."""
+    fmt = None if fmt is None else KVFormat.parse(fmt)
+    for field, want in (("num_layers", num_layers), ("kv_heads", kv_heads),
+                        ("head_dim", head_dim)):
+      if int(self.model[field]) != want:
+        raise ValueError(f"calibration artifact is for {field}={self.model[field]} "
+                         f"({self.model['name']}), but the cache has {field}={want}")
+    if fmt is not None and fmt != self.fmt:
+      raise ValueError(f"calibration artifact holds scales for format {self.fmt.name}, but the "
+                       f"cache's format is {fmt.name}")
+    if model_name is not None and model_name != self.model["name"]:
+      raise ValueError(f"calibration artifact was made on model {self.model['name']!r}, not "
+                       f"{model_name!r}")
+
+  def disclosure(self) -> dict[str, Any]:
+    """What a report must state about these scales (JSON-able)."""
+    return {"model": dict(self.model), "kv_format": self.fmt.name, "method": self.method,
+            "method_options": dict(self.method_options), "workloads": list(self.workloads),
+            "kvtpu_version": self.kvtpu_version, "created": self.created}
+
+  def workload_names(self) -> str:
+    """`prose (65536 tok) + code (65536 tok)`: the short form for table headers."""
+    return " + ".join(f"{w['name']} ({w['num_tokens']} tok)" for w in self.workloads)
+
+  # ---------------------------------------------------------------- storage
+  def save(self, path: str | os.PathLike) -> Path:
+    """Writes the artifact to a new or empty directory `path`."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()):
+      raise FileExistsError(f"artifact path={str(path)!r} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {"scales": dict(self.scales),
+              "clip_fraction": {k: np.asarray(v) for k, v in self.clip_fraction.items()}}
+    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path / "arrays", arrays)
+    meta = {"kv_format": self.fmt.name, **self.disclosure(), "summary": _jsonable(self.summary),
+            "arrays": {group: {k: list(np.shape(v)) for k, v in d.items()}
+                       for group, d in arrays.items()}}
+    (path / ARTIFACT_MARKER).write_text(json.dumps(meta, indent=2))
+    return path
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> CalibrationArtifact:
+    """Reads an artifact written by `save`, re-validating every field and scale.
+
+    Raises:
+      FileNotFoundError: no artifact at `path`.
+      ValueError: a malformed or invalid artifact (message names the field).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    marker = path / ARTIFACT_MARKER
+    if not marker.is_file():
+      raise FileNotFoundError(f"no calibration artifact at {path} (no {ARTIFACT_MARKER})")
+    try:
+      meta = json.loads(marker.read_text())
+      shapes = meta["arrays"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{marker}: malformed artifact metadata ({e})") from e
+    target = {group: {k: np.zeros(s, np.float32 if group == "scales" else np.float64)
+                      for k, s in d.items()} for group, d in shapes.items()}
+    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
+      arrays = ckpt.restore(path / "arrays", target)
+    try:
+      return cls(fmt=meta["kv_format"], scales=arrays["scales"],
+                 clip_fraction=arrays["clip_fraction"], model=meta["model"],
+                 method=meta["method"], method_options=meta.get("method_options", {}),
+                 workloads=tuple(meta["workloads"]), kvtpu_version=meta["kvtpu_version"],
+                 created=meta["created"], summary=meta.get("summary", {}))
+    except KeyError as e:
+      raise ValueError(f"{marker}: artifact metadata lacks field {e}") from None
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (np.ndarray, np.generic)):
+    return np.asarray(x).tolist()
+  if isinstance(x, Sequence) and not isinstance(x, str):
+    return [_jsonable(v) for v in x]
+  return x

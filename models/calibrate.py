@@ -1,0 +1,198 @@
+"""KV statistics of a model over calibration batches, in one jitted step per batch.
+
+`collect_statistics(model, batches)` runs each `[B, T]` batch of token ids through the
+model on a bf16 cache, and the model's `observe` hook hands every layer's keys
+before RoPE (`k_pre`), after RoPE (`k`, what the cache stores) and values (`v`) to
+`kvtpu.calibration.stats.observe` inside the same compiled step: activations are
+reduced per layer as they are produced, so memory is one batch's activations plus
+the fixed-size statistics, whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvtpu.calibration import stats as kv_stats
+
+__all__ = ["KINDS", "collect_statistics"]
+
+KINDS = ("k_pre", "k", "v")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("stats",))
+def _step(graphdef, state, stats: dict, tokens: jax.Array, *, impl: str) -> dict:
+  model = nnx.merge(graphdef, state)
+  out = dict(stats)
+
+  def observe(layer: int, kind: str, x: jax.Array) -> None:
+    if kind in out:
+      out[kind] = kv_stats.observe(out[kind], layer, x)
+
+  b, t = tokens.shape
+  model(tokens, model.init_cache("bf16", batch=b, max_len=t), impl=impl, observe=observe,
+        logits_at=jnp.zeros((b,), jnp.int32))  # The logits are not needed.
+  return out
+
+
+def collect_statistics(model, batches: Iterable[np.ndarray], *, kinds=KINDS, impl: str = "auto",
+                       stats: dict | None = None,
+                       progress: Callable[[int, float], None] | None = None,
+                       **stats_options) -> dict[str, kv_stats.TensorStats]:
+  """Per-layer, per-head, per-channel statistics of K (pre/post RoPE) and V.
+
+  Args:
+    model: a `models.llama.Llama`.
+    batches: int32 `[B, T]` token windows (e.g. `Workload.windows(...)`); one
+      compile serves every batch of the same shape.
+    kinds: which tensors to observe, a subset of `KINDS`.
+    impl: attention implementation of the forward.
+    stats: statistics to continue from (e.g. over several workloads); default new.
+    progress: called after each batch with (tokens so far, seconds so far).
+    **stats_options: passed to `kvtpu.calibration.stats.init_stats`.
+
+  Returns:
+    `{kind: TensorStats}`.
+
+  Raises:
+    ValueError: for an unknown kind or a batch that is not a 2-D integer array.
+  """
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown:
+    raise ValueError(f"unknown kinds {unknown}; choose from {KINDS}")
+  cfg = model.cfg
+  if stats is None:
+    stats = {k: kv_stats.init_stats(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                    **stats_options) for k in kinds}
+  graphdef, state = nnx.split(model)
+  seen, start = 0, time.perf_counter()
+  for tokens in batches:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"each batch must be an integer [B, T] array, got {tokens.dtype}"
+                       f"{tokens.shape}")
+    stats = _step(graphdef, state, stats, jnp.asarray(tokens, jnp.int32), impl=impl)
+    seen += tokens.size
+    if progress is not None:
+      jax.block_until_ready(stats)
+      progress(seen, time.perf_counter() - start)
+  return jax.block_until_ready(stats)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"))
+def _capture(graphdef, state, tokens: jax.Array, *, impl: str) -> dict:
+  """Every layer's q (after RoPE), k (after RoPE) and v for one batch."""
+  model = nnx.merge(graphdef, state)
+  out: dict = {}
+
+  def observe(layer: int, kind: str, x: jax.Array) -> None:
+    if kind in ("q", "k", "v"):
+      out[layer, kind] = x
+
+  b, t = tokens.shape
+  model(tokens, model.init_cache("bf16", batch=b, max_len=t), impl=impl, observe=observe,
+        logits_at=jnp.zeros((b,), jnp.int32))
+  return {f"{layer}/{kind}": x for (layer, kind), x in out.items()}
+
+
+def attention_inputs(model, tokens: np.ndarray, *, impl: str = "auto") -> list[dict]:
+  """Per layer `{"q", "k", "v"}` of one `[B, T]` batch (for `learn_scales`)."""
+  graphdef, state = nnx.split(model)
+  flat = _capture(graphdef, state, jnp.asarray(tokens, jnp.int32), impl=impl)
+  return [{kind: flat[f"{layer}/{kind}"] for kind in ("q", "k", "v")}
+          for layer in range(model.cfg.num_layers)]
+
+
+def outlier_table(stats: dict[str, kv_stats.TensorStats], *, top: int = 4) -> dict:
+  """Per kind and layer: the outlier indicators a report shows (JSON-able)."""
+  table = {}
+  for kind, st in stats.items():
+    s = kv_stats.summary(st, top=top)
+    table[kind] = {"outlier_ratio": s["outlier_ratio"], "top_channels": s["top_channels"],
+                   "head_absmax": s["head_absmax"], "head_p99.99": s["head_p99.99"],
+                   "beyond_k_sigma": s["beyond_k_sigma"], "k_sigma": float(s["k_sigma"]),
+                   "tokens": s["tokens"]}
+  return table
+
+
+def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 512,
+              batch: int = 4, num_tokens: int | None = None, method_options=None,
+              learn_steps: int = 200, impl: str = "auto",
+              progress: Callable[[str, int, float], None] | None = None):
+  """Calibrates the static scales of `fmt` for `model` on `workloads`.
+
+  Args:
+    model: a `models.llama.Llama` (its `cfg.name` and `weight_precision` are disclosed).
+    workloads: `kvtpu.eval.workloads.Workload`s, observed in order.
+    fmt: a cache format (name or `KVFormat`) with at least one static spec.
+    method: "absmax", "percentile", "mse" (`kvtpu.calibration.compute_scales`) or
+      "learned" (`learn_scales` per layer, from the absmax scales, on the first batch
+      of the first workload).
+    seq_len, batch: the calibration windows `[batch, seq_len]`.
+    num_tokens: tokens per workload (default: all of it, in whole batches).
+    method_options: options of the method (e.g. `{"percentile": 99.9}`).
+    learn_steps: optimizer steps per layer for "learned".
+    impl: attention implementation of the forward passes.
+    progress: called as `progress(workload_name, tokens_so_far, seconds)` per batch.
+
+  Returns:
+    `(artifact, stats)`: the `CalibrationArtifact` and `{kind: TensorStats}`.
+  """
+  from kvtpu import KVFormat
+  from kvtpu.calibration import artifact as artifact_lib
+  from kvtpu.calibration import methods
+
+  fmt = KVFormat.parse(fmt)
+  specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.static}
+  if not specs:
+    raise ValueError(f"format {fmt.name} has dynamic scales only: nothing to calibrate "
+                     "statically (use e.g. int8-channel, int8-head or k=int8-channel,v=int8)")
+  if method not in (*methods.METHODS, "learned"):
+    raise ValueError(f"unknown method={method!r}; valid: {(*methods.METHODS, 'learned')}")
+  if not workloads:
+    raise ValueError("workloads is empty: calibrate on at least one workload")
+  options = dict(method_options or {})
+  stats = None
+  disclosed = []
+  for w in workloads:
+    n = w.num_batches(seq_len, batch=batch, num_tokens=num_tokens)
+    report = None if progress is None else functools.partial(progress, w.name)
+    stats = collect_statistics(model, w.windows(seq_len, batch=batch, num_tokens=num_tokens),
+                               impl=impl, stats=stats, progress=report)
+    disclosed.append({**w.disclosure(), "tokens_used": n * batch * seq_len,
+                      "seq_len": seq_len, "batch": batch})
+  scales, clipped = {}, {}
+  for which, spec in specs.items():
+    st = stats[which]
+    if method == "learned":
+      init_scale, init_zero = methods.compute_scales(st, spec, "absmax")
+      first = next(iter(workloads[0].windows(seq_len, batch=batch)))
+      inputs = attention_inputs(model, first, impl=impl)
+      learned = [methods.learn_scales(x["q"], x["k"], x["v"], spec, init_scale[layer],
+                                      init_zero=None if init_zero is None else init_zero[layer],
+                                      which=which, steps=learn_steps, **options)
+                 for layer, x in enumerate(inputs)]
+      scale = jnp.stack([r.scale for r in learned])
+      zero = None if spec.symmetric else jnp.stack([r.zero for r in learned])
+    else:
+      scale, zero = methods.compute_scales(st, spec, method, **options)
+    scales[f"{which}_scale"] = np.asarray(scale, np.float32)
+    if zero is not None:
+      scales[f"{which}_zero"] = np.asarray(zero, np.float32)
+    clipped[which] = np.nan_to_num(methods.clip_fraction(st, spec, scale, zero))
+  cfg = model.cfg
+  art = artifact_lib.CalibrationArtifact(
+      fmt=fmt, scales=scales, clip_fraction=clipped,
+      model={"name": cfg.name, "weight_precision": model.weight_precision,
+             "num_layers": cfg.num_layers, "kv_heads": cfg.num_kv_heads,
+             "head_dim": cfg.head_dim},
+      method=method, method_options={**options, **(
+          {"learn_steps": learn_steps} if method == "learned" else {})},
+      workloads=tuple(disclosed), summary=outlier_table(stats))
+  return art, stats
