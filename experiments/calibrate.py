@@ -91,18 +91,18 @@ def disclosure_markdown(art) -> str:
   return "\n".join(lines)
 
 
-def plot_magnitudes(stats, path: str) -> None:
-  """Heat maps of per-channel absmax (max over kv heads' channels laid side by side)."""
+def plot_magnitudes(summaries: dict, path: str) -> None:
+  """Heat maps of per-channel absmax (kv heads' channels laid side by side), from
+  `kv_stats.summary` per kind."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  kinds = [k for k in KINDS if k in stats]
+  kinds = [k for k in KINDS if k in summaries]
   fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 5), squeeze=False)
   for ax, kind in zip(axes[0], kinds, strict=True):
-    st = stats[kind]
-    absmax = kv_stats.summary(st)["absmax"]  # [L, K, H]
+    absmax = np.asarray(summaries[kind]["absmax"])  # [L, K, H]
     grid = absmax.reshape(absmax.shape[0], -1)
     im = ax.imshow(np.log10(np.maximum(grid, 1e-6)), aspect="auto", cmap="magma")
     ax.set_title(f"{kind}: log10 |x| max per channel")
@@ -147,10 +147,10 @@ def main(argv) -> None:
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   art.save(os.path.join(workdir, "artifact"))
-  summaries = {kind: {k: np.asarray(v).tolist() for k, v in kv_stats.summary(st).items()}
-               for kind, st in stats.items()}
+  summaries = {kind: kv_stats.summary(st) for kind, st in stats.items()}
   with open(os.path.join(workdir, "stats.json"), "w") as f:
-    json.dump(summaries, f)
+    json.dump({kind: {k: np.asarray(v).tolist() for k, v in s.items()}
+               for kind, s in summaries.items()}, f)
   config = {name: flags.FLAGS[name].value for name in (
       "model", "workloads", "kv_format", "method", "percentile", "num_tokens", "seq_len", "batch",
       "learn_steps", "seed", "impl", "workdir")}
@@ -168,11 +168,10 @@ def main(argv) -> None:
                "outlier_ratio": np.asarray(table["outlier_ratio"])[layer].tolist(),
                "top_channels": np.asarray(table["top_channels"])[layer].tolist(),
                "head_absmax": np.asarray(table["head_absmax"])[layer].tolist()}
-        for which, frac in art.clip_fraction.items():
-          if (which == "k" and kind == "k") or (which == "v" and kind == "v"):
-            row["calibration_clip_fraction"] = float(frac[layer])
+        if kind in art.clip_fraction:  # The stored tensors: "k" (after RoPE) and "v".
+          row["calibration_clip_fraction"] = float(art.clip_fraction[kind][layer])
         f.write(json.dumps(row) + "\n")
-  plot_magnitudes(stats, os.path.join(workdir, "magnitudes.png"))
+  plot_magnitudes(summaries, os.path.join(workdir, "magnitudes.png"))
   report = "\n\n".join([
       f"# KV calibration: {model.cfg.name}, {fmt.name}, {art.method}",
       disclosure_markdown(art),
