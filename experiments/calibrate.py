@@ -1,11 +1,12 @@
-"""Calibrates static KV-cache scales of a model on named workloads, and reports outliers.
+"""Calibrates KV-cache scales of a model on named workloads, and reports outliers.
 
 Loads the model (`models.load_pretrained`), builds each workload
 (`kvtpu.eval.workloads.load`: prose, code, chat, passkey:..., repeat, random, or a
 .txt/.jsonl file of your own traffic), streams `[batch, seq_len]` windows through the
 model collecting per-layer / kv-head / channel statistics of keys (before and after
-RoPE) and values, computes the format's static scales with `--method`, and writes to
-`--workdir`:
+RoPE) and values, computes the format's static scales (tensor/head/channel specs) or
+clip ratios (dynamic per-token specs: int8, int4-g32, fp8_e4m3, ...) with `--method`,
+and writes to `--workdir`:
 
   artifact/     the calibration artifact (scales + disclosure; `KVCache.init(...,
                 calibration=CalibrationArtifact.load(path))`)
@@ -39,7 +40,8 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m", "load_pretrained name or p
 _WORKLOADS = flags.DEFINE_list("workloads", ["prose", "code"],
                                "Workload names or .txt/.jsonl files, comma-separated.")
 _KV_FORMAT = flags.DEFINE_string("kv_format", "int8-channel",
-                                 "Cache format with static scales (int8-channel, int8-head, ...).")
+                                 "Cache format: static specs (int8-channel, int8-head, ...) get "
+                                 "scales, dynamic ones (int8, int4-g32, ...) clip ratios.")
 _METHOD = flags.DEFINE_enum("method", "percentile", ["absmax", "percentile", "mse", "learned"],
                             "Scale method.")
 _PERCENTILE = flags.DEFINE_float("percentile", 99.99, "Clip percentile (method=percentile).")
@@ -88,6 +90,18 @@ def disclosure_markdown(art) -> str:
                  f"(windows {w['batch']} x {w['seq_len']}), tokens sha256 "
                  f"`{w['token_sha256'][:16]}`, source sha256 `{w['source_sha256'][:16]}`; "
                  f"{w['description']}")
+  return "\n".join(lines)
+
+
+def clip_markdown(art) -> str:
+  """Per layer, the calibrated clip ratios of the dynamic specs (one per kv head)."""
+  names = [n for n in ("k_clip", "v_clip") if n in art.scales]
+  lines = ["## Clip ratios of the dynamic specs (per kv head)\n",
+           "| layer | " + " | ".join(n[0].upper() for n in names) + " |",
+           "|---|" + "---|" * len(names)]
+  for layer in range(len(art.scales[names[0]])):
+    lines.append(f"| {layer} | " + " | ".join(
+        ", ".join(f"{c:.3f}" for c in art.scales[n][layer]) for n in names) + " |")
   return "\n".join(lines)
 
 
@@ -170,6 +184,8 @@ def main(argv) -> None:
                "head_absmax": np.asarray(table["head_absmax"])[layer].tolist()}
         if kind in art.clip_fraction:  # The stored tensors: "k" (after RoPE) and "v".
           row["calibration_clip_fraction"] = float(art.clip_fraction[kind][layer])
+        if f"{kind}_clip" in art.scales:
+          row["clip_ratio"] = art.scales[f"{kind}_clip"][layer].tolist()
         f.write(json.dumps(row) + "\n")
   plot_magnitudes(summaries, os.path.join(workdir, "magnitudes.png"))
   report = "\n\n".join([
@@ -181,6 +197,7 @@ def main(argv) -> None:
       "## Clip rate of the calibrated scales on the calibration data\n\n" + "\n".join(
           f"- {which.upper()}: mean {np.mean(frac):.2e}, max {np.max(frac):.2e} (layer "
           f"{int(np.argmax(frac))})" for which, frac in art.clip_fraction.items()),
+      *([clip_markdown(art)] if any(n.endswith("clip") for n in art.scales) else []),
       "![per-channel magnitudes](magnitudes.png)"]) + "\n"
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report)

@@ -101,12 +101,17 @@ class KVCache:
       written with the token; static specs `[L, 1|K, 1|H]`, finite and > 0,
       fixed at `init`. bf16 specs have no scale (None). Zero points (asymmetric
       specs only) are float32 and shaped like the scales.
+    * Clip ratios: a dynamic spec calibrated for clipping (`k_clip`, `v_clip`)
+      holds float32 `[L, K]` ratios in (0, 1], fixed at `init`: each token's scale
+      covers that fraction of its group's range (`quant.quantize`), and values
+      beyond it are clipped and counted as saturated. None: plain absmax scales.
     * `0 <= lengths[b] <= max_len`. A write past `max_len` is dropped, and an
       `advance` past it clamps the length to `max_len` and sets `overflow[b]`;
       other sequences are never touched.
     * `counters[l, c]` is a 64-bit count (lo, hi uint32 words) per layer of
       `memory.COUNTERS`: values written, and values saturated (clipped to the
-      storage range: static scales the data outgrew) or non-finite (stored as 0)
+      storage range: static scales the data outgrew, or a calibrated clip ratio) or
+      non-finite (stored as 0)
       on the way in, for K and V. `counts()` reads them.
     * `nbytes == memory.cache_bytes(fmt, ...)`, int4 at half a byte per value.
   """
@@ -117,6 +122,8 @@ class KVCache:
   k_zero: jax.Array | None
   v_scale: jax.Array | None
   v_zero: jax.Array | None
+  k_clip: jax.Array | None
+  v_clip: jax.Array | None
   lengths: jax.Array
   overflow: jax.Array
   counters: jax.Array
@@ -126,7 +133,7 @@ class KVCache:
   @classmethod
   def init(cls, fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
            max_len: int, head_dim: int, k_scale=None, k_zero=None, v_scale=None,
-           v_zero=None, calibration=None) -> KVCache:
+           v_zero=None, k_clip=None, v_clip=None, calibration=None) -> KVCache:
     """An empty cache (all lengths 0).
 
     Args:
@@ -136,30 +143,42 @@ class KVCache:
         asymmetric specs) of static specs, shaped `[L, 1|K, 1|H]` as the spec's
         granularity says, or without the leading L to share them across layers.
         Required for static specs, rejected for dynamic ones.
-      calibration: instead of the four above, a
+      k_clip, v_clip: optional calibrated clip ratios of dynamic specs, in (0, 1],
+        shaped `[L, K]` (or `[K]`, shared across layers); rejected for static and
+        bf16 specs.
+      calibration: instead of the six above, a
         `kvtpu.calibration.CalibrationArtifact`; its layer count, kv heads, head dim
         and format must match this cache.
 
     Raises:
       ValueError: for an invalid format name or dimension, a missing, extra or
-        misshaped scale, or a scale that is 0, negative, NaN or inf, or a calibration
+        misshaped scale, a scale that is 0, negative, NaN or inf, a clip ratio
+        outside (0, 1], or a calibration
         artifact made for another model shape or format.
     """
     fmt = KVFormat.parse(fmt)
     if calibration is not None:
-      if any(s is not None for s in (k_scale, k_zero, v_scale, v_zero)):
-        raise ValueError("pass either calibration= or explicit k_/v_ scales, not both")
+      if any(s is not None for s in (k_scale, k_zero, v_scale, v_zero, k_clip, v_clip)):
+        raise ValueError("pass either calibration= or explicit k_/v_ scales and clips, not both")
       calibration.check_compatible(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim,
                                    fmt=fmt)
-      k_scale, k_zero, v_scale, v_zero = (calibration.scales.get(n) for n in (
-          "k_scale", "k_zero", "v_scale", "v_zero"))
+      k_scale, k_zero, v_scale, v_zero, k_clip, v_clip = (calibration.scales.get(n) for n in (
+          "k_scale", "k_zero", "v_scale", "v_zero", "k_clip", "v_clip"))
+    clip = tuple(w for w, c in (("k", k_clip), ("v", v_clip)) if c is not None)
+    bad_clip = [w for w in clip if not fmt.spec(w).dynamic]
+    if bad_clip:
+      raise ValueError(
+          f"{bad_clip[0]}_clip given, but format {fmt.name} stores {bad_clip[0].upper()} as "
+          f"{fmt.spec(bad_clip[0]).name}: clip ratios are for dynamic (per-token) specs only")
     layout = cache_layout(fmt, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
-                          max_len=max_len, head_dim=head_dim)
-    given = {"k_scale": k_scale, "k_zero": k_zero, "v_scale": v_scale, "v_zero": v_zero}
+                          max_len=max_len, head_dim=head_dim, clip=clip)
+    given = {"k_scale": k_scale, "k_zero": k_zero, "v_scale": v_scale, "v_zero": v_zero,
+             "k_clip": k_clip, "v_clip": v_clip}
     arrays: dict[str, Any] = {}
     for name, sds in layout.items():
-      static = name in given and not cls._spec_of(fmt, name).dynamic
-      if static:
+      if name.endswith("_clip"):
+        arrays[name] = cls._static_param(name, given.pop(name), sds, fmt)
+      elif name in given and not cls._spec_of(fmt, name).dynamic:
         arrays[name] = cls._static_param(name, given.pop(name), sds, fmt)
       else:
         arrays[name] = jnp.zeros(sds.shape, sds.dtype)
@@ -186,6 +205,9 @@ class KVCache:
     arr = jnp.asarray(value, dtype=jnp.float32)
     if arr.shape not in (sds.shape, sds.shape[1:]):
       raise ValueError(f"{name} must have shape {sds.shape} or {sds.shape[1:]}, got {arr.shape}")
+    if name.endswith("clip"):
+      quant.validate_clip(name, arr)
+      return jnp.broadcast_to(arr, sds.shape)
     quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
     stored = jnp.broadcast_to(arr, sds.shape).astype(sds.dtype)
     if name.endswith("scale"):  # Rounding into a narrower dtype must not make it 0 or inf.
@@ -273,9 +295,12 @@ class KVCache:
     for name, x in (("k", k), ("v", v)):
       spec = self.fmt.spec(name)
       scale, zero = getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero")
-      static = {} if not spec.static else dict(
-          scale=scale[layer], zero=None if zero is None else zero[layer])
-      res = quant.quantize(x, spec, **static)
+      clip = getattr(self, f"{name}_clip")
+      if spec.static:
+        params = dict(scale=scale[layer], zero=None if zero is None else zero[layer])
+      else:
+        params = {} if clip is None else dict(clip=clip[layer])  # [K] against [B, T, K].
+      res = quant.quantize(x, spec, **params)
       # [B, T, K, H] rows scatter to [layer, b, :, pos[b, t], :].
       new[name] = _scatter_bits(getattr(self, name), (layer, rows, slice(None), target),
                                 res.q)
@@ -349,7 +374,8 @@ class KVCache:
     return {name: total[..., i].astype(np.int64) for i, name in enumerate(COUNTERS)}
 
   def saturation_rates(self) -> dict[str, np.ndarray]:
-    """Per layer, the fraction of written K and V values that were clipped."""
+    """Per layer, the fraction of written K and V values that were clipped (by static
+    scales the data outgrew, or by calibrated clip ratios)."""
     c = self.counts()
     written = np.maximum(c["written"], 1)
     return {"k": c["k_saturated"] / written, "v": c["v_saturated"] / written}

@@ -22,6 +22,7 @@ Layout (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
   k_scale       dynamic [L, B, K, G, S] in the scale dtype; static [L, 1|K, 1|H]
   k_zero        like k_scale, float32 (asymmetric specs only)
   v_scale, v_zero                  likewise
+  k_clip, v_clip f32[L, K]         calibrated clip ratios of dynamic specs (optional)
   lengths       i32[B]             tokens held per sequence
   overflow      bool[B]            a write or advance went past max_len
   counters      u32[L, C, 2]       64-bit counters (lo, hi words), C = COUNTERS
@@ -83,13 +84,24 @@ def _tensor_layout(spec: QuantSpec, prefix: str, num_layers, batch, kv_heads, ma
   return out
 
 
+def _check_clip(fmt: KVFormat, clip) -> tuple[str, ...]:
+  clip = tuple(clip)
+  for which in clip:
+    if which not in ("k", "v") or not fmt.spec(which).dynamic:
+      raise ValueError(f"clip names the dynamic specs with clip ratios, 'k' and/or 'v'; "
+                       f"got {which!r} for format {fmt.name}")
+  return clip
+
+
 def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
-                 max_len: int, head_dim: int) -> dict[str, jax.ShapeDtypeStruct]:
+                 max_len: int, head_dim: int, clip=()) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of every array of a cache; absent entries are None fields.
 
+  `clip` names the dynamic specs ("k", "v") that carry calibrated clip ratios.
+
   Raises:
-    ValueError: for a non-positive dimension, or a head_dim that the format's
-      group size does not divide.
+    ValueError: for a non-positive dimension, a head_dim that the format's group
+      size does not divide, or a clip entry that is not a dynamic spec.
   """
   fmt = KVFormat.parse(fmt)
   _check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
@@ -98,6 +110,8 @@ def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: 
   return {
       **_tensor_layout(fmt.k, "k", *dims),
       **_tensor_layout(fmt.v, "v", *dims),
+      **{f"{w}_clip": jax.ShapeDtypeStruct((num_layers, kv_heads), jnp.float32)
+         for w in _check_clip(fmt, clip)},
       "lengths": jax.ShapeDtypeStruct((batch,), jnp.int32),
       "overflow": jax.ShapeDtypeStruct((batch,), jnp.bool_),
       "counters": jax.ShapeDtypeStruct((num_layers, len(COUNTERS), 2), jnp.uint32),
@@ -126,11 +140,12 @@ def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> flo
           + _spec_bytes_per_token(fmt.v, kv_heads, head_dim))
 
 
-def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> int:
-  """Bytes per layer that do not grow with tokens: static scales, zero points, counters."""
+def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int, clip=()) -> int:
+  """Bytes per layer that do not grow with tokens: static scales, zero points, clip
+  ratios (of the dynamic specs named in `clip`), counters."""
   fmt = KVFormat.parse(fmt)
   _check_dims(kv_heads=kv_heads, head_dim=head_dim)
-  total = len(COUNTERS) * 2 * 4
+  total = len(COUNTERS) * 2 * 4 + len(_check_clip(fmt, clip)) * kv_heads * 4
   for spec in (fmt.k, fmt.v):
     if spec.static:
       n = math.prod(static_scale_shape(spec, kv_heads, head_dim))
@@ -145,8 +160,9 @@ PER_SEQUENCE_BYTES = 4 + 1
 
 
 def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
-                max_len: int, head_dim: int) -> int:
-  """Total bytes of a cache; equals `KVCache.init(...).nbytes`."""
+                max_len: int, head_dim: int, clip=()) -> int:
+  """Total bytes of a cache; equals `KVCache.init(...).nbytes` (`clip` as in
+  `cache_layout`)."""
   fmt = KVFormat.parse(fmt)
   _check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
               head_dim=head_dim)
@@ -155,5 +171,5 @@ def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: i
   # odd number of values take one byte more than the ceiling of their sum.
   return (sum(math.ceil(tokens * _spec_bytes_per_token(spec, kv_heads, head_dim))
               for spec in (fmt.k, fmt.v))
-          + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
+          + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim, clip=clip)
           + batch * PER_SEQUENCE_BYTES)

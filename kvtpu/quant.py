@@ -20,6 +20,11 @@ Quantizing (`quantize`):
     backend's division does. So no value of the group is clipped by the rounding of
     its own scale: under dynamic scales the `saturated` mask is all False, and any
     clipping reported by the cache comes from static scales that the data outgrew.
+  * Calibrated clipping (`clip`, dynamic specs only): a ratio `c` in (0, 1] per
+    token and kv head narrows the range each scale covers to `c * amax`
+    (asymmetric: `[c * min, c * max]`), trading the clipping of the few largest
+    values for a finer grid for all others. Values beyond the narrowed range are
+    clipped and reported in `saturated`; `c = 1` (or no clip) is plain absmax.
   * An all-zero (or tiny) group gets a safe finite scale: the scale dtype's smallest
     normal number (symmetric), so every value quantizes to 0 and dequantizes to 0.
     Asymmetric scales are floored at `max(|min|, |max|) * 2**-16` as well, which
@@ -50,7 +55,7 @@ import numpy as np
 from kvtpu.formats import Granularity, QuantSpec
 
 __all__ = ["Quantized", "quantize", "dequantize", "dynamic_scales", "validate_scale",
-           "ZERO_DTYPE"]
+           "validate_clip", "ZERO_DTYPE"]
 
 ZERO_DTYPE = jnp.float32
 # Asymmetric scales are at least this fraction of the group's largest magnitude.
@@ -66,8 +71,8 @@ class Quantized(NamedTuple):
       dtype. Static: the scale passed in. bf16: None.
     zero: zero points like `scale` (float32), or None when symmetric.
     saturated: bool `x.shape`, values clipped to the storage range: static scales
-      that the data outgrew, or values beyond the bf16 range. All False under
-      dynamic scales.
+      that the data outgrew, values beyond a calibrated clip ratio, or values
+      beyond the bf16 range. All False under unclipped dynamic scales.
     nonfinite: bool `x.shape`, NaN/inf inputs (stored as 0).
   """
 
@@ -171,19 +176,47 @@ def scales_for_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
   return scale, zero
 
 
-def dynamic_scales(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+def _check_clip(clip, x: jax.Array, spec: QuantSpec) -> jax.Array:
+  """`clip` broadcastable to `x.shape[:-1]` -> float32 `[..., 1]` against groups `[..., G]`."""
+  if not spec.dynamic:
+    raise ValueError(f"clip is for dynamic specs (scales computed per token); {spec.name} has "
+                     "static scales: calibrate the scale itself")
+  clip = jnp.asarray(clip, jnp.float32)
+  try:
+    jnp.broadcast_shapes(clip.shape, x.shape[:-1])
+  except ValueError:
+    raise ValueError(f"clip of shape {clip.shape} does not broadcast against x.shape[:-1]="
+                     f"{x.shape[:-1]} (one ratio per token and kv head)") from None
+  validate_clip("clip", clip)
+  return jnp.broadcast_to(clip, x.shape[:-1])[..., None]
+
+
+def _clipped_ranges(x: jax.Array, spec: QuantSpec, clip) -> tuple[jax.Array, jax.Array]:
+  """Per group of `x: [..., H]`, the range `[lo, hi]: [..., G]` its scale covers."""
+  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
+  if spec.symmetric:
+    hi = jnp.max(jnp.abs(xg), axis=-1)
+    lo = -hi
+  else:
+    lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
+  if clip is not None:
+    c = _check_clip(clip, x, spec)
+    lo, hi = lo * c, hi * c
+  return lo, hi
+
+
+def dynamic_scales(x: jax.Array, spec: QuantSpec, clip=None
+                   ) -> tuple[jax.Array, jax.Array | None]:
   """Per-token (and group) scales and zero points for `x: [..., H]`.
 
-  Non-finite values are ignored (treated as 0). Returns `scale: [..., G]` in the
-  spec's scale dtype and `zero: [..., G]` float32 (None when symmetric).
+  Non-finite values are ignored (treated as 0). `clip`, optional, broadcastable to
+  `x.shape[:-1]` with values in (0, 1]: each scale covers `clip` times its group's
+  range (module docstring). Returns `scale: [..., G]` in the spec's scale dtype and
+  `zero: [..., G]` float32 (None when symmetric).
   """
   if not spec.dynamic:
     raise ValueError(f"dynamic_scales needs a dynamic spec, got {spec.name}")
-  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
-  if spec.symmetric:
-    amax = jnp.max(jnp.abs(xg), axis=-1)
-    return scales_for_range(-amax, amax, spec)
-  return scales_for_range(jnp.min(xg, axis=-1), jnp.max(xg, axis=-1), spec)
+  return scales_for_range(*_clipped_ranges(x, spec, clip), spec)
 
 
 def _reciprocal(scale: jax.Array) -> jax.Array:
@@ -206,7 +239,7 @@ def _broadcast_params(spec: QuantSpec, p: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
-             zero: jax.Array | None = None) -> Quantized:
+             zero: jax.Array | None = None, clip=None) -> Quantized:
   """Quantizes `x: [..., H]` into `spec`'s storage.
 
   Args:
@@ -215,6 +248,9 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
     scale: static specs only: the calibrated scale, broadcastable to `x` (tensor:
       `[1, 1]`, head: `[K, 1]`, channel: `[K, H]` against `x: [..., K, H]`).
     zero: static asymmetric specs only: the zero point, shaped like `scale`.
+    clip: dynamic specs only, optional: calibrated clip ratios in (0, 1],
+      broadcastable to `x.shape[:-1]` (e.g. `[K]` per kv head against
+      `x: [B, T, K, H]`); values beyond `clip` times their group's range saturate.
 
   Returns:
     A `Quantized` tuple; see its docstring.
@@ -228,11 +264,17 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
     big = float(jnp.finfo(store).max)
     return Quantized(jnp.clip(xs, -big, big).astype(store), None, None,
                      jnp.abs(xs) > big, ~finite)
+  clip_range = None
   if spec.dynamic:
     if scale is not None or zero is not None:
       raise ValueError(f"{spec.name} computes its scales on write; do not pass scale or zero")
-    scale, zero = dynamic_scales(xs, spec)
+    lo, hi = _clipped_ranges(xs, spec, clip)
+    scale, zero = scales_for_range(lo, hi, spec)
+    if clip is not None:
+      clip_range = (lo, hi)
   else:
+    if clip is not None:
+      _check_clip(clip, x, spec)  # Raises: static specs take no clip.
     if scale is None:
       raise ValueError(f"{spec.name} has static scales: pass the calibrated scale")
     if (zero is None) != spec.symmetric:
@@ -250,10 +292,17 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
     beyond = (y > spec.qmax) | (y < spec.qmin)
   else:
     beyond = jnp.abs(y) > spec.qmax
-  # Dynamic scales cover their group exactly (scale * qmax >= amax), so a value can
-  # pass qmax only by the float32 rounding of x * (1 / scale), which the clip absorbs:
-  # that is not saturation.
-  saturated = jnp.zeros(x.shape, bool) if spec.dynamic else beyond
+  # Dynamic scales cover their (clipped) range exactly (scale * qmax >= amax), so a
+  # value inside it can pass qmax only by the float32 rounding of x * (1 / scale),
+  # which the clip absorbs: that is not saturation. Outside a calibrated clip range
+  # it is.
+  if not spec.dynamic:
+    saturated = beyond
+  elif clip_range is None:
+    saturated = jnp.zeros(x.shape, bool)
+  else:
+    lo, hi = (_broadcast_params(spec, r, xs) for r in clip_range)
+    saturated = beyond & ((xs > hi) | (xs < lo))
   q = jnp.clip(y, spec.qmin, spec.qmax).astype(spec.storage_dtype)
   return Quantized(q, scale, zero, saturated, ~finite)
 
@@ -316,3 +365,21 @@ def validate_scale(name: str, scale, *, is_zero: bool = False) -> None:
     raise ValueError(
         f"{name} must be {what} everywhere; {int(bad.sum())} of {a.size} entries are not, "
         f"first at index {idx}: {a[idx]!r}")
+
+
+def validate_clip(name: str, clip) -> None:
+  """Rejects clip ratios outside (0, 1] (and NaN); concrete arrays only.
+
+  Raises:
+    ValueError: naming `name`, the count of bad entries and the first one.
+  """
+  if isinstance(clip, jax.core.Tracer):
+    return
+  a = np.asarray(jax.device_get(clip), dtype=np.float64)
+  with np.errstate(invalid="ignore"):
+    bad = ~((a > 0) & (a <= 1))
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{name} must be clip ratios in (0, 1] (1: no clipping) everywhere; {int(bad.sum())} "
+        f"of {a.size} entries are not, first at index {idx}: {a[idx]!r}")

@@ -125,14 +125,20 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
               batch: int = 4, num_tokens: int | None = None, method_options=None,
               learn_steps: int = 200, impl: str = "auto",
               progress: Callable[[str, int, float], None] | None = None):
-  """Calibrates the static scales of `fmt` for `model` on `workloads`.
+  """Calibrates the quantized specs of `fmt` for `model` on `workloads`.
+
+  Static specs (granularity tensor, head or channel) get scales from the streaming
+  statistics of every calibration token (`kvtpu.calibration.compute_scales`).
+  Dynamic specs (per-token scales) get clip ratios per layer and kv head
+  (`kvtpu.calibration.clipping`) from sample tokens: the first `[batch, seq_len]`
+  window batch of each workload.
 
   Args:
     model: a `models.llama.Llama` (its `cfg.name` and `weight_precision` are disclosed).
     workloads: `kvtpu.eval.workloads.Workload`s, observed in order.
-    fmt: a cache format (name or `KVFormat`) with at least one static spec.
-    method: "absmax", "percentile", "mse" (`kvtpu.calibration.compute_scales`) or
-      "learned" (`learn_scales` per layer, from the absmax scales, on the first batch
+    fmt: a cache format (name or `KVFormat`) with at least one quantized spec.
+    method: "absmax", "percentile", "mse" or "learned" (optax on the attention-output
+      error per layer, from the absmax scales or unit clip ratios, on the first batch
       of the first workload).
     seq_len, batch: the calibration windows `[batch, seq_len]`.
     num_tokens: tokens per workload (default: all of it, in whole batches).
@@ -146,13 +152,12 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   """
   from kvtpu import KVFormat
   from kvtpu.calibration import artifact as artifact_lib
-  from kvtpu.calibration import methods
+  from kvtpu.calibration import clipping, methods
 
   fmt = KVFormat.parse(fmt)
-  specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.static}
+  specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.quantized}
   if not specs:
-    raise ValueError(f"format {fmt.name} has dynamic scales only: nothing to calibrate "
-                     "statically (use e.g. int8-channel, int8-head or k=int8-channel,v=int8)")
+    raise ValueError(f"format {fmt.name} stores K and V unquantized: nothing to calibrate")
   if method not in (*methods.METHODS, "learned"):
     raise ValueError(f"unknown method={method!r}; valid: {(*methods.METHODS, 'learned')}")
   if not workloads:
@@ -160,24 +165,41 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   options = dict(method_options or {})
   stats = None
   disclosed = []
+  samples: list[list[dict]] = []  # Per workload, per layer {"q", "k", "v"} of its first batch.
+  dynamic = any(s.dynamic for s in specs.values())
   for w in workloads:
     n = w.num_batches(seq_len, batch=batch, num_tokens=num_tokens)
     report = None if progress is None else functools.partial(progress, w.name)
     stats = collect_statistics(model, w.windows(seq_len, batch=batch, num_tokens=num_tokens),
                                impl=impl, stats=stats, progress=report)
+    if dynamic or method == "learned":
+      first = next(iter(w.windows(seq_len, batch=batch, num_tokens=num_tokens)))
+      samples.append(attention_inputs(model, first, impl=impl))
     disclosed.append({**w.disclosure(), "tokens_used": n * batch * seq_len,
                       "seq_len": seq_len, "batch": batch})
   scales, clipped = {}, {}
   for which, spec in specs.items():
     st = stats[which]
+    if spec.dynamic:
+      tokens = [np.concatenate([np.asarray(s[layer][which]) for s in samples])
+                for layer in range(model.cfg.num_layers)]
+      if method == "learned":
+        learned = [clipping.learn_clip(x["q"], x["k"], x["v"], spec,
+                                       np.ones(model.cfg.num_kv_heads, np.float32),
+                                       which=which, steps=learn_steps, **options)
+                   for x in samples[0]]
+        clip = np.stack([r.clip for r in learned])
+      else:
+        clip = clipping.compute_clip(tokens, spec, method, **options)
+      scales[f"{which}_clip"] = np.asarray(clip, np.float32)
+      clipped[which] = clipping.clip_fraction(tokens, spec, clip)
+      continue
     if method == "learned":
       init_scale, init_zero = methods.compute_scales(st, spec, "absmax")
-      first = next(iter(workloads[0].windows(seq_len, batch=batch)))
-      inputs = attention_inputs(model, first, impl=impl)
       learned = [methods.learn_scales(x["q"], x["k"], x["v"], spec, init_scale[layer],
                                       init_zero=None if init_zero is None else init_zero[layer],
                                       which=which, steps=learn_steps, **options)
-                 for layer, x in enumerate(inputs)]
+                 for layer, x in enumerate(samples[0])]
       scale = jnp.stack([r.scale for r in learned])
       zero = None if spec.symmetric else jnp.stack([r.zero for r in learned])
     else:

@@ -264,3 +264,48 @@ def test_dequantized_round_trips_with_quant(rng):
   res = quant.quantize(x, cache.fmt.k)
   expect = quant.dequantize(res.q, cache.fmt.k, res.scale)
   assert_close(deq, jnp.swapaxes(expect, 1, 2), atol=0, name="dequantized")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g16", "fp8_e4m3", "int8-asym"])
+def test_clip_ratios_set_the_written_scales_and_count_what_they_clip(fmt, rng):
+  clip = np.array([[1.0, 0.5], [0.8, 0.25], [0.6, 1.0]], np.float32)  # [L, K]
+  cache = make(fmt, k_clip=clip)
+  assert cache.v_clip is None and cache.k_clip.shape == (L, K)
+  assert cache.nbytes == memory.cache_bytes(fmt, num_layers=L, batch=B, kv_heads=K, max_len=S,
+                                            head_dim=H, clip=("k",))
+  x = kv_with_outliers(rng, (B, 5, K, H))
+  x[0, 0, 0, 0] = np.nan
+  valid = np.array([5, 2, 0])
+  for layer in range(L):
+    cache = cache.update(layer, jnp.asarray(x), jnp.asarray(x), valid_len=valid)
+  cache = cache.advance(valid)
+  counts = cache.counts()
+  mask = (np.arange(5)[None, :] < valid[:, None])[:, :, None, None]
+  spec = cache.fmt.k
+  for layer in range(L):
+    ref = quant.quantize(jnp.asarray(x), spec, clip=clip[layer])
+    assert counts["k_saturated"][layer] == int((np.asarray(ref.saturated) & mask).sum())
+    # The scales stored per token are those of the clipped ranges.
+    stored = np.swapaxes(np.asarray(cache.k_scale[layer]), -1, -2)  # [B, K, S, G]
+    for b in range(B):
+      np.testing.assert_array_equal(stored[b, :, :valid[b]],
+                                    np.swapaxes(np.asarray(ref.scale[b, :valid[b]]), 0, 1))
+  assert counts["k_saturated"][1] > counts["k_saturated"][0] > 0  # 0.25 clips more than 0.5.
+  assert counts["v_saturated"].sum() == 0  # V: plain per-token absmax.
+  assert counts["k_nonfinite"][0] == 1
+  # Shared across layers when the leading L is left out.
+  np.testing.assert_array_equal(make(fmt, v_clip=[0.5, 0.75]).v_clip, [[0.5, 0.75]] * L)
+
+
+def test_clip_ratio_errors_in_the_cache():
+  with pytest.raises(ValueError, match=r"k_clip must be clip ratios in \(0, 1\].*index \(2, 1\)"):
+    make("int8", k_clip=np.array([[1.0, 1.0]] * 2 + [[1.0, 1.5]]))
+  with pytest.raises(ValueError, match=r"v_clip must have shape \(3, 2\) or \(2,\)"):
+    make("int8", v_clip=np.ones((L, K, 1)))
+  with pytest.raises(ValueError, match="k_clip given, but format int8-head stores K as int8-head"):
+    make("int8-head", k_clip=np.ones(K), **static_scales("int8-head"))
+  with pytest.raises(ValueError, match="v_clip given, but format k8v16 stores V as bf16"):
+    make("k8v16", v_clip=np.ones(K))
+  with pytest.raises(ValueError, match="clip names the dynamic specs"):
+    memory.cache_bytes("bf16", num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H,
+                       clip=("k",))

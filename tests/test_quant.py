@@ -583,3 +583,61 @@ def test_jit_matches_eager_at_exact_tie():
   jitted = _quantize(jnp.asarray(x), spec)
   np.testing.assert_array_equal(_np(jitted.q), _np(eager.q))
   np.testing.assert_array_equal(_np(jitted.zero), _np(eager.zero))
+
+
+# ------------------------------------------------------------ calibrated clip ratios
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8_e4m3", "fp8_e5m2", "int4-g8", "int8-asym",
+                                  "int4-asym-g8", "int8-sbf16"])
+def test_clip_ratio_narrows_each_scale_and_flags_what_it_clips(name, rng):
+  spec = QuantSpec.parse(name)
+  x = kv_with_outliers(rng, (2, 7, 3, 16))
+  clip = np.array([0.3, 1.0, 0.75], np.float32)  # per kv head
+  res = quant.quantize(jnp.asarray(x), spec, clip=clip)
+  # The scale is the one rule applied to the narrowed range of each group.
+  g = spec.num_groups(16)
+  xg = x.reshape(2, 7, 3, g, -1).astype(np.float64)
+  c = clip[:, None].astype(np.float32)
+  if spec.symmetric:
+    amax = np.abs(xg).max(-1).astype(np.float32)
+    lo, hi = -amax * c, amax * c
+  else:
+    lo, hi = xg.min(-1).astype(np.float32) * c, xg.max(-1).astype(np.float32) * c
+  want_scale, want_zero = quant.scales_for_range(lo, hi, spec)
+  np.testing.assert_array_equal(res.scale, want_scale)
+  if want_zero is not None:
+    np.testing.assert_array_equal(res.zero, want_zero)
+  # Saturated: exactly the values outside the narrowed range that the grid cannot hold.
+  s = np.repeat(np.asarray(res.scale, np.float64), 16 // g, -1)
+  z = 0.0 if res.zero is None else np.repeat(np.asarray(res.zero, np.float64), 16 // g, -1)
+  y = x.astype(np.float64) / s
+  outside = (x > np.repeat(hi, 16 // g, -1)) | (x < np.repeat(lo, 16 // g, -1))
+  if spec.dtype.is_int:
+    beyond = (np.round(y) + z > spec.qmax) | (np.round(y) + z < spec.qmin)
+  else:
+    beyond = np.abs(y) > spec.qmax
+  np.testing.assert_array_equal(res.saturated, beyond & outside)
+  assert res.saturated[:, :, 1].sum() == 0  # clip 1: nothing clips.
+  assert res.saturated[:, :, 0].sum() > 0  # clip 0.3 of N(0, 1) with outliers: plenty.
+  # Clipped values dequantize to the edge of the grid; the rest keep the scale/2 bound.
+  deq = np.asarray(quant.dequantize(res.q, spec, res.scale, res.zero), np.float64)
+  inside = ~np.asarray(res.saturated)
+  if spec.dtype.is_int:
+    assert (np.abs(deq - x)[inside] <= s[inside] / 2 * (1 + 1e-6)).all()
+  # clip=1 is plain absmax, bit for bit.
+  plain, ones = quant.quantize(jnp.asarray(x), spec), quant.quantize(jnp.asarray(x), spec, clip=1.0)
+  np.testing.assert_array_equal(plain.q.astype(jnp.float32), ones.q.astype(jnp.float32))
+  np.testing.assert_array_equal(plain.scale, ones.scale)
+  assert not np.asarray(ones.saturated).any()
+
+
+def test_clip_ratio_errors():
+  x = jnp.ones((2, 3, 4))
+  with pytest.raises(ValueError, match="clip is for dynamic specs"):
+    quant.quantize(x, QuantSpec.parse("int8-head"), scale=jnp.ones((3, 1)), clip=0.5)
+  with pytest.raises(ValueError, match="dynamic_scales needs a dynamic spec"):
+    quant.dynamic_scales(x, QuantSpec.parse("int8-head"), clip=0.5)
+  for bad in (0.0, 1.5, float("nan"), -0.2):
+    with pytest.raises(ValueError, match=r"clip must be clip ratios in \(0, 1\]"):
+      quant.quantize(x, QuantSpec.parse("int8"), clip=jnp.full((3,), bad))
+  with pytest.raises(ValueError, match=r"clip of shape \(4,\) does not broadcast"):
+    quant.quantize(x, QuantSpec.parse("int8"), clip=jnp.full((4,), 0.5))

@@ -1,10 +1,12 @@
-"""Calibration of static K/V scales.
+"""Calibration of K/V scales: static scales, and clip ratios of dynamic (per-token) ones.
 
   stats      streaming per layer/head/channel statistics under jit: `init_stats`,
              `observe`, `merge`, `percentile`, `summary` (`TensorStats`).
   methods    static scales from the statistics: `compute_scales` (absmax,
              percentile, mse), `learn_scales` (attention-output error, optax),
              `clip_fraction` (the drift baseline).
+  clipping   clip ratios of dynamic specs from sample tokens: `compute_clip`
+             (absmax, percentile, mse), `learn_clip`, `clip_fraction`.
   artifact   the calibration artifact: scales plus their disclosure.
   drift      run-time clip rates against the calibration baseline.
 """

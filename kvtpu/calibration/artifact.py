@@ -1,4 +1,9 @@
-"""The calibration artifact: static scales plus the disclosure of how they were made.
+"""The calibration artifact: calibrated scales plus the disclosure of how they were made.
+
+What is calibrated depends on each spec of the format: a static spec (granularity
+tensor, head or channel) gets its scale (and zero point); a dynamic spec (scales
+per token, computed on write) gets its clip ratios per layer and kv head
+(`kvtpu.calibration.clipping`).
 
 Static scales are only as good as the workload they were calibrated on, so the
 artifact carries, next to the scales, everything a report needs to say so: the
@@ -35,7 +40,7 @@ from kvtpu.formats import KVFormat
 __all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "SCALE_NAMES"]
 
 ARTIFACT_MARKER = "kvtpu_calibration.json"
-SCALE_NAMES = ("k_scale", "k_zero", "v_scale", "v_zero")
+SCALE_NAMES = ("k_scale", "k_zero", "v_scale", "v_zero", "k_clip", "v_clip")
 _MODEL_FIELDS = ("name", "weight_precision", "num_layers", "kv_heads", "head_dim")
 _WORKLOAD_FIELDS = ("name", "num_tokens", "token_sha256", "source_sha256")
 
@@ -47,19 +52,22 @@ def _expected_names(fmt: KVFormat) -> list[str]:
       names.append(f"{which}_scale")
       if not spec.symmetric:
         names.append(f"{which}_zero")
+    elif spec.quantized:
+      names.append(f"{which}_clip")
   return names
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationArtifact:
-  """Calibrated static scales of one model and cache format, with their disclosure.
+  """Calibrated scales (or clip ratios) of one model and cache format, with their disclosure.
 
   Attributes:
-    fmt: the cache format; at least one of its specs has static scales.
+    fmt: the cache format; at least one of its specs is quantized.
     scales: `k_scale` / `k_zero` / `v_scale` / `v_zero` for the static specs (zero
-      points only for asymmetric ones), float32 `[L, 1|K, 1|H]`.
-    clip_fraction: `{"k": f64[L], "v": f64[L]}` for the static specs: the fraction of
-      calibration values these scales clip (the run-time saturation baseline).
+      points only for asymmetric ones), float32 `[L, 1|K, 1|H]`; `k_clip` /
+      `v_clip` for the dynamic specs, float32 `[L, K]` ratios in (0, 1].
+    clip_fraction: `{"k": f64[L], "v": f64[L]}` for the quantized specs: the fraction
+      of calibration values these scales clip (the run-time saturation baseline).
     model: `name`, `weight_precision`, `num_layers`, `kv_heads`, `head_dim`.
     method: the scale method (`absmax`, `percentile`, `mse`, `learned`);
       method_options: its options (e.g. `{"percentile": 99.99}`).
@@ -101,8 +109,7 @@ class CalibrationArtifact:
         raise ValueError(f"workloads[{i}] lacks {lacking} (a disclosure needs {_WORKLOAD_FIELDS})")
     expected = _expected_names(self.fmt)
     if not expected:
-      raise ValueError(f"format {self.fmt.name} has dynamic scales only: nothing to calibrate "
-                       "statically (use e.g. int8-channel or k=int8-head,v=int8)")
+      raise ValueError(f"format {self.fmt.name} stores K and V unquantized: nothing to calibrate")
     if sorted(self.scales) != sorted(expected):
       raise ValueError(f"format {self.fmt.name} needs scales {expected}, got {sorted(self.scales)}")
     layers, heads, dim = (int(self.model[f]) for f in ("num_layers", "kv_heads", "head_dim"))
@@ -110,17 +117,23 @@ class CalibrationArtifact:
     for name in expected:
       arr = np.asarray(self.scales[name], np.float32)
       spec = self.fmt.spec(name[0])
-      shape = (layers, *quant.static_scale_shape(spec, heads, dim))
+      if name.endswith("clip"):
+        shape = (layers, heads)
+      else:
+        shape = (layers, *quant.static_scale_shape(spec, heads, dim))
       if arr.shape != shape:
         raise ValueError(f"{name} has shape {arr.shape}; {spec.name} on this model needs {shape}")
-      quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
+      if name.endswith("clip"):
+        quant.validate_clip(name, arr)
+      else:
+        quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
       arrays[name] = arr
     object.__setattr__(self, "scales", arrays)
     fractions = {}
     for which in sorted({n[0] for n in expected}):
       if which not in self.clip_fraction:
-        raise ValueError(f"clip_fraction lacks {which!r}: the drift baseline of the static "
-                         f"{which.upper()} scales")
+        raise ValueError(f"clip_fraction lacks {which!r}: the drift baseline of the "
+                         f"calibrated {which.upper()} scales")
       frac = np.asarray(self.clip_fraction[which], np.float64)
       if frac.shape != (layers,) or not np.all((frac >= 0) & (frac <= 1)):
         raise ValueError(f"clip_fraction[{which!r}] must be {layers} fractions in [0, 1], got "

@@ -1,7 +1,7 @@
 """Drift monitoring: does run-time traffic leave the range the scales were calibrated on?
 
 A calibration artifact stores, per layer, the fraction of calibration values its
-static scales clip. At run time the cache counts the values it clips
+scales clip (static scales, or the clip ratios of dynamic ones). At run time the cache counts the values it clips
 (`KVCache.counts()["k_saturated"]`, per layer). Comparing the two per layer says
 whether traffic still looks like the calibration workload: a layer whose run-time
 clip rate exceeds its calibration rate by `factor` is flagged.
@@ -18,7 +18,7 @@ __all__ = ["drift_summary", "drift_markdown"]
 
 def drift_summary(artifact, cache, *, factor: float = 2.0,
                   min_written: int = 1) -> list[dict[str, Any]]:
-  """Per layer and static tensor (K and/or V): calibration vs run-time clip rate.
+  """Per layer and calibrated tensor (K and/or V): calibration vs run-time clip rate.
 
   Args:
     artifact: the `CalibrationArtifact` whose scales the cache uses.

@@ -383,10 +383,10 @@ def _output_error(out, ref, valid):
   return jnp.sum(w * jnp.square(out - ref)) / denom
 
 
-def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
+def check_qkv(q, k, v, which: str, valid) -> jax.Array:
+  """Validates one layer's attention inputs; returns `valid` as `bool[B, T]`."""
   if which not in ("k", "v"):
     raise ValueError(f"which must be 'k' or 'v', got {which=}")
-  _check_spec(spec)
   if jnp.ndim(q) != 4 or jnp.ndim(k) != 4 or jnp.shape(k) != jnp.shape(v):
     raise ValueError(f"need q: [B, T, N, H], k, v: [B, T, K, H], got q{list(jnp.shape(q))}, "
                      f"k{list(jnp.shape(k))}, v{list(jnp.shape(v))}")
@@ -394,7 +394,17 @@ def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
   if k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
     raise ValueError(f"q{list(q.shape)} and k{list(k.shape)} disagree on B, T or H, or N is "
                      "not a multiple of K")
-  want = quant.static_scale_shape(spec, k.shape[2], h)
+  if valid is None:
+    return jnp.ones((b, t), bool)
+  if tuple(jnp.shape(valid)) != (b, t):
+    raise ValueError(f"valid must be bool[B, T]={(b, t)}, got {tuple(jnp.shape(valid))}")
+  return jnp.asarray(valid, bool)
+
+
+def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
+  _check_spec(spec)
+  valid = check_qkv(q, k, v, which, valid)
+  want = quant.static_scale_shape(spec, k.shape[2], q.shape[3])
   if tuple(jnp.shape(scale)) != want:
     raise ValueError(f"scale must have shape {want} ({spec.name}, one layer), got "
                      f"{tuple(jnp.shape(scale))}")
@@ -402,11 +412,7 @@ def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
     raise ValueError(f"{spec.name}: zero must be {'None' if spec.symmetric else 'given'}")
   if zero is not None and tuple(jnp.shape(zero)) != want:
     raise ValueError(f"zero must have shape {want}, got {tuple(jnp.shape(zero))}")
-  if valid is None:
-    return jnp.ones((b, t), bool)
-  if tuple(jnp.shape(valid)) != (b, t):
-    raise ValueError(f"valid must be bool[B, T]={(b, t)}, got {tuple(jnp.shape(valid))}")
-  return jnp.asarray(valid, bool)
+  return valid
 
 
 @partial(jax.jit, static_argnames=("spec", "which"))
@@ -486,21 +492,29 @@ def _learn(q, k, v, log_s0, center, valid, softmax_scale, spec, which, steps, le
       out = _attention(q, k, _fake_quant(v, spec, s, z), valid, softmax_scale)
     return _output_error(out, ref, valid)
 
+  return minimize(loss_fn, log_s0, steps, learning_rate)
+
+
+def minimize(loss_fn, x0: jax.Array, steps: int, learning_rate: float) -> jax.Array:
+  """`steps` Adam steps on `loss_fn` from `x0` (under jit, as one `lax.scan`).
+
+  Returns the parameters of the lowest loss seen, the final ones included: the
+  straight-through losses are not smooth, so the last step need not be the best.
+  """
   opt = optax.adam(learning_rate)
 
   def step(carry, _):
-    log_s, opt_state, best_loss, best = carry
-    loss, grad = jax.value_and_grad(loss_fn)(log_s)
+    x, opt_state, best_loss, best = carry
+    loss, grad = jax.value_and_grad(loss_fn)(x)
     better = loss < best_loss
     best_loss = jnp.where(better, loss, best_loss)
-    best = jnp.where(better, log_s, best)
+    best = jnp.where(better, x, best)
     updates, opt_state = opt.update(grad, opt_state)
-    return (optax.apply_updates(log_s, updates), opt_state, best_loss, best), loss
+    return (optax.apply_updates(x, updates), opt_state, best_loss, best), loss
 
-  init = (log_s0, opt.init(log_s0), jnp.asarray(jnp.inf, jnp.float32), log_s0)
-  (log_s, _, best_loss, best), _ = jax.lax.scan(step, init, None, length=steps)
-  final = loss_fn(log_s)
-  return jnp.where(final < best_loss, log_s, best)
+  init = (x0, opt.init(x0), jnp.asarray(jnp.inf, jnp.float32), x0)
+  (x, _, best_loss, best), _ = jax.lax.scan(step, init, None, length=steps)
+  return jnp.where(loss_fn(x) < best_loss, x, best)
 
 
 def learn_scales(q, k, v, spec: QuantSpec, init_scale, *, init_zero=None, which: str = "k",

@@ -97,7 +97,9 @@ def test_invalid_artifacts_are_rejected(tmp_path):
     _artifact(scales={**base.scales, "k_scale": np.ones((L, K, 1))})
   with pytest.raises(ValueError, match=r"needs scales \['k_scale', 'v_scale', 'v_zero'\]"):
     _artifact(scales={"k_scale": base.scales["k_scale"]})
-  with pytest.raises(ValueError, match="dynamic scales only"):
+  with pytest.raises(ValueError, match="bf16 stores K and V unquantized"):
+    _artifact(fmt="bf16", scales={})
+  with pytest.raises(ValueError, match=r"needs scales \['k_clip', 'v_clip'\]"):
     _artifact(fmt="int8", scales={})
   with pytest.raises(ValueError, match="workloads is empty"):
     _artifact(workloads=())

@@ -65,6 +65,27 @@ def test_calibrate_builds_an_artifact_the_cache_applies(model, data, method, tmp
   assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.parametrize("method", ["absmax", "percentile", "mse", "learned"])
+def test_calibrate_dynamic_specs_gives_clip_ratios_the_cache_applies(model, data, method,
+                                                                     tmp_path):
+  fmt = "k=int4,v=int8-head"  # dynamic K (clip ratios), static V (scales)
+  options = {"percentile": 99.0} if method == "percentile" else {}
+  art, _ = calibrate(model, [data], fmt, method=method, seq_len=32, batch=4, num_tokens=512,
+                     learn_steps=5, impl="xla", method_options=options)
+  assert sorted(art.scales) == ["k_clip", "v_scale"]
+  clip = art.scales["k_clip"]
+  assert clip.shape == (CFG.num_layers, CFG.num_kv_heads) and ((clip > 0) & (clip <= 1)).all()
+  if method == "absmax":
+    assert (clip == 1).all() and art.clip_fraction["k"].max() == 0
+  cache = model.init_cache(fmt, batch=4, max_len=32,
+                           calibration=type(art).load(art.save(tmp_path / "a")))
+  np.testing.assert_array_equal(cache.k_clip, clip)
+  # Re-running the first calibration batch clips exactly the calibration fraction.
+  first = next(iter(data.windows(32, batch=4)))
+  _, cache = model(jnp.asarray(first), cache, impl="xla")
+  np.testing.assert_allclose(cache.saturation_rates()["k"], art.clip_fraction["k"], rtol=1e-6)
+
+
 def test_mismatched_artifact_and_bad_requests_are_clear(model, data):
   art, _ = calibrate(model, [data], "int8-head", seq_len=32, batch=4, num_tokens=256,
                      impl="xla")
@@ -77,8 +98,8 @@ def test_mismatched_artifact_and_bad_requests_are_clear(model, data):
   other = Llama(dataclasses.replace(CFG, name="other"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="made on model 'tiny', not 'other'"):
     other.init_cache("int8-head", batch=1, max_len=8, calibration=art)
-  with pytest.raises(ValueError, match="dynamic scales only"):
-    calibrate(model, [data], "int8", seq_len=32, batch=4, num_tokens=256)
+  with pytest.raises(ValueError, match="bf16 stores K and V unquantized"):
+    calibrate(model, [data], "bf16", seq_len=32, batch=4, num_tokens=256)
   with pytest.raises(ValueError, match="unknown method='best'"):
     calibrate(model, [data], "int8-head", method="best")
   with pytest.raises(ValueError, match="unknown kinds"):
