@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[tpu,dev]"
 	@touch $(STAMP)
 
+# Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU).
 run: $(STAMP)
-	$(PY) -m experiments.demo --workdir=$(WORKDIR)/demo
+	$(PY) -m experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests

@@ -30,10 +30,10 @@ import numpy as np
 from absl import app, flags, logging
 
 import kvtpu
+from experiments.common import chat_responder
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads as workloads_lib
 from models.calibrate import KINDS, calibrate
-from models.generation import generate
 from models.pretrained import load_pretrained
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "load_pretrained name or path.")
@@ -52,14 +52,6 @@ _LEARN_STEPS = flags.DEFINE_integer("learn_steps", 100, "Optimizer steps per lay
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _IMPL = flags.DEFINE_enum("impl", "auto", list(kvtpu.attention.IMPLS), "attend implementation.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/calibrate", "Output directory.")
-
-
-def chat_responder(model, tokenizer, *, max_new_tokens: int = 64):
-  """`respond` for the chat workload: the model's own greedy answers."""
-  def respond(prompts):
-    return generate(model, prompts, max_new_tokens=max_new_tokens, kv_format="bf16",
-                    stop_ids=tokenizer.stop_ids).tokens
-  return respond
 
 
 def outlier_markdown(art) -> str:

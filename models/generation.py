@@ -367,7 +367,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
              max_len: int | None = None, impl: str = "auto", pad_id: int = 0,
              prefill_chunk: int | None = 512,
-             static_scales: Mapping[str, jax.Array] | None = None) -> Generation:
+             static_scales: Mapping[str, jax.Array] | None = None,
+             calibration=None) -> Generation:
   """Generates up to `max_new_tokens` tokens for each prompt, batched, on a kvtpu cache.
 
   Args:
@@ -390,6 +391,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
       tokens/s).
     static_scales: calibrated scales for a static-scale `kv_format`, passed to
       `model.init_cache` (`k_scale=`, `v_scale=`, ...).
+    calibration: or a `kvtpu.calibration.CalibrationArtifact` for `kv_format` (static
+      scales or clip ratios), checked against the model.
 
   Returns:
     A `Generation`: tokens, stop flags, timings and the final cache.
@@ -439,7 +442,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   if prefill_chunk is not None:
     prefill_chunk = min(_check_int("prefill_chunk", prefill_chunk, 1), max_len)
   tokens, lengths = pad_prompts(prompts, pad_id=pad_id, max_len=max_len, chunk=prefill_chunk)
-  cache = model.init_cache(fmt, batch=len(prompts), max_len=max_len, **(static_scales or {}))
+  cache = model.init_cache(fmt, batch=len(prompts), max_len=max_len, calibration=calibration,
+                           **(static_scales or {}))
   # Padded with -1 (no token) to a multiple of STOP_BUCKET: one compile serves them all.
   width = max(1, -(-len(stops) // STOP_BUCKET)) * STOP_BUCKET
   stop_arr = jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)

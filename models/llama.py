@@ -95,6 +95,8 @@ class Block(nnx.Module):
       observe(self.index, "v", v)
     cache = cache.update(self.index, k, v, valid_len=valid_len)
     attn = kvtpu.attend(q, cache, self.index, valid_len=valid_len, impl=impl)
+    if observe is not None:
+      observe(self.index, "attn", attn)
     x = x + self.o_proj(attn.reshape(b, t, cfg.num_heads * cfg.head_dim))
     y = self.post_norm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -163,7 +165,8 @@ class Llama(nnx.Module):
       observe: optional hook, called while tracing as `observe(layer, kind, x)` with
         `x: [B, T, K, H]` the keys before RoPE (`kind="k_pre"`), after RoPE (`"k"`,
         what the cache stores) and the values (`"v"`), before quantization, and the
-        queries after RoPE (`"q"`, `[B, T, N, H]`). Calibration
+        queries after RoPE (`"q"`, `[B, T, N, H]`), and the attention output
+        (`"attn"`, `[B, T, N, H]`, read from the cache). Calibration
         reduces them to statistics inside the same jitted step (see
         `models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
 

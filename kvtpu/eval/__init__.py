@@ -1,11 +1,16 @@
-"""Evaluation: named, reproducible workloads (token streams with content hashes).
+"""Evaluation: workloads, teacher-forced scoring through the cache, metrics, reports.
 
   workloads.load("prose", tokenizer)      a built-in or user workload by name
   Workload.windows(seq_len, batch=...)    int32 [B, T] batches of its token stream
   Workload.disclosure()                   name, token count and hashes, for reports
+  protocol.score(forward, params, ...)    every cache under test against a reference
+                                          cache, chunk by chunk through update/attend
+  metrics                                 perplexity, KL, top-1 agreement per token
+  report.write_report(rows, workdir)      schema-checked results.jsonl, report.md, PNGs
 """
 
-from kvtpu.eval import workloads
+from kvtpu.eval import metrics, protocol, report, workloads
+from kvtpu.eval.protocol import Protocol
 from kvtpu.eval.workloads import WORKLOADS, Workload
 
-__all__ = ["WORKLOADS", "Workload", "workloads"]
+__all__ = ["WORKLOADS", "Workload", "workloads", "metrics", "protocol", "report", "Protocol"]

@@ -1,0 +1,199 @@
+"""Evaluation of cache precisions on a model: the glue between `kvtpu.eval` and `Llama`.
+
+  forward_fn(model)        the model as the pure function `kvtpu.eval.protocol.score` runs
+  CacheConfig(fmt, art)    a cache under test: a format, dynamic or calibrated
+  score_workload(...)      result rows (schema of `kvtpu.eval.report`) for one
+                           workload, context length and batch size
+  passkey_rows(...)        greedy passkey retrieval per length and depth
+
+Every row states the model and its weight precision as loaded, and apart from them
+the KV precision (K and V dtype, granularity, scheme), the calibration ("dynamic" or
+the artifact's method and workloads with token counts and hashes), the evaluation
+workload with its hashes, and the protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+import kvtpu
+from kvtpu import memory
+from kvtpu.eval import protocol as protocol_lib
+from kvtpu.eval import workloads as workloads_lib
+from models.generation import generate
+
+__all__ = ["LlamaForward", "forward_fn", "CacheConfig", "row_header", "score_workload",
+           "passkey_rows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaForward:
+  """`forward(params, tokens, cache, valid_len, observe)` of one model graph and attend impl.
+
+  Hashable by value, so `kvtpu.eval.protocol.score` compiles its steps once per model.
+  """
+
+  graphdef: Any
+  impl: str = "auto"
+
+  def __call__(self, params, tokens, cache, valid_len, observe):
+    model = nnx.merge(self.graphdef, params)
+    return model(tokens, cache, valid_len=valid_len, impl=self.impl, observe=observe)
+
+
+def forward_fn(model, impl: str = "auto") -> tuple[LlamaForward, Any]:
+  """`(forward, params)` of a `models.llama.Llama` for `kvtpu.eval.protocol.score`."""
+  graphdef, params = nnx.split(model)
+  return LlamaForward(graphdef, impl), params
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """A cache under test: a format with dynamic scales, or calibrated by an artifact.
+
+  Attributes:
+    fmt: the cache format (name or `KVFormat`).
+    calibration: a `CalibrationArtifact` for `fmt` (static scales or clip ratios);
+      None: dynamic scales as computed on write (static formats need one).
+  """
+
+  fmt: kvtpu.KVFormat | str
+  calibration: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "fmt", kvtpu.KVFormat.parse(self.fmt))
+    if self.calibration is None and self.fmt.static:
+      raise ValueError(f"format {self.fmt.name} has static scales: give it a calibration "
+                       "artifact")
+    if self.calibration is not None and self.calibration.fmt != self.fmt:
+      raise ValueError(f"calibration artifact is for {self.calibration.fmt.name}, not "
+                       f"{self.fmt.name}")
+
+  @property
+  def calibration_name(self) -> str:
+    if self.calibration is None:
+      return "dynamic"
+    return "+".join(w["name"] for w in self.calibration.workloads)
+
+  @property
+  def label(self) -> str:
+    return f"{self.fmt.name} | {self.calibration_name}"
+
+
+def _precision(spec: kvtpu.QuantSpec) -> dict[str, Any]:
+  return {"dtype": spec.dtype.value, "granularity": spec.granularity.value,
+          "scheme": ("none" if not spec.quantized else
+                     "symmetric" if spec.symmetric else "asymmetric"),
+          "group_size": spec.group_size, "scale_dtype": spec.scale_dtype}
+
+
+def row_header(model, config: CacheConfig) -> dict[str, Any]:
+  """The fields every result row carries: model, weights, KV precision, calibration."""
+  cfg = model.cfg
+  fmt = config.fmt
+  art = config.calibration
+  calibration: Any = "dynamic"
+  if art is not None:
+    d = art.disclosure()
+    calibration = {"method": d["method"], "method_options": d["method_options"],
+                   "workloads": d["workloads"], "kvtpu_version": d["kvtpu_version"],
+                   "created": d["created"]}
+  per_token = memory.bytes_per_token(fmt, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+  return {"model": cfg.name, "weight_precision": model.weight_precision,
+          "kv_format": fmt.name, "kv_precision": {"k": _precision(fmt.k), "v": _precision(fmt.v)},
+          "kv_bytes_per_token": per_token * cfg.num_layers, "calibration": calibration,
+          "calibration_name": config.calibration_name}
+
+
+_DEFAULT_PROTOCOL = protocol_lib.Protocol()
+
+
+def score_workload(model, workload: workloads_lib.Workload, configs: Sequence[CacheConfig], *,
+                   context: int, batch: int, max_len: int | None = None,
+                   protocol: protocol_lib.Protocol = _DEFAULT_PROTOCOL,
+                   progress: Callable[[int, int, float], None] | None = None
+                   ) -> list[dict[str, Any]]:
+  """Teacher-forced scoring of each config against the reference cache.
+
+  The batch is the workload's first `batch` windows of `context` tokens, cut to the
+  ragged lengths of `protocol.ragged_lengths(context, batch)`. `max_len` (default
+  `context`) sizes the caches: one value for several contexts lets their chunks
+  share one compiled step.
+
+  Returns:
+    One "score" row per config (`kvtpu.eval.report` schema).
+
+  Raises:
+    ValueError: for a workload shorter than `batch * context` tokens.
+  """
+  need = batch * context
+  if workload.num_tokens < need:
+    raise ValueError(f"workload {workload.name} has {workload.num_tokens} tokens; context="
+                     f"{context} x batch={batch} needs {need}")
+  tokens = next(iter(workload.windows(context, batch=batch)))
+  lengths = protocol_lib.ragged_lengths(context, batch)
+  forward, params = forward_fn(model, protocol.impl)
+  max_len = context if max_len is None else max_len
+  caches = {c.label: model.init_cache(c.fmt, batch=batch, max_len=max_len,
+                                      calibration=c.calibration) for c in configs}
+  if len(caches) != len(configs):
+    raise ValueError(f"configs repeat a label: {[c.label for c in configs]}")
+  reference = model.init_cache(protocol.reference, batch=batch, max_len=max_len)
+  results = protocol_lib.score(forward, params, tokens, lengths, caches, reference, protocol,
+                               progress=progress)
+  rows = []
+  for c in configs:
+    rows.append({"kind": "score", **row_header(model, c),
+                 "eval_workload": workload.disclosure(), "context": context, "batch": batch,
+                 "lengths": lengths.tolist(), "protocol": protocol.to_dict(),
+                 "metrics": results[c.label].metrics})
+  return rows
+
+
+def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: Sequence[int],
+                 depths: Sequence[float], num_samples: int = 4, seed: int = 0,
+                 reference: str = "bf16", impl: str = "auto", max_new_tokens: int = 8,
+                 progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """Greedy passkey retrieval per (length, depth), for each config and the reference.
+
+  A sample is retrieved when its five-digit key appears in the greedy continuation
+  (`max_new_tokens` tokens) of the prompt. The samples of one (length, depth) run
+  as one batch.
+
+  Returns:
+    One "passkey" row per config, length and depth, with `accuracy` and the
+    reference cache's `accuracy_ref` on the same prompts.
+  """
+  rows = []
+  for length in lengths:
+    for depth in depths:
+      w = workloads_lib.passkey(tokenizer, length=length, depth=depth, num_samples=num_samples,
+                                seed=seed)
+      prompts = [d.tolist() for d in w.documents]
+
+      def accuracy(fmt, calibration=None, prompts=prompts, answers=w.answers):
+        gen = generate(model, prompts, max_new_tokens=max_new_tokens, kv_format=fmt,
+                       impl=impl, calibration=calibration, stop_ids=tokenizer.stop_ids)
+        hits = [key in tokenizer.decode(toks) for key, toks in zip(answers, gen.tokens,
+                                                                   strict=True)]
+        return float(np.mean(hits))
+
+      ref = accuracy(reference)
+      for c in configs:
+        acc = accuracy(c.fmt, c.calibration)
+        rows.append({"kind": "passkey", **row_header(model, c), "eval_workload": w.disclosure(),
+                     "context": length, "batch": num_samples, "depth": float(depth),
+                     "protocol": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
+                                  "reference": reference, "impl": impl},
+                     "metrics": {"accuracy": acc, "accuracy_ref": ref,
+                                 "num_samples": num_samples}})
+      if progress is not None:
+        progress(f"passkey length={length} depth={depth:g}: reference {ref:.2f}, " + ", ".join(
+            f"{r['kv_format']}|{r['calibration_name']} {r['metrics']['accuracy']:.2f}"
+            for r in rows[-len(configs):]))
+  return rows
