@@ -24,3 +24,18 @@ def chat_responder(model, tokenizer, *, max_new_tokens: int = 64):
     return generate(model, prompts, max_new_tokens=max_new_tokens, kv_format="bf16",
                     stop_ids=tokenizer.stop_ids).tokens
   return respond
+
+
+def format_names(values: list[str]) -> list[str]:
+  """A list flag of format names, with `k=<spec>,v=<spec>` rejoined.
+
+  absl list flags split on commas, which also separate the K and V specs of a mixed
+  format: `--kv_formats=int8,k=int8-channel,v=int8` arrives as three items.
+  """
+  out: list[str] = []
+  for v in values:
+    if v.strip().lower().startswith("v=") and out and out[-1].strip().lower().startswith("k="):
+      out[-1] = f"{out[-1]},{v}"
+    else:
+      out.append(v)
+  return out

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 import kvtpu
-from experiments.common import chat_responder
+from experiments.common import chat_responder, format_names
 from kvtpu.calibration.artifact import CalibrationArtifact
 from kvtpu.eval import report as report_lib
 from kvtpu.eval import workloads as workloads_lib
@@ -67,6 +67,43 @@ PRESETS = {
         passkey_lengths=[1024, 2048, 4096, 8192], passkey_depths=[0.1, 0.3, 0.5, 0.7, 0.9],
         passkey_samples=8, passkey_formats=["int8", "fp8_e4m3", "int4", "fp8_e5m2"]),
 }
+
+# The issue's accuracy targets for dynamic per-token-head scales (SmolLM2, prose and
+# code, 2048 tokens): metric -> (bound, "max" | "min"); ppl_rel_change bounds |change|.
+TARGETS = {
+    "int8": {"ppl_rel_change": (1e-3, "max"), "kl_mean": (1e-3, "max"),
+             "top1_agreement": (0.99, "min")},
+    "fp8_e4m3": {"ppl_rel_change": (5e-3, "max")},
+}
+
+
+def targets_markdown(rows: list[dict], context: int = 2048) -> str:
+  """Each target against the dynamic rows at `context`: measured value, met or missed."""
+  lines = [f"## Targets (dynamic per-token-head scales, context {context})", "",
+           "| format | evaluated on | metric | target | measured | met |", "|---|---|---|---|---|---|"]
+  for fmt, targets in TARGETS.items():
+    for r in rows:
+      if (r["kind"], r["kv_format"], r["calibration"], r["context"]) != (
+          "score", fmt, "dynamic", context):
+        continue
+      for metric, (bound, kind) in targets.items():
+        value = r["metrics"][metric]
+        ok = abs(value) <= bound if metric == "ppl_rel_change" else (
+            value <= bound if kind == "max" else value >= bound)
+        target = (f"abs <= {bound:g}" if metric == "ppl_rel_change" else
+                  f"{'<=' if kind == 'max' else '>='} {bound:g}")
+        lines.append(f"| {fmt} | {r['eval_workload']['name']} x{r['batch']} | {metric} | "
+                     f"{target} | {value:.4g} | {'yes' if ok else '**no**'} |")
+  passkey = [r for r in rows if r["kind"] == "passkey" and r["kv_format"] == "int8"]
+  for r in passkey:
+    m = r["metrics"]
+    lines.append(f"| int8 | passkey @{r['context']} depth {r['depth']:g} | accuracy = bf16 | "
+                 f"equal | {m['accuracy']:.2f} vs {m['accuracy_ref']:.2f} | "
+                 f"{'yes' if m['accuracy'] == m['accuracy_ref'] else '**no**'} |")
+  if len(lines) == 4:
+    lines.append("| - | - | - | - | no matching rows in this run | - |")
+  return "\n".join(lines)
+
 
 _PRESET = flags.DEFINE_enum("preset", "quick", ["quick", "full", "none"],
                             "Defaults for every flag not given explicitly.")
@@ -132,6 +169,7 @@ def settings() -> dict:
   if any(not 0 <= d <= 1 for d in out["passkey_depths"]):
     raise app.UsageError(f"--passkey_depths must be in [0, 1], got {out['passkey_depths']}")
   for name in ("kv_formats", "calibrate_formats", "passkey_formats"):
+    out[name] = format_names(out[name])
     for f in out[name]:
       try:
         kvtpu.KVFormat.parse(f)
@@ -228,7 +266,8 @@ def main(argv) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   report = report_lib.write_report(
-      rows, workdir, title=f"KV-cache precision evaluation: {model.cfg.name}")
+      rows, workdir, title=f"KV-cache precision evaluation: {model.cfg.name}",
+      extra_sections=[targets_markdown(rows, max(cfg["contexts"]))])
   print(report)
   print(f"Report: {os.path.join(workdir, 'report.md')}; results: "
         f"{os.path.join(workdir, 'results.jsonl')}")

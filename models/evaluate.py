@@ -163,7 +163,8 @@ def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: S
 
   A sample is retrieved when its five-digit key appears in the greedy continuation
   (`max_new_tokens` tokens) of the prompt. The samples of one (length, depth) run
-  as one batch.
+  as one batch. A length at the model's context (`cfg.max_position`) gets a prompt
+  `max_new_tokens` shorter, so that prompt and answer fit (`prompt_tokens`).
 
   Returns:
     One "passkey" row per config, length and depth, with `accuracy` and the
@@ -171,9 +172,12 @@ def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: S
   """
   rows = []
   for length in lengths:
+    # The prompt and the answer fit in the model's context: at the full context the
+    # prompt is `max_new_tokens` shorter.
+    prompt_len = min(length, model.cfg.max_position - max_new_tokens)
     for depth in depths:
-      w = workloads_lib.passkey(tokenizer, length=length, depth=depth, num_samples=num_samples,
-                                seed=seed)
+      w = workloads_lib.passkey(tokenizer, length=prompt_len, depth=depth,
+                                num_samples=num_samples, seed=seed)
       prompts = [d.tolist() for d in w.documents]
 
       def accuracy(fmt, calibration=None, prompts=prompts, answers=w.answers):
@@ -188,6 +192,7 @@ def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: S
         acc = accuracy(c.fmt, c.calibration)
         rows.append({"kind": "passkey", **row_header(model, c), "eval_workload": w.disclosure(),
                      "context": length, "batch": num_samples, "depth": float(depth),
+                     "prompt_tokens": prompt_len,
                      "protocol": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
                                   "reference": reference, "impl": impl},
                      "metrics": {"accuracy": acc, "accuracy_ref": ref,

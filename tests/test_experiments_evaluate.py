@@ -10,6 +10,7 @@ import sys
 import pytest
 from flax import nnx
 
+from experiments.common import format_names
 from kvtpu.eval import report
 from models import loaders
 from models.llama import Llama
@@ -33,7 +34,7 @@ def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.evaluate", "--preset=none",
        f"--model={tiny_checkpoint}", f"--workdir={tmp_path}", "--kv_formats=int8,fp8_e4m3",
-       "--calibrate_formats=int4,int8-head", "--calibration_workloads=prose,code",
+       "--calibrate_formats=int4,k=int8-head,v=int8", "--calibration_workloads=prose,code",
        "--calibration_method=absmax", "--calibration_tokens=1024",
        "--eval_workloads=prose,code", "--contexts=32,64", "--batches=2", "--prefill=16",
        "--chunk=8", "--passkey_lengths=96", "--passkey_depths=0.5", "--passkey_samples=2",
@@ -45,7 +46,8 @@ def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
   scores = [r for r in rows if r["kind"] == "score"]
   labels = {(r["kv_format"], r["calibration_name"]) for r in scores}
   assert labels == {("int8", "dynamic"), ("fp8_e4m3", "dynamic"), ("int4", "prose"),
-                    ("int4", "code"), ("int8-head", "prose"), ("int8-head", "code")}
+                    ("int4", "code"), ("k=int8-head,v=int8", "prose"),
+                    ("k=int8-head,v=int8", "code")}
   assert len(scores) == 6 * 2 * 2  # configs x eval workloads x contexts
   for r in scores:
     assert r["weight_precision"] == "random init (float32)" and r["model"] == "tiny-smollm-vocab"
@@ -56,7 +58,8 @@ def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
   passkey = [r for r in rows if r["kind"] == "passkey"]
   assert [(r["kv_format"], r["context"], r["depth"]) for r in passkey] == [("int8", 96, 0.5)]
   text = (tmp_path / "report.md").read_text()
-  for part in ("random init (float32)", "Calibration transfer", "Passkey", "kl_mean"):
+  for part in ("random init (float32)", "Calibration transfer", "Passkey", "kl_mean",
+               "## Targets (dynamic per-token-head scales, context 64)", "| int8 | prose x2 |"):
     assert part in text, part
   for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png"):
     assert (tmp_path / png).stat().st_size > 1000
@@ -74,3 +77,9 @@ def test_evaluate_flag_errors(tmp_path):
       timeout=300)
   assert proc.returncode != 0
   assert "--kv_formats=int8-head has static scales" in proc.stderr
+
+
+def test_format_names_rejoins_mixed_formats():
+  assert format_names(["int8", "k=int8-channel", "v=int4", "k8v4", "v=int8"]) == [
+      "int8", "k=int8-channel,v=int4", "k8v4", "v=int8"]
+  assert format_names([]) == []

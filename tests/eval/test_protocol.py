@@ -22,10 +22,10 @@ def model():
   return Llama(CFG, rngs=nnx.Rngs(5))
 
 
-def _full_forward_nll(model, tokens, lengths):
-  """Per-token NLL of one plain full-sequence forward (f32 cache), numpy float64."""
+def _full_forward_nll(model, tokens, lengths, fmt):
+  """Per-token NLL of one plain full-sequence forward, numpy float64."""
   b, s = tokens.shape
-  logits, _ = model(jnp.asarray(tokens), model.init_cache("f32", batch=b, max_len=s),
+  logits, _ = model(jnp.asarray(tokens), model.init_cache(fmt, batch=b, max_len=s),
                     valid_len=jnp.asarray(lengths), impl="xla")
   lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
   out = []
@@ -47,18 +47,19 @@ def test_schedule_and_ragged_lengths():
     Protocol(chunk=0)
 
 
+@pytest.mark.parametrize("ref", ["bf16", "f32"])
 @pytest.mark.parametrize("prefill, chunk", [(16, 1), (7, 5), (64, 64)])
-def test_reference_cache_reproduces_a_full_forward(model, prefill, chunk, rng):
+def test_reference_cache_reproduces_a_full_forward(model, prefill, chunk, ref, rng):
   tokens = rng.integers(0, CFG.vocab_size, (3, 40)).astype(np.int32)
   lengths = np.array([40, 17, 2])  # ragged, down to a single scored token
   forward, params = forward_fn(model, "xla")
-  caches = {"f32": model.init_cache("f32", batch=3, max_len=48),
+  caches = {"same": model.init_cache(ref, batch=3, max_len=48),
             "int4": model.init_cache("int4", batch=3, max_len=48)}
-  res = score(forward, params, tokens, lengths, caches, model.init_cache("f32", batch=3,
+  res = score(forward, params, tokens, lengths, caches, model.init_cache(ref, batch=3,
                                                                           max_len=48),
               Protocol(prefill=prefill, chunk=chunk, impl="xla"))
-  want = _full_forward_nll(model, tokens, lengths)
-  same = res["f32"]
+  want = _full_forward_nll(model, tokens, lengths, ref)
+  same = res["same"]
   assert same.metrics["scored_tokens"] == want.size == 39 + 16 + 1
   np.testing.assert_allclose(same.per_token["nll_ref"], want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(same.per_token["nll"], want, rtol=2e-5, atol=2e-5)
