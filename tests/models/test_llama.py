@@ -72,8 +72,17 @@ def test_observe_hook_sees_pre_and_post_rope_keys_and_values():
 
   _, cache = model(tokens, model.init_cache("f32", batch=2, max_len=8), impl="xla",
                    observe=observe)
-  assert sorted(seen) == [(i, k) for i in range(2) for k in ("k", "k_pre", "q", "v")]
+  assert sorted(seen) == [(i, k) for i in range(2) for k in ("attn", "k", "k_pre", "q", "v")]
   assert seen[0, "q"].shape == (2, 6, TINY.num_heads, TINY.head_dim)
+  # The attention output: causal GQA softmax attention of q over k, v, in float64.
+  q, k, v = (np.asarray(seen[0, kind], np.float64) for kind in ("q", "k", "v"))
+  group = TINY.num_heads // TINY.num_kv_heads
+  kk, vv = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+  logits = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(TINY.head_dim)
+  logits = np.where(np.tril(np.ones((6, 6), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), vv)
+  assert_close(seen[0, "attn"], want, atol=1e-5, rtol=1e-5, name="observed attn")
   for layer in range(2):
     k_pre, k, v = (seen[layer, kind] for kind in ("k_pre", "k", "v"))
     assert k.shape == (2, 6, TINY.num_kv_heads, TINY.head_dim)
