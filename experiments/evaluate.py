@@ -240,16 +240,17 @@ def main(argv) -> None:
   protocol = Protocol(prefill=cfg["prefill"], chunk=cfg["chunk"], impl=_IMPL.value,
                       reference=_REFERENCE.value)
   evals = [workload(s) for s in cfg["eval_workloads"]]
-  plan = [(w, c, b) for w in evals for b in cfg["batches"] for c in cfg["contexts"]]
-  forwards = (1 + len(configs)) * sum(int(sum(ragged_lengths(c, b))) for _, c, b in plan)
-  eta = Eta(forwards)
+  # Token forwards per (workload, context, batch): the reference and every config.
+  plan = [(w, c, b, (1 + len(configs)) * int(sum(ragged_lengths(c, b))))
+          for w in evals for b in cfg["batches"] for c in cfg["contexts"]]
+  eta = Eta(sum(p[-1] for p in plan))
+  # One cache size for all contexts: every context's chunks share one compiled step.
+  max_len = max(cfg["contexts"])
   rows = []
-  for w, context, batch in plan:
-    # One cache size per batch: every context's chunks share one compiled step.
-    max_len = max(cfg["contexts"])
+  for w, context, batch, forwards in plan:
     rows += score_workload(model, w, configs, context=context, batch=batch, max_len=max_len,
                            protocol=protocol)
-    eta.add((1 + len(configs)) * int(sum(ragged_lengths(context, batch))),
+    eta.add(forwards,
             f"{w.name} @{context} x{batch}: " + ", ".join(
                 f"{r['kv_format']}|{r['calibration_name']} KL {r['metrics']['kl_mean']:.2e}"
                 for r in rows[-len(configs):]))

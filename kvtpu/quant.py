@@ -355,11 +355,14 @@ def validate_scale(name: str, scale, *, is_zero: bool = False) -> None:
   a = np.asarray(jax.device_get(scale), dtype=np.float64)
   with np.errstate(invalid="ignore"):
     if is_zero:
-      bad = ~(np.isfinite(a) & (np.round(a) == a) & (np.abs(a) <= 2**24))
-      what = "finite integers (|z| <= 2**24)"
+      _reject_bad(name, a, ~(np.isfinite(a) & (np.round(a) == a) & (np.abs(a) <= 2**24)),
+                  "finite integers (|z| <= 2**24)")
     else:
-      bad = ~(np.isfinite(a) & (a > 0))
-      what = "finite and > 0"
+      _reject_bad(name, a, ~(np.isfinite(a) & (a > 0)), "finite and > 0")
+
+
+def _reject_bad(name: str, a: np.ndarray, bad: np.ndarray, what: str) -> None:
+  """Raises a ValueError naming `name`, the count of `bad` entries of `a` and the first one."""
   if bad.any():
     idx = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
@@ -377,9 +380,4 @@ def validate_clip(name: str, clip) -> None:
     return
   a = np.asarray(jax.device_get(clip), dtype=np.float64)
   with np.errstate(invalid="ignore"):
-    bad = ~((a > 0) & (a <= 1))
-  if bad.any():
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"{name} must be clip ratios in (0, 1] (1: no clipping) everywhere; {int(bad.sum())} "
-        f"of {a.size} entries are not, first at index {idx}: {a[idx]!r}")
+    _reject_bad(name, a, ~((a > 0) & (a <= 1)), "clip ratios in (0, 1] (1: no clipping)")

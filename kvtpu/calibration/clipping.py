@@ -45,7 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvtpu import quant
-from kvtpu.calibration.methods import _attention, _output_error, _ste, check_qkv, minimize
+from kvtpu.calibration.methods import (
+    _attention,
+    _output_error,
+    _ste,
+    check_options,
+    check_qkv,
+    minimize,
+)
 from kvtpu.formats import QuantSpec
 
 __all__ = ["CLIP_METHODS", "compute_clip", "clip_fraction", "learn_clip", "clip_attention_error",
@@ -105,16 +112,8 @@ def _check_samples(samples, spec: QuantSpec) -> list[np.ndarray]:
 
 
 def _options(method: str, options: dict) -> dict:
-  if method not in CLIP_METHODS:
-    hint = (" ('learned' needs attention inputs: call learn_clip(q, k, v, spec, init_clip))"
-            if method == "learned" else "")
-    raise ValueError(f"unknown method={method!r}; valid clip methods: "
-                     f"{', '.join(CLIP_METHODS)}{hint}")
-  unknown = set(options) - set(_OPTIONS[method])
-  if unknown:
-    raise ValueError(f"method {method!r} takes options {sorted(_OPTIONS[method])}, got unknown "
-                     f"{sorted(unknown)}")
-  return {**_OPTIONS[method], **options}
+  return check_options(method, options, _OPTIONS, " ('learned' needs attention inputs: call "
+                       "learn_clip(q, k, v, spec, init_clip))")
 
 
 def _positions(x: np.ndarray, spec: QuantSpec) -> np.ndarray:

@@ -106,16 +106,25 @@ def _check_data(stats: TensorStats, spec: QuantSpec, groups: dict[str, np.ndarra
           "calibrated for it; observe more data or use a coarser granularity")
 
 
-def _options(method: str, options: dict) -> dict:
-  if method not in METHODS:
-    hint = (" ('learned' needs attention inputs: call learn_scales(q, k, v, spec, init_scale) "
-            "with an init from compute_scales)" if method == "learned" else "")
-    raise ValueError(f"unknown method={method!r}; valid methods: {', '.join(METHODS)}{hint}")
-  unknown = set(options) - set(_OPTIONS[method])
+def check_options(method: str, options: dict, defaults: dict[str, dict], hint: str = "") -> dict:
+  """`options` of `method` merged over its `defaults`; unknown methods or options raise.
+
+  `hint` is appended when the method is "learned" (which needs attention inputs).
+  """
+  if method not in defaults:
+    hint = hint if method == "learned" else ""
+    raise ValueError(f"unknown method={method!r}; valid methods: {', '.join(defaults)}{hint}")
+  unknown = set(options) - set(defaults[method])
   if unknown:
-    raise ValueError(f"method {method!r} takes options {sorted(_OPTIONS[method])}, got unknown "
+    raise ValueError(f"method {method!r} takes options {sorted(defaults[method])}, got unknown "
                      f"{sorted(unknown)}")
-  return {**_OPTIONS[method], **options}
+  return {**defaults[method], **options}
+
+
+def _options(method: str, options: dict) -> dict:
+  return check_options(method, options, _OPTIONS,
+                       " ('learned' needs attention inputs: call learn_scales(q, k, v, spec, "
+                       "init_scale) with an init from compute_scales)")
 
 
 # Jitted: one compile per shape instead of op-by-op dispatch (the same bits: quant's tests).
