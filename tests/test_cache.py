@@ -9,6 +9,7 @@ import pytest
 
 import kvtpu
 from kvtpu import memory, quant
+from kvtpu import cache as cache_lib
 from kvtpu.cache import _add_u64
 from tests.helpers import assert_close, kv_with_outliers
 
@@ -309,3 +310,37 @@ def test_clip_ratio_errors_in_the_cache():
   with pytest.raises(ValueError, match="clip names the dynamic specs"):
     memory.cache_bytes("bf16", num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H,
                        clip=("k",))
+
+
+def bits(a: jax.Array) -> np.ndarray:
+  """The stored bits of `a` (NaN payloads included), int4 widened to int8."""
+  if a.dtype == jnp.int4:
+    return np.asarray(a.astype(jnp.int8))
+  return np.asarray(jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{a.dtype.itemsize * 8}")))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4, jnp.bfloat16, jnp.float8_e4m3fn,
+                                   jnp.float32])
+@pytest.mark.parametrize("t", [1, 3])
+def test_block_writes_equal_scatter_writes(dtype, t, rng):
+  # TPU writes the cache with per-sequence dynamic-update-slices, CPU with a scatter
+  # (`cache._write_chunk`); both must store exactly the same bytes. Lengths cover
+  # empty, mid, block-1, at capacity (blocks clamped back over earlier tokens, which
+  # must survive) and ragged valid lengths, over NaN-poisoned memory.
+  num_layers, b, kh, s, x = 2, 6, 2, 8, 4
+  lengths = jnp.asarray([0, 3, s - 2, s - 1, s, 5], jnp.int32)
+  valid = jnp.asarray([t, t, t, 1, t, 0], jnp.int32)
+  where = cache_lib._Placement.of(lengths, jnp.minimum(valid, t), t, s)
+  for seq_axis, shape in ((3, (num_layers, b, kh, s, x)), (4, (num_layers, b, kh, x, s))):
+    store = rng.standard_normal(shape).astype(np.float32) * 4
+    store[..., ::3] = np.nan if jnp.issubdtype(dtype, jnp.floating) else 0
+    store = jnp.asarray(store).astype(dtype)
+    values = jnp.asarray(rng.standard_normal((b, t, kh, x)) * 4).astype(dtype)
+    by_scatter = cache_lib._write_chunk(store, 1, values, where, seq_axis, "scatter")
+    by_blocks = cache_lib._write_chunk(store, 1, values, where, seq_axis, "blocks")
+    np.testing.assert_array_equal(bits(by_blocks), bits(by_scatter))
+    # Layer 0 untouched, and something was written.
+    np.testing.assert_array_equal(bits(by_blocks[0]), bits(store[0]))
+    assert not np.array_equal(bits(by_blocks[1]), bits(store[1]))
+  with pytest.raises(ValueError, match="method must be one of"):
+    cache_lib._write_chunk(store, 1, values, where, 4, "gather")

@@ -2,8 +2,9 @@
 
 Checks that every format compiles for real TPU generations and that the compiled
 step's memory agrees with kvtpu's accounting: the donated cache is aliased in place
-(no copy per step) and its device bytes equal `KVCache.nbytes` (int4 at half a
-byte) up to the tile padding of the small per-sequence arrays.
+(no copy per step), the step's temporaries hold no copy of it, and its device bytes
+equal `KVCache.nbytes` (int4 at half a byte) up to the tile padding of the small
+per-sequence arrays.
 """
 
 import functools
@@ -31,7 +32,7 @@ def tpu_device(topology: str):
 def decode_step(cache, q, k, v):
   for layer in range(cache.num_layers):
     cache = cache.update(layer, k, v)
-    q = kvtpu.attend(q, cache, layer, impl="xla")
+    q = kvtpu.attend(q, cache, layer, impl="pallas")
   return cache.advance(1), q
 
 
@@ -58,3 +59,7 @@ def test_decode_step_compiles_in_place_with_exact_bytes(topology, fmt):
   assert 0 <= padding <= 3 * 4096, f"{fmt}: TPU holds {padding} bytes more than kvtpu counts"
   assert stats.alias_size_in_bytes >= nbytes, f"{fmt}: cache not donated in place"
   assert stats.alias_size_in_bytes - nbytes == padding
+  # Writes update the cache in place: no temporary copy of it (XLA's scatter did copy
+  # the whole cache around every layer's write on TPU, in a layout of its own).
+  assert stats.temp_size_in_bytes < nbytes / 4, (
+      f"{fmt}: {stats.temp_size_in_bytes} bytes of temporaries for a {nbytes}-byte cache")
