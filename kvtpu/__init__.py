@@ -6,9 +6,11 @@ Public API:
   attend                   attention over the cache (`impl="xla" | "pallas" | ...`)
   quantize, dequantize     the reference quantization math
   memory                   exact bytes per token and per cache
+  sharding                 the cache on a (data, model) mesh: CacheSharding
+  headroom                 the largest context / concurrency that fits in HBM
 """
 
-from kvtpu import memory
+from kvtpu import headroom, memory, sharding
 from kvtpu.attention import attend
 from kvtpu.cache import KVCache
 from kvtpu.formats import PRESETS, Granularity, KVFormat, QuantSpec, StorageDtype
@@ -17,4 +19,5 @@ from kvtpu.quant import dequantize, quantize
 __version__ = "0.1.0"
 
 __all__ = ["KVFormat", "QuantSpec", "StorageDtype", "Granularity", "PRESETS", "KVCache",
-           "attend", "quantize", "dequantize", "memory", "__version__"]
+           "attend", "quantize", "dequantize", "memory", "sharding", "headroom",
+           "__version__"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kvtpu
+from kvtpu.sharding import CacheSharding
 from models.config import ModelConfig, RopeScaling
 
 __all__ = ["Llama", "rope_frequencies", "apply_rope"]
@@ -79,7 +80,8 @@ class Block(nnx.Module):
     self.up_proj = dense(d, cfg.intermediate_size)
     self.down_proj = dense(cfg.intermediate_size, d)
 
-  def __call__(self, x, cache: kvtpu.KVCache, positions, inv_freq, valid_len, impl, observe):
+  def __call__(self, x, cache: kvtpu.KVCache, positions, inv_freq, valid_len, impl, observe,
+               cache_sharding=None):
     cfg = self.cfg
     b, t, _ = x.shape
     y = self.input_norm(x)
@@ -93,8 +95,12 @@ class Block(nnx.Module):
       observe(self.index, "q", q)
       observe(self.index, "k", k)
       observe(self.index, "v", v)
-    cache = cache.update(self.index, k, v, valid_len=valid_len)
-    attn = kvtpu.attend(q, cache, self.index, valid_len=valid_len, impl=impl)
+    if cache_sharding is None:
+      cache = cache.update(self.index, k, v, valid_len=valid_len)
+      attn = kvtpu.attend(q, cache, self.index, valid_len=valid_len, impl=impl)
+    else:
+      cache = cache_sharding.update(cache, self.index, k, v, valid_len=valid_len)
+      attn = cache_sharding.attend(q, cache, self.index, valid_len=valid_len, impl=impl)
     if observe is not None:
       observe(self.index, "attn", attn)
     x = x + self.o_proj(attn.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -150,6 +156,7 @@ class Llama(nnx.Module):
   def __call__(self, tokens: jax.Array, cache: kvtpu.KVCache, *, valid_len=None,
                impl: str = "auto", logits_at=None,
                observe: Callable[[int, str, jax.Array], None] | None = None,
+               cache_sharding: CacheSharding | None = None,
                ) -> tuple[jax.Array, kvtpu.KVCache]:
     """Runs `tokens: i32[B, T]` at positions `cache.lengths[b] + t`.
 
@@ -169,6 +176,9 @@ class Llama(nnx.Module):
         (`"attn"`, `[B, T, N, H]`, read from the cache). Calibration
         reduces them to statistics inside the same jitted step (see
         `models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
+      cache_sharding: for a cache laid out on a mesh (`kvtpu.sharding.CacheSharding`):
+        `update`, `attend` and `advance` run on each device's block under
+        `shard_map` (the weights may be sharded too: `models.sharding`).
 
     Returns:
       `logits: f32[B, T, vocab]` (`f32[B, 1, vocab]` with `logits_at`) and the
@@ -187,9 +197,12 @@ class Llama(nnx.Module):
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x = self.embed(tokens)
     for layer in self.layers:
-      x, cache = layer(x, cache, positions, inv_freq, valid_len, impl, observe)
+      x, cache = layer(x, cache, positions, inv_freq, valid_len, impl, observe, cache_sharding)
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     x = self.norm(x)
     logits = (self.embed.attend(x) if self.lm_head is None else self.lm_head(x))
-    return logits.astype(jnp.float32), cache.advance(t if valid_len is None else valid_len)
+    num_new = t if valid_len is None else valid_len
+    cache = (cache.advance(num_new) if cache_sharding is None
+             else cache_sharding.advance(cache, num_new))
+    return logits.astype(jnp.float32), cache

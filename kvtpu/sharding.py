@@ -1,0 +1,317 @@
+"""Sharded KV caches on a (`data`, `model`) mesh.
+
+Batch goes over the `data` axis and kv heads over the `model` axis, so each device
+holds a `[L, B/D, K/M, S, H]` block of K and V with the matching blocks of their
+scales, and runs the ordinary single-device cache code and Pallas kernels on it
+under `jax.shard_map`: no gather, no cross-device traffic except summing the
+saturation counters (a few bytes per layer).
+
+Kv heads and the model axis (strategies):
+
+* `"heads"`: each `model` device holds K/M kv heads and computes attention for the
+  N/M query heads that read them (query head n reads kv head n // (N/K), so
+  contiguous blocks line up). Needs K % M == 0.
+* `"replicate"`: fewer kv heads than `model` devices, or a count M does not divide
+  (SmolLM2's 3 heads on 2 or 4 devices). Every `model` device holds all K heads of
+  its batch shard and computes attention for all N query heads (decode attention is
+  bound by reading the cache, not by compute). The memory cost is M/ K-sharding's:
+  the cache takes K heads per device instead of K/M, which `per_device_bytes`
+  (and so the headroom solver) counts. Sharding the sequence axis instead would
+  keep the memory at K/M at the price of a cross-device softmax; kvtpu does not
+  implement it.
+
+`"auto"` picks `"heads"` when K % M == 0, else `"replicate"`.
+
+Layout per array (`memory.cache_layout`), with D = data axis, M = model axis when
+heads are sharded (else replicated):
+  k, v            [L, B, K, S, H]   P(None, D, M, None, None)
+  dynamic scales  [L, B, K, G, S]   P(None, D, M, None, None)  (and zero points)
+  static scales   [L, 1|K, 1|H]     P(None, M if K-sized, None)
+  k_clip, v_clip  [L, K]            P(None, M)
+  lengths, overflow [B]             P(D)
+  counters        [L, C, 2]         replicated (every device holds the global sum)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kvtpu import memory
+from kvtpu.attention import attend as _attend
+from kvtpu.cache import KVCache, _per_sequence, check_layer
+from kvtpu.formats import KVFormat
+
+__all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
+           "per_device_bytes"]
+
+STRATEGIES = ("auto", "heads", "replicate")
+_U32 = jnp.uint32
+
+
+def resolve_strategy(strategy: str, *, kv_heads: int, model: int) -> str:
+  """`"auto"` -> `"heads"` if `model` divides `kv_heads`, else `"replicate"`; checks the rest.
+
+  Raises:
+    ValueError: for an unknown strategy, or `"heads"` when `model` does not divide
+      `kv_heads`.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={strategy!r}")
+  if strategy == "auto":
+    return "heads" if kv_heads % model == 0 else "replicate"
+  if strategy == "heads" and kv_heads % model:
+    raise ValueError(
+        f"strategy='heads' shards kv heads over the model axis, but the model axis has "
+        f"{model} devices and the cache has kv_heads={kv_heads} (not a multiple): use "
+        "strategy='replicate' (or 'auto'), or a model axis that divides kv_heads")
+  return strategy
+
+
+def _check_batch(batch: int, data: int) -> None:
+  if batch % data:
+    raise ValueError(f"batch={batch} must be a multiple of the data axis size {data}: each "
+                     "data shard holds batch / data whole sequences")
+
+
+def per_device_dims(*, batch: int, kv_heads: int, data: int, model: int,
+                    strategy: str = "auto") -> tuple[int, int]:
+  """(sequences, kv heads) one device holds."""
+  strategy = resolve_strategy(strategy, kv_heads=kv_heads, model=model)
+  _check_batch(batch, data)
+  return batch // data, kv_heads // model if strategy == "heads" else kv_heads
+
+
+def per_device_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
+                     max_len: int, head_dim: int, data: int = 1, model: int = 1,
+                     strategy: str = "auto", clip=()) -> int:
+  """Bytes of a sharded cache on one device: the block of B/D sequences and K/M kv
+  heads (all K under `"replicate"`), with the per-layer arrays (counters, and static
+  scales and clip ratios of its heads) it holds."""
+  b, k = per_device_dims(batch=batch, kv_heads=kv_heads, data=data, model=model,
+                         strategy=strategy)
+  return memory.cache_bytes(fmt, num_layers=num_layers, batch=b, kv_heads=k, max_len=max_len,
+                            head_dim=head_dim, clip=clip)
+
+
+def _psum_u64(words: jax.Array, axes) -> jax.Array:
+  """Sums 64-bit counters `u32[..., 2]` (lo, hi) over mesh `axes`, carries included.
+
+  The low word is summed as two 16-bit halves so no partial sum overflows (for fewer
+  than 65536 devices).
+  """
+  if not axes:
+    return words
+  lo, hi = words[..., 0], words[..., 1]
+  a = jax.lax.psum(lo & _U32(0xFFFF), axes)
+  b = jax.lax.psum(lo >> _U32(16), axes)
+  shifted = (b & _U32(0xFFFF)) << _U32(16)
+  new_lo = a + shifted
+  carry = (new_lo < shifted).astype(_U32)
+  new_hi = jax.lax.psum(hi, axes) + (b >> _U32(16)) + carry
+  return jnp.stack([new_lo, new_hi], axis=-1)
+
+
+def _add_u64(x: jax.Array, y: jax.Array) -> jax.Array:
+  lo = x[..., 0] + y[..., 0]
+  hi = x[..., 1] + y[..., 1] + (lo < x[..., 0]).astype(_U32)
+  return jnp.stack([lo, hi], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSharding:
+  """How a cache lies on a mesh, and its methods that keep it there.
+
+  Attributes:
+    mesh: a mesh with (at least) the two named axes.
+    data_axis, model_axis: the axis names for sequences and kv heads.
+    strategy: `"auto"`, `"heads"` or `"replicate"` (module docstring).
+
+  Use `init` (or `put`) for a cache laid out on the mesh, then inside `jax.jit`:
+  `cache = sh.update(cache, layer, k, v)`, `out = sh.attend(q, cache, layer)`, and
+  `cache = sh.advance(cache, n)`. Under jit, pass `sh.shardings(cache)` as the
+  cache's in/out shardings (and donate it).
+  """
+
+  mesh: Mesh
+  data_axis: str = "data"
+  model_axis: str = "model"
+  strategy: str = "auto"
+
+  def __post_init__(self):
+    for name in ("data_axis", "model_axis"):
+      axis = getattr(self, name)
+      if axis not in self.mesh.shape:
+        raise ValueError(f"{name}={axis!r} is not an axis of the mesh; its axes are "
+                         f"{tuple(self.mesh.shape)}")
+    if self.data_axis == self.model_axis:
+      raise ValueError(f"data_axis and model_axis must differ, both are {self.data_axis!r}")
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy={self.strategy!r}")
+
+  @property
+  def data(self) -> int:
+    return self.mesh.shape[self.data_axis]
+
+  @property
+  def model(self) -> int:
+    return self.mesh.shape[self.model_axis]
+
+  def resolved(self, kv_heads: int) -> str:
+    """The strategy used for a cache of `kv_heads` kv heads."""
+    return resolve_strategy(self.strategy, kv_heads=kv_heads, model=self.model)
+
+  def _axes(self, kv_heads: int) -> tuple[str, str | None]:
+    heads = self.resolved(kv_heads) == "heads"
+    return self.data_axis, (self.model_axis if heads else None)
+
+  # ------------------------------------------------------------------ specs
+  def specs(self, cache: KVCache) -> KVCache:
+    """The cache's `PartitionSpec`s, as a `KVCache` pytree (None fields stay None).
+
+    `cache` may be a real cache or `jax.eval_shape` of one.
+
+    Raises:
+      ValueError: when the batch is not a multiple of the data axis, or strategy
+        `"heads"` does not fit the kv heads.
+    """
+    _check_batch(cache.batch, self.data)
+    d, m = self._axes(cache.kv_heads)
+    per_token = P(None, d, m, None, None)
+
+    def spec(name: str, x):
+      if x is None:
+        return None
+      if name in ("k", "v"):
+        return per_token
+      if name.endswith(("_scale", "_zero")):
+        if cache.fmt.spec(name[0]).dynamic:
+          return per_token
+        return P(None, m if x.shape[1] == cache.kv_heads else None, None)
+      if name.endswith("_clip"):
+        return P(None, m)
+      if name in ("lengths", "overflow"):
+        return P(d)
+      if name == "counters":
+        return P()
+      raise AssertionError(f"unhandled cache field {name}")
+
+    return dataclasses.replace(cache, **{
+        f.name: spec(f.name, getattr(cache, f.name))
+        for f in dataclasses.fields(cache) if f.name != "fmt"})
+
+  def shardings(self, cache: KVCache) -> KVCache:
+    """`NamedSharding`s of the cache's arrays (for `jax.jit` in/out shardings)."""
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.specs(cache),
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def put(self, cache: KVCache) -> KVCache:
+    """`cache` moved onto the mesh."""
+    return jax.device_put(cache, self.shardings(cache))
+
+  def init(self, fmt: KVFormat | str, **kwargs) -> KVCache:
+    """`KVCache.init(fmt, **kwargs)` allocated directly in its sharded layout: no
+    device ever holds more than its block."""
+    # KVCache.init checks static scales and clip ratios only when they are concrete, and
+    # under eval_shape and jit they are traced: check them eagerly on a one-sequence,
+    # one-position cache first (their shapes do not depend on batch or max_len).
+    KVCache.init(fmt, **{**kwargs, "batch": 1, "max_len": 1})
+    abstract = jax.eval_shape(functools.partial(KVCache.init, fmt, **kwargs))
+    return jax.jit(functools.partial(KVCache.init, fmt, **kwargs),
+                   out_shardings=self.shardings(abstract))()
+
+  def per_device_bytes(self, cache: KVCache) -> int:
+    """`per_device_bytes` for this cache (real or abstract) on this mesh."""
+    clip = tuple(w for w in ("k", "v") if getattr(cache, f"{w}_clip") is not None)
+    return per_device_bytes(cache.fmt, num_layers=cache.num_layers, batch=cache.batch,
+                            kv_heads=cache.kv_heads, max_len=cache.max_len,
+                            head_dim=cache.head_dim, data=self.data, model=self.model,
+                            strategy=self.strategy, clip=clip)
+
+  # ---------------------------------------------------------------- methods
+  def _shard_map(self, fn, in_specs, out_specs, *, check_vma=True):
+    """`jax.shard_map` whose inputs are first placed as `in_specs` say: a no-op for
+    inputs already there, a reshard (of activations such as k, v, q) otherwise."""
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=check_vma)
+
+    def call(*args):
+      placed = jax.tree.map(self._place, in_specs, args, is_leaf=lambda x: isinstance(x, P))
+      return mapped(*placed)
+
+    return call
+
+  def _place(self, spec: P | None, x):
+    if spec is None:
+      return x
+    sharding = NamedSharding(self.mesh, spec)
+    if jax.sharding.AxisType.Explicit in self.mesh.axis_types:
+      return jax.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  def update(self, cache: KVCache, layer, k: jax.Array, v: jax.Array, *,
+             valid_len=None) -> KVCache:
+    """`cache.update(layer, k, v, valid_len=...)` on each device's block.
+
+    `k`, `v: [B, T, K, H]` (any sharding: they are resharded to the cache's). The
+    counters are summed over the devices that hold distinct data.
+    """
+    check_layer(layer, cache.num_layers)
+    if jnp.shape(k)[:1] != (cache.batch,) or jnp.shape(v)[:1] != (cache.batch,):
+      raise ValueError(f"k and v must be [B={cache.batch}, T, K, H], got k.shape="
+                       f"{jnp.shape(k)}, v.shape={jnp.shape(v)}")
+    valid = _per_sequence("valid_len", jnp.shape(k)[1] if valid_len is None else valid_len,
+                          cache.batch)
+    d, m = self._axes(cache.kv_heads)
+    specs = self.specs(cache)
+    axes = tuple(a for a in (d, m) if a is not None)
+
+    def local(cache, layer, k, v, valid):
+      counters = cache.counters
+      new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
+          layer, k, v, valid_len=valid)
+      return dataclasses.replace(new, counters=_add_u64(counters,
+                                                        _psum_u64(new.counters, axes)))
+
+    kv = P(d, None, m, None)
+    return self._shard_map(local, (specs, P(), kv, kv, P(d)), specs)(
+        cache, jnp.asarray(layer, jnp.int32), k, v, valid)
+
+  def attend(self, q: jax.Array, cache: KVCache, layer, *, valid_len=None,
+             scale: float | None = None, impl: str = "auto") -> jax.Array:
+    """`kvtpu.attend(q, cache, layer, ...)` with each device attending over its block.
+
+    `q: [B, T, N, H]`; the output has q's shape and is sharded like the cache
+    (batch over data; query heads over model under `"heads"`).
+    """
+    check_layer(layer, cache.num_layers)
+    if jnp.ndim(q) != 4 or jnp.shape(q)[0] != cache.batch:
+      raise ValueError(f"q must be [B={cache.batch}, T, N, H], got q.shape={jnp.shape(q)}")
+    n = q.shape[2]
+    if n % cache.kv_heads:
+      raise ValueError(
+          f"q's N={n} query heads must be a multiple of the cache's K={cache.kv_heads} kv heads")
+    valid = _per_sequence("valid_len", q.shape[1] if valid_len is None else valid_len,
+                          cache.batch)
+    d, m = self._axes(cache.kv_heads)
+    qs = P(d, None, m, None)
+
+    def local(q, cache, layer, valid):
+      return _attend(q, cache, layer, valid_len=valid, scale=scale, impl=impl)
+
+    # Pallas kernels declare unannotated outputs: no varying-axes check in here (the
+    # output is sharded exactly like q, every device computing its own block).
+    return self._shard_map(local, (qs, self.specs(cache), P(), P(d)), qs, check_vma=False)(
+        q, cache, jnp.asarray(layer, jnp.int32), valid)
+
+  def advance(self, cache: KVCache, num_new) -> KVCache:
+    """`cache.advance(num_new)` on each device's sequences."""
+    num = _per_sequence("num_new", num_new, cache.batch)
+    d, _ = self._axes(cache.kv_heads)
+    specs = self.specs(cache)
+    return self._shard_map(lambda c, n: c.advance(n), (specs, P(d)), specs)(cache, num)
+
