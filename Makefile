@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[tpu,dev]"
 	@touch $(STAMP)
 
-# Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU).
+# Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU),
+# then the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8).
 run: $(STAMP)
 	$(PY) -m experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
+	$(PY) -m experiments.headroom --workdir=$(WORKDIR)/headroom
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests

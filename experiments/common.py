@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 
 
@@ -39,3 +41,23 @@ def format_names(values: list[str]) -> list[str]:
     else:
       out.append(v)
   return out
+
+
+def multihost_tpu() -> bool:
+  """Whether this process is one host of a multi-host Cloud TPU slice (the TPU
+  runtime lists several worker hostnames)."""
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return len(hosts) > 1
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+  """Calls `jax.distributed.initialize()` ("yes"; "auto": on a multi-host TPU slice, where
+  it finds the coordinator itself); returns whether it did."""
+  if mode not in ("auto", "yes", "no"):
+    raise ValueError(f"mode must be 'auto', 'yes' or 'no', got mode={mode!r}")
+  if mode == "yes" or (mode == "auto" and multihost_tpu()):
+    import jax  # noqa: PLC0415
+
+    jax.distributed.initialize()
+    return True
+  return False

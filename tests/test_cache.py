@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu import memory, quant
 from kvtpu import cache as cache_lib
+from kvtpu import memory, quant
 from kvtpu.cache import _add_u64
 from tests.helpers import assert_close, kv_with_outliers
 

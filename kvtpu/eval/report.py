@@ -84,17 +84,22 @@ def _check_disclosure(d: dict, path: str) -> None:
   _require(d, "token_sha256", f"{path}.token_sha256", _is_str, "a non-empty str")
 
 
+def _require_fields(row: Any, fields: Iterable[str]) -> None:
+  """A dict holding every one of `fields`, or a ValueError naming the first missing."""
+  if not isinstance(row, dict):
+    raise ValueError(f"a result row must be a dict, got {type(row).__name__}")
+  for field in fields:
+    if field not in row:
+      raise ValueError(f"result row lacks {field!r}")
+
+
 def check_row(row: Any) -> None:
   """Checks one result row against the schema (see the module docstring).
 
   Raises:
     ValueError: naming the first missing or invalid field.
   """
-  if not isinstance(row, dict):
-    raise ValueError(f"a result row must be a dict, got {type(row).__name__}")
-  for field in REQUIRED_FIELDS:
-    if field not in row:
-      raise ValueError(f"result row lacks {field!r}")
+  _require_fields(row, REQUIRED_FIELDS)
   kind = _require(row, "kind", "kind", lambda x: x in ("score", "passkey"), "'score' or 'passkey'")
   for field in ("model", "weight_precision", "kv_format", "calibration_name"):
     _require(row, field, field, _is_str, "a non-empty str")
@@ -145,31 +150,37 @@ def check_row(row: Any) -> None:
     _require(row, "depth", "depth", lambda x: _is_num(x) and 0 <= x <= 1, "a number in [0, 1]")
 
 
-def check_rows(rows: Iterable[Any]) -> None:
-  """Checks every row; the error message starts with the failing row's index."""
+def check_rows(rows: Iterable[Any], check: Callable[[Any], None] | None = None) -> None:
+  """Checks every row (with `check`, default this schema's `check_row`); the error
+  message starts with the failing row's index."""
+  check = check or check_row
   for i, row in enumerate(rows):
     try:
-      check_row(row)
+      check(row)
     except ValueError as e:
       raise ValueError(f"row {i}: {e}") from None
 
 
-def write_jsonl(rows: Sequence[dict], path: str | Path) -> None:
-  """Checks the rows, then writes them to `path`, one JSON object per line."""
-  check_rows(rows)
+def write_jsonl(rows: Sequence[dict], path: str | Path,
+                check: Callable[[Any], None] | None = None) -> None:
+  """Checks the rows (`check` as in `check_rows`), then writes them to `path`, one
+  JSON object per line."""
+  check_rows(rows, check)
   with open(path, "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-  """Reads and checks the rows of a results.jsonl file (blank lines are skipped)."""
+def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> list[dict]:
+  """Reads and checks (`check` as in `check_rows`) the rows of a results.jsonl file
+  (blank lines are skipped)."""
+  check = check or check_row
   rows = []
   with open(path) as f:
     for n, line in enumerate(f, 1):
       if line.strip():
         try:
           row = json.loads(line)
-          check_row(row)
+          check(row)
         except ValueError as e:
           raise ValueError(f"{path}:{n}: {e}") from None
         rows.append(row)
