@@ -44,3 +44,18 @@ def kv_with_outliers(rng: np.random.Generator, shape, *, channel_scale: float = 
     toks = rng.choice(t, size=min(num_tokens, t), replace=False)
     x[:, toks] *= token_scale
   return x
+
+
+def run_binary(module: str, *args: str, workdir, timeout: float = 600, env=None):
+  """Runs `python -m <module> --workdir=<workdir> <args>` on CPU in a subprocess (absl
+  flags are process-global, so experiment binaries cannot share the pytest process)."""
+  import os  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  return subprocess.run(
+      [sys.executable, "-m", module, f"--workdir={workdir}", *args], cwd=root,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, capture_output=True, text=True,
+      timeout=timeout)

@@ -11,23 +11,19 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
 from experiments import format_bench
+from tests.helpers import run_binary
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRED = ("kv_format", "k_dtype", "v_dtype", "granularity", "scale_dtype", "head_dim",
             "bytes_per_token_per_layer", "ratio_vs_bf16", "attention_rel_error",
             "attention_max_abs_error", "weight_precision", "calibration")
 
 
-def _demo(*args: str, workdir: pathlib.Path) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.demo", f"--workdir={workdir}", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _demo(*args: str, workdir: pathlib.Path):
+  return run_binary("experiments.demo", *args, workdir=workdir, timeout=300)
 
 
 def test_demo_tiny_config(tmp_path):

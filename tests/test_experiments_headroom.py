@@ -6,24 +6,17 @@ The binary runs in a subprocess (absl flags are process-global).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from experiments import common
 from kvtpu import headroom_report, memory
+from tests.helpers import run_binary
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _headroom(*args: str, workdir: pathlib.Path) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.headroom", f"--workdir={workdir}", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _headroom(*args: str, workdir: pathlib.Path):
+  return run_binary("experiments.headroom", *args, workdir=workdir)
 
 
 def test_defaults_answer_the_issue_table(tmp_path):
