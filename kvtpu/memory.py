@@ -13,9 +13,9 @@ These are logical bytes. A TPU stores arrays in tiles, so device memory can be
 larger: with max_len a multiple of 128 and head_dim 128 an AOT-compiled decode step
 on v4/v5e/v5p/v6e holds exactly these bytes for K, V and scales (tests/
 test_tpu_compile.py), but max_len=1000 with K=3, head_dim 64 took 2.4 % more on v5e
-(tile padding of the S axis). That physical padding depends on the compiled layout;
-the headroom sweep (issue #7) measures it with `memory_analysis` rather than
-assuming it here.
+(tile padding of the S axis). `kvtpu.headroom` with `models.headroom.AotMeasure`
+measures what a compiled step really holds (`memory_analysis`) rather than assuming
+it here.
 
 Layout (axis letters as in ARCHITECTURE.md; G = scale groups per token and head):
   k, v          [L, B, K, S, H]    storage dtype
