@@ -79,7 +79,21 @@ def _live_capacity(devices) -> int:
   if _HBM_GIB.value is None:
     raise app.UsageError(f"--modes=live on {devices[0].platform} devices, which report no memory "
                          "capacity: give one with --hbm_gib")
-  return int(_HBM_GIB.value * 2**30)
+  capacity = int(_HBM_GIB.value * 2**30)
+  # Host memory backs these devices: a capacity beyond it would not raise an
+  # out-of-memory error but get the process killed (or the machine swapping).
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  if capacity * len(devices) > host // 2:
+    raise app.UsageError(f"--hbm_gib={_HBM_GIB.value} x {len(devices)} devices is more than half "
+                         f"of this host's free memory ({host / 2**30:.1f} GiB): live mode on "
+                         "host-memory devices must stay well inside it")
+  return capacity
+
+
+def _answers_by_question(answers) -> dict:
+  """`sweep` guesses from answers: {(format, kind, asked): found}."""
+  return {(f.name, a.kind, a.concurrency if a.kind == "max_context" else a.context):
+          (a.max_len if a.kind == "max_context" else a.batch) for f, a in answers}
 
 
 def main(argv) -> None:
@@ -107,35 +121,37 @@ def main(argv) -> None:
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
 
+  hbm, labels = slice_.chip.hbm_bytes, dict(accelerator=slice_.name, chip=slice_.chip.name,
+                                            num_devices=slice_.num_chips)
+  if "live" in modes:  # Live sizes the present devices; analytic then sizes the same ones.
+    if "aot" in modes:
+      raise app.UsageError("--modes=live sizes the present devices and aot the --accelerator's "
+                           "topology: run them separately")
+    devices = jax.devices()
+    if len(devices) != data * model:
+      raise app.UsageError(f"--modes=live runs on the present {len(devices)} devices; "
+                           f"--mesh={_MESH.value} must cover them")
+    kind = accelerators.chip_name(devices[0].device_kind) or devices[0].platform
+    hbm = _live_capacity(devices)
+    labels = dict(accelerator=f"{kind}-{len(devices)} (present devices)", chip=kind,
+                  num_devices=len(devices))
   try:
-    dep = deployment(cfg, weights=_WEIGHT_DTYPE.value, hbm_per_device=slice_.chip.hbm_bytes,
-                     data=data, model=model, strategy=_STRATEGY.value, reserve=_RESERVE.value)
+    dep = deployment(cfg, weights=_WEIGHT_DTYPE.value, hbm_per_device=hbm, data=data,
+                     model=model, strategy=_STRATEGY.value, reserve=_RESERVE.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  labels = dict(model=cfg.name, weight_dtype=_WEIGHT_DTYPE.value, accelerator=slice_.name,
-                chip=slice_.chip.name, num_devices=slice_.num_chips, mesh=_MESH.value,
+  labels.update(model=cfg.name, weight_dtype=_WEIGHT_DTYPE.value, mesh=_MESH.value,
                 model_max_position=cfg.max_position)
   rows, guesses, seconds = [], {}, {}
   for mode in ["analytic"] + [m for m in modes if m != "analytic"]:
     start = time.perf_counter()
-    mode_dep, mode_labels = dep, labels
     if mode == "analytic":
       measure = lambda fmt, b, s: headroom.analytic_usage(dep, fmt, b, s)  # noqa: E731
     elif mode == "aot":
       measure = AotMeasure(cfg, weights=_WEIGHT_DTYPE.value, slice_=slice_, data=data,
                            model=model, strategy=_STRATEGY.value)
     else:
-      devices = jax.devices()
-      if len(devices) != data * model:
-        raise app.UsageError(f"--modes=live runs on the present {len(devices)} devices; "
-                             f"--mesh={_MESH.value} must cover them")
-      kind = accelerators.chip_name(devices[0].device_kind) or devices[0].platform
-      mode_dep = deployment(cfg, weights=_WEIGHT_DTYPE.value,
-                            hbm_per_device=_live_capacity(devices), data=data, model=model,
-                            strategy=_STRATEGY.value, reserve=_RESERVE.value)
-      mode_labels = dict(labels, accelerator=f"{kind}-{len(devices)} (present devices)",
-                         chip=kind)
-      measure = LiveMeasure(cfg, weights=_WEIGHT_DTYPE.value, devices=devices, data=data,
+      measure = LiveMeasure(cfg, weights=_WEIGHT_DTYPE.value, devices=jax.devices(), data=data,
                             model=model, strategy=_STRATEGY.value, impl=_IMPL.value)
 
     def progress(answer, fmt, mode=mode):
@@ -143,16 +159,15 @@ def main(argv) -> None:
                    mode, fmt.name, answer.kind, answer.concurrency, answer.context,
                    (answer.usage.total if answer.usage else 0) / 2**30, dep.budget / 2**30)
 
-    answers = headroom.sweep(mode_dep, fmts, measure, concurrencies=concurrencies,
+    answers = headroom.sweep(dep, fmts, measure, concurrencies=concurrencies,
                              contexts=contexts, block=_BLOCK.value, guesses=guesses,
                              progress=progress)
     if mode == "analytic":
-      guesses = {(f.name, a.kind, a.concurrency if a.kind == "max_context" else a.context):
-                 (a.max_len if a.kind == "max_context" else a.batch) for f, a in answers}
+      guesses = _answers_by_question(answers)
       if "analytic" not in modes:
         continue
     for fmt, answer in answers:
-      rows += headroom.answer_rows(fmt, answer, mode_dep, mode=mode, **mode_labels)
+      rows += headroom.answer_rows(fmt, answer, dep, mode=mode, **labels)
     seconds[mode] = round(time.perf_counter() - start, 1)
 
   header = [
@@ -161,8 +176,8 @@ def main(argv) -> None:
       f"weight precision: {_WEIGHT_DTYPE.value} ({dep.weights_per_device / 2**30:.2f} GiB "
       f"per device, tensor-parallel over model:{model})",
       "KV precisions: " + ", ".join(f.name for f in fmts),
-      f"accelerator: {slice_.name} ({slice_.num_chips} x {slice_.chip.name}, "
-      f"{slice_.chip.hbm_bytes / 2**30:.1f} GiB HBM each)",
+      f"accelerator: {labels['accelerator']} ({labels['num_devices']} x {labels['chip']}, "
+      f"{hbm / 2**30:.1f} GiB HBM each)",
       f"mesh: {_MESH.value}; kv heads: {dep.resolved_strategy} (kvtpu.sharding)",
       f"reserve: {_RESERVE.value:.0%} of HBM; budget {dep.budget / 2**30:.2f} GiB per device",
       "modes: " + ", ".join(f"{m} ({seconds.get(m, 0):.0f} s)" for m in modes),

@@ -60,6 +60,8 @@ def test_defaults_answer_the_issue_table(tmp_path):
       "--model=smollm2-135m"], "strategy='heads'"),
     (["--modes=analytic,guess"], "--modes must be among"),
     (["--modes=live"], "give one with --hbm_gib"),
+    (["--modes=aot,live"], "run them separately"),
+    (["--modes=live", "--hbm_gib=100000"], "more than half of this host's free memory"),
 ])
 def test_bad_configurations_are_clear_errors(tmp_path, args, message):
   proc = _headroom(*args, workdir=tmp_path)
