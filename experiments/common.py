@@ -46,8 +46,9 @@ def format_names(values: list[str]) -> list[str]:
 def multihost_tpu() -> bool:
   """Whether this process is one host of a multi-host Cloud TPU slice (the TPU
   runtime lists several worker hostnames)."""
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  return len(hosts) > 1
+  hosts = [h.strip() for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")]
+  # libtpu's own "WARNING: could not determine TPU worker hostnames, ..." is no list.
+  return len(hosts) > 1 and all(h and not any(c.isspace() for c in h) for h in hosts)
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> bool:

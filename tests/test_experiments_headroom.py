@@ -76,6 +76,9 @@ def test_distributed_initialize_only_on_a_multihost_slice(monkeypatch):
   assert not common.maybe_initialize_distributed("auto")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # One host: nothing to join.
   assert not common.maybe_initialize_distributed("auto")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames "
+                     "or IP addresses, please set env var `TPU_WORKER_HOSTNAMES` manually")
+  assert not common.maybe_initialize_distributed("auto")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5")
   assert common.maybe_initialize_distributed("auto")
   assert not common.maybe_initialize_distributed("no")
