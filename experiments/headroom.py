@@ -55,6 +55,7 @@ _STRATEGY = flags.DEFINE_enum("strategy", "auto", list(STRATEGIES),
 _KV_FORMATS = flags.DEFINE_list("kv_formats", ["bf16", "int8", "fp8_e4m3", "int4"],
                                 "KV-cache formats.")
 _MODES = flags.DEFINE_list("modes", ["analytic"], "analytic, aot and/or live.")
+flags.DEFINE_alias("mode", "modes")
 _CONCURRENCIES = flags.DEFINE_list("concurrencies", ["1", "8", "32", "128"],
                                    "Concurrencies for the max-context question.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["8192", "32768", "131072"],

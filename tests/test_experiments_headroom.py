@@ -59,6 +59,7 @@ def test_defaults_answer_the_issue_table(tmp_path):
     (["--accelerator=v5e-8", "--mesh=data:1,model:8", "--strategy=heads",
       "--model=smollm2-135m"], "strategy='heads'"),
     (["--modes=analytic,guess"], "--modes must be among"),
+    (["--mode=guess"], "--modes must be among"),  # --mode is an alias.
     (["--modes=live"], "give one with --hbm_gib"),
     (["--modes=aot,live"], "run them separately"),
     (["--modes=live", "--hbm_gib=100000"], "more than half of this host's free memory"),
