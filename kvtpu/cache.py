@@ -36,6 +36,11 @@ def _add_u64(counter: jax.Array, inc: jax.Array) -> jax.Array:
   return jnp.stack([new_lo, new_hi], axis=-1)
 
 
+def _add_u64_pair(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Two 64-bit counters `u32[..., 2]` (lo, hi) added, with carry."""
+  return _add_u64(a, b[..., 0]).at[..., 1].add(b[..., 1])
+
+
 def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
   """`store.at[index].set(values, mode="drop")`, moving bits, not numbers.
 

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvtpu import memory
 from kvtpu.attention import attend as _attend
-from kvtpu.cache import KVCache, _per_sequence, check_layer
+from kvtpu.cache import KVCache, _add_u64_pair, _per_sequence, check_layer
 from kvtpu.formats import KVFormat
 
 __all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
@@ -115,12 +115,6 @@ def _psum_u64(words: jax.Array, axes) -> jax.Array:
   carry = (new_lo < shifted).astype(_U32)
   new_hi = jax.lax.psum(hi, axes) + (b >> _U32(16)) + carry
   return jnp.stack([new_lo, new_hi], axis=-1)
-
-
-def _add_u64(x: jax.Array, y: jax.Array) -> jax.Array:
-  lo = x[..., 0] + y[..., 0]
-  hi = x[..., 1] + y[..., 1] + (lo < x[..., 0]).astype(_U32)
-  return jnp.stack([lo, hi], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +269,7 @@ class CacheSharding:
       counters = cache.counters
       new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
           layer, k, v, valid_len=valid)
-      return dataclasses.replace(new, counters=_add_u64(counters,
+      return dataclasses.replace(new, counters=_add_u64_pair(counters,
                                                         _psum_u64(new.counters, axes)))
 
     kv = P(d, None, m, None)

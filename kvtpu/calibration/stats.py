@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtpu.cache import check_layer
+from kvtpu.cache import _add_u64, _add_u64_pair, check_layer
 from kvtpu.formats import Granularity
 
 __all__ = ["TensorStats", "init_stats", "observe", "merge", "percentile", "summary",
@@ -190,18 +190,6 @@ class TensorStats:
 def _u64(words) -> np.ndarray:
   w = np.asarray(jax.device_get(words)).astype(np.int64)
   return w[..., 0] + (w[..., 1] << 32)
-
-
-def _add_u64(counter: jax.Array, inc: jax.Array) -> jax.Array:
-  """`counter: u32[..., 2]` (lo, hi) plus `inc: u32[...]`, with carry."""
-  lo, hi = counter[..., 0], counter[..., 1]
-  new_lo = lo + inc
-  return jnp.stack([new_lo, hi + (new_lo < lo).astype(_U32)], axis=-1)
-
-
-def _add_u64_pair(a: jax.Array, b: jax.Array) -> jax.Array:
-  s = _add_u64(a, b[..., 0])
-  return s.at[..., 1].add(b[..., 1])
 
 
 def init_stats(num_layers: int, kv_heads: int, head_dim: int, *, bins_per_octave: int = 16,
