@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 # Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU),
 # then the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8).
 run: $(STAMP)
-	$(PY) -m experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
-	$(PY) -m experiments.headroom --workdir=$(WORKDIR)/headroom
+	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
+	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests

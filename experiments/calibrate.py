@@ -1,6 +1,6 @@
 """Calibrates KV-cache scales of a model on named workloads, and reports outliers.
 
-Loads the model (`models.load_pretrained`), builds each workload
+Loads the model (`kvtpu.models.load_pretrained`), builds each workload
 (`kvtpu.eval.workloads.load`: prose, code, chat, passkey:..., repeat, random, or a
 .txt/.jsonl file of your own traffic), streams `[batch, seq_len]` windows through the
 model collecting per-layer / kv-head / channel statistics of keys (before and after
@@ -15,7 +15,7 @@ and writes to `--workdir`:
   magnitudes.png  per-layer, per-channel absmax of K (pre/post RoPE) and V
   config.json, results.jsonl (one row per layer and kind)
 
-  python -m experiments.calibrate --model=smollm2-135m --workloads=prose,code \\
+  python -m kvtpu.experiments.calibrate --model=smollm2-135m --workloads=prose,code \\
       --kv_format=int8-channel --method=percentile --num_tokens=16384
 """
 
@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from kvtpu.experiments.common import chat_responder
+from kvtpu.models.calibrate import KINDS, calibrate
+from kvtpu.models.pretrained import load_pretrained
 
 import kvtpu
-from experiments.common import chat_responder
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads as workloads_lib
-from models.calibrate import KINDS, calibrate
-from models.pretrained import load_pretrained
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "load_pretrained name or path.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["prose", "code"],
@@ -87,13 +87,13 @@ def disclosure_markdown(art) -> str:
 
 def clip_markdown(art) -> str:
   """Per layer, the calibrated clip ratios of the dynamic specs (one per kv head)."""
-  names = [n for n in ("k_clip", "v_clip") if n in art.scales]
+  clips = {w: d["clip"] for w, d in art.scales.items() if "clip" in d}
   lines = ["## Clip ratios of the dynamic specs (per kv head)\n",
-           "| layer | " + " | ".join(n[0].upper() for n in names) + " |",
-           "|---|" + "---|" * len(names)]
-  for layer in range(len(art.scales[names[0]])):
+           "| layer | " + " | ".join(w.upper() for w in clips) + " |",
+           "|---|" + "---|" * len(clips)]
+  for layer in range(art.model["num_layers"]):
     lines.append(f"| {layer} | " + " | ".join(
-        ", ".join(f"{c:.3f}" for c in art.scales[n][layer]) for n in names) + " |")
+        ", ".join(f"{c:.3f}" for c in clip[layer]) for clip in clips.values()) + " |")
   return "\n".join(lines)
 
 
@@ -176,8 +176,8 @@ def main(argv) -> None:
                "head_absmax": np.asarray(table["head_absmax"])[layer].tolist()}
         if kind in art.clip_fraction:  # The stored tensors: "k" (after RoPE) and "v".
           row["calibration_clip_fraction"] = float(art.clip_fraction[kind][layer])
-        if f"{kind}_clip" in art.scales:
-          row["clip_ratio"] = art.scales[f"{kind}_clip"][layer].tolist()
+        if "clip" in art.scales.get(kind, {}):
+          row["clip_ratio"] = art.scales[kind]["clip"][layer].tolist()
         f.write(json.dumps(row) + "\n")
   plot_magnitudes(summaries, os.path.join(workdir, "magnitudes.png"))
   report = "\n\n".join([
@@ -189,7 +189,7 @@ def main(argv) -> None:
       "## Clip rate of the calibrated scales on the calibration data\n\n" + "\n".join(
           f"- {which.upper()}: mean {np.mean(frac):.2e}, max {np.max(frac):.2e} (layer "
           f"{int(np.argmax(frac))})" for which, frac in art.clip_fraction.items()),
-      *([clip_markdown(art)] if any(n.endswith("clip") for n in art.scales) else []),
+      *([clip_markdown(art)] if any("clip" in d for d in art.scales.values()) else []),
       "![per-channel magnitudes](magnitudes.png)"]) + "\n"
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(report)

@@ -20,7 +20,7 @@ def positive_ints(name: str, values: list[str]) -> list[int]:
 
 def chat_responder(model, tokenizer, *, max_new_tokens: int = 64):
   """`respond` for the chat workload: the model's own greedy answers (bf16 cache)."""
-  from models.generation import generate
+  from kvtpu.models.generation import generate
 
   def respond(prompts):
     return generate(model, prompts, max_new_tokens=max_new_tokens, kv_format="bf16",

@@ -5,8 +5,8 @@ per token per layer and the ratio to bf16, attention-output error against a bf16
 cache on synthetic K/V with outliers), the two tables to `<workdir>/report.md`, and
 the flags to `<workdir>/config.json`. The logic lives in `experiments/format_bench.py`.
 
-  python -m experiments.demo --workdir=workdir/demo
-  python -m experiments.demo --workdir=/tmp/d --formats=int8,k8v4 --head_dims=128
+  python -m kvtpu.experiments.demo --workdir=workdir/demo
+  python -m kvtpu.experiments.demo --workdir=/tmp/d --formats=int8,k8v4 --head_dims=128
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 
 import jax
 from absl import app, flags, logging
+from kvtpu.experiments import format_bench
 
 import kvtpu
-from experiments import format_bench
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Output directory.")
 _HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "Head dimensions to compare.")

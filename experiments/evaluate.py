@@ -15,7 +15,7 @@ concurrency, with scales calibrated on which workload? Writes to `--workdir`:
 
 The matrix: every `--kv_formats` format with dynamic scales, plus every
 `--calibrate_formats` format calibrated on each `--calibration_workloads` workload
-(`models.calibrate.calibrate`, `--calibration_method`), scored on every
+(`kvtpu.models.calibrate.calibrate`, `--calibration_method`), scored on every
 `--eval_workloads` workload at every `--contexts` length and `--batches` size
 (ragged: `kvtpu.eval.protocol.ragged_lengths`) against the `--reference` cache, by
 teacher forcing through the cache (`--prefill`, then `--chunk`-token chunks; 1 is
@@ -26,7 +26,7 @@ Presets set every flag not given on the command line:
   quick  SmolLM2 on 2 CPU cores in under 15 minutes (what `make run` runs)
   full   the whole matrix, for a TPU VM
 
-  python -m experiments.evaluate --preset=quick --workdir=workdir/evaluate
+  python -m kvtpu.experiments.evaluate --preset=quick --workdir=workdir/evaluate
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from kvtpu.experiments.common import chat_responder, format_names
+from kvtpu.models.calibrate import calibrate
+from kvtpu.models.evaluate import CacheConfig, passkey_rows, score_workload
+from kvtpu.models.pretrained import load_pretrained
 
 import kvtpu
-from experiments.common import chat_responder, format_names
 from kvtpu.calibration.artifact import CalibrationArtifact
 from kvtpu.eval import report as report_lib
 from kvtpu.eval import workloads as workloads_lib
 from kvtpu.eval.protocol import Protocol, ragged_lengths
-from models.calibrate import calibrate
-from models.evaluate import CacheConfig, passkey_rows, score_workload
-from models.pretrained import load_pretrained
 
 PRESETS = {
     "quick": dict(

@@ -1,17 +1,17 @@
 """Generates text with a pretrained model on a quantized KV cache, and times it.
 
-Loads the model and tokenizer with `models.pretrained.load_pretrained`, encodes each
+Loads the model and tokenizer with `kvtpu.models.pretrained.load_pretrained`, encodes each
 `--prompt` (as a user turn of the model's chat template unless --nochat), generates
-a ragged batch with `models.generate`, prints each completion and one line
+a ragged batch with `kvtpu.models.generate`, prints each completion and one line
 of figures: model, weight precision, KV format, prompt and generated tokens, prefill
 and decode tokens/s. The figures come from a second call with the same shapes after
 a warm-up call (compile excluded); with --nowarmup they include compiling, and the
 line says so. With --workdir it also writes config.json, results.jsonl (a row per
 prompt) and report.md.
 
-  python -m experiments.generate --model=smollm2-135m --kv_format=int8 \\
+  python -m kvtpu.experiments.generate --model=smollm2-135m --kv_format=int8 \\
       --prompt="What is the capital of France?" --max_new_tokens=32
-  python -m experiments.generate --prompt="Hi" --prompt="Name three colors." --temperature=0.7
+  python -m kvtpu.experiments.generate --prompt="Hi" --prompt="Name three colors." --temperature=0.7
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from kvtpu.models.generation import Generation, Sampling, generate
+from kvtpu.models.pretrained import load_pretrained
 
 import kvtpu
-from models.generation import Generation, Sampling, generate
-from models.pretrained import load_pretrained
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m",
                              "load_pretrained name, .gguf file or checkpoint folder.")
@@ -75,10 +75,10 @@ def run(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
   """Generates completions of `prompts` and reports them; what `main` does after loading.
 
   Args:
-    model: a `models.llama.Llama` with `cfg.name` and `weight_precision`.
+    model: a `kvtpu.models.llama.Llama` with `cfg.name` and `weight_precision`.
     tokenizer: with `encode`, `encode_chat`, `decode`, `stop_ids` and `pad_id`.
     prompts: texts, one sequence each.
-    max_new_tokens, sampling, impl: as `models.generate` (default greedy).
+    max_new_tokens, sampling, impl: as `kvtpu.models.generate` (default greedy).
     kv_format: KV-cache format name.
     chat: encode each prompt as a user turn of the chat template.
     seed: the sampling key's seed (the warm-up call uses the same key).

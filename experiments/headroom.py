@@ -1,6 +1,6 @@
 """Memory headroom: the longest context and the most sequences each KV precision fits.
 
-For a model (a `models.presets` name), its weight precision, an accelerator slice and
+For a model (a `kvtpu.models.presets` name), its weight precision, an accelerator slice and
 a (`data`, `model`) mesh, solves per KV format: the largest context at each
 `--concurrencies` and the largest concurrency at each `--contexts`, with weights +
 cache + the decode step's temporaries within each device's HBM less `--reserve`.
@@ -17,7 +17,7 @@ Writes to `--workdir`: config.json, results.jsonl (each maximum and the first po
 past it, `oom: true`), report.md (tables per mode, the per-device breakdown, the
 agreement between modes) and context_vs_concurrency.png.
 
-  python -m experiments.headroom --model=llama-3.1-8b --weight_dtype=bf16 \\
+  python -m kvtpu.experiments.headroom --model=llama-3.1-8b --weight_dtype=bf16 \\
       --accelerator=v5e-8 --mesh=data:2,model:4 --kv_formats=bf16,int8,fp8_e4m3,int4 \\
       --modes=analytic,aot
 
@@ -33,13 +33,13 @@ import time
 
 import jax
 from absl import app, flags, logging
+from kvtpu.experiments.common import format_names, maybe_initialize_distributed, positive_ints
+from kvtpu.models import presets
+from kvtpu.models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
 
 import kvtpu
-from experiments.common import format_names, maybe_initialize_distributed, positive_ints
 from kvtpu import accelerators, headroom, headroom_report
 from kvtpu.sharding import STRATEGIES
-from models import presets
-from models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
 
 _MODEL = flags.DEFINE_string("model", "llama-3.1-8b",
                              f"Model shape, one of {sorted(presets.PRESETS)}.")

@@ -6,8 +6,8 @@ the achieved bandwidth as a fraction of the chip's HBM roofline. On CPU the XLA
 reference is timed and bytes are the minimum. Writes config.json, results.jsonl
 and report.md to --workdir.
 
-  python -m experiments.kernel_bench --workdir=workdir/kernel_bench
-  python -m experiments.kernel_bench --contexts=2048,32768 --batches=1,8,32   # TPU VM
+  python -m kvtpu.experiments.kernel_bench --workdir=workdir/kernel_bench
+  python -m kvtpu.experiments.kernel_bench --contexts=2048,32768 --batches=1,8,32   # TPU VM
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import os
 
 import jax
 from absl import app, flags, logging
+from kvtpu.experiments.common import positive_ints
 
 import kvtpu
-from experiments.common import positive_ints
 from kvtpu import benchmark
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/kernel_bench", "Output directory.")

@@ -1,16 +1,16 @@
 """Times whole-model prefill and decode per KV-cache format and context length.
 
 For each format and context C, a batch of random prompts of C - decode_tokens tokens
-goes through `models.generate` (cache max_len: C rounded up to 128; no stop
+goes through `kvtpu.models.generate` (cache max_len: C rounded up to 128; no stop
 ids, so every row decodes `decode_tokens` tokens): a warm-up call compiles, a second
 call with the same shapes is timed. Each row of `<workdir>/results.jsonl` has the
 weight precision and the KV format as separate fields, prefill and decode tokens/s
 and ms per decode step; an out-of-memory point is a row with `oom: true`. Also writes
 config.json and report.md, and prints the table.
 
-  python -m experiments.model_bench --workdir=workdir/model_bench
-  python -m experiments.model_bench --kv_formats=bf16,int8,int4 --contexts=2048,8192 --batch=8
-  python -m experiments.model_bench --model=tiny --contexts=128   # random weights, smoke test
+  python -m kvtpu.experiments.model_bench --workdir=workdir/model_bench
+  python -m kvtpu.experiments.model_bench --kv_formats=bf16,int8,int4 --contexts=2048,8192 --batch=8
+  python -m kvtpu.experiments.model_bench --model=tiny --contexts=128   # random weights, smoke test
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from kvtpu.experiments.common import positive_ints
+from kvtpu.models.config import ModelConfig
+from kvtpu.models.generation import generate
+from kvtpu.models.llama import Llama
+from kvtpu.models.pretrained import load_pretrained
 
 import kvtpu
-from experiments.common import positive_ints
-from models.config import ModelConfig
-from models.generation import generate
-from models.llama import Llama
-from models.pretrained import load_pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/model_bench", "Output directory.")
 _MODEL = flags.DEFINE_string(

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from kvtpu import accelerators
-from kvtpu.cache import KVCache, _per_sequence, check_layer
-from pallas_kernels import decode_attention, prefill_attention
+from kvtpu._shared import check_layer, per_sequence
+from kvtpu.cache import KVCache
+from kvtpu.pallas_kernels import decode_attention, prefill_attention
 
 __all__ = ["attend", "IMPLS"]
 
@@ -89,7 +90,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
 def _chunk_and_scale(q, valid_len, scale):
   """`i32[B]` chunk tokens that are keys (valid_len capped at T), and the logit scale."""
   b, t, _, h = q.shape
-  chunk = jnp.minimum(_per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
+  chunk = jnp.minimum(per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
   return chunk, h**-0.5 if scale is None else scale
 
 
@@ -145,18 +146,19 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
   b, t, n, h = q.shape
   kh = cache.kv_heads
   qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) * scale
-  fk, fv = cache.fmt.k, cache.fmt.v
-  if fk.static:
-    qg = qg * _per_query_head(cache.k_scale[layer])
+  k, v = cache.k, cache.v
+  if k.spec.static:
+    qg = qg * _per_query_head(k.scale[layer])
+    k = k.values
   kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
             else prefill_attention.prefill_attention)
-  out = kernel(qg.reshape(b, t, n, h), cache.k, cache.v, cache.lengths, chunk, layer,
-               **cache.per_token_scales(), interpret=interpret)
-  if fv.static:
+  out = kernel(qg.reshape(b, t, n, h), k, v.values if v.spec.static else v, cache.lengths, chunk,
+               layer, interpret=interpret)
+  if v.spec.static:
     og = out.reshape(b, t, kh, n // kh, h)
-    if cache.v_zero is not None:
-      og = og - _per_query_head(cache.v_zero[layer])
-    og = og * _per_query_head(cache.v_scale[layer])
+    if v.zero is not None:
+      og = og - _per_query_head(v.zero[layer])
+    og = og * _per_query_head(v.scale[layer])
     has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
     out = jnp.where(has_keys, og, 0.0).reshape(b, t, n, h)
   return out.astype(q.dtype)

@@ -22,14 +22,15 @@ from kvtpu import accelerators
 from kvtpu.attention import attend
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
-from pallas_kernels.decode_attention import (
-    BlockSizes,
-    default_block_sizes,
-    hbm_bytes,
-    min_hbm_bytes,
-    validate_inputs,
+from kvtpu.pallas_kernels.decode_attention import (
+  BlockSizes,
+  default_block_sizes,
+  hbm_bytes,
+  min_hbm_bytes,
+  validate_inputs,
 )
-from pallas_kernels.prefill_attention import default_prefill_block_sizes
+from kvtpu.pallas_kernels.prefill_attention import default_prefill_block_sizes
+from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["random_cache", "time_call", "attention_rows", "markdown_table", "traffic_rows",
            "traffic_markdown"]
@@ -49,22 +50,22 @@ def random_cache(fmt: KVFormat | str, *, batch: int, kv_heads: int, max_len: int
   cache = KVCache.init(fmt, num_layers=1, batch=batch, kv_heads=kv_heads, max_len=max_len,
                        head_dim=head_dim)
   key = jax.random.key(seed)
-  fields = {}
-  for name, spec in (("k", fmt.k), ("v", fmt.v)):
-    key, k1, k2 = jax.random.split(key, 3)
-    shape = getattr(cache, name).shape
+
+  def randomized(x: QuantizedKV, key) -> QuantizedKV:
+    spec, k1, k2 = x.spec, *jax.random.split(key)
     if spec.dtype.is_int:
-      data = jax.random.randint(k1, shape, int(spec.qmin), int(spec.qmax) + 1, jnp.int32)
+      data = jax.random.randint(k1, x.shape, int(spec.qmin), int(spec.qmax) + 1, jnp.int32)
     else:
-      data = jax.random.normal(k1, shape, jnp.float32)
-    fields[name] = data.astype(spec.storage_dtype)
-    if spec.quantized:
-      scale = getattr(cache, f"{name}_scale")
-      fields[f"{name}_scale"] = (jax.random.uniform(k2, scale.shape, jnp.float32, 0.5, 1.5)
-                                 / 64).astype(scale.dtype)
-      if not spec.symmetric:
-        fields[f"{name}_zero"] = jnp.zeros_like(getattr(cache, f"{name}_zero"))
-  return dataclasses.replace(cache, lengths=jnp.asarray(lengths, jnp.int32), **fields)
+      data = jax.random.normal(k1, x.shape, jnp.float32)
+    new = {"values": data.astype(spec.storage_dtype)}
+    if spec.quantized:  # Per-token scales near 1/64; zero points (if any) stay 0.
+      new["scale"] = (jax.random.uniform(k2, x.scale.shape, jnp.float32, 0.5, 1.5)
+                      / 64).astype(x.scale.dtype)
+    return dataclasses.replace(x, **new)
+
+  key_k, key_v = jax.random.split(key)
+  return dataclasses.replace(cache, lengths=jnp.asarray(lengths, jnp.int32),
+                             k=randomized(cache.k, key_k), v=randomized(cache.v, key_v))
 
 
 def time_call(fn: Callable[[], jax.Array], *, iters: int, warmup: int = 1) -> float:
@@ -115,12 +116,12 @@ def traffic_markdown(rows: list[dict]) -> str:
 
 def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   """(bytes the call moves, minimum bytes) for one attend call on layer 0."""
-  fk, fv = cache.fmt.k, cache.fmt.v
-  scales = cache.per_token_scales()
-  d = validate_inputs(q, cache.k, cache.v, cache.lengths, jnp.asarray(chunk), 0, **scales,
+  k, v = cache.k, cache.v
+  d = validate_inputs(q, k.values, v.values, cache.lengths, jnp.asarray(chunk), 0,
+                      k.per_token_scale, k.per_token_zero, v.per_token_scale, v.per_token_zero,
                       max_t=None)
-  itemsize = {"k": jnp.dtype(fk.scale_jnp_dtype).itemsize, "v": jnp.dtype(fv.scale_jnp_dtype).itemsize}
-  zeros = (scales["k_zero"] is not None, scales["v_zero"] is not None)
+  itemsize = {"k": k.spec.scale_jnp_dtype.itemsize, "v": v.spec.scale_jnp_dtype.itemsize}
+  zeros = (k.per_token_zero is not None, v.per_token_zero is not None)
   lengths = np.asarray(cache.lengths)
   minimum = min_hbm_bytes(d, lengths, chunk, cache.k.dtype, cache.v.dtype,
                           scale_itemsize=itemsize, has_zero=zeros)

@@ -1,4 +1,4 @@
-"""Orbax helpers shared by the calibration artifact and `models.loaders`."""
+"""Orbax helpers shared by the calibration artifact and `kvtpu.models.loaders`."""
 
 from __future__ import annotations
 

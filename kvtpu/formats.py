@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -123,6 +125,8 @@ class QuantSpec:
     # Accept plain strings for the enum fields; normalize bf16 to "no scales".
     object.__setattr__(self, "dtype", StorageDtype(self.dtype))
     object.__setattr__(self, "granularity", Granularity(self.granularity))
+    if not isinstance(self.symmetric, bool):
+      raise ValueError(f"symmetric must be a bool, got symmetric={self.symmetric!r}")
     if not self.dtype.quantized:
       if self.granularity not in (Granularity.NONE, Granularity.TOKEN_HEAD) or (
           self.group_size is not None or not self.symmetric
@@ -210,6 +214,28 @@ class QuantSpec:
       parts.append("sbf16")
     return "-".join(parts)
 
+  def to_dict(self) -> dict[str, Any]:
+    """Every field as JSON-able values (enums by value); `from_dict` reads it back."""
+    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+    """The spec `to_dict` wrote, validated like any spec.
+
+    Raises:
+      ValueError: for a field that `QuantSpec` does not have, or an invalid value.
+    """
+    if not isinstance(d, Mapping):
+      raise ValueError(f"a QuantSpec dict must be a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown QuantSpec field(s) {unknown}; fields: {sorted(known)}")
+    try:
+      return cls(**d)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"invalid QuantSpec dict {dict(d)!r}: {e}") from None
+
   @classmethod
   def parse(cls, name: str) -> QuantSpec:
     """Parses a tensor spec name such as `int8`, `int4-asym-g32`, `fp8_e4m3-channel`."""
@@ -247,6 +273,10 @@ class QuantSpec:
       return cls(**kwargs)
     except ValueError as e:  # Field validation: say which name it came from.
       raise ValueError(f"{e} (in name={name!r})") from None
+
+
+def _plain(x):
+  return x.value if isinstance(x, enum.Enum) else x
 
 
 _SHORT_BITS = {"16": "bf16", "8": "int8", "4": "int4"}
@@ -287,6 +317,25 @@ class KVFormat:
   def static(self) -> bool:
     """True if either K or V needs calibrated static scales."""
     return self.k.static or self.v.static
+
+  def to_dict(self) -> dict[str, Any]:
+    """`{"name": ..., "k": spec dict, "v": spec dict}`; `from_dict` reads it back."""
+    return {"name": self.name, "k": self.k.to_dict(), "v": self.v.to_dict()}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> KVFormat:
+    """The format `to_dict` wrote; its `name`, if present, must agree with the specs.
+
+    Raises:
+      ValueError: for missing specs, an invalid spec, or a name that disagrees.
+    """
+    if not isinstance(d, Mapping) or not {"k", "v"} <= set(d) or set(d) - {"name", "k", "v"}:
+      raise ValueError(f"a KVFormat dict has keys 'k', 'v' and optionally 'name', got "
+                       f"{sorted(d) if isinstance(d, Mapping) else type(d).__name__}")
+    fmt = cls(QuantSpec.from_dict(d["k"]), QuantSpec.from_dict(d["v"]))
+    if "name" in d and cls.parse(d["name"]) != fmt:
+      raise ValueError(f"KVFormat dict names {d['name']!r} but its specs are {fmt.name!r}")
+    return fmt
 
   def spec(self, which: str) -> QuantSpec:
     if which not in ("k", "v"):

@@ -10,7 +10,7 @@ such that on every device
 How a point is measured is a `Measure`: `analytic` here (closed forms:
 `sharding.per_device_bytes` for the cache, the weights the caller counted, and the
 logits as the decode step's one large temporary), or the compiled (`aot`) and
-executed (`live`) decode steps of `models.headroom`. The search needs only that the
+executed (`live`) decode steps of `kvtpu.models.headroom`. The search needs only that the
 bytes grow with the searched quantity; it interpolates from measured points, so an
 expensive measure (a compile, a run) is called a handful of times per answer, and
 every answer comes with the point just past it that does not fit (`oom`).

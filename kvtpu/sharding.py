@@ -22,14 +22,14 @@ Kv heads and the model axis (strategies):
 
 `"auto"` picks `"heads"` when K % M == 0, else `"replicate"`.
 
-Layout per array (`memory.cache_layout`), with D = data axis, M = model axis when
-heads are sharded (else replicated):
-  k, v            [L, B, K, S, H]   P(None, D, M, None, None)
-  dynamic scales  [L, B, K, G, S]   P(None, D, M, None, None)  (and zero points)
-  static scales   [L, 1|K, 1|H]     P(None, M if K-sized, None)
-  k_clip, v_clip  [L, K]            P(None, M)
-  lengths, overflow [B]             P(D)
-  counters        [L, C, 2]         replicated (every device holds the global sum)
+Partition specs come from the cache's logical axes (`KVCache.logical_axes`, the
+same tree as the cache): logical `batch` goes to the data axis D, `kv_heads` to
+the model axis M when heads are sharded (else replicated), every other axis is
+replicated. So values `[L, B, K, S, H]` and per-token scales `[L, B, K, G, S]` are
+`P(None, D, M, None, None)`, static scales `[L, 1|K, 1|H]` and clip ratios `[L, K]`
+follow their heads, lengths and overflow flags `P(D)`, and the counters are
+replicated (every device holds the global sum). A new array in the cache needs no
+change here.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvtpu import memory
+from kvtpu._shared import add_u64_pair, check_layer, per_sequence, psum_u64
 from kvtpu.attention import attend as _attend
-from kvtpu.cache import KVCache, _add_u64_pair, _per_sequence, check_layer
+from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
 
 __all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
            "per_device_bytes"]
 
 STRATEGIES = ("auto", "heads", "replicate")
-_U32 = jnp.uint32
 
 
 def resolve_strategy(strategy: str, *, kv_heads: int, model: int) -> str:
@@ -97,24 +97,6 @@ def per_device_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_hea
                          strategy=strategy)
   return memory.cache_bytes(fmt, num_layers=num_layers, batch=b, kv_heads=k, max_len=max_len,
                             head_dim=head_dim, clip=clip)
-
-
-def _psum_u64(words: jax.Array, axes) -> jax.Array:
-  """Sums 64-bit counters `u32[..., 2]` (lo, hi) over mesh `axes`, carries included.
-
-  The low word is summed as two 16-bit halves so no partial sum overflows (for fewer
-  than 65536 devices).
-  """
-  if not axes:
-    return words
-  lo, hi = words[..., 0], words[..., 1]
-  a = jax.lax.psum(lo & _U32(0xFFFF), axes)
-  b = jax.lax.psum(lo >> _U32(16), axes)
-  shifted = (b & _U32(0xFFFF)) << _U32(16)
-  new_lo = a + shifted
-  carry = (new_lo < shifted).astype(_U32)
-  new_hi = jax.lax.psum(hi, axes) + (b >> _U32(16)) + carry
-  return jnp.stack([new_lo, new_hi], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,28 +158,9 @@ class CacheSharding:
     """
     _check_batch(cache.batch, self.data)
     d, m = self._axes(cache.kv_heads)
-    per_token = P(None, d, m, None, None)
-
-    def spec(name: str, x):
-      if x is None:
-        return None
-      if name in ("k", "v"):
-        return per_token
-      if name.endswith(("_scale", "_zero")):
-        if cache.fmt.spec(name[0]).dynamic:
-          return per_token
-        return P(None, m if x.shape[1] == cache.kv_heads else None, None)
-      if name.endswith("_clip"):
-        return P(None, m)
-      if name in ("lengths", "overflow"):
-        return P(d)
-      if name == "counters":
-        return P()
-      raise AssertionError(f"unhandled cache field {name}")
-
-    return dataclasses.replace(cache, **{
-        f.name: spec(f.name, getattr(cache, f.name))
-        for f in dataclasses.fields(cache) if f.name != "fmt"})
+    mesh_axis = {"batch": d, "kv_heads": m}
+    return jax.tree.map(lambda axes: P(*(mesh_axis.get(a) for a in axes)),
+                        cache.logical_axes(), is_leaf=lambda x: isinstance(x, P))
 
   def shardings(self, cache: KVCache) -> KVCache:
     """`NamedSharding`s of the cache's arrays (for `jax.jit` in/out shardings)."""
@@ -221,11 +184,10 @@ class CacheSharding:
 
   def per_device_bytes(self, cache: KVCache) -> int:
     """`per_device_bytes` for this cache (real or abstract) on this mesh."""
-    clip = tuple(w for w in ("k", "v") if getattr(cache, f"{w}_clip") is not None)
     return per_device_bytes(cache.fmt, num_layers=cache.num_layers, batch=cache.batch,
                             kv_heads=cache.kv_heads, max_len=cache.max_len,
                             head_dim=cache.head_dim, data=self.data, model=self.model,
-                            strategy=self.strategy, clip=clip)
+                            strategy=self.strategy, clip=cache.clip)
 
   # ---------------------------------------------------------------- methods
   def _shard_map(self, fn, in_specs, out_specs, *, check_vma=True):
@@ -259,7 +221,7 @@ class CacheSharding:
     if jnp.shape(k)[:1] != (cache.batch,) or jnp.shape(v)[:1] != (cache.batch,):
       raise ValueError(f"k and v must be [B={cache.batch}, T, K, H], got k.shape="
                        f"{jnp.shape(k)}, v.shape={jnp.shape(v)}")
-    valid = _per_sequence("valid_len", jnp.shape(k)[1] if valid_len is None else valid_len,
+    valid = per_sequence("valid_len", jnp.shape(k)[1] if valid_len is None else valid_len,
                           cache.batch)
     d, m = self._axes(cache.kv_heads)
     specs = self.specs(cache)
@@ -269,8 +231,8 @@ class CacheSharding:
       counters = cache.counters
       new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
           layer, k, v, valid_len=valid)
-      return dataclasses.replace(new, counters=_add_u64_pair(counters,
-                                                        _psum_u64(new.counters, axes)))
+      return dataclasses.replace(new, counters=add_u64_pair(counters,
+                                                        psum_u64(new.counters, axes)))
 
     kv = P(d, None, m, None)
     return self._shard_map(local, (specs, P(), kv, kv, P(d)), specs)(
@@ -290,7 +252,7 @@ class CacheSharding:
     if n % cache.kv_heads:
       raise ValueError(
           f"q's N={n} query heads must be a multiple of the cache's K={cache.kv_heads} kv heads")
-    valid = _per_sequence("valid_len", q.shape[1] if valid_len is None else valid_len,
+    valid = per_sequence("valid_len", q.shape[1] if valid_len is None else valid_len,
                           cache.batch)
     d, m = self._axes(cache.kv_heads)
     qs = P(d, None, m, None)
@@ -305,7 +267,7 @@ class CacheSharding:
 
   def advance(self, cache: KVCache, num_new) -> KVCache:
     """`cache.advance(num_new)` on each device's sequences."""
-    num = _per_sequence("num_new", num_new, cache.batch)
+    num = per_sequence("num_new", num_new, cache.batch)
     d, _ = self._axes(cache.kv_heads)
     specs = self.specs(cache)
     return self._shard_map(lambda c, n: c.advance(n), (specs, P(d)), specs)(cache, num)

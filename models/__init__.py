@@ -4,15 +4,15 @@
   out = models.generate(model, [tokenizer.encode_chat(messages)], max_new_tokens=32,
                         kv_format="int8", stop_ids=tokenizer.stop_ids)
 
-Model shapes: `ModelConfig`, with well-known models in `models.presets`. Imports
+Model shapes: `ModelConfig`, with well-known models in `kvtpu.models.presets`. Imports
 `kvtpu`, never `experiments`.
 """
 
-from models.config import ModelConfig, RopeScaling
-from models.generation import Generation, Sampling, generate
-from models.llama import Llama
-from models.pretrained import load_pretrained
-from models.tokenizer import Tokenizer
+from kvtpu.models.config import ModelConfig, RopeScaling
+from kvtpu.models.generation import Generation, Sampling, generate
+from kvtpu.models.llama import Llama
+from kvtpu.models.pretrained import load_pretrained
+from kvtpu.models.tokenizer import Tokenizer
 
 __all__ = ["Generation", "Llama", "ModelConfig", "RopeScaling", "Sampling", "Tokenizer",
            "generate", "load_pretrained"]

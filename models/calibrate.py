@@ -48,7 +48,7 @@ def collect_statistics(model, batches: Iterable[np.ndarray], *, kinds=KINDS, imp
   """Per-layer, per-head, per-channel statistics of K (pre/post RoPE) and V.
 
   Args:
-    model: a `models.llama.Llama`.
+    model: a `kvtpu.models.llama.Llama`.
     batches: int32 `[B, T]` token windows (e.g. `Workload.windows(...)`); one
       compile serves every batch of the same shape.
     kinds: which tensors to observe, a subset of `KINDS`.
@@ -134,7 +134,7 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   window batch of each workload.
 
   Args:
-    model: a `models.llama.Llama` (its `cfg.name` and `weight_precision` are disclosed).
+    model: a `kvtpu.models.llama.Llama` (its `cfg.name` and `weight_precision` are disclosed).
     workloads: `kvtpu.eval.workloads.Workload`s, observed in order.
     fmt: a cache format (name or `KVFormat`) with at least one quantized spec.
     method: "absmax", "percentile", "mse" or "learned" (optax on the attention-output
@@ -191,7 +191,7 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
         clip = np.stack([r.clip for r in learned])
       else:
         clip = clipping.compute_clip(tokens, spec, method, **options)
-      scales[f"{which}_clip"] = np.asarray(clip, np.float32)
+      scales[which] = {"clip": np.asarray(clip, np.float32)}
       clipped[which] = clipping.clip_fraction(tokens, spec, clip)
       continue
     if method == "learned":
@@ -204,9 +204,9 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
       zero = None if spec.symmetric else jnp.stack([r.zero for r in learned])
     else:
       scale, zero = methods.compute_scales(st, spec, method, **options)
-    scales[f"{which}_scale"] = np.asarray(scale, np.float32)
+    scales[which] = {"scale": np.asarray(scale, np.float32)}
     if zero is not None:
-      scales[f"{which}_zero"] = np.asarray(zero, np.float32)
+      scales[which]["zero"] = np.asarray(zero, np.float32)
     clipped[which] = np.nan_to_num(methods.clip_fraction(st, spec, scale, zero))
   cfg = model.cfg
   art = artifact_lib.CalibrationArtifact(

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+from kvtpu.models.generation import generate
 
 import kvtpu
 from kvtpu import memory
 from kvtpu.eval import protocol as protocol_lib
 from kvtpu.eval import workloads as workloads_lib
-from models.generation import generate
 
 __all__ = ["LlamaForward", "forward_fn", "CacheConfig", "row_header", "score_workload",
            "passkey_rows"]
@@ -47,7 +47,7 @@ class LlamaForward:
 
 
 def forward_fn(model, impl: str = "auto") -> tuple[LlamaForward, Any]:
-  """`(forward, params)` of a `models.llama.Llama` for `kvtpu.eval.protocol.score`."""
+  """`(forward, params)` of a `kvtpu.models.llama.Llama` for `kvtpu.eval.protocol.score`."""
   graphdef, params = nnx.split(model)
   return LlamaForward(graphdef, impl), params
 
@@ -85,13 +85,6 @@ class CacheConfig:
     return f"{self.fmt.name} | {self.calibration_name}"
 
 
-def _precision(spec: kvtpu.QuantSpec) -> dict[str, Any]:
-  return {"dtype": spec.dtype.value, "granularity": spec.granularity.value,
-          "scheme": ("none" if not spec.quantized else
-                     "symmetric" if spec.symmetric else "asymmetric"),
-          "group_size": spec.group_size, "scale_dtype": spec.scale_dtype}
-
-
 def row_header(model, config: CacheConfig) -> dict[str, Any]:
   """The fields every result row carries: model, weights, KV precision, calibration."""
   cfg = model.cfg
@@ -105,7 +98,7 @@ def row_header(model, config: CacheConfig) -> dict[str, Any]:
                    "created": d["created"]}
   per_token = memory.bytes_per_token(fmt, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
   return {"model": cfg.name, "weight_precision": model.weight_precision,
-          "kv_format": fmt.name, "kv_precision": {"k": _precision(fmt.k), "v": _precision(fmt.v)},
+          "kv_format": fmt.name, "kv_precision": fmt.to_dict(),
           "kv_bytes_per_token": per_token * cfg.num_layers, "calibration": calibration,
           "calibration_name": config.calibration_name}
 

@@ -1,4 +1,4 @@
-"""Jitted text generation for `models.llama.Llama` on the kvtpu cache.
+"""Jitted text generation for `kvtpu.models.llama.Llama` on the kvtpu cache.
 
 `generate(model, prompts, max_new_tokens=N)` runs a ragged batch of prompts in two
 compiled calls:
@@ -372,7 +372,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   """Generates up to `max_new_tokens` tokens for each prompt, batched, on a kvtpu cache.
 
   Args:
-    model: a `models.llama.Llama` (anything with its call, `init_cache` and `cfg`).
+    model: a `kvtpu.models.llama.Llama` (anything with its call, `init_cache` and `cfg`).
     prompts: B prompts of token ids, of any (ragged) lengths >= 1.
     max_new_tokens: N >= 1, the most tokens per prompt (the stop token included).
     kv_format: the cache format, a name (`"int8"`, `"k8v4"`, ...) or a `KVFormat`.

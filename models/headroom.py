@@ -3,7 +3,7 @@
 `kvtpu.headroom` asks "how many bytes does one device need at this batch and
 max_len?"; this module answers for a real model's decode step (one token per
 sequence through every layer, weights tensor-parallel over the `model` axis
-(`models.sharding`), the cache sharded by `kvtpu.sharding`, the cache donated):
+(`kvtpu.models.sharding`), the cache sharded by `kvtpu.sharding`, the cache donated):
 
 * `AotMeasure`: compiles the step for a TPU topology through libtpu on any machine
   and reads `compiled.memory_analysis()` (arguments, temporaries, program); a compile
@@ -26,14 +26,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from kvtpu.models.config import ModelConfig
+from kvtpu.models.sharding import abstract_state, param_shardings, state_bytes_per_device
 
 import kvtpu
 from kvtpu import accelerators, headroom
 from kvtpu.formats import KVFormat
 from kvtpu.memory import array_nbytes
 from kvtpu.sharding import CacheSharding
-from models.config import ModelConfig
-from models.sharding import abstract_state, param_shardings, state_bytes_per_device
 
 __all__ = ["WEIGHT_DTYPES", "weight_dtype", "make_mesh", "deployment", "decode_step",
            "AotMeasure", "LiveMeasure", "parse_mesh"]

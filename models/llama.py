@@ -16,10 +16,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from kvtpu.models.config import ModelConfig, RopeScaling
 
 import kvtpu
 from kvtpu.sharding import CacheSharding
-from models.config import ModelConfig, RopeScaling
 
 __all__ = ["Llama", "rope_frequencies", "apply_rope"]
 
@@ -175,10 +175,10 @@ class Llama(nnx.Module):
         queries after RoPE (`"q"`, `[B, T, N, H]`), and the attention output
         (`"attn"`, `[B, T, N, H]`, read from the cache). Calibration
         reduces them to statistics inside the same jitted step (see
-        `models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
+        `kvtpu.models.calibrate`); padding rows beyond `valid_len` are included, so mask them.
       cache_sharding: for a cache laid out on a mesh (`kvtpu.sharding.CacheSharding`):
         `update`, `attend` and `advance` run on each device's block under
-        `shard_map` (the weights may be sharded too: `models.sharding`).
+        `shard_map` (the weights may be sharded too: `kvtpu.models.sharding`).
 
     Returns:
       `logits: f32[B, T, vocab]` (`f32[B, 1, vocab]` with `logits_at`) and the

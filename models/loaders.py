@@ -11,7 +11,7 @@ Q4_0, Q4_1) by llama.cpp's own `gguf` package. For `llama` files, llama.cpp's
 converter permutes the rows of `attn_q` and `attn_k` per head so that its
 interleaved rotary layout (channel pairs `(2i, 2i+1)`) sees what Hugging Face's
 rotate-half layout (pairs `(i, i + H/2)`) saw; `_unpermute_rope_rows` undoes that, so
-the model runs the rotate-half RoPE of `models.llama`. `tests/models/test_pretrained.py`
+the model runs the rotate-half RoPE of `kvtpu.models.llama`. `tests/models/test_pretrained.py`
 verifies it by logits: an independent numpy forward with interleaved RoPE on the
 file's rows as stored gives the same logits. `qwen2` files are not permuted (llama.cpp
 runs NeoX rotary for them).
@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from kvtpu.models.config import ModelConfig, RopeScaling
+from kvtpu.models.llama import Llama, rope_frequencies
 
 from kvtpu.checkpointing import quiet_orbax
-from models.config import ModelConfig, RopeScaling
-from models.llama import Llama, rope_frequencies
 
 __all__ = ["Weights", "LoadError", "load_gguf", "load_safetensors", "hf_config", "build_model",
            "save_checkpoint", "load_checkpoint", "CHECKPOINT_MARKER"]
@@ -444,7 +444,7 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
   Args:
     model: a loaded model.
     path: a new or empty directory.
-    tokenizer: optional `models.tokenizer.Tokenizer`, saved beside the parameters
+    tokenizer: optional `kvtpu.models.tokenizer.Tokenizer`, saved beside the parameters
       (`tokenizer.json`, `tokenizer_config.json`) so the folder is self-contained.
     extra: more JSON-able fields for the marker file (e.g. the source file's hash).
 

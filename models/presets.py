@@ -1,12 +1,12 @@
 """Shapes of well-known decoders, from their published Hugging Face `config.json`s.
 
 Enough to size weights and KV caches without the weight files (the headroom sweep
-and reports); loading real weights is `models.load_pretrained`'s job.
+and reports); loading real weights is `kvtpu.models.load_pretrained`'s job.
 """
 
 from __future__ import annotations
 
-from models.config import ModelConfig, RopeScaling
+from kvtpu.models.config import ModelConfig, RopeScaling
 
 __all__ = ["PRESETS", "get"]
 

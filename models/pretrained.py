@@ -26,10 +26,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 from absl import logging
-
-from models import loaders
-from models.llama import Llama
-from models.tokenizer import Tokenizer
+from kvtpu.models import loaders
+from kvtpu.models.llama import Llama
+from kvtpu.models.tokenizer import Tokenizer
 
 __all__ = ["KNOWN_MODELS", "WheelFile", "cache_dir", "gguf_path", "load_pretrained"]
 
@@ -156,7 +155,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
   Args:
     name_or_path: a known name (`smollm2-135m`), a `.gguf` file, a Hugging Face
       checkpoint folder (config.json, *.safetensors, tokenizer.json), or a directory
-      written by `models.loaders.save_checkpoint` (with the tokenizer saved beside it).
+      written by `kvtpu.models.loaders.save_checkpoint` (with the tokenizer saved beside it).
     param_dtype: dtype the weights are converted to (float32 or bfloat16); computation
       runs in it too. It is part of `model.weight_precision`.
     convert_cache: for known names, keep the converted parameters as an orbax

@@ -1,4 +1,4 @@
-"""Tensor-parallel layout of a `models.llama.Llama`'s weights over a mesh's model axis.
+"""Tensor-parallel layout of a `kvtpu.models.llama.Llama`'s weights over a mesh's model axis.
 
 Megatron-style: the q/k/v, gate and up projections split their output features
 over the model axis, the o and down projections their input features (so each
@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from kvtpu.models.llama import Llama
 
 from kvtpu.memory import array_nbytes
-from models.llama import Llama
 
 __all__ = ["param_specs", "param_shardings", "state_bytes_per_device", "abstract_state"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
@@ -59,3 +60,9 @@ def run_binary(module: str, *args: str, workdir, timeout: float = 600, env=None)
       [sys.executable, "-m", module, f"--workdir={workdir}", *args], cwd=root,
       env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, capture_output=True, text=True,
       timeout=timeout)
+
+
+def flat_arrays(tree) -> dict:
+  """`{"k.values": leaf, "k.scale": leaf, "lengths": leaf, ...}`: a pytree's leaves by path."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}

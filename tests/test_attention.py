@@ -68,8 +68,8 @@ def poison(cache):
     if x is None or not jnp.issubdtype(x.dtype, jnp.floating):
       return x
     return jnp.full_like(x, jnp.nan)
-  return dataclasses.replace(cache, **{n: nan_like(getattr(cache, n))
-                                       for n in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")})
+  return dataclasses.replace(cache, k=jax.tree.map(nan_like, cache.k),
+                             v=jax.tree.map(nan_like, cache.v))
 
 
 def stored(cache, layer, which):

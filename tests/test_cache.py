@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu import cache as cache_lib
-from kvtpu import memory, quant
-from kvtpu.cache import _add_u64
+from kvtpu import memory, qtensor, quant
+from kvtpu._shared import add_u64
 from tests.helpers import assert_close, kv_with_outliers
 
 L, B, K, S, H = 3, 3, 2, 16, 32
@@ -41,16 +40,16 @@ def test_init_stores_what_the_format_claims(fmt):
   assert cache.k.dtype == f.k.storage_dtype and cache.v.dtype == f.v.storage_dtype
   assert cache.k.shape == cache.v.shape == (L, B, K, S, H)
   for name, spec in (("k", f.k), ("v", f.v)):
-    scale, zero = getattr(cache, f"{name}_scale"), getattr(cache, f"{name}_zero")
+    scale, zero = getattr(cache, name).scale, getattr(cache, name).zero
     assert (scale is None) == (not spec.quantized)
     assert (zero is None) == spec.symmetric or not spec.quantized
     if spec.quantized:
       assert scale.dtype == spec.scale_jnp_dtype
   assert int(cache.lengths.sum()) == 0 and not bool(cache.overflow.any())
   layout = memory.cache_layout(f, num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H)
-  for name, sds in layout.items():
-    arr = getattr(cache, name)
-    assert (arr.shape, arr.dtype) == (sds.shape, sds.dtype), name
+  assert jax.tree.structure(layout) == jax.tree.structure(cache)
+  for arr, sds in zip(jax.tree.leaves(cache), jax.tree.leaves(layout), strict=True):
+    assert (arr.shape, arr.dtype) == (sds.shape, sds.dtype)
   assert cache.nbytes == memory.cache_bytes(f, num_layers=L, batch=B, kv_heads=K, max_len=S,
                                             head_dim=H)
 
@@ -70,11 +69,11 @@ def test_static_scales_are_required_and_validated():
   # Positive in float32 but 0 once rounded into the bf16 scale dtype.
   with pytest.raises(ValueError, match=r"k_scale \(as bfloat16\)"):
     make("int8-head-sbf16", k_scale=np.full((K, 1), 1e-45), v_scale=np.ones((K, 1)))
-  with pytest.raises(ValueError, match="k_scale given, but format int8 has no static"):
+  with pytest.raises(ValueError, match="k_scale given, but K is stored as int8, which has no static"):
     make("int8", k_scale=np.ones((1, 1)))
   # Broadcast over layers when the leading L is left out.
   cache = make("int8-head", k_scale=np.full((K, 1), 0.5), v_scale=np.full((L, K, 1), 0.25))
-  np.testing.assert_array_equal(cache.k_scale, np.full((L, K, 1), 0.5))
+  np.testing.assert_array_equal(cache.k.scale, np.full((L, K, 1), 0.5))
 
 
 @pytest.mark.parametrize("fmt", DYNAMIC + ["int8-head"])
@@ -92,9 +91,9 @@ def test_update_writes_at_each_length_and_nowhere_else(fmt, rng):
   f = cache.fmt
   for name, x in (("k", k), ("v", v)):
     spec = f.spec(name)
-    static = {} if not spec.static else dict(scale=before.k_scale[1] if name == "k" else before.v_scale[1])
+    static = {} if not spec.static else dict(scale=before.k.scale[1] if name == "k" else before.v.scale[1])
     expect = quant.quantize(x, spec, **static)
-    got, old = np.asarray(getattr(cache, name)), np.asarray(getattr(before, name))
+    got, old = np.asarray(getattr(cache, name).values), np.asarray(getattr(before, name).values)
     written = np.zeros(got.shape, bool)
     for b in range(B):
       for t in range(4):
@@ -102,7 +101,7 @@ def test_update_writes_at_each_length_and_nowhere_else(fmt, rng):
         np.testing.assert_array_equal(got[1, b, :, pos], np.asarray(expect.q[b, t]))
         written[1, b, :, pos] = True
         if spec.dynamic:
-          np.testing.assert_array_equal(getattr(cache, f"{name}_scale")[1, b, :, :, pos],
+          np.testing.assert_array_equal(getattr(cache, name).scale[1, b, :, :, pos],
                                         expect.scale[b, t])
     np.testing.assert_array_equal(got[~written], old[~written])  # Nothing else moved.
   counts = cache.counts()
@@ -118,11 +117,11 @@ def test_advance_and_overflow_touch_only_their_sequence(rng):
   # Sequence 0 has one free slot: a 3-token chunk writes one and drops two.
   y = jnp.asarray(rng.standard_normal((B, 3, K, H)), jnp.float32)
   cache = cache.update(0, y, y)
-  np.testing.assert_array_equal(cache.k[0, 0, :, : S - 1], snapshot.k[0, 0, :, : S - 1])
-  assert not np.array_equal(cache.k[0, 0, :, S - 1], snapshot.k[0, 0, :, S - 1])
+  np.testing.assert_array_equal(cache.k.values[0, 0, :, : S - 1], snapshot.k.values[0, 0, :, : S - 1])
+  assert not np.array_equal(cache.k.values[0, 0, :, S - 1], snapshot.k.values[0, 0, :, S - 1])
   # Other sequences get exactly their 3 new tokens, nothing at other positions.
-  np.testing.assert_array_equal(cache.k[0, 1, :, 6:], snapshot.k[0, 1, :, 6:])
-  np.testing.assert_array_equal(cache.k[0, 2, :, 3:], snapshot.k[0, 2, :, 3:])
+  np.testing.assert_array_equal(cache.k.values[0, 1, :, 6:], snapshot.k.values[0, 1, :, 6:])
+  np.testing.assert_array_equal(cache.k.values[0, 2, :, 3:], snapshot.k.values[0, 2, :, 3:])
   cache = cache.advance(3)
   np.testing.assert_array_equal(cache.lengths, [S, 6, 3])
   np.testing.assert_array_equal(cache.overflow, [True, False, False])
@@ -196,7 +195,7 @@ def test_counters_saturation_and_nonfinite(rng):
 
 def test_counters_are_64_bit():
   c = jnp.array([[2**32 - 3, 7], [5, 0]], jnp.uint32)
-  out = np.asarray(_add_u64(c, jnp.array([10, 2**32 - 1], jnp.uint32)))
+  out = np.asarray(add_u64(c, jnp.array([10, 2**32 - 1], jnp.uint32)))
   assert out.tolist() == [[7, 8], [4, 1]]  # 7*2^32 + 2^32 - 3 + 10 = 8*2^32 + 7.
   cache = make("int8")
   cache = dataclasses.replace(cache, counters=cache.counters.at[0, 0].set(jnp.array([2**32 - 1, 2], jnp.uint32)))
@@ -214,7 +213,7 @@ def test_jit_donation_writes_in_place():
   assert stats.alias_size_in_bytes >= cache.nbytes
   assert stats.temp_size_in_bytes < cache.nbytes / 10
   out = step(cache, k)
-  assert cache.k.is_deleted()  # Donated.
+  assert cache.k.values.is_deleted()  # Donated.
   np.testing.assert_array_equal(out.lengths, [1, 1, 1])
 
 
@@ -242,8 +241,8 @@ def test_scan_over_layers_and_steps_matches_a_python_loop(fmt, rng):
   out, _ = jax.lax.scan(decode, make(fmt), steps)
   np.testing.assert_array_equal(out.lengths, [5] * B)
   ref = make(fmt).update(0, jnp.swapaxes(steps[:, :, 0], 0, 1), jnp.swapaxes(steps[:, :, 0], 0, 1))
-  np.testing.assert_array_equal(np.asarray(out.k[0, :, :, :5], np.float32),
-                                np.asarray(ref.k[0, :, :, :5], np.float32))
+  np.testing.assert_array_equal(np.asarray(out.k.values[0, :, :, :5], np.float32),
+                                np.asarray(ref.k.values[0, :, :, :5], np.float32))
 
 
 def test_vmap_over_stacked_caches(rng):
@@ -271,7 +270,7 @@ def test_dequantized_round_trips_with_quant(rng):
 def test_clip_ratios_set_the_written_scales_and_count_what_they_clip(fmt, rng):
   clip = np.array([[1.0, 0.5], [0.8, 0.25], [0.6, 1.0]], np.float32)  # [L, K]
   cache = make(fmt, k_clip=clip)
-  assert cache.v_clip is None and cache.k_clip.shape == (L, K)
+  assert cache.v.clip is None and cache.k.clip.shape == (L, K)
   assert cache.nbytes == memory.cache_bytes(fmt, num_layers=L, batch=B, kv_heads=K, max_len=S,
                                             head_dim=H, clip=("k",))
   x = kv_with_outliers(rng, (B, 5, K, H))
@@ -287,7 +286,7 @@ def test_clip_ratios_set_the_written_scales_and_count_what_they_clip(fmt, rng):
     ref = quant.quantize(jnp.asarray(x), spec, clip=clip[layer])
     assert counts["k_saturated"][layer] == int((np.asarray(ref.saturated) & mask).sum())
     # The scales stored per token are those of the clipped ranges.
-    stored = np.swapaxes(np.asarray(cache.k_scale[layer]), -1, -2)  # [B, K, S, G]
+    stored = np.swapaxes(np.asarray(cache.k.scale[layer]), -1, -2)  # [B, K, S, G]
     for b in range(B):
       np.testing.assert_array_equal(stored[b, :, :valid[b]],
                                     np.swapaxes(np.asarray(ref.scale[b, :valid[b]]), 0, 1))
@@ -295,7 +294,7 @@ def test_clip_ratios_set_the_written_scales_and_count_what_they_clip(fmt, rng):
   assert counts["v_saturated"].sum() == 0  # V: plain per-token absmax.
   assert counts["k_nonfinite"][0] == 1
   # Shared across layers when the leading L is left out.
-  np.testing.assert_array_equal(make(fmt, v_clip=[0.5, 0.75]).v_clip, [[0.5, 0.75]] * L)
+  np.testing.assert_array_equal(make(fmt, v_clip=[0.5, 0.75]).v.clip, [[0.5, 0.75]] * L)
 
 
 def test_clip_ratio_errors_in_the_cache():
@@ -303,9 +302,9 @@ def test_clip_ratio_errors_in_the_cache():
     make("int8", k_clip=np.array([[1.0, 1.0]] * 2 + [[1.0, 1.5]]))
   with pytest.raises(ValueError, match=r"v_clip must have shape \(3, 2\) or \(2,\)"):
     make("int8", v_clip=np.ones((L, K, 1)))
-  with pytest.raises(ValueError, match="k_clip given, but format int8-head stores K as int8-head"):
+  with pytest.raises(ValueError, match="k_clip given, but K is stored as int8-head: clip ratios are for dynamic"):
     make("int8-head", k_clip=np.ones(K), **static_scales("int8-head"))
-  with pytest.raises(ValueError, match="v_clip given, but format k8v16 stores V as bf16"):
+  with pytest.raises(ValueError, match="v_clip given, but V is stored as bf16"):
     make("k8v16", v_clip=np.ones(K))
   with pytest.raises(ValueError, match="clip names the dynamic specs"):
     memory.cache_bytes("bf16", num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H,
@@ -324,23 +323,23 @@ def bits(a: jax.Array) -> np.ndarray:
 @pytest.mark.parametrize("t", [1, 3])
 def test_block_writes_equal_scatter_writes(dtype, t, rng):
   # TPU writes the cache with per-sequence dynamic-update-slices, CPU with a scatter
-  # (`cache._write_chunk`); both must store exactly the same bytes. Lengths cover
+  # (`qtensor.write_rows`); both must store exactly the same bytes. Lengths cover
   # empty, mid, block-1, at capacity (blocks clamped back over earlier tokens, which
   # must survive) and ragged valid lengths, over NaN-poisoned memory.
   num_layers, b, kh, s, x = 2, 6, 2, 8, 4
   lengths = jnp.asarray([0, 3, s - 2, s - 1, s, 5], jnp.int32)
   valid = jnp.asarray([t, t, t, 1, t, 0], jnp.int32)
-  where = cache_lib._Placement.of(lengths, jnp.minimum(valid, t), t, s)
+  where = qtensor.Placement.of(lengths, jnp.minimum(valid, t), t, s)
   for seq_axis, shape in ((3, (num_layers, b, kh, s, x)), (4, (num_layers, b, kh, x, s))):
     store = rng.standard_normal(shape).astype(np.float32) * 4
     store[..., ::3] = np.nan if jnp.issubdtype(dtype, jnp.floating) else 0
     store = jnp.asarray(store).astype(dtype)
     values = jnp.asarray(rng.standard_normal((b, t, kh, x)) * 4).astype(dtype)
-    by_scatter = cache_lib._write_chunk(store, 1, values, where, seq_axis, "scatter")
-    by_blocks = cache_lib._write_chunk(store, 1, values, where, seq_axis, "blocks")
+    by_scatter = qtensor.write_rows(store, 1, values, where, seq_axis, "scatter")
+    by_blocks = qtensor.write_rows(store, 1, values, where, seq_axis, "blocks")
     np.testing.assert_array_equal(bits(by_blocks), bits(by_scatter))
     # Layer 0 untouched, and something was written.
     np.testing.assert_array_equal(bits(by_blocks[0]), bits(store[0]))
     assert not np.array_equal(bits(by_blocks[1]), bits(store[1]))
   with pytest.raises(ValueError, match="method must be one of"):
-    cache_lib._write_chunk(store, 1, values, where, 4, "gather")
+    qtensor.write_rows(store, 1, values, where, 4, "gather")

@@ -9,17 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from kvtpu.models import presets
 
 from kvtpu import KVCache
 from kvtpu.calibration.artifact import CalibrationArtifact
-from models import presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_calibrate_smollm_writes_artifact_report_and_plot(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.calibrate", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "kvtpu.experiments.calibrate", f"--workdir={tmp_path}",
        "--model=smollm2-135m", "--workloads=prose,random", "--kv_format=int8-channel",
        "--method=percentile", "--percentile=99.9", "--num_tokens=512", "--seq_len=128",
        "--batch=2"],
@@ -44,8 +44,8 @@ def test_calibrate_smollm_writes_artifact_report_and_plot(tmp_path):
   cache = KVCache.init("int8-channel", num_layers=cfg.num_layers, batch=1,
                        kv_heads=cfg.num_kv_heads, max_len=16, head_dim=cfg.head_dim,
                        calibration=art)
-  np.testing.assert_array_equal(cache.k_scale, art.scales["k_scale"])
-  np.testing.assert_array_equal(cache.v_scale, art.scales["v_scale"])
+  np.testing.assert_array_equal(cache.k.scale, art.scales["k"]["scale"])
+  np.testing.assert_array_equal(cache.v.scale, art.scales["v"]["scale"])
   with pytest.raises(ValueError, match="format int8-channel, but the cache's format is int8-head"):
     KVCache.init("int8-head", num_layers=cfg.num_layers, batch=1, kv_heads=cfg.num_kv_heads,
                  max_len=16, head_dim=cfg.head_dim, calibration=art)

@@ -1,4 +1,4 @@
-"""The demo binary (`python -m experiments.demo`) on a tiny config, and its bench functions.
+"""The demo binary (`python -m kvtpu.experiments.demo`) on a tiny config, and its bench functions.
 
 The binary runs in a subprocess: absl flags are process-global, and later experiment
 binaries define flags of the same names (--workdir), so importing several of them
@@ -13,8 +13,8 @@ import pathlib
 import subprocess
 
 import pytest
+from kvtpu.experiments import format_bench
 
-from experiments import format_bench
 from tests.helpers import run_binary
 
 REQUIRED = ("kv_format", "k_dtype", "v_dtype", "granularity", "scale_dtype", "head_dim",
@@ -23,7 +23,7 @@ REQUIRED = ("kv_format", "k_dtype", "v_dtype", "granularity", "scale_dtype", "he
 
 
 def _demo(*args: str, workdir: pathlib.Path):
-  return run_binary("experiments.demo", *args, workdir=workdir, timeout=300)
+  return run_binary("kvtpu.experiments.demo", *args, workdir=workdir, timeout=300)
 
 
 def test_demo_tiny_config(tmp_path):

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 from flax import nnx
+from kvtpu.experiments.common import format_names
+from kvtpu.models import loaders
+from kvtpu.models.llama import Llama
+from kvtpu.models.pretrained import load_pretrained
 
-from experiments.common import format_names
 from kvtpu.eval import report
-from models import loaders
-from models.llama import Llama
-from models.pretrained import load_pretrained
 from tests.models.test_llama import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", "--preset=none",
+      [sys.executable, "-m", "kvtpu.experiments.evaluate", "--preset=none",
        f"--model={tiny_checkpoint}", f"--workdir={tmp_path}", "--kv_formats=int8,fp8_e4m3",
        "--calibrate_formats=int4,k=int8-head,v=int8", "--calibration_workloads=prose,code",
        "--calibration_method=absmax", "--calibration_tokens=1024",
@@ -71,7 +71,7 @@ def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
 
 def test_evaluate_flag_errors(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", "--preset=quick", "--kv_formats=int8-head",
+      [sys.executable, "-m", "kvtpu.experiments.evaluate", "--preset=quick", "--kv_formats=int8-head",
        f"--workdir={tmp_path}"],
       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=300)

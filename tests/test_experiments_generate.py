@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 from flax import nnx
+from kvtpu.experiments import generate as generate_binary
+from kvtpu.models.generation import Sampling
+from kvtpu.models.llama import Llama
 
-from experiments import generate as generate_binary
-from models.generation import Sampling
-from models.llama import Llama
 from tests.models.test_llama import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_run_prints_completions_and_writes_the_workdir(tmp_path):
 
 def test_model_bench_tiny(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.model_bench", f"--workdir={tmp_path}", "--model=tiny",
+      [sys.executable, "-m", "kvtpu.experiments.model_bench", f"--workdir={tmp_path}", "--model=tiny",
        "--kv_formats=bf16,int8", "--contexts=128", "--batch=2", "--decode_tokens=4",
        "--impl=xla"],
       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""The headroom binary (`python -m experiments.headroom`), and multi-host start-up.
+"""The headroom binary (`python -m kvtpu.experiments.headroom`), and multi-host start-up.
 
 The binary runs in a subprocess (absl flags are process-global).
 """
@@ -9,14 +9,14 @@ import json
 import pathlib
 
 import pytest
+from kvtpu.experiments import common
 
-from experiments import common
 from kvtpu import headroom_report, memory
 from tests.helpers import run_binary
 
 
 def _headroom(*args: str, workdir: pathlib.Path):
-  return run_binary("experiments.headroom", *args, workdir=workdir)
+  return run_binary("kvtpu.experiments.headroom", *args, workdir=workdir)
 
 
 def test_defaults_answer_the_issue_table(tmp_path):

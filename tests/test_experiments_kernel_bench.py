@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_kernel_bench_tiny_config(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.kernel_bench", f"--workdir={tmp_path}",
+      [sys.executable, "-m", "kvtpu.experiments.kernel_bench", f"--workdir={tmp_path}",
        "--formats=bf16,int8", "--contexts=256", "--batches=2", "--prefill_chunk=16",
        "--head_dim=64", "--kv_heads=2", "--q_heads=4", "--iters=1"],
       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,

@@ -2,12 +2,14 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kvtpu import KVCache, memory
 from kvtpu.formats import PRESETS, KVFormat
+from tests.helpers import flat_arrays
 
 # Per-layer counters: 5 counters x 2 uint32 words x 4 bytes.
 COUNTER_BYTES = 40
@@ -61,7 +63,7 @@ def test_fixed_bytes_by_hand(name, expected):
 def test_counters_layout():
   assert len(memory.COUNTERS) == 5
   layout = memory.cache_layout("int8", num_layers=3, batch=2, kv_heads=1, max_len=4, head_dim=8)
-  counters = layout["counters"]
+  counters = layout.counters
   assert counters.shape == (3, 5, 2) and counters.dtype == jnp.uint32
   assert memory.array_nbytes(counters.shape, counters.dtype) == 3 * COUNTER_BYTES
 
@@ -129,7 +131,7 @@ def test_cache_bytes_matches_arrays(name, dims):
         fn(name, **dims)
     return
   layout = memory.cache_layout(fmt, **dims)
-  from_layout = sum(memory.array_nbytes(s.shape, s.dtype) for s in layout.values())
+  from_layout = sum(memory.array_nbytes(s.shape, s.dtype) for s in jax.tree.leaves(layout))
   expected = memory.cache_bytes(name, **dims)
   assert from_layout == expected
 
@@ -138,9 +140,10 @@ def test_cache_bytes_matches_arrays(name, dims):
     cache = KVCache.init(name, **dims, **kwargs)
     assert cache.nbytes == expected
     # Every array of the cache is one of the layout's entries, shaped as it says.
-    for key, sds in layout.items():
-      arr = getattr(cache, key)
-      assert (arr.shape, arr.dtype) == (sds.shape, sds.dtype), key
+    arrays = flat_arrays(cache)
+    assert arrays.keys() == flat_arrays(layout).keys()
+    for key, sds in flat_arrays(layout).items():
+      assert (arrays[key].shape, arrays[key].dtype) == (sds.shape, sds.dtype), key
     if not fmt.static:
       break
 
@@ -166,13 +169,13 @@ def test_cache_bytes_odd_int4_by_hand():
 def test_layout_shapes():
   layout = memory.cache_layout("k=int4-asym-g16,v=int8-channel", num_layers=2, batch=3,
                                kv_heads=4, max_len=5, head_dim=32)
-  shapes = {k: (v.shape, v.dtype) for k, v in layout.items()}
+  shapes = {k: (v.shape, v.dtype) for k, v in flat_arrays(layout).items()}
   assert shapes == {
-      "k": ((2, 3, 4, 5, 32), jnp.int4),
-      "k_scale": ((2, 3, 4, 2, 5), jnp.float32),  # [L, B, K, G, S], G = 32 / 16.
-      "k_zero": ((2, 3, 4, 2, 5), jnp.float32),
-      "v": ((2, 3, 4, 5, 32), jnp.int8),
-      "v_scale": ((2, 4, 32), jnp.float32),  # Static per channel: [L, K, H].
+      "k.values": ((2, 3, 4, 5, 32), jnp.int4),
+      "k.scale": ((2, 3, 4, 2, 5), jnp.float32),  # [L, B, K, G, S], G = 32 / 16.
+      "k.zero": ((2, 3, 4, 2, 5), jnp.float32),
+      "v.values": ((2, 3, 4, 5, 32), jnp.int8),
+      "v.scale": ((2, 4, 32), jnp.float32),  # Static per channel: [L, K, H].
       "lengths": ((3,), jnp.int32),
       "overflow": ((3,), jnp.bool_),
       "counters": ((2, 5, 2), jnp.uint32),

@@ -13,12 +13,12 @@ from jax.sharding import PartitionSpec as P
 import kvtpu
 from kvtpu import memory, quant
 from kvtpu import sharding as sharding_lib
-from kvtpu.sharding import CacheSharding, _psum_u64
-from tests.helpers import assert_close, kv_with_outliers
+from kvtpu._shared import psum_u64
+from kvtpu.sharding import CacheSharding
+from tests.helpers import assert_close, flat_arrays, kv_with_outliers
 
 L, B, S, H = 2, 8, 64, 32
 STATIC = "k=int8-head,v=int8-channel"
-FIELDS = [f.name for f in dataclasses.fields(kvtpu.KVCache) if f.name != "fmt"]
 
 
 def make_mesh(shape, auto: bool = False):
@@ -54,25 +54,29 @@ def poisoned(cache: kvtpu.KVCache, lengths, rng) -> kvtpu.KVCache:
   every position that holds none, and counters a few counts short of 2**32."""
   lengths = np.asarray(lengths, np.int32)
   new = {}
-  for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero"):
-    x = getattr(cache, name)
-    if x is None or (name not in ("k", "v") and cache.fmt.spec(name[0]).static):
-      continue  # Absent, or a calibrated static scale.
-    seq_axis = 3 if name in ("k", "v") else 4
-    pos = np.arange(S).reshape([-1 if i == seq_axis else 1 for i in range(5)])
-    held = pos < lengths.reshape(1, -1, 1, 1, 1)
-    if jnp.issubdtype(x.dtype, jnp.integer):
-      info = jnp.iinfo(x.dtype)
-      vals = rng.integers(int(info.min), int(info.max) + 1, x.shape).astype(np.int8)
-    else:
-      if name.endswith("_scale"):
-        vals = rng.uniform(0.01, 0.1, x.shape)
-      elif name.endswith("_zero"):
-        vals = rng.integers(-3, 4, x.shape)
+  for which in ("k", "v"):
+    tensor = getattr(cache, which)
+    fields = {}
+    for name in ("values", "scale", "zero"):
+      x = getattr(tensor, name)
+      if x is None or (name != "values" and tensor.spec.static):
+        continue  # Absent, or a calibrated static scale.
+      seq_axis = 3 if name == "values" else 4
+      pos = np.arange(S).reshape([-1 if i == seq_axis else 1 for i in range(5)])
+      held = pos < lengths.reshape(1, -1, 1, 1, 1)
+      if jnp.issubdtype(x.dtype, jnp.integer):
+        info = jnp.iinfo(x.dtype)
+        vals = rng.integers(int(info.min), int(info.max) + 1, x.shape).astype(np.int8)
       else:
-        vals = rng.standard_normal(x.shape) * 2
-      vals = np.where(held, vals, np.nan).astype(np.float32)
-    new[name] = jnp.asarray(vals).astype(x.dtype)
+        if name == "scale":
+          vals = rng.uniform(0.01, 0.1, x.shape)
+        elif name == "zero":
+          vals = rng.integers(-3, 4, x.shape)
+        else:
+          vals = rng.standard_normal(x.shape) * 2
+        vals = np.where(held, vals, np.nan).astype(np.float32)
+      fields[name] = jnp.asarray(vals).astype(x.dtype)
+    new[which] = dataclasses.replace(tensor, **fields)
   counters = np.stack([2**32 - rng.integers(1, 100, cache.counters.shape[:-1]),
                        rng.integers(0, 3, cache.counters.shape[:-1])], axis=-1)
   return dataclasses.replace(cache, lengths=jnp.asarray(lengths),
@@ -92,12 +96,12 @@ def bits(x) -> np.ndarray:
 
 def assert_same_cache(got: kvtpu.KVCache, want: kvtpu.KVCache) -> None:
   assert got.fmt == want.fmt
-  for name in FIELDS:
-    a, b = getattr(got, name), getattr(want, name)
-    assert (a is None) == (b is None), name
-    if a is not None:
-      assert (a.shape, a.dtype) == (b.shape, b.dtype), name
-      np.testing.assert_array_equal(bits(a), bits(b), err_msg=name)
+  got_arrays, want_arrays = flat_arrays(got), flat_arrays(want)
+  assert got_arrays.keys() == want_arrays.keys()
+  for name, b in want_arrays.items():
+    a = got_arrays[name]
+    assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    np.testing.assert_array_equal(bits(a), bits(b), err_msg=name)
   for name, count in want.counts().items():
     np.testing.assert_array_equal(got.counts()[name], count, err_msg=name)
 
@@ -176,7 +180,7 @@ def test_sharded_steps_equal_unsharded_ones(shape, auto, fmt, kv_heads, clip, rn
     valid = np.asarray(valid, np.int32)
     old = cache
     cache, out = step(cache, q, k, v, valid)
-    assert old.k.is_deleted()  # Donated.
+    assert old.k.values.is_deleted()  # Donated.
     ref, expect = reference_step(ref, q, k, v, valid)
     assert np.isfinite(np.asarray(expect)).all() and np.abs(np.asarray(expect)).max() > 0.1
     assert_close(out, expect, atol=1e-6, rtol=1e-6, name=f"attention T={t}")
@@ -209,8 +213,8 @@ def test_strategies_set_the_block_each_device_holds(shape, kv_heads, strategy, e
   assert sharding_lib.per_device_dims(batch=B, kv_heads=kv_heads, data=data, model=model,
                                       strategy=strategy) == (B // data, local)
   cache = sh.init("int8", num_layers=L, batch=B, kv_heads=kv_heads, max_len=S, head_dim=H)
-  for name in ("k", "v", "k_scale", "v_scale"):
-    arr = getattr(cache, name)
+  for name in ("k.values", "v.values", "k.scale", "v.scale"):
+    arr = flat_arrays(cache)[name]
     assert len(arr.addressable_shards) == data * model
     heads_held = set()
     for shard in arr.addressable_shards:
@@ -271,7 +275,7 @@ def test_bad_meshes_strategies_and_batches_are_clear_errors():
   # Other axis names work when named.
   named = CacheSharding(other, data_axis="y", model_axis="x")
   assert (named.data, named.model) == (2, 4)
-  assert named.specs(cache).k == P(None, "y", "x", None, None)
+  assert named.specs(cache).k.values == P(None, "y", "x", None, None)
 
 
 @pytest.mark.parametrize("shape,fmt,kv_heads,strategy,clip", [
@@ -337,7 +341,7 @@ def test_compiled_step_gathers_nothing_and_updates_in_place(shape, auto, fmt, kv
   assert compiled.output_shardings[0] == shardings
   assert compiled.memory_analysis().alias_size_in_bytes == sh.per_device_bytes(cache)
   out_cache, _ = step(cache, q, k, v, np.ones(B, np.int32))
-  assert cache.k.is_deleted()
+  assert cache.k.values.is_deleted()
   np.testing.assert_array_equal(out_cache.lengths, [1] * B)
 
 
@@ -353,14 +357,14 @@ def test_psum_u64_carries_across_words_and_halves(rng):
   words = np.stack([lo, hi], axis=-1).astype(np.uint32)  # Device i holds words[i].
   spread = jax.device_put(words, NamedSharding(mesh, P(("data", "model"))))
   summed = jax.jit(jax.shard_map(
-      lambda w: _psum_u64(w[0], ("data", "model")), mesh=mesh,
+      lambda w: psum_u64(w[0], ("data", "model")), mesh=mesh,
       in_specs=P(("data", "model")), out_specs=P()))(spread)
   summed = np.asarray(summed).astype(object)
   expect = [sum(int(words[d, i, 1]) << 32 | int(words[d, i, 0]) for d in range(8))
             for i in range(n)]
   assert [int(s[1]) << 32 | int(s[0]) for s in summed] == expect
   assert expect[0] == 8 * (2**32 - 1) + sum(int(x) << 32 for x in hi[:, 0])
-  np.testing.assert_array_equal(_psum_u64(jnp.asarray(words[0]), ()), words[0])
+  np.testing.assert_array_equal(psum_u64(jnp.asarray(words[0]), ()), words[0])
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (2, 4)])
@@ -393,13 +397,12 @@ def test_init_allocates_sharded_and_put_moves_a_cache(auto, rng):
   cache = sh.init(STATIC, **kw)
   plain = kvtpu.KVCache.init(STATIC, **kw)
   shardings = sh.shardings(plain)
-  for name in FIELDS:
-    leaf, want = getattr(cache, name), getattr(shardings, name)
-    assert (leaf is None) == (want is None), name
-    if leaf is not None:
-      assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding == want, name
+  leaves, wants = flat_arrays(cache), flat_arrays(shardings)
+  assert leaves.keys() == wants.keys()
+  for name, leaf in leaves.items():
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding == wants[name], name
   assert_same_cache(cache, plain)
-  assert cache.k_scale.sharding.spec == P(None, "model", None)
+  assert cache.k.scale.sharding.spec == P(None, "model", None)
   source = poisoned(plain, LENGTHS, rng)
   moved = sh.put(source)
   for leaf, want in zip(jax.tree.leaves(moved), jax.tree.leaves(shardings), strict=True):

@@ -13,6 +13,10 @@ and the date. It also stores, per layer, the fraction of calibration values that
 the chosen scales clip: the baseline that drift monitoring (`kvtpu.calibration.drift`)
 compares the cache's run-time saturation counters against.
 
+The calibrated arrays are those of the cache's quantized tensors that are fixed at
+creation (`QuantizedKV.param_names`): `scales["k"]` and `scales["v"]` map a field
+name (`scale`, `zero`, `clip`) to its array, shaped as in `QuantizedKV.layout`.
+
 On disk (`save` / `load`) it is a directory: `kvtpu_calibration.json` (the format,
 disclosure and summary; written last, so its presence means a complete artifact)
 and an orbax checkpoint `arrays/` of the scale and clip-fraction arrays.
@@ -31,30 +35,36 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from kvtpu import quant
 from kvtpu.checkpointing import quiet_orbax
 from kvtpu.formats import KVFormat
+from kvtpu.qtensor import QuantizedKV
 
-__all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "SCALE_NAMES"]
+__all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "FORMAT_VERSION", "calibrated_layout"]
 
 ARTIFACT_MARKER = "kvtpu_calibration.json"
-SCALE_NAMES = ("k_scale", "k_zero", "v_scale", "v_zero", "k_clip", "v_clip")
+# Version of the on-disk layout; `load` refuses others.
+FORMAT_VERSION = 2
 _MODEL_FIELDS = ("name", "weight_precision", "num_layers", "kv_heads", "head_dim")
 _WORKLOAD_FIELDS = ("name", "num_tokens", "token_sha256", "source_sha256")
 
 
-def _expected_names(fmt: KVFormat) -> list[str]:
-  names = []
-  for which, spec in (("k", fmt.k), ("v", fmt.v)):
-    if spec.static:
-      names.append(f"{which}_scale")
-      if not spec.symmetric:
-        names.append(f"{which}_zero")
-    elif spec.quantized:
-      names.append(f"{which}_clip")
-  return names
+def calibrated_layout(fmt: KVFormat, *, num_layers: int, kv_heads: int, head_dim: int
+                      ) -> dict[str, dict[str, tuple[int, ...]]]:
+  """`{which: {field: shape}}` of what calibration provides for `fmt`: static scales
+  (and zero points), or the clip ratios of dynamic quantized specs."""
+  out = {}
+  for which in ("k", "v"):
+    spec = fmt.spec(which)
+    layout = QuantizedKV.layout(spec, num_layers=num_layers, batch=1, kv_heads=kv_heads,
+                                max_len=1, head_dim=head_dim, clip=spec.dynamic)
+    names = QuantizedKV.param_names(spec, clip=spec.dynamic)
+    if names:
+      out[which] = {f: tuple(getattr(layout, f).shape) for f in names}
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +73,10 @@ class CalibrationArtifact:
 
   Attributes:
     fmt: the cache format; at least one of its specs is quantized.
-    scales: `k_scale` / `k_zero` / `v_scale` / `v_zero` for the static specs (zero
-      points only for asymmetric ones), float32 `[L, 1|K, 1|H]`; `k_clip` /
-      `v_clip` for the dynamic specs, float32 `[L, K]` ratios in (0, 1].
+    scales: per quantized tensor ("k", "v"), its calibrated fields
+      (`calibrated_layout`): `scale` (and `zero` for asymmetric specs), float32
+      `[L, 1|K, 1|H]`, for static specs; `clip`, float32 `[L, K]` ratios in
+      (0, 1], for dynamic ones.
     clip_fraction: `{"k": f64[L], "v": f64[L]}` for the quantized specs: the fraction
       of calibration values these scales clip (the run-time saturation baseline).
     model: `name`, `weight_precision`, `num_layers`, `kv_heads`, `head_dim`.
@@ -107,30 +118,31 @@ class CalibrationArtifact:
       lacking = [f for f in _WORKLOAD_FIELDS if f not in w]
       if lacking:
         raise ValueError(f"workloads[{i}] lacks {lacking} (a disclosure needs {_WORKLOAD_FIELDS})")
-    expected = _expected_names(self.fmt)
+    layers, heads, dim = (int(self.model[f]) for f in ("num_layers", "kv_heads", "head_dim"))
+    expected = calibrated_layout(self.fmt, num_layers=layers, kv_heads=heads, head_dim=dim)
     if not expected:
       raise ValueError(f"format {self.fmt.name} stores K and V unquantized: nothing to calibrate")
-    if sorted(self.scales) != sorted(expected):
-      raise ValueError(f"format {self.fmt.name} needs scales {expected}, got {sorted(self.scales)}")
-    layers, heads, dim = (int(self.model[f]) for f in ("num_layers", "kv_heads", "head_dim"))
+    got = {w: sorted(d) for w, d in self.scales.items()} if isinstance(self.scales, Mapping) else None
+    if got != {w: sorted(d) for w, d in expected.items()}:
+      raise ValueError(f"format {self.fmt.name} needs scales {_names(expected)}, got "
+                       f"{_names(self.scales) if got is not None else repr(self.scales)[:80]}")
     arrays = {}
-    for name in expected:
-      arr = np.asarray(self.scales[name], np.float32)
-      spec = self.fmt.spec(name[0])
-      if name.endswith("clip"):
-        shape = (layers, heads)
-      else:
-        shape = (layers, *quant.static_scale_shape(spec, heads, dim))
-      if arr.shape != shape:
-        raise ValueError(f"{name} has shape {arr.shape}; {spec.name} on this model needs {shape}")
-      if name.endswith("clip"):
-        quant.validate_clip(name, arr)
-      else:
-        quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
-      arrays[name] = arr
+    for which, fields in expected.items():
+      spec = self.fmt.spec(which)
+      arrays[which] = {}
+      for field, shape in fields.items():
+        name = f"{which}_{field}"
+        arr = np.asarray(self.scales[which][field], np.float32)
+        if arr.shape != shape:
+          raise ValueError(f"{name} has shape {arr.shape}; {spec.name} on this model needs {shape}")
+        if field == "clip":
+          quant.validate_clip(name, arr)
+        else:
+          quant.validate_scale(name, arr, is_zero=field == "zero")
+        arrays[which][field] = arr
     object.__setattr__(self, "scales", arrays)
     fractions = {}
-    for which in sorted({n[0] for n in expected}):
+    for which in sorted(expected):
       if which not in self.clip_fraction:
         raise ValueError(f"clip_fraction lacks {which!r}: the drift baseline of the "
                          f"calibrated {which.upper()} scales")
@@ -177,13 +189,13 @@ class CalibrationArtifact:
     if path.exists() and any(path.iterdir()):
       raise FileExistsError(f"artifact path={str(path)!r} exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)
-    arrays = {"scales": dict(self.scales),
+    arrays = {"scales": {w: dict(d) for w, d in self.scales.items()},
               "clip_fraction": {k: np.asarray(v) for k, v in self.clip_fraction.items()}}
     with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
       ckpt.save(path / "arrays", arrays)
-    meta = {"kv_format": self.fmt.name, **self.disclosure(), "summary": _jsonable(self.summary),
-            "arrays": {group: {k: list(np.shape(v)) for k, v in d.items()}
-                       for group, d in arrays.items()}}
+    shapes = jax.tree.map(lambda a: list(np.shape(a)), arrays)
+    meta = {"format_version": FORMAT_VERSION, "kv_format": self.fmt.name, **self.disclosure(),
+            "summary": _jsonable(self.summary), "arrays": shapes}
     (path / ARTIFACT_MARKER).write_text(json.dumps(meta, indent=2))
     return path
 
@@ -206,8 +218,15 @@ class CalibrationArtifact:
       shapes = meta["arrays"]
     except (json.JSONDecodeError, KeyError) as e:
       raise ValueError(f"{marker}: malformed artifact metadata ({e})") from e
-    target = {group: {k: np.zeros(s, np.float32 if group == "scales" else np.float64)
-                      for k, s in d.items()} for group, d in shapes.items()}
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"{marker}: artifact format_version={meta.get('format_version')!r}, this "
+                       f"kvtpu reads {FORMAT_VERSION}; recalibrate with experiments.calibrate")
+    try:
+      target = {group: jax.tree.map(
+          lambda s, g=group: np.zeros(s, np.float32 if g == "scales" else np.float64), d,
+          is_leaf=lambda x: isinstance(x, list)) for group, d in shapes.items()}
+    except (TypeError, ValueError, AttributeError) as e:
+      raise ValueError(f"{marker}: malformed array shapes in the metadata ({e})") from e
     with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
       arrays = ckpt.restore(path / "arrays", target)
     try:
@@ -218,6 +237,10 @@ class CalibrationArtifact:
                  created=meta["created"], summary=meta.get("summary", {}))
     except KeyError as e:
       raise ValueError(f"{marker}: artifact metadata lacks field {e}") from None
+
+
+def _names(scales) -> list[str]:
+  return sorted(f"{w}_{f}" for w, d in scales.items() for f in d)
 
 
 def _jsonable(x: Any) -> Any:

@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtpu.cache import _add_u64, _add_u64_pair, check_layer
+from kvtpu._shared import add_u64, add_u64_pair, check_layer
 from kvtpu.formats import Granularity
 
 __all__ = ["TensorStats", "init_stats", "observe", "merge", "percentile", "summary",
@@ -313,8 +313,8 @@ def _observe(stats: TensorStats, layer: jax.Array, x: jax.Array,
   n_bad = jnp.sum(~finite & tok, dtype=_U32)
   return dataclasses.replace(
       stats,
-      tokens=stats.tokens.at[layer].set(_add_u64(stats.tokens[layer], n_tok)),
-      nonfinite=stats.nonfinite.at[layer].set(_add_u64(stats.nonfinite[layer], n_bad)),
+      tokens=stats.tokens.at[layer].set(add_u64(stats.tokens[layer], n_tok)),
+      nonfinite=stats.nonfinite.at[layer].set(add_u64(stats.nonfinite[layer], n_bad)),
       count=stats.count.at[layer].set(count_a + nb_i.astype(_U32)),
       min=stats.min.at[layer].set(jnp.minimum(stats.min[layer], bmin)),
       max=stats.max.at[layer].set(jnp.maximum(stats.max[layer], bmax)),
@@ -364,7 +364,7 @@ def _merge(a: TensorStats, b: TensorStats) -> TensorStats:
   mean, m2 = _chan_merge(a.count.astype(jnp.float32), a.mean, a.m2,
                          b.count.astype(jnp.float32), b.mean, b.m2)
   return dataclasses.replace(
-      a, tokens=_add_u64_pair(a.tokens, b.tokens), nonfinite=_add_u64_pair(a.nonfinite, b.nonfinite),
+      a, tokens=add_u64_pair(a.tokens, b.tokens), nonfinite=add_u64_pair(a.nonfinite, b.nonfinite),
       count=a.count + b.count, min=jnp.minimum(a.min, b.min), max=jnp.maximum(a.max, b.max),
       mean=mean, m2=m2, hist=a.hist + b.hist, beyond=a.beyond + b.beyond)
 

@@ -22,8 +22,8 @@ The model is a pure function `forward(params, tokens, cache, valid_len, observe)
 (logits, cache)`: `tokens: i32[B, T]` at positions `cache.lengths + t`, `logits:
 f32[B, T, V]`, the cache advanced by `valid_len`; `observe(layer, kind, x)` is called
 while tracing, and `kind == "attn"` with `x` the layer's attention output `[B, T,
-N, H]` gives the per-layer attention-output error (`models.evaluate.forward_fn`
-wraps `models.llama.Llama`). kvtpu never imports a model.
+N, H]` gives the per-layer attention-output error (`kvtpu.models.evaluate.forward_fn`
+wraps `kvtpu.models.llama.Llama`). kvtpu never imports a model.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtpu.formats import KVFormat
+from kvtpu.formats import KVFormat, QuantSpec
 
 __all__ = [
     "LIST_METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS", "check_row",
@@ -46,7 +46,6 @@ SCORE_METRICS: tuple[str, ...] = (
     "ppl", "ppl_ref", "ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "scored_tokens")
 LIST_METRICS: tuple[str, ...] = ("attn_rel_error", "saturation_k", "saturation_v")
 PASSKEY_METRICS: tuple[str, ...] = ("accuracy", "accuracy_ref", "num_samples")
-_SCHEMES = ("symmetric", "asymmetric", "none")
 _CALIBRATION_WHAT = "'dynamic' or a disclosure dict with method and workloads"
 
 # --------------------------------------------------------------------------------------
@@ -104,18 +103,16 @@ def check_row(row: Any) -> None:
   for field in ("model", "weight_precision", "kv_format", "calibration_name"):
     _require(row, field, field, _is_str, "a non-empty str")
   try:
-    KVFormat.parse(row["kv_format"])
+    fmt = KVFormat.parse(row["kv_format"])
   except ValueError as e:
     raise ValueError(f"result row field 'kv_format' is not a kvtpu format: {e}") from None
-  prec = _require(row, "kv_precision", "kv_precision", lambda x: isinstance(x, dict), "a dict")
-  for t in ("k", "v"):
-    spec = _require(prec, t, f"kv_precision.{t}", lambda x: isinstance(x, dict), "a dict")
-    _require(spec, "dtype", f"kv_precision.{t}.dtype", _is_str, "a non-empty str")
-    _require(spec, "granularity", f"kv_precision.{t}.granularity", _is_str, "a non-empty str")
-    _require(spec, "scheme", f"kv_precision.{t}.scheme", lambda x: x in _SCHEMES,
-             f"one of {_SCHEMES}")
-    _require(spec, "group_size", f"kv_precision.{t}.group_size",
-             lambda x: x is None or _pos_int(x), "an int > 0 or None")
+  try:
+    precision = KVFormat.from_dict(row["kv_precision"])
+  except ValueError as e:
+    raise ValueError(f"result row field 'kv_precision' is not `KVFormat.to_dict()`: {e}") from None
+  if precision != fmt:
+    raise ValueError(f"result row field 'kv_precision' describes {precision.name}, but "
+                     f"'kv_format' is {fmt.name}")
   _require(row, "kv_bytes_per_token", "kv_bytes_per_token", lambda x: _is_num(x) and x > 0,
            "a number > 0")
   cal = row["calibration"]
@@ -342,9 +339,14 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
                          _unique((r["model"], r["weight_precision"]) for r in rows)))
   parts.append("## KV-cache precision (separate from the weight precision)")
 
-  def spec(s):
-    group = f", group {s['group_size']}" if s["group_size"] is not None else ""
-    return f"{s['dtype']}, {s['granularity']}, {s['scheme']}{group}"
+  def spec(d):
+    s = QuantSpec.from_dict(d)
+    if not s.quantized:
+      return f"{s.dtype.value}, unscaled"
+    group = f", group {s.group_size}" if s.group_size is not None else ""
+    scheme = "symmetric" if s.symmetric else "asymmetric"
+    scales = ", bfloat16 scales" if s.scale_dtype == "bfloat16" else ""
+    return f"{s.dtype.value}, {s.granularity.value}{group}, {scheme}{scales}"
 
   kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"])
                for r in rows)

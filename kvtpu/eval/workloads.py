@@ -34,7 +34,7 @@ does not promise to keep across versions; `token_sha256` pins it too.
 
 This module only duck-types the tokenizer: `encode(text) -> list[int]`,
 `decode(ids) -> str`, `encode_chat(messages, add_generation_prompt=...) -> list[int]`,
-`vocab_size: int`, `bos_id: int | None` (e.g. `models.tokenizer.Tokenizer`).
+`vocab_size: int`, `bos_id: int | None` (e.g. `kvtpu.models.tokenizer.Tokenizer`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ __all__ = [
 
 
 class TokenizerLike(Protocol):
-  """What the builders use of a tokenizer (`models.tokenizer.Tokenizer` has it)."""
+  """What the builders use of a tokenizer (`kvtpu.models.tokenizer.Tokenizer` has it)."""
 
   vocab_size: int
   bos_id: int | None
@@ -530,7 +530,7 @@ def chat(tokenizer: TokenizerLike, respond: Respond, *, num_questions: int | Non
   The questions are shuffled by `seed` and the first `num_questions` kept. Each is one user
   turn rendered with `tokenizer.encode_chat(..., add_generation_prompt=True)` (the template's
   default system prompt, if any, included); `respond` is called once with all the prompts
-  and returns each answer's ids (e.g. greedy `models.generation.generate`, with or without
+  and returns each answer's ids (e.g. greedy `kvtpu.models.generation.generate`, with or without
   the stop token; the ids are used as returned). Document `i` = prompt `i` + answer `i`.
 
   Args:

@@ -1,6 +1,6 @@
 """Decode attention (T <= 8) over a quantized KV cache: Pallas TPU kernel and reference."""
 
-from pallas_kernels.decode_attention.kernel import (
+from kvtpu.pallas_kernels.decode_attention.kernel import (
     BlockSizes,
     decode_attention,
     default_block_sizes,
@@ -8,14 +8,16 @@ from pallas_kernels.decode_attention.kernel import (
     min_hbm_bytes,
     vmem_estimate_bytes,
 )
-from pallas_kernels.decode_attention.reference import (
+from kvtpu.pallas_kernels.decode_attention.reference import (
     MAX_DECODE_T,
     Dims,
+    dequantize_per_token,
     masked_attention,
     ref_decode_attention,
+    unpack_operands,
     validate_inputs,
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
            "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "masked_attention",
-           "ref_decode_attention", "validate_inputs"]
+           "ref_decode_attention", "validate_inputs", "unpack_operands", "dequantize_per_token"]

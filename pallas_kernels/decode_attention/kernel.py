@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
-from pallas_kernels.decode_attention.reference import Dims, validate_inputs
+from kvtpu.pallas_kernels.decode_attention.reference import Dims, unpack_operands, validate_inputs
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
            "hbm_bytes", "min_hbm_bytes", "attention_call"]
@@ -271,7 +270,8 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   Args:
     q: `[B, T, N, H]` queries, T <= 8, already multiplied by the softmax scale
       (and by any static key scale).
-    k, v: `[L, B, K, S, H]` caches in bf16, int8, int4, fp8 e4m3 or e5m2.
+    k, v: `[L, B, K, S, H]` caches in f32, bf16, int8, int4, fp8 e4m3 or e5m2, or
+      quantized tensors carrying their per-token scales (`unpack_operands`).
     lengths: `i32[B]` tokens held before the chunk.
     chunk: `i32[B]` tokens of the chunk written to the cache (0..T).
     layer: integer scalar: which layer of `k`, `v` and the scales to read.
@@ -283,6 +283,7 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   Returns:
     `[B, T, N, H]` float32.
   """
+  k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   if block_sizes is None:
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)

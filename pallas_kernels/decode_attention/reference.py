@@ -1,7 +1,13 @@
-"""Pure-jnp reference of `decode_attention`, and the input validation both share.
+"""Pure-jnp reference of `decode_attention`, and the input handling both share.
 
 The reference is written for clarity: it dequantizes one layer of the cache to
 float32 and computes masked softmax attention with highest-precision matmuls.
+
+Cached tensors arrive either as plain `[L, B, K, S, H]` arrays with separate
+per-token scale and zero-point arguments, or as quantized tensors (any object with
+`values`, `scale` and `zero` attributes, such as `kvtpu.QuantizedKV`) that carry
+their scales; `unpack_operands` turns both into raw arrays at the boundary, and
+the kernel bodies only ever see refs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,32 @@ class Dims:
   def group(self) -> int:
     """G = N / K query heads per kv head."""
     return self.q_heads // self.kv_heads
+
+
+def _is_quantized(x) -> bool:
+  return all(hasattr(x, a) for a in ("values", "scale", "zero"))
+
+
+def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
+  """`(k, v, k_scale, k_zero, v_scale, v_zero)` as raw arrays.
+
+  `k` and `v` may each be a plain array (its scales passed separately) or a
+  quantized tensor carrying them; its scales must then be per token
+  (`[L, B, K, G, S]`): static scales are the caller's to fold around the kernel.
+
+  Raises:
+    ValueError: for a quantized tensor passed together with separate scales.
+  """
+  out = {}
+  for name, x, scale, zero in (("k", k, k_scale, k_zero), ("v", v, v_scale, v_zero)):
+    if _is_quantized(x):
+      if scale is not None or zero is not None:
+        raise ValueError(f"{name} is a quantized tensor carrying its scales; do not also pass "
+                         f"{name}_scale or {name}_zero")
+      x, scale, zero = x.values, x.scale, x.zero
+    out[name] = (x, scale, zero)
+  (k, k_scale, k_zero), (v, v_scale, v_zero) = out["k"], out["v"]
+  return k, v, k_scale, k_zero, v_scale, v_zero
 
 
 def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v_scale=None,
@@ -87,8 +119,9 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
       groups[name] = 0
       continue
     if scale.ndim != 5 or scale.shape[:3] != (num_layers, b, kh) or scale.shape[4] != s:
-      raise ValueError(f"{name}_scale must be [L={num_layers}, B={b}, K={kh}, G, S={s}], "
-                       f"got {scale.shape}")
+      raise ValueError(f"{name}_scale must be per-token scales [L={num_layers}, B={b}, K={kh}, "
+                       f"G, S={s}], got {scale.shape} (static scales are folded around the "
+                       "kernel by the caller)")
     g = scale.shape[3]
     if h % g:
       raise ValueError(f"{name}_scale has G={g} groups, which does not divide H={h}")
@@ -98,8 +131,9 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
   return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"])
 
 
-def _dequantize(x, scale, zero):
-  """`[B, K, S, H]` stored values and `[B, K, G, S]` scales -> float32."""
+def dequantize_per_token(x, scale, zero):
+  """`[B, K, S, H]` stored values and `[B, K, G, S]` scales (and zero points, or
+  None) -> float32 `(x - zero) * scale`, each channel its group's scale."""
   x = x.astype(jnp.float32)
   if scale is None:
     return x
@@ -117,15 +151,17 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
                          max_t: int | None = MAX_DECODE_T) -> jax.Array:
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
-  Query t of sequence b sits at position `p = lengths[b] + min(t, chunk[b] - 1)` and
+  `k`, `v` may be quantized tensors carrying their per-token scales
+  (`unpack_operands`). Query t of sequence b sits at position `p = lengths[b] + min(t, chunk[b] - 1)` and
   sees cache positions `s <= p` with `s < lengths[b] + chunk[b]` and `s < S`; rows
   with no visible position are 0. Returns `[B, T, N, H]` float32.
   """
   del block_sizes, interpret
+  k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero, max_t=max_t)
   pick = lambda a: None if a is None else a[layer]  # noqa: E731
-  keys = _dequantize(k[layer], pick(k_scale), pick(k_zero))  # [B, K, S, H]
-  values = _dequantize(v[layer], pick(v_scale), pick(v_zero))
+  keys = dequantize_per_token(k[layer], pick(k_scale), pick(k_zero))  # [B, K, S, H]
+  values = dequantize_per_token(v[layer], pick(v_scale), pick(v_zero))
   return masked_attention(q, keys, values, lengths, chunk)
 
 

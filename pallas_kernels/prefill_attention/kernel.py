@@ -18,14 +18,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.decode_attention.kernel import (
-    BlockSizes,
-    attention_call,
-    default_block_sizes,
-    vmem_estimate_bytes,
+from kvtpu.pallas_kernels.decode_attention.kernel import (
+  BlockSizes,
+  attention_call,
+  default_block_sizes,
+  vmem_estimate_bytes,
 )
-from pallas_kernels.prefill_attention.reference import validate_prefill_inputs
+from kvtpu.pallas_kernels.decode_attention.reference import unpack_operands
+from kvtpu.pallas_kernels.prefill_attention.reference import validate_prefill_inputs
 
 __all__ = ["PrefillBlockSizes", "prefill_attention", "default_prefill_block_sizes",
            "prefill_vmem_estimate_bytes"]
@@ -83,6 +83,7 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   Returns:
     `[B, T, N, H]` float32.
   """
+  k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   if block_sizes is None:
     block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim)

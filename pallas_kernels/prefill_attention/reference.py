@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import jax
-
-from pallas_kernels.decode_attention.reference import ref_decode_attention, validate_inputs
+from kvtpu.pallas_kernels.decode_attention.reference import ref_decode_attention, validate_inputs
 
 __all__ = ["ref_prefill_attention", "validate_prefill_inputs"]
 

@@ -21,9 +21,9 @@ WORKLOADS = ({"name": "prose", "num_tokens": 4096, "token_sha256": "ab" * 32,
 
 def _artifact(fmt="k=int8-channel,v=int4-asym-head", **overrides):
   kw = dict(fmt=fmt, scales={
-      "k_scale": np.full((L, K, H), 0.05, np.float32),
-      "v_scale": np.full((L, K, 1), 0.3, np.float32),
-      "v_zero": np.full((L, K, 1), -1.0, np.float32)},
+      "k": {"scale": np.full((L, K, H), 0.05, np.float32)},
+      "v": {"scale": np.full((L, K, 1), 0.3, np.float32),
+            "zero": np.full((L, K, 1), -1.0, np.float32)}},
       clip_fraction={"k": np.array([0.0, 1e-4, 0.0]), "v": np.array([0.0, 0.0, 2e-3])},
       model=MODEL, method="percentile", method_options={"percentile": 99.99},
       workloads=WORKLOADS, summary={"k_outlier_ratio": np.arange(L, dtype=np.float32)})
@@ -37,8 +37,10 @@ def test_round_trip_and_disclosure(tmp_path):
   assert (tmp_path / "a" / ARTIFACT_MARKER).is_file()
   back = CalibrationArtifact.load(tmp_path / "a")
   assert back.fmt == art.fmt and back.method == "percentile"
-  for name in art.scales:
-    np.testing.assert_array_equal(back.scales[name], art.scales[name])
+  assert {w: sorted(d) for w, d in back.scales.items()} == {"k": ["scale"], "v": ["scale", "zero"]}
+  for which, fields in art.scales.items():
+    for field, arr in fields.items():
+      np.testing.assert_array_equal(back.scales[which][field], arr)
   for which in ("k", "v"):
     np.testing.assert_array_equal(back.clip_fraction[which], art.clip_fraction[which])
   d = back.disclosure()
@@ -57,9 +59,9 @@ def test_cache_uses_exactly_the_artifact_scales(rng):
   art = _artifact()
   cache = kvtpu.KVCache.init(art.fmt, num_layers=L, batch=2, kv_heads=K, max_len=8, head_dim=H,
                              calibration=art)
-  np.testing.assert_array_equal(cache.k_scale, art.scales["k_scale"])
-  np.testing.assert_array_equal(cache.v_scale, art.scales["v_scale"])
-  np.testing.assert_array_equal(cache.v_zero, art.scales["v_zero"])
+  np.testing.assert_array_equal(cache.k.scale, art.scales["k"]["scale"])
+  np.testing.assert_array_equal(cache.v.scale, art.scales["v"]["scale"])
+  np.testing.assert_array_equal(cache.v.zero, art.scales["v"]["zero"])
   x = jnp.asarray(rng.standard_normal((2, 3, K, H)), jnp.float32) * 0.5
   cache = cache.update(1, x, x).advance(3)
   expected = np.clip(np.round(np.asarray(x) / 0.05), -127, 127) * 0.05
@@ -92,11 +94,11 @@ def test_invalid_artifacts_are_rejected(tmp_path):
   bad[1, 0, 3] = 0.0
   base = _artifact()
   with pytest.raises(ValueError, match="k_scale"):
-    _artifact(scales={**base.scales, "k_scale": bad})
+    _artifact(scales={**base.scales, "k": {"scale": bad}})
   with pytest.raises(ValueError, match=r"k_scale has shape \(3, 2, 1\); int8-channel"):
-    _artifact(scales={**base.scales, "k_scale": np.ones((L, K, 1))})
+    _artifact(scales={**base.scales, "k": {"scale": np.ones((L, K, 1))}})
   with pytest.raises(ValueError, match=r"needs scales \['k_scale', 'v_scale', 'v_zero'\]"):
-    _artifact(scales={"k_scale": base.scales["k_scale"]})
+    _artifact(scales={"k": base.scales["k"]})
   with pytest.raises(ValueError, match="bf16 stores K and V unquantized"):
     _artifact(fmt="bf16", scales={})
   with pytest.raises(ValueError, match=r"needs scales \['k_clip', 'v_clip'\]"):
@@ -120,8 +122,8 @@ def test_invalid_artifacts_are_rejected(tmp_path):
 
 
 def test_drift_flags_layers_whose_traffic_outgrew_the_scales(rng):
-  art = _artifact(fmt="int8-tensor", scales={"k_scale": np.full((L, 1, 1), 0.02, np.float32),
-                                             "v_scale": np.full((L, 1, 1), 1.0, np.float32)},
+  art = _artifact(fmt="int8-tensor", scales={"k": {"scale": np.full((L, 1, 1), 0.02, np.float32)},
+                                             "v": {"scale": np.full((L, 1, 1), 1.0, np.float32)}},
                   clip_fraction={"k": np.array([0.01, 0.01, 0.0]), "v": np.zeros(L)})
   cache = kvtpu.KVCache.init(art.fmt, num_layers=L, batch=2, kv_heads=K, max_len=64,
                              head_dim=H, calibration=art)

@@ -136,13 +136,13 @@ def test_artifact_with_clip_ratios_round_trips_and_drives_the_cache(tmp_path, rn
   frac = clipping.clip_fraction(samples, spec, clip)
   art = CalibrationArtifact(fmt="k=int4,v=int8-head", model=MODEL, method="mse",
                             workloads=WORKLOADS,
-                            scales={"k_clip": clip, "v_scale": np.full((2, 2, 1), 0.1)},
+                            scales={"k": {"clip": clip}, "v": {"scale": np.full((2, 2, 1), 0.1)}},
                             clip_fraction={"k": frac, "v": np.zeros(2)})
   back = CalibrationArtifact.load(art.save(tmp_path / "a"))
-  np.testing.assert_array_equal(back.scales["k_clip"], clip)
+  np.testing.assert_array_equal(back.scales["k"]["clip"], clip)
   cache = kvtpu.KVCache.init(back.fmt, num_layers=2, batch=4, kv_heads=2, max_len=16,
                              head_dim=16, calibration=back)
-  np.testing.assert_array_equal(cache.k_clip, clip)
+  np.testing.assert_array_equal(cache.k.clip, clip)
   # Traffic like the calibration data clips at the calibration rate: no drift.
   for layer, x in enumerate(samples):
     cache = cache.update(layer, jnp.asarray(x), jnp.asarray(x) * 0.01)
@@ -151,10 +151,10 @@ def test_artifact_with_clip_ratios_round_trips_and_drives_the_cache(tmp_path, rn
     assert rows[layer]["tensor"] == "k"
     assert rows[layer]["runtime_rate"] == pytest.approx(frac[layer])
     assert not rows[layer]["flagged"]
-  for bad, match in [({"k_clip": np.full((2, 2), 1.5)}, r"k_clip must be clip ratios"),
-                     ({"k_clip": np.ones((2, 3))}, r"k_clip has shape \(2, 3\); int4"),
+  for bad, match in [({"k": {"clip": np.full((2, 2), 1.5)}}, r"k_clip must be clip ratios"),
+                     ({"k": {"clip": np.ones((2, 3))}}, r"k_clip has shape \(2, 3\); int4"),
                      ({}, r"needs scales \['k_clip', 'v_scale'\]")]:
     with pytest.raises(ValueError, match=match):
       CalibrationArtifact(fmt="k=int4,v=int8-head", model=MODEL, method="mse",
-                          workloads=WORKLOADS, scales={"v_scale": np.full((2, 2, 1), 0.1), **bad},
+                          workloads=WORKLOADS, scales={"v": {"scale": np.full((2, 2, 1), 0.1)}, **bad},
                           clip_fraction={"k": frac, "v": np.zeros(2)})

@@ -97,7 +97,7 @@ def test_scales_load_into_the_cache(outlier_stats):
   v_scale, _ = M.compute_scales(stats, fmt.v, "percentile", percentile=99.9)
   cache = KVCache.init(fmt, num_layers=2, batch=1, kv_heads=K, max_len=8, head_dim=H,
                        k_scale=k_scale, k_zero=k_zero, v_scale=v_scale)
-  np.testing.assert_array_equal(np.asarray(cache.k_scale), np.asarray(k_scale))
+  np.testing.assert_array_equal(np.asarray(cache.k.scale), np.asarray(k_scale))
 
 
 def _gauss_tail(z: float) -> float:

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvtpu.models.evaluate import CacheConfig, forward_fn, score_workload
+from kvtpu.models.llama import Llama
 
 from kvtpu.eval import workloads
 from kvtpu.eval.protocol import Protocol, ragged_lengths, score
-from models.evaluate import CacheConfig, forward_fn, score_workload
-from models.llama import Llama
 from tests.models.test_llama import TINY
 
 CFG = dataclasses.replace(TINY, max_position=128)

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from kvtpu.eval import report as rp
+from kvtpu.formats import KVFormat
 
 SHA_PROSE = "0123456789abcdef" + "f" * 48
 SHA_CODE = "fedcba9876543210" + "e" * 48
@@ -20,15 +21,10 @@ BYTES = {"bf16": 9216.0, "int8": 4896.0, "k8v4": 3744.0, "int4": 2736.0}
 def make_row(kind="score", *, kv_format="int8", cal=None, workload="prose", context=2048, batch=4,
              model="smollm2-135m", depth=0.5, **metrics):
   """A valid result row; `cal` is None (dynamic) or a calibration workload name."""
-  spec = {"dtype": "int8", "granularity": "token_head", "scheme": "symmetric", "group_size": None}
-  if kv_format == "bf16":
-    spec = {"dtype": "bf16", "granularity": "none", "scheme": "none", "group_size": None}
-  if kv_format == "int4":
-    spec = {**spec, "dtype": "int4", "scheme": "asymmetric", "group_size": 32}
   row = {
       "kind": kind, "model": model,
       "weight_precision": "GGUF Q4_1 x210, F32 x61, Q8_0 x1; dequantized to float32",
-      "kv_format": kv_format, "kv_precision": {"k": dict(spec), "v": dict(spec)},
+      "kv_format": kv_format, "kv_precision": KVFormat.parse(kv_format).to_dict(),
       "kv_bytes_per_token": BYTES.get(kv_format, 1000.0),
       "calibration": "dynamic" if cal is None else {
           "method": "absmax-p99.9",
@@ -110,21 +106,22 @@ def test_invalid_top_level_fields(field, value, match):
 
 
 def test_kv_precision_fields():
-  row = make_row()
-  del row["kv_precision"]["v"]
-  with pytest.raises(ValueError, match=re.escape("lacks 'kv_precision.v'")):
-    rp.check_row(row)
-  row = make_row()
-  del row["kv_precision"]["k"]["dtype"]
-  with pytest.raises(ValueError, match=re.escape("lacks 'kv_precision.k.dtype'")):
-    rp.check_row(row)
-  row = make_row()
-  row["kv_precision"]["v"]["scheme"] = "sym"
-  with pytest.raises(ValueError, match=re.escape("'kv_precision.v.scheme' must be one of")):
-    rp.check_row(row)
-  row = make_row()
-  row["kv_precision"]["k"]["group_size"] = 0
-  with pytest.raises(ValueError, match=re.escape("'kv_precision.k.group_size'")):
+  # kv_precision is KVFormat.to_dict() of kv_format, checked by KVFormat.from_dict.
+  prefix = "result row field 'kv_precision' is not `KVFormat.to_dict()`: "
+  for edit, match in [
+      (lambda p: p.pop("v"), "a KVFormat dict has keys 'k', 'v'"),
+      (lambda p: p["k"].pop("dtype"), "missing 1 required positional argument: 'dtype'"),
+      (lambda p: p["v"].update(symmetric="sym"), "symmetric must be a bool"),
+      (lambda p: p["k"].update(scheme="symmetric"), "unknown QuantSpec field(s) ['scheme']"),
+      (lambda p: p["k"].update(granularity="group", group_size=0), "positive integer group_size"),
+  ]:
+    row = make_row()
+    edit(row["kv_precision"])
+    with pytest.raises(ValueError, match=re.escape(prefix) + ".*" + re.escape(match)):
+      rp.check_row(row)
+  row = make_row(kv_format="int4")
+  row["kv_precision"] = KVFormat.parse("int4-asym-g32").to_dict()
+  with pytest.raises(ValueError, match="describes int4-asym-g32, but 'kv_format' is int4"):
     rp.check_row(row)
 
 
@@ -362,8 +359,8 @@ def test_header_discloses_weights_kv_calibration_workloads_and_protocol():
   table = parse_table(kv)
   assert table["smollm2-135m"]  # one model column per row
   lines = [ln for ln in kv.splitlines() if ln.startswith("| smollm2")]
-  assert "int4, token_head, asymmetric, group 32" in lines[2] and "2,736" in lines[2]
-  assert "| bf16 | bf16, none, none | bf16, none, none | 9,216 |" in lines[0]
+  assert "| int4 | int4, token_head, symmetric | int4, token_head, symmetric | 2,736 |" in lines[2]
+  assert "| bf16 | bf16, unscaled | bf16, unscaled | 9,216 |" in lines[0]
   assert "| int8 | int8, token_head, symmetric | int8, token_head, symmetric | 4,896 |" in lines[1]
   cal = md[md.index("## Calibration"):md.index("## Evaluation")]
   assert "int8 \\| dynamic" not in cal and "int8 | dynamic: dynamic scales" in cal

@@ -23,8 +23,8 @@ from kvtpu.eval.workloads import Workload
 @pytest.fixture(scope="module")
 def tok():
   """SmolLM2-135M-Instruct's tokenizer (no BOS added by `encode`, digits split one by one)."""
-  from models.pretrained import gguf_path
-  from models.tokenizer import Tokenizer
+  from kvtpu.models.pretrained import gguf_path
+  from kvtpu.models.tokenizer import Tokenizer
   return Tokenizer.from_gguf(gguf_path("smollm2-135m"))
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from models.config import ModelConfig
+from kvtpu.models.config import ModelConfig
 
 
 def _rms_norm(x, w, eps):
@@ -72,7 +71,7 @@ def np_llama_forward(t: dict[str, np.ndarray], cfg: ModelConfig, tokens,
 
 def random_hf_tensors(cfg: ModelConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Random float32 weights under Hugging Face names, scaled so activations stay O(1)."""
-  from models.loaders import hf_names
+  from kvtpu.models.loaders import hf_names
 
   out = {}
   for name, shape in hf_names(cfg).items():
@@ -91,8 +90,7 @@ def write_llama_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray
   """Writes `tensors` (HF names/layout) as llama.cpp's converter would: GGUF names, Q/K
   rows permuted for `llama`, 2-D weights in `qtype`, norms in F32."""
   import gguf
-
-  from models.loaders import _gguf_to_hf, permute_rope_rows
+  from kvtpu.models.loaders import _gguf_to_hf, permute_rope_rows
 
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.num_layers)

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvtpu.models.calibrate import attention_inputs, calibrate, collect_statistics
+from kvtpu.models.llama import Llama
 
 from kvtpu import KVCache
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads
-from models.calibrate import attention_inputs, calibrate, collect_statistics
-from models.llama import Llama
 from tests.models.test_llama import TINY
 
 CFG = dataclasses.replace(TINY, num_layers=2, max_position=256)
@@ -54,13 +54,13 @@ def test_calibrate_builds_an_artifact_the_cache_applies(model, data, method, tmp
   assert art.model["name"] == "tiny" and art.model["weight_precision"] == model.weight_precision
   assert art.workloads[0]["token_sha256"] == data.token_sha256
   assert art.workloads[0]["tokens_used"] == 512 and art.method == method
-  assert sorted(art.scales) == ["k_scale", "v_scale", "v_zero"]
+  assert {w: sorted(d) for w, d in art.scales.items()} == {"k": ["scale"], "v": ["scale", "zero"]}
   if method == "absmax":
     assert art.clip_fraction["k"].max() == 0 and art.clip_fraction["v"].max() == 0
   path = art.save(tmp_path / "artifact")
   cache = model.init_cache(fmt, batch=1, max_len=8, calibration=type(art).load(path))
-  np.testing.assert_array_equal(cache.k_scale, art.scales["k_scale"])
-  np.testing.assert_array_equal(cache.v_zero, art.scales["v_zero"])
+  np.testing.assert_array_equal(cache.k.scale, art.scales["k"]["scale"])
+  np.testing.assert_array_equal(cache.v.zero, art.scales["v"]["zero"])
   logits, _ = model(jnp.asarray(next(iter(data.windows(8, batch=1)))), cache, impl="xla")
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -72,14 +72,14 @@ def test_calibrate_dynamic_specs_gives_clip_ratios_the_cache_applies(model, data
   options = {"percentile": 99.0} if method == "percentile" else {}
   art, _ = calibrate(model, [data], fmt, method=method, seq_len=32, batch=4, num_tokens=512,
                      learn_steps=5, impl="xla", method_options=options)
-  assert sorted(art.scales) == ["k_clip", "v_scale"]
-  clip = art.scales["k_clip"]
+  assert {w: sorted(d) for w, d in art.scales.items()} == {"k": ["clip"], "v": ["scale"]}
+  clip = art.scales["k"]["clip"]
   assert clip.shape == (CFG.num_layers, CFG.num_kv_heads) and ((clip > 0) & (clip <= 1)).all()
   if method == "absmax":
     assert (clip == 1).all() and art.clip_fraction["k"].max() == 0
   cache = model.init_cache(fmt, batch=4, max_len=32,
                            calibration=type(art).load(art.save(tmp_path / "a")))
-  np.testing.assert_array_equal(cache.k_clip, clip)
+  np.testing.assert_array_equal(cache.k.clip, clip)
   # Re-running the first calibration batch clips exactly the calibration fraction.
   first = next(iter(data.windows(32, batch=4)))
   _, cache = model(jnp.asarray(first), cache, impl="xla")

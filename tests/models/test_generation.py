@@ -8,18 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvtpu.models.generation import (
+  TRACE_COUNTS,
+  Sampling,
+  default_max_len,
+  generate,
+  pad_prompts,
+  prefill,
+  sample_logits,
+)
+from kvtpu.models.llama import Llama
 
 import kvtpu
-from models.generation import (
-    TRACE_COUNTS,
-    Sampling,
-    default_max_len,
-    generate,
-    pad_prompts,
-    prefill,
-    sample_logits,
-)
-from models.llama import Llama
+from tests.helpers import flat_arrays
 from tests.models.test_llama import TINY
 
 PROMPTS = [[5], [11, 3, 7, 2, 40], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 96]]  # Ragged: 1, 5, 11.
@@ -70,7 +71,7 @@ def test_chunked_prefill_equals_one_call(model, chunk):
   assert parts.tokens == whole.tokens
   np.testing.assert_array_equal(parts.cache.lengths, whole.cache.lengths)
   for name in ("k", "v"):
-    a, b = getattr(parts.cache, name), getattr(whole.cache, name)
+    a, b = getattr(parts.cache, name).values, getattr(whole.cache, name).values
     for row, n in enumerate(np.asarray(whole.cache.lengths)):
       np.testing.assert_allclose(a[:, row, :, :n], b[:, row, :, :n], rtol=1e-5, atol=1e-5)
 
@@ -107,8 +108,8 @@ def test_finished_rows_do_not_touch_the_cache():
   cache = cache.update(0, kv(5), kv(5)).advance(5)
   new = cache.update(0, kv(1), kv(1), valid_len=jnp.array([1, 0])).advance(jnp.array([1, 0]))
   np.testing.assert_array_equal(new.lengths, [6, 5])
-  for name in ("k", "v", "k_scale", "v_scale"):  # [L, B, ...]
-    old, now = np.asarray(getattr(cache, name)), np.asarray(getattr(new, name))
+  for name in ("k.values", "v.values", "k.scale", "v.scale"):  # [L, B, ...]
+    old, now = np.asarray(flat_arrays(cache)[name]), np.asarray(flat_arrays(new)[name])
     np.testing.assert_array_equal(now[:, 1], old[:, 1], err_msg=name)
     assert not np.array_equal(now[:, 0], old[:, 0]), name
   q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)

@@ -7,13 +7,13 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 import pytest
+from kvtpu.models import headroom as mh
+from kvtpu.models import presets
+from kvtpu.models.config import ModelConfig
 
 from kvtpu import accelerators
 from kvtpu import headroom as hr
 from kvtpu.formats import KVFormat
-from models import headroom as mh
-from models import presets
-from models.config import ModelConfig
 
 MIB = 2**20
 

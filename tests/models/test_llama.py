@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from kvtpu.models.config import ModelConfig, RopeScaling
+from kvtpu.models.llama import Llama, apply_rope, rope_frequencies
 
 import kvtpu
-from models.config import ModelConfig, RopeScaling
-from models.llama import Llama, apply_rope, rope_frequencies
 from tests.helpers import assert_close
 
 TINY = ModelConfig("tiny", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,

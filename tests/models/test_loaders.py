@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from kvtpu.models import loaders
+from kvtpu.models.config import ModelConfig
 from safetensors.numpy import save_file
 
-from models import loaders
-from models.config import ModelConfig
 from tests.helpers import assert_close
 from tests.models.reference import np_llama_forward, random_hf_tensors, write_llama_gguf
 

@@ -1,10 +1,10 @@
 """Model presets: parameter counts against the published ones, cache sizing, errors."""
 
 import pytest
+from kvtpu.models import presets
+from kvtpu.models.config import ModelConfig
 
 import kvtpu
-from models import presets
-from models.config import ModelConfig
 
 # Parameter counts from each model's Hugging Face model card / safetensors index: an
 # independent check of every shape in the preset.

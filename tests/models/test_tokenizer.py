@@ -21,8 +21,7 @@ import jinja2
 import numpy as np
 import pytest
 import tokenizers
-
-from models.tokenizer import SUPPORTED_PRE_TYPES, Tokenizer
+from kvtpu.models.tokenizer import SUPPORTED_PRE_TYPES, Tokenizer
 
 # ----------------------------------------------------------------------------- reference
 
@@ -156,7 +155,7 @@ def test_reference_on_hand_sized_cases():
 
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-  from models.pretrained import gguf_path
+  from kvtpu.models.pretrained import gguf_path
 
   return gguf_path("smollm2-135m")
 

@@ -28,8 +28,10 @@ BLOCK = 128
 
 def kernel_args(cache, layer, chunk):
   """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
-  return ((cache.k, cache.v, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
-          cache.per_token_scales())
+  k, v = cache.k, cache.v
+  return ((k.values, v.values, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
+          dict(k_scale=k.per_token_scale, k_zero=k.per_token_zero, v_scale=v.per_token_scale,
+               v_zero=v.per_token_zero))
 
 
 def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):

@@ -1,6 +1,7 @@
 """Decode attention kernel: reference vs float64, interpret mode vs reference, TPU compiles."""
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import zlib
@@ -10,17 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-
-import kvtpu
-from pallas_kernels.decode_attention import (
+from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
   decode_attention,
   default_block_sizes,
+  dequantize_per_token,
   hbm_bytes,
   ref_decode_attention,
   validate_inputs,
   vmem_estimate_bytes,
 )
+
+import kvtpu
 from tests.helpers import assert_close
 from tests.pallas_kernels.cases import (
   BLOCK,
@@ -51,6 +53,39 @@ def test_reference_by_hand():
   # With a chunk of 0 the query sits at position 1 but only position 0 is held.
   out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([0]), 0)
   np.testing.assert_allclose(out, [[[[10.0, 10.0]]]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4", "int4-asym-g16", "fp8_e4m3",
+                                 "fp8_e5m2-sbf16", "int8-asym-g8"])
+def test_reference_dequantizes_exactly_as_quant(fmt, rng):
+  # The kernels' reference reads the cache layout ([B, K, S, H] values, [B, K, G, S]
+  # scales) and must mean what kvtpu.quant says a stored value means, bit for bit.
+  cache = filled_cache(fmt, rng, lengths=[3, 9], t=4, chunk=[4, 2], kv_heads=2, head_dim=32,
+                       max_len=16)
+  for which in ("k", "v"):
+    x = getattr(cache, which)
+    pick = lambda a: None if a is None else a[1]  # noqa: E731
+    got = dequantize_per_token(x.values[1], pick(x.per_token_scale), pick(x.per_token_zero))
+    # quant.dequantize on the token-major layout: [B, K, S, H] with scales [B, K, S, G].
+    swap = lambda a: None if a is None else jnp.swapaxes(a[1], -1, -2)  # noqa: E731
+    want = kvtpu.dequantize(x.values[1], x.spec, swap(x.scale), swap(x.zero))
+    held = np.arange(16)[None, None, :, None] < np.array([7, 11])[:, None, None, None]
+    np.testing.assert_array_equal(np.where(held, got, 0), np.where(held, want, 0), err_msg=which)
+
+
+@pytest.mark.parametrize("impl", ["ref", "kernel"])
+def test_quantized_tensors_are_unpacked_at_the_boundary(impl, rng):
+  cache = filled_cache("k=int4-asym-g16,v=int8", rng, lengths=[0, 5, 130], t=2, chunk=[2, 1, 2],
+                       kv_heads=2, head_dim=32, max_len=256)
+  q = jnp.asarray(rng.standard_normal((3, 2, 4, 32)), jnp.float32)
+  args, kw = kernel_args(cache, 1, [2, 1, 2])
+  fn = ref_decode_attention if impl == "ref" else functools.partial(decode_attention,
+                                                                    interpret=INTERPRET)
+  raw = fn(q, *args, **kw)
+  packed = fn(q, cache.k, cache.v, *args[2:])
+  np.testing.assert_array_equal(packed, raw)
+  with pytest.raises(ValueError, match="k is a quantized tensor carrying its scales"):
+    fn(q, cache.k, cache.v, *args[2:], k_scale=kw["k_scale"])
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
@@ -188,7 +223,7 @@ def test_bad_inputs_share_one_validation():
       fn(jnp.zeros((2, 1, 3, 64)), kv, kv, i32, i32, 0)
     with pytest.raises(TypeError, match="is not a storage dtype"):
       fn(q, kv.astype(jnp.int32), kv, i32, i32, 0)
-    with pytest.raises(ValueError, match=r"k_scale must be \[L=1, B=2, K=2, G, S=128\]"):
+    with pytest.raises(ValueError, match=r"k_scale must be per-token scales \[L=1, B=2, K=2, G, S=128\]"):
       fn(q, kv, kv, i32, i32, 0, k_scale=jnp.ones((1, 2, 2, 1, 64)))
     with pytest.raises(ValueError, match="lengths must be i32"):
       fn(q, kv, kv, jnp.zeros(3, jnp.int32), i32, 0)

@@ -10,15 +10,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
-
-from pallas_kernels.decode_attention import (
-    BlockSizes,
-    decode_attention,
-    hbm_bytes,
-    min_hbm_bytes,
-    validate_inputs,
+from kvtpu.pallas_kernels.decode_attention import (
+  BlockSizes,
+  decode_attention,
+  hbm_bytes,
+  min_hbm_bytes,
+  validate_inputs,
 )
-from pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
+from kvtpu.pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
+
 from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args
 
 _HBM = mosaic_interpret.TPU_MEMORY_SPACE_IDXS[mosaic_interpret.mosaic_core.MemorySpace.HBM]

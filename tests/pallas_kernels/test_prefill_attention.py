@@ -8,26 +8,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kvtpu.pallas_kernels.prefill_attention import (
+  PrefillBlockSizes,
+  default_prefill_block_sizes,
+  prefill_attention,
+  ref_prefill_attention,
+)
 
 import kvtpu
-from pallas_kernels.prefill_attention import (
-    PrefillBlockSizes,
-    default_prefill_block_sizes,
-    prefill_attention,
-    ref_prefill_attention,
-)
 from tests.helpers import assert_close
 from tests.pallas_kernels.cases import (
-    BLOCK,
-    FORMATS,
-    GENERATIONS,
-    GQA,
-    HEAD_DIMS,
-    INTERPRET,
-    KERNEL_RTOL,
-    filled_cache,
-    kernel_args,
-    tpu_device,
+  BLOCK,
+  FORMATS,
+  GENERATIONS,
+  GQA,
+  HEAD_DIMS,
+  INTERPRET,
+  KERNEL_RTOL,
+  filled_cache,
+  kernel_args,
+  tpu_device,
 )
 
 

@@ -1,0 +1,372 @@
+"""`QuantizedKV`: one cached tensor (K or V) of every layer, as one pytree value.
+
+The seam between the cache, the kernels and everything that passes cached tensors
+along. It holds the stored values with whatever gives them meaning (scales, zero
+points, clip ratios) and its `QuantSpec` as static metadata, so that memory
+accounting, sharding, artifacts and kernel wrappers map over it instead of naming
+fields. A new per-tensor option changes the spec (`formats`), the math (`quant`),
+this type, and the kernel body only where the in-VMEM math changes.
+
+Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head):
+
+  values  [L, B, K, S, H]   storage dtype; per (layer, sequence, kv head) a
+                            contiguous `[S, H]` slab, the block a kernel DMAs.
+  scale   dynamic specs: [L, B, K, G, S] in the scale dtype, one per token and group,
+                            positions in lanes (never broadcast to H);
+          static specs:  [L, 1|K, 1|H], calibrated, fixed at `init`;
+          unquantized:   None.
+  zero    like `scale`, float32; asymmetric specs only, else None.
+  clip    f32 [L, K]: calibrated clip ratios in (0, 1] of a dynamic spec, or None.
+
+Every array carries the layer axis first, so one `QuantizedKV` serves a whole
+model under `lax.scan` over layers.
+
+Writing (`write`) quantizes a chunk `[B, T, K, H]` with `quant.quantize` and puts
+each token at its sequence's position (`Placement`); on CPU by a scatter, on TPU
+and GPU by one dynamic-update-slice per sequence (`write_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from kvtpu import quant
+from kvtpu._shared import array_nbytes, check_dims, check_layer
+from kvtpu.formats import Granularity, QuantSpec
+
+__all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
+           "LOGICAL_AXES", "params_by_tensor"]
+
+# Fields fixed when a tensor is created (calibrated), as opposed to written per token.
+PARAM_FIELDS = ("scale", "zero", "clip")
+
+# Logical axis names that `logical_axes` uses; `kvtpu.sharding` maps them to mesh axes.
+LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a chunk of T tokens goes, per sequence (all `[B, T]` but `start: [B]`).
+
+  target: the token's position, or max_len (dropped) when past max_len or valid_len.
+  start: the first position of the sequence's block of T positions, `lengths` clamped
+    to `max_len - T` so the block fits.
+  token: the chunk token that row r of the block holds; rows: whether it holds one
+    (row r of a block clamped back from the end holds an earlier token, kept).
+  """
+
+  target: jax.Array
+  start: jax.Array
+  token: jax.Array
+  rows: jax.Array
+
+  @classmethod
+  def of(cls, lengths: jax.Array, valid_len: jax.Array, t: int, max_len: int) -> Placement:
+    steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+    pos = lengths[:, None] + steps
+    target = jnp.where((pos < max_len) & (steps < valid_len[:, None]), pos, max_len)
+    start = jnp.minimum(lengths, max_len - t)
+    token = start[:, None] + steps - lengths[:, None]
+    rows = (token >= 0) & (token < valid_len[:, None])
+    return cls(target=target, start=start, token=jnp.clip(token, 0, t - 1), rows=rows)
+
+
+def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
+  """`store.at[index].set(values, mode="drop")`, moving bits, not numbers.
+
+  Sub-32-bit floats (bf16, fp8) scatter as unsigned integers of the same width: the
+  same bytes, but XLA's CPU backend would otherwise widen the whole cache to f32 and
+  back around every scatter (many times slower than the integer scatter).
+  """
+  dtype = jnp.dtype(store.dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    bits = jnp.dtype(f"uint{8 * dtype.itemsize}")
+    out = jax.lax.bitcast_convert_type(store, bits).at[index].set(
+        jax.lax.bitcast_convert_type(values.astype(dtype), bits), mode="drop")
+    return jax.lax.bitcast_convert_type(out, dtype)
+  return store.at[index].set(values, mode="drop")
+
+
+# How a chunk is written on each platform (`write_rows`): XLA's CPU backend scatters
+# in place; TPU (and GPU) get per-sequence dynamic-update-slices.
+WRITE_METHODS = ("scatter", "blocks")
+
+
+def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq_axis: int,
+               method: str | None = None) -> jax.Array:
+  """Writes a chunk `values: [B, T, K, X]` into `store: [L, B, K, ...]`.
+
+  `seq_axis` is the store's position axis: 3 for values `[L, B, K, S, H]`, 4 for
+  dynamic scales `[L, B, K, G, S]`. `method`: "scatter", "blocks", or None for the
+  platform's choice when lowering (scatter on CPU, blocks elsewhere).
+
+  Why two: XLA's TPU scatter picks a layout of its own for the cache array and
+  copies the whole `[L, B, K, S, H]` array into and out of it around every layer's
+  write (temporaries of several times the cache in an ahead-of-time compile), while
+  one dynamic-update-slice per sequence updates in place in the layout the attention
+  kernels read. On CPU it is the other way round: the blocks' read-modify-write
+  costs a copy, the scatter none.
+  """
+  if method is None:
+    def write(method):
+      return lambda store, values: write_rows(store, layer, values, where, seq_axis, method)
+
+    return jax.lax.platform_dependent(store, values, cpu=write("scatter"),
+                                      default=write("blocks"))
+  if method == "scatter":
+    rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
+    index = (layer, rows) + (slice(None),) * (seq_axis - 2) + (where.target,)
+    return _scatter_bits(store, index, values)
+  if method != "blocks":
+    raise ValueError(f"method must be one of {WRITE_METHODS} or None, got method={method!r}")
+  blocks = jnp.take_along_axis(values, where.token[:, :, None, None], axis=1)
+  blocks = jnp.moveaxis(blocks, 1, seq_axis - 1).astype(store.dtype)  # [B, K, ...T...]
+  t = values.shape[1]
+  keep_shape = [1] * (blocks.ndim - 1)
+  keep_shape[seq_axis - 2] = t
+  zeros = [0] * (store.ndim - 2)
+  for b in range(store.shape[1]):
+    index = list(zeros)
+    index[seq_axis - 2] = where.start[b]
+    index = (layer, b, *index)
+    old = jax.lax.dynamic_slice(store, index, (1, 1, *blocks.shape[1:]))[0, 0]
+    block = jnp.where(where.rows[b].reshape(keep_shape), blocks[b], old)
+    store = jax.lax.dynamic_update_slice(store, block[None, None], index)
+  return store
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedKV:
+  """One cached tensor (K or V) of all layers: stored values and their meaning.
+
+  Attributes:
+    values: `[L, B, K, S, H]` in `spec.storage_dtype`.
+    scale: dynamic specs `[L, B, K, G, S]`, static specs `[L, 1|K, 1|H]` (finite,
+      > 0), in the spec's scale dtype; None when unquantized.
+    zero: integer-valued float32 zero points shaped like `scale` (asymmetric specs),
+      else None.
+    clip: float32 `[L, K]` clip ratios in (0, 1] of a dynamic spec, or None (plain
+      absmax scales).
+    spec: how the values are stored (static pytree metadata).
+
+  Invariant: a stored value `q` means `(q - zero) * scale` (`quant.dequantize`).
+  `shape`, `dtype` and `ndim` are the stored values' (storage dtype), so code that
+  only sizes a tensor does not unpack it.
+  """
+
+  values: jax.Array
+  scale: jax.Array | None
+  zero: jax.Array | None
+  clip: jax.Array | None
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+
+  # ----------------------------------------------------------------- creation
+  @classmethod
+  def layout(cls, spec: QuantSpec, *, num_layers: int, batch: int, kv_heads: int, max_len: int,
+             head_dim: int, clip: bool = False) -> QuantizedKV:
+    """The tensor's arrays as `jax.ShapeDtypeStruct`s: the one definition of its layout.
+
+    Raises:
+      ValueError: for a non-positive dimension, a head_dim the spec's group size
+        does not divide, or `clip` on a spec that is not dynamic.
+    """
+    check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
+               head_dim=head_dim)
+    if clip and not spec.dynamic:
+      raise ValueError(f"clip ratios are for dynamic (per-token) specs, not {spec.name}")
+    sds = jax.ShapeDtypeStruct
+    values = sds((num_layers, batch, kv_heads, max_len, head_dim), spec.storage_dtype)
+    scale = zero = None
+    if spec.quantized:
+      if spec.dynamic:
+        shape = (num_layers, batch, kv_heads, spec.num_groups(head_dim), max_len)
+      else:
+        shape = (num_layers, *quant.static_scale_shape(spec, kv_heads, head_dim))
+      scale = sds(shape, spec.scale_jnp_dtype)
+      zero = None if spec.symmetric else sds(shape, quant.ZERO_DTYPE)
+    return cls(values=values, scale=scale, zero=zero,
+               clip=sds((num_layers, kv_heads), jnp.float32) if clip else None, spec=spec)
+
+  @staticmethod
+  def param_names(spec: QuantSpec, *, clip: bool = False) -> tuple[str, ...]:
+    """The calibrated fields of a tensor of `spec`: static scales (and zero points),
+    or the clip ratios of a dynamic spec that has them."""
+    if spec.static:
+      return ("scale",) if spec.symmetric else ("scale", "zero")
+    return ("clip",) if clip and spec.dynamic else ()
+
+  @classmethod
+  def init(cls, spec: QuantSpec, *, name: str = "x", num_layers: int, batch: int, kv_heads: int,
+           max_len: int, head_dim: int, scale=None, zero=None, clip=None) -> QuantizedKV:
+    """An empty tensor: zero values and per-token scales, validated calibrated fields.
+
+    Args:
+      spec: the storage spec.
+      name: "k" or "v", for messages (`k_scale must ...`).
+      num_layers, batch, kv_heads, max_len, head_dim: dimensions.
+      scale, zero: a static spec's calibrated scale (and zero point, asymmetric
+        specs), `[L, 1|K, 1|H]` or without the leading L (shared by all layers).
+      clip: optional clip ratios of a dynamic spec, `[L, K]` or `[K]`.
+
+    Raises:
+      ValueError: for a missing, extra or misshaped parameter, a scale that is 0,
+        negative, NaN or inf (also once rounded into the scale dtype), a zero point
+        that is not an integer, or a clip ratio outside (0, 1].
+    """
+    given = {"scale": scale, "zero": zero, "clip": clip}
+    names = cls.param_names(spec, clip=clip is not None)
+    if clip is not None and not spec.dynamic:
+      raise ValueError(
+          f"{name}_clip given, but {name.upper()} is stored as {spec.name}: clip ratios are "
+          "for dynamic (per-token) specs only")
+    extra = [f"{name}_{p}" for p, v in given.items() if v is not None and p not in names]
+    if extra:
+      raise ValueError(
+          f"{', '.join(extra)} given, but {name.upper()} is stored as {spec.name}, which has no "
+          "static parameter of that name (dynamic or bf16 specs take none; symmetric specs "
+          "take no zero)")
+    shape = cls.layout(spec, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
+                       max_len=max_len, head_dim=head_dim, clip=clip is not None)
+
+    def make(field: str, sds: jax.ShapeDtypeStruct | None):
+      if sds is None:
+        return None
+      if field in names:
+        return _calibrated(f"{name}_{field}", given[field], sds, spec)
+      return jnp.zeros(sds.shape, sds.dtype)
+
+    return dataclasses.replace(shape, **{f: make(f, getattr(shape, f))
+                                         for f in ("values", "scale", "zero", "clip")})
+
+  # --------------------------------------------------------------- properties
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.values.shape)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.values.dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of all arrays, int4 at half a byte per value."""
+    return sum(array_nbytes(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(self))
+
+  @property
+  def per_token_scale(self) -> jax.Array | None:
+    """The `[L, B, K, G, S]` scales the kernels read (dynamic specs), else None."""
+    return self.scale if self.spec.dynamic else None
+
+  @property
+  def per_token_zero(self) -> jax.Array | None:
+    """The `[L, B, K, G, S]` zero points the kernels read (dynamic asymmetric), else None."""
+    return self.zero if self.spec.dynamic else None
+
+  def params(self) -> dict[str, jax.Array]:
+    """The calibrated fields present (`param_names`), by field name."""
+    return {f: getattr(self, f) for f in self.param_names(self.spec, clip=self.clip is not None)}
+
+  def logical_axes(self) -> QuantizedKV:
+    """Each array's axes by logical name (`LOGICAL_AXES`), as `PartitionSpec`s.
+
+    A size-1 broadcast axis (a static scale shared by heads or channels) is None.
+    Works on a real or an abstract (`ShapeDtypeStruct`) tensor.
+    """
+    per_position = P("layers", "batch", "kv_heads", "positions", "head_dim")
+    scale = None
+    if self.scale is not None:
+      if self.spec.dynamic:
+        scale = P("layers", "batch", "kv_heads", "groups", "positions")
+      else:
+        g = self.spec.granularity
+        scale = P("layers", "kv_heads" if g is not Granularity.TENSOR else None,
+                  "head_dim" if g is Granularity.CHANNEL else None)
+    return dataclasses.replace(
+        self, values=per_position, scale=scale, zero=None if self.zero is None else scale,
+        clip=None if self.clip is None else P("layers", "kv_heads"))
+
+  # ---------------------------------------------------------------- reading
+  def dequantize(self, layer, dtype=jnp.float32) -> jax.Array:
+    """One layer's tensor, dequantized: `[B, K, S, H]` (the reference path).
+
+    Positions that hold no token are whatever the memory holds; mask them.
+    """
+    check_layer(layer, self.shape[0])
+    data = self.values[layer]
+    if not self.spec.quantized:
+      return quant.dequantize(data, self.spec, dtype=dtype)
+
+    def per_position(p):
+      if p is None:
+        return None
+      p = p[layer]
+      # Dynamic [B, K, G, S] -> [B, K, S, G]; static [1|K, 1|H] -> [1|K, 1, 1|H].
+      return jnp.swapaxes(p, -1, -2) if self.spec.dynamic else p[:, None, :]
+
+    return quant.dequantize(data, self.spec, per_position(self.scale), per_position(self.zero),
+                            dtype=dtype)
+
+  # ---------------------------------------------------------------- writing
+  def write(self, layer, x: jax.Array, where: Placement) -> tuple[QuantizedKV, quant.Quantized]:
+    """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`.
+
+    Returns the new tensor and the `quant.Quantized` result (its `saturated` and
+    `nonfinite` masks are over the whole chunk: mask them with `where`).
+    """
+    spec = self.spec
+    if spec.static:
+      params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
+    else:
+      params = {} if self.clip is None else dict(clip=self.clip[layer])  # [K] vs [B, T, K].
+    res = quant.quantize(x, spec, **params)
+    # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].
+    new = {"values": write_rows(self.values, layer, res.q, where, 3)}
+    if spec.dynamic:  # [B, T, K, G] rows go to [layer, b, :, :, pos[b, t]].
+      new["scale"] = write_rows(self.scale, layer, res.scale, where, 4)
+      if self.zero is not None:
+        new["zero"] = write_rows(self.zero, layer, res.zero, where, 4)
+    return dataclasses.replace(self, **new), res
+
+
+def _calibrated(name: str, value, sds: jax.ShapeDtypeStruct, spec: QuantSpec) -> jax.Array:
+  """A calibrated parameter `[L, ...]` (or `[...]`, shared by layers), validated."""
+  if value is None:
+    raise ValueError(
+        f"{name[0].upper()} is stored as {spec.name}, with static {spec.granularity.value} "
+        f"scales: pass {name} with shape {sds.shape} (or {sds.shape[1:]}), e.g. from "
+        "calibration; kvtpu never assumes a default scale")
+  arr = jnp.asarray(value, dtype=jnp.float32)
+  if arr.shape not in (sds.shape, sds.shape[1:]):
+    raise ValueError(f"{name} must have shape {sds.shape} or {sds.shape[1:]}, got {arr.shape}")
+  if name.endswith("clip"):
+    quant.validate_clip(name, arr)
+    return jnp.broadcast_to(arr, sds.shape)
+  quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
+  stored = jnp.broadcast_to(arr, sds.shape).astype(sds.dtype)
+  if name.endswith("scale"):  # Rounding into a narrower dtype must not make it 0 or inf.
+    quant.validate_scale(f"{name} (as {sds.dtype})", stored)
+  return stored
+
+
+def params_by_tensor(flat: Mapping[str, object]) -> dict[str, dict[str, object]]:
+  """`{"k_scale": a, "v_clip": b}` -> `{"k": {"scale": a}, "v": {"clip": b}}` (None dropped)."""
+  out: dict[str, dict[str, object]] = {"k": {}, "v": {}}
+  for key, value in flat.items():
+    which, _, field = key.partition("_")
+    if which not in out or field not in PARAM_FIELDS:
+      raise ValueError(f"unknown calibrated parameter {key!r}; expected k_/v_ + one of "
+                       f"{PARAM_FIELDS}")
+    if value is not None:
+      out[which][field] = value
+  return out
