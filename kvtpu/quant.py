@@ -37,6 +37,14 @@ Quantizing (`quantize`):
     float32 whatever the scale dtype (bfloat16 is not exact above 256); static
     zero points must be integers too.
 
+Fake quantization (`fake_quantize`): `dequantize(quantize(x))` as one differentiable
+function for learning scales and clip ratios. Its forward value IS that round trip
+(the same `quantize`, bit for bit); its gradient is that of a smooth surrogate
+with the same scale rule, where rounding (and the cast to fp8) passes the gradient
+straight through and clipping to the storage range stops it: the scale (static
+specs) or the clip ratio (dynamic specs) gets the usual straight-through
+estimate, each group's data range none.
+
 NaN / inf policy. A non-finite value in incoming K or V is stored as 0 and reported
 in the `nonfinite` mask (the cache counts it per layer). It is excluded from its
 group's scale, so the finite values of the same token and head are quantized
@@ -54,8 +62,8 @@ import numpy as np
 
 from kvtpu.formats import Granularity, QuantSpec
 
-__all__ = ["Quantized", "quantize", "dequantize", "dynamic_scales", "validate_scale",
-           "validate_clip", "ZERO_DTYPE"]
+__all__ = ["Quantized", "quantize", "dequantize", "fake_quantize", "straight_through",
+           "dynamic_scales", "validate_scale", "validate_clip", "ZERO_DTYPE"]
 
 ZERO_DTYPE = jnp.float32
 # Asymmetric scales are at least this fraction of the group's largest magnitude.
@@ -326,6 +334,58 @@ def dequantize(q: jax.Array, spec: QuantSpec, scale: jax.Array | None = None,
   if zero is not None:
     x = x - _broadcast_params(spec, zero, q)
   return (x * _broadcast_params(spec, scale, q)).astype(dtype)
+
+
+def straight_through(x: jax.Array, y: jax.Array) -> jax.Array:
+  """`y` in the forward pass, the identity's gradient to `x` in the backward pass."""
+  return x + jax.lax.stop_gradient(y - x)
+
+
+def _clip_stop(r: jax.Array, lo: float, hi: float) -> jax.Array:
+  """`clip(r, lo, hi)` whose gradient is 1 on `[lo, hi]` (bounds included) and 0 beyond."""
+  return jnp.where(r > hi, hi, jnp.where(r < lo, lo, r))
+
+
+def fake_quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
+                  zero: jax.Array | None = None, clip=None) -> jax.Array:
+  """`dequantize(quantize(x, spec, ...))` in float32, with straight-through gradients.
+
+  Args and their shapes as `quantize`: `scale` (and `zero`) for static specs,
+  optional `clip` for dynamic ones. The forward value equals the quantize /
+  dequantize round trip exactly (NaN/inf stored as 0, saturation included). The
+  gradient is the surrogate's of the module docstring: with respect to `scale`
+  (static) or `clip` (dynamic), and to `x` where a value is not clipped.
+  """
+  if not spec.quantized:
+    return dequantize(quantize(x, spec).q, spec)
+  nograd = jax.lax.stop_gradient
+  xs = _sanitize(x)
+  res = quantize(nograd(x), spec, scale=None if scale is None else nograd(scale),
+                 zero=None if zero is None else nograd(zero),
+                 clip=None if clip is None else nograd(clip))
+  exact = dequantize(res.q, spec, res.scale, res.zero)
+  # The surrogate: the same scale rule in plain float32 arithmetic.
+  if spec.dynamic:
+    lo, hi = (nograd(r) for r in _clipped_ranges(xs, spec, None))  # [..., G]
+    c = 1.0 if clip is None else _check_clip(clip, x, spec)
+    if spec.symmetric:
+      s = jnp.maximum(c * jnp.maximum(-lo, hi) / spec.qmax, jnp.finfo(jnp.float32).tiny)
+      z = None
+    else:
+      s = jnp.maximum(c * (hi - lo) / (spec.qmax - spec.qmin - 1), jnp.finfo(jnp.float32).tiny)
+      z = nograd(res.zero.astype(jnp.float32))
+    s, z = (None if p is None else _broadcast_params(spec, p, xs) for p in (s, z))
+  else:
+    s = _broadcast_params(spec, jnp.asarray(scale, jnp.float32), xs)
+    z = None if zero is None else _broadcast_params(spec, jnp.asarray(zero, jnp.float32), xs)
+  y = xs / s
+  if spec.dtype.is_int:  # Clipping is decided on the stored integer, as `quantize` does.
+    r = straight_through(y, jnp.round(y)) + (0.0 if z is None else z)
+    r = _clip_stop(r, spec.qmin, spec.qmax) - (0.0 if z is None else z)
+  else:
+    r = _clip_stop(y, -spec.qmax, spec.qmax)
+  surrogate = r * s
+  return straight_through(surrogate, exact)
 
 
 def static_scale_shape(spec: QuantSpec, kv_heads: int, head_dim: int) -> tuple[int, int]:

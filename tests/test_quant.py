@@ -641,3 +641,69 @@ def test_clip_ratio_errors():
       quant.quantize(x, QuantSpec.parse("int8"), clip=jnp.full((3,), bad))
   with pytest.raises(ValueError, match=r"clip of shape \(4,\) does not broadcast"):
     quant.quantize(x, QuantSpec.parse("int8"), clip=jnp.full((4,), 0.5))
+
+
+# ---------------------------------------------------------------- fake_quantize
+def _round_trip(x, spec, **params):
+  res = quant.quantize(x, spec, **params)
+  return quant.dequantize(res.q, spec, res.scale, res.zero)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("int8", {}), ("int4-asym-g16", {}), ("fp8_e4m3-sbf16", {}), ("fp8_e5m2", {}), ("bf16", {}),
+    ("int4", {"clip": 0.6}), ("int8-asym", {"clip": 0.3}), ("fp8_e4m3-g8", {"clip": 0.5}),
+    ("int8-head", {"scale": 0.02}), ("int4-asym-channel", {"scale": 0.3, "zero": 2.0}),
+    ("fp8_e4m3-tensor", {"scale": 1e-3}),
+])
+def test_fake_quantize_forward_is_the_round_trip(name, params, rng):
+  # Outliers, NaN and inf included; static scales small enough that values saturate.
+  spec = QuantSpec.parse(name)
+  x = kv_with_outliers(rng, (3, 5, 2, 32)).astype(np.float32)
+  x[0, 1, 0, 3], x[2, 0, 1, 7], x[1, 4, 1, 0] = np.nan, np.inf, -np.inf
+  if spec.static:
+    shape = quant.static_scale_shape(spec, 2, 32)
+    params = {k: np.full(shape, v, np.float32) for k, v in params.items()}
+  x = jnp.asarray(x)
+  for fn in (quant.fake_quantize, jax.jit(quant.fake_quantize, static_argnums=1)):
+    got = fn(x, spec, **params)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, _round_trip(x, spec, **params))
+
+
+def test_fake_quantize_gradients_are_straight_through_by_hand(rng):
+  # Static int8, one scale s: d/ds sum(fake(x)) = sum(round(x/s) - x/s) over values
+  # inside the range, + sum(+-127) over values clipped to it; d/dx = 1 inside, 0 clipped.
+  spec = QuantSpec.parse("int8-tensor")
+  x = rng.standard_normal((4, 3, 1, 16)).astype(np.float32) * 3
+  s = np.float32(0.05)  # 127 * 0.05 = 6.35: the 3-sigma tail saturates.
+  gs, gx = jax.grad(lambda s, x: jnp.sum(quant.fake_quantize(x, spec, scale=s)), (0, 1))(
+      jnp.full((1, 1), s), jnp.asarray(x))
+  y = x.astype(np.float64) / np.float64(s)
+  inside = np.abs(np.round(y)) <= 127  # Clipped: the stored integer would pass 127.
+  assert 0 < (~inside).sum() < x.size
+  want_s = np.sum(np.where(inside, np.round(y) - y, np.sign(y) * 127))
+  np.testing.assert_allclose(float(gs.sum()), want_s, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(gx), inside.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g8", "fp8_e4m3"])
+def test_fake_quantize_clip_gradient_by_hand(name, rng):
+  # Dynamic symmetric: s = c * amax / qmax per group, so d/dc sum(fake(x)) =
+  # sum over values of d(out)/ds * amax / qmax, with d(out)/ds = round(y) - y inside
+  # the range (ints; fp8 casts pass straight through: 0) and +-qmax where clipped;
+  # an integer is clipped when round(y) is beyond qmax (as `quantize` stores it).
+  spec = QuantSpec.parse(name)
+  x = kv_with_outliers(rng, (2, 3, 2, 16)).astype(np.float32)
+  c = np.array([0.4, 0.9], np.float32)
+  grad = jax.grad(lambda c: jnp.sum(quant.fake_quantize(jnp.asarray(x), spec, clip=c)))(
+      jnp.asarray(c))
+  g = spec.num_groups(16)
+  xg = x.astype(np.float64).reshape(2, 3, 2, g, 16 // g)
+  amax = np.abs(xg).max(-1, keepdims=True)
+  s = c.astype(np.float64)[None, None, :, None, None] * amax / spec.qmax
+  y = xg / s
+  inside = np.abs(np.round(y) if spec.dtype.is_int else y) <= spec.qmax
+  assert 0 < (~inside).sum() < inside.size
+  ds = np.where(inside, (np.round(y) - y) if spec.dtype.is_int else 0.0, np.sign(y) * spec.qmax)
+  want = (ds * amax / spec.qmax).sum(axis=(0, 1, 3, 4))
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-3, atol=1e-3)

@@ -7,6 +7,8 @@
              `clip_fraction` (the drift baseline).
   clipping   clip ratios of dynamic specs from sample tokens: `compute_clip`
              (absmax, percentile, mse), `learn_clip`, `clip_fraction`.
+  objective  what `learn_scales` and `learn_clip` share: the attention-output error
+             with K or V fake-quantized (`quant.fake_quantize`), and one Adam loop.
   artifact   the calibration artifact: scales plus their disclosure.
   drift      run-time clip rates against the calibration baseline.
 """

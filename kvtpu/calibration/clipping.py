@@ -45,14 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvtpu import quant
-from kvtpu.calibration.methods import (
-    _attention,
-    _output_error,
-    _ste,
-    check_options,
-    check_qkv,
-    minimize,
-)
+from kvtpu.calibration import objective
+from kvtpu.calibration.methods import check_options
 from kvtpu.formats import QuantSpec
 
 __all__ = ["CLIP_METHODS", "compute_clip", "clip_fraction", "learn_clip", "clip_attention_error",
@@ -229,47 +223,26 @@ class LearnedClip(NamedTuple):
   init_objective: float
 
 
-def _fake_quant_clip(x, spec: QuantSpec, c):
-  """Per-token `dequantize(quantize(x, clip=c))` with straight-through rounding.
-
-  `x: [B, T, K, H]`, `c: [K]`. The range of each group is data (no gradient); the
-  gradient reaches `c` through the scale and the clipping at the range's edge.
-  """
-  g = spec.num_groups(x.shape[-1])
-  xg = x.reshape(*x.shape[:-1], g, -1)
-  cc = c[None, None, :, None, None]  # [K] against [B, T, K, G, 1].
-  if spec.symmetric:
-    amax = jax.lax.stop_gradient(jnp.max(jnp.abs(xg), axis=-1, keepdims=True))
-    s = jnp.maximum(cc * amax / spec.qmax, jnp.finfo(jnp.float32).tiny)
-    y = xg / s
-    if spec.dtype.is_int:
-      y = jnp.clip(_ste(y, jnp.round(y)), spec.qmin, spec.qmax)
-    else:
-      y = jnp.clip(y, -spec.qmax, spec.qmax)
-      y = _ste(y, y.astype(spec.storage_dtype).astype(jnp.float32))
-    return (y * s).reshape(x.shape)
-  lo = jax.lax.stop_gradient(jnp.min(xg, axis=-1, keepdims=True))
-  hi = jax.lax.stop_gradient(jnp.max(xg, axis=-1, keepdims=True))
-  s = jnp.maximum(cc * (hi - lo) / (spec.qmax - spec.qmin - 1), jnp.finfo(jnp.float32).tiny)
-  # The integer zero point does not depend on c (lo and hi scale together).
-  z = jax.lax.stop_gradient(spec.qmin - jnp.floor(cc * lo / s))
-  y = jnp.clip(_ste(xg / s, jnp.round(xg / s)) + z, spec.qmin, spec.qmax)
-  return ((y - z) * s).reshape(x.shape)
+def _at(params, aux, x, spec: QuantSpec):
+  """Fake quantization at clip ratios `params: [K]`."""
+  del aux
+  return quant.fake_quantize(x, spec, clip=params)
 
 
-@partial(jax.jit, static_argnames=("spec", "which"))
-def _exact_clip_error(q, k, v, clip, valid, softmax_scale, spec, which):
-  x = k if which == "k" else v
-  res = quant.quantize(x, spec, clip=clip)
-  xq = quant.dequantize(res.q, spec, res.scale, res.zero)
-  kk, vv = (xq, v) if which == "k" else (k, xq)
-  ref = _attention(q, k, v, valid, softmax_scale)
-  return _output_error(_attention(q, kk, vv, valid, softmax_scale), ref, valid)
+def _from_log(log_c, aux, x, spec: QuantSpec):
+  """Fake quantization at `exp(log_c)`, capped at 1: a range wider than the data is waste."""
+  del aux
+  return quant.fake_quantize(x, spec, clip=jnp.exp(jnp.minimum(log_c, 0.0)))
+
+
+def _exact(spec, clip, q, k, v, valid, sm, which) -> float:
+  return float(objective.exact_error(_at, spec, clip, None, q, k, v, valid, sm,
+                                     which=which))
 
 
 def _check_attention_inputs(q, k, v, spec, clip, which, valid):
   _check_spec(spec)
-  valid = check_qkv(q, k, v, which, valid)
+  valid = objective.check_qkv(q, k, v, which, valid)
   spec.num_groups(q.shape[3])
   if tuple(np.shape(clip)) != (k.shape[2],):
     raise ValueError(f"clip must have shape ({k.shape[2]},) (one ratio per kv head of one "
@@ -285,24 +258,9 @@ def clip_attention_error(q, k, v, spec: QuantSpec, clip, *, which: str = "k", va
   Like `methods.attention_error`, for a dynamic spec: `clip: [K]` of one layer.
   """
   valid = _check_attention_inputs(q, k, v, spec, clip, which, valid)
-  sm = float(softmax_scale) if softmax_scale is not None else 1.0 / float(np.sqrt(q.shape[-1]))
+  sm = objective.softmax_scale_for(q, softmax_scale)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  return float(_exact_clip_error(f32(q), f32(k), f32(v), f32(clip), valid, sm, spec, which))
-
-
-@partial(jax.jit, static_argnames=("spec", "which", "steps", "learning_rate"))
-def _learn(q, k, v, log_c0, valid, softmax_scale, spec, which, steps, learning_rate):
-  ref = _attention(q, k, v, valid, softmax_scale)
-
-  def loss_fn(log_c):
-    c = jnp.exp(jnp.minimum(log_c, 0.0))  # c <= 1: a wider range than the data is waste.
-    if which == "k":
-      out = _attention(q, _fake_quant_clip(k, spec, c), v, valid, softmax_scale)
-    else:
-      out = _attention(q, k, _fake_quant_clip(v, spec, c), valid, softmax_scale)
-    return _output_error(out, ref, valid)
-
-  return jnp.exp(jnp.minimum(minimize(loss_fn, log_c0, steps, learning_rate), 0.0))
+  return _exact(spec, f32(clip), f32(q), f32(k), f32(v), valid, sm, which)
 
 
 def learn_clip(q, k, v, spec: QuantSpec, init_clip, *, which: str = "k", steps: int = 200,
@@ -329,21 +287,19 @@ def learn_clip(q, k, v, spec: QuantSpec, init_clip, *, which: str = "k", steps: 
     A `LearnedClip`.
   """
   valid = _check_attention_inputs(q, k, v, spec, init_clip, which, valid)
-  if not (isinstance(steps, int) and steps >= 0):
-    raise ValueError(f"steps must be an int >= 0, got {steps=}")
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate must be > 0, got {learning_rate=}")
-  sm = float(softmax_scale) if softmax_scale is not None else 1.0 / float(np.sqrt(q.shape[-1]))
+  objective.check_steps(steps, learning_rate)
+  sm = objective.softmax_scale_for(q, softmax_scale)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   q, k, v, c0 = f32(q), f32(k), f32(v), f32(init_clip)
-  init_obj = float(_exact_clip_error(q, k, v, c0, valid, sm, spec, which))
+  init_obj = _exact(spec, c0, q, k, v, valid, sm, which)
   if steps == 0:
     return LearnedClip(np.asarray(c0), init_obj, init_obj)
-  c = _learn(q, k, v, jnp.log(c0), valid, sm, spec, which, steps, float(learning_rate))
-  c = np.asarray(c, np.float32)
+  log_c = objective.learn(_from_log, spec, jnp.log(c0), None, q, k, v, valid, sm,
+                          which=which, steps=steps, learning_rate=float(learning_rate))
+  c = np.asarray(jnp.exp(jnp.minimum(log_c, 0.0)), np.float32)
   try:
     quant.validate_clip("learned clip", c)
-    obj = float(_exact_clip_error(q, k, v, jnp.asarray(c), valid, sm, spec, which))
+    obj = _exact(spec, jnp.asarray(c), q, k, v, valid, sm, which)
   except ValueError:  # A ratio driven to 0 is no candidate.
     obj = float("inf")
   if not obj < init_obj:

@@ -44,9 +44,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kvtpu import quant
+from kvtpu.calibration import objective
 from kvtpu.calibration import stats as stats_lib
 from kvtpu.calibration.stats import TensorStats
 from kvtpu.formats import Granularity, QuantSpec
@@ -374,45 +374,9 @@ class LearnedScale(NamedTuple):
   init_objective: float
 
 
-def _attention(q, k, v, valid, softmax_scale):
-  """Causal GQA softmax attention, float32: `q: [B, T, N, H]`, `k, v: [B, T, K, H]`."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * softmax_scale
-  mask = jnp.tril(jnp.ones((t, t), bool))[None, None, None] & valid[:, None, None, None, :]
-  logits = jnp.where(mask, logits, -1e30)
-  p = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", p, v).reshape(b, t, n, h)
-
-
-def _output_error(out, ref, valid):
-  w = valid.astype(jnp.float32)[:, :, None, None]
-  denom = jnp.maximum(jnp.sum(valid), 1) * out.shape[2] * out.shape[3]
-  return jnp.sum(w * jnp.square(out - ref)) / denom
-
-
-def check_qkv(q, k, v, which: str, valid) -> jax.Array:
-  """Validates one layer's attention inputs; returns `valid` as `bool[B, T]`."""
-  if which not in ("k", "v"):
-    raise ValueError(f"which must be 'k' or 'v', got {which=}")
-  if jnp.ndim(q) != 4 or jnp.ndim(k) != 4 or jnp.shape(k) != jnp.shape(v):
-    raise ValueError(f"need q: [B, T, N, H], k, v: [B, T, K, H], got q{list(jnp.shape(q))}, "
-                     f"k{list(jnp.shape(k))}, v{list(jnp.shape(v))}")
-  b, t, n, h = q.shape
-  if k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
-    raise ValueError(f"q{list(q.shape)} and k{list(k.shape)} disagree on B, T or H, or N is "
-                     "not a multiple of K")
-  if valid is None:
-    return jnp.ones((b, t), bool)
-  if tuple(jnp.shape(valid)) != (b, t):
-    raise ValueError(f"valid must be bool[B, T]={(b, t)}, got {tuple(jnp.shape(valid))}")
-  return jnp.asarray(valid, bool)
-
-
 def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
   _check_spec(spec)
-  valid = check_qkv(q, k, v, which, valid)
+  valid = objective.check_qkv(q, k, v, which, valid)
   want = quant.static_scale_shape(spec, k.shape[2], q.shape[3])
   if tuple(jnp.shape(scale)) != want:
     raise ValueError(f"scale must have shape {want} ({spec.name}, one layer), got "
@@ -424,13 +388,23 @@ def _check_attention_inputs(q, k, v, spec, scale, zero, which, valid):
   return valid
 
 
-@partial(jax.jit, static_argnames=("spec", "which"))
-def _exact_error(q, k, v, scale, zero, valid, softmax_scale, spec, which):
-  x = k if which == "k" else v
-  xq = quant.dequantize(quant.quantize(x, spec, scale=scale, zero=zero).q, spec, scale, zero)
-  kk, vv = (xq, v) if which == "k" else (k, xq)
-  ref = _attention(q, k, v, valid, softmax_scale)
-  return _output_error(_attention(q, kk, vv, valid, softmax_scale), ref, valid)
+def _at(params, aux, x, spec: QuantSpec):
+  """Fake quantization at a given `(scale, zero)`."""
+  del aux
+  scale, zero = params
+  return quant.fake_quantize(x, spec, scale=scale, zero=zero)
+
+
+def _from_log(log_s, center, x, spec: QuantSpec):
+  """Fake quantization at `exp(log_s)`, rounded into the scale dtype (asymmetric: the
+  zero point follows the scale so that the range stays centred on `center`)."""
+  s, z = _scale_zero(log_s, center, spec, ste=True)
+  return quant.fake_quantize(x, spec, scale=s, zero=z)
+
+
+def _exact(spec, scale, zero, q, k, v, valid, sm, which) -> float:
+  return float(objective.exact_error(_at, spec, (scale, zero), None, q, k, v,
+                                     valid, sm, which=which))
 
 
 def attention_error(q, k, v, spec: QuantSpec, scale, zero=None, *, which: str = "k",
@@ -451,79 +425,21 @@ def attention_error(q, k, v, spec: QuantSpec, scale, zero=None, *, which: str = 
     queries * N * H)`, computed with `quant.quantize` / `quant.dequantize`.
   """
   valid = _check_attention_inputs(q, k, v, spec, scale, zero, which, valid)
-  sm = float(softmax_scale) if softmax_scale is not None else 1.0 / float(np.sqrt(q.shape[-1]))
+  sm = objective.softmax_scale_for(q, softmax_scale)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  return float(_exact_error(f32(q), f32(k), f32(v), jnp.asarray(scale),
-                            None if zero is None else f32(zero), valid, sm, spec, which))
-
-
-def _ste(x, y):
-  """`y` forward, identity gradient to `x`."""
-  return x + jax.lax.stop_gradient(y - x)
+  return _exact(spec, jnp.asarray(scale), None if zero is None else f32(zero), f32(q), f32(k),
+                f32(v), valid, sm, which)
 
 
 def _scale_zero(log_s, center, spec: QuantSpec, ste: bool):
   """Scale (rounded into the scale dtype) and zero point of the parameters."""
   s = jnp.exp(log_s)
   stored = s.astype(spec.scale_jnp_dtype).astype(jnp.float32)
-  s = _ste(s, stored) if ste else stored
+  s = quant.straight_through(s, stored) if ste else stored
   if spec.symmetric:
     return s, None
   zr = (spec.qmin + spec.qmax) / 2 - center * (1.0 / s)
-  return s, (_ste(zr, jnp.round(zr)) if ste else jnp.round(zr))
-
-
-def _fake_quant(x, spec: QuantSpec, s, z):
-  """`dequantize(quantize(x))` with straight-through rounding; same forward values."""
-  inv = (1.0 / s)[None, None]
-  y = x * inv
-  if spec.dtype.is_int:
-    r = _ste(y, jnp.round(y))
-    if z is not None:
-      r = r + z[None, None]
-    r = jnp.clip(r, spec.qmin, spec.qmax)
-    if z is not None:
-      r = r - z[None, None]
-    return r * s[None, None]
-  y = jnp.clip(y, -spec.qmax, spec.qmax)
-  return _ste(y, y.astype(spec.storage_dtype).astype(jnp.float32)) * s[None, None]
-
-
-@partial(jax.jit, static_argnames=("spec", "which", "steps", "learning_rate"))
-def _learn(q, k, v, log_s0, center, valid, softmax_scale, spec, which, steps, learning_rate):
-  ref = _attention(q, k, v, valid, softmax_scale)
-
-  def loss_fn(log_s):
-    s, z = _scale_zero(log_s, center, spec, ste=True)
-    if which == "k":
-      out = _attention(q, _fake_quant(k, spec, s, z), v, valid, softmax_scale)
-    else:
-      out = _attention(q, k, _fake_quant(v, spec, s, z), valid, softmax_scale)
-    return _output_error(out, ref, valid)
-
-  return minimize(loss_fn, log_s0, steps, learning_rate)
-
-
-def minimize(loss_fn, x0: jax.Array, steps: int, learning_rate: float) -> jax.Array:
-  """`steps` Adam steps on `loss_fn` from `x0` (under jit, as one `lax.scan`).
-
-  Returns the parameters of the lowest loss seen, the final ones included: the
-  straight-through losses are not smooth, so the last step need not be the best.
-  """
-  opt = optax.adam(learning_rate)
-
-  def step(carry, _):
-    x, opt_state, best_loss, best = carry
-    loss, grad = jax.value_and_grad(loss_fn)(x)
-    better = loss < best_loss
-    best_loss = jnp.where(better, loss, best_loss)
-    best = jnp.where(better, x, best)
-    updates, opt_state = opt.update(grad, opt_state)
-    return (optax.apply_updates(x, updates), opt_state, best_loss, best), loss
-
-  init = (x0, opt.init(x0), jnp.asarray(jnp.inf, jnp.float32), x0)
-  (x, _, best_loss, best), _ = jax.lax.scan(step, init, None, length=steps)
-  return jnp.where(loss_fn(x) < best_loss, x, best)
+  return s, (quant.straight_through(zr, jnp.round(zr)) if ste else jnp.round(zr))
 
 
 def learn_scales(q, k, v, spec: QuantSpec, init_scale, *, init_zero=None, which: str = "k",
@@ -564,29 +480,26 @@ def learn_scales(q, k, v, spec: QuantSpec, init_scale, *, init_zero=None, which:
                        jnp.asarray(init_scale).astype(spec.scale_jnp_dtype))
   if init_zero is not None:
     quant.validate_scale("init_zero", init_zero, is_zero=True)
-  if not (isinstance(steps, int) and steps >= 0):
-    raise ValueError(f"steps must be an int >= 0, got {steps=}")
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate must be > 0, got {learning_rate=}")
-  sm = float(softmax_scale) if softmax_scale is not None else 1.0 / float(np.sqrt(q.shape[-1]))
+  objective.check_steps(steps, learning_rate)
+  sm = objective.softmax_scale_for(q, softmax_scale)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   q, k, v = f32(q), f32(k), f32(v)
   s0 = f32(init_scale)
   z0 = None if init_zero is None else f32(init_zero)
   center = jnp.zeros_like(s0) if z0 is None else ((spec.qmin + spec.qmax) / 2 - z0) * s0
   init_scale = jnp.asarray(init_scale).astype(spec.scale_jnp_dtype)
-  init_obj = float(_exact_error(q, k, v, init_scale, z0, valid, sm, spec, which))
+  init_obj = _exact(spec, init_scale, z0, q, k, v, valid, sm, which)
   if steps == 0:
     return LearnedScale(init_scale, z0, init_obj, init_obj)
-  log_s = _learn(q, k, v, jnp.log(s0), center, valid, sm, spec, which, steps,
-                 float(learning_rate))
+  log_s = objective.learn(_from_log, spec, jnp.log(s0), center, q, k, v, valid, sm,
+                          which=which, steps=steps, learning_rate=float(learning_rate))
   scale, zero = _scale_zero(log_s, center, spec, ste=False)
   scale = scale.astype(spec.scale_jnp_dtype)
   try:
     quant.validate_scale("learned scale", scale)
     if zero is not None:
       quant.validate_scale("learned zero", zero, is_zero=True)
-    obj = float(_exact_error(q, k, v, scale, zero, valid, sm, spec, which))
+    obj = _exact(spec, scale, zero, q, k, v, valid, sm, which)
   except ValueError:  # A scale driven out of range is no candidate.
     obj = float("inf")
   if not obj < init_obj:
