@@ -1,9 +1,28 @@
-"""Shared test helpers: comparisons that explain failures, data with outliers, tolerances."""
+"""Shared test support, the one home of what several test modules use.
+
+Comparisons that explain failures, data with outliers, NaN poisoning of unwritten
+cache memory, the float64 attention oracle, the tiny model config, a calibration
+statistics feeder. Test modules import from here (or from the support modules
+`tests/models/reference.py` and `tests/pallas_kernels/cases.py`), never from each
+other.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from kvtpu.models.config import ModelConfig
+
+from kvtpu.calibration import stats as stats_lib
+
+# The tiny random Llama config of model, protocol, calibration and binary tests:
+# 2 layers, GQA 3 (6 query heads over 2 kv heads), head dim 16.
+TINY = ModelConfig("tiny", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=6, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                   tie_embeddings=True, max_position=64)
 
 
 def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str = "value") -> None:
@@ -66,3 +85,46 @@ def flat_arrays(tree) -> dict:
   """`{"k.values": leaf, "k.scale": leaf, "lengths": leaf, ...}`: a pytree's leaves by path."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
+
+
+def poison(cache):
+  """NaN in every float array of the cache (values, scales, zero points)."""
+  def nan_like(x):
+    if x is None or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jnp.full_like(x, jnp.nan)
+  return dataclasses.replace(cache, k=jax.tree.map(nan_like, cache.k),
+                             v=jax.tree.map(nan_like, cache.v))
+
+
+def np_attention(q, keys, values, lengths, chunk, scale):
+  """float64 loops: q [B,T,N,H]; keys/values [B,K,S,H] as stored (dequantized)."""
+  b_, t_, n_, h_ = q.shape
+  k_ = keys.shape[1]
+  out = np.zeros(q.shape, np.float64)
+  for b in range(b_):
+    end = lengths[b] + chunk[b]
+    for t in range(t_):
+      pos = lengths[b] + min(t, max(chunk[b] - 1, 0))
+      n_keys = min(pos + 1, end)
+      if n_keys == 0:
+        continue
+      for n in range(n_):
+        kh = n // (n_ // k_)
+        logits = keys[b, kh, :n_keys] @ q[b, t, n].astype(np.float64) * scale
+        p = np.exp(logits - logits.max())
+        out[b, t, n] = (p / p.sum()) @ values[b, kh, :n_keys]
+  return out
+
+
+def feed_stats(stats, layer: int, tokens: np.ndarray, *, chunk: int = 4096):
+  """Observes `tokens: [n, K, H]` into calibration `stats` in padded `[1, chunk]` batches,
+  the padding masked out by the valid mask (one batch shape, so one compile)."""
+  n, k, h = tokens.shape
+  padded = np.zeros((-(-n // chunk) * chunk, k, h), np.float32)
+  padded[:n] = tokens
+  valid = np.arange(padded.shape[0]) < n
+  for i in range(0, padded.shape[0], chunk):
+    stats = stats_lib.observe(stats, layer, jnp.asarray(padded[None, i:i + chunk]),
+                              jnp.asarray(valid[None, i:i + chunk]))
+  return stats

@@ -1,6 +1,5 @@
 """Reference attention vs an independent float64 numpy attention."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 import kvtpu
-from tests.helpers import assert_close, kv_with_outliers
+from tests.helpers import assert_close, kv_with_outliers, np_attention, poison
 
 
 def same_data_tol(values):
@@ -27,26 +26,6 @@ FORMAT_TOL = {"int8": 0.033, "int8-asym": 0.030, "fp8_e4m3": 0.023, "fp8_e5m2": 
               "int4": 0.42, "int4-asym": 0.28, "int4-g16": 0.37, "k8v4": 0.25}
 
 
-def np_attention(q, keys, values, lengths, chunk, scale):
-  """float64 loops: q [B,T,N,H]; keys/values [B,K,S,H] as stored (dequantized)."""
-  b_, t_, n_, h_ = q.shape
-  k_ = keys.shape[1]
-  out = np.zeros(q.shape, np.float64)
-  for b in range(b_):
-    end = lengths[b] + chunk[b]
-    for t in range(t_):
-      pos = lengths[b] + min(t, max(chunk[b] - 1, 0))
-      n_keys = min(pos + 1, end)
-      if n_keys == 0:
-        continue
-      for n in range(n_):
-        kh = n // (n_ // k_)
-        logits = keys[b, kh, :n_keys] @ q[b, t, n].astype(np.float64) * scale
-        p = np.exp(logits - logits.max())
-        out[b, t, n] = (p / p.sum()) @ values[b, kh, :n_keys]
-  return out
-
-
 def fill(cache, rng, prefix, t, *, layer=1, **outliers):
   """Writes ragged prefixes, advances, then writes a T-token chunk (not advanced).
 
@@ -60,16 +39,6 @@ def fill(cache, rng, prefix, t, *, layer=1, **outliers):
   cache = cache.advance(np.array(prefix))
   k, v = gen((b, t, kh, h)), gen((b, t, kh, h))
   return cache.update(layer, jnp.asarray(k), jnp.asarray(v))
-
-
-def poison(cache):
-  """NaN in every float array of the cache (values, scales, zero points)."""
-  def nan_like(x):
-    if x is None or not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    return jnp.full_like(x, jnp.nan)
-  return dataclasses.replace(cache, k=jax.tree.map(nan_like, cache.k),
-                             v=jax.tree.map(nan_like, cache.v))
 
 
 def stored(cache, layer, which):

@@ -15,7 +15,7 @@ from kvtpu.models.llama import Llama
 from kvtpu.models.pretrained import load_pretrained
 
 from kvtpu.eval import report
-from tests.models.test_llama import TINY
+from tests.helpers import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

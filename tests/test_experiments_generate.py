@@ -13,7 +13,7 @@ from kvtpu.experiments import generate as generate_binary
 from kvtpu.models.generation import Sampling
 from kvtpu.models.llama import Llama
 
-from tests.models.test_llama import TINY
+from tests.helpers import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

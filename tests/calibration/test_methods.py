@@ -13,10 +13,9 @@ from kvtpu.cache import KVCache
 from kvtpu.calibration import methods as M
 from kvtpu.calibration import stats as S
 from kvtpu.formats import KVFormat, QuantSpec
-from tests.calibration.test_stats import _feed
-from tests.helpers import assert_close, kv_with_outliers
+from tests.helpers import assert_close, feed_stats, kv_with_outliers
 
-K, H = 2, 8  # As tests/calibration/test_stats.py, whose `_feed` these tests use.
+K, H = 2, 8  # As tests/calibration/test_stats.py (one stats layout, one compile).
 # Every static granularity, symmetric and asymmetric integers, fp8, both scale dtypes.
 SPECS = [f"{d}-{g}" for d in ("int8", "int8-asym", "int4", "int4-asym", "fp8_e4m3")
          for g in ("tensor", "head", "channel")] + ["int8-channel-sbf16", "fp8_e5m2-head"]
@@ -27,7 +26,7 @@ def _observe(x: np.ndarray) -> S.TensorStats:
   x = x if x.ndim == 5 else x[None]
   stats = S.init_stats(x.shape[0], K, H)
   for layer in range(x.shape[0]):
-    stats = _feed(stats, layer, x[layer].reshape(-1, K, H))
+    stats = feed_stats(stats, layer, x[layer].reshape(-1, K, H))
   return stats
 
 
@@ -215,7 +214,7 @@ def test_mse_uniform_close_to_absmax(name, rtol, rng):
 def test_errors(rng):
   x = rng.standard_normal((1, 8, K, H)).astype(np.float32)
   int8 = QuantSpec.parse("int8-head")
-  stats = _feed(S.init_stats(2, K, H), 0, x[0])
+  stats = feed_stats(S.init_stats(2, K, H), 0, x[0])
   with pytest.raises(ValueError, match="layer 1 observed no tokens"):
     M.compute_scales(stats, int8, "absmax")
   with pytest.raises(ValueError, match=f"layer 0: all {8 * K * H} observed values are 0"):

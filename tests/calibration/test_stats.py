@@ -8,23 +8,11 @@ import numpy as np
 import pytest
 
 from kvtpu.calibration import stats as S
-from tests.helpers import assert_close, kv_with_outliers
+from tests.helpers import assert_close, feed_stats, kv_with_outliers
 
 # One stats layout and one batch shape for most tests: each new one costs a compile.
 L, K, H = 2, 2, 8
-CHUNK = 4096
-
-
-def _feed(stats: S.TensorStats, layer: int, tokens: np.ndarray) -> S.TensorStats:
-  """Observes `tokens: [n, K, H]` in padded `[1, CHUNK]` batches (padding masked)."""
-  n = tokens.shape[0]
-  padded = np.zeros((-(-n // CHUNK) * CHUNK, K, H), np.float32)
-  padded[:n] = tokens
-  valid = np.arange(padded.shape[0]) < n
-  for i in range(0, padded.shape[0], CHUNK):
-    stats = S.observe(stats, layer, jnp.asarray(padded[None, i:i + CHUNK]),
-                      jnp.asarray(valid[None, i:i + CHUNK]))
-  return stats
+CHUNK = 4096  # Also the batch length of `feed_stats` (its default).
 
 
 def _np_bins(stats: S.TensorStats, x: np.ndarray) -> np.ndarray:
@@ -182,7 +170,7 @@ _TAIL_Q = (90.0, 99.0, 99.9, 99.99, 100.0)
 def _percentile_cases(rng, stats_kwargs):
   x = kv_with_outliers(rng, (1, 2 * CHUNK, K, H))
   x[..., 0, 3] = np.abs(x[..., 0, 3]) * 1e3  # A positive channel: signed tails differ.
-  stats = _feed(S.init_stats(L, K, H, **stats_kwargs), 0, x[0])
+  stats = feed_stats(S.init_stats(L, K, H, **stats_kwargs), 0, x[0])
   data = x.reshape(-1, K, H).astype(np.float64)
   pooled = {"channel": lambda a: a.reshape(a.shape[0], K, H)[:, :, :, None],
             "head": lambda a: a.transpose(1, 0, 2).reshape(K, -1).T[:, :, None, None],
@@ -221,7 +209,7 @@ def test_percentile_bound_is_tight():
   top value of the bin lands near the upper edge: the error approaches the bound."""
   x = np.full((1001, K, H), 1.0, np.float32)
   x[-1] = 100.0
-  stats = _feed(S.init_stats(L, K, H), 0, x)
+  stats = feed_stats(S.init_stats(L, K, H), 0, x)
   q = 100.0 * 999 / 1000  # Rank 999 of 0..1000: the last value at 1.0.
   est = float(S.percentile(stats, q, "tensor", side="upper")[0, 0, 0])
   rel = est - 1.0
@@ -231,7 +219,7 @@ def test_percentile_bound_is_tight():
 def test_percentile_uniform_closed_form():
   """Integers 1..1000 in every channel: p99 (linear) is 1 + 0.99 * 999 = 990.01."""
   x = np.broadcast_to(np.arange(1, 1001, dtype=np.float32)[:, None, None], (1000, K, H))
-  stats = _feed(S.init_stats(L, K, H), 0, x)
+  stats = feed_stats(S.init_stats(L, K, H), 0, x)
   for side in ("abs", "upper"):
     est = float(S.percentile(stats, 99, "tensor", side=side)[0, 0, 0])
     assert abs(est / 990.01 - 1) < 2e-3, est
@@ -240,7 +228,7 @@ def test_percentile_uniform_closed_form():
 
 
 def test_percentile_empty_and_bad_args():
-  stats = _feed(S.init_stats(L, K, H), 0, np.ones((4, K, H), np.float32))
+  stats = feed_stats(S.init_stats(L, K, H), 0, np.ones((4, K, H), np.float32))
   p = S.percentile(stats, 99, "head")
   assert p.shape == (L, K, 1) and np.all(p[0] == 1.0) and np.all(np.isnan(p[1]))
   with pytest.raises(ValueError, match="q must be in"):
@@ -263,7 +251,7 @@ def test_outlier_indicators_find_planted_channels(rng):
   planted = {0: [2, 5], 1: [0, 7]}
   for k, chans in planted.items():
     x[..., k, chans] *= 50.0
-  stats = _feed(S.init_stats(L, K, H), 1, x)
+  stats = feed_stats(S.init_stats(L, K, H), 1, x)
   s = S.summary(stats)
   for k, chans in planted.items():
     assert sorted(s["top_channels"][1, k, :2].tolist()) == chans
@@ -308,7 +296,7 @@ def test_beyond_k_sigma_streaming_finds_planted_tokens(rng):
 
 def test_summary_values(rng):
   x = kv_with_outliers(rng, (2, 300, K, H))
-  stats = _feed(S.init_stats(L, K, H), 0, x.reshape(-1, K, H))
+  stats = feed_stats(S.init_stats(L, K, H), 0, x.reshape(-1, K, H))
   s = S.summary(stats)
   d = x.reshape(-1, K, H).astype(np.float64)
   assert s["tokens"].tolist() == [600, 0] and s["count"][0].min() == 600

@@ -12,7 +12,7 @@ from kvtpu.models.llama import Llama
 
 from kvtpu.eval import workloads
 from kvtpu.eval.protocol import Protocol, ragged_lengths, score
-from tests.models.test_llama import TINY
+from tests.helpers import TINY
 
 CFG = dataclasses.replace(TINY, max_position=128)
 

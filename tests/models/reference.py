@@ -1,4 +1,5 @@
-"""Independent references for model tests: a float64 numpy Llama forward, GGUF writers."""
+"""Independent references for model tests: a float64 numpy Llama forward, GGUF names,
+block decoders and writers."""
 
 from __future__ import annotations
 
@@ -84,13 +85,53 @@ def random_hf_tensors(cfg: ModelConfig, rng: np.random.Generator) -> dict[str, n
   return out
 
 
+def gguf_to_hf_names(cfg: ModelConfig) -> dict[str, str]:
+  """GGUF tensor name -> Hugging Face name, written here from llama.cpp's naming
+  (`token_embd`, `blk.{i}.attn_q`, ...), independently of the loader's own table."""
+  hf_of = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+  if not cfg.tie_embeddings:
+    hf_of["output"] = "lm_head"
+  layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+  for i in range(cfg.num_layers):
+    hf_of |= {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in layer.items()}
+  names = {f"{g}.weight": f"{h}.weight" for g, h in hf_of.items()}
+  if cfg.qkv_bias:
+    names |= {f"blk.{i}.attn_{x}.bias": f"model.layers.{i}.self_attn.{x}_proj.bias"
+              for i in range(cfg.num_layers) for x in "qkv"}
+  return names
+
+
+def decode_gguf_blocks(raw: np.ndarray, kind: str) -> np.ndarray:
+  """Hand-written decoders of ggml's block layouts (ggml-common.h), 32 values a block."""
+  raw = raw.reshape(-1)
+  if kind == "F16":
+    return raw.view(np.float16).astype(np.float64)
+  if kind == "BF16":
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+  size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+  blocks = raw.reshape(-1, size)
+  d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)  # [nb, 1]
+  if kind == "Q8_0":
+    return (d * blocks[:, 2:].copy().view(np.int8)).reshape(-1)
+  start = 4 if kind == "Q4_1" else 2
+  nib = blocks[:, start:start + 16]
+  q = np.concatenate([nib & 0xF, nib >> 4], axis=1).astype(np.float64)  # low nibbles first
+  if kind == "Q4_0":
+    return (d * (q - 8)).reshape(-1)
+  m = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
+  return (d * q + m).reshape(-1)
+
+
 def write_llama_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
                      arch: str = "llama", qtype: str = "F32", skip: tuple[str, ...] = (),
                      metadata: dict | None = None) -> Path:
   """Writes `tensors` (HF names/layout) as llama.cpp's converter would: GGUF names, Q/K
   rows permuted for `llama`, 2-D weights in `qtype`, norms in F32."""
   import gguf
-  from kvtpu.models.loaders import _gguf_to_hf, permute_rope_rows
+  from kvtpu.models.loaders import permute_rope_rows
 
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.num_layers)
@@ -105,7 +146,7 @@ def write_llama_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray
   for key, value in (metadata or {}).items():
     w.add_string(key, value) if isinstance(value, str) else w.add_uint32(key, value)
   qt = gguf.GGMLQuantizationType[qtype]
-  for gname, hname in _gguf_to_hf(cfg).items():
+  for gname, hname in gguf_to_hf_names(cfg).items():
     if gname in skip:
       continue
     x = tensors[hname]

@@ -13,7 +13,7 @@ from kvtpu.models.llama import Llama
 from kvtpu import KVCache
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads
-from tests.models.test_llama import TINY
+from tests.helpers import TINY
 
 CFG = dataclasses.replace(TINY, num_layers=2, max_position=256)
 

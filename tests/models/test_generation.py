@@ -20,8 +20,7 @@ from kvtpu.models.generation import (
 from kvtpu.models.llama import Llama
 
 import kvtpu
-from tests.helpers import flat_arrays
-from tests.models.test_llama import TINY
+from tests.helpers import TINY, flat_arrays
 
 PROMPTS = [[5], [11, 3, 7, 2, 40], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 96]]  # Ragged: 1, 5, 11.
 # One compiled prefill + decode (~4 s on CPU) serves every test that uses these shapes:

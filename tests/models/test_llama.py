@@ -9,11 +9,7 @@ from kvtpu.models.config import ModelConfig, RopeScaling
 from kvtpu.models.llama import Llama, apply_rope, rope_frequencies
 
 import kvtpu
-from tests.helpers import assert_close
-
-TINY = ModelConfig("tiny", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
-                   num_heads=6, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                   tie_embeddings=True, max_position=64)
+from tests.helpers import TINY, assert_close
 
 
 def _model(cfg=TINY, seed=0):

@@ -13,7 +13,12 @@ from kvtpu.models.config import ModelConfig
 from safetensors.numpy import save_file
 
 from tests.helpers import assert_close
-from tests.models.reference import np_llama_forward, random_hf_tensors, write_llama_gguf
+from tests.models.reference import (
+    decode_gguf_blocks,
+    np_llama_forward,
+    random_hf_tensors,
+    write_llama_gguf,
+)
 
 TINY = ModelConfig("tiny", vocab_size=61, hidden_size=64, intermediate_size=96, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
@@ -35,27 +40,6 @@ def _logits(model, tokens=TOKENS):
 # ----------------------------------------------------------------------------- GGUF blocks
 
 
-def _decode_blocks(raw: np.ndarray, kind: str) -> np.ndarray:
-  """Hand-written decoders of ggml's block layouts (ggml-common.h), 32 values a block."""
-  raw = raw.reshape(-1)
-  if kind == "F16":
-    return raw.view(np.float16).astype(np.float64)
-  if kind == "BF16":
-    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-  size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
-  blocks = raw.reshape(-1, size)
-  d = blocks[:, 0:2].copy().view(np.float16).astype(np.float64)  # [nb, 1]
-  if kind == "Q8_0":
-    return (d * blocks[:, 2:].copy().view(np.int8)).reshape(-1)
-  start = 4 if kind == "Q4_1" else 2
-  nib = blocks[:, start:start + 16]
-  q = np.concatenate([nib & 0xF, nib >> 4], axis=1).astype(np.float64)  # low nibbles first
-  if kind == "Q4_0":
-    return (d * (q - 8)).reshape(-1)
-  m = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
-  return (d * q + m).reshape(-1)
-
-
 @pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_dequantization_matches_hand_decoders(kind, tmp_path, rng):
   x = rng.standard_normal((6, 64)).astype(np.float32)
@@ -68,7 +52,7 @@ def test_gguf_dequantization_matches_hand_decoders(kind, tmp_path, rng):
   (t,) = loaders.gguf_reader(tmp_path / "t.gguf").tensors
   got = loaders._dequantize(t)
   assert got.shape == (6, 64) and got.dtype == np.float32
-  assert_close(got, _decode_blocks(np.asarray(raw), kind).reshape(6, 64), atol=0, name=kind)
+  assert_close(got, decode_gguf_blocks(np.asarray(raw), kind).reshape(6, 64), atol=0, name=kind)
   # And the format's own error bound against the original values.
   blocks = np.abs(x).reshape(-1, 32).max(axis=1, keepdims=True)
   bound = {"F16": 1e-3 * np.abs(x).reshape(-1, 32), "BF16": 4e-3 * np.abs(x).reshape(-1, 32),

@@ -19,8 +19,7 @@ from kvtpu.models import loaders, presets
 from kvtpu.models.pretrained import KNOWN_MODELS, gguf_path, load_pretrained
 
 from tests.helpers import assert_close
-from tests.models.reference import np_llama_forward
-from tests.models.test_loaders import _decode_blocks
+from tests.models.reference import decode_gguf_blocks, gguf_to_hf_names, np_llama_forward
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,11 @@ def _raw_gguf_tensors(path, cfg):
   """The file's tensors decoded by the test's own block decoders, rows as stored."""
   reader = loaders.gguf_reader(path)
   out = {}
-  for gname, hname in loaders._gguf_to_hf(cfg).items():
+  for gname, hname in gguf_to_hf_names(cfg).items():
     (t,) = [t for t in reader.tensors if t.name == gname]
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     raw = np.asarray(t.data)
-    x = raw.astype(np.float64) if t.tensor_type.name == "F32" else _decode_blocks(
+    x = raw.astype(np.float64) if t.tensor_type.name == "F32" else decode_gguf_blocks(
         raw, t.tensor_type.name)
     out[hname] = x.reshape(shape)
   return out

@@ -8,8 +8,7 @@ from jax.experimental import topologies
 from jax.experimental.pallas import tpu as pltpu
 
 import kvtpu
-from tests.helpers import kv_with_outliers
-from tests.test_attention import poison
+from tests.helpers import kv_with_outliers, poison
 
 # Interpret mode vs the reference on the same stored values: both float32 with
 # highest-precision matmuls, differing only in summation order (blocked online

@@ -23,7 +23,7 @@ from kvtpu.pallas_kernels.decode_attention import (
 )
 
 import kvtpu
-from tests.helpers import assert_close
+from tests.helpers import assert_close, np_attention
 from tests.pallas_kernels.cases import (
   BLOCK,
   FORMATS,
@@ -36,7 +36,6 @@ from tests.pallas_kernels.cases import (
   kernel_args,
   tpu_device,
 )
-from tests.test_attention import np_attention
 
 
 # ------------------------------------------------------------- the reference
