@@ -129,39 +129,22 @@ def _resolve_impl(impl: str, fmt) -> str:
   return "xla"
 
 
-def _per_query_head(p: jax.Array) -> jax.Array:
-  """Static scale or zero `[1|K, 1|H]` -> `[1, 1, 1|K, 1, 1|H]` against `[B, T, K, G, H]`."""
-  return p.astype(jnp.float32)[None, None, :, None, :]
-
-
 def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> jax.Array:
   """`attend` through a Pallas kernel: decode for T <= 8, chunked prefill above.
 
-  Static scales are folded around the kernel.
-  A static key scale multiplies q (per kv head and channel); a static key zero point
-  shifts every logit of a query row by the same amount, which softmax ignores. A
-  static value scale and zero point apply to the normalized output, as the
-  probabilities of a row sum to 1 (rows with no keys stay 0).
+  The kernels read per-token scales; static (calibrated) scales are folded around
+  them by the tensors themselves (`QuantizedKV.scale_queries`, `scale_output`).
   """
   b, t, n, h = q.shape
   kh = cache.kv_heads
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) * scale
-  k, v = cache.k, cache.v
-  if k.spec.static:
-    qg = qg * _per_query_head(k.scale[layer])
-    k = k.values
+  qg = cache.k.scale_queries(q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) * scale, layer)
   kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
             else prefill_attention.prefill_attention)
-  out = kernel(qg.reshape(b, t, n, h), k, v.values if v.spec.static else v, cache.lengths, chunk,
-               layer, interpret=interpret)
-  if v.spec.static:
-    og = out.reshape(b, t, kh, n // kh, h)
-    if v.zero is not None:
-      og = og - _per_query_head(v.zero[layer])
-    og = og * _per_query_head(v.scale[layer])
-    has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
-    out = jnp.where(has_keys, og, 0.0).reshape(b, t, n, h)
-  return out.astype(q.dtype)
+  out = kernel(qg.reshape(b, t, n, h), cache.k.kernel_operand, cache.v.kernel_operand,
+               cache.lengths, chunk, layer, interpret=interpret)
+  has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
+  out = cache.v.scale_output(out.reshape(b, t, kh, n // kh, h), layer, has_keys)
+  return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,

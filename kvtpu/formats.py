@@ -202,6 +202,20 @@ class QuantSpec:
     raise ValueError(f"{self.name} has no per-token scale groups")
 
   @property
+  def description(self) -> str:
+    """Plain words for reports: `int8, token_head, symmetric`, `int4, group 32,
+    asymmetric, bfloat16 scales`, `bf16, unscaled`."""
+    if not self.quantized:
+      return f"{self.dtype.value}, unscaled"
+    parts = [self.dtype.value, self.granularity.value]
+    if self.granularity is Granularity.GROUP:
+      parts[-1] = f"group {self.group_size}"
+    parts.append("symmetric" if self.symmetric else "asymmetric")
+    if self.scale_dtype != "float32":
+      parts.append(f"{self.scale_dtype} scales")
+    return ", ".join(parts)
+
+  @property
   def name(self) -> str:
     parts = [self.dtype.value]
     if not self.symmetric:

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
+import jax
+from jax.sharding import PartitionSpec as P
 
 from kvtpu._shared import array_nbytes, check_dims, dtype_bits
 from kvtpu.cache import COUNTERS, KVCache, check_clip
 from kvtpu.formats import KVFormat, QuantSpec
-from kvtpu.quant import ZERO_DTYPE, static_scale_shape
+from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "fixed_bytes", "cache_bytes",
            "array_nbytes", "dtype_bits"]
@@ -52,15 +53,22 @@ def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: 
                         max_len=max_len, head_dim=head_dim, clip=clip)
 
 
-def _spec_bytes_per_token(spec: QuantSpec, kv_heads: int, head_dim: int) -> float:
-  values = kv_heads * head_dim * spec.dtype.bits / 8
-  if not spec.quantized or not spec.dynamic:
-    return values
-  groups = kv_heads * spec.num_groups(head_dim)
-  per_group = jnp.dtype(spec.scale_jnp_dtype).itemsize
-  if not spec.symmetric:
-    per_group += jnp.dtype(ZERO_DTYPE).itemsize
-  return values + groups * per_group
+def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = False
+                  ) -> tuple[float, float]:
+  """(bytes per position, bytes per layer fixed) of one tensor of `spec`, per sequence
+  and layer, read off its layout: arrays with a positions axis grow with tokens, the
+  others (calibrated scales, clip ratios) do not. Exact in bits (int4: half bytes)."""
+  layout = QuantizedKV.layout(spec, num_layers=1, batch=1, kv_heads=kv_heads, max_len=1,
+                              head_dim=head_dim, clip=clip)
+  axes = jax.tree.leaves(layout.logical_axes(), is_leaf=lambda x: isinstance(x, P))
+  per_position = fixed = 0.0
+  for arr, names in zip(jax.tree.leaves(layout), axes, strict=True):
+    nbytes = math.prod(arr.shape) * dtype_bits(arr.dtype) / 8
+    if "positions" in names:
+      per_position += nbytes
+    else:
+      fixed += nbytes
+  return per_position, fixed
 
 
 def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> float:
@@ -70,8 +78,7 @@ def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> flo
   """
   fmt = KVFormat.parse(fmt)
   check_dims(kv_heads=kv_heads, head_dim=head_dim)
-  return (_spec_bytes_per_token(fmt.k, kv_heads, head_dim)
-          + _spec_bytes_per_token(fmt.v, kv_heads, head_dim))
+  return sum(_tensor_bytes(spec, kv_heads, head_dim)[0] for spec in (fmt.k, fmt.v))
 
 
 def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int, clip=()) -> int:
@@ -79,14 +86,10 @@ def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int, clip=()) -
   ratios (of the dynamic specs named in `clip`), counters."""
   fmt = KVFormat.parse(fmt)
   check_dims(kv_heads=kv_heads, head_dim=head_dim)
-  total = len(COUNTERS) * 2 * 4 + len(check_clip(fmt, clip)) * kv_heads * 4
-  for spec in (fmt.k, fmt.v):
-    if spec.static:
-      n = math.prod(static_scale_shape(spec, kv_heads, head_dim))
-      total += n * jnp.dtype(spec.scale_jnp_dtype).itemsize
-      if not spec.symmetric:
-        total += n * jnp.dtype(ZERO_DTYPE).itemsize
-  return total
+  clip = check_clip(fmt, clip)
+  tensors = sum(_tensor_bytes(fmt.spec(w), kv_heads, head_dim, clip=w in clip)[1]
+                for w in ("k", "v"))
+  return len(COUNTERS) * 2 * 4 + math.ceil(tensors)
 
 
 # lengths (int32) + overflow flag (bool) per sequence.
@@ -103,7 +106,7 @@ def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: i
   tokens = num_layers * batch * max_len
   # Rounded up per tensor, as each of K and V is its own array: two int4 arrays of an
   # odd number of values take one byte more than the ceiling of their sum.
-  return (sum(math.ceil(tokens * _spec_bytes_per_token(spec, kv_heads, head_dim))
+  return (sum(math.ceil(tokens * _tensor_bytes(spec, kv_heads, head_dim)[0])
               for spec in (fmt.k, fmt.v))
           + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim, clip=clip)
           + batch * PER_SEQUENCE_BYTES)

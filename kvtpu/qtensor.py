@@ -40,7 +40,7 @@ from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
-           "LOGICAL_AXES", "params_by_tensor"]
+           "LOGICAL_AXES", "params_by_tensor", "check_param"]
 
 # Fields fixed when a tensor is created (calibrated), as opposed to written per token.
 PARAM_FIELDS = ("scale", "zero", "clip")
@@ -317,6 +317,37 @@ class QuantizedKV:
     return quant.dequantize(data, self.spec, per_position(self.scale), per_position(self.zero),
                             dtype=dtype)
 
+  # ------------------------------------------------- static scales, outside kernels
+  @property
+  def kernel_operand(self) -> QuantizedKV | jax.Array:
+    """What the attention kernels read: this tensor with its per-token scales, or, for
+    a static spec, the raw values (its calibrated scales are folded around the kernel
+    by `scale_queries` and `scale_output`)."""
+    return self.values if self.spec.static else self
+
+  def _static(self, p: jax.Array | None, layer) -> jax.Array | None:
+    """A static `[L, 1|K, 1|H]` parameter at `layer`, as `[1, 1, 1|K, 1, 1|H]` against
+    grouped queries `[B, T, K, G, H]`."""
+    return None if p is None else p[layer].astype(jnp.float32)[None, None, :, None, :]
+
+  def scale_queries(self, qg: jax.Array, layer) -> jax.Array:
+    """Grouped queries `[B, T, K, G, H]` times a static key scale (per head and channel),
+    so that logits over the raw stored keys equal logits over the dequantized ones up
+    to a per-row constant: the key zero point shifts every logit of a query row by the
+    same amount, which softmax ignores. Identity for other specs."""
+    return qg if not self.spec.static else qg * self._static(self.scale, layer)
+
+  def scale_output(self, og: jax.Array, layer, has_keys: jax.Array) -> jax.Array:
+    """Attention output over raw stored values `[B, T, K, G, H]` -> over dequantized
+    ones, for a static value spec: `(out - zero) * scale`, exact because each row's
+    probabilities sum to 1; rows with no keys (`has_keys` False) stay 0. Identity for
+    other specs."""
+    if not self.spec.static:
+      return og
+    if self.zero is not None:
+      og = og - self._static(self.zero, layer)
+    return jnp.where(has_keys, og * self._static(self.scale, layer), 0.0)
+
   # ---------------------------------------------------------------- writing
   def write(self, layer, x: jax.Array, where: Placement) -> tuple[QuantizedKV, quant.Quantized]:
     """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`.
@@ -339,6 +370,21 @@ class QuantizedKV:
     return dataclasses.replace(self, **new), res
 
 
+def check_param(name: str, field: str, value) -> None:
+  """Validates a calibrated field's values (concrete arrays): scales finite and > 0,
+  zero points finite integers, clip ratios in (0, 1].
+
+  Raises:
+    ValueError: naming `name`, the count of bad entries and the first one.
+  """
+  if field == "clip":
+    quant.validate_clip(name, value)
+  elif field in ("scale", "zero"):
+    quant.validate_scale(name, value, is_zero=field == "zero")
+  else:
+    raise ValueError(f"unknown calibrated field {field!r} of {name}; fields: {PARAM_FIELDS}")
+
+
 def _calibrated(name: str, value, sds: jax.ShapeDtypeStruct, spec: QuantSpec) -> jax.Array:
   """A calibrated parameter `[L, ...]` (or `[...]`, shared by layers), validated."""
   if value is None:
@@ -349,13 +395,11 @@ def _calibrated(name: str, value, sds: jax.ShapeDtypeStruct, spec: QuantSpec) ->
   arr = jnp.asarray(value, dtype=jnp.float32)
   if arr.shape not in (sds.shape, sds.shape[1:]):
     raise ValueError(f"{name} must have shape {sds.shape} or {sds.shape[1:]}, got {arr.shape}")
-  if name.endswith("clip"):
-    quant.validate_clip(name, arr)
-    return jnp.broadcast_to(arr, sds.shape)
-  quant.validate_scale(name, arr, is_zero=name.endswith("zero"))
+  field = name.partition("_")[2]
+  check_param(name, field, arr)
   stored = jnp.broadcast_to(arr, sds.shape).astype(sds.dtype)
-  if name.endswith("scale"):  # Rounding into a narrower dtype must not make it 0 or inf.
-    quant.validate_scale(f"{name} (as {sds.dtype})", stored)
+  if field == "scale":  # Rounding into a narrower dtype must not make it 0 or inf.
+    check_param(f"{name} (as {sds.dtype})", field, stored)
   return stored
 
 

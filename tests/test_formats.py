@@ -1,5 +1,7 @@
 """Format specs: name grammar, round trips, validation, derived properties."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -233,3 +235,25 @@ def test_public_api():
   assert kvtpu.KVFormat is KVFormat and kvtpu.PRESETS is PRESETS
   for required in ("bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4"):
     assert required in PRESETS
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32", "int8", "int4-asym-g32", "fp8_e4m3-channel-sbf16",
+                                  "k=int8-head,v=int4-asym-g16"])
+def test_to_dict_round_trips_and_rejects_what_it_cannot_be(name):
+  fmt = KVFormat.parse(name)
+  d = fmt.to_dict()
+  assert d["name"] == fmt.name and KVFormat.from_dict(d) == fmt
+  assert QuantSpec.from_dict(d["k"]) == fmt.k and QuantSpec.from_dict(d["v"]) == fmt.v
+  assert KVFormat.from_dict(json.loads(json.dumps(d))) == fmt  # JSON-able as it is.
+  with pytest.raises(ValueError, match=r"unknown QuantSpec field\(s\) \['bits'\]"):
+    QuantSpec.from_dict({**d["k"], "bits": 8})
+  with pytest.raises(ValueError, match="names 'int4' but its specs are"):
+    KVFormat.from_dict({**d, "name": "int4"} if fmt.name != "int4" else {**d, "name": "int8"})
+
+
+def test_description_reads_as_words():
+  assert QuantSpec.parse("int8").description == "int8, token_head, symmetric"
+  assert QuantSpec.parse("int4-asym-g32-sbf16").description == (
+      "int4, group 32, asymmetric, bfloat16 scales")
+  assert QuantSpec.parse("bf16").description == "bf16, unscaled"
+  assert QuantSpec.parse("fp8_e4m3-channel").description == "fp8_e4m3, channel, symmetric"

@@ -38,10 +38,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from kvtpu import quant
 from kvtpu.checkpointing import quiet_orbax
 from kvtpu.formats import KVFormat
-from kvtpu.qtensor import QuantizedKV
+from kvtpu.qtensor import QuantizedKV, check_param
 
 __all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "FORMAT_VERSION", "calibrated_layout"]
 
@@ -135,10 +134,7 @@ class CalibrationArtifact:
         arr = np.asarray(self.scales[which][field], np.float32)
         if arr.shape != shape:
           raise ValueError(f"{name} has shape {arr.shape}; {spec.name} on this model needs {shape}")
-        if field == "clip":
-          quant.validate_clip(name, arr)
-        else:
-          quant.validate_scale(name, arr, is_zero=field == "zero")
+        check_param(name, field, arr)
         arrays[which][field] = arr
     object.__setattr__(self, "scales", arrays)
     fractions = {}
