@@ -85,8 +85,16 @@ class CacheConfig:
     return f"{self.fmt.name} | {self.calibration_name}"
 
 
-def row_header(model, config: CacheConfig) -> dict[str, Any]:
-  """The fields every result row carries: model, weights, KV precision, calibration."""
+def _bytes_per_token(model, fmt) -> float:
+  """Cache bytes one token adds over all layers of `model`."""
+  cfg = model.cfg
+  per_layer = memory.bytes_per_token(fmt, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+  return per_layer * cfg.num_layers
+
+
+def row_header(model, config: CacheConfig, reference: str | None = None) -> dict[str, Any]:
+  """The fields every result row carries: model, weights, KV precision, calibration, and,
+  given the reference cache's format, its bytes per token."""
   cfg = model.cfg
   fmt = config.fmt
   art = config.calibration
@@ -96,11 +104,13 @@ def row_header(model, config: CacheConfig) -> dict[str, Any]:
     calibration = {"method": d["method"], "method_options": d["method_options"],
                    "workloads": d["workloads"], "kvtpu_version": d["kvtpu_version"],
                    "created": d["created"]}
-  per_token = memory.bytes_per_token(fmt, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-  return {"model": cfg.name, "weight_precision": model.weight_precision,
-          "kv_format": fmt.name, "kv_precision": fmt.to_dict(),
-          "kv_bytes_per_token": per_token * cfg.num_layers, "calibration": calibration,
-          "calibration_name": config.calibration_name}
+  header = {"model": cfg.name, "weight_precision": model.weight_precision,
+            "kv_format": fmt.name, "kv_precision": fmt.to_dict(),
+            "kv_bytes_per_token": _bytes_per_token(model, fmt), "calibration": calibration,
+            "calibration_name": config.calibration_name}
+  if reference is not None:
+    header["reference_bytes_per_token"] = _bytes_per_token(model, reference)
+  return header
 
 
 _DEFAULT_PROTOCOL = protocol_lib.Protocol()
@@ -141,7 +151,7 @@ def score_workload(model, workload: workloads_lib.Workload, configs: Sequence[Ca
                                progress=progress)
   rows = []
   for c in configs:
-    rows.append({"kind": "score", **row_header(model, c),
+    rows.append({"kind": "score", **row_header(model, c, protocol.reference),
                  "eval_workload": workload.disclosure(), "context": context, "batch": batch,
                  "lengths": lengths.tolist(), "protocol": protocol.to_dict(),
                  "metrics": results[c.label].metrics})
@@ -183,7 +193,8 @@ def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: S
       ref = accuracy(reference)
       for c in configs:
         acc = accuracy(c.fmt, c.calibration)
-        rows.append({"kind": "passkey", **row_header(model, c), "eval_workload": w.disclosure(),
+        rows.append({"kind": "passkey", **row_header(model, c, reference),
+                     "eval_workload": w.disclosure(),
                      "context": length, "batch": num_samples, "depth": float(depth),
                      "prompt_tokens": prompt_len,
                      "protocol": {"decoding": "greedy", "max_new_tokens": max_new_tokens,

@@ -12,7 +12,12 @@
 Every row records the model, how its weights were loaded (`weight_precision`), and,
 separately, the KV format and precision, the calibration (with workload hashes), the
 evaluation workload (with hashes) and the protocol. `check_row` rejects a row that lacks any
-of them, so a report never silently omits what was measured under which precision.
+of them, so a report never silently omits what was measured under which precision. A row
+may also carry `reference_bytes_per_token` (the reference cache's bytes per token), which
+the bytes plots draw as the baseline.
+
+Rows hold fractions (`top1_agreement` 0.9858); report tables and plots show them in percent
+with the unit in the header (`METRICS` says which metric is shown how).
 
   write_report(rows, workdir, title=...)   results.jsonl, report.md and PNG plots
 """
@@ -28,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from kvtpu import reports
 from kvtpu.formats import KVFormat, QuantSpec
+from kvtpu.reports import is_num, is_pos_int, is_str, require
 
 __all__ = [
-    "LIST_METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS", "check_row",
-    "check_rows", "config_label", "header_markdown", "metric_table", "passkey_table",
-    "plot_vs_bytes", "plot_vs_context", "read_jsonl", "transfer_table", "write_jsonl",
-    "write_report",
+    "LIST_METRICS", "METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS",
+    "check_row", "check_rows", "config_label", "header_markdown", "metric_table",
+    "passkey_table", "plot_vs_bytes", "plot_vs_context", "read_jsonl", "shown_value",
+    "transfer_table", "write_jsonl", "write_report",
 ]
 
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -46,50 +53,28 @@ SCORE_METRICS: tuple[str, ...] = (
     "ppl", "ppl_ref", "ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "scored_tokens")
 LIST_METRICS: tuple[str, ...] = ("attn_rel_error", "saturation_k", "saturation_v")
 PASSKEY_METRICS: tuple[str, ...] = ("accuracy", "accuracy_ref", "num_samples")
+# How reports show a metric: (description, unit, factor from the row's value, the
+# reference cache's own value of it). Fractions are shown in percent.
+METRICS: dict[str, tuple[str, str, float, float | None]] = {
+    "ppl_rel_change": ("perplexity change vs the reference cache", "%", 100.0, 0.0),
+    "kl_mean": ("mean per-token KL divergence from the reference", "nats", 1.0, 0.0),
+    "kl_p99": ("p99 per-token KL divergence from the reference", "nats", 1.0, 0.0),
+    "top1_agreement": ("top-1 agreement with the reference", "%", 100.0, 100.0),
+    "ppl": ("perplexity", "", 1.0, None),
+    "attn_rel_error": ("attention-output relative error", "%", 100.0, 0.0),
+    "saturation_k": ("K values clipped (saturation rate)", "%", 100.0, 0.0),
+    "saturation_v": ("V values clipped (saturation rate)", "%", 100.0, 0.0),
+}
 _CALIBRATION_WHAT = "'dynamic' or a disclosure dict with method and workloads"
 
 # --------------------------------------------------------------------------------------
 # Schema check.
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_str(x: Any) -> bool:
-  return isinstance(x, str) and bool(x.strip())
-
-
-def _pos_int(x: Any) -> bool:
-  return _is_int(x) and x > 0
-
-
-def _require(d: dict, key: str, path: str, ok: Callable[[Any], bool], what: str) -> Any:
-  if key not in d:
-    raise ValueError(f"result row lacks {path!r}")
-  if not ok(d[key]):
-    got = repr(d[key])
-    raise ValueError(f"result row field {path!r} must be {what}, got {got[:80]}")
-  return d[key]
-
-
 def _check_disclosure(d: dict, path: str) -> None:
-  _require(d, "name", f"{path}.name", _is_str, "a non-empty str")
-  _require(d, "num_tokens", f"{path}.num_tokens", _pos_int, "an int > 0")
-  _require(d, "token_sha256", f"{path}.token_sha256", _is_str, "a non-empty str")
-
-
-def _require_fields(row: Any, fields: Iterable[str]) -> None:
-  """A dict holding every one of `fields`, or a ValueError naming the first missing."""
-  if not isinstance(row, dict):
-    raise ValueError(f"a result row must be a dict, got {type(row).__name__}")
-  for field in fields:
-    if field not in row:
-      raise ValueError(f"result row lacks {field!r}")
+  require(d, "name", is_str, "a non-empty str", path=f"{path}.name")
+  require(d, "num_tokens", is_pos_int, "an int > 0", path=f"{path}.num_tokens")
+  require(d, "token_sha256", is_str, "a non-empty str", path=f"{path}.token_sha256")
 
 
 def check_row(row: Any) -> None:
@@ -98,10 +83,10 @@ def check_row(row: Any) -> None:
   Raises:
     ValueError: naming the first missing or invalid field.
   """
-  _require_fields(row, REQUIRED_FIELDS)
-  kind = _require(row, "kind", "kind", lambda x: x in ("score", "passkey"), "'score' or 'passkey'")
+  reports.require_fields(row, REQUIRED_FIELDS)
+  kind = require(row, "kind", lambda x: x in ("score", "passkey"), "'score' or 'passkey'")
   for field in ("model", "weight_precision", "kv_format", "calibration_name"):
-    _require(row, field, field, _is_str, "a non-empty str")
+    require(row, field, is_str, "a non-empty str")
   try:
     fmt = KVFormat.parse(row["kv_format"])
   except ValueError as e:
@@ -113,11 +98,12 @@ def check_row(row: Any) -> None:
   if precision != fmt:
     raise ValueError(f"result row field 'kv_precision' describes {precision.name}, but "
                      f"'kv_format' is {fmt.name}")
-  _require(row, "kv_bytes_per_token", "kv_bytes_per_token", lambda x: _is_num(x) and x > 0,
-           "a number > 0")
+  require(row, "kv_bytes_per_token", lambda x: is_num(x) and x > 0, "a number > 0")
+  if "reference_bytes_per_token" in row:
+    require(row, "reference_bytes_per_token", lambda x: is_num(x) and x > 0, "a number > 0")
   cal = row["calibration"]
   if cal != "dynamic":
-    ok = (isinstance(cal, dict) and _is_str(cal.get("method"))
+    ok = (isinstance(cal, dict) and is_str(cal.get("method"))
           and isinstance(cal.get("workloads"), list) and cal["workloads"]
           and all(isinstance(w, dict) for w in cal["workloads"]))
     if not ok:
@@ -128,60 +114,41 @@ def check_row(row: Any) -> None:
   if (cal == "dynamic") != (row["calibration_name"] == "dynamic"):
     raise ValueError("result row field 'calibration_name' must be 'dynamic' exactly when "
                      f"'calibration' is 'dynamic', got {row['calibration_name']!r}")
-  _require(row, "eval_workload", "eval_workload", lambda x: isinstance(x, dict), "a dict")
+  require(row, "eval_workload", lambda x: isinstance(x, dict), "a dict")
   _check_disclosure(row["eval_workload"], "eval_workload")
-  _require(row, "context", "context", _pos_int, "an int > 0")
-  _require(row, "batch", "batch", _pos_int, "an int > 0")
-  _require(row, "protocol", "protocol", lambda x: isinstance(x, dict) and x, "a non-empty dict")
-  metrics = _require(row, "metrics", "metrics", lambda x: isinstance(x, dict), "a dict")
+  require(row, "context", is_pos_int, "an int > 0")
+  require(row, "batch", is_pos_int, "an int > 0")
+  require(row, "protocol", lambda x: isinstance(x, dict) and x, "a non-empty dict")
+  metrics = require(row, "metrics", lambda x: isinstance(x, dict), "a dict")
   if kind == "score":
     for m in SCORE_METRICS:
-      _require(metrics, m, f"metrics.{m}", _is_num, "a finite number")
+      require(metrics, m, is_num, "a finite number", path=f"metrics.{m}")
     for m in LIST_METRICS:
-      _require(metrics, m, f"metrics.{m}",
-               lambda x: isinstance(x, list) and x and all(_is_num(v) for v in x),
-               "a non-empty list of finite numbers (one per layer)")
+      require(metrics, m, lambda x: isinstance(x, list) and x and all(is_num(v) for v in x),
+              "a non-empty list of finite numbers (one per layer)", path=f"metrics.{m}")
   else:
     for m in PASSKEY_METRICS:
-      _require(metrics, m, f"metrics.{m}", _is_num, "a finite number")
-    _require(row, "depth", "depth", lambda x: _is_num(x) and 0 <= x <= 1, "a number in [0, 1]")
+      require(metrics, m, is_num, "a finite number", path=f"metrics.{m}")
+    require(row, "depth", lambda x: is_num(x) and 0 <= x <= 1, "a number in [0, 1]")
 
 
 def check_rows(rows: Iterable[Any], check: Callable[[Any], None] | None = None) -> None:
   """Checks every row (with `check`, default this schema's `check_row`); the error
   message starts with the failing row's index."""
-  check = check or check_row
-  for i, row in enumerate(rows):
-    try:
-      check(row)
-    except ValueError as e:
-      raise ValueError(f"row {i}: {e}") from None
+  reports.check_rows(rows, check or check_row)
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path,
                 check: Callable[[Any], None] | None = None) -> None:
-  """Checks the rows (`check` as in `check_rows`), then writes them to `path`, one
-  JSON object per line."""
-  check_rows(rows, check)
-  with open(path, "w") as f:
-    f.writelines(json.dumps(row) + "\n" for row in rows)
+  """Checks the rows (`check` as in `check_rows`), then writes them to `path` (atomically),
+  one JSON object per line."""
+  reports.write_jsonl(rows, path, check or check_row)
 
 
 def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> list[dict]:
   """Reads and checks (`check` as in `check_rows`) the rows of a results.jsonl file
   (blank lines are skipped)."""
-  check = check or check_row
-  rows = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          row = json.loads(line)
-          check(row)
-        except ValueError as e:
-          raise ValueError(f"{path}:{n}: {e}") from None
-        rows.append(row)
-  return rows
+  return reports.read_jsonl(path, check or check_row)
 
 
 # --------------------------------------------------------------------------------------
@@ -207,9 +174,22 @@ def _labeler(rows: Sequence[dict]) -> Callable[[dict], str]:
   return config_label
 
 
-def _value(row: dict, metric: str) -> float:
+def shown_value(row: dict, metric: str) -> float:
+  """A row's metric as reports show it: in the unit of `METRICS` (percent for fractions);
+  per-layer metrics as their max over layers."""
   v = row["metrics"].get(metric, math.nan)
-  return float(max(v)) if isinstance(v, list) else float(v)
+  v = float(max(v)) if isinstance(v, list) else float(v)
+  return v * METRICS.get(metric, ("", "", 1.0, None))[2]
+
+
+def _unit(metric: str) -> str:
+  unit = METRICS.get(metric, ("", "", 1.0, None))[1]
+  return f" ({unit})" if unit else ""
+
+
+def _describe(metric: str) -> str:
+  what, unit, _, _ = METRICS.get(metric, (metric, "", 1.0, None))
+  return f"{what}, in {unit}" if unit else what
 
 
 def _config_order(rows: Sequence[dict], label: Callable[[dict], str]) -> list[str]:
@@ -219,16 +199,6 @@ def _config_order(rows: Sequence[dict], label: Callable[[dict], str]) -> list[st
     keys.setdefault(label(r), (r["model"], r["kv_format"] != "bf16", -r["kv_bytes_per_token"],
                                r["kv_format"], r["calibration"] != "dynamic"))
   return sorted(keys, key=lambda lab: (*keys[lab], lab))
-
-
-def _esc(text: Any) -> str:
-  return str(text).replace("|", "\\|")
-
-
-def _table(head: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(_esc(h) for h in head) + " |", "|" + "---|" * len(head)]
-  lines += ["| " + " | ".join(_esc(c) for c in line) + " |" for line in body]
-  return "\n".join(lines)
 
 
 def _grid(rows, row_key, col_key, cell, row_order, col_order, empty="-") -> list[list[str]]:
@@ -248,39 +218,40 @@ def _layers_note(metric: str) -> str:
 
 
 def metric_table(rows: Sequence[dict], metric: str, *, fmt: str = "{:.4g}") -> str:
-  """A markdown table of one metric over the score rows.
+  """A markdown table of one metric over the score rows, in the unit of `METRICS`.
 
-  Rows are KV configs (`config_label`), columns are "workload @context xbatch"; a cell is the
-  mean of its rows (for per-layer metrics, each row's max over layers).
+  Rows are KV configs (`config_label`), columns are "workload @context xbatch (unit)"; a cell
+  is the mean of its rows (for per-layer metrics, each row's max over layers).
   """
   scores = _scores(rows)
-  caption = (f"**{metric}** (rows: KV config; columns: evaluated on @ context x batch"
-             f"{_layers_note(metric)})")
+  caption = (f"**{metric}**: {_describe(metric)} (rows: KV config; columns: evaluated on "
+             f"@ context x batch{_layers_note(metric)})")
   if not scores:
     return caption + "\n\n_no score rows_"
   label = _labeler(scores)
   col = lambda r: (r["eval_workload"]["name"], r["context"], r["batch"])  # noqa: E731
   cols = sorted({col(r) for r in scores})
-  body = _grid(scores, label, col, lambda g: fmt.format(np.mean([_value(r, metric) for r in g])),
+  body = _grid(scores, label, col,
+               lambda g: fmt.format(np.mean([shown_value(r, metric) for r in g])),
                _config_order(scores, label), cols)
-  head = ["config"] + [f"{w} @{c} x{b}" for w, c, b in cols]
-  return caption + "\n\n" + _table(head, body)
+  head = ["config"] + [f"{w} @{c} x{b}{_unit(metric)}" for w, c, b in cols]
+  return caption + "\n\n" + reports.markdown_table(head, body)
 
 
 def transfer_table(rows: Sequence[dict], metric: str, *, kv_format: str, context: int | None = None,
                    batch: int | None = None, fmt: str = "{:.4g}") -> str:
   """The calibration-transfer table of one KV format: calibrated on (rows) x evaluated on.
 
-  A cell is the mean of the metric over the matching score rows (all contexts and batches
-  unless `context` / `batch` select one).
+  A cell is the mean of the metric (in the unit of `METRICS`) over the matching score rows
+  (all contexts and batches unless `context` / `batch` select one).
   """
   sel = [r for r in _scores(rows) if r["kv_format"] == kv_format
          and context in (None, r["context"]) and batch in (None, r["batch"])]
   where = "".join(f", {k} {v}" for k, v in (("context", context), ("batch", batch)) if v)
   if not where:
     where = ", mean over contexts and batches"
-  caption = (f"**{kv_format}**: {metric}, rows: calibrated on, columns: evaluated on"
-             f"{where}{_layers_note(metric)}")
+  caption = (f"**{kv_format}**: {metric} ({_describe(metric)}), rows: calibrated on, columns: "
+             f"evaluated on{where}{_layers_note(metric)}")
   if not sel:
     return caption + "\n\n_no matching score rows_"
   multi = len({r["model"] for r in sel}) > 1
@@ -289,12 +260,14 @@ def transfer_table(rows: Sequence[dict], metric: str, *, kv_format: str, context
   order = sorted(keys, key=keys.get)
   cols = sorted({r["eval_workload"]["name"] for r in sel})
   body = _grid(sel, name, lambda r: r["eval_workload"]["name"],
-               lambda g: fmt.format(np.mean([_value(r, metric) for r in g])), order, cols)
-  return caption + "\n\n" + _table(["calibrated on"] + cols, body)
+               lambda g: fmt.format(np.mean([shown_value(r, metric) for r in g])), order, cols)
+  return caption + "\n\n" + reports.markdown_table(
+      ["calibrated on"] + [f"{c}{_unit(metric)}" for c in cols], body)
 
 
 def passkey_table(rows: Sequence[dict]) -> str:
-  """Passkey retrieval: config (rows) x context (columns), "accuracy (reference accuracy)".
+  """Passkey retrieval: config (rows) x context (columns), "accuracy (reference accuracy)"
+  in percent.
 
   A cell averages over depths (and workloads), weighted by the number of samples.
   """
@@ -302,19 +275,20 @@ def passkey_table(rows: Sequence[dict]) -> str:
   if not keys:
     return "_no passkey rows_"
   depths = sorted({r["depth"] for r in keys})
-  caption = ("**passkey retrieval**: accuracy (reference accuracy), mean over depths "
-             + ", ".join(f"{d:g}" for d in depths))
+  caption = ("**passkey retrieval**: accuracy in % (the reference cache's accuracy in %, on "
+             "the same prompts), mean over depths " + ", ".join(f"{d:g}" for d in depths))
   label = _labeler(keys)
 
   def cell(group):
     w = [r["metrics"]["num_samples"] for r in group]
     acc, ref = (np.average([r["metrics"][m] for r in group], weights=w)
                 for m in ("accuracy", "accuracy_ref"))
-    return f"{acc:.2f} ({ref:.2f})"
+    return f"{reports.percent(acc, '{:.0f}')} ({reports.percent(ref, '{:.0f}')})"
 
   contexts = sorted({r["context"] for r in keys})
   body = _grid(keys, label, lambda r: r["context"], cell, _config_order(keys, label), contexts)
-  return caption + "\n\n" + _table(["config"] + [str(c) for c in contexts], body)
+  return caption + "\n\n" + reports.markdown_table(
+      ["config"] + [f"{c} tokens (%)" for c in contexts], body)
 
 
 def _unique(items: Iterable[Any]) -> list[Any]:
@@ -351,8 +325,9 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"])
                for r in rows)
   kv.sort(key=lambda x: (x[0], x[1] != "bf16", -x[3], x[1]))
-  parts.append(_table(["model", "KV format", "K", "V", "bytes/token (all layers)"],
-                      [(m, f, spec(p["k"]), spec(p["v"]), f"{b:,.6g}") for m, f, p, b in kv]))
+  parts.append(reports.markdown_table(
+      ["model", "KV format", "K", "V", "bytes/token (all layers)"],
+      [(m, f, spec(p["k"]), spec(p["v"]), f"{b:,.6g}") for m, f, p, b in kv]))
   parts.append("## Calibration")
   lines = []
   label = _labeler(rows)
@@ -383,74 +358,113 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
 # Plots and the report.
 
 
-def _figure(metric: str, ys: Iterable[float], xlabel: str):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  ys = [y for y in ys if math.isfinite(y)]
-  if metric.startswith("kl") and ys and min(ys) > 0:
-    ax.set_yscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(metric + (" (max over layers)" if metric in LIST_METRICS else ""))
-  ax.grid(True, alpha=0.3)
-  return plt, fig, ax
+def _style(row: dict) -> reports.Style:
+  """A config's plot style: colour by KV format, shade and marker by calibration."""
+  return reports.style_of(row["kv_format"], row["calibration_name"])
 
 
-def _save(plt, fig, ax, path: str | Path, title: str) -> None:
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+def _axis_label(metric: str) -> str:
+  what = METRICS.get(metric, (metric, "", 1.0, None))[0]
+  return f"{what}{_unit(metric)}" + (", max over layers" if metric in LIST_METRICS else "")
 
 
-def plot_vs_context(rows: Sequence[dict], metric: str, path: str | Path) -> None:
-  """PNG: the metric against context, one line per KV config (mean over workloads and batches)."""
+def _baseline(rows: Sequence[dict], metric: str, *, with_bytes: bool) -> reports.Baseline | None:
+  """The reference cache, at its own value of `metric` (and its bytes per token)."""
+  refs = sorted({str(r["protocol"].get("reference", "")) for r in rows} - {""})
+  value = METRICS.get(metric, ("", "", 1.0, None))[3]
+  xs = sorted({r["reference_bytes_per_token"] for r in rows if "reference_bytes_per_token" in r})
+  x = xs[0] if with_bytes and len(xs) == 1 else None
+  if value is None and x is None:
+    return None
+  name = "/".join(refs) or "reference"
+  text = f"{name} reference cache"
+  if value is not None:
+    text += f": {metric} {value:g}{METRICS[metric][1] and ' ' + METRICS[metric][1]} by definition"
+  if x is not None:
+    text += f"; {x:,.0f} bytes/token"
+  return reports.Baseline(text, y=value, x=x)
+
+
+def _over(rows: Sequence[dict], *, contexts: bool) -> str:
+  """What a point averages over, for a caption."""
+  workloads = sorted({r["eval_workload"]["name"] for r in rows})
+  batches = sorted({r["batch"] for r in rows})
+  parts = [f"evaluation workloads {', '.join(workloads)}",
+           f"batch sizes {', '.join(map(str, batches))}"]
+  if contexts:
+    parts.append(f"contexts {', '.join(map(str, sorted({r['context'] for r in rows})))}")
+  return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def plot_vs_context(rows: Sequence[dict], metric: str, path: str | Path) -> reports.Figure:
+  """PNG: the metric against context, one line per KV config, each point the mean over
+  evaluation workloads and batches; the reference cache as the baseline.
+
+  Returns:
+    The figure; its `markdown(alt, caption)` under a caption from `plot_caption`.
+  """
   scores = _scores(rows)
   label = _labeler(scores)
-  plt, fig, ax = _figure(metric, [_value(r, metric) for r in scores], "context (tokens)")
+  series = []
   for lab in _config_order(scores, label):
+    mine = [r for r in scores if label(r) == lab]
     by_ctx = defaultdict(list)
-    for r in scores:
-      if label(r) == lab:
-        by_ctx[r["context"]].append(_value(r, metric))
+    for r in mine:
+      by_ctx[r["context"]].append(shown_value(r, metric))
     xs = sorted(by_ctx)
-    ax.plot(xs, [np.mean(by_ctx[x]) for x in xs], marker="o", label=lab)
-  if len({r["context"] for r in scores}) > 1:
-    ax.set_xscale("log", base=2)
-  if scores:
-    ax.legend(fontsize=8)
-  _save(plt, fig, ax, path, f"{metric} vs context")
+    series.append(reports.Series(lab, xs, [float(np.mean(by_ctx[x])) for x in xs],
+                                 style=_style(mine[0])))
+  contexts = sorted({r["context"] for r in scores})
+  return reports.plot_series(
+      path, series, title=f"{metric} vs context", xlabel="context (tokens)",
+      ylabel=_axis_label(metric), xscale="log2" if len(contexts) > 1 else "linear",
+      xticks=contexts or None, xtick_label=lambda c: f"{c:g}",
+      baseline=_baseline(scores, metric, with_bytes=False))
 
 
-def plot_vs_bytes(rows: Sequence[dict], metric: str, path: str | Path) -> None:
-  """PNG: the metric (mean over a config's rows) against KV bytes per token, one point per config."""
+def plot_vs_bytes(rows: Sequence[dict], metric: str, path: str | Path) -> reports.Figure:
+  """PNG: the metric (mean over a config's rows) against KV bytes per token, one point per
+  config; the reference cache as the baseline (at its bytes per token when rows carry it)."""
   scores = _scores(rows)
   label = _labeler(scores)
   groups = defaultdict(list)
   for r in scores:
     groups[label(r)].append(r)
-  points = {lab: (np.mean([r["kv_bytes_per_token"] for r in g]),
-                  np.mean([_value(r, metric) for r in g])) for lab, g in groups.items()}
-  plt, fig, ax = _figure(metric, [y for _, y in points.values()], "KV bytes per token")
-  for lab, (x, y) in points.items():
-    ax.scatter([x], [y])
-    ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  _save(plt, fig, ax, path, f"{metric} vs KV bytes per token")
+  series = [reports.Series(lab, [float(np.mean([r["kv_bytes_per_token"] for r in groups[lab]]))],
+                           [float(np.mean([shown_value(r, metric) for r in groups[lab]]))],
+                           style=_style(groups[lab][0]))
+            for lab in _config_order(scores, label)]
+  return reports.plot_series(
+      path, series, title=f"{metric} vs KV bytes per token", kind="points",
+      xlabel="KV-cache bytes per token (all layers)", ylabel=_axis_label(metric),
+      xscale="linear", baseline=_baseline(scores, metric, with_bytes=True))
+
+
+def plot_caption(rows: Sequence[dict], metric: str, *, vs: str) -> str:
+  """What a point of `plot_vs_context` (vs="context") or `plot_vs_bytes` (vs="bytes")
+  shows and averages."""
+  scores = _scores(rows)
+  what = _axis_label(metric)
+  if vs == "context":
+    return (f"{what} against context. Each point: the mean over {_over(scores, contexts=False)}"
+            f" of one KV config's rows at one context ({len(scores)} rows in all).")
+  return (f"{what} against KV-cache bytes per token. Each point: the mean over "
+          f"{_over(scores, contexts=True)} of one KV config's rows ({len(scores)} rows in all).")
 
 
 _REPORT_METRICS = ("ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "ppl",
                    "attn_rel_error", "saturation_k", "saturation_v")
-_PLOTS = (("kl_vs_context.png", plot_vs_context, "kl_mean"),
-          ("top1_vs_context.png", plot_vs_context, "top1_agreement"),
-          ("ppl_vs_bytes.png", plot_vs_bytes, "ppl_rel_change"),
-          ("kl_vs_bytes.png", plot_vs_bytes, "kl_mean"))
+_PLOTS = (("kl_vs_context.png", "context", "kl_mean"),
+          ("top1_vs_context.png", "context", "top1_agreement"),
+          ("ppl_vs_bytes.png", "bytes", "ppl_rel_change"),
+          ("kl_vs_bytes.png", "bytes", "kl_mean"))
 
 
 def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
                  transfer_formats: Sequence[str] | None = None,
                  extra_sections: Sequence[str] = ()) -> str:
-  """Checks the rows and writes results.jsonl, the PNG plots and report.md to `workdir`.
+  """Checks the rows and writes results.jsonl, the PNG plots and report.md to `workdir`
+  (each file atomically).
 
   Args:
     rows: result rows (see the module docstring).
@@ -483,10 +497,13 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
   parts += list(extra_sections)
   if scores:
     parts.append("## Plots")
-    for name, plot, metric in _PLOTS:
-      plot(scores, metric, workdir / name)
-      what = "context" if plot is plot_vs_context else "KV bytes per token"
-      parts.append(f"![{metric} vs {what}]({name})")
+    parts.append("Colours: one per KV format, the same in every plot; a calibrated config is "
+                 "a shade of its format's colour with its own marker.")
+    for name, vs, metric in _PLOTS:
+      plot = plot_vs_context if vs == "context" else plot_vs_bytes
+      figure = plot(scores, metric, workdir / name)
+      what = "context" if vs == "context" else "KV bytes per token"
+      parts.append(figure.markdown(f"{metric} vs {what}", plot_caption(scores, metric, vs=vs)))
   report = "\n\n".join(parts) + "\n"
-  (workdir / "report.md").write_text(report)
+  reports.write_text(workdir / "report.md", report)
   return report

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from kvtpu import reports
 from kvtpu.eval import report as rp
 from kvtpu.formats import KVFormat
 
@@ -255,16 +256,32 @@ def test_metric_table_cells_and_order():
       make_row("passkey"),  # ignored
   ]
   md = rp.metric_table(rows, "kl_mean")
-  assert md.splitlines()[0].startswith("**kl_mean**")
+  assert md.splitlines()[0].startswith("**kl_mean**: mean per-token KL divergence from the "
+                                       "reference, in nats")
   assert "int8 \\| dynamic" in md  # pipes in labels are escaped
   table = parse_table(md)
   assert row_order(md) == ["bf16", "int8 | dynamic", "k8v4 | dynamic", "int4 | dynamic"]
-  assert list(table["int8 | dynamic"]) == ["code @2048 x4", "prose @512 x4", "prose @2048 x4"]
-  assert table["int8 | dynamic"] == {"code @2048 x4": "0.03", "prose @512 x4": "0.02",
-                                     "prose @2048 x4": "-"}
-  assert table["k8v4 | dynamic"]["prose @2048 x4"] == "0.25"
-  assert table["int4 | dynamic"]["prose @2048 x4"] == "0.5"
-  assert table["bf16"]["prose @2048 x4"] == "0"
+  assert list(table["int8 | dynamic"]) == ["code @2048 x4 (nats)", "prose @512 x4 (nats)",
+                                           "prose @2048 x4 (nats)"]
+  assert table["int8 | dynamic"] == {"code @2048 x4 (nats)": "0.03", "prose @512 x4 (nats)": "0.02",
+                                     "prose @2048 x4 (nats)": "-"}
+  assert table["k8v4 | dynamic"]["prose @2048 x4 (nats)"] == "0.25"
+  assert table["int4 | dynamic"]["prose @2048 x4 (nats)"] == "0.5"
+  assert table["bf16"]["prose @2048 x4 (nats)"] == "0"
+
+
+def test_metric_table_shows_fractions_in_percent():
+  # Rows hold fractions; tables show percent with the unit in the column header.
+  rows = [make_row(top1_agreement=0.9858, ppl_rel_change=-0.0009192, saturation_k=[0.0, 0.0125])]
+  top1 = parse_table(rp.metric_table(rows, "top1_agreement"))
+  assert top1["int8 | dynamic"] == {"prose @2048 x4 (%)": "98.58"}
+  ppl = parse_table(rp.metric_table(rows, "ppl_rel_change"))
+  assert ppl["int8 | dynamic"] == {"prose @2048 x4 (%)": "-0.09192"}
+  sat = parse_table(rp.metric_table(rows, "saturation_k"))
+  assert sat["int8 | dynamic"] == {"prose @2048 x4 (%)": "1.25"}
+  ppl_abs = parse_table(rp.metric_table(rows, "ppl"))  # not a fraction: as is, no unit
+  assert ppl_abs["int8 | dynamic"] == {"prose @2048 x4": "20"}
+  assert rp.shown_value(rows[0], "top1_agreement") == pytest.approx(98.58)
 
 
 def test_config_order_puts_dynamic_first_within_a_format():
@@ -277,7 +294,7 @@ def test_config_order_puts_dynamic_first_within_a_format():
 def test_metric_table_list_metric_shows_max_over_layers():
   md = rp.metric_table([make_row(attn_rel_error=[0.1, 0.7, 0.3])], "attn_rel_error")
   assert "max over layers" in md.splitlines()[0]
-  assert parse_table(md)["int8 | dynamic"]["prose @2048 x4"] == "0.7"
+  assert parse_table(md)["int8 | dynamic"]["prose @2048 x4 (%)"] == "70"
   assert "max over layers" not in rp.metric_table([make_row()], "kl_mean")
 
 
@@ -290,8 +307,8 @@ def test_metric_table_fmt_and_no_scores():
 def test_metric_table_separates_models():
   rows = [make_row(model="a", kl_mean=1.0), make_row(model="b", kl_mean=2.0)]
   table = parse_table(rp.metric_table(rows, "kl_mean"))
-  assert table["a: int8 | dynamic"]["prose @2048 x4"] == "1"
-  assert table["b: int8 | dynamic"]["prose @2048 x4"] == "2"
+  assert table["a: int8 | dynamic"]["prose @2048 x4 (nats)"] == "1"
+  assert table["b: int8 | dynamic"]["prose @2048 x4 (nats)"] == "2"
 
 
 def transfer_rows():
@@ -309,18 +326,20 @@ def transfer_rows():
 def test_transfer_table_cells():
   md = rp.transfer_table(transfer_rows(), "ppl_rel_change", kv_format="int4")
   assert md.splitlines()[0].startswith(
-      "**int4**: ppl_rel_change, rows: calibrated on, columns: evaluated on")
+      "**int4**: ppl_rel_change (perplexity change vs the reference cache, in %), rows: "
+      "calibrated on, columns: evaluated on")
   table = parse_table(md)
   assert row_order(md) == ["dynamic", "code", "prose"]
-  assert table["prose"] == {"code": "0.08", "prose": "0.01"}
-  assert table["code"] == {"code": "0.03", "prose": "0.06"}  # mean over contexts 512 and 2048
-  assert table["dynamic"] == {"code": "0.3", "prose": "-"}
+  # Percent: a relative change of 0.08 is 8 %.
+  assert table["prose"] == {"code (%)": "8", "prose (%)": "1"}
+  assert table["code"] == {"code (%)": "3", "prose (%)": "6"}  # mean over contexts 512, 2048
+  assert table["dynamic"] == {"code (%)": "30", "prose (%)": "-"}
 
 
 def test_transfer_table_selects_context():
   md = rp.transfer_table(transfer_rows(), "ppl_rel_change", kv_format="int4", context=512)
   assert "context 512" in md.splitlines()[0]
-  assert parse_table(md) == {"code": {"code": "0.04"}}
+  assert parse_table(md) == {"code": {"code (%)": "4"}}
   md = rp.transfer_table(transfer_rows(), "ppl_rel_change", kv_format="int4", batch=8)
   assert "no matching score rows" in md
 
@@ -335,18 +354,18 @@ def test_passkey_table():
       make_row(),  # a score row: ignored
   ]
   md = rp.passkey_table(rows)
-  assert "accuracy (reference accuracy)" in md.splitlines()[0]
+  assert "accuracy in % (the reference cache's accuracy in %" in md.splitlines()[0]
   table = parse_table(md)
   assert row_order(md) == ["bf16", "int8 | dynamic"]
-  assert table["int8 | dynamic"] == {"2048": "0.75 (1.00)", "4096": "0.25 (0.75)"}
-  assert table["bf16"] == {"2048": "-", "4096": "1.00 (1.00)"}
+  assert table["int8 | dynamic"] == {"2048 tokens (%)": "75 (100)", "4096 tokens (%)": "25 (75)"}
+  assert table["bf16"] == {"2048 tokens (%)": "-", "4096 tokens (%)": "100 (100)"}
   assert rp.passkey_table([make_row()]) == "_no passkey rows_"
 
 
 def test_passkey_table_weights_by_samples():
   rows = [make_row("passkey", depth=0.0, accuracy=1.0, num_samples=30),
           make_row("passkey", depth=1.0, accuracy=0.0, num_samples=10)]
-  assert parse_table(rp.passkey_table(rows))["int8 | dynamic"]["2048"] == "0.75 (1.00)"
+  assert parse_table(rp.passkey_table(rows))["int8 | dynamic"]["2048 tokens (%)"] == "75 (100)"
 
 
 def test_header_discloses_weights_kv_calibration_workloads_and_protocol():
@@ -402,6 +421,32 @@ def test_plots_with_several_configs(tmp_path):
     assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plot_styles_and_notes(tmp_path):
+  # A config keeps its colour across plots (colour by format, shade by calibration), the
+  # reference cache is the baseline, and configs with equal values are named as coinciding.
+  rows = [make_row(kv_format=f, cal=cal, context=c, kl_mean=k, top1_agreement=t)
+          for f, cal, k, t in (("int8", None, 0.001, 0.99), ("fp8_e4m3", None, 0.001, 0.99),
+                               ("int4", None, 0.3, 0.75), ("int4", "prose", 0.2, 0.8))
+          for c in (512, 2048)]
+  for r in rows:
+    r["reference_bytes_per_token"] = 9216.0
+    if r["kv_format"] == "fp8_e4m3":
+      r["kv_bytes_per_token"] = BYTES["int8"]  # fp8_e4m3 stores what int8 stores
+  rp.check_rows(rows)
+  fig = rp.plot_vs_context(rows, "kl_mean", tmp_path / "kl.png")
+  assert fig.path.read_bytes().startswith(PNG_MAGIC)
+  assert [n for n in fig.notes if "coincide" in n] == [
+      "fp8_e4m3 | dynamic and int8 | dynamic coincide (values within 0.4 % of the axis): drawn as "
+      "one line, the later ones dashed over the first, with larger hollow markers."], fig.notes
+  bytes_fig = rp.plot_vs_bytes(rows, "top1_agreement", tmp_path / "top1.png")
+  assert any("coincide" in n for n in bytes_fig.notes)  # int8 and fp8_e4m3: same bytes, same y
+  assert reports.style_of("int4").color != reports.style_of("int4", "prose").color
+  assert reports.style_of("int4", "prose") == reports.style_of("int4", "prose")
+  caption = rp.plot_caption(rows, "kl_mean", vs="bytes")
+  assert "mean over evaluation workloads prose" in caption and "contexts 512, 2048" in caption
+  assert "(8 rows in all)" in caption
+
+
 def report_rows():
   return [make_row(kv_format="bf16", kl_mean=0.0), make_row(kl_mean=0.0123),
           make_row(context=512), *transfer_rows(),
@@ -419,17 +464,21 @@ def test_write_report(tmp_path):
     assert f"]({name})" in md
   for metric in ("ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "ppl", "attn_rel_error",
                  "saturation_k", "saturation_v"):
-    assert f"**{metric}** (rows: KV config" in md
-  kl = md[md.index("**kl_mean** (rows"):]
-  assert parse_table(kl)["int8 | dynamic"]["prose @2048 x4"] == "0.0123"
+    assert f"**{metric}**: {rp.METRICS[metric][0]}" in md
+  kl = md[md.index("**kl_mean**: "):]
+  assert parse_table(kl)["int8 | dynamic"]["prose @2048 x4 (nats)"] == "0.0123"
   # Default transfer formats: those with a calibrated row (int4 and int8), both metrics.
   for fmt in ("int4", "int8"):
     for metric in ("ppl_rel_change", "kl_mean"):
-      assert f"**{fmt}**: {metric}, rows: calibrated on" in md
+      assert f"**{fmt}**: {metric} (" in md
   assert "**bf16**: " not in md
   t = md[md.index("**int4**: ppl_rel_change"):]
-  assert parse_table(t)["prose"]["code"] == "0.08"
-  assert "## Passkey retrieval" in md and "0.90 (1.00)" in md
+  assert parse_table(t)["prose"]["code (%)"] == "8"
+  assert "## Passkey retrieval" in md and "90 (100)" in md
+  # Each image is followed by its caption: what a point averages over.
+  caption = md[md.index("](kl_vs_context.png)"):].split("\n\n")[1]
+  assert caption.startswith("*mean per-token KL divergence from the reference (nats) against "
+                            "context. Each point: the mean over evaluation workloads code, prose")
   assert md.index("## Notes\n\nhi") < md.index("## Plots")
   assert md.index("# Eval") < md.index("## Model and weight precision") < md.index("**ppl")
 
