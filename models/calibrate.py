@@ -70,6 +70,9 @@ def collect_statistics(model, batches: Iterable[np.ndarray], *, kinds=KINDS, imp
   if stats is None:
     stats = {k: kv_stats.init_stats(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                     **stats_options) for k in kinds}
+  # The step returns committed arrays; committing the first input too keeps every call on
+  # one compiled step (uncommitted inputs would compile a second one).
+  stats = jax.device_put(stats, jax.devices()[0])
   graphdef, state = nnx.split(model)
   seen, start = 0, time.perf_counter()
   for tokens in batches:
