@@ -1,31 +1,48 @@
-"""Helpers shared by the experiment binaries (flag parsing, the chat workload's answers)."""
+"""What the experiment binaries share: argv and flag checks, flag values as config
+fields, and multi-host start-up.
+
+A binary defines its flags in `define_flags(fv)` (on the global `FLAGS` only when run
+as a program), builds its config with `config_from_flags(fv)` inside `usage_errors()`
+(a `ConfigError` becomes a `UsageError` naming the flag) and calls the run of
+`kvtpu.models.runs`. `parse_flags` gives tests a private `FlagValues` to parse into.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 
-from absl import app
+from absl import app, flags
+from kvtpu.models.runs.common import ConfigError
+
+__all__ = ["check_argv", "format_names", "maybe_initialize_distributed", "multihost_tpu",
+           "parse_flags", "usage_errors"]
 
 
-def positive_ints(name: str, values: list[str]) -> list[int]:
-  """A list flag's values as positive ints, or a `UsageError` naming `--name`."""
+def check_argv(argv: Sequence[str]) -> None:
+  """Rejects positional arguments (everything is a flag)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected positional arguments: {list(argv[1:])}")
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+  """Turns a `ConfigError` (an invalid config field) into a `UsageError` naming the flag of
+  the same name: "--<field>: <message>"."""
   try:
-    out = [int(v) for v in values]
-  except ValueError:
-    raise app.UsageError(f"--{name} must be comma-separated integers, got {values}") from None
-  if not out or min(out) < 1:
-    raise app.UsageError(f"--{name} must be positive integers, got {values}")
-  return out
+    yield
+  except ConfigError as e:
+    raise app.UsageError(f"--{e}") from None
 
 
-def chat_responder(model, tokenizer, *, max_new_tokens: int = 64):
-  """`respond` for the chat workload: the model's own greedy answers (bf16 cache)."""
-  from kvtpu.models.generation import generate
-
-  def respond(prompts):
-    return generate(model, prompts, max_new_tokens=max_new_tokens, kv_format="bf16",
-                    stop_ids=tokenizer.stop_ids).tokens
-  return respond
+def parse_flags(define_flags: Callable[[flags.FlagValues], None],
+                argv: Sequence[str]) -> flags.FlagValues:
+  """A fresh `FlagValues` with a binary's flags, parsed from `argv` (flags only)."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(["prog", *argv])
+  return fv
 
 
 def format_names(values: list[str]) -> list[str]:

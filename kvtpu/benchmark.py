@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtpu import accelerators
+from kvtpu import accelerators, reports
 from kvtpu.attention import attend
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
@@ -108,10 +108,11 @@ def traffic_rows(formats, contexts, *, batch: int = 8, head_dim: int = 128, kv_h
 
 
 def traffic_markdown(rows: list[dict]) -> str:
-  lines = ["| format | S | lengths | MB per step | x minimum | x bf16 |", "|---|---|---|---|---|---|"]
-  lines += [f"| `{r['kv_format']}` | {r['context']} | {r['lengths']} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['over_min']:.3f} | {r['vs_bf16']:.3f} |" for r in rows]
-  return "\n".join(lines)
+  """The decode kernel's bytes per step per (format, S, lengths), vs the minimum and bf16."""
+  return reports.markdown_table(
+      ["format", "S", "lengths", "MB per step", "x minimum", "x bf16"],
+      [[f"`{r['kv_format']}`", r["context"], r["lengths"], f"{r['bytes'] / 1e6:.2f}",
+        f"{r['over_min']:.3f}", f"{r['vs_bf16']:.3f}"] for r in rows])
 
 
 def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
@@ -140,13 +141,15 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
 
 def attention_rows(formats, contexts, batches, *, head_dim: int = 128, kv_heads: int = 8,
                    q_heads: int = 32, prefill_chunk: int = 512, impl: str = "auto",
-                   iters: int = 5, log: Callable[[str], None] | None = None) -> list[dict]:
+                   iters: int = 5, log: Callable[[str], None] | None = None,
+                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
   """Times decode and prefill `attend` per (format, context, batch).
 
   Every sequence holds `context - T` tokens and the T new ones are written, so the
   call reads a full context. Returns one dict per (format, context, batch, phase)
   with seconds, bytes moved and the minimum, achieved GB/s and, on a known chip,
   the fraction of its HBM bandwidth; or `oom: True` when the cache does not fit.
+  `on_row(row)` is called as each row is measured.
   """
   resolved = impl if impl != "auto" else ("pallas" if jax.default_backend() == "tpu" else "xla")
   chip = accelerators.from_device(jax.devices()[0])
@@ -169,12 +172,16 @@ def attention_rows(formats, contexts, batches, *, head_dim: int = 128, kv_heads:
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
               raise
             rows.append({**row, "oom": True})
+            if on_row:
+              on_row(rows[-1])
             continue
           moved, minimum = _bytes(cache, q, np.full(batch, t), resolved)
           row.update(oom=False, seconds=seconds, bytes=moved, min_bytes=minimum,
                      bytes_over_min=moved / minimum, gb_per_s=moved / seconds / 1e9,
                      roofline_fraction=(moved / seconds / chip.hbm_bandwidth) if chip else None)
           rows.append(row)
+          if on_row:
+            on_row(row)
           if log:
             log(f"{fmt.name} S={context} B={batch} {phase}: {seconds * 1e3:.3f} ms, "
                 f"{row['gb_per_s']:.1f} GB/s")
@@ -182,17 +189,16 @@ def attention_rows(formats, contexts, batches, *, head_dim: int = 128, kv_heads:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  """One line per measured point."""
-  head = ("| format | context | batch | phase | ms | MB moved | x min | GB/s | roofline |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-  lines = [head]
+  """One line per measured point; the achieved bandwidth in % of the chip's HBM roofline."""
+  body = []
   for r in rows:
+    head = [f"`{r['kv_format']}`", r["context"], r["batch"], r["phase"]]
     if r.get("oom"):
-      lines.append(f"| `{r['kv_format']}` | {r['context']} | {r['batch']} | {r['phase']} | OOM |"
-                   " | | | |")
+      body.append(head + ["OOM", "", "", "", ""])
       continue
-    frac = "-" if r["roofline_fraction"] is None else f"{r['roofline_fraction']:.2f}"
-    lines.append(f"| `{r['kv_format']}` | {r['context']} | {r['batch']} | {r['phase']} | "
-                 f"{r['seconds'] * 1e3:.3f} | {r['bytes'] / 1e6:.2f} | {r['bytes_over_min']:.3f} | "
-                 f"{r['gb_per_s']:.1f} | {frac} |")
-  return "\n".join(lines)
+    frac = "-" if r["roofline_fraction"] is None else reports.percent(r["roofline_fraction"],
+                                                                      "{:.1f}")
+    body.append(head + [f"{r['seconds'] * 1e3:.3f}", f"{r['bytes'] / 1e6:.2f}",
+                        f"{r['bytes_over_min']:.3f}", f"{r['gb_per_s']:.1f}", frac])
+  return reports.markdown_table(["format", "context", "batch", "phase", "ms", "MB moved", "x min",
+                                 "GB/s", "roofline (%)"], body)

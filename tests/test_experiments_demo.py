@@ -1,9 +1,5 @@
-"""The demo binary (`python -m kvtpu.experiments.demo`) on a tiny config, and its bench functions.
-
-The binary runs in a subprocess: absl flags are process-global, and later experiment
-binaries define flags of the same names (--workdir), so importing several of them
-into the pytest process would clash.
-"""
+"""The demo binary end to end on a tiny config (subprocess, once), its flag errors (in
+process), and the bench functions of `kvtpu.format_bench`."""
 
 from __future__ import annotations
 
@@ -13,8 +9,11 @@ import pathlib
 import subprocess
 
 import pytest
-from kvtpu.experiments import format_bench
+from absl import app
+from kvtpu.experiments import demo as demo_binary
+from kvtpu.experiments.common import parse_flags
 
+from kvtpu import format_bench
 from tests.helpers import run_binary
 
 REQUIRED = ("kv_format", "k_dtype", "v_dtype", "granularity", "scale_dtype", "head_dim",
@@ -42,7 +41,7 @@ def _check_files(workdir: pathlib.Path, proc: subprocess.CompletedProcess) -> No
   assert config["context"] == 64 and config["head_dims"] == [64, 128]
   assert config["jax_version"] and config["devices"]
   report = (workdir / "report.md").read_text()
-  assert "bytes @ H=128" in report and "rel err @ H=128" in report
+  assert "bytes @ H=128" in report and "rel err (%) @ H=128" in report
   # Both tables on stdout, then one closing line naming the report.
   assert "| `int4` |" in proc.stdout
   last = proc.stdout.strip().splitlines()[-1]
@@ -74,15 +73,32 @@ def _check_rows(workdir: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (("stray",), "unexpected positional arguments: ['stray']"),
     (("--formats=int8,int9",), "--formats: invalid KV format name='int9'"),
-    (("--formats=int8-channel",), "static formats need calibrated scales"),
+    (("--formats=int8-channel",), "--formats: formats=['int8-channel']: static formats need "
+                                  "scales calibrated"),
+    (("--head_dims=48", "--formats=int4-g32"), "--head_dims: "),
+    (("--context=3",), "--context: expected an integer >= 4, got 3"),
+    (("--formats=",), "--formats: formats is empty"),
 ])
-def test_demo_rejects_bad_arguments(tmp_path, args, message):
-  proc = _demo(*args, workdir=tmp_path / "out")
-  assert proc.returncode != 0
-  assert message in proc.stderr, proc.stderr[-2000:]
-  assert not (tmp_path / "out" / "results.jsonl").exists()
+def test_demo_rejects_bad_arguments(args, message):
+  fv = parse_flags(demo_binary.define_flags, args)
+  with pytest.raises(app.UsageError) as e:
+    demo_binary.config_from_flags(fv)
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_demo_rejects_positional_arguments():
+  with pytest.raises(app.UsageError, match=r"unexpected positional arguments: \['stray'\]"):
+    demo_binary.main(["demo", "stray"])
+
+
+def test_error_table_in_percent():
+  row = {"kv_format": "int8", "head_dim": 128, "attention_rel_error": 0.0783,
+         "attention_max_abs_error": 23.0, "decode_steps": 3, "num_layers": 2, "context": 1024,
+         "batch": 2, "prefill_lengths": [1021, 681], "q_heads": 32, "kv_heads": 8}
+  md = format_bench.error_markdown([row])
+  assert "| format | rel err (%) @ H=128 | max abs err @ H=128 |" in md
+  assert "| `int8` | 7.83 | 2.30e+01 |" in md
 
 
 def test_split_formats_keeps_mixed_specs_whole():
@@ -105,7 +121,7 @@ def test_bytes_table_targets():
 
 
 def test_check_formats_rejects_static_and_empty():
-  with pytest.raises(ValueError, match="calibration issue #5"):
+  with pytest.raises(ValueError, match="static formats need scales calibrated on a model's K/V"):
     format_bench.check_formats(["int8", "k=int8-head,v=int8"])
   with pytest.raises(ValueError, match="formats is empty"):
     format_bench.check_formats([])

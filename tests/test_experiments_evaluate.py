@@ -1,48 +1,36 @@
-"""experiments/evaluate.py end to end on a tiny random model (SmolLM2's tokenizer), in a temp dir."""
+"""The evaluate run on a tiny random model (SmolLM2's tokenizer) in process, its config and
+flag errors, and the binary end to end once (subprocess)."""
 
-import dataclasses
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
-from flax import nnx
-from kvtpu.experiments.common import format_names
-from kvtpu.models import loaders
-from kvtpu.models.llama import Llama
-from kvtpu.models.pretrained import load_pretrained
+from absl import app
+from kvtpu.experiments import evaluate as evaluate_binary
+from kvtpu.experiments.common import format_names, parse_flags
+from kvtpu.models.runs import evaluate as evaluate_run
+from kvtpu.models.runs.common import ConfigError
 
 from kvtpu.eval import report
-from tests.helpers import TINY
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import run_binary
+from tests.run_support import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-  _, tokenizer = load_pretrained("smollm2-135m")
-  cfg = dataclasses.replace(TINY, name="tiny-smollm-vocab", vocab_size=tokenizer.vocab_size,
-                            max_position=2048)
-  path = tmp_path_factory.mktemp("tiny") / "ckpt"
-  loaders.save_checkpoint(Llama(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tokenizer)
-  return path
+  return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
-def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "kvtpu.experiments.evaluate", "--preset=none",
-       f"--model={tiny_checkpoint}", f"--workdir={tmp_path}", "--kv_formats=int8,fp8_e4m3",
-       "--calibrate_formats=int4,k=int8-head,v=int8", "--calibration_workloads=prose,code",
-       "--calibration_method=absmax", "--calibration_tokens=1024",
-       "--eval_workloads=prose,code", "--contexts=32,64", "--batches=2", "--prefill=16",
-       "--chunk=8", "--passkey_lengths=96", "--passkey_depths=0.5", "--passkey_samples=2",
-       "--passkey_formats=int8", "--impl=xla"],
-      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-      timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
+  config = evaluate_run.EvaluateConfig.from_preset(
+      "none", model=str(tiny_checkpoint), kv_formats=["int8", "fp8_e4m3"],
+      calibrate_formats=["int4", "k=int8-head,v=int8"], calibration_workloads=["prose", "code"],
+      calibration_method="absmax", calibration_tokens=1024, eval_workloads=["prose", "code"],
+      contexts=["32", "64"], batches=[2], prefill=16, chunk=8, passkey_lengths=[96],
+      passkey_depths=["0.5"], passkey_samples=2, passkey_formats=["int8"], impl="xla")
+  assert config.contexts == (32, 64) and config.passkey_depths == (0.5,)  # flag strings parsed
+  result = evaluate_run.run(config, tmp_path)
   rows = report.read_jsonl(tmp_path / "results.jsonl")  # schema-checked on read
+  assert rows == result.rows
   scores = [r for r in rows if r["kind"] == "score"]
   labels = {(r["kv_format"], r["calibration_name"]) for r in scores}
   assert labels == {("int8", "dynamic"), ("fp8_e4m3", "dynamic"), ("int4", "prose"),
@@ -52,34 +40,95 @@ def test_evaluate_tiny_end_to_end(tiny_checkpoint, tmp_path):
   for r in scores:
     assert r["weight_precision"] == "random init (float32)" and r["model"] == "tiny-smollm-vocab"
     assert r["protocol"]["prefill"] == 16 and r["protocol"]["chunk"] == 8
+    # The bf16 reference: 2 layers x 2 kv heads x 16 channels x K and V x 2 bytes.
+    assert r["reference_bytes_per_token"] == 2 * 2 * 16 * 2 * 2
     if r["calibration"] != "dynamic":
       w = r["calibration"]["workloads"][0]
       assert w["name"] == r["calibration_name"] and w["tokens_used"] == 1024
   passkey = [r for r in rows if r["kind"] == "passkey"]
   assert [(r["kv_format"], r["context"], r["depth"]) for r in passkey] == [("int8", 96, 0.5)]
   text = (tmp_path / "report.md").read_text()
+  assert text == result.report
   for part in ("random init (float32)", "Calibration transfer", "Passkey", "kl_mean",
-               "## Targets (dynamic per-token-head scales, context 64)", "| int8 | prose x2 |"):
+               "## Targets (dynamic per-token-head scales, context 64)", "| int8 | prose x2 |",
+               "| top1_agreement (%) | >= 99 |", "prose @64 x2 (%)"):
     assert part in text, part
-  for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png"):
+  for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png", "kl_vs_bytes.png"):
     assert (tmp_path / png).stat().st_size > 1000
+    assert f"]({png})\n\n*" in text  # each plot with its caption
   assert (tmp_path / "calibration" / "int4@prose" / "kvtpu_calibration.json").is_file()
-  config = json.loads((tmp_path / "config.json").read_text())
-  assert config["contexts"] == [32, 64] and config["preset"] == "none"
-  assert f"Report: {tmp_path / 'report.md'}" in proc.stdout
+  config_json = json.loads((tmp_path / "config.json").read_text())
+  assert config_json["contexts"] == [32, 64] and config_json["preset"] == "none"
+  assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_evaluate_flag_errors(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "kvtpu.experiments.evaluate", "--preset=quick", "--kv_formats=int8-head",
-       f"--workdir={tmp_path}"],
-      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-      timeout=300)
-  assert proc.returncode != 0
-  assert "--kv_formats=int8-head has static scales" in proc.stderr
+def test_targets_table_in_percent():
+  row = {"kind": "score", "kv_format": "int8", "calibration": "dynamic", "context": 2048,
+         "batch": 2, "eval_workload": {"name": "prose"},
+         "metrics": {"ppl_rel_change": -0.0009192, "kl_mean": 0.000651, "top1_agreement": 0.9858}}
+  md = evaluate_run.targets_markdown([row], 2048)
+  lines = md.splitlines()
+  assert lines[2] == "| format | evaluated on | metric (unit) | target | measured | met |"
+  assert lines[4:] == [
+      "| int8 | prose x2 | ppl_rel_change (%) | abs <= 0.1 | -0.09192 | yes |",
+      "| int8 | prose x2 | kl_mean (nats) | <= 0.001 | 0.000651 | yes |",
+      "| int8 | prose x2 | top1_agreement (%) | >= 99 | 98.58 | **no** |"]
+  assert "no matching rows in this run" in evaluate_run.targets_markdown([row], 512)
 
 
-def test_format_names_rejoins_mixed_formats():
+def test_presets_and_explicit_fields():
+  quick = evaluate_run.EvaluateConfig.from_preset("quick")
+  assert quick.kv_formats == ("int8", "fp8_e4m3", "int4", "fp8_e5m2")
+  assert quick.contexts == (256, 2048) and quick.calibrate_formats == ("int4",)
+  over = evaluate_run.EvaluateConfig.from_preset("quick", contexts=[512])
+  assert over.contexts == (512,) and over.batches == quick.batches
+  with pytest.raises(ConfigError, match="^kv_formats: required with preset=none"):
+    evaluate_run.EvaluateConfig.from_preset("none")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv_formats=int8-head"], "--kv_formats: int8-head has static scales: list it in "
+                                 "calibrate_formats"),
+    (["--contexts=1"], "--contexts: expected integers >= 2, got [1]"),
+    (["--contexts=2k"], "--contexts: expected integers, got ['2k']"),
+    (["--passkey_depths=1.5"], "--passkey_depths: expected numbers in [0, 1], got [1.5]"),
+    (["--calibration_method=best"], "--calibration_method: expected one of"),
+    (["--calibrate_formats=int4", "--calibration_workloads="],
+     "--calibration_workloads: calibrate_formats needs at least one calibration workload"),
+    (["--preset=none", "--kv_formats=int8"], "--calibrate_formats: required with preset=none"),
+    (["--reference=int8-channel"], "--reference: int8-channel has static scales"),
+])
+def test_flag_errors_name_the_flag(args, message):
+  fv = parse_flags(evaluate_binary.define_flags, args)
+  with pytest.raises(app.UsageError) as e:
+    evaluate_binary.config_from_flags(fv)
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_flags_fill_the_preset_and_rejoin_mixed_formats():
+  fv = parse_flags(evaluate_binary.define_flags,
+                   ["--calibrate_formats=int4,k=int8-channel,v=int8", "--batches=1,8"])
+  config = evaluate_binary.config_from_flags(fv)
+  assert config.calibrate_formats == ("int4", "k=int8-channel,v=int8")
+  assert config.batches == (1, 8) and config.contexts == (256, 2048)  # the rest: quick
   assert format_names(["int8", "k=int8-channel", "v=int4", "k8v4", "v=int8"]) == [
       "int8", "k=int8-channel,v=int4", "k8v4", "v=int8"]
   assert format_names([]) == []
+
+
+def test_evaluate_binary_end_to_end(tiny_checkpoint, tmp_path):
+  proc = run_binary(
+      "kvtpu.experiments.evaluate", "--preset=none", f"--model={tiny_checkpoint}",
+      "--kv_formats=int8", "--calibrate_formats=", "--calibration_workloads=",
+      "--calibration_method=absmax", "--calibration_tokens=512", "--eval_workloads=prose",
+      "--contexts=32", "--batches=1", "--prefill=16", "--chunk=16", "--passkey_lengths=",
+      "--passkey_depths=", "--passkey_samples=1", "--passkey_formats=", "--impl=xla",
+      workdir=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = report.read_jsonl(tmp_path / "results.jsonl")
+  assert [(r["kind"], r["kv_format"], r["context"]) for r in rows] == [("score", "int8", 32)]
+  for name in ("config.json", "report.md", "kl_vs_context.png"):
+    assert (tmp_path / name).is_file(), name
+  assert "ETA" in proc.stderr  # progress is logged
+  assert proc.stdout.strip().splitlines()[-1] == (
+      f"Report: {tmp_path / 'report.md'}; results: {tmp_path / 'results.jsonl'}")

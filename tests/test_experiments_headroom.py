@@ -1,31 +1,29 @@
-"""The headroom binary (`python -m kvtpu.experiments.headroom`), and multi-host start-up.
-
-The binary runs in a subprocess (absl flags are process-global).
-"""
+"""The headroom run (in process) on its defaults, configuration errors (in process), the
+binary end to end once (subprocess), and multi-host start-up."""
 
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
+from absl import app
 from kvtpu.experiments import common
+from kvtpu.experiments import headroom as headroom_binary
+from kvtpu.models.runs.common import ConfigError
+from kvtpu.models.runs.headroom import HeadroomConfig, run
 
-from kvtpu import headroom_report, memory
+from kvtpu import memory
+from kvtpu.headroom import report as headroom_report
 from tests.helpers import run_binary
 
 
-def _headroom(*args: str, workdir: pathlib.Path):
-  return run_binary("kvtpu.experiments.headroom", *args, workdir=workdir)
-
-
-def test_defaults_answer_the_issue_table(tmp_path):
-  # The embedded defaults: Llama-3.1-8B, bf16 weights, v5e-8, data:2 x model:4, analytic.
-  proc = _headroom(workdir=tmp_path)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def test_defaults_answer_the_capacity_targets(tmp_path):
+  # The defaults: Llama-3.1-8B, bf16 weights, v5e-8, data:2 x model:4, analytic.
+  result = run(HeadroomConfig(), tmp_path)
   for name in ("config.json", "results.jsonl", "report.md", "context_vs_concurrency.png"):
     assert (tmp_path / name).stat().st_size > 0, name
   rows = headroom_report.read_jsonl(tmp_path / "results.jsonl")
+  assert rows == result.rows
   maxima = {(r["kv_format"], r["kind"], r["concurrency"] if r["kind"] == "max_context"
              else r["context"]): r for r in rows if not r["oom"]}
   assert len(maxima) == 4 * 7  # 4 formats x (4 concurrencies + 3 contexts).
@@ -39,35 +37,70 @@ def test_defaults_answer_the_issue_table(tmp_path):
   r = maxima[("int8", "max_context", 8)]
   assert r["cache_per_device"] == memory.cache_bytes(
       "int8", num_layers=32, batch=4, kv_heads=2, max_len=r["max_len"], head_dim=128)
-  # The issue's targets: token capacity over bf16.
+  # The capacity targets: token capacity over bf16.
   for c in (8, 32, 128):
     bf16 = maxima[("bf16", "max_context", c)]["tokens"]
     assert maxima[("int8", "max_context", c)]["tokens"] >= 1.9 * bf16
     assert maxima[("fp8_e4m3", "max_context", c)]["tokens"] >= 1.9 * bf16
     assert maxima[("int4", "max_context", c)]["tokens"] >= 3.6 * bf16
   report = (tmp_path / "report.md").read_text()
+  assert report == result.report
   assert "weight precision: bf16" in report and "KV precisions: bf16, int8, fp8_e4m3, int4" in report
-  assert json.loads((tmp_path / "config.json").read_text())["mesh"] == "data:2,model:4"
+  # int8 and fp8_e4m3 store the same bytes: the plot draws both and its caption says so.
+  assert "int8 and fp8_e4m3 coincide" in report
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["mesh"] == "data:2,model:4" and config["seconds"]["analytic"] >= 0
+  assert config["topology"] == "v5e:2x4"
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--mesh=data:4,model:4"], "has 16 devices, but --accelerator=v5e-8 has 8"),
-    (["--accelerator=v9-8"], "unknown accelerator name='v9'"),
-    (["--accelerator=v5e-6"], "no v5e slice of 6 chips"),
-    (["--mesh=data:2"], "name both axes"),
-    (["--model=gpt-5"], "unknown model preset"),
+    (["--mesh=data:4,model:4"], "--mesh: data:4,model:4 has 16 devices, but accelerator v5e-8 "
+                                "has 8"),
+    (["--accelerator=v9-8"], "--accelerator: unknown accelerator name='v9'"),
+    (["--accelerator=v5e-6"], "--accelerator: accelerator='v5e-6': no v5e slice of 6 chips"),
+    (["--mesh=data:2"], "--mesh: mesh='data:2': name both axes"),
+    (["--model=gpt-5"], "--model: unknown model preset"),
     (["--accelerator=v5e-8", "--mesh=data:1,model:8", "--strategy=heads",
-      "--model=smollm2-135m"], "strategy='heads'"),
-    (["--modes=analytic,guess"], "--modes must be among"),
-    (["--mode=guess"], "--modes must be among"),  # --mode is an alias.
-    (["--modes=live"], "give one with --hbm_gib"),
-    (["--modes=aot,live"], "run them separately"),
-    (["--modes=live", "--hbm_gib=100000"], "more than half of this host's free memory"),
+      "--model=smollm2-135m"], "--strategy: strategy='heads'"),
+    (["--modes=analytic,guess"], "--modes: expected modes among"),
+    (["--mode=guess"], "--modes: expected modes among"),  # --mode is an alias.
+    (["--modes=aot,live"], "--modes: live sizes the present devices and aot"),
+    (["--weight_dtype=fp16"], "--weight_dtype: expected one of"),
+    (["--reserve=1"], "--reserve: expected a fraction of HBM in [0, 1), got 1.0"),
+    (["--concurrencies=0"], "--concurrencies: expected integers >= 1, got [0]"),
+    (["--kv_formats=int7"], "--kv_formats: invalid KV format name='int7'"),
 ])
-def test_bad_configurations_are_clear_errors(tmp_path, args, message):
-  proc = _headroom(*args, workdir=tmp_path)
-  assert proc.returncode != 0
-  assert message in proc.stderr, proc.stderr[-3000:]
+def test_bad_configurations_are_clear_errors(args, message):
+  fv = common.parse_flags(headroom_binary.define_flags, args)
+  with pytest.raises(app.UsageError) as e:
+    headroom_binary.config_from_flags(fv)
+  assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(modes=("live",)), "hbm_gib: modes=live on cpu devices, which report no memory "
+                            "capacity: give one with hbm_gib"),
+    (dict(modes=("live",), hbm_gib=100000.0), "more than half of this host's free memory"),
+])
+def test_live_mode_checks_the_present_devices_before_measuring(tmp_path, fields, message):
+  # The 8 fake CPU devices of the test process cover the default mesh (data:2 x model:4).
+  with pytest.raises(ConfigError, match=message):
+    run(HeadroomConfig(**fields), tmp_path)
+  assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_headroom_binary_end_to_end(tmp_path):
+  proc = run_binary("kvtpu.experiments.headroom", "--mode=analytic", "--kv_formats=bf16,int8",
+                    "--concurrencies=8", "--contexts=8192", workdir=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = headroom_report.read_jsonl(tmp_path / "results.jsonl")
+  assert {(r["kv_format"], r["kind"], r["oom"]) for r in rows} == {
+      (f, k, oom) for f in ("bf16", "int8") for k in ("max_context", "max_concurrency")
+      for oom in (False, True)}
+  assert (tmp_path / "context_vs_concurrency.png").stat().st_size > 1000
+  assert "## Mode: analytic" in proc.stdout
+  assert proc.stdout.strip().splitlines()[-1] == (
+      f"Report: {tmp_path / 'report.md'}; results: {tmp_path / 'results.jsonl'}")
 
 
 def test_distributed_initialize_only_on_a_multihost_slice(monkeypatch):

@@ -1,25 +1,22 @@
-"""experiments/kernel_bench.py on a tiny config, and the traffic table it prints."""
+"""The kernel_bench binary end to end on a tiny config (subprocess, once), its flag errors (in
+process), and the traffic table it prints."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
+import pytest
+from absl import app
+from kvtpu.experiments import kernel_bench as kernel_bench_binary
+from kvtpu.experiments.common import parse_flags
 
 from kvtpu import benchmark
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import run_binary
 
 
 def test_kernel_bench_tiny_config(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "kvtpu.experiments.kernel_bench", f"--workdir={tmp_path}",
-       "--formats=bf16,int8", "--contexts=256", "--batches=2", "--prefill_chunk=16",
-       "--head_dim=64", "--kv_heads=2", "--q_heads=4", "--iters=1"],
-      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-      timeout=300)
+  proc = run_binary("kvtpu.experiments.kernel_bench", "--formats=bf16,int8", "--contexts=256",
+                    "--batches=2", "--prefill_chunk=16", "--head_dim=64", "--kv_heads=2",
+                    "--q_heads=4", "--iters=1", workdir=tmp_path, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert {(r["kv_format"], r["phase"]) for r in rows} == {
@@ -30,8 +27,31 @@ def test_kernel_bench_tiny_config(tmp_path):
   # int8 K/V with f32 per-token scales: 2 * (64 + 4) bytes per token and head vs 2 * 128.
   by = {(r["kv_format"], r["phase"]): r for r in rows}
   assert by[("int8", "decode")]["bytes"] / by[("bf16", "decode")]["bytes"] == 136 / 256
-  assert (tmp_path / "report.md").exists() and (tmp_path / "config.json").exists()
+  assert (tmp_path / "traffic.jsonl").exists() and (tmp_path / "config.json").exists()
+  report = (tmp_path / "report.md").read_text()
+  assert "| roofline (%) |" in report and "| `int8` | 256 | 2 | decode |" in report
   assert "kernel_bench: timed 4 points" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formats=int8-channel"], "--formats: int8-channel has static scales"),
+    (["--contexts=0"], "--contexts: expected integers >= 1, got [0]"),
+    (["--q_heads=6"], "--q_heads: expected a multiple of kv_heads=8, got 6"),
+    (["--impl=gpu"], "--impl: expected one of"),
+])
+def test_flag_errors_name_the_flag(args, message):
+  with pytest.raises(app.UsageError) as e:
+    kernel_bench_binary.config_from_flags(parse_flags(kernel_bench_binary.define_flags, args))
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_markdown_table_shows_the_roofline_in_percent():
+  row = dict(kv_format="int8", context=2048, batch=8, phase="decode", seconds=1e-4,
+             bytes=4.0e7, bytes_over_min=1.008, gb_per_s=400.0, roofline_fraction=0.4884, oom=False)
+  lines = benchmark.markdown_table([row, dict(row, oom=True, phase="prefill")]).splitlines()
+  assert lines[0] == "| format | context | batch | phase | ms | MB moved | x min | GB/s | roofline (%) |"
+  assert lines[2] == "| `int8` | 2048 | 8 | decode | 0.100 | 40.00 | 1.008 | 400.0 | 48.8 |"
+  assert lines[3] == "| `int8` | 2048 | 8 | prefill | OOM |  |  |  |  |"
 
 
 def test_traffic_rows_full_context_targets():

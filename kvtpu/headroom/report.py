@@ -36,16 +36,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvtpu.eval import report as _report
-from kvtpu.eval.report import (
-    _is_int,
-    _is_num,
-    _is_str,
-    _require,
-    _require_fields,
-    _save,
-    _table,
-)
+from kvtpu import reports
+from kvtpu.reports import is_int, is_nonneg_int, is_num, is_pos_int, is_str, require
 
 __all__ = [
     "KINDS", "MODES", "REQUIRED_FIELDS", "STRATEGIES", "agreement_table", "breakdown_table",
@@ -77,14 +69,6 @@ _FOOTNOTE_MARK = "*"
 # Schema check and JSONL.
 
 
-def _nonneg_int(x: Any) -> bool:
-  return _is_int(x) and x >= 0
-
-
-def _pos_int(x: Any) -> bool:
-  return _is_int(x) and x > 0
-
-
 def check_row(row: Any) -> None:
   """Checks one headroom row against the schema (see the module docstring).
 
@@ -94,25 +78,25 @@ def check_row(row: Any) -> None:
   Raises:
     ValueError: naming the first missing or invalid field.
   """
-  _require_fields(row, REQUIRED_FIELDS)
+  reports.require_fields(row, REQUIRED_FIELDS)
   for field in _STR_FIELDS:
-    _require(row, field, field, _is_str, "a non-empty str")
-  _require(row, "num_devices", "num_devices", _pos_int, "an int > 0")
-  _require(row, "strategy", "strategy", lambda x: x in STRATEGIES, f"one of {STRATEGIES}")
-  _require(row, "mode", "mode", lambda x: x in MODES, f"one of {MODES}")
-  _require(row, "kind", "kind", lambda x: x in KINDS, f"one of {KINDS}")
+    require(row, field, is_str, "a non-empty str")
+  require(row, "num_devices", is_pos_int, "an int > 0")
+  require(row, "strategy", lambda x: x in STRATEGIES, f"one of {STRATEGIES}")
+  require(row, "mode", lambda x: x in MODES, f"one of {MODES}")
+  require(row, "kind", lambda x: x in KINDS, f"one of {KINDS}")
   for field in _COUNT_FIELDS:
-    _require(row, field, field, _nonneg_int, "an int >= 0")
-  _require(row, "oom", "oom", lambda x: isinstance(x, bool), "a bool")
-  _require(row, "hbm_per_device", "hbm_per_device", _pos_int, "an int > 0")
+    require(row, field, is_nonneg_int, "an int >= 0")
+  require(row, "oom", lambda x: isinstance(x, bool), "a bool")
+  require(row, "hbm_per_device", is_pos_int, "an int > 0")
   for field in _BYTE_FIELDS:
-    _require(row, field, field, _nonneg_int, "an int >= 0 (bytes)")
-  _require(row, "other_per_device", "other_per_device", _is_int, "an int (bytes)")
-  _require(row, "reserve_fraction", "reserve_fraction", lambda x: _is_num(x) and 0 <= x < 1,
+    require(row, field, is_nonneg_int, "an int >= 0 (bytes)")
+  require(row, "other_per_device", is_int, "an int (bytes)")
+  require(row, "reserve_fraction", lambda x: is_num(x) and 0 <= x < 1,
            "a number in [0, 1)")
-  _require(row, "model_max_position", "model_max_position", _pos_int, "an int > 0")
+  require(row, "model_max_position", is_pos_int, "an int > 0")
   if "note" in row:
-    _require(row, "note", "note", lambda x: isinstance(x, str), "a str")
+    require(row, "note", lambda x: isinstance(x, str), "a str")
   if row["tokens"] != row["batch"] * row["max_len"]:
     raise ValueError(f"result row field 'tokens' must be batch * max_len = "
                      f"{row['batch'] * row['max_len']}, got {row['tokens']}")
@@ -126,17 +110,17 @@ def check_row(row: Any) -> None:
 
 def check_rows(rows: Iterable[Any]) -> None:
   """Checks every row; the error message starts with the failing row's index."""
-  _report.check_rows(rows, check_row)
+  reports.check_rows(rows, check_row)
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> None:
-  """Checks the rows, then writes them to `path`, one JSON object per line."""
-  _report.write_jsonl(rows, path, check_row)
+  """Checks the rows, then writes them to `path` (atomically), one JSON object per line."""
+  reports.write_jsonl(rows, path, check_row)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
   """Reads and checks the rows of a headroom results.jsonl file (blank lines are skipped)."""
-  return _report.read_jsonl(path, check_row)
+  return reports.read_jsonl(path, check_row)
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +285,7 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
                  "which is what the cache allocates.")
   if marked:
     notes.append(_footnote(trained))
-  return "\n\n".join([caption, _table(head, body), *notes])
+  return "\n\n".join([caption, reports.markdown_table(head, body), *notes])
 
 
 def _sorted_maxima(rows: Iterable[dict]) -> list[dict]:
@@ -331,7 +315,7 @@ def breakdown_table(rows: Sequence[dict], *, mode: str) -> str:
           + [_gib(r[f"{k}_per_device"]) for k in ("weights", "cache", "temp", "other", "total",
                                                   "budget", "hbm")]
           for r in sel]
-  return caption + "\n\n" + _table(head, body)
+  return caption + "\n\n" + reports.markdown_table(head, body)
 
 
 def _rel(x: int, ref: int) -> float | None:
@@ -383,7 +367,7 @@ def agreement_table(rows: Sequence[dict], modes: Sequence[str], *,
     rel = _rel(_found(row), _found(maxima[ref][p]))
     return text if rel is None else f"{text} ({rel:+.1f} %)"
 
-  found = _table(["KV format", "solved"] + [f"found: {m}" for m in modes],
+  found = reports.markdown_table(["KV format", "solved"] + [f"found: {m}" for m in modes],
                  [[p[0], _solved(p)] + [cell(m, p) for m in modes] for p in points])
 
   # Rows of each point (maxima first, then oom rows) and of each (format, batch, max_len).
@@ -451,7 +435,7 @@ def agreement_table(rows: Sequence[dict], modes: Sequence[str], *,
                   "(no common shape)")
     summary += (f". Δ: the other mode minus {ref}. \"(mode: oom row)\": that mode's row at "
                 "this shape is its first point past the maximum.")
-    parts += [summary, _table(head, body)]
+    parts += [summary, reports.markdown_table(head, body)]
   return "\n\n".join(parts)
 
 
@@ -460,52 +444,40 @@ def agreement_table(rows: Sequence[dict], modes: Sequence[str], *,
 
 
 def plot_context_vs_concurrency(rows: Sequence[dict], path: str | Path, *, mode: str,
-                                title: str) -> None:
-  """PNG: max context (log) against concurrency (log2), one line per KV format.
+                                title: str) -> reports.Figure:
+  """PNG: max context (log2) against concurrency (log2), one line per KV format.
 
   From the non-oom max_context rows of `mode`; a maximum of 0 (nothing fits) has no place on
-  a log axis and is left out. A dashed line marks the model's trained context.
+  a log axis and is left out. bf16, the baseline of every other format, is a line of its own
+  (black) when the rows have it; a dashed line marks the model's trained context. Formats
+  with identical maxima (int8 and fp8_e4m3 store the same bytes) are drawn over one another
+  visibly and named in the legend and the returned notes.
   """
   _check_mode(mode)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.ticker import NullLocator
-
   sel = [r for r in _sorted_maxima(r for r in rows if r["mode"] == mode)
          if r["kind"] == "max_context"]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  ax.set_xlabel("concurrency (sequences)")
-  ax.set_ylabel("max context (tokens per sequence)")
-  ax.grid(True, which="both", alpha=0.3)
-  plotted = False
+  series = []
   for fmt in _format_order(sel):
     points = sorted((r["concurrency"], r["context"]) for r in sel
                     if r["kv_format"] == fmt and r["context"] > 0 and r["concurrency"] > 0)
     if points:
-      ax.plot(*zip(*points, strict=True), marker="o", label=fmt)
-      plotted = True
+      series.append(reports.Series(fmt, [c for c, _ in points], [x for _, x in points]))
   trained = _trained(sel)
-  if trained is not None:
-    ax.axhline(trained, linestyle="--", color="gray", label="model's trained context")
-  if plotted:
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    shown = [r for r in sel if r["context"] > 0 and r["concurrency"] > 0]
-    concs = sorted({r["concurrency"] for r in shown})
-    ax.set_xticks(concs, labels=[str(c) for c in concs])
+  shown = [r for r in sel if r["context"] > 0 and r["concurrency"] > 0]
+  concs = sorted({r["concurrency"] for r in shown})
+  yticks = None
+  if shown:
     ys = [r["context"] for r in shown] + ([trained] if trained is not None else [])
     lo, hi = math.floor(math.log2(min(ys))), math.ceil(math.log2(max(ys)))
     step = -(-(hi - lo + 1) // 12)  # at most 12 labels
-    ticks = [2**e for e in range(lo, hi + 1, step)]
-    ax.set_yticks(ticks, labels=[_ctx(t) for t in ticks])
-    for axis in (ax.xaxis, ax.yaxis):
-      axis.set_minor_locator(NullLocator())
-  else:
-    ax.text(0.5, 0.5, "no max_context point that fits", transform=ax.transAxes, ha="center")
-  if plotted or trained is not None:
-    ax.legend(fontsize=8)
-  _save(plt, fig, ax, path, title)
+    yticks = [2**e for e in range(lo, hi + 1, step)]
+  baseline = None if trained is None else reports.Baseline(
+      f"model's trained context ({trained:,} tokens)", y=trained)
+  return reports.plot_series(
+      path, series, title=title, xlabel="concurrency (sequences)",
+      ylabel="max context (tokens per sequence)", xscale="log2", yscale="log2",
+      baseline=baseline, xticks=concs or None, xtick_label=lambda c: f"{c:g}",
+      yticks=yticks, ytick_label=lambda t: _ctx(int(t)))
 
 
 _MODE_TEXT = {
@@ -557,8 +529,8 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
   write_jsonl(rows, paths["results"])
   modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
   plot_mode = next((m for m in _PLOT_MODES if m in modes), "analytic")
-  plot_context_vs_concurrency(rows, paths["plot"], mode=plot_mode,
-                              title=f"max context vs concurrency ({plot_mode})")
+  figure = plot_context_vs_concurrency(rows, paths["plot"], mode=plot_mode,
+                                       title=f"max context vs concurrency ({plot_mode})")
 
   header = [f"- {line}" for line in header_lines]
   header += [f"- calibration: {c}" for c in dict.fromkeys(r["calibration"] for r in rows)]
@@ -581,10 +553,13 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
               "The same points solved by different modes: do the modes find the same maxima, "
               "and do they count the same bytes for the same cache shape?",
               agreement_table(rows, modes)]
-  parts += ["## Plot", f"Max context against concurrency, {plot_mode} maxima (log scales).",
-            f"![max context vs concurrency ({plot_mode})]({paths['plot'].name})"]
+  parts += ["## Plot", figure.markdown(
+      f"max context vs concurrency ({plot_mode})",
+      f"Max context against concurrency, {plot_mode} maxima (log scales, one line per KV "
+      "format, bf16 the baseline). Each point is one solved maximum, not an average; a "
+      "concurrency below the data axis allocates one sequence per data shard.")]
   notes = _notes(rows)
   if notes:
     parts += ["## Notes", "\n".join(notes)]
-  paths["report"].write_text("\n\n".join(parts) + "\n")
+  reports.write_text(paths["report"], "\n\n".join(parts) + "\n")
   return {name: str(p) for name, p in paths.items()}

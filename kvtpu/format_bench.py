@@ -1,9 +1,9 @@
 """Cache formats side by side: bytes per token, and attention error against a bf16 cache.
 
-The logic behind `experiments/demo.py`, as plain functions:
+The library side of the demo (`kvtpu.models.runs.demo`), as plain functions:
 
   bytes_table           exact bytes per token per layer (`kvtpu.memory.bytes_per_token`)
-                        and the ratio to bf16, with the issue-#2 targets at head_dim 128.
+                        and the ratio to bf16, with the byte targets at head_dim 128.
   attention_error_rows  fills a cache of each format with the same synthetic K/V
                         (outlier channels and tokens, as real keys have) by one jitted
                         step (`update` -> `attend` -> `advance` per layer, the cache
@@ -11,11 +11,12 @@ The logic behind `experiments/demo.py`, as plain functions:
                         lengths: ragged prefill chunks, then decode steps. Each decode
                         step's `attend(impl="xla")` output is compared with the bf16
                         cache's output for the same q/k/v.
-  render_markdown       the two report tables.
+  render_markdown       the two report tables (relative errors in percent).
 
-Only dynamic (per-token scale) formats are measured: static formats need calibrated
-scales, which arrive with the calibration issue (#5). K/V are synthetic, not from a
-model, so there is no weight precision and no calibration workload to report.
+Only dynamic (per-token scale) formats are measured: static formats need scales
+calibrated on a model's K/V, which synthetic data cannot stand in for. K/V are
+synthetic, not from a model, so there is no weight precision and no calibration
+workload to report.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvtpu
-from kvtpu import KVCache, KVFormat
+from kvtpu import KVCache, KVFormat, reports
 
 __all__ = ["KV_HEADS", "Q_HEADS", "NUM_LAYERS", "TARGETS", "split_formats", "check_formats",
            "synthetic_kv", "synthetic_qkv", "schedule", "bytes_table", "attention_error_rows",
@@ -41,15 +42,17 @@ MAX_DECODE_STEPS = 3
 CHANNEL_OUTLIER_SCALE = 50.0
 TOKEN_OUTLIER_SCALE = 20.0
 
-# Issue #2: bytes per token relative to bf16 at head_dim 128, per-token-head scales.
+# Bytes per token relative to bf16 at head_dim 128 that each format must meet (per-token-
+# head scales).
 TARGET_HEAD_DIM = 128
 TARGETS = {"int8": 0.53, "fp8_e4m3": 0.53, "fp8_e5m2": 0.53, "int4": 0.28}
 
 WEIGHT_PRECISION = "n/a (synthetic K/V, no model)"
 DYNAMIC_CALIBRATION = "dynamic per-token scales (no calibration workload)"
 BF16_CALIBRATION = "n/a (bf16, not quantized)"
-STATIC_ERROR = ("static formats need calibrated scales, arriving with the calibration issue "
-                "#5; use a dynamic format (per-token scales), e.g. one of {presets}")
+STATIC_ERROR = ("static formats need scales calibrated on a model's K/V (kvtpu.experiments."
+                "calibrate), not synthetic data; use a dynamic format (per-token scales), e.g. "
+                "one of {presets}")
 
 
 def split_formats(text: str) -> list[str]:
@@ -126,7 +129,7 @@ def bytes_table(formats, head_dims, kv_heads: int = KV_HEADS) -> list[dict]:
   Returns:
     One dict per (format, head_dim): kv_format, k_dtype, v_dtype, granularity,
     scale_dtype, head_dim, kv_heads, bytes_per_token_per_layer, ratio_vs_bf16, and
-    target / meets_target (None where the issue sets no target: other formats, or
+    target / meets_target (None where no target is set: other formats, or
     head_dim != 128).
   """
   fmts = [KVFormat.parse(f) for f in formats]
@@ -351,12 +354,6 @@ def merge_rows(byte_rows: list[dict], error_rows: list[dict]) -> list[dict]:
   return out
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(row) + " |" for row in body]
-  return "\n".join(lines)
-
-
 def _by_format(rows: list[dict]) -> tuple[list[str], list[int], dict]:
   names = list(dict.fromkeys(r["kv_format"] for r in rows))
   dims = sorted({r["head_dim"] for r in rows})
@@ -384,20 +381,21 @@ def bytes_markdown(rows: list[dict]) -> str:
     body.append(cells)
   title = (f"Cache bytes per token per layer (K and V, scales included), kv_heads={kv_heads}; "
            "ratio to bf16 in parentheses.")
-  return title + "\n\n" + _table(header, body)
+  return title + "\n\n" + reports.markdown_table(header, body)
 
 
 def error_markdown(rows: list[dict]) -> str:
-  """Attention-output error vs the bf16 cache per format and head_dim."""
+  """Attention-output error vs the bf16 cache per format and head_dim (relative error in %)."""
   rows = [r for r in rows if "attention_rel_error" in r]
   names, dims, at = _by_format(rows)
-  header = ["format"] + [f"{what} @ H={h}" for h in dims for what in ("rel err", "max abs err")]
+  header = ["format"] + [f"{what} @ H={h}" for h in dims
+                         for what in ("rel err (%)", "max abs err")]
   body = []
   for name in names:
     cells = [f"`{name}`"]
     for h in dims:
       r = at.get((name, h))
-      cells += ["-", "-"] if r is None else [f"{r['attention_rel_error']:.2e}",
+      cells += ["-", "-"] if r is None else [reports.percent(r["attention_rel_error"], "{:.3g}"),
                                              f"{r['attention_max_abs_error']:.2e}"]
     body.append(cells)
   if rows:
@@ -410,7 +408,7 @@ def error_markdown(rows: list[dict]) -> str:
              "outlier tokens (~20x); queries scaled so ordinary logits have unit variance.")
   else:
     title = "Attention output error vs the bf16 cache: no rows."
-  return title + "\n\n" + _table(header, body)
+  return title + "\n\n" + reports.markdown_table(header, body)
 
 
 def render_markdown(rows: list[dict]) -> str:

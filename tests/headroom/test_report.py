@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvtpu import headroom_report as hr
+from kvtpu.headroom import report as hr
 
 GIB, MIB = 2**30, 2**20
 # Cache bytes per token per device of each format (synthetic).

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from kvtpu import sharding
 from kvtpu.formats import KVFormat
 
-__all__ = ["Usage", "Deployment", "analytic_usage", "max_fit", "Answer", "max_context", "answer_rows",
-           "max_concurrency", "padded_batch", "sweep", "DEFAULT_RESERVE", "MAX_CONTEXT_LIMIT",
-           "MAX_BATCH_LIMIT"]
+__all__ = ["Usage", "Deployment", "Measure", "analytic_usage", "max_fit", "Answer", "max_context",
+           "answer_rows", "max_concurrency", "padded_batch", "sweep", "DEFAULT_RESERVE",
+           "MAX_CONTEXT_LIMIT", "MAX_BATCH_LIMIT"]
 
 DEFAULT_RESERVE = 0.05  # of HBM, for the runtime, fragmentation and anything unaccounted.
 MAX_CONTEXT_LIMIT = 1 << 24  # positions: the search stops here (16M tokens).
@@ -272,7 +272,7 @@ def sweep(dep: Deployment, fmts: Sequence, measure: Measure, *,
 
 
 def answer_rows(fmt: KVFormat, answer: Answer, dep: Deployment, *, mode: str, **fields) -> list[dict]:
-  """The result rows of one answer (`kvtpu.headroom_report` schema): the maximum, and
+  """The result rows of one answer (`kvtpu.headroom.report` schema): the maximum, and
   the first point past it (`oom` true) when one was measured. `fields` holds the
   deployment's labels (model, weight_dtype, accelerator, chip, num_devices, mesh,
   model_max_position, ...)."""

@@ -1,0 +1,248 @@
+"""The headroom run: the longest context and the most sequences each KV precision fits.
+
+For a model (a `kvtpu.models.presets` name), its weight precision, an accelerator slice
+and a (`data`, `model`) mesh, solves per KV format: the largest context at each
+concurrency and the largest concurrency at each context, with weights + cache + the
+decode step's temporaries within each device's HBM less the reserve.
+
+Modes (several allowed; they should agree):
+  analytic  closed forms (`kvtpu.memory`, `kvtpu.sharding`): instant, any slice.
+  aot       compiles the sharded decode step for the slice's TPU topology through
+            libtpu (no TPU needed) and reads `memory_analysis()`; seeded with the
+            analytic answers, so a consistent answer costs two compiles.
+  live      allocates and runs the step on the present devices (a TPU VM; elsewhere
+            with `hbm_gib` as the capacity); out-of-memory is a data point.
+
+Writes to the workdir: config.json (first; the seconds per mode added at the end),
+results.jsonl (each maximum and the first point past it, `oom: true`, appended as each
+answer is solved), report.md (tables per mode, the per-device breakdown, the agreement
+between modes) and context_vs_concurrency.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import jax
+from absl import logging
+from kvtpu.models import presets
+from kvtpu.models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
+from kvtpu.models.runs.common import (
+  ConfigError,
+  check,
+  format_list,
+  int_list,
+  one_of,
+  positive_int,
+  start,
+  str_list,
+  write_config,
+)
+
+import kvtpu
+from kvtpu import accelerators, headroom, reports
+from kvtpu.headroom import report as headroom_report
+from kvtpu.sharding import STRATEGIES, resolve_strategy
+
+__all__ = ["HeadroomConfig", "HeadroomResult", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadroomConfig:
+  """A headroom sweep (each field is the headroom binary's flag of the same name).
+
+  Attributes:
+    model: a `kvtpu.models.presets` name (the model's shape).
+    weight_dtype: storage precision of the weights (`WEIGHT_DTYPES`), reported apart from
+      the KV precision.
+    accelerator: the slice, e.g. "v5e-8", "v5p-8", "v5e-256", "h100-8".
+    mesh: "data:<n>,model:<m>", covering the slice.
+    strategy: kv heads over the model axis (`kvtpu.sharding.STRATEGIES`).
+    kv_formats: KV-cache formats to size.
+    modes: "analytic", "aot" and/or "live" ("aot" and "live" not together).
+    concurrencies: concurrencies of the max-context question.
+    contexts: contexts of the max-concurrency question.
+    block: context step (positions) of the search.
+    reserve: fraction of HBM kept free, in [0, 1).
+    hbm_gib: capacity per device for live mode on devices that report none (CPU).
+    impl: attend implementation of the live step (aot compiles the Pallas kernels).
+  """
+
+  model: str = "llama-3.1-8b"
+  weight_dtype: str = "bf16"
+  accelerator: str = "v5e-8"
+  mesh: str = "data:2,model:4"
+  strategy: str = "auto"
+  kv_formats: tuple[str, ...] = ("bf16", "int8", "fp8_e4m3", "int4")
+  modes: tuple[str, ...] = ("analytic",)
+  concurrencies: tuple[int, ...] = (1, 8, 32, 128)
+  contexts: tuple[int, ...] = (8192, 32768, 131072)
+  block: int = 128
+  reserve: float = headroom.DEFAULT_RESERVE
+  hbm_gib: float | None = None
+  impl: str = "auto"
+
+  def __post_init__(self):
+    try:
+      cfg = presets.get(self.model)
+    except ValueError as e:
+      raise ConfigError("model", str(e)) from None
+    one_of("weight_dtype", self.weight_dtype, sorted(WEIGHT_DTYPES))
+    try:
+      slice_ = accelerators.parse_slice(self.accelerator)
+    except ValueError as e:
+      raise ConfigError("accelerator", str(e)) from None
+    try:
+      mesh = parse_mesh(self.mesh)
+    except ValueError as e:
+      raise ConfigError("mesh", str(e)) from None
+    devices = mesh["data"] * mesh["model"]
+    check(devices == slice_.num_chips, "mesh",
+          f"{self.mesh} has {devices} devices, but accelerator {slice_.name} has "
+          f"{slice_.num_chips}: the mesh must cover the slice")
+    one_of("strategy", self.strategy, STRATEGIES)
+    try:
+      resolve_strategy(self.strategy, kv_heads=cfg.num_kv_heads, model=mesh["model"])
+    except ValueError as e:
+      raise ConfigError("strategy", f"{e} ({cfg.name} has {cfg.num_kv_heads} kv heads)"
+                        ) from None
+    object.__setattr__(self, "kv_formats", format_list("kv_formats", self.kv_formats))
+    modes = str_list("modes", self.modes)
+    check(all(m in headroom_report.MODES for m in modes), "modes",
+          f"expected modes among {list(headroom_report.MODES)}, got {list(modes)}")
+    check(not {"aot", "live"} <= set(modes), "modes",
+          "live sizes the present devices and aot the accelerator's topology: run them "
+          "separately")
+    object.__setattr__(self, "modes", tuple(dict.fromkeys(modes)))
+    object.__setattr__(self, "concurrencies", int_list("concurrencies", self.concurrencies))
+    object.__setattr__(self, "contexts", int_list("contexts", self.contexts))
+    object.__setattr__(self, "block", positive_int("block", self.block))
+    check(isinstance(self.reserve, int | float) and 0 <= self.reserve < 1, "reserve",
+          f"expected a fraction of HBM in [0, 1), got {self.reserve!r}")
+    check(self.hbm_gib is None or (isinstance(self.hbm_gib, int | float) and self.hbm_gib > 0),
+          "hbm_gib", f"expected a capacity in GiB > 0, got {self.hbm_gib!r}")
+    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+
+  @property
+  def model_config(self):
+    return presets.get(self.model)
+
+  @property
+  def slice(self) -> accelerators.Slice:
+    return accelerators.parse_slice(self.accelerator)
+
+  @property
+  def mesh_axes(self) -> dict[str, int]:
+    return parse_mesh(self.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadroomResult:
+  """What a sweep made: its rows, the report text and the paths written."""
+
+  rows: list[dict]
+  report: str
+  paths: dict[str, Path]
+
+
+def _live_capacity(config: HeadroomConfig, devices) -> int:
+  stats = devices[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  check(config.hbm_gib is not None, "hbm_gib",
+        f"modes=live on {devices[0].platform} devices, which report no memory capacity: give "
+        "one with hbm_gib")
+  capacity = int(config.hbm_gib * 2**30)
+  # Host memory backs these devices: a capacity beyond it would not raise an
+  # out-of-memory error but get the process killed (or the machine swapping).
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  check(capacity * len(devices) <= host // 2, "hbm_gib",
+        f"{config.hbm_gib} x {len(devices)} devices is more than half of this host's free "
+        f"memory ({host / 2**30:.1f} GiB): live mode on host-memory devices must stay well "
+        "inside it")
+  return capacity
+
+
+def _answers_by_question(answers) -> dict:
+  """`sweep` guesses from answers: {(format, kind, asked): found}."""
+  return {(f.name, a.kind, a.concurrency if a.kind == "max_context" else a.context):
+          (a.max_len if a.kind == "max_context" else a.batch) for f, a in answers}
+
+
+def run(config: HeadroomConfig, workdir: str | os.PathLike) -> HeadroomResult:
+  """Solves the sweep of `config` in each of its modes, writing to `workdir` (see the module
+  docstring).
+
+  Raises:
+    ConfigError: live mode on devices the mesh does not cover, or without a capacity
+      (checked before anything is measured).
+  """
+  cfg, slice_, mesh = config.model_config, config.slice, config.mesh_axes
+  data, model = mesh["data"], mesh["model"]
+  hbm, labels = slice_.chip.hbm_bytes, dict(accelerator=slice_.name, chip=slice_.chip.name,
+                                            num_devices=slice_.num_chips)
+  if "live" in config.modes:  # Live sizes the present devices; analytic then sizes the same.
+    devices = jax.devices()
+    check(len(devices) == data * model, "mesh",
+          f"modes=live runs on the present {len(devices)} devices; mesh={config.mesh} must "
+          "cover them")
+    kind = accelerators.chip_name(devices[0].device_kind) or devices[0].platform
+    hbm = _live_capacity(config, devices)
+    labels = dict(accelerator=f"{kind}-{len(devices)} (present devices)", chip=kind,
+                  num_devices=len(devices))
+  dep = deployment(cfg, weights=config.weight_dtype, hbm_per_device=hbm, data=data,
+                   model=model, strategy=config.strategy, reserve=config.reserve)
+  labels.update(model=cfg.name, weight_dtype=config.weight_dtype, mesh=config.mesh,
+                model_max_position=cfg.max_position)
+  extra = dict(topology=slice_.topology)
+  workdir = start(workdir, config, **extra)
+  log = reports.RowLog(workdir / "results.jsonl", headroom_report.check_row)
+  guesses, seconds = {}, {}
+  for mode in ["analytic"] + [m for m in config.modes if m != "analytic"]:
+    begin = time.perf_counter()
+    record = mode in config.modes
+    if mode == "analytic":
+      measure = lambda fmt, b, s: headroom.analytic_usage(dep, fmt, b, s)  # noqa: E731
+    elif mode == "aot":
+      measure = AotMeasure(cfg, weights=config.weight_dtype, slice_=slice_, data=data,
+                           model=model, strategy=config.strategy)
+    else:
+      measure = LiveMeasure(cfg, weights=config.weight_dtype, devices=jax.devices(), data=data,
+                            model=model, strategy=config.strategy, impl=config.impl)
+
+    def progress(answer, fmt, mode=mode, record=record):
+      logging.info("%s %s %s: concurrency %d, context %d (%.1f GiB of %.1f GiB per device)",
+                   mode, fmt.name, answer.kind, answer.concurrency, answer.context,
+                   (answer.usage.total if answer.usage else 0) / 2**30, dep.budget / 2**30)
+      if record:
+        log.extend(headroom.answer_rows(fmt, answer, dep, mode=mode, **labels))
+
+    answers = headroom.sweep(dep, config.kv_formats, measure,
+                             concurrencies=config.concurrencies, contexts=config.contexts,
+                             block=config.block, guesses=guesses, progress=progress)
+    if mode == "analytic":
+      guesses = _answers_by_question(answers)
+    if record:
+      seconds[mode] = round(time.perf_counter() - begin, 1)
+  write_config(workdir, config, **extra, seconds=seconds)
+
+  header = [
+      f"model: {cfg.name} (L={cfg.num_layers}, kv heads={cfg.num_kv_heads}, "
+      f"head_dim={cfg.head_dim}, trained context {cfg.max_position:,})",
+      f"weight precision: {config.weight_dtype} ({dep.weights_per_device / 2**30:.2f} GiB "
+      f"per device, tensor-parallel over model:{model})",
+      "KV precisions: " + ", ".join(config.kv_formats),
+      f"accelerator: {labels['accelerator']} ({labels['num_devices']} x {labels['chip']}, "
+      f"{hbm / 2**30:.1f} GiB HBM each)",
+      f"mesh: {config.mesh}; kv heads: {dep.resolved_strategy} (kvtpu.sharding)",
+      f"reserve: {config.reserve:.0%} of HBM; budget {dep.budget / 2**30:.2f} GiB per device",
+      "modes: " + ", ".join(f"{m} ({seconds.get(m, 0):.0f} s)" for m in config.modes),
+  ]
+  paths = headroom_report.write_report(
+      log.rows, workdir, title=f"KV-cache memory headroom: {cfg.name} on {slice_.name}",
+      header_lines=header)
+  report = Path(paths["report"]).read_text()
+  return HeadroomResult(log.rows, report, {name: Path(p) for name, p in paths.items()})
