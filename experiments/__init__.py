@@ -1,2 +1,3 @@
-"""absl experiment binaries: short `main()`s around library functions, writing
-`config.json`, `results.jsonl` and `report.md` to `--workdir`."""
+"""absl experiment binaries: flags -> a validated config -> `run(config, workdir)` of
+`kvtpu.models.runs`, which writes `config.json`, `results.jsonl`, `report.md` and plots
+to `--workdir`."""
