@@ -540,7 +540,11 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
   members = {g[0]: g for g in groups}
 
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  entries = len(series) + (baseline is not None)
+  # Up to 12 legend entries fit beside the axes; more go below them, in two columns.
+  below = entries > 12
+  fig, ax = plt.subplots(figsize=(9.0, 4.5 + 0.13 * math.ceil(entries / 2)) if below
+                         else (7.5, 4.5))
   ax.grid(True, which="major", alpha=0.3)
   notes = []
   hidden = 0
@@ -555,7 +559,8 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
     if i in members:
       label += f" (= {_names([series[j].name for j in members[i][1:]])})"
     elif i in under:
-      label += f" (= {series[under[i]].name}, dashed over it)"
+      how = "dashed" if kind == "line" else "drawn"
+      label += f" (= {series[under[i]].name}, {how} over it)"
     rank = 0 if i not in under else members[under[i]].index(i)
     kwargs = dict(color=style.color, marker=style.marker, label=label,
                   markersize=6 + 3 * rank, zorder=2 + rank)
@@ -597,8 +602,12 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
   ax.set_ylabel(ylabel)
   ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
   if series or baseline is not None:
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-              frameon=False)
+    if below:
+      ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                frameon=False)
+    else:
+      ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                frameon=False)
   if not series:
     ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
   _save(fig, path)
