@@ -314,13 +314,7 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   parts.append("## KV-cache precision (separate from the weight precision)")
 
   def spec(d):
-    s = QuantSpec.from_dict(d)
-    if not s.quantized:
-      return f"{s.dtype.value}, unscaled"
-    group = f", group {s.group_size}" if s.group_size is not None else ""
-    scheme = "symmetric" if s.symmetric else "asymmetric"
-    scales = ", bfloat16 scales" if s.scale_dtype == "bfloat16" else ""
-    return f"{s.dtype.value}, {s.granularity.value}{group}, {scheme}{scales}"
+    return QuantSpec.from_dict(d).description
 
   kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"])
                for r in rows)
