@@ -582,16 +582,18 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
   if hidden:
     notes.append(f"{hidden} point(s) with values a log axis cannot show (<= 0) are left out.")
   if baseline is not None:
+    # One legend entry: on the horizontal line when there is one, else on the vertical.
     label = baseline.label
-    if baseline.y is not None:
-      if yscale in ("log", "log2") and baseline.y <= 0:
-        ax.plot([], [], color="gray", linestyle="--", label=label + " (not on the log axis)")
-      else:
-        ax.axhline(baseline.y, color="gray", linestyle="--", linewidth=1.2, label=label,
-                   zorder=1)
-        label = None
+    y_shown = baseline.y is not None and not (yscale in ("log", "log2") and baseline.y <= 0)
+    if baseline.y is not None and not y_shown:
+      label += f" (y = {baseline.y:g} is not on the log axis)"
+    if y_shown:
+      ax.axhline(baseline.y, color="gray", linestyle="--", linewidth=1.2, label=label, zorder=1)
+      label = None
     if baseline.x is not None:
       ax.axvline(baseline.x, color="gray", linestyle="-.", linewidth=1.2, label=label, zorder=1)
+    elif label is not None:
+      ax.plot([], [], color="gray", linestyle="--", label=label)
   _set_scale(ax, "x", xscale, xs, xticks, xtick_label)
   _set_scale(ax, "y", yscale, ys, yticks, ytick_label)
   drawn_y = ys if baseline is None or baseline.y is None else np.append(ys, baseline.y)

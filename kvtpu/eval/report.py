@@ -381,12 +381,15 @@ def _baseline(rows: Sequence[dict], metric: str, *, with_bytes: bool) -> reports
 
 def _over(rows: Sequence[dict], *, contexts: bool) -> str:
   """What a point averages over, for a caption."""
-  workloads = sorted({r["eval_workload"]["name"] for r in rows})
-  batches = sorted({r["batch"] for r in rows})
-  parts = [f"evaluation workloads {', '.join(workloads)}",
-           f"batch sizes {', '.join(map(str, batches))}"]
+
+  def named(what: str, values) -> str:
+    values = sorted(values)
+    return f"{what}{'s' if len(values) > 1 else ''} {', '.join(map(str, values))}"
+
+  parts = [named("evaluation workload", {r["eval_workload"]["name"] for r in rows}),
+           named("batch size", {r["batch"] for r in rows})]
   if contexts:
-    parts.append(f"contexts {', '.join(map(str, sorted({r['context'] for r in rows})))}")
+    parts.append(named("context", {r["context"] for r in rows}))
   return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -439,6 +442,7 @@ def plot_caption(rows: Sequence[dict], metric: str, *, vs: str) -> str:
   shows and averages."""
   scores = _scores(rows)
   what = _axis_label(metric)
+  what = what[:1].upper() + what[1:]
   if vs == "context":
     return (f"{what} against context. Each point: the mean over {_over(scores, contexts=False)}"
             f" of one KV config's rows at one context ({len(scores)} rows in all).")

@@ -7,6 +7,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from kvtpu import reports
@@ -440,10 +441,19 @@ def test_plot_styles_and_notes(tmp_path):
       "one line, the later ones dashed over the first, with larger hollow markers."], fig.notes
   bytes_fig = rp.plot_vs_bytes(rows, "top1_agreement", tmp_path / "top1.png")
   assert any("coincide" in n for n in bytes_fig.notes)  # int8 and fp8_e4m3: same bytes, same y
-  assert reports.style_of("int4").color != reports.style_of("int4", "prose").color
-  assert reports.style_of("int4", "prose") == reports.style_of("int4", "prose")
+  # The calibrated int4 config is drawn in its own shade of int4's colour in both plots.
+  import matplotlib.image  # noqa: PLC0415
+
+  shade = reports.style_of("int4", "prose").color
+  assert shade != reports.style_of("int4").color
+  rgb = np.array([int(shade[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+  for png in (fig.path, bytes_fig.path):
+    pixels = matplotlib.image.imread(png)[..., :3]
+    assert (np.abs(pixels - rgb).max(axis=-1) < 0.02).any(), png
   caption = rp.plot_caption(rows, "kl_mean", vs="bytes")
-  assert "mean over evaluation workloads prose" in caption and "contexts 512, 2048" in caption
+  assert caption.startswith("Mean per-token KL divergence from the reference (nats) against "
+                            "KV-cache bytes per token. Each point: the mean over")
+  assert "mean over evaluation workload prose, batch size 4 and contexts 512, 2048" in caption
   assert "(8 rows in all)" in caption
 
 
@@ -477,8 +487,9 @@ def test_write_report(tmp_path):
   assert "## Passkey retrieval" in md and "90 (100)" in md
   # Each image is followed by its caption: what a point averages over.
   caption = md[md.index("](kl_vs_context.png)"):].split("\n\n")[1]
-  assert caption.startswith("*mean per-token KL divergence from the reference (nats) against "
-                            "context. Each point: the mean over evaluation workloads code, prose")
+  assert caption.startswith("*Mean per-token KL divergence from the reference (nats) against "
+                            "context. Each point: the mean over evaluation workloads code, prose "
+                            "and batch size 4 of one KV config's rows at one context")
   assert md.index("## Notes\n\nhi") < md.index("## Plots")
   assert md.index("# Eval") < md.index("## Model and weight precision") < md.index("**ppl")
 
