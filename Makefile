@@ -8,7 +8,7 @@ WORKDIR ?= workdir
 # CPU machines: keep jax on the CPU even though libtpu is installed for AOT TPU compiles.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: run test lint clean
+.PHONY: run test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ run: $(STAMP)
 	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
 	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom
 
+# The full suite (what CI runs). Whole files per worker: a file's tests share their
+# module's fixtures and compiled programs instead of compiling them on both workers.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+# The edit-loop tier: every test module, without the tests marked `slow`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests

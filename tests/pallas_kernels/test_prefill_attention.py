@@ -1,8 +1,6 @@
 """Chunked-prefill kernel: interpret mode vs the reference, attend dispatch, TPU compiles."""
 
 import importlib.util
-import itertools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +14,11 @@ from kvtpu.pallas_kernels.prefill_attention import (
 )
 
 import kvtpu
-from tests.helpers import assert_close
+from tests.helpers import assert_close, covering_cases
 from tests.pallas_kernels.cases import (
   BLOCK,
+  FAST_CASES,
   FORMATS,
-  GENERATIONS,
   GQA,
   HEAD_DIMS,
   INTERPRET,
@@ -30,12 +28,23 @@ from tests.pallas_kernels.cases import (
   tpu_device,
 )
 
+# The oracle of the kernel comparisons: the reference compiled as one program, which
+# costs less than its per-op compiles.
+jitted_ref = jax.jit(ref_prefill_attention)
+
 
 def _cases():
-  """Formats x GQA in full; head_dim, T and block_t sampled per case (one unaligned T)."""
-  for i, (fmt, gqa) in enumerate(itertools.product(FORMATS, GQA)):
-    t, block_t = ((9, 8), (33, 16), (64, 64))[i % 3]
-    yield pytest.param(fmt, gqa, HEAD_DIMS[(i // 3) % 3], t, block_t, id=f"{fmt}-G{gqa}-T{t}")
+  """Every format, GQA ratio, head_dim and (T, block_t), not their whole product: the
+  full GQA x head_dim product, with formats and (T, block_t) drawn over it by
+  `covering_cases` (each value in some case, pairings seeded by the test's name; T=9
+  over block_t=8 is the unaligned one). The FAST_CASES run in the fast tier."""
+  cases = covering_cases("test_prefill_attention.test_interpret_matches_reference",
+                         full={"gqa": GQA, "head_dim": HEAD_DIMS},
+                         sampled={"fmt": FORMATS, "t_block": ((9, 8), (33, 16), (64, 64))})
+  for i, c in enumerate(cases):
+    (t, block_t), fmt, gqa, h = c["t_block"], c["fmt"], c["gqa"], c["head_dim"]
+    yield pytest.param(fmt, gqa, h, t, block_t, id=f"{fmt}-G{gqa}-H{h}-T{t}",
+                       marks=[] if i in FAST_CASES else [pytest.mark.slow])
 
 
 @pytest.mark.parametrize("fmt,gqa,head_dim,t,block_t", list(_cases()))
@@ -51,7 +60,7 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, block_t, rng):
   q = jnp.asarray(rng.standard_normal((len(lengths), t, n, head_dim)) * head_dim**-0.5,
                   jnp.float32)
   args, kw = kernel_args(cache, 1, chunk)
-  ref = ref_prefill_attention(q, *args, **kw)
+  ref = jitted_ref(q, *args, **kw)
   out = prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(block_t, BLOCK),
                           interpret=INTERPRET)
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
@@ -80,11 +89,21 @@ def test_block_sizes():
   assert default_prefill_block_sizes(jnp.int8, jnp.int8, 128).block_t == 128
 
 
+def _compile_cases():
+  """Every format on one generation, v5e: the prefill kernel shares the decode kernel's
+  body, which tests/pallas_kernels/test_decode_attention.py compiles on every
+  generation. Head dims drawn by `covering_cases`. One case runs in the fast tier."""
+  cases = covering_cases("test_prefill_attention.test_compiles_through_mosaic",
+                         full={"fmt": FORMATS}, sampled={"head_dim": HEAD_DIMS})
+  for i, c in enumerate(cases):
+    yield pytest.param("v5e", c["fmt"], c["head_dim"], id=f"v5e-{c['fmt']}-H{c['head_dim']}",
+                       marks=[pytest.mark.slow] if i else [])
+
+
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-@pytest.mark.parametrize("generation,fmt", list(itertools.product(GENERATIONS, FORMATS)))
-def test_compiles_through_mosaic(generation, fmt):
-  head_dim = HEAD_DIMS[zlib.crc32(f"{generation}{fmt}".encode()) % 3]
+@pytest.mark.parametrize("generation,fmt,head_dim", list(_compile_cases()))
+def test_compiles_through_mosaic(generation, fmt, head_dim):
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
                                                     max_len=2048, head_dim=head_dim))
