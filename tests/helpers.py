@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from kvtpu.models.config import ModelConfig
 
 from kvtpu.calibration import stats as stats_lib
@@ -155,3 +156,8 @@ def covering_cases(name: str, full: dict[str, Sequence], sampled: dict[str, Sequ
       case[axis] = values[int(picks[axis][i])]
     cases.append(case)
   return cases
+
+
+def slow_unless(fast: bool) -> list:
+  """Marks for `pytest.param`: none for a case of the fast tier, `slow` for the rest."""
+  return [] if fast else [pytest.mark.slow]

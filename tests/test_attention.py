@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvtpu
-from tests.helpers import assert_close, kv_with_outliers, np_attention, poison
+from tests.helpers import assert_close, kv_with_outliers, np_attention, poison, slow_unless
 
 
 def same_data_tol(values):
@@ -47,7 +47,7 @@ def stored(cache, layer, which):
 S = 24  # max_len
 
 
-@pytest.mark.parametrize("prefix,t", [
+EDGES = [  # (prefix lengths of the two sequences, chunk length T)
     ((0, 0), 1),          # empty prefix: each token sees only itself
     ((1, 0), 1),
     ((S - 1, 3), 1),      # fills to exactly max_len
@@ -56,8 +56,19 @@ S = 24  # max_len
     ((0, 0), S),          # one chunk of max_len tokens
     ((5, 9), 0),          # empty chunk
     ((S, 2), 1),          # sequence 0 is full: its write is dropped, it sees its S tokens
-])
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
+]
+POISONED_FORMATS = ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"]
+
+
+def _poisoned_cases():
+  """Every edge x every format; the fast tier runs each edge once, formats in turn."""
+  for j, fmt in enumerate(POISONED_FORMATS):
+    for i, (prefix, t) in enumerate(EDGES):
+      yield pytest.param(fmt, prefix, t, id=f"{fmt}-prefix{i}-{t}",
+                         marks=slow_unless(i % len(POISONED_FORMATS) == j))
+
+
+@pytest.mark.parametrize("fmt,prefix,t", list(_poisoned_cases()))
 def test_matches_float64_numpy_on_poisoned_cache(fmt, prefix, t, rng):
   k_heads, g, h = 2, 3, 32
   cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=k_heads, max_len=S,
@@ -100,7 +111,9 @@ def test_custom_scale_and_query_dtype(rng):
   assert_close(out, expect, atol=1e-2, rtol=1e-2, name="bf16 queries")
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMAT_TOL))
+@pytest.mark.parametrize("fmt", [
+    pytest.param(f, marks=slow_unless(f in ("int8", "int4")))
+    for f in sorted(FORMAT_TOL)])
 def test_format_error_vs_bf16_cache(fmt):
   """The format's own error on fixed data with outlier channels and tokens."""
   prefix, t = (S - 6, 9), 6

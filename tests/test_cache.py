@@ -10,7 +10,7 @@ import pytest
 import kvtpu
 from kvtpu import memory, qtensor, quant
 from kvtpu._shared import add_u64
-from tests.helpers import assert_close, kv_with_outliers
+from tests.helpers import assert_close, kv_with_outliers, slow_unless
 
 L, B, K, S, H = 3, 3, 2, 16, 32
 DYNAMIC = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "int8-asym", "int4-g16", "k8v4"]
@@ -76,7 +76,8 @@ def test_static_scales_are_required_and_validated():
   np.testing.assert_array_equal(cache.k.scale, np.full((L, K, 1), 0.5))
 
 
-@pytest.mark.parametrize("fmt", DYNAMIC + ["int8-head"])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f in ("int8", "int4-g16", "int8-head")))
+                                 for f in DYNAMIC + ["int8-head"]])
 def test_update_writes_at_each_length_and_nowhere_else(fmt, rng):
   cache = make(fmt, **static_scales(fmt, 0.2))
   # Ragged prefixes: 0, 5 and S - 4 tokens, then a chunk of 4 new tokens.
@@ -217,7 +218,8 @@ def test_jit_donation_writes_in_place():
   np.testing.assert_array_equal(out.lengths, [1, 1, 1])
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4-asym-g16", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int8"))
+                                 for f in ("int8", "int4-asym-g16", "fp8_e4m3")])
 def test_scan_over_layers_and_steps_matches_a_python_loop(fmt, rng):
   ks = jnp.asarray(kv_with_outliers(rng, (L * B, 2, K, H)).reshape(L, B, 2, K, H))
   vs = jnp.asarray(rng.standard_normal((L, B, 2, K, H)), jnp.float32)
@@ -266,7 +268,8 @@ def test_dequantized_round_trips_with_quant(rng):
   assert_close(deq, jnp.swapaxes(expect, 1, 2), atol=0, name="dequantized")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4-g16", "fp8_e4m3", "int8-asym"])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int8"))
+                                 for f in ("int8", "int4-g16", "fp8_e4m3", "int8-asym")])
 def test_clip_ratios_set_the_written_scales_and_count_what_they_clip(fmt, rng):
   clip = np.array([[1.0, 0.5], [0.8, 0.25], [0.6, 1.0]], np.float32)  # [L, K]
   cache = make(fmt, k_clip=clip)
@@ -318,9 +321,10 @@ def bits(a: jax.Array) -> np.ndarray:
   return np.asarray(jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{a.dtype.itemsize * 8}")))
 
 
-@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int4, jnp.bfloat16, jnp.float8_e4m3fn,
-                                   jnp.float32])
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("dtype", [
+    pytest.param(d, marks=slow_unless(d in (jnp.int8, jnp.int4)))
+    for d in (jnp.int8, jnp.int4, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32)])
+@pytest.mark.parametrize("t", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_block_writes_equal_scatter_writes(dtype, t, rng):
   # TPU writes the cache with per-sequence dynamic-update-slices, CPU with a scatter
   # (`qtensor.write_rows`); both must store exactly the same bytes. Lengths cover

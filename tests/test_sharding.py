@@ -15,7 +15,7 @@ from kvtpu import memory, quant
 from kvtpu import sharding as sharding_lib
 from kvtpu._shared import psum_u64
 from kvtpu.sharding import CacheSharding
-from tests.helpers import assert_close, flat_arrays, kv_with_outliers
+from tests.helpers import assert_close, flat_arrays, kv_with_outliers, slow_unless
 
 L, B, S, H = 2, 8, 64, 32
 STATIC = "k=int8-head,v=int8-channel"
@@ -165,7 +165,8 @@ CASES = [  # mesh shape, Auto axis types, format, kv heads, clip ratios.
 ]
 
 
-@pytest.mark.parametrize("shape,auto,fmt,kv_heads,clip", CASES)
+@pytest.mark.parametrize("shape,auto,fmt,kv_heads,clip", [  # The fast tier runs the first.
+    pytest.param(*c.values, id=c.id, marks=slow_unless(i == 0)) for i, c in enumerate(CASES)])
 def test_sharded_steps_equal_unsharded_ones(shape, auto, fmt, kv_heads, clip, rng):
   sh = CacheSharding(make_mesh(shape, auto))
   ref = poisoned(kvtpu.KVCache.init(fmt, **init_kwargs(fmt, kv_heads, rng, clip)), LENGTHS, rng)
@@ -313,7 +314,7 @@ def test_per_device_bytes_are_what_each_device_holds(shape, fmt, kv_heads, strat
 
 @pytest.mark.parametrize("shape,auto,fmt,kv_heads", [
     ((2, 4), False, "int8", 8),
-    ((4, 2), True, "int4-asym-g32", 3),
+    pytest.param((4, 2), True, "int4-asym-g32", 3, marks=pytest.mark.slow),
 ])
 def test_compiled_step_gathers_nothing_and_updates_in_place(shape, auto, fmt, kv_heads, rng):
   mesh = make_mesh(shape, auto)

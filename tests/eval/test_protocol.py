@@ -47,8 +47,9 @@ def test_schedule_and_ragged_lengths():
     Protocol(chunk=0)
 
 
-@pytest.mark.parametrize("ref", ["bf16", "f32"])
-@pytest.mark.parametrize("prefill, chunk", [(16, 1), (7, 5), (64, 64)])
+@pytest.mark.parametrize("ref", ["bf16", pytest.param("f32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("prefill, chunk", [pytest.param(16, 1, marks=pytest.mark.slow), (7, 5),
+                                            pytest.param(64, 64, marks=pytest.mark.slow)])
 def test_reference_cache_reproduces_a_full_forward(model, prefill, chunk, ref, rng):
   tokens = rng.integers(0, CFG.vocab_size, (3, 40)).astype(np.int32)
   lengths = np.array([40, 17, 2])  # ragged, down to a single scored token
@@ -91,6 +92,7 @@ def test_bad_inputs(model, rng):
     score(forward, params, tokens, [16, 4], {}, ref)
 
 
+@pytest.mark.slow  # Scores two formats over a workload: compiles a schedule of its own.
 def test_score_workload_rows_carry_their_disclosure(model):
   data = workloads.random_tokens(CFG.vocab_size, num_tokens=512, seed=2)
   rows = score_workload(model, data, [CacheConfig("int8"), CacheConfig("fp8_e5m2")], context=32,

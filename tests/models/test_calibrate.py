@@ -13,7 +13,7 @@ from kvtpu.models.llama import Llama
 from kvtpu import KVCache
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads
-from tests.helpers import TINY
+from tests.helpers import TINY, slow_unless
 
 CFG = dataclasses.replace(TINY, num_layers=2, max_position=256)
 
@@ -46,7 +46,8 @@ def test_statistics_equal_numpy_on_the_observed_activations(model, data):
     np.testing.assert_allclose(s["mean"], x.mean(axis=1), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["absmax", "percentile", "mse", "learned"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=slow_unless(m == "absmax"))
+                                    for m in ("absmax", "percentile", "mse", "learned")])
 def test_calibrate_builds_an_artifact_the_cache_applies(model, data, method, tmp_path):
   fmt = "k=int8-channel,v=int4-asym-head"
   art, stats = calibrate(model, [data], fmt, method=method, seq_len=32, batch=4,
@@ -65,7 +66,8 @@ def test_calibrate_builds_an_artifact_the_cache_applies(model, data, method, tmp
   assert np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("method", ["absmax", "percentile", "mse", "learned"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=slow_unless(m == "absmax"))
+                                    for m in ("absmax", "percentile", "mse", "learned")])
 def test_calibrate_dynamic_specs_gives_clip_ratios_the_cache_applies(model, data, method,
                                                                      tmp_path):
   fmt = "k=int4,v=int8-head"  # dynamic K (clip ratios), static V (scales)

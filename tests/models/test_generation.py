@@ -20,7 +20,7 @@ from kvtpu.models.generation import (
 from kvtpu.models.llama import Llama
 
 import kvtpu
-from tests.helpers import TINY, flat_arrays
+from tests.helpers import TINY, flat_arrays, slow_unless
 
 PROMPTS = [[5], [11, 3, 7, 2, 40], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 96]]  # Ragged: 1, 5, 11.
 # One compiled prefill + decode (~4 s on CPU) serves every test that uses these shapes:
@@ -60,7 +60,7 @@ def test_greedy_equals_naive_loop_on_a_ragged_batch(model):
   assert out.prefill_seconds > 0 and out.decode_tokens_per_s == 18 / out.decode_seconds
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5])
+@pytest.mark.parametrize("chunk", [pytest.param(c, marks=slow_unless(c == 4)) for c in (1, 4, 5)])
 def test_chunked_prefill_equals_one_call(model, chunk):
   """Prompts of 1, 5 and 11 tokens in chunks that split them anywhere (1: token by
   token; 4 and 5: rows end inside, at, and before chunk boundaries): the same cache
@@ -139,6 +139,7 @@ def _chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
   return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
+@pytest.mark.slow  # Thousands of draws through a batch of 100.
 def test_first_token_frequencies_match_the_tempered_softmax(model):
   # `prefill` alone: 100 identical prompts, 20 keys.
   temperature = 0.7
@@ -181,7 +182,8 @@ def test_sampler_top_p_and_top_k_keep_the_right_tokens():
   assert counts[2] == 0 and _chi_square(counts, np.array([0.15, 0.5, 0, 0.3]) / 0.95)[0] < 20
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "int4", "k8v4"])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int8"))
+                                 for f in ("int8", "fp8_e4m3", "int4", "k8v4")])
 def test_every_format_generates_valid_ids(model, fmt):
   # bf16 runs in the tests above.
   out = generate(model, PROMPTS[:2], max_new_tokens=3, kv_format=fmt, impl="xla",
@@ -191,6 +193,7 @@ def test_every_format_generates_valid_ids(model, fmt):
   np.testing.assert_array_equal(out.cache.lengths, [4, 8])
 
 
+@pytest.mark.slow  # Generation through the interpreted kernel.
 def test_pallas_interpret_with_a_finished_row(model):
   """int8 through the Pallas kernels (interpret mode), row 0 idle (valid_len 0) for
   all but the first decode step; row 1 unaffected."""

@@ -225,7 +225,7 @@ def test_safetensors_errors_name_the_problem(tmp_path, rng):
 # ----------------------------------------------------------------------------- orbax
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_orbax_checkpoint_round_trip(dtype, tmp_path, rng):
   cfg = TINY_TIED_BIAS
   weights = loaders.load_gguf(write_llama_gguf(tmp_path / "m.gguf", cfg, random_hf_tensors(

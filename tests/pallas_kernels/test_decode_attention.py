@@ -22,7 +22,7 @@ from kvtpu.pallas_kernels.decode_attention import (
 )
 
 import kvtpu
-from tests.helpers import assert_close, covering_cases, np_attention
+from tests.helpers import assert_close, covering_cases, np_attention, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
   FAST_CASES,
@@ -54,8 +54,10 @@ def test_reference_by_hand():
   np.testing.assert_allclose(out, [[[[10.0, 10.0]]]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4", "int4-asym-g16", "fp8_e4m3",
-                                 "fp8_e5m2-sbf16", "int8-asym-g8"])
+@pytest.mark.parametrize("fmt", [
+    pytest.param(f, marks=slow_unless(f in ("int8", "int4-asym-g16")))
+    for f in ("f32", "bf16", "int8", "int4", "int4-asym-g16", "fp8_e4m3", "fp8_e5m2-sbf16",
+              "int8-asym-g8")])
 def test_reference_dequantizes_exactly_as_quant(fmt, rng):
   # The kernels' reference reads the cache layout ([B, K, S, H] values, [B, K, G, S]
   # scales) and must mean what kvtpu.quant says a stored value means, bit for bit.
@@ -87,7 +89,8 @@ def test_quantized_tensors_are_unpacked_at_the_boundary(impl, rng):
     fn(q, cache.k, cache.v, *args[2:], k_scale=kw["k_scale"])
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-asym-g16", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int4-asym-g16"))
+                                 for f in ("bf16", "int8", "int4-asym-g16", "fp8_e5m2")])
 def test_reference_matches_float64_numpy(fmt, rng):
   cache = filled_cache(fmt, rng, lengths=[0, 5, 20], t=3, chunk=[3, 1, 3], kv_heads=2, head_dim=32,
                   max_len=24)
@@ -117,7 +120,7 @@ def _case_params():
   for i, c in enumerate(cases):
     yield pytest.param(c["fmt"], c["gqa"], c["head_dim"], c["t"],
                        id=f"{c['fmt']}-G{c['gqa']}-H{c['head_dim']}-T{c['t']}",
-                       marks=[] if i in FAST_CASES else [pytest.mark.slow])
+                       marks=slow_unless(i in FAST_CASES))
 
 
 @pytest.mark.parametrize("fmt,gqa,head_dim,t", list(_case_params()))
@@ -152,6 +155,7 @@ def test_unaligned_block_and_edge_block(rng):
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="block 384")
 
 
+@pytest.mark.slow  # The race detector runs the kernel on two simulated cores, slowly.
 def test_race_detection_smoke(rng):
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
 
@@ -167,7 +171,9 @@ def test_race_detection_smoke(rng):
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="race run")
 
 
-@pytest.mark.parametrize("fmt", ["int8-head", "int4-asym-channel", "k=fp8_e4m3-tensor,v=int8-asym-head"])
+@pytest.mark.parametrize("fmt", [
+    pytest.param(f, marks=slow_unless(f == "int8-head"))
+    for f in ("int8-head", "int4-asym-channel", "k=fp8_e4m3-tensor,v=int8-asym-head")])
 def test_attend_folds_static_scales_around_the_kernel(fmt, rng):
   f = kvtpu.KVFormat.parse(fmt)
   static = {}
@@ -253,7 +259,7 @@ def _compile_cases():
       "gen": [g for g in GENERATIONS if g != "v5e"], "fmt": FORMATS, "head_dim": HEAD_DIMS})
   for i, c in enumerate(cases):
     yield pytest.param(c["gen"], c["fmt"], c["head_dim"], id=f"{c['gen']}-{c['fmt']}-H{c['head_dim']}",
-                       marks=[pytest.mark.slow] if i else [])
+                       marks=slow_unless(i == 0))
 
 
 @pytest.mark.tpu_compile

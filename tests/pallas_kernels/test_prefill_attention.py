@@ -14,7 +14,7 @@ from kvtpu.pallas_kernels.prefill_attention import (
 )
 
 import kvtpu
-from tests.helpers import assert_close, covering_cases
+from tests.helpers import assert_close, covering_cases, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
   FAST_CASES,
@@ -44,7 +44,7 @@ def _cases():
   for i, c in enumerate(cases):
     (t, block_t), fmt, gqa, h = c["t_block"], c["fmt"], c["gqa"], c["head_dim"]
     yield pytest.param(fmt, gqa, h, t, block_t, id=f"{fmt}-G{gqa}-H{h}-T{t}",
-                       marks=[] if i in FAST_CASES else [pytest.mark.slow])
+                       marks=slow_unless(i in FAST_CASES))
 
 
 @pytest.mark.parametrize("fmt,gqa,head_dim,t,block_t", list(_cases()))
@@ -97,7 +97,7 @@ def _compile_cases():
                          full={"fmt": FORMATS}, sampled={"head_dim": HEAD_DIMS})
   for i, c in enumerate(cases):
     yield pytest.param("v5e", c["fmt"], c["head_dim"], id=f"v5e-{c['fmt']}-H{c['head_dim']}",
-                       marks=[pytest.mark.slow] if i else [])
+                       marks=slow_unless(i == 0))
 
 
 @pytest.mark.tpu_compile
