@@ -19,6 +19,7 @@ from tests.helpers import run_binary
 from tests.run_support import save_tiny_checkpoint
 
 
+@pytest.mark.slow
 def test_calibrate_smollm_writes_artifact_report_and_plot(tmp_path):
   config = CalibrateConfig(model="smollm2-135m", workloads=("prose", "random"),
                            kv_format="int8-channel", method="percentile", percentile=99.9,
@@ -84,6 +85,7 @@ def test_config_checks_fields_before_any_work(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_calibrate_binary_end_to_end(tmp_path):
   # Clip ratios of a dynamic format on a tiny checkpoint: the binary parses its flags, runs,
   # logs throughput and prints where the artifact is.

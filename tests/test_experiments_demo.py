@@ -25,6 +25,7 @@ def _demo(*args: str, workdir: pathlib.Path):
   return run_binary("kvtpu.experiments.demo", *args, workdir=workdir, timeout=300)
 
 
+@pytest.mark.slow
 def test_demo_tiny_config(tmp_path):
   # One run checked by two helpers (one test, so that pytest-xdist runs the demo once).
   proc = _demo("--formats=bf16,int8,int4", "--head_dims=64,128", "--context=64", "--batch=2",

@@ -20,6 +20,7 @@ def tiny_checkpoint(tmp_path_factory):
   return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
 
+@pytest.mark.slow
 def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
   config = evaluate_run.EvaluateConfig.from_preset(
       "none", model=str(tiny_checkpoint), kv_formats=["int8", "fp8_e4m3"],
@@ -116,6 +117,7 @@ def test_flags_fill_the_preset_and_rejoin_mixed_formats():
   assert format_names([]) == []
 
 
+@pytest.mark.slow
 def test_evaluate_binary_end_to_end(tiny_checkpoint, tmp_path):
   proc = run_binary(
       "kvtpu.experiments.evaluate", "--preset=none", f"--model={tiny_checkpoint}",

@@ -66,6 +66,7 @@ def test_flag_errors_name_the_flag(args, message):
   assert str(e.value).startswith(message), str(e.value)
 
 
+@pytest.mark.slow
 def test_generate_binary_end_to_end(tmp_path):
   checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
   out = tmp_path / "out"

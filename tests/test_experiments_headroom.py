@@ -89,6 +89,7 @@ def test_live_mode_checks_the_present_devices_before_measuring(tmp_path, fields,
   assert not (tmp_path / "results.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_headroom_binary_end_to_end(tmp_path):
   proc = run_binary("kvtpu.experiments.headroom", "--mode=analytic", "--kv_formats=bf16,int8",
                     "--concurrencies=8", "--contexts=8192", workdir=tmp_path)

@@ -13,6 +13,7 @@ from kvtpu import benchmark
 from tests.helpers import run_binary
 
 
+@pytest.mark.slow
 def test_kernel_bench_tiny_config(tmp_path):
   proc = run_binary("kvtpu.experiments.kernel_bench", "--formats=bf16,int8", "--contexts=256",
                     "--batches=2", "--prefill_chunk=16", "--head_dim=64", "--kv_heads=2",

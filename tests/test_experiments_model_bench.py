@@ -11,6 +11,7 @@ from kvtpu.experiments.common import parse_flags
 from tests.helpers import run_binary
 
 
+@pytest.mark.slow
 def test_model_bench_tiny(tmp_path):
   proc = run_binary("kvtpu.experiments.model_bench", "--model=tiny", "--kv_formats=bf16,int8",
                     "--contexts=128", "--batch=2", "--decode_tokens=4", "--impl=xla",
