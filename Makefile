@@ -27,9 +27,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
-# The edit-loop tier: every test module, without the tests marked `slow`.
+# The edit-loop tier: every test module, without the tests marked `slow` and without
+# running the docs' Python snippets (each starts a fresh interpreter; the tier still
+# checks the docs' commands and links).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" -k "not test_python_snippet_runs" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests
