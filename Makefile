@@ -22,16 +22,16 @@ run: $(STAMP)
 	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
 	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom
 
-# The full suite (what CI runs). Whole files per worker: a file's tests share their
+# The full suite (what CI runs). Whole files per worker (tests/conftest.py): a file's tests share their
 # module's fixtures and compiled programs instead of compiling them on both workers.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q tests
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q tests
 
 # The edit-loop tier: every test module, without the tests marked `slow` and without
 # running the docs' Python snippets (each starts a fresh interpreter; the tier still
 # checks the docs' commands and links).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow" -k "not test_python_snippet_runs" tests
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q -m "not slow" -k "not test_python_snippet_runs" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests

@@ -29,3 +29,33 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def rng(request) -> np.random.Generator:
   """A numpy Generator seeded from the test's name (stable across runs and workers)."""
   return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Scheduling for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (the Makefile):
+# a module's tests run on one worker (they share module fixtures and compiled
+# programs), except the doc snippets, which are independent subprocesses and run one
+# per work unit. Work units go out in collection order, so the longest run first and
+# the short modules fill in at the end (longest-first balances the two workers).
+_LONGEST_FIRST = ("tests/test_readme.py::test_python_snippet_runs",
+                  "tests/models/test_pretrained.py",
+                  "tests/test_experiments_calibrate.py", "tests/test_experiments_evaluate.py",
+                  "tests/models/test_headroom.py", "tests/models/test_generation.py")
+
+
+def _work_unit(item) -> str:
+  if item.nodeid.startswith(_LONGEST_FIRST[0]):
+    return item.nodeid
+  return item.nodeid.split("::")[0]
+
+
+def _rank(item) -> int:
+  for i, prefix in enumerate(_LONGEST_FIRST):
+    if item.nodeid.startswith(prefix):
+      return i
+  return len(_LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(_work_unit(item)))
+  items.sort(key=_rank)  # Stable: the collection order within each rank.
