@@ -28,16 +28,31 @@ KINDS = ("k_pre", "k", "v")
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("stats",))
 def _step(graphdef, state, stats: dict, tokens: jax.Array, *, impl: str) -> dict:
+  """One batch through the model, every layer's observed tensors added to `stats`.
+
+  The forward only captures each layer's tensors; one `fori_loop` over the stacked
+  layers then adds them, so the statistics code is compiled once, not once per layer
+  (which made this step's compile grow with the depth of the model).
+  """
   model = nnx.merge(graphdef, state)
-  out = dict(stats)
+  seen: dict = {kind: [] for kind in stats}
 
   def observe(layer: int, kind: str, x: jax.Array) -> None:
-    if kind in out:
-      out[kind] = kv_stats.observe(out[kind], layer, x)
+    if kind in seen:
+      seen[kind].append((layer, x))
 
   b, t = tokens.shape
   model(tokens, model.init_cache("bf16", batch=b, max_len=t), impl=impl, observe=observe,
         logits_at=jnp.zeros((b,), jnp.int32))  # The logits are not needed.
+  out = {}
+  for kind, observed in seen.items():
+    layers = [layer for layer, _ in observed]
+    if layers != list(range(model.cfg.num_layers)):
+      raise AssertionError(f"the forward observed {kind!r} at layers {layers}, not once per layer")
+    stacked = jnp.stack([x for _, x in observed])  # [L, B, T, K, H]
+    out[kind] = jax.lax.fori_loop(
+        0, len(layers), lambda layer, st, xs=stacked: kv_stats.observe(st, layer, xs[layer]),
+        stats[kind])
   return out
 
 
