@@ -36,18 +36,46 @@ def check_layer(layer, num_layers: int) -> None:
     raise IndexError(f"layer={index} is out of range for num_layers={num_layers}")
 
 
-def per_sequence(name: str, value, batch: int, *, allow_negative: bool = False) -> jax.Array:
-  """An int or `i32[B]` -> `i32[B]`, validated (concrete values also for sign)."""
-  arr = jnp.asarray(value)
-  if not jnp.issubdtype(arr.dtype, jnp.integer):
-    raise TypeError(f"{name} must be an int or an integer array, got {name}.dtype={arr.dtype}")
-  if arr.ndim == 0:
-    arr = jnp.broadcast_to(arr, (batch,))
+def saturating_count(name: str, value, batch: int, *, limit: int) -> tuple[jax.Array, jax.Array]:
+  """A count per sequence (an int or an integer `[B]` array of any integer dtype) as
+  `(i32[B] in [0, limit], negative: bool[B])`, without wrapping.
+
+  Values above `limit` become `limit` before any narrowing conversion, so 2**31 - 1,
+  `np.uint32(2**32 - 1)` or a uint64 count never turn into small or negative int32s.
+  A concrete negative value raises; a traced one (unknown until run time) becomes 0
+  and is reported in `negative` for the caller to flag.
+  """
+  if not 0 <= limit < 2**31:
+    raise ValueError(f"limit must be in [0, 2**31), got {limit}")
+  if not isinstance(value, jax.core.Tracer):
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+      raise TypeError(f"{name} must be an int or an integer array, got {name}={value!r}")
+    if isinstance(value, int):  # Python ints of any size.
+      if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {name}={value}")
+      return jnp.full((batch,), min(value, limit), jnp.int32), jnp.zeros((batch,), bool)
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError(f"{name} must be an int or an integer array, got {name}.dtype={arr.dtype}")
+    if arr.ndim == 0:
+      arr = np.broadcast_to(arr, (batch,))
+    if arr.shape != (batch,):
+      raise ValueError(f"{name} must be a scalar or have shape (batch,)=({batch},), got "
+                       f"{arr.shape}")
+    if np.issubdtype(arr.dtype, np.signedinteger) and (arr < 0).any():
+      raise ValueError(f"{name} must be >= 0, got {name}={arr.tolist()}")
+    if np.issubdtype(arr.dtype, np.unsignedinteger):
+      arr = np.minimum(arr.astype(np.uint64), np.uint64(limit))
+    return jnp.asarray(np.minimum(arr.astype(np.int64), limit), jnp.int32), jnp.zeros((batch,), bool)
+  dtype = jnp.result_type(value)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name} must be an int or an integer array, got {name}.dtype={dtype}")
+  arr = jnp.broadcast_to(value, (batch,)) if jnp.ndim(value) == 0 else value
   if arr.shape != (batch,):
     raise ValueError(f"{name} must be a scalar or have shape (batch,)=({batch},), got {arr.shape}")
-  if not allow_negative and not isinstance(arr, jax.core.Tracer) and bool((arr < 0).any()):
-    raise ValueError(f"{name} must be >= 0, got {name}={np.asarray(arr).tolist()}")
-  return arr.astype(jnp.int32)
+  negative = (arr < 0) if jnp.issubdtype(dtype, jnp.signedinteger) else jnp.zeros((batch,), bool)
+  clamped = jnp.clip(arr, 0, min(limit, int(jnp.iinfo(dtype).max)))  # In the input's dtype.
+  return clamped.astype(jnp.int32), negative
 
 
 def check_dims(**dims: int) -> None:

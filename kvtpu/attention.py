@@ -16,24 +16,34 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from kvtpu import accelerators
-from kvtpu._shared import check_layer, per_sequence
+from kvtpu._shared import check_layer, saturating_count
 from kvtpu.cache import KVCache
 from kvtpu.pallas_kernels import decode_attention, prefill_attention
 
-__all__ = ["attend", "IMPLS"]
+__all__ = ["attend", "check_query", "IMPLS"]
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 
 
-def _validate(q: jax.Array, cache: KVCache, layer, impl: str) -> None:
+def check_query(q: jax.Array, cache: KVCache, layer, impl: str = "auto") -> None:
+  """Raises for arguments `attend` cannot take, naming the argument (shapes are the
+  global ones, also under `kvtpu.sharding`)."""
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a kvtpu.KVCache, got {type(cache).__name__}")
   check_layer(layer, cache.num_layers)
+  if not isinstance(q, (jax.Array, np.ndarray)):
+    raise TypeError(f"q must be a [B, T, N, H] jax or numpy array, got {type(q).__name__}")
+  if impl == "pallas" and not isinstance(q, jax.core.Tracer) and any(
+      d.platform != "tpu" for d in getattr(q, "devices", lambda: jax.devices()[:1])()):
+    raise ValueError("impl='pallas' runs the compiled TPU kernel, but q is on "
+                     f"{jax.default_backend()}; use impl='interpret' (the same kernel in "
+                     "Pallas interpret mode) or impl='xla' (the reference)")
   if jnp.ndim(q) != 4:
     raise ValueError(f"q must be a [B, T, N, H] array, got q.shape={jnp.shape(q)}")
   if not jnp.issubdtype(q.dtype, jnp.floating):
@@ -57,11 +67,13 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   Args:
     q: `[B, T, N, H]` queries (after RoPE) of the chunk written by `update`.
     cache: the cache after `update(layer, ...)` for this chunk, before `advance`.
-    layer: layer index (int, or integer scalar under `lax.scan`).
+    layer: layer index (int, or integer scalar under `lax.scan`: a traced index out
+      of range gives NaN outputs, as `update` flags it in the cache's `errors`).
     valid_len: as passed to `update` for ragged chunks: only the first
       `valid_len[b]` chunk tokens are keys; query rows past it are padding and
       see the same keys as the last valid one. A sequence with no keys at all
-      (length 0 and valid_len 0) gets zeros.
+      (length 0 and valid_len 0) gets zeros. A traced negative value gives NaN
+      outputs for its sequence.
     scale: logit scale; default `1 / sqrt(H)`.
     impl: "xla" (reference, any backend), "pallas" (compiled TPU kernel),
       "interpret" (the kernel in Pallas interpret mode), or "auto" (Pallas on
@@ -75,23 +87,32 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
       multiple of K, a bad layer or impl.
     ValueError: for impl="pallas" on a TPU generation whose Mosaic compiler rejects
       the format (int4 on v2/v3); "auto" falls back to XLA there and logs it once.
-      Off TPU, Pallas itself rejects impl="pallas" ("Only interpret mode is
-      supported"); ahead-of-time compiles for TPU topologies work from any host.
+      impl="pallas" with q on a non-TPU device is a ValueError that names the other
+      impls; ahead-of-time compiles for TPU topologies (traced q) work from any host.
   """
-  _validate(q, cache, layer, impl)
+  check_query(q, cache, layer, impl)
   impl = _resolve_impl(impl, cache.fmt)
-  chunk, scale = _chunk_and_scale(q, valid_len, scale)
+  chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   if impl == "xla":
-    return _reference(q, cache, layer, chunk, scale)
-  interpret = pltpu.InterpretParams() if impl == "interpret" else False
-  return _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret)
+    out = _reference(q, cache, layer, chunk, scale)
+  else:
+    interpret = pltpu.InterpretParams() if impl == "interpret" else False
+    out = _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret)
+  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
 
 
-def _chunk_and_scale(q, valid_len, scale):
-  """`i32[B]` chunk tokens that are keys (valid_len capped at T), and the logit scale."""
+def _chunk_and_scale(q, cache: KVCache, layer, valid_len, scale):
+  """`i32[B]` chunk tokens that are keys (valid_len capped at T); `bool[B]` sequences
+  whose traced arguments were out of range (None when every argument was checked);
+  the logit scale."""
   b, t, _, h = q.shape
-  chunk = jnp.minimum(per_sequence("valid_len", t if valid_len is None else valid_len, b), t)
-  return chunk, h**-0.5 if scale is None else scale
+  chunk, negative = saturating_count("valid_len", t if valid_len is None else valid_len, b,
+                                     limit=t)
+  bad = None
+  if isinstance(layer, jax.core.Tracer) or isinstance(valid_len, jax.core.Tracer):
+    layer = jnp.asarray(layer)
+    bad = negative | (layer < 0) | (layer >= cache.num_layers)
+  return chunk, bad, h**-0.5 if scale is None else scale
 
 
 # (TPU generation, storage dtype) pairs whose kernels Mosaic rejects, found by compiling
@@ -150,8 +171,10 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
 def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
                         scale: float | None = None) -> jax.Array:
   """The XLA reference of `attend` (float32 throughout, highest matmul precision)."""
-  _validate(q, cache, layer, "xla")
-  return _reference(q, cache, layer, *_chunk_and_scale(q, valid_len, scale))
+  check_query(q, cache, layer, "xla")
+  chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
+  out = _reference(q, cache, layer, chunk, scale)
+  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
 
 
 @jax.jit

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtpu._shared import add_u64, array_nbytes, check_dims, check_layer, per_sequence, u64_to_int64
+from kvtpu._shared import (add_u64, array_nbytes, check_dims, check_layer, saturating_count,
+                           u64_to_int64)
 from kvtpu.formats import KVFormat
 from kvtpu.qtensor import Placement, QuantizedKV, params_by_tensor
 
-__all__ = ["KVCache", "COUNTERS", "check_clip"]
+__all__ = ["KVCache", "COUNTERS", "ERRORS", "check_clip"]
 
 _U32 = jnp.uint32
 
@@ -29,6 +30,16 @@ _U32 = jnp.uint32
 # counts values written per tensor (B*T*K*H per full write), the others count
 # values that were clipped (saturated) or non-finite on the way in.
 COUNTERS = ("written", "k_saturated", "k_nonfinite", "v_saturated", "v_nonfinite")
+
+# Bits of `errors` per sequence, in order: what a traced argument asked for that the
+# cache could not do. Concrete arguments raise instead; traced ones are known only at
+# run time, so the cache records them and does the safe thing.
+#   layer_out_of_range: `update` with a layer index outside [0, num_layers): nothing
+#     is written and nothing counted (set on every sequence).
+#   negative_count: a negative `valid_len` (`update`) or `num_new` (`advance`): taken
+#     as 0 for that sequence.
+ERRORS = ("layer_out_of_range", "negative_count")
+_LAYER_BIT, _NEGATIVE_BIT = (np.uint8(1 << i) for i in range(len(ERRORS)))
 
 
 def check_clip(fmt: KVFormat, clip) -> tuple[str, ...]:
@@ -65,7 +76,10 @@ class KVCache:
       beyond it are clipped and counted as saturated.
     * `0 <= lengths[b] <= max_len`. A write past `max_len` is dropped, and an
       `advance` past it clamps the length to `max_len` and sets `overflow[b]`;
-      other sequences are never touched.
+      other sequences are never touched. Counts saturate: no count of any integer
+      dtype or size wraps around, eagerly or under jit.
+    * `errors[b]` holds bits of `ERRORS`: traced arguments that were out of range and
+      what was done instead (`error_flags()` reads them; `reset` clears them).
     * `counters[l, c]` is a 64-bit count (lo, hi uint32 words) per layer of
       `COUNTERS`: values written, and values saturated (clipped to the storage
       range: static scales the data outgrew, or a calibrated clip ratio) or
@@ -77,6 +91,7 @@ class KVCache:
   v: QuantizedKV
   lengths: jax.Array
   overflow: jax.Array
+  errors: jax.Array
   counters: jax.Array
 
   # ----------------------------------------------------------------- creation
@@ -101,7 +116,7 @@ class KVCache:
     return cls(k=QuantizedKV.layout(fmt.k, clip="k" in clip, **dims),
                v=QuantizedKV.layout(fmt.v, clip="v" in clip, **dims),
                lengths=sds((batch,), jnp.int32), overflow=sds((batch,), jnp.bool_),
-               counters=sds((num_layers, len(COUNTERS), 2), jnp.uint32))
+               errors=sds((batch,), jnp.uint8), counters=sds((num_layers, len(COUNTERS), 2), jnp.uint32))
 
   @classmethod
   def init(cls, fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
@@ -145,7 +160,7 @@ class KVCache:
     tensors = {which: QuantizedKV.init(fmt.spec(which), name=which, **dims, **params[which])
                for which in ("k", "v")}
     return cls(**tensors, **{f: jnp.zeros(getattr(layout, f).shape, getattr(layout, f).dtype)
-                             for f in ("lengths", "overflow", "counters")})
+                             for f in ("lengths", "overflow", "errors", "counters")})
 
   # --------------------------------------------------------------- properties
   @property
@@ -195,7 +210,8 @@ class KVCache:
     from jax.sharding import PartitionSpec as P
 
     return dataclasses.replace(self, k=self.k.logical_axes(), v=self.v.logical_axes(),
-                               lengths=P("batch"), overflow=P("batch"), counters=P())
+                               lengths=P("batch"), overflow=P("batch"), errors=P("batch"),
+                               counters=P())
 
   # ------------------------------------------------------------------ writing
   def update(self, layer, k: jax.Array, v: jax.Array, *, valid_len=None) -> KVCache:
@@ -206,10 +222,13 @@ class KVCache:
 
     Args:
       layer: layer index, an int (checked) or an integer scalar under `lax.scan`
-        (must be in range: a traced index cannot be checked).
+        (a traced index out of range writes nothing and sets `layer_out_of_range`
+        in `errors`).
       k, v: `[B, T, K, H]` floating point, the keys (after RoPE) and values.
-      valid_len: optional int or `i32[B]`: only the first `valid_len[b]` tokens of
-        sequence `b` are written and counted (ragged chunks); default all T.
+      valid_len: optional int or integer `[B]`: only the first `valid_len[b]` tokens
+        of sequence `b` are written and counted (ragged chunks); default all T; values
+        above T count as T. A traced negative value writes nothing for its sequence
+        and sets `negative_count` (a concrete one raises).
 
     Returns:
       The new cache (when the old one is donated, written in place). Writes at
@@ -220,6 +239,16 @@ class KVCache:
         or a chunk longer than max_len (T > max_len).
     """
     check_layer(layer, self.num_layers)
+    self.check_chunk(k, v)
+    t = k.shape[1]
+    valid_len, negative = saturating_count("valid_len", t if valid_len is None else valid_len,
+                                           self.batch, limit=t)
+    return _write(self, layer, k, v, valid_len, negative)
+
+  def check_chunk(self, k, v) -> None:
+    """Raises for a chunk `k, v` that `update` cannot take: not `[B, T, K, H]` floating
+    point arrays of this cache's B, K and H, with equal shapes and T <= max_len.
+    Shapes are the global ones (also under `kvtpu.sharding`)."""
     for name, x in (("k", k), ("v", v)):
       if not isinstance(x, (jax.Array, np.ndarray)) or x.ndim != 4:
         raise ValueError(f"{name} must be a [B, T, K, H] array, got {name}.shape={jnp.shape(x)}")
@@ -232,15 +261,17 @@ class KVCache:
             f"[B={self.batch}, T, K={self.kv_heads}, H={self.head_dim}]")
     if k.shape != v.shape:
       raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} differ")
-    t = k.shape[1]
-    if t > self.max_len:
-      raise ValueError(f"a chunk of T={t} tokens cannot fit in a cache of max_len={self.max_len}")
-    if valid_len is None:
-      valid_len = t
-    return _write(self, layer, k, v, per_sequence("valid_len", valid_len, self.batch))
+    if k.shape[1] > self.max_len:
+      raise ValueError(f"a chunk of T={k.shape[1]} tokens cannot fit in a cache of "
+                       f"max_len={self.max_len}")
 
-  def _write(self, layer, k: jax.Array, v: jax.Array, valid_len: jax.Array) -> KVCache:
+  def _write(self, layer, k: jax.Array, v: jax.Array, valid_len: jax.Array,
+             negative: jax.Array) -> KVCache:
     """`update` after validation; jitted (below) so that eager calls compile once."""
+    in_range = (layer >= 0) & (layer < self.num_layers)  # Always true for a checked int.
+    valid_len = jnp.where(in_range & ~negative, valid_len, 0)
+    errors = (self.errors | jnp.where(in_range, np.uint8(0), _LAYER_BIT)
+              | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
     where = Placement.of(self.lengths, valid_len, k.shape[1], self.max_len)
     mask = (where.target < self.max_len)[:, :, None, None]  # [B, T, 1, 1]: tokens kept.
     counts = [jnp.sum(mask, dtype=_U32) * _U32(self.kv_heads * self.head_dim)]
@@ -250,28 +281,33 @@ class KVCache:
       counts += [jnp.sum(res.saturated & mask, dtype=_U32),
                  jnp.sum(res.nonfinite & mask, dtype=_U32)]
     counters = self.counters.at[layer].set(add_u64(self.counters[layer], jnp.stack(counts)))
-    return dataclasses.replace(self, counters=counters, **new)
+    return dataclasses.replace(self, counters=counters, errors=errors, **new)
 
   def advance(self, num_new) -> KVCache:
-    """Adds `num_new` (an int or `i32[B]`, >= 0) tokens to each sequence's length.
+    """Adds `num_new` (an int or integer `[B]` array, >= 0) tokens to each sequence's length.
 
-    A length that would pass `max_len` is clamped to it and sets `overflow[b]`.
+    A length that would pass `max_len` is clamped to it and sets `overflow[b]`, for
+    any integer dtype and value (nothing wraps). A traced negative `num_new[b]` adds
+    nothing and sets `negative_count` in `errors[b]`; a concrete one raises.
     """
-    new = self.lengths + per_sequence("num_new", num_new, self.batch)
+    num, negative = saturating_count("num_new", num_new, self.batch, limit=self.max_len + 1)
+    room = self.max_len - self.lengths
     return dataclasses.replace(
-        self, lengths=jnp.clip(new, 0, self.max_len), overflow=self.overflow | (new > self.max_len))
+        self, lengths=self.lengths + jnp.minimum(num, room), overflow=self.overflow | (num > room),
+        errors=self.errors | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
 
   def reset(self, sequences=None) -> KVCache:
     """Empties the given sequences (bool `[B]` mask; default all) for reuse.
 
-    Lengths and overflow flags go to 0; stale data stays but is masked. Counters are
-    per layer and keep counting.
+    Lengths, overflow flags and error bits go to 0; stale data stays but is masked.
+    Counters are per layer and keep counting.
     """
     keep = jnp.zeros((self.batch,), bool) if sequences is None else ~jnp.asarray(sequences, bool)
     if keep.shape != (self.batch,):
       raise ValueError(f"sequences must be a bool mask of shape ({self.batch},), got {keep.shape}")
     return dataclasses.replace(self, lengths=jnp.where(keep, self.lengths, 0),
-                               overflow=self.overflow & keep)
+                               overflow=self.overflow & keep,
+                               errors=jnp.where(keep, self.errors, np.uint8(0)))
 
   # ------------------------------------------------------------------ reading
   def dequantized(self, layer, which: str, dtype=jnp.float32) -> jax.Array:
@@ -285,6 +321,11 @@ class KVCache:
     """The counters on the host: `{name: int64[L]}` for each of `COUNTERS`."""
     total = u64_to_int64(self.counters)
     return {name: total[..., i] for i, name in enumerate(COUNTERS)}
+
+  def error_flags(self) -> dict[str, np.ndarray]:
+    """On the host: `{name: bool[B]}` for each of `ERRORS`, which sequences it hit."""
+    bits = np.asarray(jax.device_get(self.errors))
+    return {name: (bits & (1 << i)) != 0 for i, name in enumerate(ERRORS)}
 
   def saturation_rates(self) -> dict[str, np.ndarray]:
     """Per layer, the fraction of written K and V values that were clipped (by static

@@ -92,8 +92,8 @@ def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int, clip=()) -
   return len(COUNTERS) * 2 * 4 + math.ceil(tensors)
 
 
-# lengths (int32) + overflow flag (bool) per sequence.
-PER_SEQUENCE_BYTES = 4 + 1
+# lengths (int32) + overflow flag (bool) + error bits (uint8) per sequence.
+PER_SEQUENCE_BYTES = 4 + 1 + 1
 
 
 def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,

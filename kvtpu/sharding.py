@@ -43,8 +43,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kvtpu import memory
-from kvtpu._shared import add_u64_pair, check_layer, per_sequence, psum_u64
+from kvtpu._shared import add_u64_pair, check_layer, psum_u64, saturating_count
 from kvtpu.attention import attend as _attend
+from kvtpu.attention import check_query
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
 
@@ -218,11 +219,9 @@ class CacheSharding:
     counters are summed over the devices that hold distinct data.
     """
     check_layer(layer, cache.num_layers)
-    if jnp.shape(k)[:1] != (cache.batch,) or jnp.shape(v)[:1] != (cache.batch,):
-      raise ValueError(f"k and v must be [B={cache.batch}, T, K, H], got k.shape="
-                       f"{jnp.shape(k)}, v.shape={jnp.shape(v)}")
-    valid = per_sequence("valid_len", jnp.shape(k)[1] if valid_len is None else valid_len,
-                          cache.batch)
+    cache.check_chunk(k, v)
+    valid = _signed_count("valid_len", k.shape[1] if valid_len is None else valid_len,
+                          cache.batch, limit=k.shape[1])
     d, m = self._axes(cache.kv_heads)
     specs = self.specs(cache)
     axes = tuple(a for a in (d, m) if a is not None)
@@ -245,15 +244,9 @@ class CacheSharding:
     `q: [B, T, N, H]`; the output has q's shape and is sharded like the cache
     (batch over data; query heads over model under `"heads"`).
     """
-    check_layer(layer, cache.num_layers)
-    if jnp.ndim(q) != 4 or jnp.shape(q)[0] != cache.batch:
-      raise ValueError(f"q must be [B={cache.batch}, T, N, H], got q.shape={jnp.shape(q)}")
-    n = q.shape[2]
-    if n % cache.kv_heads:
-      raise ValueError(
-          f"q's N={n} query heads must be a multiple of the cache's K={cache.kv_heads} kv heads")
-    valid = per_sequence("valid_len", q.shape[1] if valid_len is None else valid_len,
-                          cache.batch)
+    check_query(q, cache, layer, impl)
+    valid = _signed_count("valid_len", q.shape[1] if valid_len is None else valid_len,
+                          cache.batch, limit=q.shape[1])
     d, m = self._axes(cache.kv_heads)
     qs = P(d, None, m, None)
 
@@ -267,8 +260,14 @@ class CacheSharding:
 
   def advance(self, cache: KVCache, num_new) -> KVCache:
     """`cache.advance(num_new)` on each device's sequences."""
-    num = per_sequence("num_new", num_new, cache.batch)
+    num = _signed_count("num_new", num_new, cache.batch, limit=cache.max_len + 1)
     d, _ = self._axes(cache.kv_heads)
     specs = self.specs(cache)
     return self._shard_map(lambda c, n: c.advance(n), (specs, P(d)), specs)(cache, num)
 
+
+def _signed_count(name: str, value, batch: int, *, limit: int) -> jax.Array:
+  """A count as `i32[B]` in [0, limit] for the per-device call, with a traced negative
+  value passed on as -1 so that the per-device cache flags it (`KVCache.errors`)."""
+  count, negative = saturating_count(name, value, batch, limit=limit)
+  return jnp.where(negative, -1, count)

@@ -148,8 +148,11 @@ def test_bad_inputs_are_clear_errors():
     kvtpu.attend(q, cache, 0, impl="cuda")
   with pytest.raises(TypeError, match="cache must be a kvtpu.KVCache"):
     kvtpu.attend(q, {"k": 1}, 0, impl="xla")
-  with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):
+  with pytest.raises(ValueError, match="impl='pallas' runs the compiled TPU kernel, but q is "
+                     "on cpu; use impl='interpret'"):
     kvtpu.attend(q, cache, 0, impl="pallas")
+  with pytest.raises(TypeError, match="q must be a .B, T, N, H. jax or numpy array, got list"):
+    kvtpu.attend(np.zeros((2, 1, 4, 16)).tolist(), cache, 0, impl="xla")
 
   # auto: the XLA reference off TPU.
   assert jax.default_backend() != "tpu"

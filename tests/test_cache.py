@@ -134,6 +134,77 @@ def test_advance_and_overflow_touch_only_their_sequence(rng):
   np.testing.assert_array_equal(cache.overflow, [False, False, False])
 
 
+# Counts far past max_len, in every integer dtype: none may wrap into a small or
+# negative length (an int32 sum of 10 + 2**31 - 1 did; uint32 2**32 - 1 became -1).
+HUGE_COUNTS = [2**31 - 1, 2**40, np.int32(2**31 - 1), np.uint32(2**32 - 1), np.int64(2**40),
+               np.uint64(2**64 - 1), np.int8(127), np.uint16(S + 1), S + 1]
+
+
+@pytest.mark.parametrize("num", HUGE_COUNTS, ids=lambda n: f"{type(n).__name__}-{n}")
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_advance_saturates_at_max_len_for_every_integer_dtype(num, jit):
+  dtype = np.asarray(num).dtype
+  if jit and (dtype.itemsize > 4 or int(num) >= 2**31 and dtype.kind == "i"):
+    pytest.skip("a traced value is at most 32-bit without jax_enable_x64")
+  cache = make("int8").advance(jnp.array([10, 0, S]))
+  advance = jax.jit(lambda c, n: c.advance(n)) if jit else (lambda c, n: c.advance(n))
+  out = advance(cache, np.asarray(num) if jit else num)
+  np.testing.assert_array_equal(out.lengths, [S, min(S, int(num)), S])
+  np.testing.assert_array_equal(out.overflow, [True, int(num) > S, True])
+  assert not any(f.any() for f in out.error_flags().values())
+  # Per sequence, in the same dtype.
+  out = advance(cache, np.array([num, 0, 1], dtype))
+  np.testing.assert_array_equal(out.lengths, [S, 0, S])
+  np.testing.assert_array_equal(out.overflow, [True, False, True])
+
+
+def test_traced_out_of_range_arguments_are_flagged_not_applied(rng):
+  cache = make("int8").advance(jnp.array([2, 0, 5]))
+  x = jnp.asarray(rng.standard_normal((B, 4, K, H)), jnp.float32)
+  update = jax.jit(lambda c, layer, n: c.update(layer, x, x, valid_len=n))
+  for layer in (L, -1, 2**31 - 1):
+    out = update(cache, jnp.int32(layer), jnp.int32(4))
+    for got, old in zip(jax.tree.leaves(out.k), jax.tree.leaves(cache.k)):
+      np.testing.assert_array_equal(got, old)  # No layer written, not even the last.
+    assert out.counts()["written"].sum() == 0
+    np.testing.assert_array_equal(out.error_flags()["layer_out_of_range"], [True] * B)
+  # A negative valid_len writes nothing for its sequence, flags it, and the others
+  # are written as usual.
+  out = update(cache, jnp.int32(1), jnp.array([4, -1, 2], jnp.int32))
+  np.testing.assert_array_equal(out.error_flags()["negative_count"], [False, True, False])
+  assert out.counts()["written"][1] == (4 + 2) * K * H
+  np.testing.assert_array_equal(out.k.values[1, 1], cache.k.values[1, 1])
+  # A negative num_new adds nothing and flags its sequence; reset clears the flag.
+  out = jax.jit(lambda c, n: c.advance(n))(cache, jnp.array([1, -3, 0], jnp.int32))
+  np.testing.assert_array_equal(out.lengths, [3, 0, 5])
+  np.testing.assert_array_equal(out.error_flags()["negative_count"], [False, True, False])
+  assert not out.overflow.any()
+  out = out.reset(np.array([False, True, False]))
+  assert not out.error_flags()["negative_count"].any()
+  # Concrete negative counts are errors at the call, not flags.
+  with pytest.raises(ValueError, match=r"num_new must be >= 0, got num_new=\[0, -1, 0\]"):
+    cache.advance(np.array([0, -1, 0], np.int64))
+  with pytest.raises(ValueError, match="valid_len must be >= 0"):
+    cache.update(0, x, x, valid_len=-1)
+  with pytest.raises(TypeError, match="num_new must be an int or an integer array"):
+    cache.advance(True)
+
+
+def test_attend_gives_nan_for_traced_out_of_range_arguments(rng):
+  cache = make("int8")
+  x = jnp.asarray(rng.standard_normal((B, 2, K, H)), jnp.float32)
+  cache = cache.update(0, x, x)
+  q = jnp.asarray(rng.standard_normal((B, 2, 2 * K, H)), jnp.float32)
+  attend = jax.jit(lambda layer, n: kvtpu.attend(q, cache, layer, valid_len=n, impl="xla"))
+  good = np.asarray(attend(jnp.int32(0), jnp.int32(2)))
+  assert np.isfinite(good).all()
+  np.testing.assert_array_equal(good, kvtpu.attend(q, cache, 0, impl="xla"))
+  assert np.isnan(attend(jnp.int32(L), jnp.int32(2))).all()
+  assert np.isnan(attend(jnp.int32(-1), jnp.int32(2))).all()
+  out = np.asarray(attend(jnp.int32(0), jnp.array([2, -1, 2], jnp.int32)))
+  assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
 def test_bad_inputs_are_clear_errors():
   cache = make("int8")
   k = jnp.zeros((B, 2, K, H))

@@ -148,22 +148,23 @@ def test_cache_bytes_matches_arrays(name, dims):
       break
 
   # The closed form: tokens x bytes per token (K and V each rounded up to whole
-  # bytes), per-layer fixed bytes, and 4 + 1 bytes (length, overflow flag) a sequence.
+  # bytes), per-layer fixed bytes, and 4 + 1 + 1 bytes (length, overflow flag, error
+  # bits) a sequence.
   tokens = dims["num_layers"] * dims["batch"] * dims["max_len"]
   kh = dict(kv_heads=dims["kv_heads"], head_dim=dims["head_dim"])
   per_tensor = sum(math.ceil(tokens * memory.bytes_per_token(KVFormat(s, s), **kh) / 2)
                    for s in (fmt.k, fmt.v))
   assert expected == (per_tensor + dims["num_layers"] * memory.fixed_bytes(fmt, **kh)
-                      + dims["batch"] * 5)
+                      + dims["batch"] * 6)
 
 
 def test_cache_bytes_odd_int4_by_hand():
   # One layer, sequence, head and position, H=3: K and V are 3 int4 values each, 2 bytes
   # each (not 1.5 + 1.5 = 3 together); 4-byte scales: 2 * (2 + 4) = 12; counters 40;
-  # length and overflow flag 5. Total 57.
+  # length, overflow flag and error bits 6. Total 58.
   dims = dict(num_layers=1, batch=1, kv_heads=1, max_len=1, head_dim=3)
-  assert memory.cache_bytes("int4", **dims) == 57
-  assert KVCache.init("int4", **dims).nbytes == 57
+  assert memory.cache_bytes("int4", **dims) == 58
+  assert KVCache.init("int4", **dims).nbytes == 58
 
 
 def test_layout_shapes():
@@ -178,6 +179,7 @@ def test_layout_shapes():
       "v.scale": ((2, 4, 32), jnp.float32),  # Static per channel: [L, K, H].
       "lengths": ((3,), jnp.int32),
       "overflow": ((3,), jnp.bool_),
+      "errors": ((3,), jnp.uint8),
       "counters": ((2, 5, 2), jnp.uint32),
   }
 

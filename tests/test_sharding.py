@@ -254,8 +254,20 @@ def test_bad_meshes_strategies_and_batches_are_clear_errors():
   sh = CacheSharding(mesh)
   good = sh.init("int8", num_layers=L, batch=B, kv_heads=8, max_len=S, head_dim=H)
   x = jnp.zeros((B, 1, 8, H))
-  with pytest.raises(ValueError, match=r"k and v must be \[B=8, T, K, H\]"):
+  # Shape errors name the global shapes, not a device's block.
+  with pytest.raises(ValueError, match=r"k.shape=\(4, 1, 8, 32\) does not match the cache: "
+                     r"expected \[B=8, T, K=8, H=32\]"):
     sh.update(good, 0, x[:4], x[:4])
+  with pytest.raises(ValueError, match=r"k.shape=\(8, 1, 4, 32\) .*expected \[B=8, T, K=8"):
+    sh.update(good, 0, x[:, :, :4], x[:, :, :4])
+  with pytest.raises(ValueError, match=r"q.shape\[3\]=16 does not match the cache's head_dim=32"):
+    sh.attend(jnp.zeros((B, 1, 8, 16)), good, 0)
+  with pytest.raises(TypeError, match="q must be a .B, T, N, H. jax or numpy array, got list"):
+    sh.attend(np.zeros((B, 1, 8, H)).tolist(), good, 0)
+  # Counts saturate as on one device: no wrap-around, overflow flagged.
+  big = sh.advance(sh.advance(good, 10), np.uint32(2**32 - 1))
+  np.testing.assert_array_equal(big.lengths, [S] * B)
+  assert big.overflow.all()
   with pytest.raises(IndexError, match="layer=2"):
     sh.update(good, L, x, x)
   with pytest.raises(ValueError, match="N=12 query heads must be a multiple of the cache's K=8"):
