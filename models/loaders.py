@@ -16,6 +16,32 @@ verifies it by logits: an independent numpy forward with interleaved RoPE on the
 file's rows as stored gives the same logits. `qwen2` files are not permuted (llama.cpp
 runs NeoX rotary for them).
 
+Hugging Face folders. `config.json` plus `*.safetensors` shards of F32, F16, BF16 or F64
+tensors. Quantized checkpoints are dequantized only where that is exact arithmetic on
+the stored codes, fp8 E4M3 weights times float scales:
+
+  * `quant_method: compressed-tensors`, `format: float-quantized`, weights of 8-bit
+    `float` type with `strategy: tensor` or `channel` (`*.weight_scale` of shape `[1]`
+    or `[out, 1]`); activation quantization (`input_scale`) is not applied: activations
+    stay in the model's dtype, which the weight-precision string says;
+  * `quant_method: fp8` (transformers' fine-grained fp8) with `weight_block_size`
+    `[bo, bi]` and `activation_scheme: dynamic` (`*.weight_scale_inv` of shape
+    `[ceil(out / bo), ceil(in / bi)]`, multiplied as in transformers).
+
+Every other `quantization_config` (gptq, awq, bitsandbytes, fbgemm_fp8, compressed-tensors
+int or packed formats, ...) is a `LoadError` naming `quant_method` or the field: their
+codes are never run as weights. Without a `quantization_config`, integer or fp8 weights and
+quantization companions (`weight_scale`, `scales`, `qweight`, `qzeros`, `g_idx`, `absmax`,
+`SCB`, `quant_state`, ...) are refused the same way.
+
+What is refused everywhere, as a `LoadError` naming the field or tensor: metadata fields
+of the wrong type or value (`config.json` or GGUF: a count that is not a positive integer,
+heads not a multiple of kv heads, ...); a tensor the model would not use (every tensor is
+loaded, except the rotary caches `rotary_emb.inv_freq` / `cos_cached` / `sin_cached` /
+GGUF `rot_embd` and a tied `lm_head.weight` equal to the embedding), in particular the
+layers past `num_hidden_layers` or `block_count`; a tensor in two shards, or in a shard
+other than the one the index names; a NaN or inf in any weight.
+
 orbax. `save_checkpoint(model, path)` stores the converted parameters (in their
 dtype) and the config; `load_checkpoint(path)` restores them without touching the
 original file, which is the fast path `load_pretrained` takes the second time.
@@ -26,13 +52,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from kvtpu.models.config import ModelConfig, RopeScaling
@@ -47,7 +76,9 @@ CHECKPOINT_MARKER = "kvtpu_model.json"
 
 
 class LoadError(ValueError):
-  """A weight file is not what it claims (architecture, tensors, shapes, truncation)."""
+  """A weight file is not what it claims (architecture, tensors, shapes, truncation), or
+  is what the model cannot run as written (quantized codes of a scheme it does not
+  dequantize, metadata that disagrees with the tensors, non-finite weights)."""
 
 
 @dataclasses.dataclass
@@ -91,7 +122,9 @@ def hf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return names
 
 
-def _check_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, source: str) -> None:
+def _check_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, source: str, *,
+                   finite: bool = True) -> None:
+  """`tensors` are exactly `hf_names(cfg)`, each of its shape and (if `finite`) finite."""
   expected = hf_names(cfg)
   for name, shape in expected.items():
     if name not in tensors:
@@ -100,6 +133,50 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, source: 
     if tuple(tensors[name].shape) != shape:
       raise LoadError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                       f"expected {shape} from the config")
+    if finite:
+      _check_finite(tensors[name], repr(name), source)
+  extra = sorted(set(tensors) - set(expected), key=_natural)
+  if extra:
+    raise LoadError(f"{source}: tensors {_listed(extra)} are not used by a "
+                    f"{cfg.num_layers}-layer {cfg.name}")
+
+
+def _check_finite(x: np.ndarray, what: str, source: str) -> None:
+  bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+  if bad:
+    raise LoadError(f"{source}: tensor {what} has {bad} non-finite values (NaN or inf) of "
+                    f"{x.size}: a corrupt or overflowed file")
+
+
+def _natural(name: str) -> list:
+  """Sort key that orders `blk.2.` before `blk.10.`."""
+  return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _listed(names: list[str], limit: int = 6) -> str:
+  shown = ", ".join(repr(n) for n in names[:limit])
+  return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _refuse_unused(unused: set[str], *, source: str, layer: re.Pattern, layers_field: str,
+                   num_layers: int, model: str) -> None:
+  """Every tensor of a file is used: an unused one is a weight the model would silently drop.
+
+  Tensors of layers at or past the config's layer count mean that the metadata and the
+  tensors disagree (the message names the field); any other unused tensor is a weight the
+  model has no slot for (a bias, a norm, a head of another architecture).
+  """
+  if not unused:
+    return
+  names = sorted(unused, key=_natural)
+  beyond = [n for n in names if (m := layer.match(n)) and int(m[1]) >= num_layers]
+  if beyond:
+    layers = sorted({int(layer.match(n)[1]) for n in beyond})
+    raise LoadError(f"{source}: {layers_field}={num_layers} but the file holds tensors of "
+                    f"layers {', '.join(map(str, layers))}: {_listed(beyond)}; the metadata and "
+                    "the tensors disagree")
+  raise LoadError(f"{source}: tensors {_listed(names)} are not used by a {model}; every tensor "
+                  "of a file is loaded or refused (only rotary caches are ignored)")
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -108,6 +185,9 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, source: 
 # numpy decoder in the tests).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 GGUF_ARCHS = ("llama", "qwen2")
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.")
+# Precomputed rotary tables some converters store; the model computes its own.
+_GGUF_ROTARY_CACHE = re.compile(r"blk\.\d+\.rot_embd(\.|$)")
 
 
 def _gguf_to_hf(cfg: ModelConfig) -> dict[str, str]:
@@ -180,40 +260,87 @@ def _f32(x) -> float:
   return float(np.format_float_scientific(np.float32(x), unique=True))
 
 
+def _is_count(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 1
+
+
+def _is_positive(v: Any) -> bool:
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, (bool, np.bool_)) and math.isfinite(v) and v > 0)
+
+
+def _gguf_count(reader, name: str, default: Any = ...) -> Any:
+  """A GGUF metadata integer >= 1 (or `default` when the field is absent)."""
+  if default is not ... and reader.fields.get(name) is None:
+    return default
+  value = _field(reader, name)
+  if not _is_count(value):
+    raise LoadError(f"GGUF metadata field {name}={value!r}: expected an integer >= 1")
+  return int(value)
+
+
+def _gguf_positive(reader, name: str, default: Any = ...) -> float:
+  """A GGUF metadata number > 0 and finite (or `default` when the field is absent)."""
+  value = _field(reader, name, default)
+  if not _is_positive(value):
+    raise LoadError(f"GGUF metadata field {name}={value!r}: expected a finite number > 0")
+  return _f32(value)
+
+
 def gguf_config(reader, *, name: str) -> ModelConfig:
-  """The `ModelConfig` that a GGUF file's metadata describes."""
+  """The `ModelConfig` that a GGUF file's metadata describes.
+
+  Raises:
+    LoadError: an unsupported architecture or rotary variant, or a field that is missing,
+      of the wrong type or out of range (the message names the field and its value).
+  """
   arch = _field(reader, "general.architecture")
   if arch not in GGUF_ARCHS:
     raise LoadError(f"GGUF general.architecture={arch!r} is not supported; expected one of "
                     f"{GGUF_ARCHS} (Llama-family decoders)")
-  get = lambda key, default=...: _field(reader, f"{arch}.{key}", default)  # noqa: E731
-  hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-  kv_heads = int(get("attention.head_count_kv", heads))
-  head_dim = int(get("attention.key_length", hidden // heads))
-  if int(get("rope.dimension_count", head_dim)) != head_dim:
-    raise LoadError(f"GGUF {arch}.rope.dimension_count={get('rope.dimension_count')} differs from "
+  key = lambda k: f"{arch}.{k}"  # noqa: E731
+  count = lambda k, default=...: _gguf_count(reader, key(k), default)  # noqa: E731
+  hidden, heads = count("embedding_length"), count("attention.head_count")
+  kv_heads = count("attention.head_count_kv", heads)
+  if heads % kv_heads:
+    raise LoadError(f"GGUF metadata field {key('attention.head_count')}={heads} is not a "
+                    f"multiple of {key('attention.head_count_kv')}={kv_heads}")
+  head_dim = count("attention.key_length", None)
+  if head_dim is None:
+    if hidden % heads:
+      raise LoadError(f"GGUF metadata field {key('embedding_length')}={hidden} is not divisible "
+                      f"by {key('attention.head_count')}={heads}, and "
+                      f"{key('attention.key_length')} (the head size) is absent")
+    head_dim = hidden // heads
+  if (value_dim := count("attention.value_length", head_dim)) != head_dim:
+    raise LoadError(f"GGUF metadata field {key('attention.value_length')}={value_dim} differs "
+                    f"from the key head size {head_dim}: not supported")
+  if (rope_dim := count("rope.dimension_count", head_dim)) != head_dim:
+    raise LoadError(f"GGUF {arch}.rope.dimension_count={rope_dim} differs from "
                     f"head_dim={head_dim}: partial rotary embeddings are not supported")
-  scaling_type = get("rope.scaling.type", "none")
+  scaling_type = _field(reader, key("rope.scaling.type"), "none")
   if scaling_type not in ("none", "", None):
     raise LoadError(f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported (only "
                     "Llama-3 scaling, which GGUF stores as the rope_freqs.weight tensor)")
   tensor_names = {t.name for t in reader.tensors}
-  vocab = get("vocab_size", None)
+  vocab = count("vocab_size", None)
   if vocab is None:
     tokens = _field(reader, "tokenizer.ggml.tokens", None)
     if tokens is None:
       raise LoadError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+      raise LoadError("GGUF metadata field tokenizer.ggml.tokens: expected a non-empty list")
     vocab = len(tokens)
   return ModelConfig(
-      name=name, vocab_size=int(vocab), hidden_size=hidden,
-      intermediate_size=int(get("feed_forward_length")), num_layers=int(get("block_count")),
+      name=name, vocab_size=vocab, hidden_size=hidden,
+      intermediate_size=count("feed_forward_length"), num_layers=count("block_count"),
       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-      rope_theta=_f32(get("rope.freq_base", 10000.0)),
+      rope_theta=_gguf_positive(reader, key("rope.freq_base"), 10000.0),
       rope_scaling=RopeScaling() if "rope_freqs.weight" in tensor_names else None,
-      rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+      rms_norm_eps=_gguf_positive(reader, key("attention.layer_norm_rms_epsilon")),
       tie_embeddings="output.weight" not in tensor_names,
       qkv_bias="blk.0.attn_q.bias" in tensor_names,
-      max_position=int(get("context_length", 4096)))
+      max_position=count("context_length", 4096))
 
 
 def _dequantize(t) -> np.ndarray:
@@ -242,17 +369,27 @@ def load_gguf(path: str | os.PathLike, *, name: str | None = None) -> Weights:
     `Weights` in Hugging Face layout (Q/K rows un-permuted for `llama` files).
 
   Raises:
-    LoadError: wrong architecture, a missing or mis-shaped tensor, an unsupported
-      tensor type, or a truncated/corrupt file (the message names the field or tensor).
+    LoadError: wrong architecture, a metadata field missing or of the wrong type or
+      value, a missing or mis-shaped tensor, a tensor the model would not use (layers
+      past `block_count` included), an unsupported tensor type, a NaN or inf weight, or a
+      truncated/corrupt file (the message names the field or tensor).
   """
   path = Path(path)
   reader = gguf_reader(path)
-  cfg = gguf_config(reader, name=name or path.stem)
+  try:
+    cfg = gguf_config(reader, name=name or path.stem)
+  except LoadError as e:
+    raise LoadError(f"{path}: {e}") from None
   arch = _field(reader, "general.architecture")
   by_name = {t.name: t for t in reader.tensors}
   mapping = _gguf_to_hf(cfg)
+  used = set(mapping) | ({"rope_freqs.weight"} if cfg.rope_scaling is not None else set())
+  _refuse_unused({n for n in by_name if n not in used and not _GGUF_ROTARY_CACHE.match(n)},
+                 source=str(path), layer=_GGUF_LAYER, layers_field=f"{arch}.block_count",
+                 num_layers=cfg.num_layers, model=f"{cfg.num_layers}-layer {arch} model")
   tensors: dict[str, np.ndarray] = {}
   types: collections.Counter[str] = collections.Counter()
+  shapes = hf_names(cfg)
   for gname, hname in mapping.items():
     if gname not in by_name:
       raise LoadError(f"{path}: missing GGUF tensor {gname!r} (Hugging Face {hname!r}) for a "
@@ -260,6 +397,10 @@ def load_gguf(path: str | os.PathLike, *, name: str | None = None) -> Weights:
     t = by_name[gname]
     types[t.tensor_type.name] += 1
     w = _dequantize(t)
+    if w.shape != shapes[hname]:  # Before the row permutation, which needs the shape.
+      raise LoadError(f"{path}: tensor {hname!r} has shape {w.shape}, expected "
+                      f"{shapes[hname]} from the config (GGUF tensor {gname!r})")
+    _check_finite(w, f"{gname!r} (Hugging Face {hname!r})", str(path))
     if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
       w = _unpermute_rope_rows(w, cfg.num_heads)
     elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
@@ -268,7 +409,7 @@ def load_gguf(path: str | os.PathLike, *, name: str | None = None) -> Weights:
   if cfg.rope_scaling is not None:
     _check_rope_freqs(by_name["rope_freqs.weight"], cfg, path)
     types[by_name["rope_freqs.weight"].tensor_type.name] += 1
-  _check_tensors(tensors, cfg, str(path))
+  _check_tensors(tensors, cfg, str(path), finite=False)  # Each was checked as it was read.
   precision = "GGUF " + ", ".join(f"{k} x{v}" for k, v in types.most_common())
   return Weights(tensors, cfg, precision, str(path))
 
@@ -287,59 +428,239 @@ def _check_rope_freqs(t, cfg: ModelConfig, path: Path) -> None:
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False,
                     "Qwen2ForCausalLM": True}  # -> has q/k/v biases
+# Safetensors dtypes read as float weights (as float32).
+HF_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Precomputed rotary tables some checkpoints store; the model computes its own.
+_HF_ROTARY_CACHE = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
+# Tensors only quantized checkpoints hold: scales, zero points, packed codes, group indices
+# (compressed-tensors, fp8, gptq, awq, bitsandbytes, ...).
+_QUANT_COMPANION = re.compile(
+    r"\.(weight_scale|weight_scale_inv|weight_zero_point|weight_global_scale|weight_packed|"
+    r"weight_shape|input_scale|input_global_scale|input_zero_point|output_scale|k_scale|"
+    r"v_scale|scales|qweight|qzeros|g_idx|absmax|SCB|quant_map|nested_absmax|"
+    r"nested_quant_map|weight_format)$|\.quant_state\.")
+_DEQUANTIZED = ("quant_method=compressed-tensors (float-quantized: fp8 weights, per-tensor or "
+                "per-channel scales) and quant_method=fp8 (block scales, dynamic activations)")
+_EXPECTED = {"count": "an integer >= 1", "positive": "a finite number > 0", "bool": "true or false"}
+
+
+def _hf_field(config: Mapping[str, Any], key: str, kind: str, default: Any = ..., *,
+              prefix: str = "") -> Any:
+  """`config[key]` checked to be `kind` ("count", "positive" or "bool"); `default` when the
+  field is absent or null, or a `LoadError` naming the field when there is no default."""
+  value = config.get(key)
+  if value is None:
+    if default is not ...:
+      return default
+    if key not in config:
+      raise LoadError(f"config.json field {prefix + key!r} is missing")
+  ok = {"count": _is_count, "positive": _is_positive, "bool": lambda v: isinstance(v, bool)}
+  if not ok[kind](value):
+    raise LoadError(f"config.json field {prefix}{key}={value!r}: expected {_EXPECTED[kind]}")
+  return {"count": int, "positive": float, "bool": bool}[kind](value)
+
+
+def _hf_rope_scaling(rope: Any) -> RopeScaling | None:
+  if not rope:
+    return None
+  if not isinstance(rope, Mapping):
+    raise LoadError(f"config.json field rope_scaling={rope!r}: expected an object or null")
+  kind = rope.get("rope_type", rope.get("type"))
+  if kind != "llama3":
+    raise LoadError(f"config.json rope_scaling type={kind!r} is not supported (only 'llama3')")
+  get = lambda key, kind: _hf_field(rope, key, kind, prefix="rope_scaling.")  # noqa: E731
+  return RopeScaling(get("factor", "positive"), get("low_freq_factor", "positive"),
+                     get("high_freq_factor", "positive"),
+                     get("original_max_position_embeddings", "count"))
 
 
 def hf_config(config: Mapping[str, Any], *, name: str) -> ModelConfig:
-  """The `ModelConfig` of a Hugging Face `config.json` (Llama, Mistral, Qwen2)."""
-  archs = config.get("architectures") or []
+  """The `ModelConfig` of a Hugging Face `config.json` (Llama, Mistral, Qwen2).
+
+  Raises:
+    LoadError: an unsupported architecture, rotary scaling or sliding window, or a field
+      missing, of the wrong type or out of range (the message names the field and value).
+  """
+  if not isinstance(config, Mapping):
+    raise LoadError(f"config.json: expected a JSON object, got {type(config).__name__}")
+  archs = config.get("architectures")
+  archs = [] if archs is None else archs
+  if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+    raise LoadError(f"config.json field architectures={archs!r}: expected a list of class "
+                    "names such as ['LlamaForCausalLM']")
   arch = next((a for a in archs if a in HF_ARCHITECTURES), None)
   if arch is None:
     raise LoadError(f"config.json architectures={archs!r}: expected one of "
                     f"{sorted(HF_ARCHITECTURES)}")
-
-  def need(key):
-    if key not in config:
-      raise LoadError(f"config.json field {key!r} is missing ({arch})")
-    return config[key]
-
-  rope = config.get("rope_scaling")
-  scaling = None
-  if rope:
-    kind = rope.get("rope_type", rope.get("type"))
-    if kind != "llama3":
-      raise LoadError(f"config.json rope_scaling type={kind!r} is not supported (only 'llama3')")
-    scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                          float(rope["high_freq_factor"]),
-                          int(rope["original_max_position_embeddings"]))
-  heads = int(need("num_attention_heads"))
-  hidden = int(need("hidden_size"))
-  window = config.get("sliding_window")
-  if window and config.get("use_sliding_window", arch == "MistralForCausalLM") and (
-      int(window) < int(config.get("max_position_embeddings", 0))):
+  count = lambda key, default=...: _hf_field(config, key, "count", default)  # noqa: E731
+  scaling = _hf_rope_scaling(config.get("rope_scaling"))
+  heads, hidden = count("num_attention_heads"), count("hidden_size")
+  kv_heads = count("num_key_value_heads", heads)
+  if heads % kv_heads:
+    raise LoadError(f"config.json field num_attention_heads={heads} is not a multiple of "
+                    f"num_key_value_heads={kv_heads}")
+  head_dim = count("head_dim", None)
+  if head_dim is None:
+    if hidden % heads:
+      raise LoadError(f"config.json field hidden_size={hidden} is not divisible by "
+                      f"num_attention_heads={heads}, and head_dim (the head size) is absent")
+    head_dim = hidden // heads
+  max_position = count("max_position_embeddings", 4096)
+  window = count("sliding_window", None)
+  sliding = _hf_field(config, "use_sliding_window", "bool", arch == "MistralForCausalLM")
+  if window is not None and sliding and window < max_position:
     raise LoadError(f"config.json sliding_window={window} < max_position_embeddings: sliding-"
                     "window attention is not implemented")
   return ModelConfig(
-      name=name, vocab_size=int(need("vocab_size")), hidden_size=hidden,
-      intermediate_size=int(need("intermediate_size")),
-      num_layers=int(need("num_hidden_layers")), num_heads=heads,
-      num_kv_heads=int(config.get("num_key_value_heads") or heads),
-      head_dim=int(config.get("head_dim") or hidden // heads),
-      rope_theta=float(config.get("rope_theta", 10000.0)), rope_scaling=scaling,
-      rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-      qkv_bias=bool(config.get("attention_bias", HF_ARCHITECTURES[arch])),
-      max_position=int(config.get("max_position_embeddings", 4096)))
+      name=name, vocab_size=count("vocab_size"), hidden_size=hidden,
+      intermediate_size=count("intermediate_size"), num_layers=count("num_hidden_layers"),
+      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+      rope_theta=_hf_field(config, "rope_theta", "positive", 10000.0), rope_scaling=scaling,
+      rms_norm_eps=_hf_field(config, "rms_norm_eps", "positive", 1e-6),
+      tie_embeddings=_hf_field(config, "tie_word_embeddings", "bool", False),
+      qkv_bias=_hf_field(config, "attention_bias", "bool", HF_ARCHITECTURES[arch]),
+      max_position=max_position)
+
+
+def _is_linear(name: str) -> bool:
+  return name.endswith("_proj.weight") or name == "lm_head.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fp8Scheme:
+  """fp8 E4M3 linear weights times float scales: `w = float32(code) * scale`."""
+
+  method: str  # quant_method: "compressed-tensors" or "fp8".
+  block: tuple[int, int] | None  # fp8's weight_block_size [bo, bi]; None: per tensor or row.
+  granularity: str  # For the weight-precision string ("per-channel", "128x128 block").
+
+  @property
+  def scale_suffix(self) -> str:
+    return "_scale_inv" if self.block else "_scale"
+
+  def companions(self, weight: str) -> tuple[str, ...]:
+    """The tensors that travel with the linear `weight` (its scale; compressed-tensors'
+    activation scale, which this loader does not apply)."""
+    extra = () if self.block else (weight[:-len("weight")] + "input_scale",)
+    return (weight + self.scale_suffix, *extra)
+
+  def describe(self) -> str:
+    return (f"dequantized from quant_method={self.method} (fp8 E4M3, {self.granularity} "
+            "scales); activations unquantized")
+
+  def dequantize(self, codes: np.ndarray, scale: np.ndarray, scale_name: str,
+                 source: str) -> np.ndarray:
+    out, cols = codes.shape
+    if self.block is None:
+      if scale.shape not in ((), (1,), (out, 1)):
+        raise LoadError(f"{source}: tensor {scale_name!r} has shape {scale.shape}, expected "
+                        f"(1,) (per tensor) or ({out}, 1) (per channel) for weights {codes.shape}")
+      return codes.astype(np.float32) * scale.reshape(-1, 1)
+    bo, bi = self.block
+    expected = (-(-out // bo), -(-cols // bi))
+    if scale.shape != expected:
+      raise LoadError(f"{source}: tensor {scale_name!r} has shape {scale.shape}, expected "
+                      f"{expected}: [{bo}, {bi}] blocks of weights {codes.shape}")
+    return codes.astype(np.float32) * np.repeat(np.repeat(scale, bo, 0), bi, 1)[:out, :cols]
+
+
+def _hf_quantization(config: Mapping[str, Any]) -> _Fp8Scheme | None:
+  """The scheme `config.json`'s `quantization_config` names (None without one); a
+  `LoadError` naming the field for every scheme this loader does not dequantize."""
+  key = next((k for k in ("quantization_config", "compression_config")
+              if config.get(k) is not None), None)
+  if key is None:
+    return None
+  q = config[key]
+
+  def refuse(what: str) -> LoadError:
+    return LoadError(f"config.json {key}.{what} is not supported: this loader dequantizes only "
+                     f"{_DEQUANTIZED}; load the float checkpoint instead (quantized codes are "
+                     "never run as weights)")
+
+  if not isinstance(q, Mapping):
+    raise LoadError(f"config.json field {key}={q!r}: expected an object")
+  method = q.get("quant_method")
+  if method == "fp8":
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+      raise refuse(f"activation_scheme={q['activation_scheme']!r} (fp8)")
+    if q.get("fmt", "e4m3") != "e4m3":
+      raise refuse(f"fmt={q['fmt']!r} (fp8)")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(map(_is_count, block))):
+      raise refuse(f"weight_block_size={block!r} (fp8; expected [rows, columns])")
+    return _Fp8Scheme("fp8", (int(block[0]), int(block[1])), f"{block[0]}x{block[1]} block")
+  if method != "compressed-tensors":
+    raise refuse(f"quant_method={method!r}")
+  if q.get("format") != "float-quantized":
+    raise refuse(f"format={q.get('format')!r} (compressed-tensors)")
+  for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+    if q.get(field):
+      raise refuse(f"{field}={q[field]!r} (compressed-tensors)")
+  if q.get("quantization_status", "compressed") != "compressed":
+    raise refuse(f"quantization_status={q['quantization_status']!r} (compressed-tensors)")
+  groups = q.get("config_groups")
+  if not isinstance(groups, Mapping) or not groups:
+    raise refuse(f"config_groups={groups!r} (compressed-tensors)")
+  strategies = set()
+  for gname, group in groups.items():
+    where = f"config_groups.{gname}"
+    w = group.get("weights") if isinstance(group, Mapping) else None
+    if not isinstance(w, Mapping) or not (
+        w.get("num_bits") == 8 and w.get("type") == "float" and w.get("symmetric", True) is True
+        and w.get("strategy") in ("tensor", "channel") and w.get("group_size") is None
+        and w.get("block_structure") is None and not w.get("dynamic", False)):
+      raise refuse(f"{where}.weights={w!r} (compressed-tensors; expected 8-bit float weights, "
+                   "symmetric, strategy tensor or channel)")
+    if group.get("format") not in (None, "float-quantized"):
+      raise refuse(f"{where}.format={group['format']!r} (compressed-tensors)")
+    if group.get("output_activations") is not None:
+      raise refuse(f"{where}.output_activations (compressed-tensors)")
+    inputs = group.get("input_activations")
+    if inputs is not None and not (isinstance(inputs, Mapping) and inputs.get("num_bits") == 8
+                                   and inputs.get("type") == "float"):
+      raise refuse(f"{where}.input_activations={inputs!r} (compressed-tensors)")
+    strategies.add(f"per-{w['strategy']}")
+  return _Fp8Scheme("compressed-tensors", None, " and ".join(sorted(strategies)))
+
+
+def _read_json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise LoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def _check_index(weight_map: Mapping[str, str], found: Mapping[str, tuple], index: Path) -> None:
+  """The index and the shards agree on where every tensor is."""
+  for key, (shard, _, _) in found.items():
+    listed = weight_map.get(key)
+    if listed is None and not _HF_ROTARY_CACHE.search(key):
+      raise LoadError(f"{index}: tensor {key!r} is in {shard} but the index does not list it")
+    if listed is not None and listed != shard:
+      raise LoadError(f"{index}: the index puts {key!r} in {listed} but it is found in {shard}")
+  absent = sorted(set(weight_map) - set(found), key=_natural)
+  if absent:
+    raise LoadError(f"{index}: the index lists {_listed(absent)} but no shard holds them")
 
 
 def load_safetensors(folder: str | os.PathLike, *, name: str | None = None) -> Weights:
   """Reads a Hugging Face checkpoint folder: `config.json` plus `*.safetensors` shards.
 
-  Sharded checkpoints are read through `model.safetensors.index.json`; a single
-  `model.safetensors` otherwise. Extra tensors (e.g. `rotary_emb.inv_freq`) are ignored.
+  Sharded checkpoints are read through `model.safetensors.index.json`; every
+  `*.safetensors` file of the folder otherwise. Float tensors are read as float32; fp8
+  checkpoints of the schemes the module docstring lists are dequantized, and every other
+  quantized checkpoint is refused. Every tensor must be used, except rotary caches
+  (`rotary_emb.inv_freq`) and a tied `lm_head.weight` equal to the embedding.
 
   Raises:
-    LoadError: unsupported architecture, missing config field, missing or mis-shaped
-      tensor, a shard the index names that is absent, or a truncated file.
+    LoadError: unsupported architecture or quantization scheme; a config field missing,
+      of the wrong type or out of range; a missing, mis-shaped, unused (layers past
+      `num_hidden_layers` included), non-float or non-finite tensor; a tensor in two
+      shards or where the index does not put it; a shard the index names that is absent;
+      a file that does not parse (truncated or corrupt). The message names the field,
+      tensor or file.
   """
   from safetensors import SafetensorError, safe_open
 
@@ -347,20 +668,27 @@ def load_safetensors(folder: str | os.PathLike, *, name: str | None = None) -> W
   config_path = folder / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face checkpoint folder has one)")
-  cfg = hf_config(json.loads(config_path.read_text()), name=name or folder.name)
+  config = _read_json(config_path)
+  try:
+    cfg = hf_config(config, name=name or folder.name)
+    scheme = _hf_quantization(config)
+  except LoadError as e:
+    raise LoadError(f"{folder}: {e}") from None
   index = folder / "model.safetensors.index.json"
+  weight_map = None
   if index.is_file():
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise LoadError(f"{index}: no 'weight_map'")
+    doc = _read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                   for v in weight_map.values()):
+      raise LoadError(f"{index}: no 'weight_map' of tensor name -> shard file name")
     shards = sorted(set(weight_map.values()))
   else:
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
   if not shards:
     raise LoadError(f"{folder}: no *.safetensors files")
-  wanted = hf_names(cfg)
-  tensors: dict[str, np.ndarray] = {}
-  dtypes: collections.Counter[str] = collections.Counter()
+  # Where every tensor is, from the shards' headers: name -> (shard, dtype, shape).
+  found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
   for shard in shards:
     path = folder / shard
     if not path.is_file():
@@ -368,20 +696,103 @@ def load_safetensors(folder: str | os.PathLike, *, name: str | None = None) -> W
     try:
       with safe_open(path, framework="numpy") as f:
         for key in f.keys():
-          if key in wanted:
-            sl = f.get_slice(key)
-            dtypes[sl.get_dtype()] += 1
-            tensors[key] = _safetensor_f32(f, key)
+          if key in found:
+            raise LoadError(f"{folder}: tensor {key!r} is in two shards, {found[key][0]} and "
+                            f"{shard}; which one holds the weight is undefined")
+          sl = f.get_slice(key)
+          found[key] = (shard, sl.get_dtype(), tuple(sl.get_shape()))
     except SafetensorError as e:
       raise LoadError(f"{path}: not a readable safetensors file (corrupt or truncated: {e})") from e
-  _check_tensors(tensors, cfg, str(folder))
+  if weight_map is not None:
+    _check_index(weight_map, found, index)
+
+  wanted = hf_names(cfg)
+  used = set(wanted)
+  tied_head = cfg.tie_embeddings and "lm_head.weight" in found
+  used |= {"lm_head.weight"} if tied_head else set()
+  if scheme is not None:
+    used |= {c for w in wanted if _is_linear(w) for c in scheme.companions(w)}
+  unused = {k for k in found if k not in used and not _HF_ROTARY_CACHE.search(k)}
+  companions = sorted((k for k in unused if _QUANT_COMPANION.search(k)), key=_natural)
+  if companions and scheme is None:
+    raise LoadError(f"{folder}: tensor {companions[0]!r} is a quantization companion (a scale, "
+                    "zero point or packed code) but config.json has no quantization_config: a "
+                    f"quantized checkpoint of unknown scheme; this loader dequantizes only "
+                    f"{_DEQUANTIZED} and never runs codes as weights")
+  _refuse_unused(unused, source=str(folder), layer=_HF_LAYER,
+                 layers_field="config.json num_hidden_layers", num_layers=cfg.num_layers,
+                 model=f"{cfg.num_layers}-layer {cfg.name}")
+  for key, shape in wanted.items():
+    if key in found and found[key][2] != shape:
+      raise LoadError(f"{folder}: tensor {key!r} has shape {found[key][2]}, expected {shape} "
+                      "from the config")
+
+  def stored(key: str) -> np.ndarray:
+    shard, dtype, _ = found[key]
+    try:
+      if dtype == "F8_E4M3":  # safetensors' numpy reader has no fp8; ml_dtypes does.
+        return _safetensor_fp8(folder / shard, key)
+      with safe_open(folder / shard, framework="numpy") as f:
+        return f.get_tensor(key)
+    except SafetensorError as e:
+      raise LoadError(f"{folder / shard}: tensor {key!r} does not read ({e})") from e
+
+  def read(key: str) -> np.ndarray:
+    """Float32 weights of `key`, dequantized if the scheme quantized it; or a LoadError."""
+    dtype = found[key][1]
+    scale_name = key + scheme.scale_suffix if scheme is not None and _is_linear(key) else None
+    if dtype in HF_FLOAT_DTYPES:
+      if scale_name in found:
+        raise LoadError(f"{folder}: tensor {key!r} has dtype {dtype} but {scale_name!r} scales "
+                        f"it: quant_method={scheme.method} stores the weights it quantizes as "
+                        "F8_E4M3")
+      x = np.asarray(stored(key), np.float32)
+    elif dtype == "F8_E4M3" and scale_name is not None:
+      if scale_name not in found:
+        raise LoadError(f"{folder}: tensor {key!r} holds F8_E4M3 codes but its scale "
+                        f"{scale_name!r} is missing")
+      if found[scale_name][1] not in HF_FLOAT_DTYPES:
+        raise LoadError(f"{folder}: tensor {scale_name!r} has dtype {found[scale_name][1]}, "
+                        f"expected a float scale ({', '.join(HF_FLOAT_DTYPES)})")
+      scale = np.asarray(stored(scale_name), np.float32)
+      x = scheme.dequantize(stored(key), scale, scale_name, str(folder))
+    else:
+      why = (f"quant_method={scheme.method} does not quantize it so" if scheme is not None else
+             "integer or fp8 codes of a quantized checkpoint, and config.json has no "
+             "quantization_config")
+      raise LoadError(f"{folder}: tensor {key!r} has dtype {dtype}: {why}; this loader reads "
+                      f"float weights ({', '.join(HF_FLOAT_DTYPES)}) and dequantizes only "
+                      f"{_DEQUANTIZED}")
+    _check_finite(x, repr(key), str(folder))
+    return x
+
+  tensors: dict[str, np.ndarray] = {}
+  dtypes: collections.Counter[str] = collections.Counter()
+  for key in wanted:
+    if key in found:
+      tensors[key] = read(key)
+      dtypes[found[key][1]] += 1
+  embed = tensors.get("model.embed_tokens.weight")
+  if tied_head and embed is not None and not np.array_equal(read("lm_head.weight"), embed):
+    raise LoadError(f"{folder}: config.json tie_word_embeddings=True but 'lm_head.weight' "
+                    "differs from 'model.embed_tokens.weight': the model would run the "
+                    "embedding as its output head")
+  _check_tensors(tensors, cfg, str(folder), finite=False)  # Each was checked as it was read.
   precision = "safetensors " + ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
+  if scheme is not None and dtypes["F8_E4M3"]:
+    precision += "; " + scheme.describe()
   return Weights(tensors, cfg, precision, str(folder))
 
 
-def _safetensor_f32(f, key: str) -> np.ndarray:
-  # safetensors hands BF16 to numpy as ml_dtypes.bfloat16; float32 holds it exactly.
-  return np.asarray(f.get_tensor(key), np.float32)
+def _safetensor_fp8(path: Path, key: str) -> np.ndarray:
+  """An F8_E4M3 tensor of a safetensors file (its layout: an 8-byte header size, the JSON
+  header with each tensor's byte range, then the data), as `ml_dtypes.float8_e4m3fn`."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    entry = json.loads(f.read(size))[key]
+  start, end = entry["data_offsets"]
+  codes = np.fromfile(path, np.uint8, count=end - start, offset=8 + size + start)
+  return codes.view(ml_dtypes.float8_e4m3fn).reshape(entry["shape"])
 
 
 # --------------------------------------------------------------------------- Llama
@@ -451,8 +862,6 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
   Returns:
     The checkpoint directory.
   """
-  import orbax.checkpoint as ocp
-
   path = Path(path).absolute()
   if path.exists() and any(path.iterdir()):
     raise FileExistsError(f"checkpoint path={str(path)!r} exists and is not empty")
