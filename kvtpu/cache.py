@@ -135,16 +135,28 @@ class KVCache:
         shaped `[L, K]` (or `[K]`, shared across layers); rejected for static and
         bf16 specs.
       calibration: instead of the six above, a
-        `kvtpu.calibration.CalibrationArtifact`; its layer count, kv heads, head dim
-        and format must match this cache.
+        `kvtpu.calibration.CalibrationArtifact` or the folder it was saved to (a str or
+        `os.PathLike`, loaded and verified by `CalibrationArtifact.load`); its layer
+        count, kv heads, head dim and format must match this cache.
 
     Raises:
       ValueError: for an invalid format name or dimension, a missing, extra or
         misshaped scale, a scale that is 0, negative, NaN or inf, a clip ratio
         outside (0, 1], or a calibration artifact made for another model shape or
         format.
+      FileNotFoundError: `calibration` is a path that holds no artifact.
+      TypeError: `calibration` is neither an artifact nor a path.
     """
     fmt = KVFormat.parse(fmt)
+    if calibration is not None:
+      import os  # noqa: PLC0415 (the artifact module is only needed for a calibrated cache)
+
+      from kvtpu.calibration.artifact import CalibrationArtifact  # noqa: PLC0415
+      if isinstance(calibration, str | os.PathLike):
+        calibration = CalibrationArtifact.load(calibration)
+      elif not isinstance(calibration, CalibrationArtifact):
+        raise TypeError(f"calibration must be a CalibrationArtifact or the path of a saved "
+                        f"one, got {type(calibration).__name__}")
     params = params_by_tensor(dict(k_scale=k_scale, k_zero=k_zero, v_scale=v_scale,
                                    v_zero=v_zero, k_clip=k_clip, v_clip=v_clip))
     if calibration is not None:

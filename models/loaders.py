@@ -67,10 +67,19 @@ from flax import nnx
 from kvtpu.models.config import ModelConfig, RopeScaling
 from kvtpu.models.llama import Llama, rope_frequencies
 
-from kvtpu.checkpointing import quiet_orbax
+from kvtpu.checkpointing import (
+  IntegrityError,
+  check_arrays,
+  check_files,
+  check_metadata,
+  read_marker,
+  restore_arrays,
+  save_arrays,
+  seal,
+)
 
 __all__ = ["Weights", "LoadError", "load_gguf", "load_safetensors", "hf_config", "build_model",
-           "save_checkpoint", "load_checkpoint", "CHECKPOINT_MARKER"]
+           "save_checkpoint", "load_checkpoint", "CHECKPOINT_MARKER", "IntegrityError"]
 
 CHECKPOINT_MARKER = "kvtpu_model.json"
 
@@ -852,6 +861,10 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
                     extra: Mapping[str, Any] = ()) -> Path:
   """Writes `model`'s parameters (orbax) and config (`kvtpu_model.json`) to `path`.
 
+  The marker, written last, records the sha256 of every parameter, of the tokenizer
+  files and of its own content (`kvtpu.checkpointing.seal`), which `load_checkpoint`
+  verifies.
+
   Args:
     model: a loaded model.
     path: a new or empty directory.
@@ -867,15 +880,16 @@ def save_checkpoint(model: Llama, path: str | os.PathLike, *, tokenizer=None,
     raise FileExistsError(f"checkpoint path={str(path)!r} exists and is not empty")
   path.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path / "params", params)
+  save_arrays(path / "params", params)
   if tokenizer is not None:
     tokenizer.save_hf(path)
   cfg = dataclasses.asdict(model.cfg)
   meta = {"config": cfg, "weight_precision": model.weight_precision,
           "param_dtype": jnp.dtype(jax.tree.leaves(params)[0].dtype).name, **dict(extra)}
+  files = tuple(sorted(p.name for p in path.iterdir() if p.is_file()))
   # The marker is written last: a directory with it holds a complete checkpoint.
-  (path / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=2))
+  (path / CHECKPOINT_MARKER).write_text(json.dumps(seal(meta, params, folder=path, files=files),
+                                                   indent=2))
   return path
 
 
@@ -889,30 +903,45 @@ def _config_from_json(d: Mapping[str, Any]) -> ModelConfig:
 def load_checkpoint(path: str | os.PathLike) -> Llama:
   """Restores a `save_checkpoint` directory into a `Llama` (no original file needed).
 
+  Before anything is used, the content hashes its marker records are verified: of the
+  marker itself, the tokenizer files beside it and every parameter as read back.
+
   Args:
     path: the checkpoint directory. Parameters come back in the dtype they were saved in.
 
   Raises:
-    LoadError: no marker file, or parameters that do not match the saved config.
+    LoadError: no marker file (not a checkpoint, or an interrupted save), or a marker
+      whose fields do not describe a model.
+    IntegrityError: a corrupt checkpoint (a marker, tokenizer file or parameter that
+      differs from what was saved, or data that does not restore), or one written
+      without content hashes; the message names the file or parameter and how to rebuild.
   """
-  import orbax.checkpoint as ocp
-
   path = Path(path).absolute()
   marker = path / CHECKPOINT_MARKER
   if not marker.is_file():
     raise LoadError(f"{path}: no {CHECKPOINT_MARKER}; not a kvtpu model checkpoint (or an "
                     "interrupted save)")
-  meta = json.loads(marker.read_text())
-  cfg = _config_from_json(meta["config"])
-  saved = jnp.dtype(meta["param_dtype"])
-  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=saved, param_dtype=saved,
-                                       weight_precision=meta["weight_precision"]))
-  abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  rebuild = "rebuild it: load the model from its source file and save_checkpoint it again"
+  meta = read_marker(marker, regenerate=rebuild)
+  if isinstance(meta.get("source"), str):
+    rebuild += f" (its source, as recorded: {meta['source']})"
+  check_metadata(meta, marker, regenerate=rebuild)
+  check_files(path, meta, regenerate=rebuild)
   try:
-    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
-      params = ckpt.restore(path / "params", abstract)
-  except Exception as e:
-    raise LoadError(f"{path}: parameters do not match {CHECKPOINT_MARKER} ({e})") from e
+    cfg = _config_from_json(meta["config"])
+    saved = jnp.dtype(meta["param_dtype"])
+    precision = meta["weight_precision"]
+  except (KeyError, TypeError, ValueError) as e:
+    raise LoadError(f"{marker}: field config, param_dtype or weight_precision is malformed "
+                    f"({type(e).__name__}: {e})") from None
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=saved, param_dtype=saved,
+                                       weight_precision=precision))
+  abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # Restored to host arrays, hashed there, then put on the device once.
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  params = restore_arrays(path / "params", target, what="parameters", regenerate=rebuild)
+  check_arrays(params, meta, path / "params", regenerate=rebuild)
+  params = jax.device_put(params)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)

@@ -9,10 +9,12 @@
              (absmax, percentile, mse), `learn_clip`, `clip_fraction`.
   objective  what `learn_scales` and `learn_clip` share: the attention-output error
              with K or V fake-quantized (`quant.fake_quantize`), and one Adam loop.
-  artifact   the calibration artifact: scales plus their disclosure.
+  artifact   the calibration artifact: scales plus their disclosure, saved with content
+             hashes that `CalibrationArtifact.load` verifies (`IntegrityError`).
   drift      run-time clip rates against the calibration baseline.
 """
 
+from kvtpu.calibration.artifact import CalibrationArtifact, IntegrityError
 from kvtpu.calibration.methods import (
     METHODS,
     LearnedScale,
@@ -33,4 +35,4 @@ from kvtpu.calibration.stats import (
 
 __all__ = ["TensorStats", "init_stats", "observe", "merge", "percentile", "summary",
            "stats_nbytes", "METHODS", "compute_scales", "clip_fraction", "learn_scales",
-           "attention_error", "LearnedScale"]
+           "attention_error", "LearnedScale", "CalibrationArtifact", "IntegrityError"]

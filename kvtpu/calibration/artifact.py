@@ -8,10 +8,10 @@ per token, computed on write) gets its clip ratios per layer and kv head
 Static scales are only as good as the workload they were calibrated on, so the
 artifact carries, next to the scales, everything a report needs to say so: the
 model id and its weight precision, the cache format, the scale method and its
-options, every workload's name, token count and content hashes, the kvtpu version
-and the date. It also stores, per layer, the fraction of calibration values that
-the chosen scales clip: the baseline that drift monitoring (`kvtpu.calibration.drift`)
-compares the cache's run-time saturation counters against.
+options, every workload's name, the tokens of it used and available, its content
+hashes, the kvtpu version and the date. It also stores, per layer, the fraction of
+calibration values that the chosen scales clip: the baseline that drift monitoring
+(`kvtpu.calibration.drift`) compares the cache's run-time saturation counters against.
 
 The calibrated arrays are those of the cache's quantized tensors that are fixed at
 creation (`QuantizedKV.param_names`): `scales["k"]` and `scales["v"]` map a field
@@ -19,10 +19,16 @@ name (`scale`, `zero`, `clip`) to its array, shaped as in `QuantizedKV.layout`.
 
 On disk (`save` / `load`) it is a directory: `kvtpu_calibration.json` (the format,
 disclosure and summary; written last, so its presence means a complete artifact)
-and an orbax checkpoint `arrays/` of the scale and clip-fraction arrays.
+and an orbax checkpoint `arrays/` of the scale and clip-fraction arrays. The marker
+records the sha256 of every array and of its own content (`kvtpu.checkpointing`), and
+`load` verifies them before using anything: a bit flipped in the scales, a truncated
+file or an edited field (say `kv_format`, which would apply int8 scales to an int4
+cache) is an `IntegrityError` naming the file or array and the `calibrate` command
+that regenerates the artifact, never scales silently different from those computed.
 
-Applying it: `KVCache.init(fmt, ..., calibration=artifact)` validates the layer
-count, kv heads, head dim and format against the cache and uses the scales.
+Applying it: `KVCache.init(fmt, ..., calibration=artifact)` (or the artifact's
+folder) validates the layer count, kv heads, head dim and format against the cache
+and uses the scales.
 """
 
 from __future__ import annotations
@@ -38,17 +44,26 @@ from typing import Any
 import jax
 import numpy as np
 
-from kvtpu.checkpointing import quiet_orbax
+from kvtpu.checkpointing import (
+  IntegrityError,
+  check_arrays,
+  check_metadata,
+  read_marker,
+  restore_arrays,
+  save_arrays,
+  seal,
+)
 from kvtpu.formats import KVFormat
 from kvtpu.qtensor import QuantizedKV, check_param
 
-__all__ = ["CalibrationArtifact", "ARTIFACT_MARKER", "FORMAT_VERSION", "calibrated_layout"]
+__all__ = ["CalibrationArtifact", "IntegrityError", "ARTIFACT_MARKER", "FORMAT_VERSION",
+           "calibrated_layout"]
 
 ARTIFACT_MARKER = "kvtpu_calibration.json"
-# Version of the on-disk layout; `load` refuses others.
-FORMAT_VERSION = 2
+# Version of the on-disk layout (3: content hashes in the marker); `load` refuses others.
+FORMAT_VERSION = 3
 _MODEL_FIELDS = ("name", "weight_precision", "num_layers", "kv_heads", "head_dim")
-_WORKLOAD_FIELDS = ("name", "num_tokens", "token_sha256", "source_sha256")
+_WORKLOAD_FIELDS = ("name", "num_tokens", "tokens_used", "token_sha256", "source_sha256")
 
 
 def calibrated_layout(fmt: KVFormat, *, num_layers: int, kv_heads: int, head_dim: int
@@ -81,8 +96,9 @@ class CalibrationArtifact:
     model: `name`, `weight_precision`, `num_layers`, `kv_heads`, `head_dim`.
     method: the scale method (`absmax`, `percentile`, `mse`, `learned`);
       method_options: its options (e.g. `{"percentile": 99.99}`).
-    workloads: per calibration workload its disclosure: `name`, `num_tokens`,
-      `token_sha256`, `source_sha256` (and whatever else it reports).
+    workloads: per calibration workload its disclosure: `name`, `num_tokens` (the
+      workload's size), `tokens_used` (how many of them calibrated the scales, at most
+      `num_tokens`), `token_sha256`, `source_sha256` (and whatever else it reports).
     kvtpu_version: the library version that computed the scales.
     created: ISO 8601 date and time (UTC).
     summary: JSON-able statistics summary (per-layer outlier table), for reports.
@@ -117,6 +133,11 @@ class CalibrationArtifact:
       lacking = [f for f in _WORKLOAD_FIELDS if f not in w]
       if lacking:
         raise ValueError(f"workloads[{i}] lacks {lacking} (a disclosure needs {_WORKLOAD_FIELDS})")
+      used, total = w["tokens_used"], w["num_tokens"]
+      if not all(isinstance(n, int | np.integer) and not isinstance(n, bool)
+                 for n in (used, total)) or not 0 < used <= total:
+        raise ValueError(f"workloads[{i}] ({w['name']}) must have ints 0 < tokens_used <= "
+                         f"num_tokens, got tokens_used={used!r}, num_tokens={total!r}")
     layers, heads, dim = (int(self.model[f]) for f in ("num_layers", "kv_heads", "head_dim"))
     expected = calibrated_layout(self.fmt, num_layers=layers, kv_heads=heads, head_dim=dim)
     if not expected:
@@ -173,58 +194,60 @@ class CalibrationArtifact:
             "kvtpu_version": self.kvtpu_version, "created": self.created}
 
   def workload_names(self) -> str:
-    """`prose (65536 tok) + code (65536 tok)`: the short form for table headers."""
-    return " + ".join(f"{w['name']} ({w['num_tokens']} tok)" for w in self.workloads)
+    """`prose (2048 of 63789 tok) + code (2048 of 111317 tok)`: the short form for table
+    headers, the tokens used for calibration of each workload's available total."""
+    return " + ".join(f"{w['name']} ({w['tokens_used']} of {w['num_tokens']} tok)"
+                      for w in self.workloads)
 
   # ---------------------------------------------------------------- storage
   def save(self, path: str | os.PathLike) -> Path:
-    """Writes the artifact to a new or empty directory `path`."""
-    import orbax.checkpoint as ocp
-
+    """Writes the artifact, with the content hashes `load` verifies, to a new or empty
+    directory `path`."""
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
       raise FileExistsError(f"artifact path={str(path)!r} exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)
     arrays = {"scales": {w: dict(d) for w, d in self.scales.items()},
               "clip_fraction": {k: np.asarray(v) for k, v in self.clip_fraction.items()}}
-    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(path / "arrays", arrays)
+    save_arrays(path / "arrays", arrays)
     shapes = jax.tree.map(lambda a: list(np.shape(a)), arrays)
     meta = {"format_version": FORMAT_VERSION, "kv_format": self.fmt.name, **self.disclosure(),
             "summary": _jsonable(self.summary), "arrays": shapes}
-    (path / ARTIFACT_MARKER).write_text(json.dumps(meta, indent=2))
+    (path / ARTIFACT_MARKER).write_text(json.dumps(seal(meta, arrays), indent=2))
     return path
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> CalibrationArtifact:
-    """Reads an artifact written by `save`, re-validating every field and scale.
+    """Reads an artifact written by `save`: verifies the content hashes of its marker
+    and arrays, then re-validates every field and scale.
 
     Raises:
       FileNotFoundError: no artifact at `path`.
-      ValueError: a malformed or invalid artifact (message names the field).
+      IntegrityError: a corrupt artifact (a marker or array that differs from what was
+        saved, data that does not restore); the message names the file or array and the
+        command that regenerates the artifact.
+      ValueError: an artifact of another format version, or an invalid one (the message
+        names the field).
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     marker = path / ARTIFACT_MARKER
     if not marker.is_file():
       raise FileNotFoundError(f"no calibration artifact at {path} (no {ARTIFACT_MARKER})")
-    try:
-      meta = json.loads(marker.read_text())
-      shapes = meta["arrays"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{marker}: malformed artifact metadata ({e})") from e
+    meta = read_marker(marker, regenerate=_recalibrate({}))
+    regenerate = _recalibrate(meta)
     if meta.get("format_version") != FORMAT_VERSION:
       raise ValueError(f"{marker}: artifact format_version={meta.get('format_version')!r}, this "
-                       f"kvtpu reads {FORMAT_VERSION}; recalibrate with experiments.calibrate")
+                       f"kvtpu reads {FORMAT_VERSION}; {regenerate}")
+    check_metadata(meta, marker, regenerate=regenerate)
     try:
       target = {group: jax.tree.map(
           lambda s, g=group: np.zeros(s, np.float32 if g == "scales" else np.float64), d,
-          is_leaf=lambda x: isinstance(x, list)) for group, d in shapes.items()}
-    except (TypeError, ValueError, AttributeError) as e:
+          is_leaf=lambda x: isinstance(x, list)) for group, d in meta["arrays"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise ValueError(f"{marker}: malformed array shapes in the metadata ({e})") from e
-    with quiet_orbax(), ocp.StandardCheckpointer() as ckpt:
-      arrays = ckpt.restore(path / "arrays", target)
+    arrays = restore_arrays(path / "arrays", target, what="calibrated arrays",
+                            regenerate=regenerate)
+    check_arrays(arrays, meta, path / "arrays", regenerate=regenerate)
     try:
       return cls(fmt=meta["kv_format"], scales=arrays["scales"],
                  clip_fraction=arrays["clip_fraction"], model=meta["model"],
@@ -233,6 +256,33 @@ class CalibrationArtifact:
                  created=meta["created"], summary=meta.get("summary", {}))
     except KeyError as e:
       raise ValueError(f"{marker}: artifact metadata lacks field {e}") from None
+
+
+def _recalibrate(meta: Mapping[str, Any]) -> str:
+  """How to regenerate an artifact: the calibrate command, with the flags its marker records
+  (placeholders where it records none)."""
+
+  def field(*keys, default):
+    x = meta
+    for k in keys:
+      x = x.get(k) if isinstance(x, Mapping) else None
+    return default if x is None else x
+
+  listed = meta.get("workloads")
+  workloads = [w for w in listed if isinstance(w, Mapping)] if isinstance(listed, list) else []
+  names = ",".join(str(w.get("name")) for w in workloads)
+  used = [w.get("tokens_used") for w in workloads]
+  flags = [f"--model={field('model', 'name', default='MODEL')}",
+           f"--workloads={names or 'WORKLOADS'}",
+           f"--kv_format={field('kv_format', default='FORMAT')}",
+           f"--method={field('method', default='METHOD')}"]
+  percentile = field("method_options", "percentile", default=None)
+  if percentile is not None:
+    flags.append(f"--percentile={percentile}")
+  if used and all(isinstance(n, int) for n in used):
+    flags.append(f"--num_tokens={max(used)}")
+  return ("regenerate it with `python -m kvtpu.experiments.calibrate " + " ".join(flags)
+          + " --workdir=DIR` (the artifact is DIR/artifact)")
 
 
 def _names(scales) -> list[str]:

