@@ -227,6 +227,12 @@ def _load_converted(key: str, param_dtype) -> tuple[Llama, Tokenizer]:
 
 
 def _kind(path: Path) -> str:
+  if not path.exists():
+    if len(path.parts) == 1 and not path.suffix:  # A bare name: not one of the known names.
+      raise ValueError(f"unknown model name_or_path={str(path)!r}; known names: "
+                       f"{sorted(KNOWN_MODELS)}, or pass the path of a .gguf file, a Hugging "
+                       f"Face folder (config.json + *.safetensors) or a kvtpu checkpoint")
+    raise FileNotFoundError(f"name_or_path={str(path)!r}: no such file or folder")
   if path.is_file() and path.suffix == ".gguf":
     return "gguf"
   if path.is_dir() and (path / loaders.CHECKPOINT_MARKER).is_file():

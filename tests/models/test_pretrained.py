@@ -86,6 +86,12 @@ def test_unknown_name_and_bad_path_are_clear(tmp_path):
     load_pretrained(tmp_path)
   with pytest.raises(ValueError, match="unknown model name='llama-9000'"):
     gguf_path("llama-9000")
+  with pytest.raises(ValueError, match=r"unknown model name_or_path='smollm3'; known names: "
+                     r"\['smollm2-135m'\]"):
+    load_pretrained("smollm3")
+  for missing in (tmp_path / "model.gguf", tmp_path / "hf_folder", "model.gguf"):
+    with pytest.raises(FileNotFoundError, match=f"name_or_path='{missing}': no such file"):
+      load_pretrained(missing)
   with pytest.raises(ValueError, match="param_dtype must be float32 or bfloat16"):
     load_pretrained("smollm2-135m", param_dtype=jnp.int8)
   assert set(KNOWN_MODELS) == {"smollm2-135m"}
