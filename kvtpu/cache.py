@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtpu._shared import (add_u64, array_nbytes, check_dims, check_layer, saturating_count,
-                           u64_to_int64)
+from kvtpu._shared import (
+  add_u64,
+  array_nbytes,
+  check_dims,
+  check_layer,
+  saturating_count,
+  u64_to_int64,
+)
 from kvtpu.formats import KVFormat
 from kvtpu.qtensor import Placement, QuantizedKV, params_by_tensor
 

@@ -164,7 +164,7 @@ def test_traced_out_of_range_arguments_are_flagged_not_applied(rng):
   update = jax.jit(lambda c, layer, n: c.update(layer, x, x, valid_len=n))
   for layer in (L, -1, 2**31 - 1):
     out = update(cache, jnp.int32(layer), jnp.int32(4))
-    for got, old in zip(jax.tree.leaves(out.k), jax.tree.leaves(cache.k)):
+    for got, old in zip(jax.tree.leaves(out.k), jax.tree.leaves(cache.k), strict=True):
       np.testing.assert_array_equal(got, old)  # No layer written, not even the last.
     assert out.counts()["written"].sum() == 0
     np.testing.assert_array_equal(out.error_flags()["layer_out_of_range"], [True] * B)
