@@ -7,7 +7,9 @@ model collecting per-layer / kv-head / channel statistics of keys (before and af
 RoPE) and values, computes the format's static scales (tensor/head/channel specs) or
 clip ratios (dynamic per-token specs: int8, int4-g32, fp8_e4m3, ...) with `--method`,
 and writes config.json, artifact/, stats.json, results.jsonl, magnitudes.png and
-report.md to `--workdir` (`kvtpu.models.runs.calibrate`).
+report.md to `--workdir` (`kvtpu.models.runs.calibrate`), which must be new or empty
+(--overwrite replaces an earlier run's outputs). Every flag and the workdir are checked
+before the model loads; progress is logged per workload with an ETA.
 
   python -m kvtpu.experiments.calibrate --model=smollm2-135m --workloads=prose,code \\
       --kv_format=int8-channel --method=percentile --num_tokens=16384
@@ -17,8 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import app, flags
-from kvtpu.experiments.common import check_argv, usage_errors
+from absl import flags
+from kvtpu.experiments.common import (
+  check_argv,
+  define_workdir_flags,
+  run_main,
+  usage_errors,
+  workdir_options,
+  workload_names,
+)
 from kvtpu.models.runs import calibrate as calibrate_run
 
 FLAGS = flags.FLAGS
@@ -26,7 +35,7 @@ _DEFAULTS = calibrate_run.CalibrateConfig()
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """The binary's flags, on `fv`: one per `CalibrateConfig` field, and --workdir."""
+  """The binary's flags, on `fv`: one per `CalibrateConfig` field, and the workdir flags."""
   d = _DEFAULTS
   flags.DEFINE_string("model", d.model, "load_pretrained name or path.", flag_values=fv)
   flags.DEFINE_list("workloads", list(d.workloads),
@@ -47,25 +56,25 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("seed", d.seed, "Workload seed.", flag_values=fv)
   flags.DEFINE_string("impl", d.impl, "attend implementation (auto, xla, pallas, interpret).",
                       flag_values=fv)
-  flags.DEFINE_string("workdir", "workdir/calibrate", "Output directory.", flag_values=fv)
+  define_workdir_flags(fv, "workdir/calibrate")
 
 
 def config_from_flags(fv: flags.FlagValues = FLAGS) -> calibrate_run.CalibrateConfig:
   """The config the flags describe; an invalid one is a UsageError naming the flag."""
-  names = [f.name for f in dataclasses.fields(calibrate_run.CalibrateConfig)]
+  fields = {f.name: fv[f.name].value for f in dataclasses.fields(calibrate_run.CalibrateConfig)}
+  fields["workloads"] = workload_names(fields["workloads"])
   with usage_errors():
-    return calibrate_run.CalibrateConfig(**{name: fv[name].value for name in names})
+    return calibrate_run.CalibrateConfig(**fields)
 
 
-def main(argv) -> None:
+def main(argv, fv: flags.FlagValues = FLAGS) -> None:
   check_argv(argv)
-  config = config_from_flags()
+  config = config_from_flags(fv)
   with usage_errors():
-    result = calibrate_run.run(config, FLAGS.workdir)
+    result = calibrate_run.run(config, fv["workdir"].value, **workdir_options(fv))
   print(result.report)
   print(f"Calibration artifact: {result.paths['artifact']}; report: {result.paths['report.md']}")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_main(main, define_flags)

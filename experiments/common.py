@@ -1,23 +1,35 @@
 """What the experiment binaries share: argv and flag checks, flag values as config
-fields, and multi-host start-up.
+fields, the workdir flags, usage errors and multi-host start-up.
 
 A binary defines its flags in `define_flags(fv)` (on the global `FLAGS` only when run
 as a program), builds its config with `config_from_flags(fv)` inside `usage_errors()`
 (a `ConfigError` becomes a `UsageError` naming the flag) and calls the run of
-`kvtpu.models.runs`. `parse_flags` gives tests a private `FlagValues` to parse into.
+`kvtpu.models.runs` from `main(argv, fv)`. Every flag is checked when the config is
+built and the workdir when the run starts, before any model load, calibration, compile
+or scoring. `run_main` is the program's entry point: a usage error (a flag absl cannot
+parse, an invalid config, a refused workdir) prints `error: <message>` as its first
+line and a hint to --help, not the module docstring, and exits with status 1.
+--help shows the module docstring and the flags.
+`parse_flags` gives tests a private `FlagValues` to parse into.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from absl import app, flags
 from kvtpu.models.runs.common import ConfigError
 
-__all__ = ["check_argv", "format_names", "maybe_initialize_distributed", "multihost_tpu",
-           "parse_flags", "usage_errors"]
+FLAGS = flags.FLAGS
+
+__all__ = ["call_or_exit", "check_argv", "define_workdir_flags", "exit_on_usage_error",
+           "format_names", "maybe_initialize_distributed", "multihost_tpu", "parse_flags",
+           "parse_or_exit", "run_main", "usage_errors", "workdir_options", "workload_names"]
 
 
 def check_argv(argv: Sequence[str]) -> None:
@@ -34,6 +46,64 @@ def usage_errors() -> Iterator[None]:
     yield
   except ConfigError as e:
     raise app.UsageError(f"--{e}") from None
+
+
+def define_workdir_flags(fv: flags.FlagValues, default: str | None, *,
+                         resumable: bool = False, what: str = "Output directory") -> None:
+  """--workdir (its help starting with `what`), --overwrite and (`resumable`) --resume, on
+  `fv`."""
+  reuse = "--overwrite or --resume" if resumable else "--overwrite"
+  flags.DEFINE_string("workdir", default, f"{what}: a new or empty folder (unless {reuse}).",
+                      flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Write into a non-empty --workdir, replacing the "
+                       "outputs of the same names (other files stay).", flag_values=fv)
+  if resumable:
+    flags.DEFINE_boolean("resume", False, "Continue the run in --workdir: keep the finished "
+                         "items of its results.jsonl and compute only the others (its "
+                         "config.json must record the same flags; an empty --workdir starts "
+                         "afresh).", flag_values=fv)
+
+
+def workdir_options(fv: flags.FlagValues) -> dict[str, bool]:
+  """The keyword arguments of a run's workdir rule: `overwrite` and, when defined, `resume`."""
+  out = {"overwrite": fv["overwrite"].value}
+  if "resume" in fv:
+    out["resume"] = fv["resume"].value
+  return out
+
+
+def exit_on_usage_error(message: str, exitcode: int = 1) -> NoReturn:
+  """Prints "error: <message>" and a hint to --help to stderr, then exits with `exitcode`."""
+  sys.stderr.write(f"error: {message}\nRun with --help to see the flags.\n")
+  sys.exit(exitcode)
+
+
+def parse_or_exit(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+  """`fv(argv)`; a value absl cannot parse exits through `exit_on_usage_error`."""
+  try:
+    return fv(list(argv))
+  except flags.Error as e:
+    exit_on_usage_error(str(e))
+
+
+def call_or_exit(main: Callable[[list[str], flags.FlagValues], None], argv: list[str],
+                 fv: flags.FlagValues) -> None:
+  """`main(argv, fv)`; a UsageError or ConfigError exits through `exit_on_usage_error`."""
+  try:
+    with usage_errors():
+      main(argv, fv)
+  except app.UsageError as e:
+    exit_on_usage_error(str(e), 1 if e.exitcode is None else e.exitcode)
+
+
+def run_main(main: Callable[[list[str], flags.FlagValues], None],
+             define_flags: Callable[[flags.FlagValues], None]) -> None:
+  """A binary's entry point: defines its flags on `FLAGS` and runs `main(argv, FLAGS)` with
+  absl (`parse_or_exit`, `call_or_exit`): a usage error prints "error: <message>" as its
+  first line, not the module docstring that absl prints before it."""
+  define_flags(FLAGS)
+  app.run(lambda argv: call_or_exit(main, argv, FLAGS),
+          flags_parser=lambda argv: parse_or_exit(FLAGS, argv))
 
 
 def parse_flags(define_flags: Callable[[flags.FlagValues], None],
@@ -54,6 +124,25 @@ def format_names(values: list[str]) -> list[str]:
   out: list[str] = []
   for v in values:
     if v.strip().lower().startswith("v=") and out and out[-1].strip().lower().startswith("k="):
+      out[-1] = f"{out[-1]},{v}"
+    else:
+      out.append(v)
+  return out
+
+
+_OPTION = re.compile(r"\s*\w+\s*=")
+
+
+def workload_names(values: list[str]) -> list[str]:
+  """A list flag of workload specs, with the options of `kind:key=value,key=value` rejoined.
+
+  absl list flags split on commas, which also separate a spec's options:
+  `--eval_workloads=prose,random:num_tokens=4096,seed=1` arrives as three items. An item
+  that is a `key=value` option (not a .txt/.jsonl path) belongs to the spec before it.
+  """
+  out: list[str] = []
+  for v in values:
+    if out and ":" in out[-1] and _OPTION.match(v) and not v.strip().endswith((".txt", ".jsonl")):
       out[-1] = f"{out[-1]},{v}"
     else:
       out.append(v)

@@ -11,8 +11,14 @@ the config to `<workdir>/config.json` (`kvtpu.models.runs.demo`).
 
 from __future__ import annotations
 
-from absl import app, flags
-from kvtpu.experiments.common import check_argv, usage_errors
+from absl import flags
+from kvtpu.experiments.common import (
+  check_argv,
+  define_workdir_flags,
+  run_main,
+  usage_errors,
+  workdir_options,
+)
 from kvtpu.models.runs import demo as demo_run
 
 from kvtpu.format_bench import split_formats
@@ -22,9 +28,9 @@ _DEFAULTS = demo_run.DemoConfig()
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """The binary's flags, on `fv`: one per `DemoConfig` field, and --workdir."""
+  """The binary's flags, on `fv`: one per `DemoConfig` field, and the workdir flags."""
   d = _DEFAULTS
-  flags.DEFINE_string("workdir", "workdir/demo", "Output directory.", flag_values=fv)
+  define_workdir_flags(fv, "workdir/demo")
   flags.DEFINE_list("head_dims", [str(h) for h in d.head_dims], "Head dimensions to compare.",
                     flag_values=fv)
   flags.DEFINE_integer("context", d.context, "Cache max_len; the longest sequence fills it.",
@@ -45,10 +51,11 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> demo_run.DemoConfig:
                                batch=fv["batch"].value, seed=fv["seed"].value)
 
 
-def main(argv) -> None:
+def main(argv, fv: flags.FlagValues = FLAGS) -> None:
   check_argv(argv)
-  config = config_from_flags()
-  result = demo_run.run(config, FLAGS.workdir)
+  config = config_from_flags(fv)
+  with usage_errors():
+    result = demo_run.run(config, fv["workdir"].value, **workdir_options(fv))
   print(result.tables)
   print(f"Demo: compared {len(config.formats)} KV-cache formats at head_dims "
         f"{list(config.head_dims)} (bytes per token vs bf16, attention error vs a bf16 cache at "
@@ -58,5 +65,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_main(main, define_flags)

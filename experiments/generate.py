@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import app, flags
-from kvtpu.experiments.common import check_argv, usage_errors
+from absl import flags
+from kvtpu.experiments.common import (
+  check_argv,
+  define_workdir_flags,
+  run_main,
+  usage_errors,
+  workdir_options,
+)
 from kvtpu.models.runs import generate as generate_run
 
 FLAGS = flags.FLAGS
@@ -25,7 +31,7 @@ _DEFAULTS = generate_run.GenerateConfig()
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """The binary's flags, on `fv`: one per `GenerateConfig` field, and --workdir."""
+  """The binary's flags, on `fv`: one per `GenerateConfig` field, and the workdir flags."""
   d = _DEFAULTS
   flags.DEFINE_string("model", d.model, "load_pretrained name, .gguf file or checkpoint folder.",
                       flag_values=fv)
@@ -50,7 +56,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_boolean("warmup", d.warmup,
                        "Time a second, warm call (compile excluded) after a warm-up call.",
                        flag_values=fv)
-  flags.DEFINE_string("workdir", None, "Optional output directory.", flag_values=fv)
+  define_workdir_flags(fv, None, what="Optional output directory")
 
 
 def config_from_flags(fv: flags.FlagValues = FLAGS) -> generate_run.GenerateConfig:
@@ -60,11 +66,12 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> generate_run.GenerateConf
         **{f.name: fv[f.name].value for f in dataclasses.fields(generate_run.GenerateConfig)})
 
 
-def main(argv) -> None:
+def main(argv, fv: flags.FlagValues = FLAGS) -> None:
   check_argv(argv)
-  generate_run.run(config_from_flags(), FLAGS.workdir)
+  config = config_from_flags(fv)
+  with usage_errors():
+    generate_run.run(config, fv["workdir"].value, **workdir_options(fv))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_main(main, define_flags)

@@ -15,8 +15,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-from absl import app, flags
-from kvtpu.experiments.common import check_argv, format_names, usage_errors
+from absl import flags
+from kvtpu.experiments.common import (
+  check_argv,
+  define_workdir_flags,
+  format_names,
+  run_main,
+  usage_errors,
+  workdir_options,
+)
 from kvtpu.models.runs import kernel_bench as kernel_bench_run
 
 FLAGS = flags.FLAGS
@@ -24,9 +31,9 @@ _DEFAULTS = kernel_bench_run.KernelBenchConfig()
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """The binary's flags, on `fv`: one per `KernelBenchConfig` field, and --workdir."""
+  """The binary's flags, on `fv`: one per `KernelBenchConfig` field, and the workdir flags."""
   d = _DEFAULTS
-  flags.DEFINE_string("workdir", "workdir/kernel_bench", "Output directory.", flag_values=fv)
+  define_workdir_flags(fv, "workdir/kernel_bench")
   flags.DEFINE_list("formats", list(d.formats), "KV formats (dynamic scales).", flag_values=fv)
   flags.DEFINE_list("contexts", [str(c) for c in d.contexts], "Context lengths (cache max_len).",
                     flag_values=fv)
@@ -52,10 +59,11 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> kernel_bench_run.KernelBe
     return kernel_bench_run.KernelBenchConfig(**fields)
 
 
-def main(argv) -> None:
+def main(argv, fv: flags.FlagValues = FLAGS) -> None:
   check_argv(argv)
-  config = config_from_flags()
-  result = kernel_bench_run.run(config, FLAGS.workdir)
+  config = config_from_flags(fv)
+  with usage_errors():
+    result = kernel_bench_run.run(config, fv["workdir"].value, **workdir_options(fv))
   impl = result.rows[0]["impl"] if result.rows else config.impl
   print(result.tables)
   print(f"kernel_bench: timed {len(result.rows)} points ({impl} on {jax.default_backend()}); "
@@ -63,5 +71,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_main(main, define_flags)

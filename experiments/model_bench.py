@@ -16,8 +16,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-from absl import app, flags
-from kvtpu.experiments.common import check_argv, format_names, usage_errors
+from absl import flags
+from kvtpu.experiments.common import (
+  check_argv,
+  define_workdir_flags,
+  format_names,
+  run_main,
+  usage_errors,
+  workdir_options,
+)
 from kvtpu.models.runs import model_bench as model_bench_run
 
 FLAGS = flags.FLAGS
@@ -25,9 +32,9 @@ _DEFAULTS = model_bench_run.ModelBenchConfig()
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """The binary's flags, on `fv`: one per `ModelBenchConfig` field, and --workdir."""
+  """The binary's flags, on `fv`: one per `ModelBenchConfig` field, and the workdir flags."""
   d = _DEFAULTS
-  flags.DEFINE_string("workdir", "workdir/model_bench", "Output directory.", flag_values=fv)
+  define_workdir_flags(fv, "workdir/model_bench")
   flags.DEFINE_string("model", d.model, "load_pretrained name, .gguf file or checkpoint folder; "
                       "`tiny`: a 1-layer random model.", flag_values=fv)
   flags.DEFINE_list("kv_formats", list(d.kv_formats), "KV-cache formats.", flag_values=fv)
@@ -53,15 +60,15 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> model_bench_run.ModelBenc
     return model_bench_run.ModelBenchConfig(**fields)
 
 
-def main(argv) -> None:
+def main(argv, fv: flags.FlagValues = FLAGS) -> None:
   check_argv(argv)
-  config = config_from_flags()
-  result = model_bench_run.run(config, FLAGS.workdir)
+  config = config_from_flags(fv)
+  with usage_errors():
+    result = model_bench_run.run(config, fv["workdir"].value, **workdir_options(fv))
   print(result.table)
   print(f"model_bench: {len(result.rows)} points ({result.rows[0]['model']}, {config.impl} on "
         f"{jax.default_backend()}); report: {result.paths['report']}")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  run_main(main, define_flags)

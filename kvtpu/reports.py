@@ -13,8 +13,9 @@ Every binary writes its outputs through this module, so that all reports read al
            write_text, write_json            atomic
   Rows     write_jsonl(rows, path, check)    checked, atomic, one JSON object per line
            read_jsonl(path, check)           checked; errors name file and line
-           RowLog(path, check)               appends each row as it finishes, so an
-                                             interrupted sweep keeps what it measured
+           RowLog(path, check, resume)       appends each row as it finishes (fsync'd),
+                                             so an interrupted sweep keeps what it
+                                             measured and a resumed one continues it
   Plots    style_of(name, variant)           a configuration's colour, marker and line
                                              style: the same in every plot and report
            plot_series(path, series, ...)    lines or points; coincident series drawn
@@ -197,33 +198,55 @@ def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> 
   Raises:
     ValueError: "<path>:<line>: <reason>" for a line that is not JSON or fails the check.
   """
-  rows = []
   with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          row = json.loads(line)
-          if check is not None:
-            check(row)
-        except ValueError as e:
-          raise ValueError(f"{path}:{n}: {e}") from None
-        rows.append(row)
+    return _parse_jsonl(f, path, check)
+
+
+def _parse_jsonl(lines: Iterable[str], path: str | Path,
+                 check: Callable[[Any], None] | None) -> list[dict]:
+  rows = []
+  for n, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        row = json.loads(line)
+        if check is not None:
+          check(row)
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: {e}") from None
+      rows.append(row)
   return rows
 
 
 class RowLog:
   """A JSONL file that grows by one checked row as each point of a sweep finishes.
 
-  Opening starts the file afresh (an empty file at `path`); `append` checks the row,
-  writes its line and flushes it to disk, so an interrupted run keeps every finished
-  row. `rows` holds what was appended. The finished run usually rewrites the file
-  with `write_jsonl` (same rows), which a reader may rely on being complete.
+  Opening starts the file afresh (an empty file at `path`), or with `resume=True` keeps
+  the rows already there (each checked; a missing file starts empty) and appends after
+  them. `append` checks the row, writes its line and flushes it to disk (fsync), so an
+  interrupted run keeps every finished row; `extend` writes its rows with one write,
+  each line whole. `rows` holds the file's rows. The finished run usually rewrites the
+  file with `write_jsonl` (same rows), which a reader may rely on being complete.
+
+  A line is whole when it ends with a newline: a last line without one was cut short by
+  an interrupted write, and `resume` drops it (`truncated` is then True, so the caller
+  can also drop the other rows of the point that was being written).
   """
 
-  def __init__(self, path: str | Path, check: Callable[[Any], None] | None = None):
+  def __init__(self, path: str | Path, check: Callable[[Any], None] | None = None, *,
+               resume: bool = False):
     self.path, self.check = Path(path), check
     self.rows: list[dict] = []
-    write_text(self.path, "")
+    self.truncated = False
+    if resume and self.path.exists():
+      text = self.path.read_text()
+      if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # The line an interrupted write cut short.
+        self.truncated = True
+      self.rows = _parse_jsonl(text.splitlines(keepends=True), self.path, check)
+      if self.truncated:
+        write_text(self.path, text)
+    else:
+      write_text(self.path, "")
 
   def append(self, row: dict) -> None:
     """Checks (when the log has a check) and appends one row.
@@ -231,21 +254,38 @@ class RowLog:
     Raises:
       ValueError: from the check; nothing is written.
     """
-    if self.check is not None:
-      try:
-        self.check(row)
-      except ValueError as e:
-        raise ValueError(f"row {len(self.rows)}: {e}") from None
-    line = json.dumps(row) + "\n"
-    with open(self.path, "a") as f:
-      f.write(line)
-      f.flush()
-      os.fsync(f.fileno())
-    self.rows.append(row)
+    self.extend([row])
 
   def extend(self, rows: Iterable[dict]) -> None:
-    for row in rows:
-      self.append(row)
+    """Checks every row, then appends them all with one write and one fsync.
+
+    Raises:
+      ValueError: from the check ("row <index in the log>: ..."); nothing is written.
+    """
+    rows = list(rows)
+    for i, row in enumerate(rows):
+      if self.check is not None:
+        try:
+          self.check(row)
+        except ValueError as e:
+          raise ValueError(f"row {len(self.rows) + i}: {e}") from None
+    if not rows:
+      return
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    with open(self.path, "a") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    self.rows.extend(rows)
+
+  def keep(self, keep: Callable[[dict], bool]) -> list[dict]:
+    """Keeps only the rows for which `keep(row)` holds (the file rewritten atomically);
+    returns the rows dropped."""
+    dropped = [row for row in self.rows if not keep(row)]
+    if dropped:
+      self.rows = [row for row in self.rows if keep(row)]
+      write_text(self.path, "".join(json.dumps(row) + "\n" for row in self.rows))
+    return dropped
 
 
 # --------------------------------------------------------------------------------------

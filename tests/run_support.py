@@ -1,5 +1,7 @@
 """Support of the binaries' tests: a tiny model saved as a checkpoint with SmolLM2's
-tokenizer (so every workload tokenizes as for the real model), and a fake tokenizer."""
+tokenizer (so every workload tokenizes as for the real model), a fake tokenizer, a fake
+`load_pretrained` giving both without files, and `forbid`, which makes a run's expensive
+steps fail so that a test proves a check came before them."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ class FakeTokenizer:
 
   stop_ids = frozenset({3, 4})
   pad_id = 0
+  bos_id = None
+  vocab_size = TINY.vocab_size  # Ids below it: the "random" workload fits TINY.
 
   def encode(self, text):
     return [10 + ord(c) % 80 for c in text]
@@ -42,3 +46,19 @@ class FakeTokenizer:
 
   def decode(self, ids, skip_special_tokens=True):
     return "".join("" if skip_special_tokens and i < 10 else chr(ord("a") + i % 26) for i in ids)
+
+
+def fake_pretrained(cfg=TINY):
+  """A stand-in for `load_pretrained`: a random-weight Llama of `cfg` and a FakeTokenizer,
+  whatever the name."""
+  def load(name_or_path, *, param_dtype=None, **kwargs):
+    return Llama(cfg, rngs=nnx.Rngs(0)), FakeTokenizer()
+  return load
+
+
+def forbid(monkeypatch, module, *names: str) -> None:
+  """Replaces each `module.<name>` with a function that fails the test when called."""
+  for name in names:
+    def forbidden(*args, _name=name, **kwargs):
+      raise AssertionError(f"{module.__name__}.{_name} must not be called")
+    monkeypatch.setattr(module, name, forbidden)

@@ -1,22 +1,26 @@
 """The calibrate run on SmolLM2 with a small token budget (in process), the artifact applied
-to a cache of the model, flag errors (in process), and the binary end to end once
-(subprocess, on a tiny checkpoint)."""
+to a cache of the model, flag errors (in process, each raised before the work it guards),
+the workdir rule, and the binary end to end once (subprocess, on a tiny checkpoint)."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
 from absl import app
 from kvtpu.experiments import calibrate as calibrate_binary
 from kvtpu.experiments.common import parse_flags
+from kvtpu.models import calibrate as calibrate_lib
 from kvtpu.models import presets
+from kvtpu.models.runs import calibrate as calibrate_run
 from kvtpu.models.runs.calibrate import CalibrateConfig, run
 from kvtpu.models.runs.common import ConfigError
 
 from kvtpu import KVCache
 from kvtpu.calibration.artifact import CalibrationArtifact
 from tests.helpers import run_binary
-from tests.run_support import save_tiny_checkpoint
+from tests.run_support import fake_pretrained, forbid, save_tiny_checkpoint
 
 
 @pytest.mark.slow
@@ -65,7 +69,7 @@ def test_calibrate_smollm_writes_artifact_report_and_plot(tmp_path):
     (["--kv_format=bf16"], "--kv_format: bf16 stores K and V unquantized: nothing to calibrate"),
     (["--kv_format=int9"], "--kv_format: invalid KV format name='int9'"),
     (["--num_tokens=100"], "--num_tokens: expected at least one batch of batch x seq_len = 2048"),
-    (["--percentile=0"], "--percentile: expected a number in (0, 100], got 0.0"),
+    (["--percentile=0"], "--percentile: expected a finite number in (0, 100], got 0.0"),
     (["--impl=fast"], "--impl: expected one of ['auto', 'xla', 'pallas', 'interpret']"),
     (["--workloads="], "--workloads: expected at least one value"),
 ])
@@ -102,4 +106,83 @@ def test_calibrate_binary_end_to_end(tmp_path):
   assert art.fmt.name == "int4" and (np.asarray(art.scales["k"]["clip"]) == 1).all()  # absmax
   assert "## Clip ratios of the dynamic specs (per kv head)" in proc.stdout
   assert proc.stdout.strip().splitlines()[-1] == (
+      f"Calibration artifact: {out / 'artifact'}; report: {out / 'report.md'}")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+  """The run's expensive steps fail the test: a flag error raised with them in place was
+  raised before any of them."""
+  forbid(monkeypatch, calibrate_run, "load_pretrained", "calibrate")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=no/such/model"], "--model: 'no/such/model' is no known model name"),
+    (["--workloads=prose,novel"], "--workloads: unknown workload 'novel'; known: "),
+    (["--workloads=prose,prose"], "--workloads: prose listed more than once"),
+    (["--workloads=prose:colour=red"], "--workloads: workload spec 'prose:colour=red': unknown "
+                                       "option 'colour'"),
+    (["--percentile=nan"], "--percentile: expected a finite number in (0, 100], got nan"),
+    (["--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs on cpu"),
+])
+def test_bad_flags_fail_before_the_model_loads(no_work, tmp_path, args, message):
+  fv = parse_flags(calibrate_binary.define_flags, [*args, f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError) as e:
+    calibrate_binary.main(["calibrate"], fv)
+  assert str(e.value).startswith(message), str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+_TINY_RUN = ["--workloads=random:num_tokens=256,seed=1", "--kv_format=int8-head",
+             "--method=absmax", "--num_tokens=128", "--seq_len=32", "--batch=2", "--impl=xla"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv_format=int4-g32"], "--kv_format: int4-g32 groups 32 channels, which does not "
+                               "divide head_dim=16 of model tiny"),
+    (["--workloads=random:num_tokens=50"], "--workloads: workload random:vocab_size=97,"
+                                           "num_tokens=50 has 50 tokens, fewer than one batch"),
+])
+def test_what_needs_the_model_is_checked_before_calibrating(no_work, monkeypatch, tmp_path, args,
+                                                            message):
+  monkeypatch.setattr(calibrate_run, "load_pretrained", fake_pretrained())
+  fv = parse_flags(calibrate_binary.define_flags,
+                   [*_TINY_RUN, *args, f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError) as e:
+    calibrate_binary.main(["calibrate"], fv)
+  assert str(e.value).startswith(message), str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_is_refused_at_once_or_overwrites(monkeypatch, tmp_path, caplog, capsys):
+  caplog.set_level(logging.INFO)
+  monkeypatch.setattr(calibrate_run, "load_pretrained", fake_pretrained())
+  out = tmp_path / "out"
+  calibrate_binary.main(["calibrate"], parse_flags(calibrate_binary.define_flags,
+                                                   [*_TINY_RUN, f"--workdir={out}"]))
+  # Progress is logged per workload: tokens used of the tokens it will use, time, ETA.
+  assert any(re.fullmatch(r"calibration random:vocab_size=97,num_tokens=256,seed=1: "
+                          r"128/128 tokens, \d+ s, ETA 0 s; \d+ tokens/s", r.getMessage())
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+  assert set(first) == {"config.json", "results.jsonl", "report.md", "stats.json",
+                        "magnitudes.png"}
+  # Into the same workdir: refused before the model loads, the earlier outputs untouched.
+  forbid(monkeypatch, calibrate_run, "load_pretrained", "calibrate")
+  with pytest.raises(app.UsageError, match=r"^--workdir: .* already holds an earlier run's "
+                     "outputs .*: give a new workdir, or --overwrite to replace its outputs"):
+    calibrate_binary.main(["calibrate"], parse_flags(
+        calibrate_binary.define_flags, [*_TINY_RUN, "--method=percentile", f"--workdir={out}"]))
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+  # --overwrite: the new run's outputs replace them, each whole (no temporary files left).
+  monkeypatch.setattr(calibrate_run, "load_pretrained", fake_pretrained())
+  monkeypatch.setattr(calibrate_run, "calibrate", calibrate_lib.calibrate)
+  calibrate_binary.main(["calibrate"], parse_flags(
+      calibrate_binary.define_flags,
+      [*_TINY_RUN, "--method=percentile", "--percentile=99", "--overwrite", f"--workdir={out}"]))
+  assert json.loads((out / "config.json").read_text())["method"] == "percentile"
+  assert CalibrationArtifact.load(out / "artifact").method == "percentile"
+  assert "percentile" in (out / "report.md").read_text().splitlines()[0]
+  assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+  assert capsys.readouterr().out.strip().splitlines()[-1] == (
       f"Calibration artifact: {out / 'artifact'}; report: {out / 'report.md'}")

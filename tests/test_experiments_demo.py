@@ -1,5 +1,5 @@
-"""The demo binary end to end on a tiny config (subprocess, once), its flag errors (in
-process), and the bench functions of `kvtpu.format_bench`."""
+"""The demo binary end to end on a tiny config (subprocess, once), its flag errors and
+workdir rule (in process), and the bench functions of `kvtpu.format_bench`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from kvtpu.experiments.common import parse_flags
 
 from kvtpu import format_bench
 from tests.helpers import run_binary
+from tests.run_support import forbid
 
 REQUIRED = ("kv_format", "k_dtype", "v_dtype", "granularity", "scale_dtype", "head_dim",
             "bytes_per_token_per_layer", "ratio_vs_bf16", "attention_rel_error",
@@ -126,3 +127,13 @@ def test_check_formats_rejects_static_and_empty():
     format_bench.check_formats(["int8", "k=int8-head,v=int8"])
   with pytest.raises(ValueError, match="formats is empty"):
     format_bench.check_formats([])
+
+
+def test_an_earlier_runs_workdir_is_refused_before_anything_is_measured(monkeypatch, tmp_path):
+  forbid(monkeypatch, format_bench, "attention_error_rows")
+  (tmp_path / "report.md").write_text("# an earlier run\n")
+  fv = parse_flags(demo_binary.define_flags, ["--formats=int8", f"--workdir={tmp_path}"])
+  with pytest.raises(app.UsageError, match=r"^--workdir: .* already holds an earlier run's "
+                     r"outputs \(report.md\): give a new workdir, or --overwrite"):
+    demo_binary.main(["demo"], fv)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

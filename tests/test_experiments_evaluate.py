@@ -1,18 +1,21 @@
 """The evaluate run on a tiny random model (SmolLM2's tokenizer) in process, its config and
-flag errors, and the binary end to end once (subprocess)."""
+flag errors (each raised before the work it guards), an interrupted run resumed, and the
+binary end to end once (subprocess)."""
 
+import dataclasses
 import json
 
 import pytest
 from absl import app
 from kvtpu.experiments import evaluate as evaluate_binary
 from kvtpu.experiments.common import format_names, parse_flags
+from kvtpu.models import calibrate as calibrate_lib
 from kvtpu.models.runs import evaluate as evaluate_run
 from kvtpu.models.runs.common import ConfigError
 
 from kvtpu.eval import report
-from tests.helpers import run_binary
-from tests.run_support import save_tiny_checkpoint
+from tests.helpers import TINY, run_binary
+from tests.run_support import fake_pretrained, forbid, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +137,146 @@ def test_evaluate_binary_end_to_end(tiny_checkpoint, tmp_path):
   assert "ETA" in proc.stderr  # progress is logged
   assert proc.stdout.strip().splitlines()[-1] == (
       f"Report: {tmp_path / 'report.md'}; results: {tmp_path / 'results.jsonl'}")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+  """The run's expensive steps fail the test: a flag error raised with them in place was
+  raised before any of them."""
+  forbid(monkeypatch, evaluate_run, "load_pretrained", "calibrate", "score_workload",
+         "passkey_rows")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=no/such/model"], "--model: 'no/such/model' is no known model name"),
+    (["--eval_workloads=prose,novel"], "--eval_workloads: unknown workload 'novel'; known: "),
+    (["--calibration_workloads=prose:colour=red"],
+     "--calibration_workloads: workload spec 'prose:colour=red': unknown option 'colour'"),
+    (["--eval_workloads=missing.txt"], "--eval_workloads: cannot read "),
+    (["--calibration_tokens=100"], "--calibration_tokens: expected at least one calibration "
+                                   "window of 512 tokens, got 100"),
+    (["--artifacts=/no/such/artifact"], "--artifacts: no calibration artifact at "
+                                        "/no/such/artifact"),
+    (["--kv_formats=int8,fp8_e4m3,int8"], "--kv_formats: int8 listed more than once"),
+    (["--contexts=256,256"], "--contexts: 256 listed more than once"),
+    (["--passkey_depths=0.5,0.5"], "--passkey_depths: expected distinct depths"),
+    (["--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs on cpu: use "
+                        "interpret"),
+    (["--chunk=0"], "--chunk: expected an integer >= 1, got 0"),
+    (["--prefill=-1"], "--prefill: expected an integer >= 1, got -1"),
+    (["--reference=int8-head"], "--reference: int8-head has static scales"),
+    (["--passkey_samples=0"], "--passkey_samples: expected an integer >= 1, got 0"),
+    (["--resume", "--overwrite"], "--resume: give resume (continue the earlier run) or "
+                                  "overwrite (replace its outputs), not both"),
+])
+def test_bad_flags_fail_before_the_model_loads(no_work, tmp_path, args, message):
+  fv = parse_flags(evaluate_binary.define_flags, [*args, f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError) as e:
+    evaluate_binary.main(["evaluate"], fv)
+  assert str(e.value).startswith(message), str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_runs_workdir_is_refused_before_the_model_loads(no_work, tmp_path):
+  (tmp_path / "results.jsonl").write_text('{"kind": "score"}\n')
+  fv = parse_flags(evaluate_binary.define_flags, [f"--workdir={tmp_path}"])
+  with pytest.raises(app.UsageError, match=r"^--workdir: .* already holds an earlier run's "
+                     r"outputs \(results.jsonl\): give a new workdir, or --resume to continue "
+                     "it or --overwrite to replace its outputs"):
+    evaluate_binary.main(["evaluate"], fv)
+  assert (tmp_path / "results.jsonl").read_text() == '{"kind": "score"}\n'  # untouched
+
+
+# A matrix on TINY (head dim 16, a 97-token vocabulary) and the fake tokenizer: 4 items
+# (2 workloads x 2 contexts) of 2 configs each, one compiled shape.
+_TINY_MATRIX = ["--preset=none", "--kv_formats=int8", "--calibrate_formats=int8-head",
+                "--calibration_workloads=random:num_tokens=1024", "--calibration_method=absmax",
+                "--calibration_tokens=512", "--eval_workloads=random:num_tokens=256,seed=1,"
+                "random:num_tokens=256,seed=2", "--contexts=16,32", "--batches=2", "--prefill=8",
+                "--chunk=8", "--passkey_lengths=", "--passkey_depths=", "--passkey_samples=1",
+                "--passkey_formats=", "--impl=xla"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--contexts=16,200"], "--eval_workloads: workload random:vocab_size=97,num_tokens=256,"
+                            "seed=1 has 256 tokens; context 200 x batch 2 needs 400"),
+    (["--calibration_workloads=random:num_tokens=300"],
+     "--calibration_workloads: workload random:vocab_size=97,num_tokens=300 has 300 tokens, "
+     "fewer than one calibration window of 512"),
+    (["--kv_formats=int4-g32"], "--kv_formats: int4-g32 groups 32 channels, which does not "
+                                "divide head_dim=16 of model tiny"),
+    (["--passkey_formats=int8", "--passkey_lengths=10", "--passkey_depths=0.5"],
+     "--passkey_lengths: passkey: length=10 is too small"),
+])
+def test_what_needs_the_model_is_checked_before_calibrating_or_scoring(
+    no_work, monkeypatch, tmp_path, args, message):
+  monkeypatch.setattr(evaluate_run, "load_pretrained", fake_pretrained())
+  fv = parse_flags(evaluate_binary.define_flags,
+                   [*_TINY_MATRIX, *args, f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError) as e:
+    evaluate_binary.main(["evaluate"], fv)
+  assert str(e.value).startswith(message), str(e.value)
+  assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def _without_created(rows):
+  """Rows with the calibration's creation time left out (it differs between two runs)."""
+  out = []
+  for r in rows:
+    r = json.loads(json.dumps(r))
+    if isinstance(r["calibration"], dict):
+      del r["calibration"]["created"]
+    out.append(r)
+  return out
+
+
+def test_interrupted_evaluation_keeps_finished_items_and_resumes(monkeypatch, tmp_path):
+  monkeypatch.setattr(evaluate_run, "load_pretrained", fake_pretrained())
+  config = evaluate_binary.config_from_flags(parse_flags(evaluate_binary.define_flags,
+                                                         _TINY_MATRIX))
+  assert config.eval_workloads == ("random:num_tokens=256,seed=1", "random:num_tokens=256,seed=2")
+  score, scored = evaluate_run.score_workload, []
+
+  def failing_at_item_3(model, w, configs, *, context, batch, **kwargs):
+    if len(scored) == 2 and fail:
+      raise RuntimeError("injected failure at item 3")
+    scored.append((w.name[-6:], context))
+    return score(model, w, configs, context=context, batch=batch, **kwargs)
+
+  monkeypatch.setattr(evaluate_run, "score_workload", failing_at_item_3)
+  fail = True
+  with pytest.raises(RuntimeError, match="injected failure at item 3"):
+    evaluate_run.run(config, tmp_path / "run")
+  kept = report.read_jsonl(tmp_path / "run" / "results.jsonl")
+  # Items 1 and 2 (the first workload at both contexts), a row per config each, are on disk.
+  calibrated = "random:vocab_size=97,num_tokens=1024"
+  assert [(r["eval_workload"]["name"][-6:], r["context"], r["kv_format"], r["calibration_name"])
+          for r in kept] == [("seed=1", 16, "int8", "dynamic"),
+                             ("seed=1", 16, "int8-head", calibrated),
+                             ("seed=1", 32, "int8", "dynamic"),
+                             ("seed=1", 32, "int8-head", calibrated)]
+
+  # Resuming computes items 3 and 4 only, with the saved calibration artifact.
+  fail, scored[:] = False, []
+  forbid(monkeypatch, evaluate_run, "calibrate")
+  resumed = evaluate_run.run(config, tmp_path / "run", resume=True)
+  assert scored == [("seed=2", 16), ("seed=2", 32)]
+  assert resumed.rows[:4] == kept and len(resumed.rows) == 8
+  assert report.read_jsonl(tmp_path / "run" / "results.jsonl") == resumed.rows
+  assert "| random:vocab_size=97,num_tokens=256,seed=2 @32 x2 (%) |" in resumed.report
+
+  # The same rows as one uninterrupted run (calibrated afresh: the same scales).
+  monkeypatch.setattr(evaluate_run, "calibrate", calibrate_lib.calibrate)
+  whole = evaluate_run.run(config, tmp_path / "whole")
+  assert _without_created(resumed.rows) == _without_created(whole.rows)
+
+  # A resume with a flag that changes results, or onto another model, is refused first.
+  forbid(monkeypatch, evaluate_run, "load_pretrained")
+  other = dataclasses.replace(config, chunk=4)
+  with pytest.raises(ConfigError, match=r"^chunk: .*config.json records chunk=8 and this run "
+                     "has 4"):
+    evaluate_run.run(other, tmp_path / "run", resume=True)
+  monkeypatch.setattr(evaluate_run, "load_pretrained",
+                      fake_pretrained(dataclasses.replace(TINY, name="other")))
+  with pytest.raises(ConfigError, match=r"^model: .*results.jsonl holds rows of tiny "):
+    evaluate_run.run(config, tmp_path / "run", resume=True)

@@ -1,5 +1,6 @@
 """The generate run in process (a tiny random model and a fake tokenizer), its flag errors (in
-process), and the binary end to end once (subprocess, on a tiny checkpoint)."""
+process, each raised before the model loads or anything compiles), and the binary end to end
+once (subprocess, on a tiny checkpoint)."""
 
 import dataclasses
 import json
@@ -10,17 +11,19 @@ from flax import nnx
 from kvtpu.experiments import generate as generate_binary
 from kvtpu.experiments.common import parse_flags
 from kvtpu.models.llama import Llama
+from kvtpu.models.runs import generate as generate_run
 from kvtpu.models.runs.generate import GenerateConfig, generate_and_report
 
 from tests.helpers import TINY, run_binary
-from tests.run_support import FakeTokenizer, save_tiny_checkpoint
+from tests.run_support import FakeTokenizer, fake_pretrained, forbid, save_tiny_checkpoint
 
 
 def test_run_prints_completions_and_writes_the_workdir(tmp_path):
   model = Llama(dataclasses.replace(TINY, num_layers=1), rngs=nnx.Rngs(0))
   printed = []
-  config = GenerateConfig(model="tiny", prompt=("What is the capital of France?", "Hi"),
-                          max_new_tokens=5, kv_format="int8", impl="xla", temperature=0.5, seed=1)
+  # The config's model is not used: generate_and_report takes the model.
+  config = GenerateConfig(prompt=("What is the capital of France?", "Hi"), max_new_tokens=5,
+                          kv_format="int8", impl="xla", temperature=0.5, seed=1)
   out = generate_and_report(model, FakeTokenizer(), config, workdir=tmp_path, out=printed.append)
   result = out.generation
   assert not result.compiled  # The warm-up call compiled; the timed one did not.
@@ -81,3 +84,30 @@ def test_generate_binary_end_to_end(tmp_path):
   assert [r["prompt"] for r in rows] == ["Hi", "Name three colors."]
   assert json.loads((out / "config.json").read_text())["prompt"] == ["Hi", "Name three colors."]
   assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=no/such/model"], "--model: 'no/such/model' is no known model name"),
+    (["--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs on cpu"),
+    (["--workdir={earlier}"], "--workdir: {earlier} already holds an earlier run's outputs "
+                              "(report.md): give a new workdir, or --overwrite"),
+])
+def test_bad_flags_fail_before_the_model_loads(monkeypatch, tmp_path, args, message):
+  forbid(monkeypatch, generate_run, "load_pretrained", "generate")
+  earlier = tmp_path / "earlier"
+  earlier.mkdir()
+  (earlier / "report.md").write_text("# an earlier run\n")
+  fv = parse_flags(generate_binary.define_flags, [a.format(earlier=earlier) for a in args])
+  with pytest.raises(app.UsageError) as e:
+    generate_binary.main(["generate"], fv)
+  assert str(e.value).startswith(message.format(earlier=earlier)), str(e.value)
+  assert (earlier / "report.md").read_text() == "# an earlier run\n"
+
+
+def test_format_is_checked_against_the_model_before_anything_compiles(monkeypatch, tmp_path):
+  forbid(monkeypatch, generate_run, "generate")
+  monkeypatch.setattr(generate_run, "load_pretrained", fake_pretrained())
+  fv = parse_flags(generate_binary.define_flags, ["--kv_format=int4-g32"])
+  with pytest.raises(app.UsageError, match="^--kv_format: int4-g32 groups 32 channels, which "
+                     "does not divide head_dim=16 of model tiny"):
+    generate_binary.main(["generate"], fv)

@@ -1,20 +1,24 @@
-"""The headroom run (in process) on its defaults, configuration errors (in process), the
-binary end to end once (subprocess), and multi-host start-up."""
+"""The headroom run (in process) on its defaults, configuration errors (in process, each
+raised before anything is measured), an interrupted sweep resumed, the binary end to end
+once (subprocess), and multi-host start-up."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from absl import app
 from kvtpu.experiments import common
 from kvtpu.experiments import headroom as headroom_binary
+from kvtpu.models.runs import headroom as headroom_run
 from kvtpu.models.runs.common import ConfigError
 from kvtpu.models.runs.headroom import HeadroomConfig, run
 
-from kvtpu import memory
+from kvtpu import headroom, memory
 from kvtpu.headroom import report as headroom_report
 from tests.helpers import run_binary
+from tests.run_support import forbid
 
 
 def test_defaults_answer_the_capacity_targets(tmp_path):
@@ -122,3 +126,68 @@ def test_distributed_initialize_only_on_a_multihost_slice(monkeypatch):
   assert calls == [1, 1]
   with pytest.raises(ValueError, match="mode must be 'auto', 'yes' or 'no'"):
     common.maybe_initialize_distributed("maybe")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+  """The run's measures fail the test: a flag error raised with them in place was raised
+  before any of them."""
+  forbid(monkeypatch, headroom_run, "deployment", "AotMeasure", "LiveMeasure")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv_formats="], "--kv_formats: expected at least one value, got none"),
+    (["--kv_formats=int8,bf16,int8"], "--kv_formats: int8 listed more than once"),
+    (["--hbm_gib=nan"], "--hbm_gib: expected a finite number > 0, got nan"),
+    (["--hbm_gib=inf"], "--hbm_gib: expected a finite number > 0, got inf"),
+    (["--modes=live", "--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs "
+                                        "on cpu"),
+    (["--contexts=8192,8192"], "--contexts: 8192 listed more than once"),
+    (["--resume", "--overwrite"], "--resume: give resume (continue the earlier run) or "
+                                  "overwrite (replace its outputs), not both"),
+])
+def test_bad_flags_fail_before_anything_is_measured(no_work, tmp_path, args, message):
+  fv = common.parse_flags(headroom_binary.define_flags, [*args, f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError) as e:
+    headroom_binary.main(["headroom"], fv)
+  assert str(e.value).startswith(message), str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_sweep_keeps_finished_answers_and_resumes(monkeypatch, tmp_path):
+  config = HeadroomConfig(kv_formats=("bf16", "int8"), concurrencies=(1, 8), contexts=(8192,))
+  solved = []
+
+  def counted(solve):
+    def wrapper(dep, fmt, asked, measure, **kwargs):
+      if fail and len(solved) == 4:
+        raise RuntimeError("injected failure at answer 5")
+      solved.append((fmt.name, solve.__name__, asked))
+      return solve(dep, fmt, asked, measure, **kwargs)
+    return wrapper
+
+  for name in ("max_context", "max_concurrency"):
+    monkeypatch.setattr(headroom, name, counted(getattr(headroom, name)))
+  fail = True
+  with pytest.raises(RuntimeError, match="injected failure at answer 5"):
+    run(config, tmp_path / "run")
+  kept = headroom_report.read_jsonl(tmp_path / "run" / "results.jsonl")
+  # Answers 1-4 (bf16's three, int8 at concurrency 1), each a maximum and its oom neighbour.
+  assert [(r["kv_format"], r["kind"], r["concurrency"], r["oom"]) for r in kept][::2] == [
+      ("bf16", "max_context", 1, False), ("bf16", "max_context", 8, False),
+      ("bf16", "max_concurrency", 90, False), ("int8", "max_context", 1, False)]
+  assert all(r["oom"] for r in kept[1::2]) and len(kept) == 8
+
+  # An existing workdir is refused unless resumed; resuming solves answers 5 and 6 only.
+  with pytest.raises(ConfigError, match="^workdir: .* or --resume to continue it"):
+    run(config, tmp_path / "run")
+  fail, solved[:] = False, []
+  resumed = run(config, tmp_path / "run", resume=True)
+  assert solved == [("int8", "max_context", 8), ("int8", "max_concurrency", 8192)]
+  assert resumed.rows[:8] == kept
+  assert resumed.rows == run(config, tmp_path / "whole").rows  # as one uninterrupted sweep
+  assert headroom_report.read_jsonl(tmp_path / "run" / "results.jsonl") == resumed.rows
+  assert "| int8 |" in resumed.report
+  with pytest.raises(ConfigError, match=r"^reserve: .* records reserve=0.05 and this run has "
+                     "0.1"):
+    run(dataclasses.replace(config, reserve=0.1), tmp_path / "run", resume=True)

@@ -1,5 +1,5 @@
 """The kernel_bench binary end to end on a tiny config (subprocess, once), its flag errors (in
-process), and the traffic table it prints."""
+process, each raised before anything compiles), and the traffic table it prints."""
 
 import json
 
@@ -11,6 +11,7 @@ from kvtpu.experiments.common import parse_flags
 
 from kvtpu import benchmark
 from tests.helpers import run_binary
+from tests.run_support import forbid
 
 
 @pytest.mark.slow
@@ -63,3 +64,28 @@ def test_traffic_rows_full_context_targets():
       limit = {"bf16": 1.0, "int8": 0.53, "fp8_e4m3": 0.53, "int4": 0.28}[r["kv_format"]]
       assert r["vs_bf16"] <= limit, r
   assert np.isclose(min(r["vs_bf16"] for r in rows), 0.266, atol=0.002)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formats=int4-g32", "--head_dim=48"], "--formats: int4-g32 groups 32 channels, which "
+                                              "does not divide head_dim=48"),
+    (["--iters=0"], "--iters: expected an integer >= 1, got 0"),
+    (["--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs on cpu"),
+    (["--formats=int8,k=int8,v=int4,k8v4"], "--formats: k8v4 listed more than once"),
+    (["--contexts=256,256"], "--contexts: 256 listed more than once"),
+    (["--workdir={earlier}"], "--workdir: {earlier} already holds an earlier run's outputs "
+                              "(report.md): give a new workdir, or --overwrite"),
+])
+def test_bad_flags_fail_before_anything_compiles(monkeypatch, tmp_path, args, message):
+  forbid(monkeypatch, benchmark, "attention_rows", "traffic_rows", "time_call")
+  earlier = tmp_path / "earlier"
+  earlier.mkdir()
+  (earlier / "report.md").write_text("# an earlier run\n")
+  args = [a.format(earlier=earlier) for a in args]
+  fv = parse_flags(kernel_bench_binary.define_flags, [f"--workdir={tmp_path / 'out'}", *args])
+  with pytest.raises(app.UsageError) as e:
+    kernel_bench_binary.main(["kernel_bench"], fv)
+  assert str(e.value).startswith(message.format(earlier=earlier)), str(e.value)
+  assert not (tmp_path / "out").exists()
+  assert (earlier / "report.md").read_text() == "# an earlier run\n"
+

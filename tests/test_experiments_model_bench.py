@@ -1,5 +1,5 @@
 """The model_bench binary end to end (subprocess, once, `--model=tiny`) and its flag errors
-(in process)."""
+(in process, each raised before the model loads or anything compiles)."""
 
 import json
 
@@ -7,8 +7,10 @@ import pytest
 from absl import app
 from kvtpu.experiments import model_bench as model_bench_binary
 from kvtpu.experiments.common import parse_flags
+from kvtpu.models.runs import model_bench as model_bench_run
 
 from tests.helpers import run_binary
+from tests.run_support import forbid
 
 
 @pytest.mark.slow
@@ -43,3 +45,35 @@ def test_flag_errors_name_the_flag(args, message):
   with pytest.raises(app.UsageError) as e:
     model_bench_binary.config_from_flags(parse_flags(model_bench_binary.define_flags, args))
   assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=no/such/model"], "--model: 'no/such/model' is no known model name (tiny, "
+                                "smollm2-135m)"),
+    (["--kv_formats=int8,bf16,int8"], "--kv_formats: int8 listed more than once"),
+    (["--impl=pallas"], "--impl: pallas compiles the TPU kernels, but jax runs on cpu"),
+    (["--workdir={earlier}"], "--workdir: {earlier} already holds an earlier run's outputs "
+                              "(results.jsonl): give a new workdir, or --overwrite"),
+])
+def test_bad_flags_fail_before_the_model_loads(monkeypatch, tmp_path, args, message):
+  forbid(monkeypatch, model_bench_run, "load_model", "generate")
+  earlier = tmp_path / "earlier"
+  earlier.mkdir()
+  (earlier / "results.jsonl").write_text("")
+  args = [a.format(earlier=earlier) for a in args]
+  fv = parse_flags(model_bench_binary.define_flags, [f"--workdir={tmp_path / 'out'}", *args])
+  with pytest.raises(app.UsageError) as e:
+    model_bench_binary.main(["model_bench"], fv)
+  assert str(e.value).startswith(message.format(earlier=earlier)), str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_formats_are_checked_against_the_model_before_anything_compiles(monkeypatch, tmp_path):
+  forbid(monkeypatch, model_bench_run, "generate")
+  fv = parse_flags(model_bench_binary.define_flags, [
+      "--model=tiny", "--kv_formats=int8,int4-g32", "--contexts=64", "--decode_tokens=4",
+      f"--workdir={tmp_path / 'out'}"])
+  with pytest.raises(app.UsageError, match="^--kv_formats: int4-g32 groups 32 channels, which "
+                     "does not divide head_dim=16 of model tiny"):
+    model_bench_binary.main(["model_bench"], fv)
+  assert not (tmp_path / "out").exists()

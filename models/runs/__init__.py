@@ -12,8 +12,11 @@ and `run(config, workdir)`.
   demo          DemoConfig, run          bytes and attention error per format (synthetic)
 
 A config checks every field when it is made (`ConfigError` names the field, which is
-also the binary's flag) and holds no expensive state; `run` writes config.json first,
-appends result rows to results.jsonl as they finish, and writes report.md and plots
-atomically. Tests call `run` in process; the binaries in `kvtpu.experiments` parse flags
-into a config and call it.
+also the binary's flag) and holds no expensive state; `run` checks the workdir rule
+(`common.check_workdir`: a new or empty workdir unless told to overwrite or resume),
+then what needs the model or data, before any calibration, compile or scoring; it
+writes config.json first, appends result rows to results.jsonl as they finish, logs
+progress with an ETA (`common.Progress`), and writes report.md and plots atomically.
+The evaluate and headroom runs resume an interrupted run from its rows. Tests call `run`
+in process; the binaries in `kvtpu.experiments` parse flags into a config and call it.
 """

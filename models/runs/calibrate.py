@@ -28,13 +28,19 @@ from kvtpu.models.calibrate import KINDS, calibrate
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   ConfigError,
+  calibration_progress,
   chat_responder,
   check,
+  check_head_dim,
+  check_workdir,
+  finite_number,
+  impl_choice,
+  model_name,
   one_of,
   positive_int,
   save_artifact,
   start,
-  str_list,
+  workload_list,
 )
 
 import kvtpu
@@ -79,9 +85,10 @@ class CalibrateConfig:
   impl: str = "auto"
 
   def __post_init__(self):
-    check(isinstance(self.model, str) and bool(self.model.strip()), "model",
-          f"expected a model name or path, got {self.model!r}")
-    object.__setattr__(self, "workloads", str_list("workloads", self.workloads))
+    model_name("model", self.model)
+    object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
+    object.__setattr__(self, "workloads", workload_list("workloads", self.workloads,
+                                                        seed=self.seed))
     try:
       fmt = kvtpu.KVFormat.parse(self.kv_format)
     except ValueError as e:
@@ -90,15 +97,14 @@ class CalibrateConfig:
           f"{fmt.name} stores K and V unquantized: nothing to calibrate")
     object.__setattr__(self, "kv_format", fmt.name)
     one_of("method", self.method, METHODS)
-    check(isinstance(self.percentile, int | float) and 0 < self.percentile <= 100,
-          "percentile", f"expected a number in (0, 100], got {self.percentile!r}")
+    object.__setattr__(self, "percentile", finite_number("percentile", self.percentile, low=0,
+                                                         high=100, low_open=True))
     for name in ("num_tokens", "seq_len", "batch", "learn_steps"):
       object.__setattr__(self, name, positive_int(name, getattr(self, name)))
     check(self.num_tokens >= self.seq_len * self.batch, "num_tokens",
           f"expected at least one batch of batch x seq_len = {self.batch * self.seq_len} "
           f"tokens, got {self.num_tokens}")
-    object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
-    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    object.__setattr__(self, "impl", impl_choice("impl", self.impl))
 
   @property
   def method_options(self) -> dict[str, Any]:
@@ -204,20 +210,31 @@ def _result_rows(model, art: CalibrationArtifact) -> list[dict]:
   return rows
 
 
-def run(config: CalibrateConfig, workdir: str | os.PathLike) -> CalibrateResult:
+def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
+        overwrite: bool = False) -> CalibrateResult:
   """Calibrates `config.kv_format` of `config.model` on `config.workloads`; writes the
   artifact, statistics, rows, plot and report to `workdir` (see the module docstring).
 
+  The workdir rule (`kvtpu.models.runs.common.check_workdir`; `overwrite` replaces an
+  earlier run's outputs) is checked first; what needs the model or the workloads (the
+  format's groups against the head dim, a workload shorter than one batch) is checked
+  after they load, before calibrating.
+
   Raises:
-    ConfigError: a workload shorter than one batch (checked before calibrating).
+    ConfigError: naming the field (the binary's flag) of a failed check.
   """
-  workdir = start(workdir, config)
+  workdir = check_workdir(workdir, config, overwrite=overwrite)
   model, tokenizer = load_pretrained(config.model, param_dtype=jnp.float32)
   logging.info("model %s; weights: %s", model.cfg.name, model.weight_precision)
+  check_head_dim("kv_format", [config.kv_format], model.cfg.head_dim,
+                 f"of model {model.cfg.name}")
   respond = chat_responder(model, tokenizer)
   loaded = []
   for spec in config.workloads:
-    loaded.append(workloads_lib.load(spec, tokenizer, seed=config.seed, respond=respond))
+    try:
+      loaded.append(workloads_lib.load(spec, tokenizer, seed=config.seed, respond=respond))
+    except ValueError as e:
+      raise ConfigError("workloads", f"{spec}: {e}") from None
     logging.info("workload %s: %d tokens (%s)", loaded[-1].name, loaded[-1].num_tokens,
                  loaded[-1].description)
   window = config.seq_len * config.batch
@@ -225,11 +242,11 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike) -> CalibrateResult:
     check(w.num_tokens >= window, "workloads",
           f"workload {w.name} has {w.num_tokens} tokens, fewer than one batch of "
           f"{config.batch} x {config.seq_len}")
-
-  def progress(name, tokens, seconds):
-    logging.info("%s: %d tokens, %.0f tokens/s", name, tokens, tokens / seconds)
-
+  workdir = start(workdir, config)
   per_workload = min([config.num_tokens] + [w.num_tokens for w in loaded])
+  progress = calibration_progress("calibration", {
+      w.name: w.num_batches(config.seq_len, batch=config.batch, num_tokens=per_workload) * window
+      for w in loaded})
   art, stats = calibrate(model, loaded, config.kv_format, method=config.method,
                          seq_len=config.seq_len, batch=config.batch, num_tokens=per_workload,
                          method_options=config.method_options, learn_steps=config.learn_steps,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 from absl import logging
-from kvtpu.models.runs.common import ConfigError, int_list, positive_int, start
+from kvtpu.models.runs.common import ConfigError, check_workdir, int_list, positive_int, start
 
 import kvtpu
 from kvtpu import format_bench, reports
@@ -68,8 +68,11 @@ class DemoResult:
   paths: dict[str, Path]
 
 
-def run(config: DemoConfig, workdir: str | os.PathLike) -> DemoResult:
-  """Measures bytes per token and attention error of each format (see the module docstring)."""
+def run(config: DemoConfig, workdir: str | os.PathLike, *, overwrite: bool = False
+        ) -> DemoResult:
+  """Measures bytes per token and attention error of each format (see the module docstring);
+  the workdir rule (`kvtpu.models.runs.common.check_workdir`) is checked first."""
+  workdir = check_workdir(workdir, config, overwrite=overwrite)
   workdir = start(workdir, config, kv_heads=format_bench.KV_HEADS, q_heads=format_bench.Q_HEADS,
                   num_layers=format_bench.NUM_LAYERS,
                   weight_precision=format_bench.WEIGHT_PRECISION)

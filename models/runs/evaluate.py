@@ -24,11 +24,18 @@ retrieval runs at `passkey_lengths` x `passkey_depths` for the `passkey_formats`
 `EvaluateConfig.from_preset(name, **fields)`: "quick" (SmolLM2 on 2 CPU cores in under
 15 minutes, what `make run` runs), "full" (the whole matrix, for a TPU VM) or "none"
 (every matrix field given).
+
+The work is done item by item: each calibration (its artifact saved as it is made),
+each (eval workload, context, batch) point with a row per cache config, each passkey
+(length, depth) point; the rows of an item are appended to results.jsonl when it
+finishes and progress is logged with an ETA. `run(..., resume=True)` continues an
+interrupted run in its workdir, computing only the missing items (`run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -41,16 +48,23 @@ from kvtpu.models.evaluate import CacheConfig, passkey_rows, score_workload
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   ConfigError,
-  Eta,
+  Progress,
+  calibration_progress,
   chat_responder,
   check,
+  check_head_dim,
+  check_workdir,
+  done_items,
   format_list,
+  impl_choice,
   int_list,
+  model_name,
   one_of,
   positive_int,
   save_artifact,
   start,
   str_list,
+  workload_list,
 )
 
 import kvtpu
@@ -87,6 +101,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
 }
 _METHODS = ("absmax", "percentile", "mse", "learned")
+# Tokens per calibration window (seq_len) of the calibrations a run makes.
+CALIBRATION_WINDOW = 512
 _STATIC_ADVICE = "list it in calibrate_formats (static scales need calibration)"
 
 
@@ -139,23 +155,30 @@ class EvaluateConfig:
 
   def __post_init__(self):
     one_of("preset", self.preset, PRESETS)
-    check(isinstance(self.model, str) and bool(self.model.strip()), "model",
-          f"expected a model name or path, got {self.model!r}")
+    model_name("model", self.model)
     setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+    setattr_("seed", positive_int("seed", self.seed, low=0))
     setattr_("kv_formats", format_list("kv_formats", self.kv_formats, allow_empty=True,
                                        dynamic_only=_STATIC_ADVICE))
     setattr_("calibrate_formats", format_list("calibrate_formats", self.calibrate_formats,
                                               allow_empty=True))
-    setattr_("calibration_workloads", str_list("calibration_workloads",
-                                               self.calibration_workloads, allow_empty=True))
+    setattr_("calibration_workloads", workload_list(
+        "calibration_workloads", self.calibration_workloads, allow_empty=True, seed=self.seed))
     check(not self.calibrate_formats or bool(self.calibration_workloads),
           "calibration_workloads", "calibrate_formats needs at least one calibration workload")
     one_of("calibration_method", self.calibration_method, _METHODS)
     setattr_("calibration_tokens", positive_int("calibration_tokens", self.calibration_tokens))
-    setattr_("artifacts", str_list("artifacts", self.artifacts, allow_empty=True))
+    check(not self.calibrate_formats or self.calibration_tokens >= CALIBRATION_WINDOW,
+          "calibration_tokens", f"expected at least one calibration window of "
+          f"{CALIBRATION_WINDOW} tokens, got {self.calibration_tokens}")
+    setattr_("artifacts", str_list("artifacts", self.artifacts, allow_empty=True, distinct=True))
+    for path in self.artifacts:
+      check(Path(path).is_dir(), "artifacts", f"no calibration artifact at {path} (no such "
+            "folder)")
     check(bool(self.kv_formats or self.calibrate_formats or self.artifacts), "kv_formats",
           "nothing to evaluate: give kv_formats, calibrate_formats or artifacts")
-    setattr_("eval_workloads", str_list("eval_workloads", self.eval_workloads))
+    setattr_("eval_workloads", workload_list("eval_workloads", self.eval_workloads,
+                                             seed=self.seed))
     setattr_("contexts", int_list("contexts", self.contexts, low=2))
     setattr_("batches", int_list("batches", self.batches))
     setattr_("prefill", positive_int("prefill", self.prefill))
@@ -164,21 +187,18 @@ class EvaluateConfig:
                                       dynamic_only="the reference must need no calibration")[0])
     setattr_("passkey_lengths", int_list("passkey_lengths", self.passkey_lengths,
                                          allow_empty=True))
-    try:
-      depths = tuple(float(d) for d in self.passkey_depths)
-    except (TypeError, ValueError):
-      raise ConfigError("passkey_depths", f"expected numbers, got {list(self.passkey_depths)}"
-                        ) from None
+    depths = _sequence_of_numbers("passkey_depths", self.passkey_depths)
     check(all(0 <= d <= 1 for d in depths), "passkey_depths",
           f"expected numbers in [0, 1], got {list(depths)}")
+    check(len(set(depths)) == len(depths), "passkey_depths",
+          f"expected distinct depths, got {list(depths)}")
     check(bool(depths) or not self.passkey_lengths, "passkey_depths",
           "passkey_lengths needs at least one depth")
     setattr_("passkey_depths", depths)
     setattr_("passkey_samples", positive_int("passkey_samples", self.passkey_samples))
     setattr_("passkey_formats", format_list("passkey_formats", self.passkey_formats,
                                             allow_empty=True, dynamic_only=_STATIC_ADVICE))
-    setattr_("seed", positive_int("seed", self.seed, low=0))
-    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    setattr_("impl", impl_choice("impl", self.impl))
 
   @classmethod
   def from_preset(cls, preset: str = "quick", **fields: Any) -> EvaluateConfig:
@@ -247,66 +267,196 @@ def targets_markdown(rows: list[dict], context: int = 2048) -> str:
                                     "measured", "met"], body))
 
 
-def run(config: EvaluateConfig, workdir: str | os.PathLike) -> EvaluateResult:
+def _sequence_of_numbers(field: str, values: Any) -> tuple[float, ...]:
+  try:
+    out = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    raise ConfigError(field, f"expected numbers, got {values!r}") from None
+  check(all(math.isfinite(v) for v in out), field, f"expected finite numbers, got {list(out)}")
+  return out
+
+
+def _row_key(row: dict) -> tuple:
+  """The item a result row belongs to: ("score", eval workload, context, batch) or
+  ("passkey", length, depth)."""
+  if row["kind"] == "score":
+    return "score", row["eval_workload"]["name"], row["context"], row["batch"]
+  return "passkey", row["context"], float(row["depth"])
+
+
+def _load_workloads(config: EvaluateConfig, model, tokenizer) -> dict[str, Any]:
+  """Every calibration and evaluation workload, by spec; a spec that fails to build is a
+  ConfigError naming its field."""
+  respond = chat_responder(model, tokenizer)
+  loaded: dict[str, workloads_lib.Workload] = {}
+  for field in ("calibration_workloads", "eval_workloads"):
+    for spec in getattr(config, field):
+      if spec not in loaded:
+        try:
+          loaded[spec] = workloads_lib.load(spec, tokenizer, seed=config.seed, respond=respond)
+        except ValueError as e:
+          raise ConfigError(field, f"{spec}: {e}") from None
+        logging.info("workload %s: %d tokens", loaded[spec].name, loaded[spec].num_tokens)
+  return loaded
+
+
+def _check_data(config: EvaluateConfig, model, tokenizer, loaded: dict, given: list) -> None:
+  """What needs the model or the workloads, checked before any calibration or scoring."""
+  cfg = model.cfg
+  where = f"of model {cfg.name}"
+  for field in ("kv_formats", "calibrate_formats", "passkey_formats", "reference"):
+    names = getattr(config, field)
+    check_head_dim(field, [names] if isinstance(names, str) else names, cfg.head_dim, where)
+  for c in given:
+    try:
+      c.calibration.check_compatible(num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                     head_dim=cfg.head_dim, model_name=cfg.name)
+    except ValueError as e:
+      raise ConfigError("artifacts", str(e)) from None
+  for spec in config.calibration_workloads:
+    w = loaded[spec]
+    check(w.num_tokens >= CALIBRATION_WINDOW, "calibration_workloads",
+          f"workload {w.name} has {w.num_tokens} tokens, fewer than one calibration window "
+          f"of {CALIBRATION_WINDOW}")
+  for spec in config.eval_workloads:
+    w = loaded[spec]
+    for context in config.contexts:
+      for batch in config.batches:
+        check(w.num_tokens >= context * batch, "eval_workloads",
+              f"workload {w.name} has {w.num_tokens} tokens; context {context} x batch "
+              f"{batch} needs {context * batch}: give a longer workload, or shorter contexts "
+              "or batches")
+  if config.passkey_formats:
+    for length in config.passkey_lengths:
+      try:
+        workloads_lib.passkey(tokenizer, length=length, depth=0.0, seed=config.seed)
+      except ValueError as e:
+        raise ConfigError("passkey_lengths", str(e)) from None
+  labels = [c.label for c in given] + [
+      f"{kvtpu.KVFormat.parse(f).name} | {loaded[s].name}"
+      for f in config.calibrate_formats for s in config.calibration_workloads]
+  labels += [f"{f} | dynamic" for f in config.kv_formats]
+  repeated = sorted({label for label in labels if labels.count(label) > 1})
+  check(not repeated, "artifacts", f"several configs would be labelled {repeated} (format | "
+        "calibration workloads): give each artifact once, and none that repeats a "
+        "calibrate_formats x calibration_workloads pair")
+
+
+def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = False,
+        overwrite: bool = False) -> EvaluateResult:
   """Runs the evaluation matrix of `config`, writing to `workdir` (see the module docstring).
+
+  Every check that does not need the model runs first (the config's own, the workdir rule
+  of `kvtpu.models.runs.common`, loading `artifacts`); then the model and the workloads
+  load, and what needs them is checked (workload lengths, passkey lengths, group sizes
+  against the head dim, artifacts against the model) before anything is calibrated or
+  scored.
+
+  Result rows are appended to results.jsonl as each item finishes: an item is an
+  (eval workload, context, batch) point with a row per cache config, or a passkey
+  (length, depth) point. With `resume`, the items already in results.jsonl (and the
+  calibration artifacts already saved) are kept and only the others are computed;
+  the workdir's config.json must record the same config (`check_workdir`) and its rows
+  the same model.
 
   Returns:
     The rows, the report markdown and the paths of results.jsonl and report.md.
+
+  Raises:
+    ConfigError: naming the field (the binary's flag) of any failed check.
   """
-  workdir = start(workdir, config)
+  workdir = check_workdir(workdir, config, resume=resume, overwrite=overwrite, resumable=True,
+                          not_compared=("preset",))
+  given = []
+  for path in config.artifacts:
+    try:
+      art = CalibrationArtifact.load(path)
+    except (ValueError, OSError) as e:
+      raise ConfigError("artifacts", f"{path}: {e}") from None
+    given.append(CacheConfig(art.fmt, art))
   model, tokenizer = load_pretrained(config.model, param_dtype=jnp.float32)
   logging.info("model %s; weights: %s", model.cfg.name, model.weight_precision)
-  respond = chat_responder(model, tokenizer)
-  loaded: dict[str, workloads_lib.Workload] = {}
+  loaded = _load_workloads(config, model, tokenizer)
+  _check_data(config, model, tokenizer, loaded, given)
+  log = reports.RowLog(workdir / "results.jsonl", report_lib.check_row, resume=resume)
+  for row in log.rows:
+    check((row["model"], row["weight_precision"]) == (model.cfg.name, model.weight_precision),
+          "model", f"{log.path} holds rows of {row['model']} ({row['weight_precision']}), not "
+          f"of {model.cfg.name} ({model.weight_precision}): start a new workdir")
+  start(workdir, config)
 
-  def workload(spec):
-    if spec not in loaded:
-      loaded[spec] = workloads_lib.load(spec, tokenizer, seed=config.seed, respond=respond)
-      logging.info("workload %s: %d tokens", loaded[spec].name, loaded[spec].num_tokens)
-    return loaded[spec]
-
-  configs = [CacheConfig(f) for f in config.kv_formats]
-  for path in config.artifacts:
-    art = CalibrationArtifact.load(path)
-    configs.append(CacheConfig(art.fmt, art))
+  configs = [CacheConfig(f) for f in config.kv_formats] + given
   for fmt in config.calibrate_formats:
     for spec in config.calibration_workloads:
-      w = workload(spec)
-      tokens = min(config.calibration_tokens, w.num_tokens)
-      batch = max(1, min(4, tokens // 512))
-      begin = time.perf_counter()
-      art, _ = calibrate(model, [w], fmt, method=config.calibration_method, seq_len=512,
-                         batch=batch, num_tokens=tokens, impl=config.impl)
-      path = save_artifact(art, workdir / "calibration" / f"{fmt}@{w.name}".replace("/", "_"))
-      logging.info("calibrated %s on %s (%s) in %.0f s: %s", fmt, w.name, art.method,
-                   time.perf_counter() - begin, path)
-      configs.append(CacheConfig(fmt, art))
+      configs.append(CacheConfig(fmt, _calibration(config, model, loaded[spec], fmt, workdir,
+                                                   resume=resume)))
+  labels = {(c.fmt.name, c.calibration_name) for c in configs}
+  passkey_labels = {(kvtpu.KVFormat.parse(f).name, "dynamic") for f in config.passkey_formats}
+  done = done_items(log, _row_key, lambda key, rows: {
+      (r["kv_format"], r["calibration_name"]) for r in rows} == (
+          labels if key[0] == "score" else passkey_labels)) if resume else set()
 
   protocol = Protocol(prefill=config.prefill, chunk=config.chunk, impl=config.impl,
                       reference=config.reference)
-  evals = [workload(s) for s in config.eval_workloads]
   # Token forwards per (workload, context, batch): the reference and every config.
-  plan = [(w, c, b, (1 + len(configs)) * int(sum(ragged_lengths(c, b))))
-          for w in evals for b in config.batches for c in config.contexts]
-  eta = Eta(sum(p[-1] for p in plan))
-  log = reports.RowLog(workdir / "results.jsonl", report_lib.check_row)
+  plan = [(loaded[s], c, b, (1 + len(configs)) * int(sum(ragged_lengths(c, b))))
+          for s in config.eval_workloads for b in config.batches for c in config.contexts]
+  plan = [p for p in plan if ("score", p[0].name, p[1], p[2]) not in done]
+  progress = Progress("evaluation", sum(p[-1] for p in plan), "token forwards")
   # One cache size for all contexts: every context's chunks share one compiled step.
   max_len = max(config.contexts)
-  for w, context, batch, forwards in plan:
-    done = score_workload(model, w, configs, context=context, batch=batch, max_len=max_len,
-                          protocol=protocol)
-    log.extend(done)
-    eta.add(forwards, f"{w.name} @{context} x{batch}: " + ", ".join(
+  for i, (w, context, batch, forwards) in enumerate(plan):
+    item = f"{w.name} @{context} x{batch} (item {i + 1} of {len(plan)})"
+
+    def chunk_done(chunks, total, seconds, item=item, forwards=forwards, before=progress.done):
+      progress.update(before + forwards * chunks / total, f"{item}: chunk {chunks}/{total}",
+                      throttle=True)
+
+    rows = score_workload(model, w, configs, context=context, batch=batch, max_len=max_len,
+                          protocol=protocol, progress=chunk_done)
+    log.extend(rows)
+    progress.update(sum(p[-1] for p in plan[:i + 1]), f"{item}: " + ", ".join(
         f"{r['kv_format']}|{r['calibration_name']} KL {r['metrics']['kl_mean']:.2e}"
-        for r in done))
+        for r in rows))
   if config.passkey_formats and config.passkey_lengths:
-    log.extend(passkey_rows(
-        model, tokenizer, [CacheConfig(f) for f in config.passkey_formats],
-        lengths=config.passkey_lengths, depths=config.passkey_depths,
-        num_samples=config.passkey_samples, seed=config.seed, reference=config.reference,
-        impl=config.impl, progress=lambda msg: logging.info("%s", msg)))
+    points = [(n, d) for n in config.passkey_lengths for d in config.passkey_depths
+              if ("passkey", n, d) not in done]
+    passkey_progress = Progress("passkey", len(points), "points")
+    for length, depth in points:
+      log.extend(passkey_rows(
+          model, tokenizer, [CacheConfig(f) for f in config.passkey_formats], lengths=[length],
+          depths=[depth], num_samples=config.passkey_samples, seed=config.seed,
+          reference=config.reference, impl=config.impl,
+          progress=lambda msg: passkey_progress.add(1, msg)))
   report = report_lib.write_report(
       log.rows, workdir, title=f"KV-cache precision evaluation: {model.cfg.name}",
       extra_sections=[targets_markdown(log.rows, max(config.contexts))])
   return EvaluateResult(log.rows, report, {"results": workdir / "results.jsonl",
                                            "report": workdir / "report.md"})
+
+
+def _calibration(config: EvaluateConfig, model, w, fmt: str, workdir: Path, *,
+                 resume: bool) -> CalibrationArtifact:
+  """The artifact of `fmt` calibrated on `w`: made and saved under workdir/calibration/,
+  or, resuming, loaded from there when an earlier run saved it."""
+  path = workdir / "calibration" / f"{fmt}@{w.name}".replace("/", "_")
+  if resume and path.exists():
+    try:
+      art = CalibrationArtifact.load(path)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"cannot resume with the calibration artifact {path} ({e}): delete it "
+                       "to calibrate again") from None
+    logging.info("calibration %s on %s: reusing %s", fmt, w.name, path)
+    return art
+  tokens = min(config.calibration_tokens, w.num_tokens)
+  batch = max(1, min(4, tokens // CALIBRATION_WINDOW))
+  used = w.num_batches(CALIBRATION_WINDOW, batch=batch, num_tokens=tokens) * batch
+  progress = calibration_progress(f"calibration {fmt} on", {w.name: used * CALIBRATION_WINDOW})
+  begin = time.perf_counter()
+  art, _ = calibrate(model, [w], fmt, method=config.calibration_method,
+                     seq_len=CALIBRATION_WINDOW, batch=batch, num_tokens=tokens,
+                     impl=config.impl, progress=progress)
+  save_artifact(art, path)
+  logging.info("calibrated %s on %s (%s) in %.0f s: %s", fmt, w.name, art.method,
+               time.perf_counter() - begin, path)
+  return art

@@ -24,14 +24,17 @@ from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   ConfigError,
   check,
+  check_head_dim,
+  check_workdir,
   format_list,
+  impl_choice,
+  model_name,
   one_of,
   positive_int,
   start,
   str_list,
 )
 
-import kvtpu
 from kvtpu import reports
 
 __all__ = ["GenerateConfig", "GenerateResult", "encode_prompts", "generate_and_report", "run",
@@ -69,8 +72,7 @@ class GenerateConfig:
   warmup: bool = True
 
   def __post_init__(self):
-    check(isinstance(self.model, str) and bool(self.model.strip()), "model",
-          f"expected a model name or path, got {self.model!r}")
+    model_name("model", self.model)
     prompts = tuple(self.prompt) if not isinstance(self.prompt, str) else (self.prompt,)
     check(all(isinstance(p, str) and p for p in prompts), "prompt",
           f"expected non-empty prompts, got {list(prompts)}")
@@ -85,7 +87,7 @@ class GenerateConfig:
       field = next((f for f in ("temperature", "top_p", "top_k") if f in str(e)), "temperature")
       raise ConfigError(field, str(e)) from None
     object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
-    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    object.__setattr__(self, "impl", impl_choice("impl", self.impl))
     one_of("param_dtype", self.param_dtype, ("float32", "bfloat16"))
 
   @property
@@ -182,9 +184,18 @@ def _write(workdir: Path, rows: list[dict], summary: str) -> None:
 
 
 def run(config: GenerateConfig, workdir: str | os.PathLike | None = None,
-        out: Callable[[str], Any] = print) -> GenerateResult:
-  """Loads `config.model` and runs `generate_and_report`; with a workdir, config.json first."""
+        out: Callable[[str], Any] = print, *, overwrite: bool = False) -> GenerateResult:
+  """Loads `config.model` and runs `generate_and_report`; with a workdir, config.json first.
+
+  The workdir rule (`kvtpu.models.runs.common.check_workdir`; `overwrite` replaces an
+  earlier run's outputs) is checked before the model loads, the format's groups against
+  its head dim before anything compiles.
+  """
+  if workdir is not None:
+    workdir = check_workdir(workdir, config, overwrite=overwrite)
   model, tokenizer = load_pretrained(config.model, param_dtype=jnp.dtype(config.param_dtype))
+  check_head_dim("kv_format", [config.kv_format], model.cfg.head_dim,
+                 f"of model {model.cfg.name}")
   if workdir is not None:
     workdir = start(workdir, config, weight_precision=model.weight_precision)
   return generate_and_report(model, tokenizer, config, workdir, out=out)

@@ -27,13 +27,17 @@ import time
 from pathlib import Path
 
 import jax
-from absl import logging
 from kvtpu.models import presets
 from kvtpu.models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
 from kvtpu.models.runs.common import (
   ConfigError,
+  Progress,
   check,
+  check_workdir,
+  done_items,
+  finite_number,
   format_list,
+  impl_choice,
   int_list,
   one_of,
   positive_int,
@@ -120,11 +124,14 @@ class HeadroomConfig:
     object.__setattr__(self, "concurrencies", int_list("concurrencies", self.concurrencies))
     object.__setattr__(self, "contexts", int_list("contexts", self.contexts))
     object.__setattr__(self, "block", positive_int("block", self.block))
-    check(isinstance(self.reserve, int | float) and 0 <= self.reserve < 1, "reserve",
+    check(reports.is_num(self.reserve) and 0 <= self.reserve < 1, "reserve",
           f"expected a fraction of HBM in [0, 1), got {self.reserve!r}")
-    check(self.hbm_gib is None or (isinstance(self.hbm_gib, int | float) and self.hbm_gib > 0),
-          "hbm_gib", f"expected a capacity in GiB > 0, got {self.hbm_gib!r}")
+    if self.hbm_gib is not None:
+      object.__setattr__(self, "hbm_gib", finite_number("hbm_gib", self.hbm_gib, low=0,
+                                                        low_open=True))
     one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    if "live" in self.modes:  # aot compiles the Pallas kernels for the TPU, on any host.
+      impl_choice("impl", self.impl)
 
   @property
   def model_config(self):
@@ -166,20 +173,28 @@ def _live_capacity(config: HeadroomConfig, devices) -> int:
   return capacity
 
 
-def _answers_by_question(answers) -> dict:
-  """`sweep` guesses from answers: {(format, kind, asked): found}."""
-  return {(f.name, a.kind, a.concurrency if a.kind == "max_context" else a.context):
-          (a.max_len if a.kind == "max_context" else a.batch) for f, a in answers}
+def _row_key(row: dict) -> tuple[str, str, str, int]:
+  """The answer a result row belongs to: (mode, format, kind, asked)."""
+  asked = row["concurrency"] if row["kind"] == "max_context" else row["context"]
+  return row["mode"], row["kv_format"], row["kind"], asked
 
 
-def run(config: HeadroomConfig, workdir: str | os.PathLike) -> HeadroomResult:
+def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = False,
+        overwrite: bool = False) -> HeadroomResult:
   """Solves the sweep of `config` in each of its modes, writing to `workdir` (see the module
   docstring).
 
+  The workdir rule (`kvtpu.models.runs.common.check_workdir`) and, in live mode, the
+  present devices are checked before anything is measured. Each answer's rows are
+  appended to results.jsonl as it is solved; with `resume`, the answers already there are
+  kept and only the others are solved (the analytic answers seed the aot and live
+  searches: from their saved rows, or solved again when analytic mode is not recorded).
+
   Raises:
-    ConfigError: live mode on devices the mesh does not cover, or without a capacity
-      (checked before anything is measured).
+    ConfigError: the workdir rule; live mode on devices the mesh does not cover, or
+      without a capacity.
   """
+  workdir = check_workdir(workdir, config, resume=resume, overwrite=overwrite, resumable=True)
   cfg, slice_, mesh = config.model_config, config.slice, config.mesh_axes
   data, model = mesh["data"], mesh["model"]
   hbm, labels = slice_.chip.hbm_bytes, dict(accelerator=slice_.name, chip=slice_.chip.name,
@@ -198,9 +213,18 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike) -> HeadroomResult:
   labels.update(model=cfg.name, weight_dtype=config.weight_dtype, mesh=config.mesh,
                 model_max_position=cfg.max_position)
   extra = dict(topology=slice_.topology)
+  log = reports.RowLog(workdir / "results.jsonl", headroom_report.check_row, resume=resume)
+  done = done_items(log, _row_key) if resume else set()
   workdir = start(workdir, config, **extra)
-  log = reports.RowLog(workdir / "results.jsonl", headroom_report.check_row)
-  guesses, seconds = {}, {}
+  questions = [(fmt, kind, asked) for fmt in config.kv_formats
+               for kind, points in (("max_context", config.concurrencies),
+                                    ("max_concurrency", config.contexts)) for asked in points]
+  # Seeds of the aot and live searches: the analytic answers (those a resumed run kept
+  # are read from their rows).
+  guesses = {(r["kv_format"], r["kind"], _row_key(r)[3]): r["max_len" if r["kind"] ==
+             "max_context" else "batch"] for r in log.rows
+             if r["mode"] == "analytic" and not r["oom"]}
+  seconds = {}
   for mode in ["analytic"] + [m for m in config.modes if m != "analytic"]:
     begin = time.perf_counter()
     record = mode in config.modes
@@ -212,19 +236,24 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike) -> HeadroomResult:
     else:
       measure = LiveMeasure(cfg, weights=config.weight_dtype, devices=jax.devices(), data=data,
                             model=model, strategy=config.strategy, impl=config.impl)
-
-    def progress(answer, fmt, mode=mode, record=record):
-      logging.info("%s %s %s: concurrency %d, context %d (%.1f GiB of %.1f GiB per device)",
-                   mode, fmt.name, answer.kind, answer.concurrency, answer.context,
-                   (answer.usage.total if answer.usage else 0) / 2**30, dep.budget / 2**30)
+    todo = [q for q in questions if (mode, *q) not in done]
+    progress = Progress(f"headroom {mode}", len(todo), "answers")
+    for fmt_name, kind, asked in todo:
+      fmt = kvtpu.KVFormat.parse(fmt_name)
+      guess = guesses.get((fmt.name, kind, asked))
+      if kind == "max_context":
+        answer = headroom.max_context(dep, fmt, asked, measure, block=config.block, guess=guess)
+        found = answer.max_len
+      else:
+        answer = headroom.max_concurrency(dep, fmt, asked, measure, guess=guess)
+        found = answer.batch
+      if mode == "analytic":
+        guesses[(fmt.name, kind, asked)] = found
       if record:
         log.extend(headroom.answer_rows(fmt, answer, dep, mode=mode, **labels))
-
-    answers = headroom.sweep(dep, config.kv_formats, measure,
-                             concurrencies=config.concurrencies, contexts=config.contexts,
-                             block=config.block, guesses=guesses, progress=progress)
-    if mode == "analytic":
-      guesses = _answers_by_question(answers)
+      progress.add(1, f"{fmt.name} {kind}: concurrency {answer.concurrency}, context "
+                   f"{answer.context} ({(answer.usage.total if answer.usage else 0) / 2**30:.1f} "
+                   f"GiB of {dep.budget / 2**30:.1f} GiB per device)")
     if record:
       seconds[mode] = round(time.perf_counter() - begin, 1)
   write_config(workdir, config, **extra, seconds=seconds)

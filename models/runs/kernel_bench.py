@@ -16,9 +16,15 @@ from pathlib import Path
 import jax
 from absl import logging
 from kvtpu.models.runs import common
-from kvtpu.models.runs.common import check, format_list, int_list, one_of, positive_int
+from kvtpu.models.runs.common import (
+  check,
+  check_head_dim,
+  format_list,
+  impl_choice,
+  int_list,
+  positive_int,
+)
 
-import kvtpu
 from kvtpu import benchmark, reports
 
 __all__ = ["KernelBenchConfig", "KernelBenchResult", "run"]
@@ -57,7 +63,8 @@ class KernelBenchConfig:
       object.__setattr__(self, name, positive_int(name, getattr(self, name)))
     check(self.q_heads % self.kv_heads == 0, "q_heads",
           f"expected a multiple of kv_heads={self.kv_heads}, got {self.q_heads}")
-    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    check_head_dim("formats", self.formats, self.head_dim)
+    object.__setattr__(self, "impl", impl_choice("impl", self.impl))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +77,11 @@ class KernelBenchResult:
   paths: dict[str, Path]
 
 
-def run(config: KernelBenchConfig, workdir: str | os.PathLike) -> KernelBenchResult:
-  """Times every (format, context, batch, phase) and accounts the decode kernel's traffic."""
+def run(config: KernelBenchConfig, workdir: str | os.PathLike, *,
+        overwrite: bool = False) -> KernelBenchResult:
+  """Times every (format, context, batch, phase) and accounts the decode kernel's traffic;
+  the workdir rule (`kvtpu.models.runs.common.check_workdir`) is checked first."""
+  workdir = common.check_workdir(workdir, config, overwrite=overwrite)
   workdir = common.start(workdir, config)
   paths = {name: workdir / f"{name}.{ext}" for name, ext in
            (("results", "jsonl"), ("traffic", "jsonl"), ("report", "md"))}

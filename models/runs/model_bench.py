@@ -28,8 +28,12 @@ from kvtpu.models.llama import Llama
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   check,
+  check_head_dim,
+  check_workdir,
   format_list,
+  impl_choice,
   int_list,
+  model_name,
   one_of,
   positive_int,
   start,
@@ -73,8 +77,7 @@ class ModelBenchConfig:
   seed: int = 0
 
   def __post_init__(self):
-    check(isinstance(self.model, str) and bool(self.model.strip()), "model",
-          f"expected a model name or path, got {self.model!r}")
+    model_name("model", self.model, also=("tiny",))
     object.__setattr__(self, "kv_formats", format_list(
         "kv_formats", self.kv_formats, dynamic_only="model_bench runs dynamic-scale caches"))
     object.__setattr__(self, "batch", positive_int("batch", self.batch))
@@ -83,7 +86,7 @@ class ModelBenchConfig:
     check(min(contexts) > self.decode_tokens, "contexts",
           f"expected contexts > decode_tokens={self.decode_tokens}, got {list(contexts)}")
     object.__setattr__(self, "contexts", contexts)
-    one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    object.__setattr__(self, "impl", impl_choice("impl", self.impl))
     one_of("param_dtype", self.param_dtype, PARAM_DTYPES)
     object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
 
@@ -175,9 +178,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
                                  "decode tok/s", "ms / decode step", "cache MiB"], body)
 
 
-def run(config: ModelBenchConfig, workdir: str | os.PathLike) -> ModelBenchResult:
-  """Measures every (format, context) of `config` (see the module docstring)."""
+def run(config: ModelBenchConfig, workdir: str | os.PathLike, *,
+        overwrite: bool = False) -> ModelBenchResult:
+  """Measures every (format, context) of `config` (see the module docstring). The workdir
+  rule (`kvtpu.models.runs.common.check_workdir`) is checked before the model loads, the
+  formats' groups against its head dim before anything compiles."""
+  workdir = check_workdir(workdir, config, overwrite=overwrite)
   model = load_model(config.model, jnp.dtype(config.param_dtype))
+  check_head_dim("kv_formats", config.kv_formats, model.cfg.head_dim,
+                 f"of model {model.cfg.name}")
   workdir = start(workdir, config, model_name=model.cfg.name,
                   weight_precision=model.weight_precision)
   paths = {"results": workdir / "results.jsonl", "report": workdir / "report.md"}
