@@ -8,7 +8,7 @@ WORKDIR ?= workdir
 # CPU machines: keep jax on the CPU even though libtpu is installed for AOT TPU compiles.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: run test test-fast lint clean
+.PHONY: run test test-fast tpu-check lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 # Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU),
 # then the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8).
+# Each run replaces the previous one's outputs (--overwrite; the binaries refuse a used
+# workdir without it).
 run: $(STAMP)
-	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate
-	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom
+	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate --overwrite
+	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom --overwrite
 
 # The full suite (what CI runs). Whole files per worker (tests/conftest.py): a file's tests share their
 # module's fixtures and compiled programs instead of compiling them on both workers.
@@ -32,6 +34,12 @@ test: $(STAMP)
 # checks the docs' commands and links).
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q -m "not slow" -k "not test_python_snippet_runs" tests
+
+# On a TPU VM: every kernel compiled against the XLA reference and interpret mode, the
+# kernel_bench table, a short evaluation; one verdict line per check. JAX picks the chips
+# (JAX_PLATFORMS unset). Off TPU it says so and fails without running anything.
+tpu-check: $(STAMP)
+	env -u JAX_PLATFORMS $(PY) -m kvtpu.experiments.tpu_check --workdir=$(WORKDIR)/tpu_check --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests
