@@ -35,11 +35,12 @@ def small(**kw) -> hr.Deployment:
 
 def hand_cache_bytes(fmt, *, layers, kv_heads, head_dim, seqs, max_len) -> int:
   """The seed formula, per device: K and V values, their per-token f32 scales, the
-  per-layer counters (5 counters x 2 u32 words) and 5 bytes (length, overflow) a sequence."""
+  per-layer counters (5 counters x 2 u32 words) and 6 bytes (length, overflow flag, error
+  bits) a sequence."""
   tokens = seqs * max_len
   values = 2 * layers * kv_heads * head_dim * VALUE_BYTES[fmt] * tokens
   scales = 2 * layers * kv_heads * 4 * tokens if SCALED[fmt] else 0
-  return int(values) + scales + layers * 5 * 2 * 4 + 5 * seqs
+  return int(values) + scales + layers * 5 * 2 * 4 + 6 * seqs
 
 
 class Counting:
