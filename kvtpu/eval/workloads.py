@@ -45,6 +45,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import re
 import sys
 import warnings
@@ -916,6 +917,11 @@ def _parse_options(kind: str, text: str, spec: str) -> dict[str, Any]:
     except ValueError as e:
       raise ValueError(f"workload spec {spec!r}: option {key}={raw!r} is not a valid "
                        f"{types[key].__name__}") from e
+    least = 0 if key == "seed" else 1  # Counts and sizes are positive; seeds >= 0.
+    if types[key] is int and value < least:
+      raise ValueError(f"workload spec {spec!r}: option {key}={value} must be >= {least}")
+    if types[key] is float and not math.isfinite(value):
+      raise ValueError(f"workload spec {spec!r}: option {key}={value} must be finite")
     options[key] = value
   return options
 

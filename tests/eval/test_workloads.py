@@ -458,6 +458,10 @@ def test_load_parsing(tok, tmp_path, monkeypatch):
     ("file:/no/such/file.txt", {}, "cannot read /no/such/file.txt"),
     ("/no/such/data.jsonl", {}, "cannot read /no/such/data.jsonl"),
     ("file:/no/such.txt?paragraphs=maybe", {}, "paragraphs='maybe' is not a valid bool"),
+    ("prose:num_tokens=-1", {}, "option num_tokens=-1 must be >= 1"),
+    ("passkey:length=0,depth=0.5", {}, "option length=0 must be >= 1"),
+    ("passkey:length=600,depth=nan", {}, "option depth=nan must be finite"),
+    ("random:seed=-2", {}, "option seed=-2 must be >= 0"),
 ])
 def test_load_errors(tok, spec, kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)):
