@@ -31,6 +31,7 @@ def test_pallas_off_tpu_is_refused_before_any_work(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # Interpret-mode kernels, like the kernel grids.
 def test_a_correct_kernel_passes_every_edge_length(small_blocks, tmp_path):
   result = tpu_check.run(_config(formats=("int4-asym-g16",)), tmp_path / "check")
   # 1 format x 1 head dim x 3 phases (decode T=1, T=8, prefill), against the XLA reference.
@@ -42,6 +43,7 @@ def test_a_correct_kernel_passes_every_edge_length(small_blocks, tmp_path):
   assert "3 of 3 checks passed" in result.paths["report"].read_text()
 
 
+@pytest.mark.slow  # Interpret-mode kernels, like the kernel grids.
 def test_a_wrong_kernel_fails_its_checks(small_blocks, tmp_path, monkeypatch, capsys):
   real = attention._pallas_attention
 
