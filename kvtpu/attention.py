@@ -98,7 +98,12 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   else:
     interpret = pltpu.InterpretParams() if impl == "interpret" else False
     out = _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret)
-  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  return _nan_where(bad, out)
+
+
+def _nan_where(bad: jax.Array | None, out: jax.Array) -> jax.Array:
+  """`out` with the sequences flagged in `bad` (None: none) set to NaN."""
+  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(out.dtype)
 
 
 def _chunk_and_scale(q, cache: KVCache, layer, valid_len, scale):
@@ -174,7 +179,7 @@ def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
   check_query(q, cache, layer, "xla")
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   out = _reference(q, cache, layer, chunk, scale)
-  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(q.dtype)
+  return _nan_where(bad, out)
 
 
 @jax.jit

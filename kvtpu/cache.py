@@ -287,7 +287,7 @@ class KVCache:
              negative: jax.Array) -> KVCache:
     """`update` after validation; jitted (below) so that eager calls compile once."""
     in_range = (layer >= 0) & (layer < self.num_layers)  # Always true for a checked int.
-    valid_len = jnp.where(in_range & ~negative, valid_len, 0)
+    valid_len = jnp.where(in_range, valid_len, 0)  # Negative counts are already 0.
     errors = (self.errors | jnp.where(in_range, np.uint8(0), _LAYER_BIT)
               | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
     where = Placement.of(self.lengths, valid_len, k.shape[1], self.max_len)
