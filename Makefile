@@ -29,11 +29,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q tests
 
-# The edit-loop tier: every test module, without the tests marked `slow` and without
-# running the docs' Python snippets (each starts a fresh interpreter; the tier still
-# checks the docs' commands and links).
+# The edit-loop tier: every test function once (one stable sample of a parametrized
+# test's cases), without the tests marked `slow` and without running the docs' Python
+# snippets (each starts a fresh interpreter; the tier still checks the docs' commands
+# and links). Both tiers keep compiled programs in .cache/jax-tests (tests/conftest.py).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q -m "not slow" -k "not test_python_snippet_runs" tests
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -q -m "not slow" -k "not test_python_snippet_runs" --sample-params=1 tests
 
 # On a TPU VM: every kernel compiled against the XLA reference and interpret mode, the
 # kernel_bench table, a short evaluation; one verdict line per check. JAX picks the chips
@@ -45,4 +46,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvtpu pallas_kernels models experiments tests
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache .cache

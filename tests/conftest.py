@@ -1,7 +1,9 @@
-"""Test setup: 8 fake CPU devices, unoptimized CPU codegen, strict rank promotion, per-test
-seeds."""
+"""Test setup: 8 fake CPU devices, unoptimized CPU codegen, a persistent compilation cache,
+strict rank promotion, per-test seeds, longest-first scheduling and the fast tier's sample."""
 
+import collections
 import os
+import pathlib
 
 # Before jax is imported anywhere: CPU backend (libtpu is installed for AOT compiles
 # only) with 8 host devices for sharding tests.
@@ -15,6 +17,20 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # ahead-of-time TPU compiles through libtpu produce the same executables.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
+
+# JAX's persistent compilation cache, shared by both xdist workers and by the
+# subprocesses the tests start (doc snippets, end-to-end binary runs): a program
+# compiled once is read back instead of compiled again, within a run and across runs
+# (the edit loop recompiles only what an edit changed). The key covers the program,
+# the compile options and the jax, jaxlib and backend versions, so a hit is the
+# executable the compiler would produce. Bounded (least recently used entries are
+# evicted, under a file lock); KVTPU_TEST_JAX_CACHE= (empty) turns it off.
+_JAX_CACHE = os.environ.get(
+    "KVTPU_TEST_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+if _JAX_CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import zlib  # noqa: E402
 
@@ -55,7 +71,30 @@ def _rank(item) -> int:
   return len(_LONGEST_FIRST)
 
 
+def pytest_addoption(parser):
+  parser.addoption(
+      "--sample-params", type=int, default=0, metavar="N",
+      help="run at most N cases of each parametrized test (a stable sample, chosen by a "
+           "hash of the test id); 0 runs every case. The fast tier's cut.")
+
+
+def _sample(config, items):
+  """At most `--sample-params` cases per test function; the rest are deselected."""
+  n = config.getoption("sample_params")
+  if n <= 0:
+    return items
+  cases = collections.defaultdict(list)
+  for item in items:
+    cases[item.nodeid.split("[")[0]].append(item)
+  keep = set()
+  for group in cases.values():
+    keep.update(sorted(group, key=lambda it: zlib.crc32(it.nodeid.encode()))[:n])
+  config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+  return [it for it in items if it in keep]
+
+
 def pytest_collection_modifyitems(config, items):
+  items[:] = _sample(config, items)
   for item in items:
     item.add_marker(pytest.mark.xdist_group(_work_unit(item)))
   items.sort(key=_rank)  # Stable: the collection order within each rank.
