@@ -14,13 +14,15 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                                    static (calibrated) scales per layer, per layer and
                                    kv head, or per layer, kv head and channel
                  | sbf16           scales (and zero points) stored as bfloat16
+                 | rot             rotated per head before storing (`kvtpu.rotation`);
+                                   any dtype, bf16 and f32 included
   format        := tensor spec                  same spec for K and V
                  | "k" bits "v" bits            bits in {16, 8, 4}: bf16/int8/int4
                  | "k=" tensor spec ",v=" tensor spec
 
 Without a granularity option a quantized spec has dynamic scales per token and
 kv head (`token_head`), computed when the token is written. Examples: `int8`,
-`fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `k8v4`,
+`fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `int4-asym-rot`, `k8v4`,
 `k=int8-head,v=int4-g64`.
 
 Static or dynamic is decided by the granularity: a scale shared across tokens
@@ -113,6 +115,9 @@ class QuantSpec:
       `x = (q - zero) * scale` (integer dtypes only).
     scale_dtype: dtype of stored scales and zero points, "float32" or
       "bfloat16".
+    rotation: store `x @ R` for the fixed orthogonal per-head `R` of
+      `kvtpu.rotation` (scales, zero points and calibration then live in the
+      rotated coordinates); attention rotates queries and outputs to match.
   """
 
   dtype: StorageDtype
@@ -120,13 +125,15 @@ class QuantSpec:
   group_size: int | None = None
   symmetric: bool = True
   scale_dtype: str = "float32"
+  rotation: bool = False
 
   def __post_init__(self):
     # Accept plain strings for the enum fields; normalize bf16 to "no scales".
     object.__setattr__(self, "dtype", StorageDtype(self.dtype))
     object.__setattr__(self, "granularity", Granularity(self.granularity))
-    if not isinstance(self.symmetric, bool):
-      raise ValueError(f"symmetric must be a bool, got symmetric={self.symmetric!r}")
+    for flag in ("symmetric", "rotation"):
+      if not isinstance(getattr(self, flag), bool):
+        raise ValueError(f"{flag} must be a bool, got {flag}={getattr(self, flag)!r}")
     if not self.dtype.quantized:
       if self.granularity not in (Granularity.NONE, Granularity.TOKEN_HEAD) or (
           self.group_size is not None or not self.symmetric
@@ -205,15 +212,16 @@ class QuantSpec:
   def description(self) -> str:
     """Plain words for reports: `int8, token_head, symmetric`, `int4, group 32,
     asymmetric, bfloat16 scales`, `bf16, unscaled`."""
+    rotated = ", rotated" if self.rotation else ""
     if not self.quantized:
-      return f"{self.dtype.value}, unscaled"
+      return f"{self.dtype.value}, unscaled{rotated}"
     parts = [self.dtype.value, self.granularity.value]
     if self.granularity is Granularity.GROUP:
       parts[-1] = f"group {self.group_size}"
     parts.append("symmetric" if self.symmetric else "asymmetric")
     if self.scale_dtype != "float32":
       parts.append(f"{self.scale_dtype} scales")
-    return ", ".join(parts)
+    return ", ".join(parts) + rotated
 
   @property
   def name(self) -> str:
@@ -226,6 +234,8 @@ class QuantSpec:
       parts.append(self.granularity.value)
     if self.scale_dtype == "bfloat16":
       parts.append("sbf16")
+    if self.rotation:
+      parts.append("rot")
     return "-".join(parts)
 
   def to_dict(self) -> dict[str, Any]:
@@ -259,9 +269,9 @@ class QuantSpec:
     valid_dtypes = [d.value for d in StorageDtype]
     if dtype_name not in valid_dtypes:
       raise ValueError(f"unknown storage dtype {dtype_name!r} in name={name!r}; valid: {valid_dtypes}")
-    if not StorageDtype(dtype_name).quantized and options:
-      raise ValueError(
-          f"{dtype_name} storage takes no options, got {'-'.join(options)!r} in name={name!r}")
+    if not StorageDtype(dtype_name).quantized and set(options) - {"rot"}:
+      raise ValueError(f"{dtype_name} storage takes no scale options (only rot), got "
+                       f"{'-'.join(options)!r} in name={name!r}")
     kwargs: dict = {"dtype": StorageDtype(dtype_name)}
     seen: set[str] = set()
     for opt in options:
@@ -274,6 +284,8 @@ class QuantSpec:
         kwargs["symmetric"] = False
       elif opt == "sbf16":
         kwargs["scale_dtype"] = "bfloat16"
+      elif opt == "rot":
+        kwargs["rotation"] = True
       elif opt in ("tensor", "head", "channel"):
         kwargs["granularity"] = Granularity(opt)
       elif re.fullmatch(r"g[1-9]\d*", opt):
@@ -282,7 +294,7 @@ class QuantSpec:
       else:
         raise ValueError(
             f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, tensor, head, "
-            "channel, sbf16")
+            "channel, sbf16, rot")
     try:
       return cls(**kwargs)
     except ValueError as e:  # Field validation: say which name it came from.
@@ -378,7 +390,7 @@ class KVFormat:
     except ValueError as e:
       raise ValueError(
           f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
-          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16]', 'k<bits>v<bits>' with bits "
+          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' with bits "
           "in 16/8/4, or 'k=<spec>,v=<spec>'") from None
 
   def __str__(self) -> str:

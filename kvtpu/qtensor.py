@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kvtpu import quant
+from kvtpu import quant, rotation
 from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
 
@@ -298,10 +298,17 @@ class QuantizedKV:
 
   # ---------------------------------------------------------------- reading
   def dequantize(self, layer, dtype=jnp.float32) -> jax.Array:
-    """One layer's tensor, dequantized: `[B, K, S, H]` (the reference path).
+    """One layer's tensor, dequantized: `[B, K, S, H]` (the reference path), in the
+    model's coordinates (a rotated spec's values rotated back).
 
     Positions that hold no token are whatever the memory holds; mask them.
     """
+    out = self.dequantize_stored(layer, dtype=jnp.float32)
+    return (rotation.unrotate(out) if self.spec.rotation else out).astype(dtype)
+
+  def dequantize_stored(self, layer, dtype=jnp.float32) -> jax.Array:
+    """One layer's tensor as stored, dequantized: `[B, K, S, H]`, still rotated for a
+    rotated spec (what the kernels' logits and outputs are computed over)."""
     check_layer(layer, self.shape[0])
     data = self.values[layer]
     if not self.spec.quantized:
@@ -331,31 +338,39 @@ class QuantizedKV:
     return None if p is None else p[layer].astype(jnp.float32)[None, None, :, None, :]
 
   def scale_queries(self, qg: jax.Array, layer) -> jax.Array:
-    """Grouped queries `[B, T, K, G, H]` times a static key scale (per head and channel),
-    so that logits over the raw stored keys equal logits over the dequantized ones up
-    to a per-row constant: the key zero point shifts every logit of a query row by the
-    same amount, which softmax ignores. Identity for other specs."""
+    """Grouped queries `[B, T, K, G, H]` in the keys' stored coordinates: rotated for a
+    rotated key spec (`(q R) . (k R) = q . k`), then times a static key scale (per
+    head and channel), so that logits over the raw stored keys equal logits over the
+    dequantized ones up to a per-row constant: the key zero point shifts every logit
+    of a query row by the same amount, which softmax ignores. Identity for other
+    specs."""
+    if self.spec.rotation:
+      qg = rotation.rotate(qg)
     return qg if not self.spec.static else qg * self._static(self.scale, layer)
 
   def scale_output(self, og: jax.Array, layer, has_keys: jax.Array) -> jax.Array:
-    """Attention output over raw stored values `[B, T, K, G, H]` -> over dequantized
-    ones, for a static value spec: `(out - zero) * scale`, exact because each row's
-    probabilities sum to 1; rows with no keys (`has_keys` False) stay 0. Identity for
-    other specs."""
-    if not self.spec.static:
-      return og
-    if self.zero is not None:
-      og = og - self._static(self.zero, layer)
-    return jnp.where(has_keys, og * self._static(self.scale, layer), 0.0)
+    """Attention output over raw stored values `[B, T, K, G, H]` -> over the values in
+    model coordinates: for a static value spec `(out - zero) * scale`, exact because
+    each row's probabilities sum to 1, rows with no keys (`has_keys` False) staying
+    0; then rotated back for a rotated spec (`(o R) R.T = o`). Identity for other
+    specs."""
+    if self.spec.static:
+      if self.zero is not None:
+        og = og - self._static(self.zero, layer)
+      og = jnp.where(has_keys, og * self._static(self.scale, layer), 0.0)
+    return rotation.unrotate(og) if self.spec.rotation else og
 
   # ---------------------------------------------------------------- writing
   def write(self, layer, x: jax.Array, where: Placement) -> tuple[QuantizedKV, quant.Quantized]:
     """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`.
 
     Returns the new tensor and the `quant.Quantized` result (its `saturated` and
-    `nonfinite` masks are over the whole chunk: mask them with `where`).
+    `nonfinite` masks are over the whole chunk: mask them with `where`). A rotated
+    spec quantizes `x @ R` (computed in float32).
     """
     spec = self.spec
+    if spec.rotation:
+      x = rotation.rotate(x, jnp.float32)
     if spec.static:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:

@@ -5,7 +5,9 @@ model on a bf16 cache, and the model's `observe` hook hands every layer's keys
 before RoPE (`k_pre`), after RoPE (`k`, what the cache stores) and values (`v`) to
 `kvtpu.calibration.stats.observe` inside the same compiled step: activations are
 reduced per layer as they are produced, so memory is one batch's activations plus
-the fixed-size statistics, whatever the number of tokens.
+the fixed-size statistics, whatever the number of tokens. `k_rot` and `v_rot` are
+the keys and values in the coordinates a rotated spec stores (`kvtpu.rotation`),
+which is where its static scales and clip ratios are fitted.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvtpu import rotation
 from kvtpu.calibration import stats as kv_stats
 
-__all__ = ["KINDS", "collect_statistics"]
+__all__ = ["KINDS", "ROTATED_KINDS", "collect_statistics"]
 
 KINDS = ("k_pre", "k", "v")
+ROTATED_KINDS = ("k_rot", "v_rot")  # Observed on request: `k` and `v` times `rotation.rotate`.
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("stats",))
@@ -40,6 +44,8 @@ def _step(graphdef, state, stats: dict, tokens: jax.Array, *, impl: str) -> dict
   def observe(layer: int, kind: str, x: jax.Array) -> None:
     if kind in seen:
       seen[kind].append((layer, x))
+    if f"{kind}_rot" in seen:
+      seen[f"{kind}_rot"].append((layer, rotation.rotate(x, jnp.float32)))
 
   b, t = tokens.shape
   model(tokens, model.init_cache("bf16", batch=b, max_len=t), impl=impl, observe=observe,
@@ -66,7 +72,7 @@ def collect_statistics(model, batches: Iterable[np.ndarray], *, kinds=KINDS, imp
     model: a `kvtpu.models.llama.Llama`.
     batches: int32 `[B, T]` token windows (e.g. `Workload.windows(...)`); one
       compile serves every batch of the same shape.
-    kinds: which tensors to observe, a subset of `KINDS`.
+    kinds: which tensors to observe, from `KINDS + ROTATED_KINDS`.
     impl: attention implementation of the forward.
     stats: statistics to continue from (e.g. over several workloads); default new.
     progress: called after each batch with (tokens so far, seconds so far).
@@ -78,9 +84,9 @@ def collect_statistics(model, batches: Iterable[np.ndarray], *, kinds=KINDS, imp
   Raises:
     ValueError: for an unknown kind or a batch that is not a 2-D integer array.
   """
-  unknown = sorted(set(kinds) - set(KINDS))
+  unknown = sorted(set(kinds) - set(KINDS + ROTATED_KINDS))
   if unknown:
-    raise ValueError(f"unknown kinds {unknown}; choose from {KINDS}")
+    raise ValueError(f"unknown kinds {unknown}; choose from {KINDS + ROTATED_KINDS}")
   cfg = model.cfg
   if stats is None:
     stats = {k: kv_stats.init_stats(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -139,6 +145,19 @@ def outlier_table(stats: dict[str, kv_stats.TensorStats], *, top: int = 4) -> di
   return table
 
 
+def _stored_coordinates(x: dict, fmt) -> dict:
+  """One layer's `{"q", "k", "v"}` in the coordinates the cache stores: keys (and the
+  queries that meet them) rotated for a rotated key spec, values for a rotated value
+  spec. Attention outputs then differ from the model's by the value rotation, which
+  keeps every error norm the calibration objectives measure."""
+  x = dict(x)
+  if fmt.k.rotation:
+    x["q"], x["k"] = rotation.rotate(x["q"], jnp.float32), rotation.rotate(x["k"], jnp.float32)
+  if fmt.v.rotation:
+    x["v"] = rotation.rotate(x["v"], jnp.float32)
+  return x
+
+
 def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 512,
               batch: int = 4, num_tokens: int | None = None, method_options=None,
               learn_steps: int = 200, impl: str = "auto",
@@ -146,7 +165,8 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   """Calibrates the quantized specs of `fmt` for `model` on `workloads`.
 
   Static specs (granularity tensor, head or channel) get scales from the streaming
-  statistics of every calibration token (`kvtpu.calibration.compute_scales`).
+  statistics of every calibration token (`kvtpu.calibration.compute_scales`). A
+  rotated spec is calibrated on the rotated tensors it stores (`k_rot`, `v_rot`).
   Dynamic specs (per-token scales) get clip ratios per layer and kv head
   (`kvtpu.calibration.clipping`) from sample tokens: the first `[batch, seq_len]`
   window batch of each workload.
@@ -185,19 +205,22 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   disclosed = []
   samples: list[list[dict]] = []  # Per workload, per layer {"q", "k", "v"} of its first batch.
   dynamic = any(s.dynamic for s in specs.values())
+  kind_of = {w: f"{w}_rot" if s.rotation else w for w, s in specs.items()}
+  kinds = tuple(dict.fromkeys((*KINDS, *kind_of.values())))
   for w in workloads:
     n = w.num_batches(seq_len, batch=batch, num_tokens=num_tokens)
     report = None if progress is None else functools.partial(progress, w.name)
     stats = collect_statistics(model, w.windows(seq_len, batch=batch, num_tokens=num_tokens),
-                               impl=impl, stats=stats, progress=report)
+                               kinds=kinds, impl=impl, stats=stats, progress=report)
     if dynamic or method == "learned":
       first = next(iter(w.windows(seq_len, batch=batch, num_tokens=num_tokens)))
-      samples.append(attention_inputs(model, first, impl=impl))
+      samples.append([_stored_coordinates(x, fmt)
+                      for x in attention_inputs(model, first, impl=impl)])
     disclosed.append({**w.disclosure(), "tokens_used": n * batch * seq_len,
                       "seq_len": seq_len, "batch": batch})
   scales, clipped = {}, {}
   for which, spec in specs.items():
-    st = stats[which]
+    st = stats[kind_of[which]]
     if spec.dynamic:
       tokens = [np.concatenate([np.asarray(s[layer][which]) for s in samples])
                 for layer in range(model.cfg.num_layers)]

@@ -21,8 +21,12 @@ def same_data_tol(values):
 # fixed data (20x outlier channels, 5x outlier tokens), measured and pinned with 30 %
 # slack; experiments/demo.py reports the same figure on larger data. Outlier key
 # channels sharpen the softmax, which amplifies each format's rounding of the rest.
+# Rotation (`-rot`) halves the int4 errors and helps int8; fp8's own exponent already
+# covers the outlier channels, and rotated it does worse.
 FORMAT_TOL = {"int8": 0.033, "int8-asym": 0.030, "fp8_e4m3": 0.023, "fp8_e5m2": 0.074,
-              "int4": 0.42, "int4-asym": 0.28, "int4-g16": 0.37, "k8v4": 0.25}
+              "int4": 0.42, "int4-asym": 0.28, "int4-g16": 0.37, "k8v4": 0.25,
+              "int8-rot": 0.019, "int4-rot": 0.19, "int4-asym-rot": 0.20, "int4-g16-rot": 0.15,
+              "fp8_e4m3-rot": 0.059}
 
 
 def fill(cache, rng, prefix, t, *, layer=1, **outliers):

@@ -116,7 +116,7 @@ def test_invalid_names(name, bad_part):
 
 @pytest.mark.parametrize("name, bad_part", [
     ("int9", "int9"), ("int8-zz", "zz"), ("fp8_e4m3-asym", "asym"), ("", "''"),
-    ("f32-g32", "f32 storage takes no options"),
+    ("f32-g32", "f32 storage takes no scale options"),
 ])
 def test_quant_spec_parse_errors(name, bad_part):
   with pytest.raises(ValueError, match="name=") as e:

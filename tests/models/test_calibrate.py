@@ -10,7 +10,7 @@ from flax import nnx
 from kvtpu.models.calibrate import attention_inputs, calibrate, collect_statistics
 from kvtpu.models.llama import Llama
 
-from kvtpu import KVCache
+from kvtpu import KVCache, QuantSpec
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.eval import workloads
 from tests.helpers import TINY, slow_unless
@@ -113,3 +113,24 @@ def test_attention_inputs_shapes(model, data):
   assert len(inputs) == 2
   assert inputs[0]["q"].shape == (2, 16, CFG.num_heads, CFG.head_dim)
   assert inputs[1]["k"].shape == inputs[1]["v"].shape == (2, 16, CFG.num_kv_heads, CFG.head_dim)
+
+
+def test_rotated_specs_are_calibrated_on_what_they_store(model, data):
+  """A rotated static spec's absmax scales are those of the rotated keys (nothing
+  clipped), not of the keys; the artifact's cache runs."""
+  from kvtpu.calibration import methods
+
+  fmt = "k=int8-channel-rot,v=int4-rot"
+  art, stats = calibrate(model, [data], fmt, method="absmax", seq_len=32, batch=4,
+                         num_tokens=512, impl="xla")
+  assert {"k", "k_rot", "v"} <= set(stats) and "k_rot" in art.summary
+  expected, _ = methods.compute_scales(stats["k_rot"], QuantSpec.parse("int8-channel-rot"),
+                                       "absmax")
+  np.testing.assert_array_equal(art.scales["k"]["scale"], np.asarray(expected, np.float32))
+  unrotated = collect_statistics(model, data.windows(32, batch=4, num_tokens=512), kinds=("k",))
+  plain, _ = methods.compute_scales(unrotated["k"], QuantSpec.parse("int8-channel"), "absmax")
+  assert not np.allclose(art.scales["k"]["scale"], plain, rtol=0.05)
+  assert art.clip_fraction["k"].max() == 0
+  cache = model.init_cache(fmt, batch=1, max_len=8, calibration=art)
+  logits, _ = model(jnp.asarray(next(iter(data.windows(8, batch=1)))), cache, impl="xla")
+  assert np.isfinite(np.asarray(logits)).all()
