@@ -185,7 +185,8 @@ def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
 @jax.jit
 def _reference(q: jax.Array, cache: KVCache, layer, chunk: jax.Array, scale) -> jax.Array:
   """`reference_attention` after validation, jitted so that eager calls compile once."""
+  held = jnp.minimum(cache.lengths + chunk, cache.max_len)
   out = decode_attention.masked_attention(
-      q.astype(jnp.float32) * scale, cache.dequantized(layer, "k"), cache.dequantized(layer, "v"),
-      cache.lengths, chunk)
+      q.astype(jnp.float32) * scale, cache.dequantized(layer, "k", held=held),
+      cache.dequantized(layer, "v", held=held), cache.lengths, chunk)
   return out.astype(q.dtype)

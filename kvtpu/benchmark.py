@@ -135,7 +135,8 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
     block_t, block_s = blocks.resolve(d.t, d.max_len)
   block_s = BlockSizes(block_s).resolve(d.max_len)
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,
-                      block_t=block_t, scale_itemsize=itemsize, has_zero=zeros)
+                      block_t=block_t, scale_itemsize=itemsize, has_zero=zeros,
+                      windows=(cache.fmt.sink, cache.fmt.recent))
   return account["total"], minimum
 
 

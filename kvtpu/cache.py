@@ -119,6 +119,7 @@ class KVCache:
     dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                 head_dim=head_dim)
     sds = jax.ShapeDtypeStruct
+    dims |= dict(sink=fmt.sink, recent=fmt.recent)
     return cls(k=QuantizedKV.layout(fmt.k, clip="k" in clip, **dims),
                v=QuantizedKV.layout(fmt.v, clip="v" in clip, **dims),
                lengths=sds((batch,), jnp.int32), overflow=sds((batch,), jnp.bool_),
@@ -174,7 +175,7 @@ class KVCache:
     layout = cls.layout(fmt, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
                         max_len=max_len, head_dim=head_dim)
     dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
-                head_dim=head_dim)
+                head_dim=head_dim, sink=fmt.sink, recent=fmt.recent)
     tensors = {which: QuantizedKV.init(fmt.spec(which), name=which, **dims, **params[which])
                for which in ("k", "v")}
     return cls(**tensors, **{f: jnp.zeros(getattr(layout, f).shape, getattr(layout, f).dtype)
@@ -183,8 +184,9 @@ class KVCache:
   # --------------------------------------------------------------- properties
   @property
   def fmt(self) -> KVFormat:
-    """The storage format, from the specs of `k` and `v`."""
-    return KVFormat(self.k.spec, self.v.spec)
+    """The storage format, from the specs and windows of `k` and `v`."""
+    sink, recent = self.k.window_sizes()
+    return KVFormat(self.k.spec, self.v.spec, sink=sink, recent=recent)
 
   @property
   def num_layers(self) -> int:
@@ -290,7 +292,9 @@ class KVCache:
     valid_len = jnp.where(in_range, valid_len, 0)  # Negative counts are already 0.
     errors = (self.errors | jnp.where(in_range, np.uint8(0), _LAYER_BIT)
               | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
-    where = Placement.of(self.lengths, valid_len, k.shape[1], self.max_len)
+    sink, recent = self.k.window_sizes()
+    where = Placement.of(self.lengths, valid_len, k.shape[1], self.max_len, sink=sink,
+                         recent=recent)
     mask = (where.target < self.max_len)[:, :, None, None]  # [B, T, 1, 1]: tokens kept.
     counts = [jnp.sum(mask, dtype=_U32) * _U32(self.kv_heads * self.head_dim)]
     new = {}
@@ -328,12 +332,19 @@ class KVCache:
                                errors=jnp.where(keep, self.errors, np.uint8(0)))
 
   # ------------------------------------------------------------------ reading
-  def dequantized(self, layer, which: str, dtype=jnp.float32) -> jax.Array:
-    """One layer's keys or values, dequantized: `[B, K, S, H]` (reference path).
+  def dequantized(self, layer, which: str, dtype=jnp.float32, *, held=None) -> jax.Array:
+    """One layer's keys or values as attention reads them: `[B, K, S, H]` (reference
+    path), in the model's coordinates, window positions from the windows.
+
+    Args:
+      held: `i32[B]` tokens each sequence holds, which places the recent windows;
+        default `lengths` (between `update` and `advance`, pass `lengths + chunk`).
 
     Positions that hold no token are whatever the memory holds; mask them.
     """
-    return self.tensor(which).dequantize(layer, dtype)
+    if self.fmt.windowed and held is None:
+      held = self.lengths
+    return self.tensor(which).dequantize(layer, dtype, held=held)
 
   def counts(self) -> dict[str, np.ndarray]:
     """The counters on the host: `{name: int64[L]}` for each of `COUNTERS`."""

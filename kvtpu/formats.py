@@ -13,17 +13,27 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                  | tensor | head | channel
                                    static (calibrated) scales per layer, per layer and
                                    kv head, or per layer, kv head and channel
-                 | sbf16           scales (and zero points) stored as bfloat16
+                 | sbf16           scales stored as bfloat16 (zero points stay float32)
                  | rot             rotated per head before storing (`kvtpu.rotation`);
                                    any dtype, bf16 and f32 included
-  format        := tensor spec                  same spec for K and V
+  format        := specs ("+" window)*
+  specs         := tensor spec                  same spec for K and V
                  | "k" bits "v" bits            bits in {16, 8, 4}: bf16/int8/int4
                  | "k=" tensor spec ",v=" tensor spec
+  window        := sink<N>         the first N tokens of each sequence kept unquantized
+                 | recent<N>       the most recent N tokens kept unquantized (a ring)
 
 Without a granularity option a quantized spec has dynamic scales per token and
 kv head (`token_head`), computed when the token is written. Examples: `int8`,
 `fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `int4-asym-rot`, `k8v4`,
-`k=int8-head,v=int4-g64`.
+`k=int8-head,v=int4-g64`, `int4-asym-rot+sink4+recent128`.
+
+Windows hold K and V of the same positions unquantized (bf16; f32 for an f32 spec),
+beside the quantized store, which holds every position: attention reads a position
+from the sink if it is among the first `sink`, from the ring if it is among the
+sequence's last `recent`, else from the quantized store. Windows are for dynamic
+(per-token) and unquantized specs: a static spec's kernel reads values in its own
+calibrated units, in which an unquantized copy would not be exact.
 
 Static or dynamic is decided by the granularity: a scale shared across tokens
 (tensor, head, channel) cannot be recomputed on write without rescaling what is
@@ -113,8 +123,8 @@ class QuantSpec:
     group_size: channels per scale group along H; only with `GROUP`.
     symmetric: True stores `x = q * scale`; False adds a zero point,
       `x = (q - zero) * scale` (integer dtypes only).
-    scale_dtype: dtype of stored scales and zero points, "float32" or
-      "bfloat16".
+    scale_dtype: dtype of stored scales, "float32" or "bfloat16" (zero points are
+      float32 either way).
     rotation: store `x @ R` for the fixed orthogonal per-head `R` of
       `kvtpu.rotation` (scales, zero points and calibration then live in the
       rotated coordinates); attention rotates queries and outputs to match.
@@ -301,6 +311,19 @@ class QuantSpec:
       raise ValueError(f"{e} (in name={name!r})") from None
 
 
+def _windows(clauses: list[str]) -> dict[str, int]:
+  """`["sink4", "recent128"]` -> `{"sink": 4, "recent": 128}`, each at most once."""
+  sizes: dict[str, int] = {}
+  for clause in clauses:
+    m = re.fullmatch(r"(sink|recent)([1-9]\d*)", clause)
+    if m is None:
+      raise ValueError(f"unknown window {clause!r}; windows are sink<N> and recent<N>, N >= 1")
+    if m[1] in sizes:
+      raise ValueError(f"window {m[1]} given twice")
+    sizes[m[1]] = int(m[2])
+  return sizes
+
+
 def _plain(x):
   return x.value if isinstance(x, enum.Enum) else x
 
@@ -315,25 +338,56 @@ class KVFormat:
   Attributes:
     k: how keys are stored.
     v: how values are stored.
+    sink: the first `sink` positions of each sequence are also kept unquantized.
+    recent: the most recent `recent` positions of each sequence are also kept
+      unquantized, in a ring of `recent` slots.
   """
 
   k: QuantSpec
   v: QuantSpec
+  sink: int = 0
+  recent: int = 0
 
   def __post_init__(self):
     for field in ("k", "v"):
       if not isinstance(getattr(self, field), QuantSpec):
         raise TypeError(f"KVFormat.{field} must be a QuantSpec, got {type(getattr(self, field)).__name__}")
+    for field in ("sink", "recent"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{field} must be an int >= 0, got {field}={value!r}")
+    if self.windowed:
+      if not self.quantized:
+        raise ValueError(f"windows keep tokens unquantized, but {self.specs_name} stores K and V "
+                         "unquantized already")
+      static = [w for w in ("k", "v") if self.spec(w).static]
+      if static:
+        raise ValueError(
+            f"sink/recent windows are for dynamic (per-token) or unquantized specs, but "
+            f"{'/'.join(w.upper() for w in static)} of {self.specs_name} has static scales, in "
+            "whose calibrated units the kernels read it")
 
   @property
-  def name(self) -> str:
-    """Stable name; `KVFormat.parse(fmt.name) == fmt`."""
+  def windowed(self) -> bool:
+    """True if the format keeps a sink or a recent window."""
+    return bool(self.sink or self.recent)
+
+  @property
+  def specs_name(self) -> str:
+    """The name of the specs alone, without windows."""
     if self.k == self.v:
       return self.k.name
     short = {v: k for k, v in _SHORT_BITS.items()}
     if self.k.name in short and self.v.name in short:
       return f"k{short[self.k.name]}v{short[self.v.name]}"
     return f"k={self.k.name},v={self.v.name}"
+
+  @property
+  def name(self) -> str:
+    """Stable name; `KVFormat.parse(fmt.name) == fmt`."""
+    windows = (f"+sink{self.sink}" if self.sink else "") + (
+        f"+recent{self.recent}" if self.recent else "")
+    return self.specs_name + windows
 
   @property
   def quantized(self) -> bool:
@@ -345,8 +399,11 @@ class KVFormat:
     return self.k.static or self.v.static
 
   def to_dict(self) -> dict[str, Any]:
-    """`{"name": ..., "k": spec dict, "v": spec dict}`; `from_dict` reads it back."""
-    return {"name": self.name, "k": self.k.to_dict(), "v": self.v.to_dict()}
+    """`{"name": ..., "k": spec dict, "v": spec dict, "sink": n, "recent": n}` (windows
+    only when present); `from_dict` reads it back."""
+    out = {"name": self.name, "k": self.k.to_dict(), "v": self.v.to_dict()}
+    out |= {w: getattr(self, w) for w in ("sink", "recent") if getattr(self, w)}
+    return out
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> KVFormat:
@@ -355,10 +412,12 @@ class KVFormat:
     Raises:
       ValueError: for missing specs, an invalid spec, or a name that disagrees.
     """
-    if not isinstance(d, Mapping) or not {"k", "v"} <= set(d) or set(d) - {"name", "k", "v"}:
-      raise ValueError(f"a KVFormat dict has keys 'k', 'v' and optionally 'name', got "
-                       f"{sorted(d) if isinstance(d, Mapping) else type(d).__name__}")
-    fmt = cls(QuantSpec.from_dict(d["k"]), QuantSpec.from_dict(d["v"]))
+    keys = {"name", "k", "v", "sink", "recent"}
+    if not isinstance(d, Mapping) or not {"k", "v"} <= set(d) or set(d) - keys:
+      raise ValueError(f"a KVFormat dict has keys 'k', 'v' and optionally 'name', 'sink', "
+                       f"'recent', got {sorted(d) if isinstance(d, Mapping) else type(d).__name__}")
+    fmt = cls(QuantSpec.from_dict(d["k"]), QuantSpec.from_dict(d["v"]), sink=d.get("sink", 0),
+              recent=d.get("recent", 0))
     if "name" in d and cls.parse(d["name"]) != fmt:
       raise ValueError(f"KVFormat dict names {d['name']!r} but its specs are {fmt.name!r}")
     return fmt
@@ -379,19 +438,22 @@ class KVFormat:
       return name
     if not isinstance(name, str):
       raise TypeError(f"format name must be a str, got {type(name).__name__}")
-    text = name.strip().lower()
+    text, *windows = name.strip().lower().split("+")
     try:
+      sizes = _windows(windows)
       if m := re.fullmatch(r"k(16|8|4)v(16|8|4)", text):
-        return cls(QuantSpec.parse(_SHORT_BITS[m[1]]), QuantSpec.parse(_SHORT_BITS[m[2]]))
+        return cls(QuantSpec.parse(_SHORT_BITS[m[1]]), QuantSpec.parse(_SHORT_BITS[m[2]]),
+                   **sizes)
       if m := re.fullmatch(r"k=([^,]+),v=([^,]+)", text):
-        return cls(QuantSpec.parse(m[1]), QuantSpec.parse(m[2]))
+        return cls(QuantSpec.parse(m[1]), QuantSpec.parse(m[2]), **sizes)
       spec = QuantSpec.parse(text)
-      return cls(spec, spec)
+      return cls(spec, spec, **sizes)
     except ValueError as e:
       raise ValueError(
           f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
-          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' with bits "
-          "in 16/8/4, or 'k=<spec>,v=<spec>'") from None
+          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
+          "with bits in 16/8/4, or 'k=<spec>,v=<spec>'; then optionally '+sink<N>' and/or "
+          "'+recent<N>'") from None
 
   def __str__(self) -> str:
     return self.name

@@ -34,8 +34,8 @@ from kvtpu.cache import COUNTERS, KVCache, check_clip
 from kvtpu.formats import KVFormat, QuantSpec
 from kvtpu.qtensor import QuantizedKV
 
-__all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "fixed_bytes", "cache_bytes",
-           "array_nbytes", "dtype_bits"]
+__all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "window_bytes", "fixed_bytes",
+           "cache_bytes", "effective_bits", "array_nbytes", "dtype_bits"]
 
 
 def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
@@ -53,22 +53,25 @@ def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: 
                         max_len=max_len, head_dim=head_dim, clip=clip)
 
 
-def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = False
-                  ) -> tuple[float, float]:
-  """(bytes per position, bytes per layer fixed) of one tensor of `spec`, per sequence
-  and layer, read off its layout: arrays with a positions axis grow with tokens, the
-  others (calibrated scales, clip ratios) do not. Exact in bits (int4: half bytes)."""
+def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = False,
+                  sink: int = 0, recent: int = 0) -> tuple[float, float, float]:
+  """(bytes per position and sequence, per sequence, fixed) of one tensor of `spec`, per
+  layer, read off its layout: arrays with a positions axis grow with tokens, other
+  arrays with a batch axis (the windows) with sequences, and the rest (calibrated
+  scales, clip ratios) with neither. Exact in bits (int4: half bytes)."""
   layout = QuantizedKV.layout(spec, num_layers=1, batch=1, kv_heads=kv_heads, max_len=1,
-                              head_dim=head_dim, clip=clip)
+                              head_dim=head_dim, clip=clip, sink=sink, recent=recent)
   axes = jax.tree.leaves(layout.logical_axes(), is_leaf=lambda x: isinstance(x, P))
-  per_position = fixed = 0.0
+  per_position = per_sequence = fixed = 0.0
   for arr, names in zip(jax.tree.leaves(layout), axes, strict=True):
     nbytes = math.prod(arr.shape) * dtype_bits(arr.dtype) / 8
     if "positions" in names:
       per_position += nbytes
+    elif "batch" in names:
+      per_sequence += nbytes
     else:
       fixed += nbytes
-  return per_position, fixed
+  return per_position, per_sequence, fixed
 
 
 def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> float:
@@ -81,13 +84,22 @@ def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> flo
   return sum(_tensor_bytes(spec, kv_heads, head_dim)[0] for spec in (fmt.k, fmt.v))
 
 
+def window_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> int:
+  """Bytes one sequence holds per layer whatever its length: its sink and recent
+  windows of K and V (0 without windows)."""
+  fmt = KVFormat.parse(fmt)
+  check_dims(kv_heads=kv_heads, head_dim=head_dim)
+  return math.ceil(sum(_tensor_bytes(spec, kv_heads, head_dim, sink=fmt.sink,
+                                     recent=fmt.recent)[1] for spec in (fmt.k, fmt.v)))
+
+
 def fixed_bytes(fmt: KVFormat | str, *, kv_heads: int, head_dim: int, clip=()) -> int:
-  """Bytes per layer that do not grow with tokens: static scales, zero points, clip
-  ratios (of the dynamic specs named in `clip`), counters."""
+  """Bytes per layer that grow with neither tokens nor sequences: static scales, zero
+  points, clip ratios (of the dynamic specs named in `clip`), counters."""
   fmt = KVFormat.parse(fmt)
   check_dims(kv_heads=kv_heads, head_dim=head_dim)
   clip = check_clip(fmt, clip)
-  tensors = sum(_tensor_bytes(fmt.spec(w), kv_heads, head_dim, clip=w in clip)[1]
+  tensors = sum(_tensor_bytes(fmt.spec(w), kv_heads, head_dim, clip=w in clip)[2]
                 for w in ("k", "v"))
   return len(COUNTERS) * 2 * 4 + math.ceil(tensors)
 
@@ -108,5 +120,18 @@ def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: i
   # odd number of values take one byte more than the ceiling of their sum.
   return (sum(math.ceil(tokens * _tensor_bytes(spec, kv_heads, head_dim)[0])
               for spec in (fmt.k, fmt.v))
+          + num_layers * batch * window_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
           + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim, clip=clip)
           + batch * PER_SEQUENCE_BYTES)
+
+
+def effective_bits(fmt: KVFormat | str, *, context: int, kv_heads: int, head_dim: int) -> float:
+  """Bits per stored K or V value of one sequence at `context` tokens: its values,
+  per-token scales and zero points, plus its windows spread over the context (per
+  layer; calibrated per-layer parameters, shared by every sequence, are left out).
+  bf16 is 16; int4 with float32 per-token scales at head_dim 128 is 4.25."""
+  if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+    raise ValueError(f"context must be a positive int, got context={context!r}")
+  per_token = bytes_per_token(fmt, kv_heads=kv_heads, head_dim=head_dim)
+  windows = window_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
+  return (per_token * context + windows) * 8 / (context * 2 * kv_heads * head_dim)

@@ -17,6 +17,10 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
           unquantized:   None.
   zero    like `scale`, float32; asymmetric specs only, else None.
   clip    f32 [L, K]: calibrated clip ratios in (0, 1] of a dynamic spec, or None.
+  sink    [L, B, K, W_s, H] bf16 (f32 for an f32 spec): the first W_s positions of each
+          sequence, unquantized, in the stored (rotated) coordinates; or None.
+  recent  [L, B, K, W_r, H], likewise: position p of the sequence's last W_r in slot
+          p mod W_r (a ring); or None.
 
 Every array carries the layer axis first, so one `QuantizedKV` serves a whole
 model under `lax.scan` over layers.
@@ -38,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from kvtpu import quant, rotation
 from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
+from kvtpu.pallas_kernels.decode_attention.reference import overlay_windows
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
            "LOGICAL_AXES", "params_by_tensor", "check_param"]
@@ -46,7 +51,7 @@ __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIE
 PARAM_FIELDS = ("scale", "zero", "clip")
 
 # Logical axis names that `logical_axes` uses; `kvtpu.sharding` maps them to mesh axes.
-LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups")
+LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups", "window")
 
 
 @jax.tree_util.register_dataclass
@@ -59,22 +64,39 @@ class Placement:
     to `max_len - T` so the block fits.
   token: the chunk token that row r of the block holds; rows: whether it holds one
     (row r of a block clamped back from the end holds an earlier token, kept).
+  sink_target: the token's sink slot (its position) if it is among the first `sink`
+    positions, else `sink` (dropped); None without a sink.
+  recent_target: the token's ring slot (position mod `recent`) if it is among the
+    sequence's last `recent` positions after this chunk, else `recent` (dropped): of
+    a chunk longer than the ring only its last `recent` tokens are written, so no
+    slot is written twice. None without a ring.
   """
 
   target: jax.Array
   start: jax.Array
   token: jax.Array
   rows: jax.Array
+  sink_target: jax.Array | None = None
+  recent_target: jax.Array | None = None
 
   @classmethod
-  def of(cls, lengths: jax.Array, valid_len: jax.Array, t: int, max_len: int) -> Placement:
+  def of(cls, lengths: jax.Array, valid_len: jax.Array, t: int, max_len: int, *, sink: int = 0,
+         recent: int = 0) -> Placement:
     steps = jnp.arange(t, dtype=jnp.int32)[None, :]
     pos = lengths[:, None] + steps
-    target = jnp.where((pos < max_len) & (steps < valid_len[:, None]), pos, max_len)
+    kept = (pos < max_len) & (steps < valid_len[:, None])
+    target = jnp.where(kept, pos, max_len)
     start = jnp.minimum(lengths, max_len - t)
     token = start[:, None] + steps - lengths[:, None]
     rows = (token >= 0) & (token < valid_len[:, None])
-    return cls(target=target, start=start, token=jnp.clip(token, 0, t - 1), rows=rows)
+    sink_target = recent_target = None
+    if sink:
+      sink_target = jnp.where(kept & (pos < sink), pos, sink)
+    if recent:
+      end = jnp.minimum(lengths + valid_len, max_len)[:, None]
+      recent_target = jnp.where(kept & (pos >= end - recent), jax.lax.rem(pos, recent), recent)
+    return cls(target=target, start=start, token=jnp.clip(token, 0, t - 1), rows=rows,
+               sink_target=sink_target, recent_target=recent_target)
 
 
 def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
@@ -154,6 +176,8 @@ class QuantizedKV:
       else None.
     clip: float32 `[L, K]` clip ratios in (0, 1] of a dynamic spec, or None (plain
       absmax scales).
+    sink, recent: the unquantized windows `[L, B, K, W, H]` (see the module
+      docstring), or None.
     spec: how the values are stored (static pytree metadata).
 
   Invariant: a stored value `q` means `(q - zero) * scale` (`quant.dequantize`).
@@ -165,17 +189,20 @@ class QuantizedKV:
   scale: jax.Array | None
   zero: jax.Array | None
   clip: jax.Array | None
+  sink: jax.Array | None
+  recent: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
 
   # ----------------------------------------------------------------- creation
   @classmethod
   def layout(cls, spec: QuantSpec, *, num_layers: int, batch: int, kv_heads: int, max_len: int,
-             head_dim: int, clip: bool = False) -> QuantizedKV:
+             head_dim: int, clip: bool = False, sink: int = 0, recent: int = 0) -> QuantizedKV:
     """The tensor's arrays as `jax.ShapeDtypeStruct`s: the one definition of its layout.
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim the spec's group size
-        does not divide, or `clip` on a spec that is not dynamic.
+        does not divide, `clip` on a spec that is not dynamic, or a window on a
+        static spec.
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim)
@@ -191,8 +218,13 @@ class QuantizedKV:
         shape = (num_layers, *quant.static_scale_shape(spec, kv_heads, head_dim))
       scale = sds(shape, spec.scale_jnp_dtype)
       zero = None if spec.symmetric else sds(shape, quant.ZERO_DTYPE)
+    if (sink or recent) and spec.static:
+      raise ValueError(f"sink/recent windows are for dynamic or unquantized specs, not {spec.name}")
+    window_dtype = jnp.float32 if spec.storage_dtype == jnp.float32 else jnp.bfloat16
+    window = lambda w: sds((num_layers, batch, kv_heads, w, head_dim), window_dtype) if w else None  # noqa: E731
     return cls(values=values, scale=scale, zero=zero,
-               clip=sds((num_layers, kv_heads), jnp.float32) if clip else None, spec=spec)
+               clip=sds((num_layers, kv_heads), jnp.float32) if clip else None,
+               sink=window(sink), recent=window(recent), spec=spec)
 
   @staticmethod
   def param_names(spec: QuantSpec, *, clip: bool = False) -> tuple[str, ...]:
@@ -204,7 +236,8 @@ class QuantizedKV:
 
   @classmethod
   def init(cls, spec: QuantSpec, *, name: str = "x", num_layers: int, batch: int, kv_heads: int,
-           max_len: int, head_dim: int, scale=None, zero=None, clip=None) -> QuantizedKV:
+           max_len: int, head_dim: int, scale=None, zero=None, clip=None, sink: int = 0,
+           recent: int = 0) -> QuantizedKV:
     """An empty tensor: zero values and per-token scales, validated calibrated fields.
 
     Args:
@@ -214,6 +247,7 @@ class QuantizedKV:
       scale, zero: a static spec's calibrated scale (and zero point, asymmetric
         specs), `[L, 1|K, 1|H]` or without the leading L (shared by all layers).
       clip: optional clip ratios of a dynamic spec, `[L, K]` or `[K]`.
+      sink, recent: window sizes (0: none).
 
     Raises:
       ValueError: for a missing, extra or misshaped parameter, a scale that is 0,
@@ -233,7 +267,8 @@ class QuantizedKV:
           "static parameter of that name (dynamic or bf16 specs take none; symmetric specs "
           "take no zero)")
     shape = cls.layout(spec, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
-                       max_len=max_len, head_dim=head_dim, clip=clip is not None)
+                       max_len=max_len, head_dim=head_dim, clip=clip is not None, sink=sink,
+                       recent=recent)
 
     def make(field: str, sds: jax.ShapeDtypeStruct | None):
       if sds is None:
@@ -242,8 +277,7 @@ class QuantizedKV:
         return _calibrated(f"{name}_{field}", given[field], sds, spec)
       return jnp.zeros(sds.shape, sds.dtype)
 
-    return dataclasses.replace(shape, **{f: make(f, getattr(shape, f))
-                                         for f in ("values", "scale", "zero", "clip")})
+    return dataclasses.replace(shape, **{f: make(f, getattr(shape, f)) for f in _ARRAYS})
 
   # --------------------------------------------------------------- properties
   @property
@@ -257,6 +291,10 @@ class QuantizedKV:
   @property
   def ndim(self) -> int:
     return len(self.values.shape)
+
+  def window_sizes(self) -> tuple[int, int]:
+    """`(sink, recent)` window sizes (0: none)."""
+    return tuple(0 if w is None else w.shape[3] for w in (self.sink, self.recent))
 
   @property
   def nbytes(self) -> int:
@@ -292,24 +330,41 @@ class QuantizedKV:
         g = self.spec.granularity
         scale = P("layers", "kv_heads" if g is not Granularity.TENSOR else None,
                   "head_dim" if g is Granularity.CHANNEL else None)
+    window = P("layers", "batch", "kv_heads", "window", "head_dim")
     return dataclasses.replace(
         self, values=per_position, scale=scale, zero=None if self.zero is None else scale,
-        clip=None if self.clip is None else P("layers", "kv_heads"))
+        clip=None if self.clip is None else P("layers", "kv_heads"),
+        sink=None if self.sink is None else window, recent=None if self.recent is None else window)
 
   # ---------------------------------------------------------------- reading
-  def dequantize(self, layer, dtype=jnp.float32) -> jax.Array:
+  def dequantize(self, layer, dtype=jnp.float32, *, held=None) -> jax.Array:
     """One layer's tensor, dequantized: `[B, K, S, H]` (the reference path), in the
     model's coordinates (a rotated spec's values rotated back).
 
+    Args:
+      held: optional `i32[B]` tokens each sequence holds: positions in its windows
+        are then read from them (what attention reads); without it, every position
+        from the quantized store.
+
     Positions that hold no token are whatever the memory holds; mask them.
     """
-    out = self.dequantize_stored(layer, dtype=jnp.float32)
+    out = self.dequantize_stored(layer, jnp.float32, held=held)
     return (rotation.unrotate(out) if self.spec.rotation else out).astype(dtype)
 
-  def dequantize_stored(self, layer, dtype=jnp.float32) -> jax.Array:
+  def dequantize_stored(self, layer, dtype=jnp.float32, *, held=None) -> jax.Array:
     """One layer's tensor as stored, dequantized: `[B, K, S, H]`, still rotated for a
-    rotated spec (what the kernels' logits and outputs are computed over)."""
+    rotated spec (what the kernels' logits and outputs are computed over); `held`
+    as in `dequantize`."""
     check_layer(layer, self.shape[0])
+    out = self._dequantize_store(layer, dtype)
+    return out if held is None else self._overlay_windows(out, layer, held)
+
+  def _overlay_windows(self, out: jax.Array, layer, held) -> jax.Array:
+    """`out: [B, K, S, H]` with each sequence's window positions read from the windows."""
+    pick = lambda w: None if w is None else w[layer]  # noqa: E731
+    return overlay_windows(out, pick(self.sink), pick(self.recent), held)
+
+  def _dequantize_store(self, layer, dtype) -> jax.Array:
     data = self.values[layer]
     if not self.spec.quantized:
       return quant.dequantize(data, self.spec, dtype=dtype)
@@ -371,18 +426,27 @@ class QuantizedKV:
     spec = self.spec
     if spec.rotation:
       x = rotation.rotate(x, jnp.float32)
+    windows = {}
+    for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
+      store = getattr(self, field)
+      if store is not None:  # Scattered on every platform: the ring wraps, and it is small.
+        windows[field] = write_rows(store, layer, x, dataclasses.replace(where, target=target),
+                                    3, "scatter")
     if spec.static:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
       params = {} if self.clip is None else dict(clip=self.clip[layer])  # [K] vs [B, T, K].
     res = quant.quantize(x, spec, **params)
     # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].
-    new = {"values": write_rows(self.values, layer, res.q, where, 3)}
+    new = {"values": write_rows(self.values, layer, res.q, where, 3), **windows}
     if spec.dynamic:  # [B, T, K, G] rows go to [layer, b, :, :, pos[b, t]].
       new["scale"] = write_rows(self.scale, layer, res.scale, where, 4)
       if self.zero is not None:
         new["zero"] = write_rows(self.zero, layer, res.zero, where, 4)
     return dataclasses.replace(self, **new), res
+
+
+_ARRAYS = ("values", "scale", "zero", "clip", "sink", "recent")
 
 
 def check_param(name: str, field: str, value) -> None:

@@ -24,6 +24,12 @@ Layout and traffic:
     `q.k - z * sum(q)`, cancels catastrophically in f32 when z is large.
   * head_dim is handled natively (the block's last dim is the full H): 64 works, at
     the cost of half-empty 128-lane vregs in VMEM for H = 64.
+  * Unquantized windows (`reference.unpack_windows`): the sink `[W_s, H]` and ring
+    `[W_r, H]` of a (b, kv head) are two more blocks whose index does not change
+    along the grid's query and KV axes, so each is copied once per (b, kv head). At
+    the first KV step they enter the online softmax as two more segments (each ring
+    slot's position computed from the sequence's length), and the quantized blocks
+    mask the positions the windows hold.
 
 Limits: T <= 8; block_s a multiple of 128 or the full S. Static (per tensor / head /
 channel) scales are folded into q and the output by the caller (`kvtpu.attend`).
@@ -39,7 +45,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from kvtpu.pallas_kernels.decode_attention.reference import Dims, unpack_operands, validate_inputs
+from kvtpu.pallas_kernels.decode_attention.reference import (
+  Dims,
+  unpack_operands,
+  unpack_windows,
+  validate_inputs,
+  validate_windows,
+)
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
            "hbm_bytes", "min_hbm_bytes", "attention_call"]
@@ -92,8 +104,10 @@ def _bits(dtype) -> int:
   return 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
 
 
-def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp.float32) -> int:
-  """VMEM the kernel uses: double-buffered input blocks, output, scratch."""
+def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp.float32,
+                        window_positions: int = 0, window_itemsize: int = 2) -> int:
+  """VMEM the kernel uses: double-buffered input blocks (windows: `window_positions`
+  sink and ring slots of K and V), output, scratch."""
   tg = d.t * d.group
   kv = block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
   scale_bytes = jnp.dtype(scale_dtype).itemsize
@@ -101,12 +115,15 @@ def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp
   q_out = 2 * tg * d.head_dim * 4
   scratch = tg * (d.head_dim + 2) * 4
   temps = 4 * tg * block_s * 4 + 2 * block_s * d.head_dim * 4  # logits/probs, f32 K/V block
-  return 2 * (kv + scales + q_out) + scratch + temps
+  windows = 2 * window_positions * d.head_dim * window_itemsize
+  temps = max(temps, 4 * tg * window_positions * 4 + 2 * window_positions * d.head_dim * 4)
+  return 2 * (kv + scales + q_out + windows) + scratch + temps
 
 
 def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
               block_t: int | None = None, scale_itemsize: dict[str, int] | None = None,
-              has_zero=(False, False)) -> dict[str, int]:
+              has_zero=(False, False), windows=(0, 0), window_itemsize: int = 2
+              ) -> dict[str, int]:
   """Bytes a kernel call moves between HBM and VMEM, for concrete lengths and chunks.
 
   Derived from the grid, the block specs and the skip logic: a block is copied when
@@ -115,7 +132,8 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   ceil(min(lengths + min((j + 1) * block_t, chunk), S) / block_s) - 1)`: `last_j + 1`
   copies, one fewer when the previous query block ended on block 0 too. Each KV copy
   moves its K and V blocks and their scale (and zero point) blocks; the edge block
-  of an S that `block_s` does not divide is counted whole.
+  of an S that `block_s` does not divide is counted whole. The windows' blocks keep
+  their index along the query and KV axes: each is copied once per (b, kv head).
 
   Args:
     d: the call's `Dims`.
@@ -124,9 +142,12 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     k_dtype, v_dtype: storage dtypes.
     scale_itemsize: bytes per scale (and zero point) for "k" and "v" (default 4).
     has_zero: whether K and V have per-token zero points.
+    windows: `(W_s, W_r)` sink and ring slots (0: none); window_itemsize: their bytes
+      per value.
 
   Returns:
-    `{"kv": ..., "scales": ..., "q": ..., "out": ..., "total": ...}` in bytes.
+    `{"kv": ..., "scales": ..., "windows": ..., "q": ..., "out": ..., "total": ...}` in
+    bytes.
   """
   import numpy as np  # Host-side accounting.
 
@@ -146,7 +167,9 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   rows = block_t * d.group
   q = d.batch * d.kv_heads * num_q_blocks * rows * d.head_dim * 4
   out = q
-  return {"kv": kv, "scales": scales, "q": q, "out": out, "total": kv + scales + q + out}
+  win = d.batch * d.kv_heads * sum(windows) * d.head_dim * window_itemsize * 2  # K and V.
+  return {"kv": kv, "scales": scales, "windows": win, "q": q, "out": out,
+          "total": kv + scales + win + q + out}
 
 
 def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
@@ -163,13 +186,15 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
 
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
-            block_t: int, block_s: int, k_zero: bool, v_zero: bool):
+            block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int):
   del layer_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups else None
   kz_ref = refs.pop(0) if k_zero else None
   vs_ref = refs.pop(0) if d.v_groups else None
   vz_ref = refs.pop(0) if v_zero else None
+  sink_refs = (refs.pop(0), refs.pop(0)) if sink else None
+  recent_refs = (refs.pop(0), refs.pop(0)) if recent else None
   o_ref, m_ref, l_ref, acc_ref = refs
   b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   num_blocks = pl.num_programs(3)
@@ -180,11 +205,51 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
   tg, h = block_t * d.group, d.head_dim
   hi = jax.lax.Precision.HIGHEST
 
+  # Positions the quantized store is read for: [sink, quant_end); the windows hold the rest.
+  quant_end = jnp.maximum(end - recent, sink) if recent else end
+
+  def query_limit(width):
+    """`[TG, width]`: the last position each row's query token sees."""
+    t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, width), 0), d.group)
+    return length + jnp.minimum(t, chunk - 1)
+
+  def window(refs, pos, held):
+    """One window's segment of the online softmax: `refs` its K and V `[W, H]`, `pos`
+    `[1, W]` the position of each slot, `held` `[1, W]` whether the slot holds one."""
+    kw_ref, vw_ref = refs
+    width = pos.shape[1]
+    q = q_ref[...].astype(jnp.float32)
+    logits = jax.lax.dot_general(q, kw_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
+                                 precision=hi, preferred_element_type=jnp.float32)
+    mask = held & (pos <= query_limit(width))  # [TG, W]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
+    alpha = jnp.exp(m_prev - m_safe)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
+    held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
+    v = jnp.where(held_col > 0, vw_ref[...].astype(jnp.float32), 0.0)  # Unheld slots: NaN-safe.
+    acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, precision=hi,
+                                                  preferred_element_type=jnp.float32)
+    m_ref[...] = m_new
+
   @pl.when(i == 0)
   def _init():
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    if sink:
+      slot = jax.lax.broadcasted_iota(jnp.int32, (1, sink), 1)
+      window(sink_refs, slot, slot < end)
+    if recent:
+      slot = jax.lax.broadcasted_iota(jnp.int32, (1, recent), 1)
+      # The ring's slot of position p is p mod W_r; its positions are [end - W_r, end).
+      # lax.rem of non-negative operands (see t below).
+      pos = end - recent + jax.lax.rem(slot - jax.lax.rem(end, recent) + recent, recent)
+      window(recent_refs, pos, (pos >= sink) & (pos >= 0))
 
   @pl.when(i * block_s < block_end)
   def _block():
@@ -212,7 +277,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
     # which needs the present device to be a TPU; all operands here are >= 0.
     t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
-    mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < end)  # [TG, bs]
+    mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < quant_end)  # [TG, bs]
+    if sink:
+      mask = mask & (pos >= sink)
     def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
       return jax.lax.dot_general(a, bt, (((1,), (1,)), ((), ())), precision=hi,
                                  preferred_element_type=jnp.float32)
@@ -263,7 +330,8 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
-                     v_scale=None, v_zero=None, block_sizes: BlockSizes | None = None,
+                     v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
+                     v_recent=None, block_sizes: BlockSizes | None = None,
                      interpret=False) -> jax.Array:
   """Decode attention over one layer of a quantized cache (see module docstring).
 
@@ -277,27 +345,32 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     layer: integer scalar: which layer of `k`, `v` and the scales to read.
     k_scale, v_scale: per-token scales `[L, B, K, G, S]` (G groups along H), or None.
     k_zero, v_zero: per-token zero points shaped like the scales, or None.
+    k_sink, v_sink, k_recent, v_recent: unquantized windows `[L, B, K, W, H]`
+      (`reference.unpack_windows`), or None; carried by quantized `k`, `v` too.
     block_sizes: KV tiling; default from `default_block_sizes`.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
   Returns:
     `[B, T, N, H]` float32.
   """
+  windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.max_len),
-                        interpret=interpret)
+                        interpret=interpret, windows=windows)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                   *, block_t: int, block_s: int, interpret) -> jax.Array:
+                   *, block_t: int, block_s: int, interpret, windows=(None,) * 4) -> jax.Array:
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
+  `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones.
   """
   bs = block_s
   num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pl.cdiv(d.max_len, bs)
@@ -324,8 +397,17 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
         in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs),
                                      lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
         operands.append(arr)
+  sizes = {"sink": 0, "recent": 0}
+  for field, pair in (("sink", windows[:2]), ("recent", windows[2:])):
+    if pair[0] is not None:
+      sizes[field] = pair[0].shape[3]
+      # The whole window of (layer, b, head): the same block at every query and KV step.
+      spec = pl.BlockSpec((sq, sq, sq, sizes[field], d.head_dim),
+                          lambda b, h, j, i, layer_ref, *_: (layer_ref[0], b, h, 0, 0))
+      in_specs += [spec, spec]
+      operands += list(pair)
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
-                             k_zero=k_zero is not None, v_zero=v_zero is not None)
+                             k_zero=k_zero is not None, v_zero=v_zero is not None, **sizes)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),

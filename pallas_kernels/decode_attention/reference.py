@@ -69,6 +69,72 @@ def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
   return k, v, k_scale, k_zero, v_scale, v_zero
 
 
+def unpack_windows(k, v, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
+  """`(k_sink, v_sink, k_recent, v_recent)`: the unquantized windows, from quantized
+  tensors' `sink` / `recent` attributes or from the arguments (not both).
+
+  Windows hold positions unquantized beside the quantized store `[L, B, K, S, H]`:
+  a sink `[L, B, K, W_s, H]` holds position p < W_s in slot p; a recent window
+  `[L, B, K, W_r, H]` holds each of a sequence's last W_r positions p in slot
+  p mod W_r (a ring). Attention reads a position from the sink if p < W_s, else from
+  the ring if p >= held - W_r (held: the tokens the sequence holds, chunk included),
+  else from the quantized store.
+  """
+  out = {"k_sink": k_sink, "v_sink": v_sink, "k_recent": k_recent, "v_recent": v_recent}
+  for name, x in (("k", k), ("v", v)):
+    for field in ("sink", "recent"):
+      carried = getattr(x, field, None) if _is_quantized(x) else None
+      if carried is not None:
+        if out[f"{name}_{field}"] is not None:
+          raise ValueError(f"{name} is a quantized tensor carrying its {field} window; do not "
+                           f"also pass {name}_{field}")
+        out[f"{name}_{field}"] = carried
+  return out["k_sink"], out["v_sink"], out["k_recent"], out["v_recent"]
+
+
+def validate_windows(d: Dims, k_sink, v_sink, k_recent, v_recent) -> tuple[int, int]:
+  """Checks the windows against the call's `Dims`; returns `(W_s, W_r)` (0: none).
+
+  Raises:
+    ValueError, TypeError: naming the argument and the expected shape or dtype.
+  """
+  sizes = []
+  for field, kw, vw in (("sink", k_sink, v_sink), ("recent", k_recent, v_recent)):
+    if (kw is None) != (vw is None):
+      raise ValueError(f"pass both k_{field} and v_{field} or neither")
+    if kw is None:
+      sizes.append(0)
+      continue
+    for name, w in ((f"k_{field}", kw), (f"v_{field}", vw)):
+      if (w.ndim != 5 or w.shape[:3] != (d.num_layers, d.batch, d.kv_heads)
+          or w.shape[4] != d.head_dim or w.shape[3] < 1):
+        raise ValueError(f"{name} must be [L={d.num_layers}, B={d.batch}, K={d.kv_heads}, W >= 1, "
+                         f"H={d.head_dim}], got {name}.shape={w.shape}")
+      if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {name}.dtype={w.dtype}")
+    if kw.shape != vw.shape:
+      raise ValueError(f"k_{field}.shape={kw.shape} and v_{field}.shape={vw.shape} differ")
+    sizes.append(kw.shape[3])
+  return sizes[0], sizes[1]
+
+
+def overlay_windows(x, sink, recent, held):
+  """`x: [B, K, S, H]` float32 with each sequence's window positions read from the
+  windows (`[B, K, W, H]` or None; see `unpack_windows`); `held: i32[B]`."""
+  pos = jnp.arange(x.shape[2], dtype=jnp.int32)
+  p = pos[None, None, :, None]
+  held = jnp.asarray(held, jnp.int32)[:, None, None, None]
+  w_s = 0 if sink is None else sink.shape[2]
+  if sink is not None:
+    from_sink = jnp.take(sink, jnp.minimum(pos, w_s - 1), axis=2).astype(x.dtype)
+    x = jnp.where(p < w_s, from_sink, x)
+  if recent is not None:
+    w_r = recent.shape[2]
+    from_ring = jnp.take(recent, jax.lax.rem(pos, w_r), axis=2).astype(x.dtype)
+    x = jnp.where((p >= held - w_r) & (p >= w_s) & (p < held), from_ring, x)
+  return x
+
+
 def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v_scale=None,
                     v_zero=None, *, max_t: int | None = MAX_DECODE_T) -> Dims:
   """Checks shapes and dtypes of a decode/prefill call; returns its `Dims`.
@@ -147,21 +213,30 @@ def dequantize_per_token(x, scale, zero):
 
 
 def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
-                         v_scale=None, v_zero=None, block_sizes=None, interpret=None,
+                         v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
+                         v_recent=None, block_sizes=None, interpret=None,
                          max_t: int | None = MAX_DECODE_T) -> jax.Array:
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
-  `k`, `v` may be quantized tensors carrying their per-token scales
-  (`unpack_operands`). Query t of sequence b sits at position `p = lengths[b] + min(t, chunk[b] - 1)` and
-  sees cache positions `s <= p` with `s < lengths[b] + chunk[b]` and `s < S`; rows
-  with no visible position are 0. Returns `[B, T, N, H]` float32.
+  `k`, `v` may be quantized tensors carrying their per-token scales and windows
+  (`unpack_operands`, `unpack_windows`). Query t of sequence b sits at position
+  `p = lengths[b] + min(t, chunk[b] - 1)` and sees cache positions `s <= p` with
+  `s < lengths[b] + chunk[b]` and `s < S`, window positions read from the windows;
+  rows with no visible position are 0. Returns `[B, T, N, H]` float32.
   """
   del block_sizes, interpret
+  windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero, max_t=max_t)
+  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                      max_t=max_t)
+  validate_windows(d, *windows)
   pick = lambda a: None if a is None else a[layer]  # noqa: E731
-  keys = dequantize_per_token(k[layer], pick(k_scale), pick(k_zero))  # [B, K, S, H]
-  values = dequantize_per_token(v[layer], pick(v_scale), pick(v_zero))
+  k_sink, v_sink, k_recent, v_recent = (pick(w) for w in windows)
+  held = jnp.minimum(lengths + chunk, d.max_len)
+  keys = overlay_windows(dequantize_per_token(k[layer], pick(k_scale), pick(k_zero)),
+                         k_sink, k_recent, held)  # [B, K, S, H]
+  values = overlay_windows(dequantize_per_token(v[layer], pick(v_scale), pick(v_zero)),
+                           v_sink, v_recent, held)
   return masked_attention(q, keys, values, lengths, chunk)
 
 

@@ -24,7 +24,11 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   default_block_sizes,
   vmem_estimate_bytes,
 )
-from kvtpu.pallas_kernels.decode_attention.reference import unpack_operands
+from kvtpu.pallas_kernels.decode_attention.reference import (
+  unpack_operands,
+  unpack_windows,
+  validate_windows,
+)
 from kvtpu.pallas_kernels.prefill_attention.reference import validate_prefill_inputs
 
 __all__ = ["PrefillBlockSizes", "prefill_attention", "default_prefill_block_sizes",
@@ -74,7 +78,8 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
-                      v_scale=None, v_zero=None, block_sizes: PrefillBlockSizes | None = None,
+                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
+                      v_recent=None, block_sizes: PrefillBlockSizes | None = None,
                       interpret=False) -> jax.Array:
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
@@ -83,10 +88,12 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   Returns:
     `[B, T, N, H]` float32.
   """
+  windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim)
   block_t, block_s = block_sizes.resolve(d.t, d.max_len)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                        block_t=block_t, block_s=block_s, interpret=interpret)
+                        block_t=block_t, block_s=block_s, interpret=interpret, windows=windows)

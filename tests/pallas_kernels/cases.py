@@ -31,11 +31,14 @@ FAST_CASES = (0, 4, 8)
 
 
 def kernel_args(cache, layer, chunk):
-  """Raw-array arguments of the kernel for one cache layer (dynamic formats)."""
+  """Raw-array arguments of the kernel for one cache layer (dynamic formats), windows
+  included."""
   k, v = cache.k, cache.v
+  windows = {f"{w}_{f}": getattr(x, f) for w, x in (("k", k), ("v", v))
+             for f in ("sink", "recent") if getattr(x, f) is not None}
   return ((k.values, v.values, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
           dict(k_scale=k.per_token_scale, k_zero=k.per_token_zero, v_scale=v.per_token_scale,
-               v_zero=v.per_token_zero))
+               v_zero=v.per_token_zero, **windows))
 
 
 def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):

@@ -54,6 +54,8 @@ CASES = [
     ("int4-asym-g16", [0, 200, 511], [2, 2, 1], 2, None, 256, 512),
     ("k8v4", [0, 5, 130], [20, 0, 17], 20, 8, 128, 384),
     ("fp8_e4m3", [0, 100, 300], [40, 33, 9], 40, 16, 128, 512),
+    ("int4-asym+sink4+recent64", [0, 3, 70, 300], [1, 1, 1, 1], 1, None, 128, 384),
+    ("int8-rot+recent16", [0, 5, 130], [20, 0, 17], 20, 8, 128, 384),
 ]
 
 
@@ -73,13 +75,17 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
   jax.block_until_ready(out)
   d = validate_inputs(q, *args, kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
                       max_t=None)
+  fmt = cache.fmt
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,
                       block_t=block_t, has_zero=(kw["k_zero"] is not None,
-                                                 kw["v_zero"] is not None))
+                                                 kw["v_zero"] is not None),
+                      windows=(fmt.sink, fmt.recent))
   assert copied_bytes, "no copies were counted: the interpreter's `get` hook did not run"
   counted = sum(copied_bytes.values())
   assert counted == account["total"] - account["out"], (copied_bytes, account)
   # Never below the minimum: every held token's K, V and scales once.
+  # Windows: copied once per (b, kv head), K and V, (W_s + W_r) x H bf16 values each.
+  assert account["windows"] == len(lengths) * 2 * 2 * (fmt.sink + fmt.recent) * 64 * 2
   assert account["kv"] + account["scales"] >= min_hbm_bytes(
       d, lengths, chunk, cache.k.dtype, cache.v.dtype,
       has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None))

@@ -1,0 +1,231 @@
+"""Unquantized sink and recent windows (`+sink<N>`, `+recent<N>`): grammar, writes,
+attention (XLA reference and the Pallas kernels in interpret mode and through Mosaic),
+bytes."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvtpu
+from kvtpu import memory, rotation
+from tests.helpers import assert_close, kv_with_outliers, np_attention, poison, slow_unless
+from tests.pallas_kernels.cases import INTERPRET
+
+
+def test_grammar():
+  fmt = kvtpu.KVFormat.parse("int4-asym-rot+sink4+recent128")
+  assert (fmt.sink, fmt.recent, fmt.k.name) == (4, 128, "int4-asym-rot")
+  assert fmt.name == "int4-asym-rot+sink4+recent128" and fmt.windowed
+  assert kvtpu.KVFormat.parse("INT8+RECENT8+SINK2").name == "int8+sink2+recent8"
+  assert kvtpu.KVFormat.from_dict(fmt.to_dict()) == fmt
+  assert "sink" not in kvtpu.KVFormat.parse("int8").to_dict()
+  mixed = kvtpu.KVFormat.parse("k=int4-rot,v=int8+recent16")
+  assert (mixed.k.name, mixed.v.name, mixed.recent) == ("int4-rot", "int8", 16)
+  for bad, match in [("int8+recent0", "unknown window 'recent0'"),
+                     ("int8+window4", "unknown window 'window4'"),
+                     ("int8+sink2+sink3", "window sink given twice"),
+                     ("bf16+recent4", "stores K and V unquantized already"),
+                     ("k=int8-head,v=int8+recent4", "K of k=int8-head,v=int8 has static scales"),
+                     ("int8+sink-1", "unknown window")]:
+    with pytest.raises(ValueError, match=match):
+      kvtpu.KVFormat.parse(bad)
+  with pytest.raises(ValueError, match="recent must be an int >= 0"):
+    kvtpu.KVFormat(fmt.k, fmt.v, recent=-1)
+  with pytest.raises(ValueError, match="sink must be an int >= 0"):
+    kvtpu.KVFormat(fmt.k, fmt.v, sink=True)
+
+
+SINK, RECENT, S = 3, 5, 16
+FMT = f"int4+sink{SINK}+recent{RECENT}"
+# Lengths at the window edges (0, 1, s, r - 1, r, r + 1, s + r, capacity) and between.
+EDGE_LENGTHS = [0, 1, SINK, RECENT - 1, RECENT, RECENT + 1, SINK + RECENT, 11, S]
+
+
+def _write(fmt, rng, steps, *, layer=1, h=16):
+  """A NaN-poisoned cache after writing the chunks `steps` (`(T, valid_len [B])` each,
+  all but the last advanced); returns it, the written K and V `[B, S, K, H]` (NaN where
+  nothing was written), the tokens each sequence holds and the last chunk's counts."""
+  b = len(steps[0][1])
+  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=2, max_len=S,
+                                    head_dim=h))
+  keys, values = (np.full((b, S, 2, h), np.nan, np.float32) for _ in range(2))
+  held = np.zeros(b, np.int64)
+  for i, (t, valid) in enumerate(steps):
+    valid = np.asarray(valid)
+    k, v = kv_with_outliers(rng, (b, t, 2, h)), kv_with_outliers(rng, (b, t, 2, h))
+    cache = cache.update(layer, jnp.asarray(k), jnp.asarray(v), valid_len=valid)
+    for j in range(b):
+      n = min(valid[j], S - held[j])
+      keys[j, held[j]:held[j] + n] = k[j, :n]
+      values[j, held[j]:held[j] + n] = v[j, :n]
+    held = np.minimum(held + valid, S)
+    if i < len(steps) - 1:
+      cache = cache.advance(valid)
+  return cache, keys, values, held, valid
+
+
+def _chunked(lengths, chunks):
+  """`_write` steps that write `lengths` tokens per sequence in chunks of the given sizes."""
+  steps, done = [], np.zeros(len(lengths), np.int64)
+  for t in chunks:
+    valid = np.clip(np.asarray(lengths) - done, 0, t)
+    steps.append((t, valid))
+    done += valid
+  return steps
+
+
+def _expected(cache, which, x, held, layer=1):
+  """`[B, K, S, H]` float64 of what attention reads, built in numpy: window positions
+  are the written values rounded to bf16 (in the stored coordinates), the others the
+  quantized store (read without windows)."""
+  spec = cache.fmt.spec(which)
+  h = x.shape[-1]
+  r = rotation.rotation_matrix(h) if spec.rotation else np.eye(h)
+  exact = np.asarray(jnp.asarray(x.astype(np.float64) @ r, jnp.bfloat16), np.float64) @ r.T
+  stored = np.asarray(cache.tensor(which).dequantize(layer), np.float64)  # Quantized only.
+  out = stored.copy()
+  fmt = cache.fmt
+  for b, n in enumerate(held):
+    for p in range(min(int(n), S)):
+      if p < fmt.sink or p >= n - fmt.recent:
+        out[b, :, p] = exact[b, p]
+  return out
+
+
+@pytest.mark.parametrize("chunks", [pytest.param(c, marks=slow_unless(i == 0), id=str(c))
+                                    for i, c in enumerate([(4, 4, 4, 4), (1,) * 16, (7, 9), (16,),
+                                                           (2, 11, 3)])])
+def test_windows_hold_the_sink_and_the_last_tokens_exactly(chunks, rng):
+  lengths = EDGE_LENGTHS
+  cache, keys, values, held, _ = _write(FMT, rng, _chunked(lengths, chunks))
+  assert held.tolist() == lengths
+  for which, x in (("k", keys), ("v", values)):
+    got = np.asarray(cache.dequantized(1, which, held=held), np.float64)
+    want = _expected(cache, which, x, held)
+    for b, n in enumerate(held):  # Positions that hold no token are not compared.
+      np.testing.assert_allclose(got[b, :, :n], want[b, :, :n], rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{which}, sequence {b} of length {n}")
+      # The windows really differ from the quantized store where they hold tokens.
+      if 0 < n and cache.fmt.sink:
+        assert not np.allclose(got[b, :, 0], np.asarray(cache.tensor(which).dequantize(1))[b, :, 0])
+
+
+def test_a_chunk_longer_than_the_ring_keeps_its_last_tokens(rng):
+  cache, keys, _, held, _ = _write("int8+recent4", rng, [(13, [13, 2])])
+  ring = np.asarray(cache.k.recent[1], np.float32)  # [B, K, 4, H]
+  for p in range(9, 13):  # Slot p mod 4.
+    np.testing.assert_allclose(ring[0, :, p % 4], keys[0, p], rtol=2**-8)
+  for p in range(2):
+    np.testing.assert_allclose(ring[1, :, p], keys[1, p], rtol=2**-8)
+  assert np.isnan(ring[1, :, 2:]).all()  # Poison: slots past the sequence are unwritten.
+
+
+def test_writes_past_capacity_are_dropped_from_the_windows(rng):
+  cache, keys, _, held, _ = _write("int8+sink2+recent3", rng, [(S, [S - 1, S])])
+  cache = cache.advance(np.array([S - 1, S]))
+  over = jnp.asarray(kv_with_outliers(rng, (2, 3, 2, 16)))
+  cache = cache.update(1, over, over).advance(3)
+  assert cache.overflow.tolist() == [True, True] and cache.lengths.tolist() == [S, S]
+  got = np.asarray(cache.dequantized(1, "k"), np.float64)
+  np.testing.assert_allclose(got[1, :, S - 3:], np.swapaxes(keys[1, S - 3:], 0, 1),
+                             rtol=2**-8, err_msg="the ring of a full sequence was overwritten")
+  np.testing.assert_allclose(got[0, :, S - 1], np.asarray(over[0, 0], np.float64), rtol=2**-8)
+
+
+def _cases():
+  fmts = [FMT, "int4-asym-rot+recent8", "k=int8,v=int4-g8+sink2", "fp8_e4m3+sink1+recent16"]
+  prefixes = [((0, 0), 1), ((RECENT, SINK + RECENT), 1), ((3, 9), 4), ((0, 2), 12), ((S - 1, 6), 1),
+              ((RECENT - 1, RECENT + 1), 3)]
+  for i, fmt in enumerate(fmts):
+    for j, (prefix, t) in enumerate(prefixes):
+      yield pytest.param(fmt, prefix, t, id=f"{fmt}-{prefix}-{t}",
+                         marks=slow_unless((i + j) % len(fmts) == 0))
+
+
+@pytest.mark.parametrize("fmt,prefix,t", list(_cases()))
+def test_attention_reads_the_windows(fmt, prefix, t, rng):
+  """XLA reference and kernel (decode for T <= 8, prefill above) vs float64 attention
+  over the K/V built in numpy, on a NaN-poisoned cache."""
+  steps = ([(max(prefix), prefix)] if max(prefix) else []) + [(t, [t, t])]
+  cache, keys, values, held, chunk = _write(fmt, rng, steps)
+  chunk = np.minimum(chunk, S - np.asarray(prefix))  # What fits.
+  k_exp = _expected(cache, "k", keys, held)
+  v_exp = _expected(cache, "v", values, held)
+  q = rng.standard_normal((2, t, 4, 16)).astype(np.float32)
+  expect = np_attention(q, k_exp, v_exp, np.asarray(held) - chunk, chunk, 16**-0.5)
+  tol = dict(atol=2e-5 * max(1.0, np.abs(np.nan_to_num(v_exp)).max()), rtol=1e-3)
+  for impl in ("xla", "interpret"):
+    out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, valid_len=chunk, impl=impl))
+    assert np.isfinite(out).all(), f"{impl}: poisoned memory leaked into the output"
+    assert_close(out, expect, **tol, name=f"{impl}[{fmt}]")
+
+
+def test_kernel_takes_windows_as_arrays_and_checks_them(rng):
+  from kvtpu.pallas_kernels.decode_attention import decode_attention, ref_decode_attention
+
+  cache, *_ = _write(FMT, rng, [(9, [9, 4])])
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+  k, v = cache.k, cache.v
+  args = (k.values, v.values, jnp.asarray([8, 3]), jnp.asarray([1, 1]), 1)
+  kw = dict(k_scale=k.scale, v_scale=v.scale, k_sink=k.sink, v_sink=v.sink, k_recent=k.recent,
+            v_recent=v.recent)
+  raw = decode_attention(q, *args, **kw, interpret=INTERPRET)
+  carried = decode_attention(q, k, v, *args[2:], interpret=INTERPRET)
+  np.testing.assert_array_equal(np.asarray(raw), np.asarray(carried))
+  assert_close(raw, ref_decode_attention(q, *args, **kw), atol=1e-4, rtol=1e-4, name="ref")
+  with pytest.raises(ValueError, match="pass both k_sink and v_sink or neither"):
+    decode_attention(q, *args, k_scale=k.scale, v_scale=v.scale, k_sink=k.sink)
+  with pytest.raises(ValueError, match="carrying its sink window; do not also pass k_sink"):
+    decode_attention(q, k, v, *args[2:], k_sink=k.sink, v_sink=v.sink)
+  with pytest.raises(ValueError, match=r"k_recent must be \[L=2, B=2, K=2, W >= 1, H=16\]"):
+    decode_attention(q, *args, **{**kw, "k_recent": k.recent[:, :, :1], "v_recent": v.recent[:, :, :1]})
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "int4-asym-rot+recent128",
+                                 "int4-asym-sbf16-rot+sink4+recent128", "k8v4+sink8+recent64"])
+def test_bytes_are_the_arrays_and_effective_bits_the_closed_form(fmt):
+  dims = dict(num_layers=3, batch=5, kv_heads=8, max_len=1024, head_dim=128)
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, **dims))
+  leaves = jax.tree.leaves(cache)
+  nbytes = sum(int(np.prod(x.shape)) * (4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize)
+               for x in leaves) // 8
+  assert memory.cache_bytes(fmt, **dims) == nbytes
+  f = kvtpu.KVFormat.parse(fmt)
+  per_seq = memory.window_bytes(fmt, kv_heads=8, head_dim=128)
+  assert per_seq == 2 * 8 * (f.sink + f.recent) * 128 * 2  # K and V, bf16.
+  bits = {"bf16": 16, "int4": 4 + 32 / 128, "int4-asym-rot+recent128": 4 + 64 / 128,
+          "int4-asym-sbf16-rot+sink4+recent128": 4 + (16 + 32) / 128,  # Zero points: f32.
+          "k8v4+sink8+recent64": (8 + 4) / 2 + 32 / 128}[fmt]
+  bits += (f.sink + f.recent) * 16 / 8192
+  assert memory.effective_bits(fmt, context=8192, kv_heads=8, head_dim=128) == pytest.approx(
+      bits, rel=1e-12)
+  with pytest.raises(ValueError, match="context must be a positive int"):
+    memory.effective_bits(fmt, context=0, kv_heads=8, head_dim=128)
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("generation,fmt,t", [
+    ("v5e", "int4-asym+sink4+recent128", 1), ("v6e", "int8+sink1+recent5", 2),
+    pytest.param("v5e", "int4-asym+recent64", 256, marks=pytest.mark.slow),
+    pytest.param("v6e", "int4-asym+sink4+recent128", 256, marks=pytest.mark.slow)])
+def test_windowed_kernels_compile_through_mosaic(generation, fmt, t):
+  from jax.experimental import topologies
+  from kvtpu.pallas_kernels.decode_attention import decode_attention
+  from kvtpu.pallas_kernels.prefill_attention import prefill_attention
+
+  device = topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:1x1").devices[0]
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,  # noqa: E731
+                                          sharding=jax.sharding.SingleDeviceSharding(device))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=4, kv_heads=2,
+                                                    max_len=2048, head_dim=128))
+  k, v = jax.tree.map(on_tpu, (cache.k, cache.v))
+  q = on_tpu(jax.ShapeDtypeStruct((4, t, 4 if t > 8 else 16, 128), jnp.float32))
+  counts = on_tpu(jax.ShapeDtypeStruct((4,), jnp.int32))
+  kernel = decode_attention if t <= 8 else prefill_attention
+  compiled = jax.jit(lambda q, k, v, n, c: kernel(q, k, v, n, c, 1)).lower(
+      q, k, v, counts, counts).compile()  # Raises if Mosaic rejects the kernel.
+  assert compiled.memory_analysis().output_size_in_bytes >= q.size * 4
