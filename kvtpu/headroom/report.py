@@ -23,6 +23,8 @@ Row fields (all required, see `REQUIRED_FIELDS`; bytes are per device):
   reserve_fraction             number in [0, 1)
   model_max_position           int > 0: the model's trained context
   note                         optional str
+  effective_bits               optional number > 0: bits per stored K/V value at 8K context
+                               (`kvtpu.memory.effective_bits`)
 
 A maximum of 0 (max_len 0 for max_context, batch 0 for max_concurrency) means nothing fits.
 
@@ -97,6 +99,8 @@ def check_row(row: Any) -> None:
   require(row, "model_max_position", is_pos_int, "an int > 0")
   if "note" in row:
     require(row, "note", lambda x: isinstance(x, str), "a str")
+  if "effective_bits" in row:
+    require(row, "effective_bits", lambda x: is_num(x) and x > 0, "a number > 0")
   if row["tokens"] != row["batch"] * row["max_len"]:
     raise ValueError(f"result row field 'tokens' must be batch * max_len = "
                      f"{row['batch'] * row['max_len']}, got {row['tokens']}")
@@ -222,7 +226,8 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
                    contexts: Sequence[int] = (8192, 32768, 131072)) -> str:
   """The capacity table of one mode: per KV format, the maxima that fit.
 
-  Columns: the KV format; "max context @ conc N" for each N (tokens per sequence, from the
+  Columns: the KV format; its effective bits per stored value at 8K context when the
+  rows carry `effective_bits`; "max context @ conc N" for each N (tokens per sequence, from the
   non-oom max_context rows); "max concurrency @ ctx C" for each C (sequences, from the non-oom
   max_concurrency rows); "token capacity vs bf16": the format's tokens (batch * max_len) over
   bf16's at the largest of `concurrencies` where both have a max_context row and bf16 fits
@@ -256,9 +261,10 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
 
   ratios = {fmt: ratio(fmt) for fmt in formats}
   at = {c for _, c in ratios.values() if c is not None}
+  bits = {r["kv_format"]: r["effective_bits"] for r in sel if "effective_bits" in r}
   body = []
   for fmt in formats:
-    line = [fmt]
+    line = [fmt] + ([f"{bits[fmt]:.3g}" if fmt in bits else "-"] if bits else [])
     for c in concurrencies:
       row = maxima.get((fmt, "max_context", c))
       line.append(_found_cell(row) if row else "-")
@@ -269,7 +275,8 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
     text, c = ratios[fmt]
     line.append(text if len(at) <= 1 or c is None else f"{text} @ conc {c}")
     body.append(line)
-  head = ["KV format"] + [f"max context @ conc {c}" for c in concurrencies]
+  head = ["KV format"] + (["effective bits @ 8K"] if bits else []) + [
+      f"max context @ conc {c}" for c in concurrencies]
   for c in contexts:
     past = trained is not None and c > trained
     marked |= past

@@ -22,16 +22,19 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from kvtpu import sharding
+from kvtpu import memory, sharding
 from kvtpu.formats import KVFormat
 
-__all__ = ["Usage", "Deployment", "Measure", "analytic_usage", "max_fit", "Answer", "max_context",
+__all__ = ["EFFECTIVE_BITS_CONTEXT", "Usage", "Deployment", "Measure", "analytic_usage", "max_fit", "Answer", "max_context",
            "answer_rows", "max_concurrency", "padded_batch", "sweep", "DEFAULT_RESERVE",
            "MAX_CONTEXT_LIMIT", "MAX_BATCH_LIMIT"]
 
 DEFAULT_RESERVE = 0.05  # of HBM, for the runtime, fragmentation and anything unaccounted.
 MAX_CONTEXT_LIMIT = 1 << 24  # positions: the search stops here (16M tokens).
 MAX_BATCH_LIMIT = 1 << 16  # sequences.
+# Result rows give each format's effective bits per stored value at this context
+# (`memory.effective_bits`: values, per-token scales and zero points, windows).
+EFFECTIVE_BITS_CONTEXT = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +282,9 @@ def answer_rows(fmt: KVFormat, answer: Answer, dep: Deployment, *, mode: str, **
   base = dict(fields, mode=mode, kv_format=fmt.name, kind=answer.kind,
               strategy=dep.resolved_strategy, hbm_per_device=dep.hbm_per_device,
               budget_per_device=dep.budget, reserve_fraction=dep.reserve,
-              calibration="none (memory only: no calibration needed)")
+              calibration="none (memory only: no calibration needed)",
+              effective_bits=memory.effective_bits(fmt, context=EFFECTIVE_BITS_CONTEXT,
+                                                   kv_heads=dep.kv_heads, head_dim=dep.head_dim))
 
   def row(batch: int, max_len: int, usage: Usage | None, oom: bool) -> dict:
     usage = usage or Usage(weights=dep.weights_per_device, cache=0, temp=0)

@@ -111,6 +111,7 @@ def test_missing_field_is_named(field):
     ("num_devices", "8"), ("num_devices", 0), ("oom", 0), ("batch", True), ("mode", "jit"),
     ("kind", "max_batch"), ("strategy", "auto"), ("model", ""), ("cache_per_device", 1.5),
     ("reserve_fraction", 1.0), ("note", 3), ("hbm_per_device", 0), ("other_per_device", None),
+    ("effective_bits", 0), ("effective_bits", "4.5"),
 ])
 def test_ill_typed_field_is_named(field, value):
   row = make_row("int8", "max_context", 8, 1000)
@@ -162,6 +163,15 @@ def test_capacity_table_numbers_and_ratio():
   assert rows["int4"]["token capacity vs bf16"] == "3.67x"  # 110,000 / 30,000
   assert "concurrency 8" in md
   assert "\\* beyond the model's trained context (131,072 tokens" in md
+
+
+def test_capacity_table_shows_effective_bits_when_rows_carry_them():
+  bits = {"bf16": 16.0, "int8": 8.25, "int4": 4.7578125}
+  rows = [dict(r, effective_bits=bits[r["kv_format"]]) for r in sweep()]
+  table = by_format(parse_tables(hr.capacity_table(rows, mode="analytic", concurrencies=(1,),
+                                                   contexts=(8192,)))[0])
+  assert list(table["int4"])[:2] == ["KV format", "effective bits @ 8K"]
+  assert [table[f]["effective bits @ 8K"] for f in bits] == ["16", "8.25", "4.76"]
 
 
 def test_capacity_table_excludes_oom_rows():

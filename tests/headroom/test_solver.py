@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import kvtpu
 from kvtpu import accelerators
 from kvtpu import headroom as hr
 
@@ -403,3 +404,20 @@ def test_bad_slices_are_clear_errors(name, match):
 def test_parse_slice(name, chip, chips, topology):
   s = accelerators.parse_slice(name)
   assert (s.name, s.chip.name, s.num_chips, s.topology) == (name, chip, chips, topology)
+
+
+def test_windows_are_counted_per_sequence_and_rows_carry_effective_bits():
+  """A recent window costs 2 x 128 x (K/M heads) x H x 2 bytes per sequence and layer on a
+  device, whatever the context; every result row states the format's effective bits."""
+  dep = llama_v5e8()
+  base, windowed = "int4-asym-rot", "int4-asym-rot+recent128"
+  for batch, max_len in ((2, 1024), (8, 8192)):
+    extra = (hr.analytic_usage(dep, windowed, batch, max_len).cache
+             - hr.analytic_usage(dep, base, batch, max_len).cache)
+    heads = LLAMA["kv_heads"] // dep.model
+    assert extra == LLAMA["num_layers"] * (batch // dep.data) * 2 * 128 * heads * \
+        LLAMA["head_dim"] * 2
+  a = hr.max_context(dep, windowed, 8, Counting(dep))
+  (row, *_) = hr.answer_rows(kvtpu.KVFormat.parse(windowed), a, dep, mode="analytic")
+  assert row["effective_bits"] == kvtpu.memory.effective_bits(
+      windowed, context=8192, kv_heads=LLAMA["kv_heads"], head_dim=LLAMA["head_dim"]) == 4.75
