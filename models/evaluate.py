@@ -26,6 +26,7 @@ import kvtpu
 from kvtpu import memory
 from kvtpu.eval import protocol as protocol_lib
 from kvtpu.eval import workloads as workloads_lib
+from kvtpu.headroom.solver import EFFECTIVE_BITS_CONTEXT
 
 __all__ = ["LlamaForward", "forward_fn", "CacheConfig", "row_header", "score_workload",
            "passkey_rows"]
@@ -106,8 +107,11 @@ def row_header(model, config: CacheConfig, reference: str | None = None) -> dict
                    "created": d["created"]}
   header = {"model": cfg.name, "weight_precision": model.weight_precision,
             "kv_format": fmt.name, "kv_precision": fmt.to_dict(),
-            "kv_bytes_per_token": _bytes_per_token(model, fmt), "calibration": calibration,
-            "calibration_name": config.calibration_name}
+            "kv_bytes_per_token": _bytes_per_token(model, fmt),
+            "kv_effective_bits": memory.effective_bits(fmt, context=EFFECTIVE_BITS_CONTEXT,
+                                                       kv_heads=cfg.num_kv_heads,
+                                                       head_dim=cfg.head_dim),
+            "calibration": calibration, "calibration_name": config.calibration_name}
   if reference is not None:
     header["reference_bytes_per_token"] = _bytes_per_token(model, reference)
   return header

@@ -101,6 +101,8 @@ def check_row(row: Any) -> None:
   require(row, "kv_bytes_per_token", lambda x: is_num(x) and x > 0, "a number > 0")
   if "reference_bytes_per_token" in row:
     require(row, "reference_bytes_per_token", lambda x: is_num(x) and x > 0, "a number > 0")
+  if "kv_effective_bits" in row:
+    require(row, "kv_effective_bits", lambda x: is_num(x) and x > 0, "a number > 0")
   cal = row["calibration"]
   if cal != "dynamic":
     ok = (isinstance(cal, dict) and is_str(cal.get("method"))
@@ -319,12 +321,20 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   def spec(d):
     return QuantSpec.from_dict(d).description
 
-  kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"])
-               for r in rows)
+  kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"],
+                r.get("kv_effective_bits")) for r in rows)
   kv.sort(key=lambda x: (x[0], x[1] != "bf16", -x[3], x[1]))
+  bits = any(e is not None for *_, e in kv)
   parts.append(reports.markdown_table(
-      ["model", "KV format", "K", "V", "bytes/token (all layers)"],
-      [(m, f, spec(p["k"]), spec(p["v"]), f"{b:,.6g}") for m, f, p, b in kv]))
+      ["model", "KV format", "K", "V", "bytes/token (all layers)"]
+      + (["effective bits @ 8K"] if bits else []),
+      [(m, f, spec(p["k"]), spec(p["v"]), f"{b:,.6g}") + ((f"{e:.4g}" if e else "-",) if bits
+                                                          else ())
+       for m, f, p, b, e in kv]))
+  if any(KVFormat.parse(r["kv_format"]).windowed for r in rows):
+    parts.append("Bytes per token leave out the windows, which cost the same per sequence "
+                 "whatever its length; effective bits (per stored K/V value of one sequence at "
+                 "8K context, `kvtpu.memory.effective_bits`) include them.")
   parts.append("## Calibration")
   lines = []
   label = _labeler(rows)

@@ -105,6 +105,7 @@ def test_score_workload_rows_carry_their_disclosure(model):
     assert r["kv_precision"]["k"]["dtype"] == r["kv_format"]
     assert r["protocol"] == {"prefill": 16, "chunk": 8, "impl": "xla", "reference": "bf16"}
   assert rows[0]["kv_bytes_per_token"] == CFG.num_layers * 2 * 2 * (16 + 4)  # K+V, 2 heads
+  assert rows[0]["kv_effective_bits"] == 8 + 32 / CFG.head_dim  # int8, f32 per-token scales.
   with pytest.raises(ValueError, match="needs 2048"):
     score_workload(model, data, [CacheConfig("int8")], context=1024, batch=2)
   with pytest.raises(ValueError, match="int8-head has static scales"):

@@ -369,6 +369,19 @@ def test_passkey_table_weights_by_samples():
   assert parse_table(rp.passkey_table(rows))["int8 | dynamic"]["2048 tokens (%)"] == "75 (100)"
 
 
+def test_header_gives_effective_bits_and_says_what_bytes_per_token_leave_out():
+  rows = [dict(make_row(kv_format=f), kv_effective_bits=b)
+          for f, b in (("int8", 8.25), ("int4-asym-rot+recent128", 4.75))]
+  md = rp.header_markdown(rows, title="t")
+  table = [t for t in md.split("\n\n") if t.startswith("| model | KV format")][0]
+  assert "| effective bits @ 8K |" in table.splitlines()[0]
+  assert "| 8.25 |" in table and "| 4.75 |" in table
+  assert "Bytes per token leave out the windows" in md
+  assert "leave out the windows" not in rp.header_markdown(rows[:1], title="t")
+  with pytest.raises(ValueError, match="'kv_effective_bits' must be a number > 0"):
+    rp.check_row(dict(rows[0], kv_effective_bits=0))
+
+
 def test_header_discloses_weights_kv_calibration_workloads_and_protocol():
   rows = [make_row(kv_format="bf16"), make_row(kv_format="int4", cal="prose"),
           make_row(workload="code", context=512)]
