@@ -421,22 +421,26 @@ class QuantizedKV:
 
     Returns the new tensor and the `quant.Quantized` result (its `saturated` and
     `nonfinite` masks are over the whole chunk: mask them with `where`). A rotated
-    spec quantizes `x @ R` (computed in float32).
+    spec quantizes `x @ R` (computed in float32) with non-finite inputs taken as 0
+    first; windows store non-finite values as 0, as the quantized store does.
     """
     spec = self.spec
-    if spec.rotation:
-      x = rotation.rotate(x, jnp.float32)
+    nonfinite = ~jnp.isfinite(x)
+    if spec.rotation:  # Non-finite inputs become 0 before the rotation spreads them.
+      x = rotation.rotate(jnp.where(nonfinite, 0.0, x), jnp.float32)
     windows = {}
     for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
       store = getattr(self, field)
       if store is not None:  # Scattered on every platform: the ring wraps, and it is small.
-        windows[field] = write_rows(store, layer, x, dataclasses.replace(where, target=target),
-                                    3, "scatter")
+        windows[field] = write_rows(store, layer, jnp.where(jnp.isfinite(x), x, 0.0),
+                                    dataclasses.replace(where, target=target), 3, "scatter")
     if spec.static:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
       params = {} if self.clip is None else dict(clip=self.clip[layer])  # [K] vs [B, T, K].
     res = quant.quantize(x, spec, **params)
+    if spec.rotation:  # Counted where they came in, not over the rotated coordinates.
+      res = res._replace(nonfinite=nonfinite)
     # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].
     new = {"values": write_rows(self.values, layer, res.q, where, 3), **windows}
     if spec.dynamic:  # [B, T, K, G] rows go to [layer, b, :, :, pos[b, t]].

@@ -146,3 +146,20 @@ def test_static_rotated_spec_is_calibrated_in_rotated_coordinates(rng):
     np.testing.assert_allclose(absmax(stats["k_rot"]), np.abs(k_rot).max(axis=(0, 1)),
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(absmax(stats["k_rot"]), absmax(stats["k"]), rtol=0.1)
+
+
+def test_a_non_finite_input_is_counted_once_and_spares_its_neighbours(rng):
+  """A NaN channel becomes 0 before the rotation (which would spread it over all H
+  coordinates): one value counted, the token's other channels stored."""
+  x = rng.standard_normal((1, 2, 1, 16)).astype(np.float32)
+  x[0, 0, 0, 3] = np.nan
+  x[0, 1, 0, 5] = np.inf
+  for fmt in ("int8-rot", "int8-rot+recent4"):
+    cache = kvtpu.KVCache.init(fmt, num_layers=1, batch=1, kv_heads=1, max_len=4, head_dim=16)
+    cache = cache.update(0, jnp.asarray(x), jnp.asarray(x)).advance(2)
+    assert cache.counts()["k_nonfinite"].tolist() == [2]
+    got = np.asarray(cache.tensor("k").dequantize(0))[0, 0, :2]  # The quantized store.
+    clean = np.where(np.isfinite(x[0, :, 0]), x[0, :, 0], 0.0)
+    np.testing.assert_allclose(got, clean, atol=0.05 * np.abs(clean).max())
+    np.testing.assert_allclose(np.asarray(cache.dequantized(0, "k"))[0, 0, :2], clean,
+                               atol=0.05 * np.abs(clean).max())

@@ -162,6 +162,7 @@ CASES = [  # mesh shape, Auto axis types, format, kv heads, clip ratios.
     pytest.param((2, 4), True, "int8", 8, True, id="int8clip-2x4-auto"),
     pytest.param((1, 8), True, "k=int4-asym-head,v=fp8_e4m3", 3, False,
                  id="staticasym-1x8-auto-replicate"),
+    pytest.param((2, 4), False, "int4-asym+sink2+recent4", 8, False, id="windows-2x4"),
 ]
 
 
