@@ -54,7 +54,7 @@ def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
   text = (tmp_path / "report.md").read_text()
   assert text == result.report
   for part in ("random init (float32)", "Calibration transfer", "Passkey", "kl_mean",
-               "## Targets (dynamic per-token-head scales, context 64)", "| int8 | prose x2 |",
+               "## Targets (per-token scales, dynamic or with calibrated clip ratios, context 64)", "| int8 | prose x2 |",
                "| top1_agreement (%) | >= 99 |", "prose @64 x2 (%)"):
     assert part in text, part
   for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png", "kl_vs_bytes.png"):
@@ -80,10 +80,27 @@ def test_targets_table_in_percent():
   assert "no matching rows in this run" in evaluate_run.targets_markdown([row], 512)
 
 
+def test_targets_cover_calibrated_clip_rows_and_the_four_bit_passkey():
+  scheme = "int4-sbf16-rot+sink4+recent252"
+  score = {"kind": "score", "kv_format": scheme, "calibration": {"method": "mse"},
+           "calibration_name": "prose", "context": 2048, "batch": 2,
+           "eval_workload": {"name": "code"}, "metrics": {"ppl_rel_change": 0.00206,
+                                                          "kl_mean": 0.0042}}
+  passkey = {"kind": "passkey", "kv_format": scheme, "context": 1024, "depth": 0.5,
+             "metrics": {"accuracy": 0.5, "accuracy_ref": 1.0}}
+  lines = evaluate_run.targets_markdown([score, passkey], 2048).splitlines()[4:]
+  assert lines == [
+      f"| {scheme}, clip on prose | code x2 | ppl_rel_change (%) | abs <= 0.5 | 0.206 | yes |",
+      f"| {scheme}, clip on prose | code x2 | kl_mean (nats) | <= 0.005 | 0.0042 | yes |",
+      f"| {scheme} | passkey @1024 depth 0.5 | accuracy (%) = bf16 | equal | 50 vs 100 | **no** |"]
+
+
 def test_presets_and_explicit_fields():
   quick = evaluate_run.EvaluateConfig.from_preset("quick")
-  assert quick.kv_formats == ("int8", "fp8_e4m3", "int4", "fp8_e5m2")
-  assert quick.contexts == (256, 2048) and quick.calibrate_formats == ("int4",)
+  assert quick.kv_formats == ("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot",
+                              "int4-sbf16-rot+sink4+recent252")
+  assert quick.contexts == (256, 2048)
+  assert quick.calibrate_formats == ("int4-sbf16-rot+sink4+recent252",)
   over = evaluate_run.EvaluateConfig.from_preset("quick", contexts=[512])
   assert over.contexts == (512,) and over.batches == quick.batches
   with pytest.raises(ConfigError, match="^kv_formats: required with preset=none"):

@@ -28,10 +28,17 @@ from absl import logging
 import kvtpu
 from kvtpu import reports
 
-__all__ = ["ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
+__all__ = ["FOUR_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
            "check_head_dim", "check_workdir", "done_items", "environment", "finite_number",
            "format_list", "impl_choice", "int_list", "model_name", "one_of", "positive_int",
            "save_artifact", "start", "str_list", "workload_list", "write_config"]
+
+
+# The 4-bit cache the binaries' defaults compare: int4 with bf16 per-token scales, rotated
+# per head, the first 4 and the last 252 tokens of each sequence kept in bf16. 4.75
+# effective bits per value at head_dim 64 (SmolLM2) and 8K context, 4.625 at 128
+# (docs/schemes.md has the measurements behind the choice).
+FOUR_BIT_SCHEME = "int4-sbf16-rot+sink4+recent252"
 
 
 class ConfigError(ValueError):

@@ -47,6 +47,7 @@ from kvtpu.models.calibrate import calibrate
 from kvtpu.models.evaluate import CacheConfig, passkey_rows, score_workload
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
+  FOUR_BIT_SCHEME,
   ConfigError,
   Progress,
   calibration_progress,
@@ -84,20 +85,24 @@ MATRIX_FIELDS = ("kv_formats", "calibrate_formats", "calibration_workloads", "ca
                  "passkey_formats")
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
-        kv_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2"), calibrate_formats=("int4",),
+        kv_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot", FOUR_BIT_SCHEME),
+        calibrate_formats=(FOUR_BIT_SCHEME,),
         calibration_workloads=("prose", "code"), calibration_method="mse",
         calibration_tokens=2048, eval_workloads=("prose", "code"), contexts=(256, 2048),
         batches=(2,), prefill=128, chunk=128, passkey_lengths=(1024,), passkey_depths=(0.5,),
-        passkey_samples=2, passkey_formats=("int8",)),
+        passkey_samples=2, passkey_formats=("int8", FOUR_BIT_SCHEME)),
     "full": dict(
         kv_formats=("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int4-g32", "int8-asym", "k8v4",
-                    "int4-asym-g32"),
-        calibrate_formats=("int8", "fp8_e4m3", "int4", "int8-channel", "k=int8-channel,v=int8"),
+                    "int4-asym-g32", "int8-rot", "fp8_e4m3-rot", "int4-rot", "int4-asym-rot",
+                    "int4+recent256", "int4-asym-rot+recent128", FOUR_BIT_SCHEME),
+        calibrate_formats=("int8", "fp8_e4m3", "int4", "int8-channel", "k=int8-channel,v=int8",
+                           FOUR_BIT_SCHEME),
         calibration_workloads=("prose", "code", "chat"), calibration_method="mse",
         calibration_tokens=32768, eval_workloads=("prose", "code", "chat"),
         contexts=(512, 1024, 2048, 4096, 8192), batches=(1, 8), prefill=512, chunk=64,
         passkey_lengths=(1024, 2048, 4096, 8192), passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-        passkey_samples=8, passkey_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2")),
+        passkey_samples=8, passkey_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2",
+                                            FOUR_BIT_SCHEME)),
     "none": {},
 }
 _METHODS = ("absmax", "percentile", "mse", "learned")
@@ -225,44 +230,51 @@ class EvaluateResult:
   paths: dict[str, Path]
 
 
-# Accuracy targets for dynamic per-token-head scales (SmolLM2, prose and code, 2048 tokens):
+# Accuracy targets for per-token scales, dynamic or with calibrated clip ratios (SmolLM2,
+# prose and code, 2048 tokens):
 # metric -> (bound, "max" | "min"); ppl_rel_change bounds |change|. Bounds are fractions,
 # as the rows hold them; the targets table shows them in percent where the metric is one.
 TARGETS = {
     "int8": {"ppl_rel_change": (1e-3, "max"), "kl_mean": (1e-3, "max"),
              "top1_agreement": (0.99, "min")},
     "fp8_e4m3": {"ppl_rel_change": (5e-3, "max")},
+    "int8-rot": {"top1_agreement": (0.99, "min")},
+    FOUR_BIT_SCHEME: {"ppl_rel_change": (5e-3, "max"), "kl_mean": (5e-3, "max")},
 }
+# Formats whose passkey retrieval must equal the bf16 cache's.
+PASSKEY_TARGETS = ("int8", FOUR_BIT_SCHEME)
 
 
 def targets_markdown(rows: list[dict], context: int = 2048) -> str:
-  """Each target against the dynamic rows at `context`: measured value, met or missed."""
+  """Each target against the rows at `context` with per-token scales (dynamic, or with
+  clip ratios calibrated on a named workload): measured value, met or missed."""
   body = []
   for fmt, targets in TARGETS.items():
     for r in rows:
-      if (r["kind"], r["kv_format"], r["calibration"], r["context"]) != (
-          "score", fmt, "dynamic", context):
+      if (r["kind"], r["kv_format"], r["context"]) != ("score", fmt, context):
         continue
+      config = fmt if r["calibration"] == "dynamic" else f"{fmt}, clip on {r['calibration_name']}"
       for metric, (bound, kind) in targets.items():
         value = r["metrics"][metric]
         ok = abs(value) <= bound if metric == "ppl_rel_change" else (
             value <= bound if kind == "max" else value >= bound)
         _, unit, factor, _ = report_lib.METRICS[metric]
         op = "abs <=" if metric == "ppl_rel_change" else ("<=" if kind == "max" else ">=")
-        body.append([fmt, f"{r['eval_workload']['name']} x{r['batch']}",
+        body.append([config, f"{r['eval_workload']['name']} x{r['batch']}",
                      f"{metric} ({unit})", f"{op} {bound * factor:g}",
                      f"{value * factor:.4g}", "yes" if ok else "**no**"])
   for r in rows:
-    if r["kind"] == "passkey" and r["kv_format"] == "int8":
+    if r["kind"] == "passkey" and r["kv_format"] in PASSKEY_TARGETS:
       m = r["metrics"]
-      body.append(["int8", f"passkey @{r['context']} depth {r['depth']:g}",
+      body.append([r["kv_format"], f"passkey @{r['context']} depth {r['depth']:g}",
                    "accuracy (%) = bf16", "equal",
                    f"{reports.percent(m['accuracy'], '{:.0f}')} vs "
                    f"{reports.percent(m['accuracy_ref'], '{:.0f}')}",
                    "yes" if m["accuracy"] == m["accuracy_ref"] else "**no**"])
   if not body:
     body.append(["-", "-", "-", "-", "no matching rows in this run", "-"])
-  return (f"## Targets (dynamic per-token-head scales, context {context})\n\n"
+  return (f"## Targets (per-token scales, dynamic or with calibrated clip ratios, context "
+          f"{context})\n\n"
           + reports.markdown_table(["format", "evaluated on", "metric (unit)", "target",
                                     "measured", "met"], body))
 
