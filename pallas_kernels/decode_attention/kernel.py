@@ -210,6 +210,8 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
 
   def query_limit(width):
     """`[TG, width]`: the last position each row's query token sees."""
+    # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
+    # which needs the present device to be a TPU; all operands here are >= 0.
     t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, width), 0), d.group)
     return length + jnp.minimum(t, chunk - 1)
 
@@ -274,10 +276,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     if k_zero:
       k = k - zero_points(kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
-    # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
-    # which needs the present device to be a TPU; all operands here are >= 0.
-    t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 0), d.group)
-    mask = (pos <= length + jnp.minimum(t, chunk - 1)) & (pos < quant_end)  # [TG, bs]
+    mask = (pos <= query_limit(block_s)) & (pos < quant_end)  # [TG, bs]
     if sink:
       mask = mask & (pos >= sink)
     def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
@@ -383,7 +382,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
     """(layer, b, h, block): blocks past what query block j sees repeat the last one."""
     length, chunk_b = lengths_ref[b], chunk_ref[b]
     end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk_b), d.max_len)
-    last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's t.
+    last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's query_limit.
     return layer_ref[0], b, h, jnp.minimum(i, last)
 
   sq = pl.Squeezed()
