@@ -215,6 +215,20 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, width), 0), d.group)
     return length + jnp.minimum(t, chunk - 1)
 
+  def softmax_step(logits, mask):
+    """Online-softmax update of the running max and sum by one segment's `[TG, W]`
+    logits (only `mask` counts); returns its probabilities and the factor `alpha`
+    that rescales the accumulated output."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m_prev = m_ref[...]  # [TG, 1]
+    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
+    alpha = jnp.exp(m_prev - m_safe)
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_ref[...] = m_new
+    return p, alpha
+
   def window(refs, pos, held):
     """One window's segment of the online softmax: `refs` its K and V `[W, H]`, `pos`
     `[1, W]` the position of each slot, `held` `[1, W]` whether the slot holds one."""
@@ -224,19 +238,12 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     logits = jax.lax.dot_general(q, kw_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
                                  precision=hi, preferred_element_type=jnp.float32)
     mask = held & (pos <= query_limit(width))  # [TG, W]
-    logits = jnp.where(mask, logits, -jnp.inf)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    p, alpha = softmax_step(logits, mask)
     # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
     held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
     v = jnp.where(held_col > 0, vw_ref[...].astype(jnp.float32), 0.0)  # Unheld slots: NaN-safe.
     acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, precision=hi,
                                                   preferred_element_type=jnp.float32)
-    m_ref[...] = m_new
 
   @pl.when(i == 0)
   def _init():
@@ -291,14 +298,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
       for g in range(d.k_groups):
         qg = q if d.k_groups == 1 else jnp.where(in_group(g, d.k_groups), q, 0.0)
         logits = logits + nt_dot(qg, k) * ks[g:g + 1, :]
-    logits = jnp.where(mask, logits, -jnp.inf)
-
-    m_prev = m_ref[...]  # [TG, 1]
-    m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.where(mask, jnp.exp(logits - m_safe), 0.0)
-    alpha = jnp.exp(m_prev - m_safe)
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    p, alpha = softmax_step(logits, mask)
 
     # Unwritten positions may hold NaN: zero them (0 * NaN would poison the sum).
     held = (i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)) < end
@@ -319,7 +319,6 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
         part = dot(jnp.where(mask, p * vs[g:g + 1, :], 0.0), v)
         pv = pv + (part if d.v_groups == 1 else jnp.where(in_group(g, d.v_groups), part, 0.0))
     acc_ref[...] = alpha * acc_ref[...] + pv
-    m_ref[...] = m_new
 
   @pl.when(i == num_blocks - 1)
   def _finish():
