@@ -86,12 +86,13 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
       multiple of K, a bad layer or impl.
     ValueError: for impl="pallas" on a TPU generation whose Mosaic compiler rejects
-      the format (int4 on v2/v3); "auto" falls back to XLA there and logs it once.
+      the format (`kernel_support_error`: int4 on v2/v3, int2 on v2-v4 and at head_dim
+      64); "auto" falls back to XLA there and logs it once.
       impl="pallas" with q on a non-TPU device is a ValueError that names the other
       impls; ahead-of-time compiles for TPU topologies (traced q) work from any host.
   """
   check_query(q, cache, layer, impl)
-  impl = _resolve_impl(impl, cache.fmt)
+  impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   if impl == "xla":
     out = _reference(q, cache, layer, chunk, scale)
@@ -122,29 +123,35 @@ def _chunk_and_scale(q, cache: KVCache, layer, valid_len, scale):
 
 # (TPU generation, storage dtype) pairs whose kernels Mosaic rejects, found by compiling
 # every format for every generation ahead of time (tests/pallas_kernels): v2 and v3
-# have no layout for int4 operands. v4, v5e, v5p and v6e compile every format.
-_UNSUPPORTED = {("v2", "int4"), ("v3", "int4")}
+# have no layout for sub-byte (int4, int2) operands, and v4 none for int2 (its compiler
+# aborts the process on the int2 unpack instead of raising). v5e, v5p and v6e compile
+# every format (int2 at head_dim a multiple of 128: `decode_attention.layout_error`).
+_UNSUPPORTED = {(gen, dtype) for gen in ("v2", "v3") for dtype in ("int4", "int2")} | {
+    ("v4", "int2")}
 _fallbacks_logged: set[tuple[str, str]] = set()
 
 
-def kernel_support_error(device_kind: str, fmt) -> str | None:
-  """Why the Pallas kernels cannot compile `fmt` for this device, or None if they can."""
+def kernel_support_error(device_kind: str, fmt, head_dim: int | None = None) -> str | None:
+  """Why the Pallas kernels cannot compile `fmt` (at `head_dim`, if given) for this
+  device, or None if they can."""
   gen = accelerators.chip_name(device_kind)
   bad = sorted({s.dtype.value for s in (fmt.k, fmt.v) if (gen, s.dtype.value) in _UNSUPPORTED})
   if not bad:
-    return None
+    if head_dim is None:
+      return None
+    return decode_attention.layout_error(fmt.k.storage_dtype, fmt.v.storage_dtype, head_dim)
   return (f"the Pallas attention kernels cannot compile KV format {fmt.name} for TPU {gen}: "
           f"Mosaic has no operand layout for {', '.join(bad)} on {gen}; use impl='xla' or "
           "an int8/fp8 format")
 
 
-def _resolve_impl(impl: str, fmt) -> str:
+def _resolve_impl(impl: str, fmt, head_dim: int) -> str:
   """"auto" -> "pallas" on TPU (unless unsupported there: "xla", logged once), else "xla"."""
   on_tpu = jax.default_backend() == "tpu"
   if impl not in ("auto", "pallas") or not on_tpu:
     return "xla" if impl == "auto" else impl
   kind = jax.devices()[0].device_kind
-  error = kernel_support_error(kind, fmt)
+  error = kernel_support_error(kind, fmt, head_dim)
   if error is None:
     return "pallas"
   if impl == "pallas":

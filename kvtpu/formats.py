@@ -7,7 +7,8 @@ and a valid static argument under `jax.jit`.
 Names. Every format has a stable `name` that `KVFormat.parse` reads back:
 
   tensor spec   := dtype ("-" option)*
-  dtype         := bf16 | f32 | int8 | int4 | fp8_e4m3 | fp8_e5m2   (f32: exact reference)
+  dtype         := bf16 | f32 | int8 | int4 | int2 | fp8_e4m3 | fp8_e5m2
+                                   (f32: exact reference; int2 packs four values a byte)
   option        := asym            asymmetric (zero point), integer dtypes only
                  | g<N>            dynamic scales per token, head and group of N channels
                  | tensor | head | channel
@@ -18,7 +19,7 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                                    any dtype, bf16 and f32 included
   format        := specs ("+" window)*
   specs         := tensor spec                  same spec for K and V
-                 | "k" bits "v" bits            bits in {16, 8, 4}: bf16/int8/int4
+                 | "k" bits "v" bits            bits in {16, 8, 4, 2}: bf16/int8/int4/int2
                  | "k=" tensor spec ",v=" tensor spec
   window        := sink<N>         the first N tokens of each sequence kept unquantized
                  | recent<N>       the most recent N tokens kept unquantized (a ring)
@@ -26,7 +27,10 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
 Without a granularity option a quantized spec has dynamic scales per token and
 kv head (`token_head`), computed when the token is written. Examples: `int8`,
 `fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `int4-asym-rot`, `k8v4`,
-`k=int8-head,v=int4-g64`, `int4-asym-rot+sink4+recent128`.
+`k=int8-head,v=int4-g64`, `k4v2`, `int4-asym-rot+sink4+recent128`.
+
+Integer grids: symmetric specs use `[-qmax, qmax]` (int8 255 levels, int4 15, int2
+three: -1, 0, 1); asymmetric ones the whole range (int2: four levels).
 
 Windows hold K and V of the same positions unquantized (bf16; f32 for an f32 spec),
 beside the quantized store, which holds every position: attention reads a position
@@ -61,6 +65,7 @@ class StorageDtype(enum.Enum):
   F32 = "f32"  # Unquantized reference storage: exact K/V, for checking models and kernels.
   INT8 = "int8"
   INT4 = "int4"
+  INT2 = "int2"
   FP8_E4M3 = "fp8_e4m3"
   FP8_E5M2 = "fp8_e5m2"
 
@@ -70,11 +75,11 @@ class StorageDtype(enum.Enum):
 
   @property
   def bits(self) -> int:
-    return {"bf16": 16, "f32": 32, "int8": 8, "int4": 4, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.value]
+    return {"bf16": 16, "f32": 32, "int8": 8, "int4": 4, "int2": 2, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.value]
 
   @property
   def is_int(self) -> bool:
-    return self in (StorageDtype.INT8, StorageDtype.INT4)
+    return self in (StorageDtype.INT8, StorageDtype.INT4, StorageDtype.INT2)
 
   @property
   def is_fp8(self) -> bool:
@@ -90,6 +95,7 @@ _JNP_DTYPES = {
     StorageDtype.F32: jnp.float32,
     StorageDtype.INT8: jnp.int8,
     StorageDtype.INT4: jnp.int4,
+    StorageDtype.INT2: jnp.int2,
     StorageDtype.FP8_E4M3: jnp.float8_e4m3fn,
     StorageDtype.FP8_E5M2: jnp.float8_e5m2,
 }
@@ -165,7 +171,7 @@ class QuantSpec:
           f"with granularity={self.granularity.value}")
     if not self.symmetric and not self.dtype.is_int:
       raise ValueError(
-          f"asymmetric (zero-point) scales are only for int8/int4, got dtype={self.dtype.value}: "
+          f"asymmetric (zero-point) scales are only for int8/int4/int2, got dtype={self.dtype.value}: "
           "fp8 is already non-uniform around zero; use a symmetric fp8 spec")
     if self.scale_dtype not in _SCALE_DTYPES:
       raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got scale_dtype={self.scale_dtype!r}")
@@ -328,7 +334,7 @@ def _plain(x):
   return x.value if isinstance(x, enum.Enum) else x
 
 
-_SHORT_BITS = {"16": "bf16", "8": "int8", "4": "int4"}
+_SHORT_BITS = {"16": "bf16", "8": "int8", "4": "int4", "2": "int2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,7 +447,7 @@ class KVFormat:
     text, *windows = name.strip().lower().split("+")
     try:
       sizes = _windows(windows)
-      if m := re.fullmatch(r"k(16|8|4)v(16|8|4)", text):
+      if m := re.fullmatch(r"k(16|8|4|2)v(16|8|4|2)", text):
         return cls(QuantSpec.parse(_SHORT_BITS[m[1]]), QuantSpec.parse(_SHORT_BITS[m[2]]),
                    **sizes)
       if m := re.fullmatch(r"k=([^,]+),v=([^,]+)", text):
@@ -452,7 +458,7 @@ class KVFormat:
       raise ValueError(
           f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
           "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
-          "with bits in 16/8/4, or 'k=<spec>,v=<spec>'; then optionally '+sink<N>' and/or "
+          "with bits in 16/8/4/2, or 'k=<spec>,v=<spec>'; then optionally '+sink<N>' and/or "
           "'+recent<N>'") from None
 
   def __str__(self) -> str:

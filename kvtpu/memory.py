@@ -6,8 +6,8 @@ they let a decode step be compiled ahead of time without allocating a cache. `by
 `cache_bytes` are closed forms over the same layout, checked against it in tests.
 
 Bytes are the arrays' logical bytes at each dtype's bit width: int4 counts half a
-byte per value, as TPUs store it (XLA's `memory_analysis` agrees; numpy and
-`jax.Array.nbytes` report one byte per int4 value, which overstates it 2x).
+byte per value and int2 a quarter, as TPUs store them (XLA's `memory_analysis` agrees; numpy and
+`jax.Array.nbytes` report one byte per int4 or int2 value, which overstates it 2x or 4x).
 
 These are logical bytes. A TPU stores arrays in tiles, so device memory can be
 larger: with max_len a multiple of 128 and head_dim 128 an AOT-compiled decode step
@@ -58,15 +58,17 @@ def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = Fa
   """(bytes per position and sequence, per sequence, fixed) of one tensor of `spec`, per
   layer, read off its layout: arrays with a positions axis grow with tokens, other
   arrays with a batch axis (the windows) with sequences, and the rest (calibrated
-  scales, clip ratios) with neither. Exact in bits (int4: half bytes)."""
-  layout = QuantizedKV.layout(spec, num_layers=1, batch=1, kv_heads=kv_heads, max_len=1,
+  scales, clip ratios) with neither. Exact in bits (int4: half bytes, int2: quarter bytes)."""
+  # Any max_len the layout accepts (int2 needs a multiple of 128); divided out below.
+  positions = 128
+  layout = QuantizedKV.layout(spec, num_layers=1, batch=1, kv_heads=kv_heads, max_len=positions,
                               head_dim=head_dim, clip=clip, sink=sink, recent=recent)
   axes = jax.tree.leaves(layout.logical_axes(), is_leaf=lambda x: isinstance(x, P))
   per_position = per_sequence = fixed = 0.0
   for arr, names in zip(jax.tree.leaves(layout), axes, strict=True):
     nbytes = math.prod(arr.shape) * dtype_bits(arr.dtype) / 8
     if "positions" in names:
-      per_position += nbytes
+      per_position += nbytes / positions
     elif "batch" in names:
       per_sequence += nbytes
     else:
@@ -77,7 +79,7 @@ def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = Fa
 def bytes_per_token(fmt: KVFormat | str, *, kv_heads: int, head_dim: int) -> float:
   """Bytes one token adds to one layer: K and V values plus their per-token scales.
 
-  Exact (a multiple of 0.5 for int4); static scales are per layer, in `fixed_bytes`.
+  Exact (a multiple of 0.25 for int2); static scales are per layer, in `fixed_bytes`.
   """
   fmt = KVFormat.parse(fmt)
   check_dims(kv_heads=kv_heads, head_dim=head_dim)

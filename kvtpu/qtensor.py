@@ -45,6 +45,7 @@ from kvtpu.formats import Granularity, QuantSpec
 from kvtpu.pallas_kernels.decode_attention.reference import overlay_windows
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
+           "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE",
            "LOGICAL_AXES", "params_by_tensor", "check_param"]
 
 # Fields fixed when a tensor is created (calibrated), as opposed to written per token.
@@ -112,8 +113,14 @@ def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
     out = jax.lax.bitcast_convert_type(store, bits).at[index].set(
         jax.lax.bitcast_convert_type(values.astype(dtype), bits), mode="drop")
     return jax.lax.bitcast_convert_type(out, dtype)
-  return store.at[index].set(values, mode="drop")
+  return store.at[index].set(values.astype(dtype), mode="drop")
 
+
+# int2 stores: the fewest positions a written block spans, and the multiple of
+# positions their max_len must be (XLA's TPU layouts of int2 arrays; the compiler
+# aborts rather than raises on others).
+INT2_MIN_ROWS = 16
+INT2_MAX_LEN_MULTIPLE = 128
 
 # How a chunk is written on each platform (`write_rows`): XLA's CPU backend scatters
 # in place; TPU (and GPU) get per-sequence dynamic-update-slices.
@@ -147,18 +154,29 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
     return _scatter_bits(store, index, values)
   if method != "blocks":
     raise ValueError(f"method must be one of {WRITE_METHODS} or None, got method={method!r}")
-  blocks = jnp.take_along_axis(values, where.token[:, :, None, None], axis=1)
-  blocks = jnp.moveaxis(blocks, 1, seq_axis - 1).astype(store.dtype)  # [B, K, ...T...]
+  start, token, rows = where.start, where.token, where.rows
   t = values.shape[1]
+  if jnp.dtype(store.dtype) == jnp.int2 and t < INT2_MIN_ROWS:
+    # XLA's TPU layouts of int2 need at least 16 rows: write a block of 16 positions
+    # that holds the chunk's, each row taking the chunk token whose target it is.
+    t = INT2_MIN_ROWS
+    start = jnp.minimum(start, store.shape[seq_axis] - t)
+    match = where.target[:, None, :] == (start[:, None] + jnp.arange(t)[None, :])[:, :, None]
+    token, rows = jnp.argmax(match, axis=-1), match.any(axis=-1)
+  # An int2 block is merged in the values' dtype (int8), so that the only int2 arrays
+  # are whole blocks.
+  carrier = values.dtype if jnp.dtype(store.dtype) == jnp.int2 else store.dtype
+  blocks = jnp.take_along_axis(values, token[:, :, None, None], axis=1)
+  blocks = jnp.moveaxis(blocks, 1, seq_axis - 1).astype(carrier)  # [B, K, ...T...]
   keep_shape = [1] * (blocks.ndim - 1)
   keep_shape[seq_axis - 2] = t
   zeros = [0] * (store.ndim - 2)
   for b in range(store.shape[1]):
     index = list(zeros)
-    index[seq_axis - 2] = where.start[b]
+    index[seq_axis - 2] = start[b]
     index = (layer, b, *index)
-    old = jax.lax.dynamic_slice(store, index, (1, 1, *blocks.shape[1:]))[0, 0]
-    block = jnp.where(where.rows[b].reshape(keep_shape), blocks[b], old)
+    old = jax.lax.dynamic_slice(store, index, (1, 1, *blocks.shape[1:]))[0, 0].astype(carrier)
+    block = jnp.where(rows[b].reshape(keep_shape), blocks[b], old).astype(store.dtype)
     store = jax.lax.dynamic_update_slice(store, block[None, None], index)
   return store
 
@@ -201,13 +219,16 @@ class QuantizedKV:
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim the spec's group size
-        does not divide, `clip` on a spec that is not dynamic, or a window on a
-        static spec.
+        does not divide, `clip` on a spec that is not dynamic, a window on a
+        static spec, or int2 storage with max_len not a multiple of 128.
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim)
     if clip and not spec.dynamic:
       raise ValueError(f"clip ratios are for dynamic (per-token) specs, not {spec.name}")
+    if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
+      raise ValueError(f"int2 storage needs max_len a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
+                       f"TPU layout of int2 arrays), got max_len={max_len} ({spec.name})")
     sds = jax.ShapeDtypeStruct
     values = sds((num_layers, batch, kv_heads, max_len, head_dim), spec.storage_dtype)
     scale = zero = None
@@ -420,9 +441,10 @@ class QuantizedKV:
     """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`.
 
     Returns the new tensor and the `quant.Quantized` result (its `saturated` and
-    `nonfinite` masks are over the whole chunk: mask them with `where`). A rotated
-    spec quantizes `x @ R` (computed in float32) with non-finite inputs taken as 0
-    first; windows store non-finite values as 0, as the quantized store does.
+    `nonfinite` masks are over the whole chunk: mask them with `where`; its `q` is
+    int8 for an int2 spec). A rotated spec quantizes `x @ R` (computed in float32)
+    with non-finite inputs taken as 0 first; windows store non-finite values as 0, as
+    the quantized store does.
     """
     spec = self.spec
     nonfinite = ~jnp.isfinite(x)
@@ -438,7 +460,9 @@ class QuantizedKV:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
       params = {} if self.clip is None else dict(clip=self.clip[layer])  # [K] vs [B, T, K].
-    res = quant.quantize(x, spec, **params)
+    # int2 values travel as int8 until they are written (`quant.quantize`'s q_dtype).
+    narrow = spec.storage_dtype == jnp.int2
+    res = quant.quantize(x, spec, **params, q_dtype=jnp.int8 if narrow else None)
     if spec.rotation:  # Counted where they came in, not over the rotated coordinates.
       res = res._replace(nonfinite=nonfinite)
     # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].

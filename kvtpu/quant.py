@@ -16,10 +16,11 @@ Quantizing (`quantize`):
     out-of-range cast gives NaN (e4m3fn) or inf (e5m2); the cast rounds to nearest.
   * Dynamic scales are computed per token and group from the finite values: the
     smallest value of the scale dtype that is >= `amax / qmax` (symmetric) or
-    `(max - min) / (qmax - qmin - 1)` (asymmetric, up to an ulp), exactly, whatever the
+    `(max - min) / (qmax - qmin)` (asymmetric, up to an ulp), exactly, whatever the
     backend's division does. So no value of the group is clipped by the rounding of
-    its own scale: under dynamic scales the `saturated` mask is all False, and any
-    clipping reported by the cache comes from static scales that the data outgrew.
+    its own scale beyond half a step: under dynamic scales the `saturated` mask is
+    all False, and any clipping reported by the cache comes from static scales that
+    the data outgrew.
   * Calibrated clipping (`clip`, dynamic specs only): a ratio `c` in (0, 1] per
     token and kv head narrows the range each scale covers to `c * amax`
     (asymmetric: `[c * min, c * max]`), trading the clipping of the few largest
@@ -29,13 +30,16 @@ Quantizing (`quantize`):
     normal number (symmetric), so every value quantizes to 0 and dequantizes to 0.
     Asymmetric scales are floored at `max(|min|, |max|) * 2**-16` as well, which
     bounds the zero point (|z| <= 2**16 + 128) so that it stays exact in float32.
-  * Asymmetric zero points are integers, `z = qmin - floor(min / scale)`: 0, and
+  * Asymmetric zero points are integers, `z = qmin - round(min / scale)`: 0, and
     the values much smaller than a step (the bulk of K/V beside an outlier
     channel), are stored exactly, where a fractional zero point gives them a
-    uniform half-step error. The range spans `qmax - qmin - 1` steps, one spare
-    for the flooring, so a group never clips its own values. Zero points are
-    float32 whatever the scale dtype (bfloat16 is not exact above 256); static
-    zero points must be integers too.
+    uniform half-step error. The range spans all `qmax - qmin` steps: rounding the
+    zero point moves the grid by less than half a step, so the range's ends land
+    within half a step of `qmin` and `qmax`, and clipping them to the grid errs by
+    at most half a step, as rounding does everywhere (at 2 bits a spare step for a
+    floored zero point would cost a third of the grid). Zero points are float32
+    whatever the scale dtype (bfloat16 is not exact above 256); static zero points
+    must be integers too.
 
 Fake quantization (`fake_quantize`): `dequantize(quantize(x))` as one differentiable
 function for learning scales and clip ratios. Its forward value IS that round trip
@@ -155,8 +159,9 @@ def scales_for_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
 
   The one rule behind dynamic scales and calibrated static ones: symmetric specs
   cover `max(|lo|, |hi|)` (`scale >= amax / qmax`, rounded up in the scale dtype);
-  asymmetric integer specs put `lo` on `qmin` or `qmin + 1` with one spare step for
-  the integer zero point. A zero range gets the smallest normal scale, never 0.
+  asymmetric integer specs spread `[lo, hi]` over all `qmax - qmin` steps, with the
+  integer zero point that puts `lo` within half a step of `qmin`. A zero range gets
+  the smallest normal scale, never 0.
 
   Args:
     lo, hi: elementwise bounds (`lo <= 0 <= hi` is not required), any shape.
@@ -174,13 +179,14 @@ def scales_for_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     return _round_up_to(jnp.maximum(_div_up(amax, spec.qmax), tiny), spec.scale_jnp_dtype), None
   floor = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * _ASYM_SCALE_FLOOR, tiny)
-  # (hi - lo) / (qmax - qmin - 1) as half-range / half-steps: hi - lo overflows
-  # float32 for |values| above 1.7e38. One step is spare for the integer zero point:
-  # lo lands on qmin or qmin + 1, hi at most on qmax.
-  step = _div_up(_half_range_up(lo, hi), (spec.qmax - spec.qmin - 1) / 2)
+  # (hi - lo) / (qmax - qmin) as half-range / half-steps: hi - lo overflows float32
+  # for |values| above 1.7e38.
+  step = _div_up(_half_range_up(lo, hi), (spec.qmax - spec.qmin) / 2)
   scale = _round_up_to(jnp.maximum(step, floor), spec.scale_jnp_dtype)
-  # `lo * (1 / scale)` is the product `quantize` computes for lo, bit for bit.
-  zero = (spec.qmin - jnp.floor(lo * _reciprocal(scale))).astype(ZERO_DTYPE)
+  # `lo * (1 / scale)` is the product `quantize` computes for lo, bit for bit: lo
+  # lands within half a step of qmin, and hi (at most qmax - qmin steps above) within
+  # half a step of qmax.
+  zero = (spec.qmin - jnp.round(lo * _reciprocal(scale))).astype(ZERO_DTYPE)
   return scale, zero
 
 
@@ -247,7 +253,7 @@ def _broadcast_params(spec: QuantSpec, p: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
-             zero: jax.Array | None = None, clip=None) -> Quantized:
+             zero: jax.Array | None = None, clip=None, q_dtype=None) -> Quantized:
   """Quantizes `x: [..., H]` into `spec`'s storage.
 
   Args:
@@ -259,6 +265,9 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
     clip: dynamic specs only, optional: calibrated clip ratios in (0, 1],
       broadcastable to `x.shape[:-1]` (e.g. `[K]` per kv head against
       `x: [B, T, K, H]`); values beyond `clip` times their group's range saturate.
+    q_dtype: integer specs only, optional: a wider integer dtype for `q` holding the
+      same values (the cache takes int2 values as int8: XLA's TPU layouts of int2
+      need arrays of at least 16 rows, which a chunk of a few tokens is not).
 
   Returns:
     A `Quantized` tuple; see its docstring.
@@ -311,7 +320,13 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
   else:
     lo, hi = (_broadcast_params(spec, r, xs) for r in clip_range)
     saturated = beyond & ((xs > hi) | (xs < lo))
-  q = jnp.clip(y, spec.qmin, spec.qmax).astype(spec.storage_dtype)
+  if q_dtype is None:
+    q_dtype = spec.storage_dtype
+  elif not (spec.dtype.is_int and jnp.issubdtype(q_dtype, jnp.signedinteger)
+            and jnp.iinfo(q_dtype).bits >= spec.dtype.bits):
+    raise ValueError(f"q_dtype must be a signed integer dtype at least as wide as "
+                     f"{spec.dtype.value} (integer specs only), got q_dtype={q_dtype} for {spec.name}")
+  q = jnp.clip(y, spec.qmin, spec.qmax).astype(q_dtype)
   return Quantized(q, scale, zero, saturated, ~finite)
 
 
@@ -372,7 +387,7 @@ def fake_quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = No
       s = jnp.maximum(c * jnp.maximum(-lo, hi) / spec.qmax, jnp.finfo(jnp.float32).tiny)
       z = None
     else:
-      s = jnp.maximum(c * (hi - lo) / (spec.qmax - spec.qmin - 1), jnp.finfo(jnp.float32).tiny)
+      s = jnp.maximum(c * (hi - lo) / (spec.qmax - spec.qmin), jnp.finfo(jnp.float32).tiny)
       z = nograd(res.zero.astype(jnp.float32))
     s, z = (None if p is None else _broadcast_params(spec, p, xs) for p in (s, z))
   else:

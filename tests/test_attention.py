@@ -181,9 +181,15 @@ def test_kernel_support_by_generation(monkeypatch, caplog):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [FakeTpu()])
   with pytest.raises(ValueError, match="cannot compile KV format int4 for TPU v3"):
-    attention._resolve_impl("pallas", kvtpu.KVFormat.parse("int4"))
+    attention._resolve_impl("pallas", kvtpu.KVFormat.parse("int4"), 128)
   with caplog.at_level("WARNING"):
-    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4")) == "xla"
-    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4")) == "xla"
+    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4"), 128) == "xla"
+    assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int4"), 128) == "xla"
   assert sum("uses the XLA reference" in r.message for r in caplog.records) == 1
-  assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int8")) == "pallas"
+  assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int8"), 128) == "pallas"
+  # int2 at head_dim 64 (any generation): the kernels cannot copy its blocks.
+  monkeypatch.setattr(jax, "devices", lambda *a: [type("V5e", (), {"device_kind": "TPU v5 lite"})()])
+  assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int2"), 128) == "pallas"
+  assert attention._resolve_impl("auto", kvtpu.KVFormat.parse("int2"), 64) == "xla"
+  with pytest.raises(ValueError, match="int2 K/V blocks need head_dim a multiple of 128"):
+    attention._resolve_impl("pallas", kvtpu.KVFormat.parse("int2"), 64)

@@ -15,6 +15,7 @@ EXTRA_NAMES = (
     "fp8_e4m3-channel", "fp8_e5m2-tensor", "int8-head", "int8-tensor", "int8-channel",
     "int4-asym-head", "int8-sbf16", "int4-asym-g16-sbf16", "int8-g64", "k=int8-head,v=int4-g32",
     "k=fp8_e4m3,v=int4-asym", "k=bf16,v=fp8_e5m2-sbf16", "f32", "k=f32,v=int8",
+    "int2", "int2-asym-g32-sbf16-rot", "k4v2", "k8v2", "k=int4-rot,v=int2-asym-rot+recent64",
 )
 
 
@@ -35,6 +36,7 @@ def test_presets_are_canonical(name):
 
 @pytest.mark.parametrize("name, canonical", [
     ("k=int8,v=int4", "k8v4"),
+    ("k=int4,v=int2", "k4v2"),
     ("k8v8", "int8"),
     ("k16v16", "bf16"),
     ("k=int8,v=int8", "int8"),
@@ -99,7 +101,7 @@ def test_hashable_and_jit_static(name):
     ("int8-head-channel", "channel"),
     ("int8-g32-g64", "g64"),
     ("int8-asym-asym", "asym"),
-    ("k8v2", "k8v2"),
+    ("k8v3", "k8v3"),
     ("k=int8", "k=int8"),
     ("k=int8,v=int3", "int3"),
     ("", "''"),
@@ -186,6 +188,8 @@ def test_num_groups_static_or_bf16(name):
     ("int4", -7, 7),
     ("int4-asym", -8, 7),
     ("int4-asym-g32", -8, 7),
+    ("int2", -1, 1),  # Ternary: three levels.
+    ("int2-asym", -2, 1),  # All four levels.
     ("fp8_e4m3", -448, 448),  # e4m3fn: 1.75 * 2**8, no inf.
     ("fp8_e5m2", -57344, 57344),  # 1.75 * 2**15.
 ])
@@ -198,7 +202,7 @@ def test_qmin_qmax(name, qmin, qmax):
 
 
 @pytest.mark.parametrize("name, bits, jnp_dtype", [
-    ("bf16", 16, jnp.bfloat16), ("int8", 8, jnp.int8), ("int4", 4, jnp.int4),
+    ("bf16", 16, jnp.bfloat16), ("int8", 8, jnp.int8), ("int4", 4, jnp.int4), ("int2", 2, jnp.int2),
     ("fp8_e4m3", 8, jnp.float8_e4m3fn), ("fp8_e5m2", 8, jnp.float8_e5m2),
 ])
 def test_storage_dtypes(name, bits, jnp_dtype):

@@ -34,6 +34,9 @@ COUNTER_BYTES = 40
     ("int8-head", 2 * 8 * 128),  # 2048: static scales are per layer (fixed_bytes).
     ("fp8_e4m3-channel", 2048),
     ("k=int8-head,v=int4-g32", 8 * 128 + (8 * 64 + 8 * 4 * 4)),  # 1024 + 640 = 1664.
+    ("int2", 2 * (8 * 32 + 8 * 4)),  # 576: a quarter byte a value.
+    ("int2-asym-sbf16", 2 * (8 * 32 + 8 * (2 + 4))),  # 608: bf16 scales, f32 zero points.
+    ("k4v2", (8 * 64 + 8 * 4) + (8 * 32 + 8 * 4)),  # 544 + 288 = 832.
 ])
 def test_bytes_per_token_by_hand(name, expected):
   assert memory.bytes_per_token(name, kv_heads=8, head_dim=128) == expected
@@ -72,6 +75,8 @@ def test_counters_layout():
     ((4,), jnp.int4, 2),  # Two int4 values a byte.
     ((3,), jnp.int4, 2),  # An odd count rounds up.
     ((2, 3), jnp.int4, 3),
+    ((8,), jnp.int2, 2),  # Four int2 values a byte.
+    ((5,), jnp.int2, 2),  # Rounded up.
     ((5,), jnp.int8, 5),
     ((5,), jnp.float8_e4m3fn, 5),
     ((5,), jnp.float8_e5m2, 5),

@@ -101,26 +101,47 @@ def test_int4_symmetric_by_hand():
 
 def test_int8_asymmetric_by_hand():
   spec = QuantSpec.parse("int8-asym")
-  x = jnp.asarray([-0.5, 0.0, 0.25, 1.484375], jnp.float32)
+  x = jnp.asarray([-0.5, 0.0, 0.25, 1.4921875], jnp.float32)
   r = _quantize(x, spec)
-  # lo = -0.5, hi = 1.484375: scale = (hi - lo) / (127 - -128 - 1) = 1.984375 / 254
-  # = 2**-7 (one step spare for the integer zero point),
-  # zero = qmin - floor(lo / scale) = -128 - (-64) = -64, q = round(x / scale) + zero:
-  # [-64, 0, 32, 190] - 64 = [-128, -64, -32, 126]; 0 is stored exactly as q = zero.
+  # lo = -0.5, hi = 1.4921875: scale = (hi - lo) / (127 - -128) = 1.9921875 / 255
+  # = 2**-7 (every step of the grid), zero = qmin - round(lo / scale) = -128 - (-64)
+  # = -64, q = round(x / scale) + zero: [-64, 0, 32, 191] - 64 = [-128, -64, -32, 127];
+  # 0 is stored exactly as q = zero.
   np.testing.assert_array_equal(r.scale, [2.0**-7])
   np.testing.assert_array_equal(r.zero, [-64.0])
   assert r.zero.dtype == jnp.float32
-  np.testing.assert_array_equal(r.q, [-128, -64, -32, 126])
+  np.testing.assert_array_equal(r.q, [-128, -64, -32, 127])
   np.testing.assert_array_equal(_dequantize(r.q, spec, r.scale, r.zero), x)
 
 
 def test_int4_asymmetric_by_hand():
-  # lo = 0, hi = 3.5: scale = 3.5 / (7 - -8 - 1) = 0.25, zero = -8 - floor(0 / 0.25) = -8,
-  # q = round(x / 0.25) - 8 = [0, 4, 9, 14] - 8 = [-8, -4, 1, 6] (2.2 / 0.25 = 8.8 -> 9).
-  r = _quantize(jnp.asarray([0.0, 1.0, 2.2, 3.5], jnp.float32), QuantSpec.parse("int4-asym"))
+  # lo = 0, hi = 3.75: scale = 3.75 / (7 - -8) = 0.25, zero = -8 - round(0 / 0.25) = -8,
+  # q = round(x / 0.25) - 8 = [0, 4, 9, 15] - 8 = [-8, -4, 1, 7] (2.2 / 0.25 = 8.8 -> 9).
+  r = _quantize(jnp.asarray([0.0, 1.0, 2.2, 3.75], jnp.float32), QuantSpec.parse("int4-asym"))
   np.testing.assert_array_equal(r.scale, [0.25])
   np.testing.assert_array_equal(r.zero, [-8.0])
-  np.testing.assert_array_equal(_np(r.q), [-8, -4, 1, 6])
+  np.testing.assert_array_equal(_np(r.q), [-8, -4, 1, 7])
+
+
+@pytest.mark.parametrize("x, zero, q, back", [
+    # lo = -3, hi = 1.5: scale 4.5 / 3 = 1.5, zero = -2 - round(-2) = 0: four levels.
+    ([-3.0, -1.5, 0.0, 1.5], 0.0, [-2, -1, 0, 1], [-3.0, -1.5, 0.0, 1.5]),
+    # lo = -0.7, hi = 2.3: scale 1, zero = -2 - round(-0.7) = -1; the ends land at
+    # -1.7 and 1.3 in grid units, each rounded onto the grid within half a step.
+    ([-0.7, 0.0, 0.4, 2.3], -1.0, [-2, -1, -1, 1], [-1.0, 0.0, 0.0, 2.0]),
+    # lo = -0.4, hi = 2.6: zero = -2 - round(-0.4) = -2; 2.6 -> 0.6 -> 1, back to 3.
+    ([-0.4, 0.0, 1.2, 2.6], -2.0, [-2, -2, -1, 1], [0.0, 0.0, 1.0, 3.0]),
+])
+def test_int2_asymmetric_by_hand(x, zero, q, back):
+  spec = QuantSpec.parse("int2-asym")
+  r = _quantize(jnp.asarray(x, jnp.float32), spec)
+  assert r.q.dtype == jnp.int2
+  np.testing.assert_array_equal(r.zero, [zero])
+  np.testing.assert_array_equal(_np(r.q), q)
+  deq = _np(_dequantize(r.q, spec, r.scale, r.zero))
+  np.testing.assert_allclose(deq, back, rtol=1e-6)
+  assert (np.abs(deq - np.asarray(x)) <= _np(r.scale) / 2 * (1 + 1e-6)).all()
+  assert not np.asarray(r.saturated).any()
 
 
 def test_fp8_by_hand():
@@ -155,7 +176,7 @@ def test_groups_by_hand():
 # ------------------------------------------------------ per-format bounds (grid)
 _INT_SPECS = [
     f"{d}{'' if sym else '-asym'}{g}{s}"
-    for d, sym, g, s in itertools.product(("int8", "int4"), (True, False), ("", "-g16", "-g32"),
+    for d, sym, g, s in itertools.product(("int8", "int4", "int2"), (True, False), ("", "-g16", "-g32"),
                                           ("", "-sbf16"))
 ]
 _FP8_SPECS = [f"{d}{g}{s}" for d, g, s in itertools.product(("fp8_e4m3", "fp8_e5m2"),
@@ -169,8 +190,8 @@ def _ref_step(x: np.ndarray, spec: QuantSpec) -> np.ndarray:
     return np.abs(xg).max(-1) / spec.qmax
   lo, hi = xg.min(-1), xg.max(-1)
   floor = np.maximum(np.maximum(np.abs(lo), np.abs(hi)) * 2.0**-16, F32_TINY)
-  # One step spare for the integer zero point: qmax - qmin - 1 steps over [lo, hi].
-  return np.maximum((hi - lo) / (spec.qmax - spec.qmin - 1), floor)
+  # All qmax - qmin steps over [lo, hi].
+  return np.maximum((hi - lo) / (spec.qmax - spec.qmin), floor)
 
 
 @pytest.mark.parametrize("name", _INT_SPECS + _FP8_SPECS)
@@ -489,8 +510,8 @@ GOLDEN = {
     "int4": 0.167031,
     "fp8_e4m3": 0.00923777,
     "fp8_e5m2": 0.0218861,
-    "int8-asym": 0.0150038,
-    "int4-asym": 0.159911,
+    "int8-asym": 0.014973,
+    "int4-asym": 0.156748,
     "int4-g32": 0.101605,
 }
 GOLDEN_GAUSSIAN = {
@@ -499,8 +520,8 @@ GOLDEN_GAUSSIAN = {
     "int4": 0.117317,
     "fp8_e4m3": 0.0256368,
     "fp8_e5m2": 0.051678,
-    "int8-asym": 0.00585776,
-    "int4-asym": 0.107461,
+    "int8-asym": 0.005913,
+    "int4-asym": 0.100197,
     "int4-g32": 0.0967064,
 }
 GOLDEN_RTOL = 0.02
@@ -529,7 +550,7 @@ def test_golden_round_trip_errors():
   _check_golden(e, GOLDEN, "GOLDEN")
   assert e["bf16"] < min(v for n, v in e.items() if n != "bf16")
   assert e["int8"] < e["int4"] and e["fp8_e4m3"] < e["fp8_e5m2"]
-  assert e["int8-asym"] < e["int8"]  # 254 steps over [min, max] instead of 2 * 127.
+  assert e["int8-asym"] < e["int8"]  # 255 steps over [min, max] instead of 2 * 127.
   # An integer zero point stores the small values beside an outlier exactly as
   # symmetric does, on a finer step.
   assert e["int4-asym"] < e["int4"]

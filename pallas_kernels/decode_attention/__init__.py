@@ -5,6 +5,7 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
     decode_attention,
     default_block_sizes,
     hbm_bytes,
+    layout_error,
     min_hbm_bytes,
     vmem_estimate_bytes,
 )
@@ -19,5 +20,6 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
-           "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims", "masked_attention",
-           "ref_decode_attention", "validate_inputs", "unpack_operands", "dequantize_per_token"]
+           "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
+           "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
+           "dequantize_per_token"]

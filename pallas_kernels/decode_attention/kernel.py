@@ -8,9 +8,9 @@ softmax over KV blocks. Same contract as `reference.ref_decode_attention`.
 Layout and traffic:
   * Grid `(B, K, S / block_s)`, the last axis sequential. Per (b, kv head) the cache
     is a contiguous `[S, H]` slab of the `[L, B, K, S, H]` array, so each block is
-    one DMA of `block_s * H` stored values (int4 at half a byte), and its per-token
-    scales a separate `[G, block_s]` copy of the `[L, B, K, G, S]` scale array:
-    never broadcast to H.
+    one DMA of `block_s * H` stored values (int4 at half a byte, int2 at a quarter:
+    XLA and Mosaic pack sub-byte integers), and its per-token scales a separate
+    `[G, block_s]` copy of the `[L, B, K, G, S]` scale array: never broadcast to H.
   * The layer index, lengths and chunk sizes are scalar-prefetched. The KV index map
     clamps the block index to the last block a sequence needs, so blocks past its
     length repeat the previous block index: Pallas skips the copy, and the body is
@@ -31,8 +31,9 @@ Layout and traffic:
     slot's position computed from the sequence's length), and the quantized blocks
     mask the positions the windows hold.
 
-Limits: T <= 8; block_s a multiple of 128 or the full S. Static (per tensor / head /
-channel) scales are folded into q and the output by the caller (`kvtpu.attend`).
+Limits: T <= 8; block_s a multiple of 128 or the full S; int2 storage needs head_dim
+a multiple of 128 (`layout_error`). Static (per tensor / head / channel) scales are
+folded into q and the output by the caller (`kvtpu.attend`).
 """
 
 from __future__ import annotations
@@ -54,9 +55,25 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
-           "hbm_bytes", "min_hbm_bytes", "attention_call"]
+           "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error"]
 
 _LANES = 128
+
+
+def layout_error(k_dtype, v_dtype, head_dim: int) -> str | None:
+  """Why Mosaic cannot copy these cache blocks into VMEM, or None if it can.
+
+  int2 blocks need whole 128-lane rows: Mosaic (libtpu 0.0.52) aborts the process,
+  rather than raising, when it lowers the copy of an int2 `[block_s, H]` block with
+  H = 64. The wrappers check this at trace time.
+  """
+  narrow = [name for name, dt in (("k", k_dtype), ("v", v_dtype))
+            if jnp.dtype(dt) == jnp.int2 and head_dim % _LANES]
+  if not narrow:
+    return None
+  return (f"int2 {'/'.join(narrow).upper()} blocks need head_dim a multiple of {_LANES} in the "
+          f"Pallas kernels (Mosaic cannot copy int2 rows of {head_dim} lanes), got "
+          f"head_dim={head_dim}; use impl='xla' or an int4/int8 format for this model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +118,8 @@ def default_block_sizes(k_dtype, v_dtype, head_dim: int) -> BlockSizes:
 
 
 def _bits(dtype) -> int:
-  return 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
+  dtype = jnp.dtype(dtype)
+  return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
 
 
 def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp.float32,
@@ -336,7 +354,7 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   Args:
     q: `[B, T, N, H]` queries, T <= 8, already multiplied by the softmax scale
       (and by any static key scale).
-    k, v: `[L, B, K, S, H]` caches in f32, bf16, int8, int4, fp8 e4m3 or e5m2, or
+    k, v: `[L, B, K, S, H]` caches in f32, bf16, int8, int4, int2, fp8 e4m3 or e5m2, or
       quantized tensors carrying their per-token scales (`unpack_operands`).
     lengths: `i32[B]` tokens held before the chunk.
     chunk: `i32[B]` tokens of the chunk written to the cache (0..T).
@@ -370,6 +388,9 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones.
   """
+  error = layout_error(k.dtype, v.dtype, d.head_dim)
+  if error is not None:
+    raise ValueError(error)
   bs = block_s
   num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pl.cdiv(d.max_len, bs)
   rows = block_t * d.group

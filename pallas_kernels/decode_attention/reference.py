@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 # Storage dtypes the kernels read.
 STORAGE_DTYPES = tuple(jnp.dtype(d) for d in (
-    jnp.float32, jnp.bfloat16, jnp.int8, jnp.int4, jnp.float8_e4m3fn, jnp.float8_e5m2))
+    jnp.float32, jnp.bfloat16, jnp.int8, jnp.int4, jnp.int2, jnp.float8_e4m3fn, jnp.float8_e5m2))
 MAX_DECODE_T = 8
 
 

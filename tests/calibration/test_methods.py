@@ -119,10 +119,10 @@ def test_percentile_closed_form(name):
     assert_close(s, p / spec.qmax, atol=0, rtol=bound)
   else:
     lo, hi = np.percentile(vals, 1), np.percentile(vals, 99)  # -485.01, 984.01
-    assert_close(s, (hi - lo) / (spec.qmax - spec.qmin - 1), atol=0, rtol=bound)
-    # The zero point puts the lower clip within a step below the grid's first value.
+    assert_close(s, (hi - lo) / (spec.qmax - spec.qmin), atol=0, rtol=bound)
+    # The zero point puts the grid's first value within half a step of the lower clip.
     first = (spec.qmin - float(zero.ravel()[0])) * s
-    assert lo - s * (1 + bound) <= first <= lo * (1 - bound)
+    assert abs(first - lo) <= s / 2 * (1 + bound) + abs(lo) * bound
   frac = M.clip_fraction(stats, spec, scale, zero)[0]
   _, saturated = _roundtrip(x, spec, scale[0], None if zero is None else zero[0])
   assert abs(frac - saturated.mean()) < 2e-3, (frac, saturated.mean())

@@ -20,7 +20,7 @@ KERNEL_RTOL = 5e-5
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 FORMATS = ["f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
-           "fp8_e4m3-sbf16"]
+           "fp8_e4m3-sbf16", "int2-asym", "k4v2"]
 GQA = [1, 3, 8]
 HEAD_DIMS = [64, 128, 256]
 BLOCK = 128
@@ -28,6 +28,17 @@ BLOCK = 128
 # the 3 x 3 product) that also run in the fast tier (`-m "not slow"`): its diagonal,
 # every GQA ratio and every head dim once.
 FAST_CASES = (0, 4, 8)
+
+
+def runnable(fmt: str, head_dim: int, gen: str | None = None) -> tuple[int, str | None]:
+  """A drawn kernel case moved to where the kernels run the format: int2 at head_dim 128
+  rather than 64, and on v5p rather than v4 (`kvtpu.attention.kernel_support_error`;
+  the refusals themselves are tested in test_decode_attention.py)."""
+  f = kvtpu.KVFormat.parse(fmt)
+  if "int2" in (f.k.dtype.value, f.v.dtype.value):
+    head_dim = max(head_dim, 128)
+    gen = "v5p" if gen == "v4" else gen
+  return head_dim, gen
 
 
 def kernel_args(cache, layer, chunk):

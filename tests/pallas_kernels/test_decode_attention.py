@@ -34,6 +34,7 @@ from tests.pallas_kernels.cases import (
   KERNEL_RTOL,
   filled_cache,
   kernel_args,
+  runnable,
   tpu_device,
 )
 
@@ -57,7 +58,7 @@ def test_reference_by_hand():
 @pytest.mark.parametrize("fmt", [
     pytest.param(f, marks=slow_unless(f in ("int8", "int4-asym-g16")))
     for f in ("f32", "bf16", "int8", "int4", "int4-asym-g16", "fp8_e4m3", "fp8_e5m2-sbf16",
-              "int8-asym-g8")])
+              "int8-asym-g8", "int2", "int2-asym-g16")])
 def test_reference_dequantizes_exactly_as_quant(fmt, rng):
   # The kernels' reference reads the cache layout ([B, K, S, H] values, [B, K, G, S]
   # scales) and must mean what kvtpu.quant says a stored value means, bit for bit.
@@ -118,8 +119,8 @@ def _case_params():
                          full={"gqa": GQA, "head_dim": HEAD_DIMS},
                          sampled={"fmt": FORMATS, "t": (1, 4, 8)})
   for i, c in enumerate(cases):
-    yield pytest.param(c["fmt"], c["gqa"], c["head_dim"], c["t"],
-                       id=f"{c['fmt']}-G{c['gqa']}-H{c['head_dim']}-T{c['t']}",
+    h, _ = runnable(c["fmt"], c["head_dim"])
+    yield pytest.param(c["fmt"], c["gqa"], h, c["t"], id=f"{c['fmt']}-G{c['gqa']}-H{h}-T{c['t']}",
                        marks=slow_unless(i in FAST_CASES))
 
 
@@ -141,6 +142,29 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
   scale = float(jnp.max(jnp.abs(ref)))
   assert_close(out, ref, atol=KERNEL_RTOL * scale, name=f"decode_attention[{fmt}]")
+
+
+@pytest.mark.parametrize("fmt", ["int2", "k=int8,v=int2-asym"])
+def test_int2_at_head_dim_64_is_refused_before_mosaic(fmt, rng):
+  # Mosaic aborts the process on an int2 block of 64 lanes; the wrappers refuse it at
+  # trace time (interpret mode too, so laptops see what a TPU would do), and attend's
+  # "auto" on a TPU falls back to XLA.
+  from kvtpu.pallas_kernels.prefill_attention import prefill_attention
+
+  from kvtpu import attention
+
+  cache = filled_cache(fmt, rng, lengths=[3, 0], t=1, chunk=[1, 1], kv_heads=1, head_dim=64,
+                       max_len=256)
+  args, kw = kernel_args(cache, 1, [1, 1])
+  which = "K/V" if fmt == "int2" else "V"
+  for kernel, t in ((decode_attention, 1), (prefill_attention, 16)):
+    q = jnp.zeros((2, t, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match=f"int2 {which} blocks need head_dim a multiple of 128"):
+      kernel(q, *args, **kw, interpret=INTERPRET)
+  assert attention.kernel_support_error("TPU v5 lite", cache.fmt) is None
+  assert "head_dim=64" in attention.kernel_support_error("TPU v5 lite", cache.fmt, 64)
+  assert attention.kernel_support_error("TPU v5 lite", cache.fmt, 128) is None
+  assert "for TPU v4" in attention.kernel_support_error("TPU v4", cache.fmt, 128)
 
 
 def test_unaligned_block_and_edge_block(rng):
@@ -258,8 +282,8 @@ def _compile_cases():
   cases += covering_cases(name, full={}, sampled={
       "gen": [g for g in GENERATIONS if g != "v5e"], "fmt": FORMATS, "head_dim": HEAD_DIMS})
   for i, c in enumerate(cases):
-    yield pytest.param(c["gen"], c["fmt"], c["head_dim"], id=f"{c['gen']}-{c['fmt']}-H{c['head_dim']}",
-                       marks=slow_unless(i == 0))
+    h, gen = runnable(c["fmt"], c["head_dim"], c["gen"])
+    yield pytest.param(gen, c["fmt"], h, id=f"{gen}-{c['fmt']}-H{h}", marks=slow_unless(i == 0))
 
 
 @pytest.mark.tpu_compile
@@ -283,7 +307,7 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
 
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "fp8_e5m2"])
 def test_support_table_matches_the_compiler_on_v3(fmt):
   """kvtpu.attention's table of unsupported (generation, dtype) pairs is what Mosaic says."""
   from kvtpu import attention

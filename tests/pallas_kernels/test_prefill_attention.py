@@ -25,6 +25,7 @@ from tests.pallas_kernels.cases import (
   KERNEL_RTOL,
   filled_cache,
   kernel_args,
+  runnable,
   tpu_device,
 )
 
@@ -42,7 +43,8 @@ def _cases():
                          full={"gqa": GQA, "head_dim": HEAD_DIMS},
                          sampled={"fmt": FORMATS, "t_block": ((9, 8), (33, 16), (64, 64))})
   for i, c in enumerate(cases):
-    (t, block_t), fmt, gqa, h = c["t_block"], c["fmt"], c["gqa"], c["head_dim"]
+    (t, block_t), fmt, gqa = c["t_block"], c["fmt"], c["gqa"]
+    h, _ = runnable(fmt, c["head_dim"])
     yield pytest.param(fmt, gqa, h, t, block_t, id=f"{fmt}-G{gqa}-H{h}-T{t}",
                        marks=slow_unless(i in FAST_CASES))
 
@@ -96,8 +98,8 @@ def _compile_cases():
   cases = covering_cases("test_prefill_attention.test_compiles_through_mosaic",
                          full={"fmt": FORMATS}, sampled={"head_dim": HEAD_DIMS})
   for i, c in enumerate(cases):
-    yield pytest.param("v5e", c["fmt"], c["head_dim"], id=f"v5e-{c['fmt']}-H{c['head_dim']}",
-                       marks=slow_unless(i == 0))
+    h, _ = runnable(c["fmt"], c["head_dim"])
+    yield pytest.param("v5e", c["fmt"], h, id=f"v5e-{c['fmt']}-H{h}", marks=slow_unless(i == 0))
 
 
 @pytest.mark.tpu_compile
