@@ -35,7 +35,7 @@ from kvtpu.formats import KVFormat, QuantSpec
 from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "window_bytes", "fixed_bytes",
-           "cache_bytes", "effective_bits", "array_nbytes", "dtype_bits"]
+           "cache_bytes", "effective_bits", "tpu_layout_copy_bytes", "array_nbytes", "dtype_bits"]
 
 
 def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
@@ -125,6 +125,29 @@ def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: i
           + num_layers * batch * window_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
           + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim, clip=clip)
           + batch * PER_SEQUENCE_BYTES)
+
+
+def tpu_layout_copy_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
+                          max_len: int, head_dim: int) -> int:
+  """Bytes of the temporary copies a compiled TPU step makes of 16-bit per-token scales.
+
+  XLA stores a `[L, B, K, G, S]` scale array with the kv heads in sublanes, while the
+  attention kernels read `[G, block_s]` blocks, which need G in sublanes; a 16-bit
+  dtype packs sublanes in pairs, so for an odd G the step copies each such array
+  (scales; zero points are float32) into a layout padded to an even G and works on
+  the copy. Float32 scales need no copy. This is what `memory_analysis` of a compiled
+  decode step holds beyond the cache for `sbf16` formats (within a few KiB).
+  """
+  fmt = KVFormat.parse(fmt)
+  check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
+             head_dim=head_dim)
+  total = 0
+  for spec in (fmt.k, fmt.v):
+    if spec.dynamic and spec.scale_jnp_dtype.itemsize == 2:
+      groups = spec.num_groups(head_dim)
+      if groups % 2:
+        total += num_layers * batch * kv_heads * (groups + 1) * max_len * 2
+  return total
 
 
 def effective_bits(fmt: KVFormat | str, *, context: int, kv_heads: int, head_dim: int) -> float:

@@ -75,15 +75,16 @@ def make_mesh(devices, data: int, model: int) -> Mesh:
 
 
 def deployment(cfg: ModelConfig, *, weights: str, hbm_per_device: int, data: int, model: int,
-               strategy: str = "auto", reserve: float = headroom.DEFAULT_RESERVE
-               ) -> headroom.Deployment:
+               strategy: str = "auto", reserve: float = headroom.DEFAULT_RESERVE,
+               tpu: bool = True) -> headroom.Deployment:
   """The solver's view of `cfg` deployed tensor-parallel over `model` devices, with its
-  weights stored as `weights` (a `WEIGHT_DTYPES` name)."""
+  weights stored as `weights` (a `WEIGHT_DTYPES` name), on TPUs or not (`tpu`)."""
   _, state = abstract_state(cfg, weight_dtype=weight_dtype(weights))
   return headroom.Deployment(
       num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       vocab_size=cfg.vocab_size, weights_per_device=state_bytes_per_device(state, model=model),
-      hbm_per_device=hbm_per_device, data=data, model=model, strategy=strategy, reserve=reserve)
+      hbm_per_device=hbm_per_device, data=data, model=model, strategy=strategy, reserve=reserve,
+      tpu=tpu)
 
 
 def decode_step(graphdef, cache_sharding: CacheSharding, impl: str):

@@ -244,3 +244,22 @@ def test_group_must_divide_head_dim(name):
 def test_invalid_format_name():
   with pytest.raises(ValueError, match="Presets: "):
     memory.bytes_per_token("int5", kv_heads=1, head_dim=8)
+
+
+# One copied [L, B, K, G + 1, S] bf16 array at L=3, B=5, K=7, G=1, S=256.
+ONE_COPY = 3 * 5 * 7 * 2 * 256 * 2
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("int8", 0),  # float32 scales are read in place.
+    ("int8-sbf16", 2 * ONE_COPY),  # One group, padded to two, for K and V.
+    ("int4-g32-sbf16", 0),  # Four groups at head_dim 128: already pairs.
+    ("int4-g32-sbf16-rot+sink4+recent64", 0),
+    ("k=int8-sbf16,v=int4-g64-sbf16", ONE_COPY),  # Only K's single group.
+    ("int4-asym-sbf16", 2 * ONE_COPY),  # Zero points are float32.
+    ("int8-head-sbf16", 0),  # Static scales are per layer, not per token.
+    ("bf16", 0),
+])
+def test_tpu_layout_copy_bytes_by_hand(name, expected):
+  dims = dict(num_layers=3, batch=5, kv_heads=7, max_len=256, head_dim=128)
+  assert memory.tpu_layout_copy_bytes(name, **dims) == expected

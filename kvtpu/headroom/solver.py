@@ -72,6 +72,8 @@ class Deployment:
     strategy: kv-head strategy (`kvtpu.sharding`).
     reserve: fraction of HBM kept free.
     logits_bytes: bytes per logit of the decode step's output projection (f32: 4).
+    tpu: whether the step runs on TPU, whose layouts make it copy 16-bit per-token
+      scales (`memory.tpu_layout_copy_bytes`, counted as temporaries).
   """
 
   num_layers: int
@@ -85,6 +87,7 @@ class Deployment:
   strategy: str = "auto"
   reserve: float = DEFAULT_RESERVE
   logits_bytes: int = 4
+  tpu: bool = True
 
   def __post_init__(self):
     for name in ("num_layers", "kv_heads", "head_dim", "vocab_size", "hbm_per_device", "data",
@@ -96,6 +99,8 @@ class Deployment:
       raise ValueError(f"weights_per_device must be an int >= 0, got {self.weights_per_device!r}")
     if not 0 <= self.reserve < 1:
       raise ValueError(f"reserve must be a fraction of HBM in [0, 1), got reserve={self.reserve!r}")
+    if not isinstance(self.tpu, bool):
+      raise ValueError(f"tpu must be a bool, got tpu={self.tpu!r}")
     sharding.resolve_strategy(self.strategy, kv_heads=self.kv_heads, model=self.model)
 
   @property
@@ -115,13 +120,19 @@ def analytic_usage(dep: Deployment, fmt: KVFormat | str, batch: int, max_len: in
   """Closed-form bytes per device: weights as given, the cache block exactly
   (`sharding.per_device_bytes`), and as temporaries the f32 logits of the step's
   output projection for this device's sequences (the vocabulary split over the
-  model axis when it divides it), the one temporary that grows with the batch."""
+  model axis when it divides it), the one temporary that grows with the batch, plus
+  on TPU the copies of 16-bit per-token scales (`memory.tpu_layout_copy_bytes`)."""
   fmt = KVFormat.parse(fmt)
   cache = sharding.per_device_bytes(
       fmt, num_layers=dep.num_layers, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
       head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy)
   vocab = dep.vocab_size // dep.model if dep.vocab_size % dep.model == 0 else dep.vocab_size
   temp = (batch // dep.data) * vocab * dep.logits_bytes
+  if dep.tpu:
+    b, k = sharding.per_device_dims(batch=batch, kv_heads=dep.kv_heads, data=dep.data,
+                                    model=dep.model, strategy=dep.strategy)
+    temp += memory.tpu_layout_copy_bytes(fmt, num_layers=dep.num_layers, batch=b, kv_heads=k,
+                                         max_len=max_len, head_dim=dep.head_dim)
   return Usage(weights=dep.weights_per_device, cache=cache, temp=temp)
 
 

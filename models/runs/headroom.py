@@ -200,6 +200,7 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   data, model = mesh["data"], mesh["model"]
   hbm, labels = slice_.chip.hbm_bytes, dict(accelerator=slice_.name, chip=slice_.chip.name,
                                             num_devices=slice_.num_chips)
+  tpu = slice_.topology is not None
   if "live" in config.modes:  # Live sizes the present devices; analytic then sizes the same.
     devices = jax.devices()
     check(len(devices) == data * model, "mesh",
@@ -207,10 +208,11 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
           "cover them")
     kind = accelerators.chip_name(devices[0].device_kind) or devices[0].platform
     hbm = _live_capacity(config, devices)
+    tpu = devices[0].platform == "tpu"
     labels = dict(accelerator=f"{kind}-{len(devices)} (present devices)", chip=kind,
                   num_devices=len(devices))
   dep = deployment(cfg, weights=config.weight_dtype, hbm_per_device=hbm, data=data,
-                   model=model, strategy=config.strategy, reserve=config.reserve)
+                   model=model, strategy=config.strategy, reserve=config.reserve, tpu=tpu)
   labels.update(model=cfg.name, weight_dtype=config.weight_dtype, mesh=config.mesh,
                 model_max_position=cfg.max_position)
   extra = dict(topology=slice_.topology)
