@@ -97,6 +97,19 @@ def test_analytic_bytes_of_replicated_heads_and_an_indivisible_vocabulary():
   assert hr.analytic_usage(odd, "bf16", 1, 128).temp == 1000 * 4
 
 
+def test_tpu_temporaries_include_the_copies_of_bf16_scales():
+  # Per device at data:2, model:4: 2 sequences, 2 kv heads. A bf16 scale of one group
+  # is copied padded to two groups, for K and V; float32 scales are not copied.
+  dep, gpu = llama_v5e8(), llama_v5e8(tpu=False)
+  logits = 2 * 32064 * 4
+  copies = 2 * 32 * 2 * 2 * 2 * 1024 * 2  # K and V x [L, B, K, 2, S] x 2 bytes.
+  assert hr.analytic_usage(dep, "int8-sbf16", 4, 1024).temp == logits + copies
+  assert hr.analytic_usage(gpu, "int8-sbf16", 4, 1024).temp == logits
+  assert hr.analytic_usage(dep, "int8", 4, 1024).temp == logits
+  assert hr.analytic_usage(dep, "int8-sbf16", 4, 1024).cache == hr.analytic_usage(
+      gpu, "int8-sbf16", 4, 1024).cache
+
+
 def test_budget_is_hbm_less_the_reserve():
   assert llama_v5e8().budget == int(16 * GIB * 0.95)
   assert llama_v5e8(reserve=0.0).budget == 16 * GIB
@@ -365,6 +378,7 @@ def test_quantized_formats_hold_twice_and_four_times_the_tokens(concurrency):
     ("reserve", 1.0, r"reserve must be a fraction of HBM in \[0, 1\), got reserve=1.0"),
     ("reserve", -0.1, "reserve must be a fraction"),
     ("strategy", "rows", "strategy must be one of"),
+    ("tpu", 1, "tpu must be a bool, got tpu=1"),
 ])
 def test_bad_deployments_are_clear_errors(field, value, match):
   with pytest.raises(ValueError, match=match):
