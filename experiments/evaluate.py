@@ -87,7 +87,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("passkey_samples", None, p("passkey_samples",
                                                   "Keys per length and depth."), flag_values=fv)
   flags.DEFINE_list("passkey_formats", None, p(
-      "passkey_formats", "Dynamic formats to run passkey retrieval for."), flag_values=fv)
+      "passkey_formats", "Formats to run passkey retrieval for: with dynamic scales, and with "
+      "each calibration of the format that --calibrate_formats makes."), flag_values=fv)
   flags.DEFINE_integer("seed", d["seed"].default, "Workload seed.", flag_values=fv)
   flags.DEFINE_string("impl", d["impl"].default,
                       "attend implementation (auto, xla, pallas, interpret).", flag_values=fv)

@@ -30,7 +30,7 @@ def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
       calibrate_formats=["int4", "k=int8-head,v=int8"], calibration_workloads=["prose", "code"],
       calibration_method="absmax", calibration_tokens=1024, eval_workloads=["prose", "code"],
       contexts=["32", "64"], batches=[2], prefill=16, chunk=8, passkey_lengths=[96],
-      passkey_depths=["0.5"], passkey_samples=2, passkey_formats=["int8"], impl="xla")
+      passkey_depths=["0.5"], passkey_samples=2, passkey_formats=["int8", "int4"], impl="xla")
   assert config.contexts == (32, 64) and config.passkey_depths == (0.5,)  # flag strings parsed
   result = evaluate_run.run(config, tmp_path)
   rows = report.read_jsonl(tmp_path / "results.jsonl")  # schema-checked on read
@@ -50,7 +50,10 @@ def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
       w = r["calibration"]["workloads"][0]
       assert w["name"] == r["calibration_name"] and w["tokens_used"] == 1024
   passkey = [r for r in rows if r["kind"] == "passkey"]
-  assert [(r["kv_format"], r["context"], r["depth"]) for r in passkey] == [("int8", 96, 0.5)]
+  # A passkey format runs with dynamic scales and with each calibration made of it.
+  assert [(r["kv_format"], r["calibration_name"], r["context"], r["depth"]) for r in passkey] == [
+      ("int8", "dynamic", 96, 0.5), ("int4", "dynamic", 96, 0.5), ("int4", "prose", 96, 0.5),
+      ("int4", "code", 96, 0.5)]
   text = (tmp_path / "report.md").read_text()
   assert text == result.report
   for part in ("random init (float32)", "Calibration transfer", "Passkey", "kl_mean",

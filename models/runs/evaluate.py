@@ -131,8 +131,9 @@ class EvaluateConfig:
     prefill, chunk: tokens of the first chunk and of each later one (1: pure decode).
     reference: the reference cache format.
     passkey_lengths, passkey_depths, passkey_samples, passkey_formats: passkey retrieval
-      prompt lengths, relative depths in [0, 1], keys per (length, depth), and the dynamic
-      formats to run it for.
+      prompt lengths, relative depths in [0, 1], keys per (length, depth), and the
+      formats to run it for (with dynamic scales, and with each calibration of the
+      format made for `calibrate_formats`).
     seed: workload seed.
     impl: attention implementation.
   """
@@ -403,7 +404,11 @@ def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = Fa
       configs.append(CacheConfig(fmt, _calibration(config, model, loaded[spec], fmt, workdir,
                                                    resume=resume)))
   labels = {(c.fmt.name, c.calibration_name) for c in configs}
-  passkey_labels = {(kvtpu.KVFormat.parse(f).name, "dynamic") for f in config.passkey_formats}
+  # Passkey: each passkey format with dynamic scales, and with each calibration it has.
+  passkey_names = {kvtpu.KVFormat.parse(f).name for f in config.passkey_formats}
+  passkey_configs = [CacheConfig(f) for f in config.passkey_formats] + [
+      c for c in configs if c.calibration is not None and c.fmt.name in passkey_names]
+  passkey_labels = {(c.fmt.name, c.calibration_name) for c in passkey_configs}
   done = done_items(log, _row_key, lambda key, rows: {
       (r["kv_format"], r["calibration_name"]) for r in rows} == (
           labels if key[0] == "score" else passkey_labels)) if resume else set()
@@ -436,7 +441,7 @@ def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = Fa
     passkey_progress = Progress("passkey", len(points), "points")
     for length, depth in points:
       log.extend(passkey_rows(
-          model, tokenizer, [CacheConfig(f) for f in config.passkey_formats], lengths=[length],
+          model, tokenizer, passkey_configs, lengths=[length],
           depths=[depth], num_samples=config.passkey_samples, seed=config.seed,
           reference=config.reference, impl=config.impl,
           progress=lambda msg: passkey_progress.add(1, msg)))
