@@ -90,12 +90,18 @@ def test_targets_cover_calibrated_clip_rows_and_the_four_bit_passkey():
            "eval_workload": {"name": "code"}, "metrics": {"ppl_rel_change": 0.00206,
                                                           "kl_mean": 0.0042}}
   passkey = {"kind": "passkey", "kv_format": scheme, "context": 1024, "depth": 0.5,
-             "metrics": {"accuracy": 0.5, "accuracy_ref": 1.0}}
-  lines = evaluate_run.targets_markdown([score, passkey], 2048).splitlines()[4:]
+             "calibration": "dynamic", "metrics": {"accuracy": 0.5, "accuracy_ref": 1.0}}
+  # The 2-bit scheme's passkey target is a fraction of the samples, with its clip ratios.
+  two = "int2-sbf16-rot+sink4+recent252"
+  two_passkey = {**passkey, "kv_format": two, "calibration": {"method": "mse"},
+                 "calibration_name": "prose", "metrics": {"accuracy": 0.8, "accuracy_ref": 1.0}}
+  lines = evaluate_run.targets_markdown([score, passkey, two_passkey], 2048).splitlines()[4:]
   assert lines == [
       f"| {scheme}, clip on prose | code x2 | ppl_rel_change (%) | abs <= 0.5 | 0.206 | yes |",
       f"| {scheme}, clip on prose | code x2 | kl_mean (nats) | <= 0.005 | 0.0042 | yes |",
-      f"| {scheme} | passkey @1024 depth 0.5 | accuracy (%) = bf16 | equal | 50 vs 100 | **no** |"]
+      f"| {scheme} | passkey @1024 depth 0.5 | accuracy (%) = bf16 | equal | 50 vs 100 | **no** |",
+      f"| {two}, clip on prose | passkey @1024 depth 0.5 | accuracy (%) vs bf16 | >= 80 | 80 vs 100 "
+      "| yes |"]
 
 
 def test_presets_and_explicit_fields():

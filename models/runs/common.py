@@ -28,7 +28,7 @@ from absl import logging
 import kvtpu
 from kvtpu import reports
 
-__all__ = ["FOUR_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
+__all__ = ["FOUR_BIT_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
            "check_head_dim", "check_workdir", "done_items", "environment", "finite_number",
            "format_list", "impl_choice", "int_list", "model_name", "one_of", "positive_int",
            "save_artifact", "start", "str_list", "workload_list", "write_config"]
@@ -39,6 +39,12 @@ __all__ = ["FOUR_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress",
 # effective bits per value at head_dim 64 (SmolLM2) and 8K context, 4.625 at 128
 # (docs/schemes.md has the measurements behind the choice).
 FOUR_BIT_SCHEME = "int4-sbf16-rot+sink4+recent252"
+
+# The 2-bit cache the full evaluation compares: ternary int2 (symmetric: -1, 0, 1) with
+# the 4-bit scheme's options; 2.75 effective bits at head_dim 64 and 8K context, 2.625
+# at 128. It needs clip ratios calibrated on a workload (with absmax scales a ternary
+# grid rounds most values to 0).
+TWO_BIT_SCHEME = "int2-sbf16-rot+sink4+recent252"
 
 
 class ConfigError(ValueError):
