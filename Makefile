@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU),
-# then the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8).
-# Each run replaces the previous one's outputs (--overwrite; the binaries refuse a used
-# workdir without it).
+# the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8), the same
+# sweep for SmolLM2 on one v5e chip, and the summary that joins SmolLM2's capacity and
+# accuracy in one table. Each run replaces the previous one's outputs (--overwrite; the
+# binaries refuse a used workdir without it).
+SUMMARY_FORMATS = bf16,int8,fp8_e4m3,int4,fp8_e5m2,int8-rot,int4-sbf16-rot+sink4+recent252
 run: $(STAMP)
 	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate --overwrite
 	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom --overwrite
+	$(PY) -m kvtpu.experiments.headroom --model=smollm2-135m --weight_dtype=f32 \
+	  --accelerator=v5e-1 --mesh=data:1,model:1 --kv_formats=$(SUMMARY_FORMATS) \
+	  --workdir=$(WORKDIR)/headroom-smollm2 --overwrite
+	$(PY) -m kvtpu.experiments.summary --evaluate_dir=$(WORKDIR)/evaluate \
+	  --headroom_dir=$(WORKDIR)/headroom-smollm2 --workdir=$(WORKDIR)/summary --overwrite
 
 # The full suite (what CI runs). Whole files per worker (tests/conftest.py): a file's tests share their
 # module's fixtures and compiled programs instead of compiling them on both workers.

@@ -43,8 +43,8 @@ from kvtpu.reports import is_int, is_nonneg_int, is_num, is_pos_int, is_str, req
 
 __all__ = [
     "KINDS", "MODES", "REQUIRED_FIELDS", "STRATEGIES", "agreement_table", "breakdown_table",
-    "capacity_table", "check_row", "check_rows", "plot_context_vs_concurrency", "read_jsonl",
-    "write_jsonl", "write_report",
+    "capacity_table", "check_row", "check_rows", "context_label", "found_cell", "maxima",
+    "plot_context_vs_concurrency", "read_jsonl", "write_jsonl", "write_report",
 ]
 
 MODES: tuple[str, ...] = ("analytic", "aot", "live")
@@ -156,7 +156,7 @@ def _format_order(rows: Iterable[dict]) -> list[str]:
   return sorted(seen, key=lambda f: f != "bf16")
 
 
-def _maxima(rows: Iterable[dict]) -> dict[tuple[str, str, int], dict]:
+def maxima(rows: Iterable[dict]) -> dict[tuple[str, str, int], dict]:
   """The non-oom row of each point.
 
   Raises:
@@ -174,7 +174,7 @@ def _maxima(rows: Iterable[dict]) -> dict[tuple[str, str, int], dict]:
   return out
 
 
-def _ctx(c: int) -> str:
+def context_label(c: int) -> str:
   """A context for a header: 8K, 128K, 1M, else with thousands separators."""
   if c and c % 2**20 == 0:
     return f"{c // 2**20}M"
@@ -187,10 +187,10 @@ def _solved(row_or_point: dict | tuple[str, str, int]) -> str:
   _, kind, asked = row_or_point if isinstance(row_or_point, tuple) else _point(row_or_point)
   if kind == "max_context":
     return f"max context @ conc {asked}"
-  return f"max concurrency @ ctx {_ctx(asked)}"
+  return f"max concurrency @ ctx {context_label(asked)}"
 
 
-def _found_cell(row: dict) -> str:
+def found_cell(row: dict) -> str:
   """The found maximum: "123,904", "(batch 2)" when batch != concurrency, "*" past training."""
   found = _found(row)
   if found == 0:
@@ -243,7 +243,7 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
              "each concurrency, and the most sequences that fit at each context")
   if not sel:
     return caption + "\n\n_no rows in this mode_"
-  maxima = _maxima(sel)
+  answers = maxima(sel)
   trained = _trained(sel)
   formats = _format_order(sel)
   marked = False
@@ -251,12 +251,12 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
   def ratio(fmt: str) -> tuple[str, int | None]:
     if "bf16" not in formats:
       return "n/a", None
-    common = [c for c in concurrencies if (fmt, "max_context", c) in maxima
-              and maxima.get(("bf16", "max_context", c), {}).get("tokens", 0) > 0]
+    common = [c for c in concurrencies if (fmt, "max_context", c) in answers
+              and answers.get(("bf16", "max_context", c), {}).get("tokens", 0) > 0]
     if not common:
       return "n/a", None
     c = max(common)
-    mine, ref = (maxima[f, "max_context", c]["tokens"] for f in (fmt, "bf16"))
+    mine, ref = (answers[f, "max_context", c]["tokens"] for f in (fmt, "bf16"))
     return f"{mine / ref:.2f}x", c
 
   ratios = {fmt: ratio(fmt) for fmt in formats}
@@ -266,12 +266,12 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
   for fmt in formats:
     line = [fmt] + ([f"{bits[fmt]:.3g}" if fmt in bits else "-"] if bits else [])
     for c in concurrencies:
-      row = maxima.get((fmt, "max_context", c))
-      line.append(_found_cell(row) if row else "-")
+      row = answers.get((fmt, "max_context", c))
+      line.append(found_cell(row) if row else "-")
       marked |= bool(row) and _FOOTNOTE_MARK in line[-1]
     for c in contexts:
-      row = maxima.get((fmt, "max_concurrency", c))
-      line.append(_found_cell(row) if row else "-")
+      row = answers.get((fmt, "max_concurrency", c))
+      line.append(found_cell(row) if row else "-")
     text, c = ratios[fmt]
     line.append(text if len(at) <= 1 or c is None else f"{text} @ conc {c}")
     body.append(line)
@@ -280,7 +280,7 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
   for c in contexts:
     past = trained is not None and c > trained
     marked |= past
-    head.append(f"max concurrency @ ctx {_ctx(c)}" + (_FOOTNOTE_MARK if past else ""))
+    head.append(f"max concurrency @ ctx {context_label(c)}" + (_FOOTNOTE_MARK if past else ""))
   head.append("token capacity vs bf16")
   notes = []
   if "bf16" in formats:
@@ -296,9 +296,9 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
 
 
 def _sorted_maxima(rows: Iterable[dict]) -> list[dict]:
-  maxima = _maxima(rows)
-  order = {f: i for i, f in enumerate(_format_order(maxima.values()))}
-  return sorted(maxima.values(),
+  answers = maxima(rows)
+  order = {f: i for i, f in enumerate(_format_order(answers.values()))}
+  return sorted(answers.values(),
                 key=lambda r: (order[r["kv_format"]], KINDS.index(r["kind"]), _asked(r)))
 
 
@@ -352,26 +352,26 @@ def agreement_table(rows: Sequence[dict], modes: Sequence[str], *,
   if len(modes) < 2:
     return "_fewer than two modes with rows: nothing to compare_"
   ref = "analytic" if "analytic" in modes else modes[0]
-  maxima = {m: _maxima(r for r in rows if r["mode"] == m) for m in modes}
+  by_mode = {m: maxima(r for r in rows if r["mode"] == m) for m in modes}
   order = {f: i for i, f in enumerate(_format_order(r for r in rows if r["mode"] in modes))}
-  points = sorted({p for m in modes for p in maxima[m]},
+  points = sorted({p for m in modes for p in by_mode[m]},
                   key=lambda p: (order[p[0]], KINDS.index(p[1]), p[2]))
-  points = [p for p in points if sum(p in maxima[m] for m in modes) >= 2]
+  points = [p for p in points if sum(p in by_mode[m] for m in modes) >= 2]
   caption = (f"**Agreement between modes** (reference: {ref}): found maxima side by side, "
              f"other modes with their difference from {ref}")
   if not points:
     return caption + "\n\n_no point solved by two modes_"
 
   def cell(m: str, p: tuple[str, str, int]) -> str:
-    row = maxima[m].get(p)
+    row = by_mode[m].get(p)
     if row is None:
       return "-"
     text = f"{_found(row):,}" if _found(row) else "0 (does not fit)"
-    if m == ref or p not in maxima[ref]:
+    if m == ref or p not in by_mode[ref]:
       return text
-    if _found(row) == _found(maxima[ref][p]):
+    if _found(row) == _found(by_mode[ref][p]):
       return f"{text} (same)"
-    rel = _rel(_found(row), _found(maxima[ref][p]))
+    rel = _rel(_found(row), _found(by_mode[ref][p]))
     return text if rel is None else f"{text} ({rel:+.1f} %)"
 
   found = reports.markdown_table(["KV format", "solved"] + [f"found: {m}" for m in modes],
@@ -408,10 +408,10 @@ def agreement_table(rows: Sequence[dict], modes: Sequence[str], *,
           "Δ temporaries (MiB)", "Δ other (MiB)"]
   body, diffs, unmatched = [], [], 0
   for p in points:
-    if p not in maxima[ref]:
+    if p not in by_mode[ref]:
       continue
     for m in modes:
-      if m == ref or p not in maxima[m]:
+      if m == ref or p not in by_mode[m]:
         continue
       got = pair(m, p)
       if got is None:
@@ -484,7 +484,7 @@ def plot_context_vs_concurrency(rows: Sequence[dict], path: str | Path, *, mode:
       path, series, title=title, xlabel="concurrency (sequences)",
       ylabel="max context (tokens per sequence)", xscale="log2", yscale="log2",
       baseline=baseline, xticks=concs or None, xtick_label=lambda c: f"{c:g}",
-      yticks=yticks, ytick_label=lambda t: _ctx(int(t)))
+      yticks=yticks, ytick_label=lambda t: context_label(int(t)))
 
 
 _MODE_TEXT = {

@@ -10,6 +10,8 @@ and `run(config, workdir)`.
   model_bench   ModelBenchConfig, run    whole-model throughput per format and context
   kernel_bench  KernelBenchConfig, run   attention timing and HBM traffic per format
   demo          DemoConfig, run          bytes and attention error per format (synthetic)
+  summary       SummaryConfig, run       one table joining an evaluate and a headroom run:
+                                         capacity and accuracy cost of each KV config
 
 A config checks every field when it is made (`ConfigError` names the field, which is
 also the binary's flag) and holds no expensive state; `run` checks the workdir rule
