@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "int4-asym-g32", "int8-rot", "fp8_e4m3-rot", "int4-rot", "int4-asym-rot",
                     "int4+recent256", "int4-asym-rot+recent128", FOUR_BIT_SCHEME),
         calibrate_formats=("int8", "fp8_e4m3", "int4", "int8-channel", "k=int8-channel,v=int8",
-                           FOUR_BIT_SCHEME, TWO_BIT_SCHEME),
+                           "fp8_e4m3-rot", FOUR_BIT_SCHEME, TWO_BIT_SCHEME),
         calibration_workloads=("prose", "code", "chat"), calibration_method="mse",
         calibration_tokens=32768, eval_workloads=("prose", "code", "chat"),
         contexts=(512, 1024, 2048, 4096, 8192), batches=(1, 8), prefill=512, chunk=64,
@@ -241,6 +241,7 @@ TARGETS = {
              "top1_agreement": (0.99, "min")},
     "fp8_e4m3": {"ppl_rel_change": (5e-3, "max")},
     "int8-rot": {"top1_agreement": (0.99, "min")},
+    "fp8_e4m3-rot": {"ppl_rel_change": (5e-3, "max")},
     FOUR_BIT_SCHEME: {"ppl_rel_change": (5e-3, "max"), "kl_mean": (5e-3, "max")},
     TWO_BIT_SCHEME: {"ppl_rel_change": (0.1, "max")},
 }
