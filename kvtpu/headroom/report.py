@@ -43,7 +43,8 @@ from kvtpu.reports import is_int, is_nonneg_int, is_num, is_pos_int, is_str, req
 
 __all__ = [
     "KINDS", "MODES", "REQUIRED_FIELDS", "STRATEGIES", "agreement_table", "breakdown_table",
-    "capacity_table", "check_row", "check_rows", "context_label", "found_cell", "maxima",
+    "MODE_TEXT", "capacity_table", "check_row", "check_rows", "context_label", "found_cell",
+    "maxima", "token_capacity",
     "plot_context_vs_concurrency", "read_jsonl", "write_jsonl", "write_report",
 ]
 
@@ -221,6 +222,22 @@ def _gib(n: int) -> str:
 # Tables.
 
 
+def token_capacity(answers: dict[tuple[str, str, int], dict], fmt: str,
+                   concurrencies: Sequence[int] | None = None
+                   ) -> tuple[float | None, int | None]:
+  """`fmt`'s tokens (batch x max context) over bf16's at the largest concurrency both
+  answered (among `concurrencies`, if given) with bf16 fitting something, and that
+  concurrency; `(None, None)` when there is none. `answers` as `maxima` returns them."""
+  common = [c for (f, kind, c) in answers if f == fmt and kind == "max_context"
+            and (concurrencies is None or c in concurrencies)
+            and answers.get(("bf16", "max_context", c), {}).get("tokens", 0) > 0]
+  if not common:
+    return None, None
+  c = max(common)
+  mine, ref = (answers[f, "max_context", c]["tokens"] for f in (fmt, "bf16"))
+  return mine / ref, c
+
+
 def capacity_table(rows: Sequence[dict], *, mode: str,
                    concurrencies: Sequence[int] = (1, 8, 32, 128),
                    contexts: Sequence[int] = (8192, 32768, 131072)) -> str:
@@ -249,15 +266,8 @@ def capacity_table(rows: Sequence[dict], *, mode: str,
   marked = False
 
   def ratio(fmt: str) -> tuple[str, int | None]:
-    if "bf16" not in formats:
-      return "n/a", None
-    common = [c for c in concurrencies if (fmt, "max_context", c) in answers
-              and answers.get(("bf16", "max_context", c), {}).get("tokens", 0) > 0]
-    if not common:
-      return "n/a", None
-    c = max(common)
-    mine, ref = (answers[f, "max_context", c]["tokens"] for f in (fmt, "bf16"))
-    return f"{mine / ref:.2f}x", c
+    value, c = token_capacity(answers, fmt, concurrencies)
+    return ("n/a", None) if value is None else (f"{value:.2f}x", c)
 
   ratios = {fmt: ratio(fmt) for fmt in formats}
   at = {c for _, c in ratios.values() if c is not None}
@@ -487,7 +497,7 @@ def plot_context_vs_concurrency(rows: Sequence[dict], path: str | Path, *, mode:
       yticks=yticks, ytick_label=lambda t: context_label(int(t)))
 
 
-_MODE_TEXT = {
+MODE_TEXT = {
     "analytic": "bytes from closed forms (weights, cache layout, estimated temporaries); "
                 "nothing compiled",
     "aot": "bytes from XLA's memory analysis of the step compiled ahead of time for the chip",
@@ -552,7 +562,7 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
     sel = [r for r in rows if r["mode"] == m]
     concs = sorted({r["concurrency"] for r in sel if r["kind"] == "max_context"})
     ctxs = sorted({r["context"] for r in sel if r["kind"] == "max_concurrency"})
-    parts += [f"## Mode: {m}", f"{m}: {_MODE_TEXT[m]}.",
+    parts += [f"## Mode: {m}", f"{m}: {MODE_TEXT[m]}.",
               capacity_table(sel, mode=m, concurrencies=concs, contexts=ctxs),
               breakdown_table(sel, mode=m)]
   if len(modes) > 1:

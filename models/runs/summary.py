@@ -56,11 +56,6 @@ RESULTS = "results.jsonl"
 BASE_FORMAT = "bf16"
 PLOT = "capacity_vs_ppl.png"
 _FOOTNOTE_MARK = "*"
-_MODE_TEXT = {
-    "analytic": "bytes from closed forms, nothing compiled",
-    "aot": "bytes from XLA's memory analysis of the step compiled ahead of time for the chip",
-    "live": "bytes measured on the devices",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,16 +238,7 @@ def _headroom(rows: list[dict], config: SummaryConfig) -> dict[str, Any]:
   formats = sorted(_unique(r["kv_format"] for r in sel), key=lambda f: f != BASE_FORMAT)
   concurrencies = sorted({k[2] for k in answers if k[1] == "max_context"})
   contexts = sorted({k[2] for k in answers if k[1] == "max_concurrency"})
-  base = {c: answers[BASE_FORMAT, "max_context", c]["tokens"] for c in concurrencies
-          if (BASE_FORMAT, "max_context", c) in answers
-          and answers[BASE_FORMAT, "max_context", c]["tokens"] > 0}
-  capacity = {}
-  for fmt in formats:
-    # As the headroom report's capacity table: tokens over bf16's at the largest
-    # concurrency both answered (and bf16 fits something).
-    common = [c for c in base if (fmt, "max_context", c) in answers]
-    capacity[fmt] = ((answers[fmt, "max_context", max(common)]["tokens"] / base[max(common)],
-                      max(common)) if common else (None, None))
+  capacity = {fmt: headroom_report.token_capacity(answers, fmt) for fmt in formats}
 
   def facts(field: str) -> str:
     return ", ".join(map(str, _unique(r[field] for r in sel)))
@@ -464,7 +450,7 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
       f"accelerator: {hr['accelerator']} ({hr['num_devices']} x {hr['chip']}, "
       f"{hr['hbm'] / 2**30:.1f} GiB HBM each; budget {hr['budget'] / 2**30:.2f} GiB per device "
       f"after a {hr['reserve']:.0%} reserve); mesh: {hr['mesh']}; kv heads: {hr['strategy']}",
-      f"headroom mode: {hr['mode']} ({_MODE_TEXT.get(hr['mode'], hr['mode'])}; modes in the "
+      f"headroom mode: {hr['mode']} ({headroom_report.MODE_TEXT.get(hr['mode'], hr['mode'])}; modes in the "
       f"run: {', '.join(hr['modes'])}) from {hr['path']}",
       "evaluation: "
       + ", ".join(f"`{name}` ({tokens:,} tokens)" for name, tokens in ev["workload_rows"])
