@@ -28,12 +28,15 @@ _PROSE = {"name": "prose", "description": "English prose", "num_tokens": 63789,
 _CODE = {"name": "code", "description": "Python source", "num_tokens": 111317,
          "num_documents": 23, "token_sha256": "d4be3145239f76ba7a9ef04fe3fa7bf89328c04bdf0c6266"
          "8e5bc8100ad57d44", "seed": 0}
-SCORE_ROW = {
-    "kind": "score", "model": "smollm2-135m",
+# The fields every evaluate row of the int8 cache starts with.
+_INT8_HEADER = {
+    "model": "smollm2-135m",
     "weight_precision": "GGUF Q4_1 x210, F32 x61, Q8_0 x1; dequantized to float32",
     "kv_format": "int8", "kv_precision": KVFormat.parse("int8").to_dict(),
     "kv_bytes_per_token": 12240.0, "kv_effective_bits": 8.5, "calibration": "dynamic",
-    "calibration_name": "dynamic", "reference_bytes_per_token": 23040.0,
+    "calibration_name": "dynamic", "reference_bytes_per_token": 23040.0}
+SCORE_ROW = {
+    "kind": "score", **_INT8_HEADER,
     "eval_workload": _PROSE, "context": 2048, "batch": 2, "lengths": [2048, 1536],
     "protocol": {"prefill": 128, "chunk": 128, "impl": "auto", "reference": "bf16"},
     "metrics": {"ppl": 16.610363633472176, "ppl_ref": 16.625646492118484,
@@ -42,11 +45,7 @@ SCORE_ROW = {
                 "scored_tokens": 3582, "attn_rel_error": [0.0095, 0.0176],
                 "saturation_k": [0.0, 0.0], "saturation_v": [0.0, 0.0]}}
 PASSKEY_ROW = {
-    "kind": "passkey", "model": "smollm2-135m",
-    "weight_precision": "GGUF Q4_1 x210, F32 x61, Q8_0 x1; dequantized to float32",
-    "kv_format": "int8", "kv_precision": KVFormat.parse("int8").to_dict(),
-    "kv_bytes_per_token": 12240.0, "kv_effective_bits": 8.5, "calibration": "dynamic",
-    "calibration_name": "dynamic", "reference_bytes_per_token": 23040.0,
+    "kind": "passkey", **_INT8_HEADER,
     "eval_workload": {"name": "passkey:length=1024,depth=0.5,num_samples=2",
                       "description": "passkey retrieval", "num_tokens": 2048,
                       "num_documents": 2, "token_sha256": "2ab81eef83d0750449f7ddde3fd57659f6"
