@@ -50,10 +50,10 @@ _LAYER_BIT, _NEGATIVE_BIT = (np.uint8(1 << i) for i in range(len(ERRORS)))
 
 def check_clip(fmt: KVFormat, clip) -> tuple[str, ...]:
   """`clip` (names of tensors with calibrated clip ratios) as a tuple, checked to name
-  dynamic specs of `fmt` only."""
+  range-scaled dynamic specs of `fmt` only (`QuantSpec.clippable`)."""
   clip = tuple(clip)
   for which in clip:
-    if which not in ("k", "v") or not fmt.spec(which).dynamic:
+    if which not in ("k", "v") or not fmt.spec(which).clippable:
       raise ValueError(f"clip names the dynamic specs with clip ratios, 'k' and/or 'v'; "
                        f"got {which!r} for format {fmt.name}")
   return clip

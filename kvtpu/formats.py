@@ -17,6 +17,9 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                  | sbf16           scales stored as bfloat16 (zero points stay float32)
                  | rot             rotated per head before storing (`kvtpu.rotation`);
                                    any dtype, bf16 and f32 included
+                 | nu              non-uniform code (int4/int2, dynamic, rotated specs):
+                                   a fixed Lloyd-Max codebook for N(0, 1) (`quant.codebook`),
+                                   scaled per token (and group) by its RMS
   format        := specs ("+" window)*
   specs         := tensor spec                  same spec for K and V
                  | "k" bits "v" bits            bits in {16, 8, 4, 2}: bf16/int8/int4/int2
@@ -30,7 +33,9 @@ kv head (`token_head`), computed when the token is written. Examples: `int8`,
 `k=int8-head,v=int4-g64`, `k4v2`, `int4-asym-rot+sink4+recent128`.
 
 Integer grids: symmetric specs use `[-qmax, qmax]` (int8 255 levels, int4 15, int2
-three: -1, 0, 1); asymmetric ones the whole range (int2: four levels).
+three: -1, 0, 1); asymmetric ones the whole range (int2: four levels). A `nu` spec's
+stored integer indexes all `2**bits` levels of its codebook, symmetric about 0 and
+without a zero point (`int2-nu`: four levels at +-0.453 and +-1.510 times the RMS).
 
 Windows hold K and V of the same positions unquantized (bf16; f32 for an f32 spec),
 beside the quantized store, which holds every position: attention reads a position
@@ -134,6 +139,11 @@ class QuantSpec:
     rotation: store `x @ R` for the fixed orthogonal per-head `R` of
       `kvtpu.rotation` (scales, zero points and calibration then live in the
       rotated coordinates); attention rotates queries and outputs to match.
+    nonuniform: store the index of the nearest level of a fixed codebook
+      (`quant.codebook`: the Lloyd-Max levels of a standard normal) after scaling
+      by the group's RMS, instead of a uniform grid. For int4/int2, symmetric,
+      dynamic and rotated specs: rotation makes each token's coordinates close to
+      normal, for which these levels are the least-squares optimum.
   """
 
   dtype: StorageDtype
@@ -142,18 +152,19 @@ class QuantSpec:
   symmetric: bool = True
   scale_dtype: str = "float32"
   rotation: bool = False
+  nonuniform: bool = False
 
   def __post_init__(self):
     # Accept plain strings for the enum fields; normalize bf16 to "no scales".
     object.__setattr__(self, "dtype", StorageDtype(self.dtype))
     object.__setattr__(self, "granularity", Granularity(self.granularity))
-    for flag in ("symmetric", "rotation"):
+    for flag in ("symmetric", "rotation", "nonuniform"):
       if not isinstance(getattr(self, flag), bool):
         raise ValueError(f"{flag} must be a bool, got {flag}={getattr(self, flag)!r}")
     if not self.dtype.quantized:
       if self.granularity not in (Granularity.NONE, Granularity.TOKEN_HEAD) or (
           self.group_size is not None or not self.symmetric
-          or self.scale_dtype != "float32"):
+          or self.scale_dtype != "float32" or self.nonuniform):
         raise ValueError(f"{self.dtype.value} storage takes no scale options, got {self!r}")
       object.__setattr__(self, "granularity", Granularity.NONE)
       return
@@ -175,6 +186,17 @@ class QuantSpec:
           "fp8 is already non-uniform around zero; use a symmetric fp8 spec")
     if self.scale_dtype not in _SCALE_DTYPES:
       raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got scale_dtype={self.scale_dtype!r}")
+    if self.nonuniform:
+      wrong = [why for bad, why in (
+          (self.dtype not in (StorageDtype.INT4, StorageDtype.INT2), f"dtype int4 or int2 (got {self.dtype.value})"),
+          (not self.symmetric, "no zero point (its codebook is symmetric about 0; drop asym)"),
+          (not self.dynamic, f"per-token scales (got static {self.granularity.value} scales)"),
+          (not self.rotation, "rotation (add rot: the codebook is fitted to the near-normal "
+                              "coordinates a rotation makes; an unrotated outlier channel "
+                              "would sit far beyond its outermost level)"),
+      ) if bad]
+      if wrong:
+        raise ValueError(f"a non-uniform code (nu) needs {'; '.join(wrong)}")
 
   # Derived properties, the single place other modules read them from.
   @property
@@ -191,6 +213,17 @@ class QuantSpec:
     return self.quantized and not self.dynamic
 
   @property
+  def clippable(self) -> bool:
+    """Dynamic scales that cover a range, which calibrated clip ratios narrow (every
+    dynamic spec but a non-uniform code's RMS scales)."""
+    return self.quantized and self.dynamic and not self.nonuniform
+
+  @property
+  def calibrated(self) -> bool:
+    """Whether calibration has anything to fit: static scales, or clip ratios."""
+    return self.static or self.clippable
+
+  @property
   def storage_dtype(self) -> jnp.dtype:
     return self.dtype.jnp_dtype
 
@@ -200,10 +233,10 @@ class QuantSpec:
 
   @property
   def qmin(self) -> float:
-    """Smallest stored value used (integers: -qmax when symmetric)."""
+    """Smallest stored value used (integers: -qmax when symmetric on a uniform grid)."""
     if self.dtype.is_int:
       info = jnp.iinfo(self.storage_dtype)
-      return float(info.min) if not self.symmetric else -float(info.max)
+      return float(info.min) if not self.symmetric or self.nonuniform else -float(info.max)
     return -self.qmax
 
   @property
@@ -235,6 +268,8 @@ class QuantSpec:
     if self.granularity is Granularity.GROUP:
       parts[-1] = f"group {self.group_size}"
     parts.append("symmetric" if self.symmetric else "asymmetric")
+    if self.nonuniform:
+      parts.append(f"Lloyd-Max code of {2 ** self.dtype.bits} levels")
     if self.scale_dtype != "float32":
       parts.append(f"{self.scale_dtype} scales")
     return ", ".join(parts) + rotated
@@ -242,6 +277,8 @@ class QuantSpec:
   @property
   def name(self) -> str:
     parts = [self.dtype.value]
+    if self.nonuniform:
+      parts.append("nu")
     if not self.symmetric:
       parts.append("asym")
     if self.granularity is Granularity.GROUP:
@@ -302,6 +339,8 @@ class QuantSpec:
         kwargs["scale_dtype"] = "bfloat16"
       elif opt == "rot":
         kwargs["rotation"] = True
+      elif opt == "nu":
+        kwargs["nonuniform"] = True
       elif opt in ("tensor", "head", "channel"):
         kwargs["granularity"] = Granularity(opt)
       elif re.fullmatch(r"g[1-9]\d*", opt):
@@ -310,7 +349,7 @@ class QuantSpec:
       else:
         raise ValueError(
             f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, tensor, head, "
-            "channel, sbf16, rot")
+            "channel, sbf16, rot, nu")
     try:
       return cls(**kwargs)
     except ValueError as e:  # Field validation: say which name it came from.
@@ -457,7 +496,7 @@ class KVFormat:
     except ValueError as e:
       raise ValueError(
           f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
-          "spec 'dtype[-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
+          "spec 'dtype[-nu][-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
           "with bits in 16/8/4/2, or 'k=<spec>,v=<spec>'; then optionally '+sink<N>' and/or "
           "'+recent<N>'") from None
 

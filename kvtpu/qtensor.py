@@ -224,8 +224,8 @@ class QuantizedKV:
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim)
-    if clip and not spec.dynamic:
-      raise ValueError(f"clip ratios are for dynamic (per-token) specs, not {spec.name}")
+    if clip and not spec.clippable:
+      raise ValueError(f"clip ratios are for range-scaled dynamic (per-token) specs, not {spec.name}")
     if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
       raise ValueError(f"int2 storage needs max_len a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
                        f"TPU layout of int2 arrays), got max_len={max_len} ({spec.name})")
@@ -253,7 +253,7 @@ class QuantizedKV:
     or the clip ratios of a dynamic spec that has them."""
     if spec.static:
       return ("scale",) if spec.symmetric else ("scale", "zero")
-    return ("clip",) if clip and spec.dynamic else ()
+    return ("clip",) if clip and spec.clippable else ()
 
   @classmethod
   def init(cls, spec: QuantSpec, *, name: str = "x", num_layers: int, batch: int, kv_heads: int,
@@ -277,10 +277,10 @@ class QuantizedKV:
     """
     given = {"scale": scale, "zero": zero, "clip": clip}
     names = cls.param_names(spec, clip=clip is not None)
-    if clip is not None and not spec.dynamic:
+    if clip is not None and not spec.clippable:
       raise ValueError(
           f"{name}_clip given, but {name.upper()} is stored as {spec.name}: clip ratios are "
-          "for dynamic (per-token) specs only")
+          "for range-scaled dynamic (per-token) specs only (not static or non-uniform ones)")
     extra = [f"{name}_{p}" for p, v in given.items() if v is not None and p not in names]
     if extra:
       raise ValueError(
@@ -321,6 +321,12 @@ class QuantizedKV:
   def nbytes(self) -> int:
     """Bytes of all arrays, int4 at half a byte per value."""
     return sum(array_nbytes(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(self))
+
+  @property
+  def codes(self) -> tuple[float, ...] | None:
+    """The codebook a non-uniform spec's stored integers index (`quant.codebook`),
+    which the kernels decode in VMEM; None for a uniform grid."""
+    return quant.codebook(self.spec)
 
   @property
   def per_token_scale(self) -> jax.Array | None:

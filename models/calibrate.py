@@ -193,9 +193,10 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   from kvtpu.calibration import clipping, methods
 
   fmt = KVFormat.parse(fmt)
-  specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.quantized}
+  specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.calibrated}
   if not specs:
-    raise ValueError(f"format {fmt.name} stores K and V unquantized: nothing to calibrate")
+    raise ValueError(f"format {fmt.name} has nothing to calibrate: K and V are unquantized or "
+                     "scaled per token by their RMS onto a fixed (non-uniform) codebook")
   if method not in (*methods.METHODS, "learned"):
     raise ValueError(f"unknown method={method!r}; valid: {(*methods.METHODS, 'learned')}")
   if not workloads:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu import memory, qtensor, quant
+from kvtpu import memory, qtensor, quant, rotation
 from kvtpu._shared import add_u64
 from tests.helpers import assert_close, kv_with_outliers, slow_unless
 
 L, B, K, S, H = 3, 3, 2, 16, 32
-DYNAMIC = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "int8-asym", "int4-g16", "k8v4"]
+DYNAMIC = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "int8-asym", "int4-g16", "k8v4", "int4-nu-rot"]
 
 
 def make(fmt, **kw):
@@ -93,7 +93,8 @@ def test_update_writes_at_each_length_and_nowhere_else(fmt, rng):
   for name, x in (("k", k), ("v", v)):
     spec = f.spec(name)
     static = {} if not spec.static else dict(scale=before.k.scale[1] if name == "k" else before.v.scale[1])
-    expect = quant.quantize(x, spec, **static)
+    stored = rotation.rotate(x, jnp.float32) if spec.rotation else x  # The stored coordinates.
+    expect = quant.quantize(stored, spec, **static)
     got, old = np.asarray(getattr(cache, name).values), np.asarray(getattr(before, name).values)
     written = np.zeros(got.shape, bool)
     for b in range(B):
@@ -376,7 +377,7 @@ def test_clip_ratio_errors_in_the_cache():
     make("int8", k_clip=np.array([[1.0, 1.0]] * 2 + [[1.0, 1.5]]))
   with pytest.raises(ValueError, match=r"v_clip must have shape \(3, 2\) or \(2,\)"):
     make("int8", v_clip=np.ones((L, K, 1)))
-  with pytest.raises(ValueError, match="k_clip given, but K is stored as int8-head: clip ratios are for dynamic"):
+  with pytest.raises(ValueError, match="k_clip given, but K is stored as int8-head: clip ratios are for range-scaled dynamic"):
     make("int8-head", k_clip=np.ones(K), **static_scales("int8-head"))
   with pytest.raises(ValueError, match="v_clip given, but V is stored as bf16"):
     make("k8v16", v_clip=np.ones(K))

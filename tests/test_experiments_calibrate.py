@@ -66,7 +66,8 @@ def test_calibrate_smollm_writes_artifact_report_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--kv_format=bf16"], "--kv_format: bf16 stores K and V unquantized: nothing to calibrate"),
+    (["--kv_format=bf16"], "--kv_format: bf16 has nothing to calibrate: K and V are unquantized"),
+    (["--kv_format=int2-nu-rot"], "--kv_format: int2-nu-rot has nothing to calibrate"),
     (["--kv_format=int9"], "--kv_format: invalid KV format name='int9'"),
     (["--num_tokens=100"], "--num_tokens: expected at least one batch of batch x seq_len = 2048"),
     (["--percentile=0"], "--percentile: expected a finite number in (0, 100], got 0.0"),

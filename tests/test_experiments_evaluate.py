@@ -91,23 +91,21 @@ def test_targets_cover_calibrated_clip_rows_and_the_four_bit_passkey():
                                                           "kl_mean": 0.0042}}
   passkey = {"kind": "passkey", "kv_format": scheme, "context": 1024, "depth": 0.5,
              "calibration": "dynamic", "metrics": {"accuracy": 0.5, "accuracy_ref": 1.0}}
-  # The 2-bit scheme's passkey target is a fraction of the samples, with its clip ratios.
-  two = "int2-sbf16-rot+sink4+recent252"
-  two_passkey = {**passkey, "kv_format": two, "calibration": {"method": "mse"},
-                 "calibration_name": "prose", "metrics": {"accuracy": 0.8, "accuracy_ref": 1.0}}
+  # The 2-bit scheme's passkey target is a fraction of the samples.
+  two = "int2-nu-sbf16-rot+sink4+recent252"
+  two_passkey = {**passkey, "kv_format": two, "metrics": {"accuracy": 0.8, "accuracy_ref": 1.0}}
   lines = evaluate_run.targets_markdown([score, passkey, two_passkey], 2048).splitlines()[4:]
   assert lines == [
       f"| {scheme}, clip on prose | code x2 | ppl_rel_change (%) | abs <= 0.5 | 0.206 | yes |",
       f"| {scheme}, clip on prose | code x2 | kl_mean (nats) | <= 0.005 | 0.0042 | yes |",
       f"| {scheme} | passkey @1024 depth 0.5 | accuracy (%) = bf16 | equal | 50 vs 100 | **no** |",
-      f"| {two}, clip on prose | passkey @1024 depth 0.5 | accuracy (%) vs bf16 | >= 80 | 80 vs 100 "
-      "| yes |"]
+      f"| {two} | passkey @1024 depth 0.5 | accuracy (%) vs bf16 | >= 80 | 80 vs 100 | yes |"]
 
 
 def test_presets_and_explicit_fields():
   quick = evaluate_run.EvaluateConfig.from_preset("quick")
   assert quick.kv_formats == ("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot",
-                              "int4-sbf16-rot+sink4+recent252")
+                              "int4-sbf16-rot+sink4+recent252", "int2-nu-sbf16-rot+sink4+recent252")
   assert quick.contexts == (256, 2048)
   assert quick.calibrate_formats == ("int4-sbf16-rot+sink4+recent252",)
   over = evaluate_run.EvaluateConfig.from_preset("quick", contexts=[512])
@@ -127,6 +125,8 @@ def test_presets_and_explicit_fields():
      "--calibration_workloads: calibrate_formats needs at least one calibration workload"),
     (["--preset=none", "--kv_formats=int8"], "--calibrate_formats: required with preset=none"),
     (["--reference=int8-channel"], "--reference: int8-channel has static scales"),
+    (["--calibrate_formats=int4-nu-sbf16-rot+recent64"],
+     "--calibrate_formats: int4-nu-sbf16-rot+recent64 has nothing to calibrate"),
 ])
 def test_flag_errors_name_the_flag(args, message):
   fv = parse_flags(evaluate_binary.define_flags, args)

@@ -16,6 +16,7 @@ EXTRA_NAMES = (
     "int4-asym-head", "int8-sbf16", "int4-asym-g16-sbf16", "int8-g64", "k=int8-head,v=int4-g32",
     "k=fp8_e4m3,v=int4-asym", "k=bf16,v=fp8_e5m2-sbf16", "f32", "k=f32,v=int8",
     "int2", "int2-asym-g32-sbf16-rot", "k4v2", "k8v2", "k=int4-rot,v=int2-asym-rot+recent64",
+    "int2-nu-sbf16-rot", "int4-nu-g32-rot+sink4+recent60", "k=int4-nu-rot,v=int2-nu-sbf16-rot",
 )
 
 
@@ -47,6 +48,7 @@ def test_presets_are_canonical(name):
     ("int8-sbf16-head", "int8-head-sbf16"),
     ("k=int8-head,v=int4-g32", "k=int8-head,v=int4-g32"),
     ("k=int4,v=int4-asym", "k=int4,v=int4-asym"),
+    ("int2-rot-sbf16-nu", "int2-nu-sbf16-rot"),
 ])
 def test_canonical_names(name, canonical):
   assert KVFormat.parse(name).name == canonical
@@ -104,6 +106,13 @@ def test_hashable_and_jit_static(name):
     ("k8v3", "k8v3"),
     ("k=int8", "k=int8"),
     ("k=int8,v=int3", "int3"),
+    ("int2-nu", "rotation (add rot"),
+    ("int8-nu-rot", "dtype int4 or int2 (got int8)"),
+    ("fp8_e4m3-nu-rot", "dtype int4 or int2"),
+    ("int4-nu-asym-rot", "no zero point"),
+    ("int4-nu-head-rot", "per-token scales (got static head scales)"),
+    ("bf16-nu", "nu"),
+    ("int2-nu-nu-rot", "nu"),
     ("", "''"),
     ("   ", "'   '"),
 ])
@@ -149,6 +158,9 @@ def test_non_string_name(value):
     (dict(dtype="bf16", symmetric=False), "bf16"),
     (dict(dtype="bf16", scale_dtype="bfloat16"), "bf16"),
     (dict(dtype="bf16", granularity="channel"), "bf16"),
+    (dict(dtype="bf16", nonuniform=True), "bf16"),
+    (dict(dtype="int4", rotation=True, nonuniform=1), "nonuniform must be a bool"),
+    (dict(dtype="int2", nonuniform=True), "rotation"),
 ])
 def test_quant_spec_validation(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -190,6 +202,8 @@ def test_num_groups_static_or_bf16(name):
     ("int4-asym-g32", -8, 7),
     ("int2", -1, 1),  # Ternary: three levels.
     ("int2-asym", -2, 1),  # All four levels.
+    ("int2-nu-rot", -2, 1),  # Indexes a codebook of four levels.
+    ("int4-nu-g32-rot", -8, 7),
     ("fp8_e4m3", -448, 448),  # e4m3fn: 1.75 * 2**8, no inf.
     ("fp8_e5m2", -57344, 57344),  # 1.75 * 2**15.
 ])
@@ -242,7 +256,7 @@ def test_public_api():
 
 
 @pytest.mark.parametrize("name", ["bf16", "f32", "int8", "int4-asym-g32", "fp8_e4m3-channel-sbf16",
-                                  "k=int8-head,v=int4-asym-g16"])
+                                  "k=int8-head,v=int4-asym-g16", "int2-nu-sbf16-rot+recent8"])
 def test_to_dict_round_trips_and_rejects_what_it_cannot_be(name):
   fmt = KVFormat.parse(name)
   d = fmt.to_dict()
@@ -261,3 +275,5 @@ def test_description_reads_as_words():
       "int4, group 32, asymmetric, bfloat16 scales")
   assert QuantSpec.parse("bf16").description == "bf16, unscaled"
   assert QuantSpec.parse("fp8_e4m3-channel").description == "fp8_e4m3, channel, symmetric"
+  assert QuantSpec.parse("int2-nu-sbf16-rot").description == (
+      "int2, token_head, symmetric, Lloyd-Max code of 4 levels, bfloat16 scales, rotated")

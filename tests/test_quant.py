@@ -728,3 +728,123 @@ def test_fake_quantize_clip_gradient_by_hand(name, rng):
   ds = np.where(inside, (np.round(y) - y) if spec.dtype.is_int else 0.0, np.sign(y) * spec.qmax)
   want = (ds * amax / spec.qmax).sum(axis=(0, 1, 3, 4))
   np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------- non-uniform codes
+def _normal_cell_mean(lo: float, hi: float) -> float:
+  """E[X | lo < X <= hi] for X ~ N(0, 1), by float64 quadrature on a fine grid."""
+  t = np.linspace(max(lo, -12.0), min(hi, 12.0), 200_001)
+  w = np.exp(-t * t / 2)
+  return float(np.trapezoid(t * w, t) / np.trapezoid(w, t))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lloyd_max_levels_are_the_normal_optimum(bits):
+  # Lloyd's two conditions, checked independently by quadrature: each threshold is the
+  # midpoint of its levels, each level the mean of N(0, 1) over its cell.
+  levels = np.asarray(quant.lloyd_max_levels(bits), np.float64)
+  assert len(levels) == 2**bits and np.all(np.diff(levels) > 0)
+  np.testing.assert_allclose(levels, -levels[::-1], atol=0)  # Symmetric about 0.
+  cuts = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
+  means = [_normal_cell_mean(a, b) for a, b in itertools.pairwise(cuts)]
+  np.testing.assert_allclose(levels, means, atol=2e-6)
+  # The published tables (Max, 1960).
+  published = {2: [0.4528, 1.510], 4: [0.1284, 0.3881, 0.6568, 0.9424, 1.256, 1.618, 2.069, 2.733]}
+  np.testing.assert_allclose(levels[2**(bits - 1):], published[bits], atol=6e-4)
+
+
+def test_lloyd_max_levels_refuse_untabulated_bits():
+  with pytest.raises(ValueError, match="bits=8"):
+    quant.lloyd_max_levels(8)
+
+
+def _np_nu_round_trip(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """float64 reference of a `nu` spec: per group the RMS (finite values, NaN/inf as 0)
+  in the scale dtype, the nearest level's index, and level * scale."""
+  levels = np.asarray(quant.codebook(spec), np.float64)
+  xs = np.where(np.isfinite(x), x, 0.0).astype(np.float64)
+  g = spec.num_groups(x.shape[-1])
+  xg = xs.reshape(*x.shape[:-1], g, -1)
+  rms = np.sqrt(np.mean(xg * xg, axis=-1))
+  tiny = float(jnp.finfo(spec.scale_jnp_dtype).tiny)
+  scale = _np(np.maximum(rms, tiny).astype(_ML_DTYPES[spec.scale_dtype]))
+  y = xg / scale[..., None]
+  idx = np.argmin(np.abs(y[..., None] - levels), axis=-1)
+  return idx.reshape(x.shape), scale, (levels[idx] * scale[..., None]).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["int2-nu-rot", "int4-nu-rot", "int2-nu-g16-sbf16-rot",
+                                  "int4-nu-g32-sbf16-rot"])
+def test_nonuniform_matches_float64_reference(name, rng):
+  spec = QuantSpec.parse(name)
+  x = kv_with_outliers(rng, (3, 40, 2, 64)).astype(np.float32)
+  x[0, 1, 0, 3], x[2, 0, 1, 7], x[1, 4, 1, 0] = np.nan, np.inf, -np.inf
+  x[1, 2, 0] = 0.0  # An all-zero token and head.
+  res = _quantize(jnp.asarray(x), spec)
+  idx, scale, back = _np_nu_round_trip(x, spec)
+  assert res.q.dtype == spec.storage_dtype and res.zero is None
+  np.testing.assert_allclose(_np(res.scale), scale, rtol=1e-6)
+  # The nearest level, except where float32 y sits within rounding of a threshold (an
+  # exact tie, such as 0 between +-0.4528, goes to the lower level in both).
+  levels = np.asarray(quant.codebook(spec))
+  y = np.where(np.isfinite(x), x, 0) / _per_element(res.scale, 64)
+  gap = np.min(np.abs(y[..., None] - (levels[1:] + levels[:-1]) / 2), axis=-1)
+  near_cut = (gap > 0) & (gap < 1e-5)
+  got_idx = _np(res.q) - spec.qmin
+  np.testing.assert_array_equal(np.where(near_cut, idx, got_idx), idx)
+  assert near_cut.mean() < 1e-3
+  deq = _np(_dequantize(res.q, spec, res.scale, None))
+  # atol: the all-zero token's levels times the smallest normal scale are subnormal,
+  # which XLA may flush to 0.
+  np.testing.assert_allclose(np.where(near_cut, back, deq), back, rtol=1e-6, atol=1e-37)
+  assert not np.asarray(res.saturated).any()
+  np.testing.assert_array_equal(np.asarray(res.nonfinite), ~np.isfinite(x))
+  assert (np.abs(deq[1, 2, 0]) < 1e-37).all()  # All zero: the smallest scale, so ~0.
+
+
+@pytest.mark.parametrize("name, closed_form", [("int2-nu-rot", 0.1175), ("int4-nu-rot", 0.009497)])
+def test_nonuniform_error_on_normal_data_is_lloyd_max(name, closed_form, rng):
+  # On normal data the relative squared error is Max's distortion of the code (plus
+  # the small cost of estimating each token's RMS from 128 values), well below the
+  # uniform grids of the same bits at absmax scales.
+  spec = QuantSpec.parse(name)
+  x = rng.standard_normal((64, 4, 128)).astype(np.float32)
+  res = _quantize(jnp.asarray(x), spec)
+  err = float(np.sum((_np(_dequantize(res.q, spec, res.scale, None)) - x) ** 2) / np.sum(_np(x) ** 2))
+  assert closed_form * 0.95 < err < closed_form * 1.05, err
+  uniform = QuantSpec.parse(name.replace("-nu", ""))
+  r = _quantize(jnp.asarray(x), uniform)
+  err_uniform = float(np.sum((_np(_dequantize(r.q, uniform, r.scale, None)) - x) ** 2)
+                      / np.sum(_np(x) ** 2))
+  assert err < 0.7 * err_uniform, (err, err_uniform)
+
+
+@pytest.mark.parametrize("name", ["int2-nu-rot", "int4-nu-g16-sbf16-rot"])
+def test_every_stored_value_decodes_to_its_level(name):
+  spec = QuantSpec.parse(name)
+  levels = np.asarray(quant.codebook(spec), np.float32)
+  q = jnp.arange(spec.qmin, spec.qmax + 1, dtype=jnp.int32).astype(spec.storage_dtype)
+  q = jnp.tile(q, 16 // len(levels) * 4)[None, :]  # [1, H]: H a multiple of the group.
+  scale = jnp.full((1, spec.num_groups(q.shape[-1])), 2.0, spec.scale_jnp_dtype)
+  np.testing.assert_array_equal(quant.dequantize(q, spec, scale),
+                                2.0 * np.tile(levels, q.shape[-1] // len(levels))[None, :])
+
+
+def test_nonuniform_takes_no_clip():
+  spec = QuantSpec.parse("int2-nu-rot")
+  x = jnp.ones((2, 3, 8))
+  for fn in (quant.quantize, quant.dynamic_scales, quant.fake_quantize):
+    with pytest.raises(ValueError, match="scales each token by its RMS"):
+      fn(x, spec, clip=0.5)
+  with pytest.raises(ValueError, match="computes its scales on write"):
+    quant.quantize(x, spec, scale=jnp.ones((2, 3, 1)))
+
+
+def test_nonuniform_fake_quantize_is_the_round_trip_and_passes_gradients(rng):
+  spec = QuantSpec.parse("int4-nu-g16-rot")
+  x = jnp.asarray(kv_with_outliers(rng, (3, 5, 2, 32)), jnp.float32)
+  res = quant.quantize(x, spec)
+  np.testing.assert_array_equal(quant.fake_quantize(x, spec),
+                                quant.dequantize(res.q, spec, res.scale))
+  g = jax.grad(lambda x: jnp.sum(quant.fake_quantize(x, spec)))(x)
+  np.testing.assert_array_equal(g, np.ones(x.shape, np.float32))

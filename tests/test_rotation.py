@@ -77,7 +77,7 @@ def _filled(fmt, rng, *, prefix=(9, 0), t=4, h=64, layer=1, max_len=16, **outlie
 
 
 @pytest.mark.parametrize("fmt", ["int4-asym-rot", "k=int8-rot,v=int4-g16", "k=int4,v=int4-rot",
-                                 "fp8_e4m3-rot"])
+                                 "fp8_e4m3-rot", "k=int4-nu-rot,v=int4-nu-g16-sbf16-rot"])
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
 def test_attention_over_a_rotated_cache_equals_float64_attention_in_model_coordinates(
     fmt, impl, rng):

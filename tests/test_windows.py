@@ -136,7 +136,8 @@ def test_writes_past_capacity_are_dropped_from_the_windows(rng):
 
 
 def _cases():
-  fmts = [FMT, "int4-asym-rot+recent8", "k=int8,v=int4-g8+sink2", "fp8_e4m3+sink1+recent16"]
+  fmts = [FMT, "int4-asym-rot+recent8", "k=int8,v=int4-g8+sink2", "fp8_e4m3+sink1+recent16",
+          "int4-nu-sbf16-rot+sink2+recent8"]
   prefixes = [((0, 0), 1), ((RECENT, SINK + RECENT), 1), ((3, 9), 4), ((0, 2), 12), ((S - 1, 6), 1),
               ((RECENT - 1, RECENT + 1), 3)]
   for i, fmt in enumerate(fmts):

@@ -74,8 +74,8 @@ def calibrated_layout(fmt: KVFormat, *, num_layers: int, kv_heads: int, head_dim
   for which in ("k", "v"):
     spec = fmt.spec(which)
     layout = QuantizedKV.layout(spec, num_layers=num_layers, batch=1, kv_heads=kv_heads,
-                                max_len=128, head_dim=head_dim, clip=spec.dynamic)
-    names = QuantizedKV.param_names(spec, clip=spec.dynamic)
+                                max_len=128, head_dim=head_dim, clip=spec.clippable)
+    names = QuantizedKV.param_names(spec, clip=spec.clippable)
     if names:
       out[which] = {f: tuple(getattr(layout, f).shape) for f in names}
   return out

@@ -93,8 +93,9 @@ class CalibrateConfig:
       fmt = kvtpu.KVFormat.parse(self.kv_format)
     except ValueError as e:
       raise ConfigError("kv_format", str(e)) from None
-    check(fmt.k.quantized or fmt.v.quantized, "kv_format",
-          f"{fmt.name} stores K and V unquantized: nothing to calibrate")
+    check(fmt.k.calibrated or fmt.v.calibrated, "kv_format",
+          f"{fmt.name} has nothing to calibrate: K and V are unquantized or non-uniform codes "
+          "scaled by each token's RMS")
     object.__setattr__(self, "kv_format", fmt.name)
     one_of("method", self.method, METHODS)
     object.__setattr__(self, "percentile", finite_number("percentile", self.percentile, low=0,

@@ -40,11 +40,11 @@ __all__ = ["FOUR_BIT_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "cali
 # (docs/schemes.md has the measurements behind the choice).
 FOUR_BIT_SCHEME = "int4-sbf16-rot+sink4+recent252"
 
-# The 2-bit cache the full evaluation compares: ternary int2 (symmetric: -1, 0, 1) with
-# the 4-bit scheme's options; 2.75 effective bits at head_dim 64 and 8K context, 2.625
-# at 128. It needs clip ratios calibrated on a workload (with absmax scales a ternary
-# grid rounds most values to 0).
-TWO_BIT_SCHEME = "int2-sbf16-rot+sink4+recent252"
+# The 2-bit cache the binaries' defaults compare: int2 as a four-level Lloyd-Max code
+# (`nu`: each token scaled by its RMS after the rotation, no calibration), with the
+# 4-bit scheme's other options; 2.75 effective bits at head_dim 64 and 8K context, 2.625
+# at 128.
+TWO_BIT_SCHEME = "int2-nu-sbf16-rot+sink4+recent252"
 
 
 class ConfigError(ValueError):

@@ -86,18 +86,20 @@ MATRIX_FIELDS = ("kv_formats", "calibrate_formats", "calibration_workloads", "ca
                  "passkey_formats")
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
-        kv_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot", FOUR_BIT_SCHEME),
+        kv_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot", FOUR_BIT_SCHEME,
+                    TWO_BIT_SCHEME),
         calibrate_formats=(FOUR_BIT_SCHEME,),
         calibration_workloads=("prose", "code"), calibration_method="mse",
         calibration_tokens=2048, eval_workloads=("prose", "code"), contexts=(256, 2048),
         batches=(2,), prefill=128, chunk=128, passkey_lengths=(1024,), passkey_depths=(0.5,),
-        passkey_samples=2, passkey_formats=("int8", FOUR_BIT_SCHEME)),
+        passkey_samples=2, passkey_formats=("int8", FOUR_BIT_SCHEME, TWO_BIT_SCHEME)),
     "full": dict(
         kv_formats=("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int4-g32", "int8-asym", "k8v4",
                     "int4-asym-g32", "int8-rot", "fp8_e4m3-rot", "int4-rot", "int4-asym-rot",
-                    "int4+recent256", "int4-asym-rot+recent128", FOUR_BIT_SCHEME),
+                    "int4+recent256", "int4-asym-rot+recent128", FOUR_BIT_SCHEME,
+                    "int4-nu-sbf16-rot+sink4+recent252", TWO_BIT_SCHEME),
         calibrate_formats=("int8", "fp8_e4m3", "int4", "int8-channel", "k=int8-channel,v=int8",
-                           "fp8_e4m3-rot", FOUR_BIT_SCHEME, TWO_BIT_SCHEME),
+                           "fp8_e4m3-rot", FOUR_BIT_SCHEME),
         calibration_workloads=("prose", "code", "chat"), calibration_method="mse",
         calibration_tokens=32768, eval_workloads=("prose", "code", "chat"),
         contexts=(512, 1024, 2048, 4096, 8192), batches=(1, 8), prefill=512, chunk=64,
@@ -169,6 +171,11 @@ class EvaluateConfig:
                                        dynamic_only=_STATIC_ADVICE))
     setattr_("calibrate_formats", format_list("calibrate_formats", self.calibrate_formats,
                                               allow_empty=True))
+    for name in self.calibrate_formats:
+      fmt = kvtpu.KVFormat.parse(name)
+      check(fmt.k.calibrated or fmt.v.calibrated, "calibrate_formats",
+            f"{name} has nothing to calibrate (unquantized, or non-uniform codes scaled by each "
+            "token's RMS): list it in kv_formats")
     setattr_("calibration_workloads", workload_list(
         "calibration_workloads", self.calibration_workloads, allow_empty=True, seed=self.seed))
     check(not self.calibrate_formats or bool(self.calibration_workloads),
@@ -246,7 +253,7 @@ TARGETS = {
     TWO_BIT_SCHEME: {"ppl_rel_change": (0.1, "max")},
 }
 # Passkey targets: retrieval equal to the bf16 cache's ("bf16"), or at least a fraction
-# of the samples (with calibrated clip ratios, for a scheme that needs them).
+# of the samples.
 PASSKEY_TARGETS = {"int8": "bf16", FOUR_BIT_SCHEME: "bf16", TWO_BIT_SCHEME: 0.8}
 
 

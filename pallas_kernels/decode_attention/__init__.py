@@ -12,9 +12,11 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
 from kvtpu.pallas_kernels.decode_attention.reference import (
     MAX_DECODE_T,
     Dims,
+    decode_codes,
     dequantize_per_token,
     masked_attention,
     ref_decode_attention,
+    unpack_codes,
     unpack_operands,
     validate_inputs,
 )
@@ -22,4 +24,4 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
-           "dequantize_per_token"]
+           "dequantize_per_token", "decode_codes", "unpack_codes"]

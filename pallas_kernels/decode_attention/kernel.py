@@ -22,6 +22,9 @@ Layout and traffic:
     Zero points are subtracted from the values in VMEM (their `[1, block_s]` rows
     transposed to token columns): folding them into the dots instead, as
     `q.k - z * sum(q)`, cancels catastrophically in f32 when z is large.
+  * A non-uniform code (`codes`: a codebook the stored integers index) is decoded in
+    VMEM right after the conversion to f32, by a chain of selects (`decode_codes`:
+    3 per value at 2 bits, 15 at 4), before the zero point and scales apply.
   * head_dim is handled natively (the block's last dim is the full H): 64 works, at
     the cost of half-empty 128-lane vregs in VMEM for H = 64.
   * Unquantized windows (`reference.unpack_windows`): the sink `[W_s, H]` and ring
@@ -48,6 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from kvtpu.pallas_kernels.decode_attention.reference import (
   Dims,
+  decode_codes,
+  unpack_codes,
   unpack_operands,
   unpack_windows,
   validate_inputs,
@@ -204,7 +209,8 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
 
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
-            block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int):
+            block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int,
+            k_codes=None, v_codes=None):
   del layer_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups else None
@@ -298,6 +304,8 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
       return out
 
     k = k_ref[...].astype(jnp.float32)  # [bs, H]
+    if k_codes is not None:
+      k = decode_codes(k, k_codes)
     if k_zero:
       k = k - zero_points(kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
@@ -321,6 +329,8 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     # Unwritten positions may hold NaN: zero them (0 * NaN would poison the sum).
     held = (i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)) < end
     v = v_ref[...].astype(jnp.float32)  # [bs, H]
+    if v_codes is not None:
+      v = decode_codes(v, v_codes)
     if v_zero:
       v = v - zero_points(vz_ref, d.v_groups)
     v = jnp.where(held, v, 0.0)
@@ -344,11 +354,11 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "block_sizes", "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                     v_recent=None, block_sizes: BlockSizes | None = None,
-                     interpret=False) -> jax.Array:
+                     v_recent=None, k_codes=None, v_codes=None,
+                     block_sizes: BlockSizes | None = None, interpret=False) -> jax.Array:
   """Decode attention over one layer of a quantized cache (see module docstring).
 
   Args:
@@ -363,6 +373,8 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     k_zero, v_zero: per-token zero points shaped like the scales, or None.
     k_sink, v_sink, k_recent, v_recent: unquantized windows `[L, B, K, W, H]`
       (`reference.unpack_windows`), or None; carried by quantized `k`, `v` too.
+    k_codes, v_codes: static codebooks of non-uniform codes (`reference.unpack_codes`),
+      or None; carried by quantized `k`, `v` too.
     block_sizes: KV tiling; default from `default_block_sizes`.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
@@ -370,6 +382,7 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     `[B, T, N, H]` float32.
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
+  codes = unpack_codes(k, v, k_codes, v_codes)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   validate_windows(d, *windows)
@@ -377,16 +390,18 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.max_len),
-                        interpret=interpret, windows=windows)
+                        interpret=interpret, windows=windows, codes=codes)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                   *, block_t: int, block_s: int, interpret, windows=(None,) * 4) -> jax.Array:
+                   *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
+                   codes=(None, None)) -> jax.Array:
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
-  `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones.
+  `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
+  `(k_codes, v_codes)` from `unpack_codes`.
   """
   error = layout_error(k.dtype, v.dtype, d.head_dim)
   if error is not None:
@@ -426,7 +441,8 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
       in_specs += [spec, spec]
       operands += list(pair)
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
-                             k_zero=k_zero is not None, v_zero=v_zero is not None, **sizes)
+                             k_zero=k_zero is not None, v_zero=v_zero is not None,
+                             k_codes=codes[0], v_codes=codes[1], **sizes)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),

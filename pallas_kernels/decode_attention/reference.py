@@ -69,6 +69,48 @@ def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
   return k, v, k_scale, k_zero, v_scale, v_zero
 
 
+def unpack_codes(k, v, k_codes=None, v_codes=None):
+  """`(k_codes, v_codes)`: each a tuple of codebook levels (ascending) that the stored
+  integers index from the dtype's minimum (`q - min` picks the level), or None for a
+  uniform grid; from quantized tensors' `codes` attributes or the arguments (not
+  both).
+
+  Raises:
+    ValueError: for codes given twice, a codebook that is not a tuple of `2**bits`
+      ascending floats, or codes for a storage dtype that is not an integer.
+  """
+  out = []
+  for name, x, given in (("k", k, k_codes), ("v", v, v_codes)):
+    carried = getattr(x, "codes", None) if _is_quantized(x) else None
+    if carried is not None and given is not None:
+      raise ValueError(f"{name} is a quantized tensor carrying its codebook; do not also pass "
+                       f"{name}_codes")
+    codes = given if carried is None else carried
+    if codes is not None:
+      dtype = jnp.dtype(x.dtype)
+      if not jnp.issubdtype(dtype, jnp.signedinteger):
+        raise ValueError(f"{name}_codes index integer storage, but {name} is {dtype}")
+      n = 2 ** jnp.iinfo(dtype).bits
+      if (not isinstance(codes, tuple) or len(codes) != n
+          or any(not isinstance(c, float) for c in codes) or list(codes) != sorted(set(codes))):
+        raise ValueError(f"{name}_codes must be a tuple of {n} ascending floats (one level per "
+                         f"{dtype} value), got {codes!r}")
+    out.append(codes)
+  return tuple(out)
+
+
+def decode_codes(x, levels):
+  """Stored integers `x` (any shape; as float32 or integers) -> float32 levels:
+  `levels[x - min]` with `min = -len(levels) // 2`, by a chain of selects (a table of
+  n levels costs n - 1 compares and selects per value, in VMEM as in XLA)."""
+  x = x.astype(jnp.float32)
+  base = -len(levels) // 2
+  out = jnp.full(x.shape, levels[0], jnp.float32)
+  for i, level in enumerate(levels[1:], start=1):
+    out = jnp.where(x >= base + i, jnp.float32(level), out)
+  return out
+
+
 def unpack_windows(k, v, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
   """`(k_sink, v_sink, k_recent, v_recent)`: the unquantized windows, from quantized
   tensors' `sink` / `recent` attributes or from the arguments (not both).
@@ -197,10 +239,11 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
   return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"])
 
 
-def dequantize_per_token(x, scale, zero):
+def dequantize_per_token(x, scale, zero, codes=None):
   """`[B, K, S, H]` stored values and `[B, K, G, S]` scales (and zero points, or
-  None) -> float32 `(x - zero) * scale`, each channel its group's scale."""
-  x = x.astype(jnp.float32)
+  None) -> float32 `(x - zero) * scale`, each channel its group's scale; with
+  `codes` (`unpack_codes`), `x` is first read as its codebook level."""
+  x = x.astype(jnp.float32) if codes is None else decode_codes(x, codes)
   if scale is None:
     return x
   b, kh, s, h = x.shape
@@ -214,8 +257,8 @@ def dequantize_per_token(x, scale, zero):
 
 def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                          v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                         v_recent=None, block_sizes=None, interpret=None,
-                         max_t: int | None = MAX_DECODE_T) -> jax.Array:
+                         v_recent=None, k_codes=None, v_codes=None, block_sizes=None,
+                         interpret=None, max_t: int | None = MAX_DECODE_T) -> jax.Array:
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
   `k`, `v` may be quantized tensors carrying their per-token scales and windows
@@ -226,6 +269,7 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   """
   del block_sizes, interpret
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
+  k_codes, v_codes = unpack_codes(k, v, k_codes, v_codes)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                       max_t=max_t)
@@ -233,9 +277,9 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   pick = lambda a: None if a is None else a[layer]  # noqa: E731
   k_sink, v_sink, k_recent, v_recent = (pick(w) for w in windows)
   held = jnp.minimum(lengths + chunk, d.max_len)
-  keys = overlay_windows(dequantize_per_token(k[layer], pick(k_scale), pick(k_zero)),
+  keys = overlay_windows(dequantize_per_token(k[layer], pick(k_scale), pick(k_zero), k_codes),
                          k_sink, k_recent, held)  # [B, K, S, H]
-  values = overlay_windows(dequantize_per_token(v[layer], pick(v_scale), pick(v_zero)),
+  values = overlay_windows(dequantize_per_token(v[layer], pick(v_scale), pick(v_zero), v_codes),
                            v_sink, v_recent, held)
   return masked_attention(q, keys, values, lengths, chunk)
 

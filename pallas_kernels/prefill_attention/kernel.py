@@ -25,6 +25,8 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   vmem_estimate_bytes,
 )
 from kvtpu.pallas_kernels.decode_attention.reference import (
+  Dims,
+  unpack_codes,
   unpack_operands,
   unpack_windows,
   validate_windows,
@@ -35,6 +37,7 @@ __all__ = ["PrefillBlockSizes", "prefill_attention", "default_prefill_block_size
            "prefill_vmem_estimate_bytes"]
 
 _SUBLANES = 8
+_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +67,29 @@ class PrefillBlockSizes:
     return block_t, BlockSizes(self.block_s).resolve(max_len)
 
 
-def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int) -> PrefillBlockSizes:
-  """128 query tokens per block (x G heads: >= 128 MXU rows); the decode KV block."""
-  return PrefillBlockSizes(128, default_block_sizes(k_dtype, v_dtype, head_dim).block_s)
+# The VMEM a default prefill block may take by `prefill_vmem_estimate_bytes` (which
+# counts four f32 [rows, block_s] logit-sized temporaries, more than Mosaic keeps):
+# v5e's default scoped VMEM, the smallest of the generations.
+_DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
+_DEFAULT_BLOCK_T = 128
+
+
+def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
+                                scale_dtype=jnp.float32) -> PrefillBlockSizes:
+  """128 query tokens per block (x G heads: >= 128 MXU rows), and the decode KV block
+  halved until the step's VMEM estimate fits the budget (the logits of 128 x G rows
+  grow with block_s, which the decode rule makes larger the fewer bits a value has).
+
+  Args:
+    group: G, query heads per kv head.
+  """
+  block_s = default_block_sizes(k_dtype, v_dtype, head_dim).block_s
+  d = Dims(num_layers=1, batch=1, t=_DEFAULT_BLOCK_T, q_heads=group, kv_heads=1, max_len=block_s,
+           head_dim=head_dim, k_groups=1, v_groups=1)
+  while block_s > _LANES and prefill_vmem_estimate_bytes(
+      d, _DEFAULT_BLOCK_T, block_s, k_dtype, v_dtype, scale_dtype) > _DEFAULT_VMEM_BUDGET:
+    block_s //= 2
+  return PrefillBlockSizes(_DEFAULT_BLOCK_T, block_s)
 
 
 def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
@@ -76,11 +99,11 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
                              scale_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "block_sizes", "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                      v_recent=None, block_sizes: PrefillBlockSizes | None = None,
-                      interpret=False) -> jax.Array:
+                      v_recent=None, k_codes=None, v_codes=None,
+                      block_sizes: PrefillBlockSizes | None = None, interpret=False) -> jax.Array:
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
   Args: as `decode_attention`, with any T, and `block_sizes` a `PrefillBlockSizes`.
@@ -89,11 +112,13 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
     `[B, T, N, H]` float32.
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
+  codes = unpack_codes(k, v, k_codes, v_codes)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   validate_windows(d, *windows)
   if block_sizes is None:
-    block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim)
+    block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim, d.group)
   block_t, block_s = block_sizes.resolve(d.t, d.max_len)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                        block_t=block_t, block_s=block_s, interpret=interpret, windows=windows)
+                        block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
+                        codes=codes)

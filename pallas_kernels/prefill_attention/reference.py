@@ -17,7 +17,8 @@ def validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero
 
 def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                           v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                          v_recent=None, block_sizes=None, interpret=None) -> jax.Array:
+                          v_recent=None, k_codes=None, v_codes=None, block_sizes=None,
+                          interpret=None) -> jax.Array:
   """Reference of `prefill_attention` (same signature; `block_sizes`/`interpret` unused).
 
   A chunk of T tokens at positions `lengths[b] + t` attends causally to the cache
@@ -25,5 +26,6 @@ def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zer
   """
   return ref_decode_attention(q, k, v, lengths, chunk, layer, k_scale=k_scale, k_zero=k_zero,
                               v_scale=v_scale, v_zero=v_zero, k_sink=k_sink, v_sink=v_sink,
-                              k_recent=k_recent, v_recent=v_recent, block_sizes=block_sizes,
+                              k_recent=k_recent, v_recent=v_recent, k_codes=k_codes,
+                              v_codes=v_codes, block_sizes=block_sizes,
                               interpret=interpret, max_t=None)

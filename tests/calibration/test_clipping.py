@@ -95,6 +95,8 @@ def test_bad_samples_and_requests_are_clear_errors():
       clipping.compute_clip(samples, spec, "mse")
   with pytest.raises(ValueError, match="clip ratios are for dynamic"):
     clipping.compute_clip([good], QuantSpec.parse("int8-channel"))
+  with pytest.raises(ValueError, match="clip ratios are for range-scaled specs, got int2-nu-rot"):
+    clipping.compute_clip([good], QuantSpec.parse("int2-nu-rot"))
   with pytest.raises(ValueError, match="learn_clip"):
     clipping.compute_clip([good], spec, "learned")
   with pytest.raises(ValueError, match="takes options"):
@@ -158,3 +160,22 @@ def test_artifact_with_clip_ratios_round_trips_and_drives_the_cache(tmp_path, rn
       CalibrationArtifact(fmt="k=int4,v=int8-head", model=MODEL, method="mse",
                           workloads=WORKLOADS, scales={"v": {"scale": np.full((2, 2, 1), 0.1)}, **bad},
                           clip_fraction={"k": frac, "v": np.zeros(2)})
+
+
+def test_a_non_uniform_tensor_takes_no_clip_ratios(rng):
+  # Its RMS scales have no range to narrow: an artifact of a mixed format calibrates the
+  # other tensor only, and the cache refuses a clip for it.
+  clip = np.full((2, 2), 0.5, np.float32)
+  fmt = "k=int4-rot,v=int4-nu-rot"
+  art = CalibrationArtifact(fmt=fmt, model=MODEL, method="mse", workloads=WORKLOADS,
+                            scales={"k": {"clip": clip}}, clip_fraction={"k": np.zeros(2)})
+  cache = kvtpu.KVCache.init(art.fmt, num_layers=2, batch=1, kv_heads=2, max_len=16, head_dim=16,
+                             calibration=art)
+  assert cache.v.clip is None and cache.k.clip is not None
+  with pytest.raises(ValueError, match="needs scales \\['k_clip'\\]"):
+    CalibrationArtifact(fmt=fmt, model=MODEL, method="mse", workloads=WORKLOADS,
+                        scales={"k": {"clip": clip}, "v": {"clip": clip}},
+                        clip_fraction={"k": np.zeros(2), "v": np.zeros(2)})
+  with pytest.raises(ValueError, match="v_clip given, but V is stored as int4-nu-rot"):
+    kvtpu.KVCache.init(fmt, num_layers=2, batch=1, kv_heads=2, max_len=16, head_dim=16,
+                       k_clip=clip, v_clip=clip)

@@ -100,7 +100,7 @@ def test_mismatched_artifact_and_bad_requests_are_clear(model, data):
   other = Llama(dataclasses.replace(CFG, name="other"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="made on model 'tiny', not 'other'"):
     other.init_cache("int8-head", batch=1, max_len=8, calibration=art)
-  with pytest.raises(ValueError, match="bf16 stores K and V unquantized"):
+  with pytest.raises(ValueError, match="format bf16 has nothing to calibrate: K and V are unquantized"):
     calibrate(model, [data], "bf16", seq_len=32, batch=4, num_tokens=256)
   with pytest.raises(ValueError, match="unknown method='best'"):
     calibrate(model, [data], "int8-head", method="best")

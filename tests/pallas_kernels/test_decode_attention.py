@@ -13,6 +13,7 @@ from jax.experimental import topologies
 from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
   decode_attention,
+  decode_codes,
   default_block_sizes,
   dequantize_per_token,
   hbm_bytes,
@@ -25,6 +26,7 @@ import kvtpu
 from tests.helpers import assert_close, covering_cases, np_attention, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
+  CODES,
   FAST_CASES,
   FORMATS,
   GENERATIONS,
@@ -35,6 +37,7 @@ from tests.pallas_kernels.cases import (
   filled_cache,
   kernel_args,
   runnable,
+  split_codes,
   tpu_device,
 )
 
@@ -58,7 +61,7 @@ def test_reference_by_hand():
 @pytest.mark.parametrize("fmt", [
     pytest.param(f, marks=slow_unless(f in ("int8", "int4-asym-g16")))
     for f in ("f32", "bf16", "int8", "int4", "int4-asym-g16", "fp8_e4m3", "fp8_e5m2-sbf16",
-              "int8-asym-g8", "int2", "int2-asym-g16")])
+              "int8-asym-g8", "int2", "int2-asym-g16", "int4-nu-rot", "int2-nu-g16-sbf16-rot")])
 def test_reference_dequantizes_exactly_as_quant(fmt, rng):
   # The kernels' reference reads the cache layout ([B, K, S, H] values, [B, K, G, S]
   # scales) and must mean what kvtpu.quant says a stored value means, bit for bit.
@@ -68,12 +71,39 @@ def test_reference_dequantizes_exactly_as_quant(fmt, rng):
   for which in ("k", "v"):
     x = getattr(cache, which)
     pick = lambda a: None if a is None else a[1]  # noqa: E731
-    got = dequantize_per_token(x.values[1], pick(x.per_token_scale), pick(x.per_token_zero))
+    got = dequantize_per_token(x.values[1], pick(x.per_token_scale), pick(x.per_token_zero),
+                               x.codes)
     # quant.dequantize on the token-major layout: [B, K, S, H] with scales [B, K, S, G].
     swap = lambda a: None if a is None else jnp.swapaxes(a[1], -1, -2)  # noqa: E731
     want = kvtpu.dequantize(x.values[1], x.spec, swap(x.scale), swap(x.zero))
     held = np.arange(max_len)[None, None, :, None] < np.array([7, 11])[:, None, None, None]
     np.testing.assert_array_equal(np.where(held, got, 0), np.where(held, want, 0), err_msg=which)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int2, jnp.int4])
+def test_decode_codes_reads_every_stored_value_as_its_level(dtype):
+  # The select chain the kernels run (in VMEM and in the reference) is the table lookup.
+  bits = jnp.iinfo(dtype).bits
+  levels = kvtpu.quant.lloyd_max_levels(bits)
+  q = jnp.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=jnp.int32).astype(dtype)
+  for x in (q, q.astype(jnp.float32)):
+    np.testing.assert_array_equal(decode_codes(x, levels), np.asarray(levels, np.float32))
+
+
+def test_codes_are_checked_at_the_boundary(rng):
+  cache = filled_cache("int4-nu-rot", rng, lengths=[3], t=1, chunk=[1], kv_heads=1, head_dim=32,
+                       max_len=16)
+  q = jnp.zeros((1, 1, 1, 32), jnp.float32)
+  args, kw = kernel_args(cache, 1, [1])
+  levels = kw["k_codes"]
+  with pytest.raises(ValueError, match="do not also pass k_codes"):
+    ref_decode_attention(q, cache.k, cache.v, *args[2:], k_codes=levels)
+  for bad in (levels[:8], levels[::-1], tuple(range(16)), list(levels)):
+    with pytest.raises(ValueError, match="k_codes must be a tuple of 16 ascending floats"):
+      ref_decode_attention(q, *args, **{**kw, "k_codes": bad})
+  bf16 = filled_cache("bf16", rng, lengths=[3], t=1, chunk=[1], kv_heads=1, head_dim=32, max_len=16)
+  with pytest.raises(ValueError, match="v_codes index integer storage, but v is bfloat16"):
+    ref_decode_attention(q, bf16.k, bf16.v, *args[2:], v_codes=levels)
 
 
 @pytest.mark.parametrize("impl", ["ref", "kernel"])
@@ -109,7 +139,7 @@ def test_reference_matches_float64_numpy(fmt, rng):
 # --------------------------------------------------------- interpret vs reference
 # The oracle of the kernel comparisons: the reference (checked op by op against float64
 # numpy above) compiled as one program, which costs less than its per-op compiles.
-jitted_ref = jax.jit(ref_decode_attention)
+jitted_ref = jax.jit(ref_decode_attention, static_argnames=CODES)
 
 
 def _case_params():
@@ -296,11 +326,12 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
                                                     max_len=2048, head_dim=head_dim))
   q = jax.ShapeDtypeStruct((4, 2, 16, head_dim), jnp.float32)
   args, kw = kernel_args(cache, 1, jnp.zeros(4, jnp.int32))
+  kw, codes = split_codes(kw)
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   args = jax.tree.map(on_tpu, (q, *args[:3], jax.ShapeDtypeStruct((4,), jnp.int32)))
   kw = jax.tree.map(on_tpu, kw)
   fn = jax.jit(lambda q, k, v, lengths, chunk, kw: decode_attention(q, k, v, lengths, chunk, 1,
-                                                                    **kw))
+                                                                    **kw, **codes))
   compiled = fn.lower(*args, kw).compile()  # Raises if Mosaic rejects the kernel.
   # The f32 output, at least (H = 64 pads to 128 lanes in TPU tiles).
   assert compiled.memory_analysis().output_size_in_bytes >= 4 * 2 * 16 * head_dim * 4

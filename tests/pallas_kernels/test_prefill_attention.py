@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kvtpu.pallas_kernels.decode_attention import Dims, default_block_sizes
 from kvtpu.pallas_kernels.prefill_attention import (
   PrefillBlockSizes,
   default_prefill_block_sizes,
   prefill_attention,
+  prefill_vmem_estimate_bytes,
   ref_prefill_attention,
 )
 
@@ -17,6 +19,7 @@ import kvtpu
 from tests.helpers import assert_close, covering_cases, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
+  CODES,
   FAST_CASES,
   FORMATS,
   GQA,
@@ -26,12 +29,13 @@ from tests.pallas_kernels.cases import (
   filled_cache,
   kernel_args,
   runnable,
+  split_codes,
   tpu_device,
 )
 
 # The oracle of the kernel comparisons: the reference compiled as one program, which
 # costs less than its per-op compiles.
-jitted_ref = jax.jit(ref_prefill_attention)
+jitted_ref = jax.jit(ref_prefill_attention, static_argnames=CODES)
 
 
 def _cases():
@@ -91,6 +95,39 @@ def test_block_sizes():
   assert default_prefill_block_sizes(jnp.int8, jnp.int8, 128).block_t == 128
 
 
+@pytest.mark.parametrize("dtype", [jnp.int2, jnp.int4, jnp.int8, jnp.bfloat16])
+def test_default_prefill_blocks_shrink_with_the_query_rows(dtype):
+  # 128 tokens x G heads of logits per KV block: the KV block halves as G grows, so the
+  # step's VMEM estimate stays within v5e's 16 MiB of scoped VMEM.
+  previous = None
+  for group in (1, 2, 4, 8, 16, 64):
+    sizes = default_prefill_block_sizes(dtype, dtype, 128, group)
+    d = Dims(1, 1, sizes.block_t, group, 1, sizes.block_s, 128, 1, 1)
+    assert prefill_vmem_estimate_bytes(d, sizes.block_t, sizes.block_s, dtype, dtype) <= 16 * 2**20 \
+        or sizes.block_s == 128
+    assert sizes.block_s % 128 == 0 and (previous is None or sizes.block_s <= previous)
+    previous = sizes.block_s
+  assert default_prefill_block_sizes(dtype, dtype, 128, 1).block_s == default_block_sizes(
+      dtype, dtype, 128).block_s
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("fmt", ["int4", pytest.param("int2-nu-sbf16-rot+sink4+recent252",
+                                                      marks=pytest.mark.slow)])
+def test_default_prefill_blocks_compile_on_v5e(fmt):
+  # Eight query heads per kv head at 8K positions: the decode rule's KV block (2048 int4,
+  # 4096 int2 positions) made logits that overflowed v5e's scoped VMEM.
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e"))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=4, kv_heads=2,
+                                                    max_len=8192, head_dim=128))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  fn = jax.jit(lambda q, k, v, lengths, chunk: prefill_attention(q, k, v, lengths, chunk, 1))
+  fn.lower(on_tpu(jax.ShapeDtypeStruct((4, 256, 16, 128), jnp.float32)),
+           jax.tree.map(on_tpu, cache.k), jax.tree.map(on_tpu, cache.v), on_tpu(cache.lengths),
+           on_tpu(jax.ShapeDtypeStruct((4,), jnp.int32))).compile()
+
+
 def _compile_cases():
   """Every format on one generation, v5e: the prefill kernel shares the decode kernel's
   body, which tests/pallas_kernels/test_decode_attention.py compiles on every
@@ -110,9 +147,10 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
                                                     max_len=2048, head_dim=head_dim))
   args, kw = kernel_args(cache, 1, jnp.zeros(2, jnp.int32))
+  kw, codes = split_codes(kw)
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, 256, 8, head_dim), jnp.float32),
                                *args[:3], jax.ShapeDtypeStruct((2,), jnp.int32)))
   fn = jax.jit(lambda q, k, v, lengths, chunk, kw: prefill_attention(
-      q, k, v, lengths, chunk, 1, **kw, block_sizes=PrefillBlockSizes(128, 512)))
+      q, k, v, lengths, chunk, 1, **kw, **codes, block_sizes=PrefillBlockSizes(128, 512)))
   fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()  # Raises if Mosaic rejects the kernel.
