@@ -24,6 +24,8 @@ Every binary writes its outputs through this module, so that all reports read al
                                              axes; log axes where values span decades;
                                              an optional baseline
            plot_heatmaps(path, panels, ...)  2-D maps with a log colour scale
+           pareto_front(points)              which (benefit, cost) points no other
+                                             beats on both; pareto_line(points) draws it
 
 Plot functions return a `Figure`: the path and the notes (coincident series, points a
 log axis cannot show) that a report prints under the image beside its own statement
@@ -48,7 +50,8 @@ import numpy as np
 __all__ = [
     "Baseline", "Figure", "RowLog", "Series", "Style", "atomic_path", "auto_scale",
     "check_rows", "coincident_groups", "is_int", "is_nonneg_int", "is_num", "is_pos_int",
-    "is_str", "markdown_table", "percent", "plot_heatmaps", "plot_series", "read_jsonl",
+    "is_str", "markdown_table", "pareto_front", "pareto_line", "percent", "plot_heatmaps",
+    "plot_series", "read_jsonl",
     "require", "require_fields", "style_of", "write_json", "write_jsonl", "write_text",
 ]
 
@@ -538,6 +541,32 @@ def _set_scale(ax, axis: str, scale: str, values: np.ndarray, ticks: Sequence[fl
     (ax.xaxis if axis == "x" else ax.yaxis).set_minor_locator(NullLocator())
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+  """Which points are on the Pareto front of (benefit, cost): higher benefit and lower
+  cost are better; a point is off the front when another is at least as good on both
+  and better on one (equal points dominate neither).
+
+  Args:
+    points: (benefit, cost) pairs.
+
+  Returns:
+    One bool per point: True on the front.
+  """
+  def dominates(q, p) -> bool:
+    return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
+  return [not any(dominates(q, p) for q in points) for p in points]
+
+
+def pareto_line(points: Sequence[tuple[float, float]]) -> Series | None:
+  """The front's (x, y) points joined by a dotted grey line, in x order; None for fewer
+  than two points."""
+  front = sorted(points)
+  if len(front) < 2:
+    return None
+  return Series("Pareto front", [x for x, _ in front], [y for _, y in front],
+                style=Style("#555555", "", ":"))
+
+
 def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabel: str,
                 ylabel: str, kind: str = "line", xscale: str = "auto", yscale: str = "auto",
                 baseline: Baseline | None = None, xticks: Sequence[float] | None = None,
@@ -559,7 +588,8 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
     path: the PNG to write.
     series: what to draw, in legend order.
     title, xlabel, ylabel: texts (the title is wrapped to the figure's width).
-    kind: "line" or "points".
+    kind: "line" or "points" (then a series whose style has no marker, such as
+      `pareto_line`, is still drawn as a line).
     xscale, yscale: axis scales.
     baseline: the reference, drawn as a grey line (`Baseline`).
     xticks, yticks, xtick_label, ytick_label: explicit ticks and their labels.
@@ -609,7 +639,7 @@ def plot_series(path: str | Path, series: Sequence[Series], *, title: str, xlabe
     pts.sort()
     px = [p[0] for p in pts]
     py = [p[1] for p in pts]
-    if kind == "line":
+    if kind == "line" or not style.marker:  # A markerless series is a guide line.
       linestyle = style.linestyle if not rank else (rank * 3, (4, 4))
       ax.plot(px, py, linestyle=linestyle, linewidth=1.8, **kwargs)
     else:

@@ -60,7 +60,7 @@ def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
                "## Targets (per-token scales, dynamic or with calibrated clip ratios, context 64)", "| int8 | prose x2 |",
                "| top1_agreement (%) | >= 99 |", "prose @64 x2 (%)"):
     assert part in text, part
-  for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png", "kl_vs_bytes.png"):
+  for png in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bits.png", "kl_vs_bits.png"):
     assert (tmp_path / png).stat().st_size > 1000
     assert f"]({png})\n\n*" in text  # each plot with its caption
   assert (tmp_path / "calibration" / "int4@prose" / "kvtpu_calibration.json").is_file()

@@ -15,7 +15,7 @@ from absl import app
 from kvtpu.experiments import summary as summary_binary
 from kvtpu.experiments.common import parse_flags
 from kvtpu.models.runs.common import ConfigError
-from kvtpu.models.runs.summary import SummaryConfig, pareto_front, run
+from kvtpu.models.runs.summary import SummaryConfig, run
 
 from kvtpu import reports
 from kvtpu.formats import KVFormat
@@ -197,13 +197,6 @@ def test_joined_table_holds_the_inputs_numbers(inputs, tmp_path):
     assert text in report, text
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert config["evaluate_dir"] == inputs["evaluate_dir"] and config["eval_context_shown"] == 2048
-
-
-def test_pareto_front_leaves_out_dominated_points():
-  # (capacity, cost): (2, 1) is beaten by (2, 0.5); (1.5, 2) by (2, 0.5) on both.
-  points = [(1.0, 0.0), (2.0, 1.0), (2.0, 0.5), (4.0, 5.0), (1.5, 2.0)]
-  assert pareto_front(points) == [True, False, True, True, False]
-  assert pareto_front([(1.0, 0.0), (1.0, 0.0)]) == [True, True]  # Ties dominate neither.
 
 
 def test_dominated_config_is_off_the_front(inputs, tmp_path):

@@ -228,3 +228,13 @@ def test_heatmaps(tmp_path):
   fig = reports.plot_heatmaps(tmp_path / "m.png", [("K", grid), ("V", grid * 10)], title="|x| max",
                               xlabel="channel", ylabel="layer", colorbar_label="|x| max")
   assert fig.path.read_bytes().startswith(PNG_MAGIC) and fig.notes == ()
+
+
+def test_pareto_front_leaves_out_dominated_points():
+  # (benefit, cost): (2, 1) is beaten by (2, 0.5); (1.5, 2) by (2, 0.5) on both.
+  points = [(1.0, 0.0), (2.0, 1.0), (2.0, 0.5), (4.0, 5.0), (1.5, 2.0)]
+  assert reports.pareto_front(points) == [True, False, True, True, False]
+  assert reports.pareto_front([(1.0, 0.0), (1.0, 0.0)]) == [True, True]  # Ties dominate neither.
+  line = reports.pareto_line([(4.0, 5.0), (1.0, 0.0), (2.0, 0.5)])
+  assert (list(line.x), list(line.y)) == ([1.0, 2.0, 4.0], [0.0, 0.5, 5.0])
+  assert reports.pareto_line([(1.0, 0.0)]) is None

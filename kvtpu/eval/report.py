@@ -40,7 +40,7 @@ from kvtpu.reports import is_num, is_pos_int, is_str, require
 __all__ = [
     "LIST_METRICS", "METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS",
     "check_row", "check_rows", "config_label", "header_markdown", "metric_table",
-    "passkey_table", "plot_vs_bytes", "plot_vs_context", "read_jsonl", "shown_value",
+    "passkey_table", "plot_vs_bits", "plot_vs_context", "read_jsonl", "shown_value",
     "transfer_table", "write_jsonl", "write_report",
 ]
 
@@ -375,12 +375,11 @@ def _axis_label(metric: str) -> str:
   return f"{what}{_unit(metric)}" + (", max over layers" if metric in LIST_METRICS else "")
 
 
-def _baseline(rows: Sequence[dict], metric: str, *, with_bytes: bool) -> reports.Baseline | None:
-  """The reference cache, at its own value of `metric` (and its bytes per token)."""
+def _baseline(rows: Sequence[dict], metric: str, x: float | None = None
+              ) -> reports.Baseline | None:
+  """The reference cache, at its own value of `metric` (and at `x`, its bits, if given)."""
   refs = sorted({str(r["protocol"].get("reference", "")) for r in rows} - {""})
   value = METRICS.get(metric, ("", "", 1.0, None))[3]
-  xs = sorted({r["reference_bytes_per_token"] for r in rows if "reference_bytes_per_token" in r})
-  x = xs[0] if with_bytes and len(xs) == 1 else None
   if value is None and x is None:
     return None
   name = "/".join(refs) or "reference"
@@ -388,7 +387,7 @@ def _baseline(rows: Sequence[dict], metric: str, *, with_bytes: bool) -> reports
   if value is not None:
     text += f": {metric} {value:g}{METRICS[metric][1] and ' ' + METRICS[metric][1]} by definition"
   if x is not None:
-    text += f"; {x:,.0f} bytes/token"
+    text += f"; {x:g} bits"
   return reports.Baseline(text, y=value, x=x)
 
 
@@ -429,29 +428,60 @@ def plot_vs_context(rows: Sequence[dict], metric: str, path: str | Path) -> repo
       path, series, title=f"{metric} vs context", xlabel="context (tokens)",
       ylabel=_axis_label(metric), xscale="log2" if len(contexts) > 1 else "linear",
       xticks=contexts or None, xtick_label=lambda c: f"{c:g}",
-      baseline=_baseline(scores, metric, with_bytes=False))
+      baseline=_baseline(scores, metric))
 
 
-def plot_vs_bytes(rows: Sequence[dict], metric: str, path: str | Path) -> reports.Figure:
-  """PNG: the metric (mean over a config's rows) against KV bytes per token, one point per
-  config; the reference cache as the baseline (at its bytes per token when rows carry it)."""
-  scores = _scores(rows)
+# Metrics where a larger value is better; for the others a smaller one is, and for a
+# relative change a smaller magnitude (targets bound |change|).
+_HIGHER_IS_BETTER = ("top1_agreement",)
+_SIGNED_CHANGES = ("ppl_rel_change",)
+
+
+def _reference_bits(rows: Sequence[dict]) -> float | None:
+  """Effective bits of the (single, unquantized) reference cache: its dtype's bits."""
+  refs = {str(r["protocol"].get("reference", "")) for r in rows}
+  if len(refs) != 1:
+    return None
+  try:
+    fmt = KVFormat.parse(refs.pop())
+  except ValueError:
+    return None
+  return None if fmt.quantized else float(fmt.k.dtype.bits)
+
+
+def plot_vs_bits(rows: Sequence[dict], metric: str, path: str | Path) -> reports.Figure:
+  """PNG: the metric (mean over a config's rows) against effective bits per stored value
+  (`kv_effective_bits`; rows without it are left out), one point per config, the
+  Pareto front (no other config has at most its bits and a value at least as good,
+  better on one) named in the legend and joined by a dotted line; the reference cache
+  as the baseline at its bits."""
+  scores = [r for r in _scores(rows) if "kv_effective_bits" in r]
   label = _labeler(scores)
   groups = defaultdict(list)
   for r in scores:
     groups[label(r)].append(r)
-  series = [reports.Series(lab, [float(np.mean([r["kv_bytes_per_token"] for r in groups[lab]]))],
-                           [float(np.mean([shown_value(r, metric) for r in groups[lab]]))],
+  labels = _config_order(scores, label)
+  points = [(float(np.mean([r["kv_effective_bits"] for r in groups[lab]])),
+             float(np.mean([shown_value(r, metric) for r in groups[lab]]))) for lab in labels]
+  def cost(y: float) -> float:
+    return -y if metric in _HIGHER_IS_BETTER else abs(y) if metric in _SIGNED_CHANGES else y
+
+  front = reports.pareto_front([(-x, cost(y)) for x, y in points])
+  series = [reports.Series(lab + (" (Pareto front)" if on else ""), [x], [y],
                            style=_style(groups[lab][0]))
-            for lab in _config_order(scores, label)]
+            for lab, (x, y), on in zip(labels, points, front, strict=True)]
+  line = reports.pareto_line([p for p, on in zip(points, front, strict=True) if on])
+  if line is not None:
+    series.append(line)
   return reports.plot_series(
-      path, series, title=f"{metric} vs KV bytes per token", kind="points",
-      xlabel="KV-cache bytes per token (all layers)", ylabel=_axis_label(metric),
-      xscale="linear", baseline=_baseline(scores, metric, with_bytes=True))
+      path, series, title=f"{metric} vs effective bits per value", kind="points",
+      xlabel="effective bits per stored K/V value at 8K context (scales, windows included)",
+      ylabel=_axis_label(metric), xscale="linear",
+      baseline=_baseline(scores, metric, _reference_bits(scores)))
 
 
 def plot_caption(rows: Sequence[dict], metric: str, *, vs: str) -> str:
-  """What a point of `plot_vs_context` (vs="context") or `plot_vs_bytes` (vs="bytes")
+  """What a point of `plot_vs_context` (vs="context") or `plot_vs_bits` (vs="bits")
   shows and averages."""
   scores = _scores(rows)
   what = _axis_label(metric)
@@ -459,16 +489,23 @@ def plot_caption(rows: Sequence[dict], metric: str, *, vs: str) -> str:
   if vs == "context":
     return (f"{what} against context. Each point: the mean over {_over(scores, contexts=False)}"
             f" of one KV config's rows at one context ({len(scores)} rows in all).")
-  return (f"{what} against KV-cache bytes per token. Each point: the mean over "
-          f"{_over(scores, contexts=True)} of one KV config's rows ({len(scores)} rows in all).")
+  placed = [r for r in scores if "kv_effective_bits" in r]
+  left_out = len(scores) - len(placed)
+  better = ("higher" if metric in _HIGHER_IS_BETTER else "smaller absolute"
+            if metric in _SIGNED_CHANGES else "lower")
+  return (f"{what} against effective bits per stored value at 8K context. Each point: the "
+          f"mean over {_over(placed, contexts=True)} of one KV config's rows ({len(placed)} "
+          f"rows in all{f'; {left_out} rows without effective bits left out' if left_out else ''})"
+          f". Pareto front: the configs no other has at most the bits and a {better} value of "
+          "(better on one).")
 
 
 _REPORT_METRICS = ("ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "ppl",
                    "attn_rel_error", "saturation_k", "saturation_v")
 _PLOTS = (("kl_vs_context.png", "context", "kl_mean"),
           ("top1_vs_context.png", "context", "top1_agreement"),
-          ("ppl_vs_bytes.png", "bytes", "ppl_rel_change"),
-          ("kl_vs_bytes.png", "bytes", "kl_mean"))
+          ("ppl_vs_bits.png", "bits", "ppl_rel_change"),
+          ("kl_vs_bits.png", "bits", "kl_mean"))
 
 
 def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
@@ -511,9 +548,9 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
     parts.append("Colours: one per KV format, the same in every plot; a calibrated config is "
                  "a shade of its format's colour with its own marker.")
     for name, vs, metric in _PLOTS:
-      plot = plot_vs_context if vs == "context" else plot_vs_bytes
+      plot = plot_vs_context if vs == "context" else plot_vs_bits
       figure = plot(scores, metric, workdir / name)
-      what = "context" if vs == "context" else "KV bytes per token"
+      what = "context" if vs == "context" else "effective bits"
       parts.append(figure.markdown(f"{metric} vs {what}", plot_caption(scores, metric, vs=vs)))
   report = "\n\n".join(parts) + "\n"
   reports.write_text(workdir / "report.md", report)

@@ -48,7 +48,7 @@ from kvtpu.eval import report as eval_report
 from kvtpu.formats import KVFormat
 from kvtpu.headroom import report as headroom_report
 
-__all__ = ["SummaryConfig", "SummaryResult", "header_lines", "pareto_front",
+__all__ = ["SummaryConfig", "SummaryResult", "header_lines",
            "plot_capacity_vs_ppl", "run", "summarize", "summary_table"]
 
 RESULTS = "results.jsonl"
@@ -266,22 +266,6 @@ def _same_model(ev: dict, hr: dict) -> bool:
   return ev["model"].strip().lower() == hr["model"].strip().lower()
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-  """Which points are on the Pareto front of (capacity, cost): higher capacity and lower
-  cost are better; a point is off the front when another is at least as good on both and
-  better on one.
-
-  Args:
-    points: (capacity, cost) pairs.
-
-  Returns:
-    One bool per point: True on the front.
-  """
-  def dominates(q, p) -> bool:
-    return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
-  return [not any(dominates(q, p) for q in points) for p in points]
-
-
 def _sort_key(row: dict) -> tuple:
   bits = row["effective_bits"]
   return (not row["is_reference"], -(bits if bits is not None else math.inf),
@@ -364,7 +348,7 @@ def summarize(evaluate_rows: list[dict], headroom_rows: list[dict],
   rows.sort(key=_sort_key)
   plotted = [r for r in rows if r["token_capacity_vs_bf16"] is not None
              and r["worst_ppl_rel_change"] is not None]
-  front = pareto_front([(r["token_capacity_vs_bf16"], r["worst_ppl_rel_change"])
+  front = reports.pareto_front([(r["token_capacity_vs_bf16"], r["worst_ppl_rel_change"])
                         for r in plotted])
   for r in rows:
     r["pareto"] = None  # Not plotted: no capacity or no perplexity to place it by.
@@ -522,11 +506,10 @@ def plot_capacity_vs_ppl(summary: dict[str, Any], path: str | Path) -> reports.F
   series = [reports.Series(r["label"] + (" (Pareto front)" if r["pareto"] else ""),
                            [r["token_capacity_vs_bf16"]], [100 * r["worst_ppl_rel_change"]],
                            style=_style(r)) for r in rows]
-  front = sorted((r["token_capacity_vs_bf16"], 100 * r["worst_ppl_rel_change"])
-                 for r in rows if r["pareto"])
-  if len(front) > 1:
-    series.append(reports.Series("Pareto front", [x for x, _ in front], [y for _, y in front],
-                                 style=reports.Style("#555555", "", ":")))
+  line = reports.pareto_line([(r["token_capacity_vs_bf16"], 100 * r["worst_ppl_rel_change"])
+                              for r in rows if r["pareto"]])
+  if line is not None:
+    series.append(line)
   ev = summary["evaluation"]
   return reports.plot_series(
       path, series, title=f"Token capacity vs perplexity change: {ev['model']} on "

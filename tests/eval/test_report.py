@@ -418,10 +418,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.parametrize("plot,metric", [(rp.plot_vs_context, "kl_mean"),
                                          (rp.plot_vs_context, "saturation_v"),
-                                         (rp.plot_vs_bytes, "ppl_rel_change")])
+                                         (rp.plot_vs_bits, "ppl_rel_change")])
 def test_plots_with_a_single_point(tmp_path, plot, metric):
   path = tmp_path / "p.png"
-  plot([make_row()], metric, path)
+  plot([dict(make_row(), kv_effective_bits=8.5)], metric, path)
   data = path.read_bytes()
   assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
@@ -430,7 +430,9 @@ def test_plots_with_several_configs(tmp_path):
   rows = [make_row(kv_format=f, context=c, kl_mean=k)
           for f, k in (("int8", 0.01), ("int4", 0.2)) for c in (512, 2048)]
   rows.append(make_row(kv_format="bf16", kl_mean=0.0))  # a zero: linear y scale
-  for plot, name in ((rp.plot_vs_context, "a.png"), (rp.plot_vs_bytes, "b.png")):
+  for r in rows:
+    r["kv_effective_bits"] = {"int8": 8.5, "int4": 4.5, "bf16": 16.0}[r["kv_format"]]
+  for plot, name in ((rp.plot_vs_context, "a.png"), (rp.plot_vs_bits, "b.png")):
     plot(rows, "kl_mean", tmp_path / name)
     assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
 
@@ -443,7 +445,7 @@ def test_plot_styles_and_notes(tmp_path):
                                ("int4", None, 0.3, 0.75), ("int4", "prose", 0.2, 0.8))
           for c in (512, 2048)]
   for r in rows:
-    r["reference_bytes_per_token"] = 9216.0
+    r["kv_effective_bits"] = 4.5 if r["kv_format"] == "int4" else 8.5
     if r["kv_format"] == "fp8_e4m3":
       r["kv_bytes_per_token"] = BYTES["int8"]  # fp8_e4m3 stores what int8 stores
   rp.check_rows(rows)
@@ -452,22 +454,57 @@ def test_plot_styles_and_notes(tmp_path):
   assert [n for n in fig.notes if "coincide" in n] == [
       "fp8_e4m3 | dynamic and int8 | dynamic coincide (values within 0.4 % of the axis): drawn as "
       "one line, the later ones dashed over the first, with larger hollow markers."], fig.notes
-  bytes_fig = rp.plot_vs_bytes(rows, "top1_agreement", tmp_path / "top1.png")
-  assert any("coincide" in n for n in bytes_fig.notes)  # int8 and fp8_e4m3: same bytes, same y
+  bits_fig = rp.plot_vs_bits(rows, "top1_agreement", tmp_path / "top1.png")
+  assert any("coincide" in n for n in bits_fig.notes)  # int8 and fp8_e4m3: same bits, same y
   # The calibrated int4 config is drawn in its own shade of int4's colour in both plots.
   import matplotlib.image  # noqa: PLC0415
 
   shade = reports.style_of("int4", "prose").color
   assert shade != reports.style_of("int4").color
   rgb = np.array([int(shade[i:i + 2], 16) / 255 for i in (1, 3, 5)])
-  for png in (fig.path, bytes_fig.path):
+  for png in (fig.path, bits_fig.path):
     pixels = matplotlib.image.imread(png)[..., :3]
     assert (np.abs(pixels - rgb).max(axis=-1) < 0.02).any(), png
-  caption = rp.plot_caption(rows, "kl_mean", vs="bytes")
+  caption = rp.plot_caption(rows, "kl_mean", vs="bits")
   assert caption.startswith("Mean per-token KL divergence from the reference (nats) against "
-                            "KV-cache bytes per token. Each point: the mean over")
+                            "effective bits per stored value at 8K context. Each point: the mean over")
   assert "mean over evaluation workload prose, batch size 4 and contexts 512, 2048" in caption
   assert "(8 rows in all)" in caption
+
+
+def test_bits_plot_marks_the_pareto_front(tmp_path, monkeypatch):
+  # (bits, KL): the rotated int4 has int4's bits and a lower KL, so plain and calibrated
+  # int4 are off the front; int8 (more bits, lowest KL) and int2 (fewest bits) are on it.
+  # Perplexity changes count by magnitude: int4's -40 % is worse than int4-rot's +5 %.
+  rows = [dict(make_row(kv_format=f, cal=cal, kl_mean=k, top1_agreement=t, ppl_rel_change=p),
+               kv_effective_bits=b)
+          for f, cal, b, k, t, p in (("int8", None, 8.5, 0.001, 0.99, -0.001),
+                                     ("int4", None, 4.5, 0.3, 0.75, -0.4),
+                                     ("int4-rot", None, 4.5, 0.06, 0.86, 0.05),
+                                     ("int4", "prose", 4.5, 0.2, 0.8, 0.2),
+                                     ("int2-nu-rot", None, 2.25, 1.0, 0.5, 1.0))]
+  rows.append(make_row(kv_format="bf16", kl_mean=0.0))  # No effective bits: left out.
+  fig = rp.plot_vs_bits(rows, "kl_mean", tmp_path / "kl.png")
+  assert fig.path.read_bytes().startswith(PNG_MAGIC)
+  caption = rp.plot_caption(rows, "kl_mean", vs="bits")
+  assert "(5 rows in all; 1 rows without effective bits left out)" in caption
+  assert "a lower value" in caption
+  assert "a higher value" in rp.plot_caption(rows, "top1_agreement", vs="bits")
+  drawn = {}
+
+  def capture(path, series, **kw):
+    drawn[kw["title"]] = [s.name for s in series]
+    return reports.Figure(path)
+
+  monkeypatch.setattr(reports, "plot_series", capture)
+  for metric in ("kl_mean", "top1_agreement", "ppl_rel_change"):
+    rp.plot_vs_bits(rows, metric, tmp_path / "p.png")
+  assert len(drawn) == 3
+  for title, names in drawn.items():
+    assert sorted(n for n in names if n.endswith("(Pareto front)")) == [
+        "int2-nu-rot | dynamic (Pareto front)", "int4-rot | dynamic (Pareto front)",
+        "int8 | dynamic (Pareto front)"], title
+    assert names[-1] == "Pareto front"
 
 
 def report_rows():
@@ -482,7 +519,7 @@ def test_write_report(tmp_path):
   out = tmp_path / "out"
   assert (out / "report.md").read_text() == md
   assert rp.read_jsonl(out / "results.jsonl") == rows
-  for name in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bytes.png", "kl_vs_bytes.png"):
+  for name in ("kl_vs_context.png", "top1_vs_context.png", "ppl_vs_bits.png", "kl_vs_bits.png"):
     assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert f"]({name})" in md
   for metric in ("ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "ppl", "attn_rel_error",
