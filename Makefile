@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # sweep for SmolLM2 on one v5e chip, and the summary that joins SmolLM2's capacity and
 # accuracy in one table. Each run replaces the previous one's outputs (--overwrite; the
 # binaries refuse a used workdir without it).
-SUMMARY_FORMATS = bf16,int8,fp8_e4m3,int4,fp8_e5m2,int8-rot,int4-sbf16-rot+sink4+recent252,int2-nu-sbf16-rot+sink4+recent252
+SUMMARY_FORMATS = bf16,int8,fp8_e4m3,int4,fp8_e5m2,int8-rot,int4-sbf16-rot+sink4+recent252,int4-nu-sbf16-rot+sink4+recent252,int2-nu-sbf16-rot+sink4+recent252
 run: $(STAMP)
 	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate --overwrite
 	$(PY) -m kvtpu.experiments.headroom --workdir=$(WORKDIR)/headroom --overwrite

@@ -105,7 +105,8 @@ def test_targets_cover_calibrated_clip_rows_and_the_four_bit_passkey():
 def test_presets_and_explicit_fields():
   quick = evaluate_run.EvaluateConfig.from_preset("quick")
   assert quick.kv_formats == ("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot",
-                              "int4-sbf16-rot+sink4+recent252", "int2-nu-sbf16-rot+sink4+recent252")
+                              "int4-sbf16-rot+sink4+recent252", "int4-nu-sbf16-rot+sink4+recent252",
+                              "int2-nu-sbf16-rot+sink4+recent252")
   assert quick.contexts == (256, 2048)
   assert quick.calibrate_formats == ("int4-sbf16-rot+sink4+recent252",)
   over = evaluate_run.EvaluateConfig.from_preset("quick", contexts=[512])

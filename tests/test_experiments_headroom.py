@@ -12,7 +12,7 @@ from absl import app
 from kvtpu.experiments import common
 from kvtpu.experiments import headroom as headroom_binary
 from kvtpu.models.runs import headroom as headroom_run
-from kvtpu.models.runs.common import FOUR_BIT_SCHEME, ConfigError
+from kvtpu.models.runs.common import FOUR_BIT_SCHEME, TWO_BIT_SCHEME, ConfigError
 from kvtpu.models.runs.headroom import HeadroomConfig, run
 
 from kvtpu import headroom, memory
@@ -30,7 +30,7 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
   assert rows == result.rows
   maxima = {(r["kv_format"], r["kind"], r["concurrency"] if r["kind"] == "max_context"
              else r["context"]): r for r in rows if not r["oom"]}
-  assert len(maxima) == 5 * 7  # 5 formats x (4 concurrencies + 3 contexts).
+  assert len(maxima) == 6 * 7  # 6 formats x (4 concurrencies + 3 contexts).
   # Every maximum fits, its oom neighbour does not, and the bytes add up.
   for r in rows:
     assert r["total_per_device"] == (r["weights_per_device"] + r["cache_per_device"]
@@ -49,10 +49,11 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     assert maxima[("int4", "max_context", c)]["tokens"] >= 3.6 * bf16
     # The 4-bit scheme: rotation and 256 bf16 window slots per sequence cost it a little.
     assert maxima[(FOUR_BIT_SCHEME, "max_context", c)]["tokens"] >= 3.4 * bf16
+    assert maxima[(TWO_BIT_SCHEME, "max_context", c)]["tokens"] >= 5.5 * bf16  # Analytic.
   report = (tmp_path / "report.md").read_text()
   assert report == result.report
   assert "weight precision: bf16" in report
-  assert f"KV precisions: bf16, int8, fp8_e4m3, int4, {FOUR_BIT_SCHEME}" in report
+  assert f"KV precisions: bf16, int8, fp8_e4m3, int4, {FOUR_BIT_SCHEME}, {TWO_BIT_SCHEME}" in report
   # int8 and fp8_e4m3 store the same bytes: the plot draws both and its caption says so.
   assert "int8 and fp8_e4m3 coincide" in report
   config = json.loads((tmp_path / "config.json").read_text())

@@ -28,7 +28,7 @@ from absl import logging
 import kvtpu
 from kvtpu import reports
 
-__all__ = ["FOUR_BIT_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
+__all__ = ["FOUR_BIT_SCHEME", "FOUR_BIT_NU_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
            "check_head_dim", "check_workdir", "done_items", "environment", "finite_number",
            "format_list", "impl_choice", "int_list", "model_name", "one_of", "positive_int",
            "save_artifact", "start", "str_list", "workload_list", "write_config"]
@@ -39,6 +39,10 @@ __all__ = ["FOUR_BIT_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "cali
 # effective bits per value at head_dim 64 (SmolLM2) and 8K context, 4.625 at 128
 # (docs/schemes.md has the measurements behind the choice).
 FOUR_BIT_SCHEME = "int4-sbf16-rot+sink4+recent252"
+
+# The same with a 16-level Lloyd-Max code (`nu`) instead of the uniform grid: each token
+# scaled by its RMS, so it needs no calibration; same bytes.
+FOUR_BIT_NU_SCHEME = "int4-nu-sbf16-rot+sink4+recent252"
 
 # The 2-bit cache the binaries' defaults compare: int2 as a four-level Lloyd-Max code
 # (`nu`: each token scaled by its RMS after the rotation, no calibration), with the

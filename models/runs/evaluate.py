@@ -47,6 +47,7 @@ from kvtpu.models.calibrate import calibrate
 from kvtpu.models.evaluate import CacheConfig, passkey_rows, score_workload
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
+  FOUR_BIT_NU_SCHEME,
   FOUR_BIT_SCHEME,
   TWO_BIT_SCHEME,
   ConfigError,
@@ -87,17 +88,18 @@ MATRIX_FIELDS = ("kv_formats", "calibrate_formats", "calibration_workloads", "ca
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         kv_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2", "int8-rot", FOUR_BIT_SCHEME,
-                    TWO_BIT_SCHEME),
+                    FOUR_BIT_NU_SCHEME, TWO_BIT_SCHEME),
         calibrate_formats=(FOUR_BIT_SCHEME,),
         calibration_workloads=("prose", "code"), calibration_method="mse",
         calibration_tokens=2048, eval_workloads=("prose", "code"), contexts=(256, 2048),
         batches=(2,), prefill=128, chunk=128, passkey_lengths=(1024,), passkey_depths=(0.5,),
-        passkey_samples=2, passkey_formats=("int8", FOUR_BIT_SCHEME, TWO_BIT_SCHEME)),
+        passkey_samples=2, passkey_formats=("int8", FOUR_BIT_SCHEME, FOUR_BIT_NU_SCHEME,
+                                            TWO_BIT_SCHEME)),
     "full": dict(
         kv_formats=("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int4-g32", "int8-asym", "k8v4",
                     "int4-asym-g32", "int8-rot", "fp8_e4m3-rot", "int4-rot", "int4-asym-rot",
                     "int4+recent256", "int4-asym-rot+recent128", FOUR_BIT_SCHEME,
-                    "int4-nu-sbf16-rot+sink4+recent252", TWO_BIT_SCHEME),
+                    FOUR_BIT_NU_SCHEME, TWO_BIT_SCHEME),
         calibrate_formats=("int8", "fp8_e4m3", "int4", "int8-channel", "k=int8-channel,v=int8",
                            "fp8_e4m3-rot", FOUR_BIT_SCHEME),
         calibration_workloads=("prose", "code", "chat"), calibration_method="mse",
@@ -105,7 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         contexts=(512, 1024, 2048, 4096, 8192), batches=(1, 8), prefill=512, chunk=64,
         passkey_lengths=(1024, 2048, 4096, 8192), passkey_depths=(0.1, 0.3, 0.5, 0.7, 0.9),
         passkey_samples=8, passkey_formats=("int8", "fp8_e4m3", "int4", "fp8_e5m2",
-                                            FOUR_BIT_SCHEME, TWO_BIT_SCHEME)),
+                                            FOUR_BIT_SCHEME, FOUR_BIT_NU_SCHEME, TWO_BIT_SCHEME)),
     "none": {},
 }
 _METHODS = ("absmax", "percentile", "mse", "learned")
@@ -250,11 +252,13 @@ TARGETS = {
     "int8-rot": {"top1_agreement": (0.99, "min")},
     "fp8_e4m3-rot": {"ppl_rel_change": (5e-3, "max")},
     FOUR_BIT_SCHEME: {"ppl_rel_change": (5e-3, "max"), "kl_mean": (5e-3, "max")},
+    FOUR_BIT_NU_SCHEME: {"ppl_rel_change": (5e-3, "max"), "kl_mean": (5e-3, "max")},
     TWO_BIT_SCHEME: {"ppl_rel_change": (0.1, "max")},
 }
 # Passkey targets: retrieval equal to the bf16 cache's ("bf16"), or at least a fraction
 # of the samples.
-PASSKEY_TARGETS = {"int8": "bf16", FOUR_BIT_SCHEME: "bf16", TWO_BIT_SCHEME: 0.8}
+PASSKEY_TARGETS = {"int8": "bf16", FOUR_BIT_SCHEME: "bf16", FOUR_BIT_NU_SCHEME: "bf16",
+                   TWO_BIT_SCHEME: 0.8}
 
 
 def targets_markdown(rows: list[dict], context: int = 2048) -> str:

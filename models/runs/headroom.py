@@ -31,6 +31,7 @@ from kvtpu.models import presets
 from kvtpu.models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
 from kvtpu.models.runs.common import (
   FOUR_BIT_SCHEME,
+  TWO_BIT_SCHEME,
   ConfigError,
   Progress,
   check,
@@ -81,7 +82,8 @@ class HeadroomConfig:
   accelerator: str = "v5e-8"
   mesh: str = "data:2,model:4"
   strategy: str = "auto"
-  kv_formats: tuple[str, ...] = ("bf16", "int8", "fp8_e4m3", "int4", FOUR_BIT_SCHEME)
+  kv_formats: tuple[str, ...] = ("bf16", "int8", "fp8_e4m3", "int4", FOUR_BIT_SCHEME,
+                                 TWO_BIT_SCHEME)
   modes: tuple[str, ...] = ("analytic",)
   concurrencies: tuple[int, ...] = (1, 8, 32, 128)
   contexts: tuple[int, ...] = (8192, 32768, 131072)
