@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from kvtpu.models.runs import common
 from kvtpu.models.runs.common import check, format_list, int_list, one_of
-from kvtpu.pallas_kernels.decode_attention import MAX_DECODE_T, default_block_sizes
+from kvtpu.pallas_kernels.decode_attention import MAX_DECODE_T, default_block_sizes, layout_error
 
 import kvtpu
 from kvtpu import reports
@@ -45,9 +45,11 @@ from kvtpu import reports
 __all__ = ["TpuCheckConfig", "TpuCheckResult", "NotOnTpu", "KERNEL_FORMATS", "kernel_checks",
            "run"]
 
-# Every storage dtype, scale layout and option the kernels read.
+# Every storage dtype, scale layout and option the kernels read, and the binaries' schemes
+# (rotation, bf16 windows, int2, non-uniform codes).
 KERNEL_FORMATS = ("f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym",
-                  "int4-asym-g16", "int4-g32", "fp8_e4m3-sbf16")
+                  "int4-asym-g16", "int4-g32", "fp8_e4m3-sbf16", common.FOUR_BIT_SCHEME,
+                  common.FOUR_BIT_NU_SCHEME, common.TWO_BIT_SCHEME)
 PHASES = (1, MAX_DECODE_T, 33)  # Query tokens: decode, the largest decode chunk, prefill.
 
 
@@ -112,6 +114,21 @@ def _verdict(check_name: str, ok: bool, measured: str, bound: str) -> dict:
           "line": line}
 
 
+def _refusal_verdict(fmt: str, head_dim: int, impl: str) -> dict:
+  """A format the kernels do not lay out at this head dim (int2 rows of 64 lanes): `attend`
+  must refuse it at trace time with a ValueError, before Mosaic sees it."""
+  cache = kvtpu.KVCache.init(fmt, num_layers=1, batch=1, kv_heads=1, max_len=128,
+                             head_dim=head_dim)
+  q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
+  try:
+    kvtpu.attend(q, cache, 0, impl=impl)
+  except ValueError as e:
+    return _verdict(f"kernel {fmt} H={head_dim} refused", True, f"ValueError: {str(e)[:80]}",
+                    "refused at trace time")
+  return _verdict(f"kernel {fmt} H={head_dim} refused", False, "attend ran",
+                  "refused at trace time")
+
+
 def _edge_lengths(block: int, max_len: int, t: int) -> np.ndarray:
   """Lengths held before a chunk of t tokens: empty, one token, around the block edge,
   and the capacity that leaves room for the chunk."""
@@ -144,6 +161,10 @@ def kernel_checks(config: TpuCheckConfig, *, seed: int = 0) -> list[dict]:
   for fmt in config.formats:
     f = kvtpu.KVFormat.parse(fmt)
     for head_dim in config.head_dims:
+      refusal = layout_error(f.k.storage_dtype, f.v.storage_dtype, head_dim)
+      if refusal is not None and config.impl != "xla":
+        verdicts.append(_refusal_verdict(fmt, head_dim, config.impl))
+        continue
       block = default_block_sizes(f.k.dtype.jnp_dtype, f.v.dtype.jnp_dtype, head_dim).block_s
       max_len = 2 * block + 128  # An edge block shorter than the others.
       for t in PHASES:

@@ -66,3 +66,13 @@ def test_bad_config_fields_are_named():
                        ("formats", ("int8-channel",)), ("evaluate", "yes")):
     with pytest.raises(ValueError, match=field):
       _config(**{field: value})
+
+
+def test_a_format_the_kernels_do_not_lay_out_is_checked_as_refused(small_blocks, tmp_path):
+  # int2 rows of 64 lanes: the kernels refuse them at trace time, which the check verifies
+  # instead of running them; at 128 the scheme's kernel runs against the reference.
+  result = tpu_check.run(_config(formats=("int2-nu-sbf16-rot+sink4+recent124",),
+                                 head_dims=(64,)), tmp_path / "check")
+  assert [v["check"] for v in result.verdicts] == [
+      "kernel int2-nu-sbf16-rot+sink4+recent124 H=64 refused"]
+  assert result.verdicts[0]["ok"] and "head_dim a multiple of 128" in result.verdicts[0]["measured"]
