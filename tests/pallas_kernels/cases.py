@@ -20,7 +20,7 @@ KERNEL_RTOL = 5e-5
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 FORMATS = ["f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
-           "fp8_e4m3-sbf16", "int2-asym", "k4v2", "int4-nu-g32-rot", "k=int2-nu-sbf16-rot,v=int4-nu-rot"]
+           "fp8_e4m3-sbf16", "int2-asym", "k4v2", "k=int2-nu-sbf16-rot,v=int4-nu-g32-rot"]
 GQA = [1, 3, 8]
 HEAD_DIMS = [64, 128, 256]
 BLOCK = 128
