@@ -131,7 +131,7 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   if d.t == 1:
     block_t, block_s = 1, default_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim).block_s
   else:
-    blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim)
+    blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group)
     block_t, block_s = blocks.resolve(d.t, d.max_len)
   block_s = BlockSizes(block_s).resolve(d.max_len)
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,

@@ -54,7 +54,8 @@ def check_clip(fmt: KVFormat, clip) -> tuple[str, ...]:
   clip = tuple(clip)
   for which in clip:
     if which not in ("k", "v") or not fmt.spec(which).clippable:
-      raise ValueError(f"clip names the dynamic specs with clip ratios, 'k' and/or 'v'; "
+      raise ValueError(f"clip names the tensors with clip ratios, 'k' and/or 'v', whose specs "
+                       f"are dynamic and range-scaled (not static, unquantized or non-uniform); "
                        f"got {which!r} for format {fmt.name}")
   return clip
 
@@ -110,7 +111,7 @@ class KVCache:
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim that a group size does
-        not divide, or a clip entry that is not a dynamic spec.
+        not divide, or a clip entry whose spec takes no clip ratios (`QuantSpec.clippable`).
     """
     fmt = KVFormat.parse(fmt)
     clip = check_clip(fmt, clip)
@@ -139,8 +140,8 @@ class KVCache:
         granularity says, or without the leading L to share them across layers.
         Required for static specs, rejected for dynamic ones.
       k_clip, v_clip: optional calibrated clip ratios of dynamic specs, in (0, 1],
-        shaped `[L, K]` (or `[K]`, shared across layers); rejected for static and
-        bf16 specs.
+        shaped `[L, K]` (or `[K]`, shared across layers); rejected for static,
+        unquantized and non-uniform (`nu`) specs.
       calibration: instead of the six above, a
         `kvtpu.calibration.CalibrationArtifact` or the folder it was saved to (a str or
         `os.PathLike`, loaded and verified by `CalibrationArtifact.load`); its layer

@@ -61,11 +61,12 @@ symmetric grid at its best scale. The outermost cells are unbounded by design (a
 Lloyd-Max quantizer has no clipping range), so `saturated` is all False and the
 error is not bounded by half a step; such specs take no clip ratios.
 
-NaN / inf policy. A non-finite value in incoming K or V is stored as 0 and reported
-in the `nonfinite` mask (the cache counts it per layer). It is excluded from its
-group's scale, so the finite values of the same token and head are quantized
-exactly as if it were 0; other tokens, heads and sequences are untouched. bf16
-storage follows the same policy. Finite values beyond the bf16 range are clipped.
+NaN / inf policy. A non-finite value in incoming K or V is taken as 0 (stored as 0; a
+`nu` spec, which has no level at 0, stores the level just below it) and reported in
+the `nonfinite` mask (the cache counts it per layer). It is excluded from its group's
+scale, so the finite values of the same token and head are quantized exactly as if it
+were 0; other tokens, heads and sequences are untouched. bf16 storage follows the
+same policy. Finite values beyond the bf16 range are clipped.
 """
 
 from __future__ import annotations
@@ -132,11 +133,16 @@ def _nearest_level(y: jax.Array, levels: tuple[float, ...]) -> jax.Array:
 
 def _rms_scales(x: jax.Array, spec: QuantSpec) -> jax.Array:
   """Per group of `x: [..., H]` (finite, float32): its RMS in the scale dtype, at least
-  the smallest normal number."""
+  the smallest normal number and at most the largest finite one.
+
+  Computed as `amax * rms(x / amax)`: squaring first overflows float32 for values above
+  ~1.8e19 and flushes to 0 below ~1e-19."""
   xg = _grouped(x, spec.num_groups(x.shape[-1]))
-  rms = jnp.sqrt(jnp.mean(xg * xg, axis=-1))
-  tiny = float(jnp.finfo(spec.scale_jnp_dtype).tiny)
-  return jnp.maximum(rms, tiny).astype(spec.scale_jnp_dtype)
+  info = jnp.finfo(spec.scale_jnp_dtype)
+  amax = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True), float(info.tiny))
+  u = xg / amax
+  rms = amax[..., 0] * jnp.sqrt(jnp.mean(u * u, axis=-1))
+  return jnp.clip(rms, float(info.tiny), float(info.max)).astype(spec.scale_jnp_dtype)
 
 
 class Quantized(NamedTuple):

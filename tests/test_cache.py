@@ -381,7 +381,7 @@ def test_clip_ratio_errors_in_the_cache():
     make("int8-head", k_clip=np.ones(K), **static_scales("int8-head"))
   with pytest.raises(ValueError, match="v_clip given, but V is stored as bf16"):
     make("k8v16", v_clip=np.ones(K))
-  with pytest.raises(ValueError, match="clip names the dynamic specs"):
+  with pytest.raises(ValueError, match="clip names the tensors with clip ratios"):
     memory.cache_bytes("bf16", num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H,
                        clip=("k",))
 

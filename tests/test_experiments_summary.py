@@ -205,9 +205,20 @@ def test_dominated_config_is_off_the_front(inputs, tmp_path):
   # Dynamic int4 has the calibrated variant's capacity at a higher cost.
   assert front == {"bf16": True, "int8 | dynamic": True, "int4 | dynamic": False,
                    "int4 | clip on prose": True}
-  assert ("Pareto front (no other config has at least the token capacity and at most the worst "
-          "perplexity change, better on one): bf16, int8 | dynamic, int4 | clip on prose."
-          ) in result.report
+  assert ("Pareto front (no other config has at least the token capacity and a worst perplexity "
+          "change at most as large in magnitude, better on one): bf16, int8 | dynamic, "
+          "int4 | clip on prose.") in result.report
+
+
+def test_perplexity_changes_enter_the_front_by_magnitude(tmp_path):
+  # Calibrated int4 at -50 % on prose is worse than dynamic int4's +42 %, not better.
+  ev = [r for r in evaluate_rows() if not (r["kv_format"] == "int4" and r["calibration"] !=
+                                           "dynamic" and r["eval_workload"] is _PROSE)]
+  ev.append(score("int4", _PROSE, -0.5, 0.002, calibration=CALIBRATION))
+  result = run(SummaryConfig(**write_runs(tmp_path, ev, headroom_rows())), tmp_path / "out")
+  by = {r["label"]: r for r in result.rows}
+  assert by["int4 | clip on prose"]["worst_ppl_rel_change"] == -0.5
+  assert by["int4 | clip on prose"]["pareto"] is False and by["int4 | dynamic"]["pareto"] is True
 
 
 def test_model_mismatch_refused_unless_allowed(tmp_path):

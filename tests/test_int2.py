@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu import memory, qtensor, quant
+from kvtpu import memory, qtensor, quant, rotation
 from kvtpu.formats import QuantSpec
 from tests.helpers import kv_with_outliers, poison
 
@@ -93,13 +93,14 @@ def test_block_writes_of_int2_equal_the_scatter(t, rng):
   np.testing.assert_array_equal(np.asarray(scatter, np.int8), expect)
 
 
-def test_int2_cache_attends_like_its_dequantized_float64(rng):
+@pytest.mark.parametrize("name", ["int2-asym-rot+sink4+recent32", "int2-nu-sbf16-rot+sink4+recent32"])
+def test_int2_cache_attends_like_its_dequantized_float64(name, rng):
   # An int2 cache with windows, through update and the XLA and interpret paths, at
   # head_dim 128 (the kernels' int2 layout) with ragged lengths.
   from tests.helpers import np_attention
 
   lengths, t = np.array([0, 1, 130, 250]), 3
-  cache = poison(kvtpu.KVCache.init("int2-asym-rot+sink4+recent32", num_layers=1, batch=4,
+  cache = poison(kvtpu.KVCache.init(name, num_layers=1, batch=4,
                                     kv_heads=1, max_len=256, head_dim=128))
   pre = jnp.asarray(kv_with_outliers(rng, (4, 250, 1, 128)), jnp.float32)
   cache = cache.update(0, pre, pre * 0.5, valid_len=lengths).advance(lengths)
@@ -114,3 +115,9 @@ def test_int2_cache_attends_like_its_dequantized_float64(rng):
     out = np.asarray(kvtpu.attend(q, cache, 0, impl=impl), np.float64)
     scale = np.max(np.abs(want))
     np.testing.assert_allclose(out, want, atol=1e-4 * scale, err_msg=impl)
+  # The stored int2 codes are the quantizer's, of the rotated chunk (handed over as int8).
+  spec = cache.fmt.k
+  direct = quant.quantize(rotation.rotate(new, jnp.float32), spec)
+  for b in range(4):
+    got = np.asarray(cache.k.values[0, b, 0, lengths[b]:lengths[b] + t], np.int64)
+    np.testing.assert_array_equal(got, np.asarray(direct.q, np.int64)[b, :, 0])

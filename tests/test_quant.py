@@ -802,6 +802,23 @@ def test_nonuniform_matches_float64_reference(name, rng):
   assert (np.abs(deq[1, 2, 0]) < 1e-37).all()  # All zero: the smallest scale, so ~0.
 
 
+@pytest.mark.parametrize("name", ["int4-nu-rot", "int2-nu-sbf16-rot"])
+@pytest.mark.parametrize("magnitude", [1e20, 1e38, 1e-25, 1e-36])
+def test_nonuniform_scales_neither_overflow_nor_underflow(name, magnitude, rng):
+  # Squaring first would overflow above ~1.8e19 (scale inf, every value -inf, nothing
+  # flagged) and flush to 0 below ~1e-19 (every value on an outer level).
+  spec = QuantSpec.parse(name)
+  x = rng.standard_normal((3, 64)) * (magnitude / 4)
+  res = _quantize(jnp.asarray(x, jnp.float32), spec)
+  deq = _np(_dequantize(res.q, spec, res.scale, None))
+  assert np.isfinite(_np(res.scale)).all() and np.isfinite(deq).all()
+  xs = _np(jnp.asarray(x, jnp.float32))
+  rms = np.sqrt(np.mean(xs**2, axis=-1, keepdims=True))
+  np.testing.assert_allclose(_np(res.scale), rms, rtol=2**-7)  # bf16 scales: 8 bits.
+  err = np.sum((deq - xs) ** 2) / np.sum(xs**2)
+  assert err < (0.2 if "int2" in name else 0.02), err
+
+
 @pytest.mark.parametrize("name, closed_form", [("int2-nu-rot", 0.1175), ("int4-nu-rot", 0.009497)])
 def test_nonuniform_error_on_normal_data_is_lloyd_max(name, closed_form, rng):
   # On normal data the relative squared error is Max's distortion of the code (plus

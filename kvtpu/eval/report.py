@@ -491,13 +491,15 @@ def plot_caption(rows: Sequence[dict], metric: str, *, vs: str) -> str:
             f" of one KV config's rows at one context ({len(scores)} rows in all).")
   placed = [r for r in scores if "kv_effective_bits" in r]
   left_out = len(scores) - len(placed)
-  better = ("higher" if metric in _HIGHER_IS_BETTER else "smaller absolute"
-            if metric in _SIGNED_CHANGES else "lower")
+  if not placed:
+    return f"{what} against effective bits per stored value: no row carries effective bits."
+  better = ("a higher" if metric in _HIGHER_IS_BETTER else "a smaller absolute"
+            if metric in _SIGNED_CHANGES else "a lower")
+  skipped = f"; {left_out} without effective bits left out" if left_out else ""
   return (f"{what} against effective bits per stored value at 8K context. Each point: the "
           f"mean over {_over(placed, contexts=True)} of one KV config's rows ({len(placed)} "
-          f"rows in all{f'; {left_out} rows without effective bits left out' if left_out else ''})"
-          f". Pareto front: the configs no other has at most the bits and a {better} value of "
-          "(better on one).")
+          f"in all{skipped}). Pareto front: the configs for which no other has at most their "
+          f"bits and at least as good a value, with fewer bits or {better} value.")
 
 
 _REPORT_METRICS = ("ppl_rel_change", "kl_mean", "kl_p99", "top1_agreement", "ppl",
@@ -547,7 +549,10 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
     parts.append("## Plots")
     parts.append("Colours: one per KV format, the same in every plot; a calibrated config is "
                  "a shade of its format's colour with its own marker.")
+    has_bits = any("kv_effective_bits" in r for r in scores)
     for name, vs, metric in _PLOTS:
+      if vs == "bits" and not has_bits:
+        continue
       plot = plot_vs_context if vs == "context" else plot_vs_bits
       figure = plot(scores, metric, workdir / name)
       what = "context" if vs == "context" else "effective bits"

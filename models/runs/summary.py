@@ -22,8 +22,9 @@ two runs are named in a note under the table.
 
 Outputs in the workdir: config.json, results.jsonl (one row per KV config, every joined
 field), report.md (the header, the table, notes, the plot) and capacity_vs_ppl.png (token
-capacity against the worst perplexity change over the workloads, one point per KV config,
-with the Pareto front: the configs no other beats on both).
+capacity against the worst perplexity change over the workloads, the largest in
+magnitude, one point per KV config, with the Pareto front: the configs no other beats on
+both, perplexity changes compared by magnitude).
 
 Answer rows are picked as the headroom report picks them (`kvtpu.headroom.report`): the
 non-oom row of each (format, kind, asked concurrency or context); the oom rows beside them
@@ -312,7 +313,8 @@ def _joined_row(fmt: str, variant: dict | None, ev: dict, hr: dict) -> dict:
     for metric in ("ppl_rel_change", "kl_mean", "top1_agreement", "passkey"):
       row[metric] = variant[metric]
   changes = list(row["ppl_rel_change"].values())
-  row["worst_ppl_rel_change"] = max(changes) if changes else None
+  # The worst: the largest in magnitude (the targets bound |change|), its sign kept.
+  row["worst_ppl_rel_change"] = max(changes, key=abs) if changes else None
   return row
 
 
@@ -348,8 +350,8 @@ def summarize(evaluate_rows: list[dict], headroom_rows: list[dict],
   rows.sort(key=_sort_key)
   plotted = [r for r in rows if r["token_capacity_vs_bf16"] is not None
              and r["worst_ppl_rel_change"] is not None]
-  front = reports.pareto_front([(r["token_capacity_vs_bf16"], r["worst_ppl_rel_change"])
-                        for r in plotted])
+  front = reports.pareto_front([(r["token_capacity_vs_bf16"], abs(r["worst_ppl_rel_change"]))
+                                for r in plotted])
   for r in rows:
     r["pareto"] = None  # Not plotted: no capacity or no perplexity to place it by.
   for r, on in zip(plotted, front, strict=True):
@@ -489,8 +491,9 @@ def _notes(summary: dict[str, Any]) -> list[str]:
                  + ", ".join(summary["only_headroom"]) + ".")
   front = [r["label"] for r in rows if r["pareto"]]
   if front:
-    notes.append("Pareto front (no other config has at least the token capacity and at most "
-                 "the worst perplexity change, better on one): " + ", ".join(front) + ".")
+    notes.append("Pareto front (no other config has at least the token capacity and a worst "
+                 "perplexity change at most as large in magnitude, better on one): "
+                 + ", ".join(front) + ".")
   return notes
 
 

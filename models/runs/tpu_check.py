@@ -40,7 +40,7 @@ from kvtpu.models.runs.common import check, format_list, int_list, one_of
 from kvtpu.pallas_kernels.decode_attention import MAX_DECODE_T, default_block_sizes, layout_error
 
 import kvtpu
-from kvtpu import reports
+from kvtpu import attention, reports
 
 __all__ = ["TpuCheckConfig", "TpuCheckResult", "NotOnTpu", "KERNEL_FORMATS", "kernel_checks",
            "run"]
@@ -114,19 +114,19 @@ def _verdict(check_name: str, ok: bool, measured: str, bound: str) -> dict:
           "line": line}
 
 
-def _refusal_verdict(fmt: str, head_dim: int, impl: str) -> dict:
-  """A format the kernels do not lay out at this head dim (int2 rows of 64 lanes): `attend`
-  must refuse it at trace time with a ValueError, before Mosaic sees it."""
+def _refusal_verdict(fmt: str, head_dim: int, impl: str, refusal: str) -> dict:
+  """A format the kernels cannot compile here (int2 rows of 64 lanes; sub-byte dtypes on
+  older generations): `attend` must refuse it at trace time with exactly `refusal`,
+  before Mosaic sees it."""
   cache = kvtpu.KVCache.init(fmt, num_layers=1, batch=1, kv_heads=1, max_len=128,
                              head_dim=head_dim)
   q = jnp.zeros((1, 1, 1, head_dim), jnp.float32)
+  name = f"kernel {fmt} H={head_dim} refused"
   try:
     kvtpu.attend(q, cache, 0, impl=impl)
   except ValueError as e:
-    return _verdict(f"kernel {fmt} H={head_dim} refused", True, f"ValueError: {str(e)[:80]}",
-                    "refused at trace time")
-  return _verdict(f"kernel {fmt} H={head_dim} refused", False, "attend ran",
-                  "refused at trace time")
+    return _verdict(name, str(e) == refusal, f"ValueError: {str(e)[:80]}", "the support error")
+  return _verdict(name, False, "attend ran", "refused at trace time")
 
 
 def _edge_lengths(block: int, max_len: int, t: int) -> np.ndarray:
@@ -161,9 +161,12 @@ def kernel_checks(config: TpuCheckConfig, *, seed: int = 0) -> list[dict]:
   for fmt in config.formats:
     f = kvtpu.KVFormat.parse(fmt)
     for head_dim in config.head_dims:
-      refusal = layout_error(f.k.storage_dtype, f.v.storage_dtype, head_dim)
-      if refusal is not None and config.impl != "xla":
-        verdicts.append(_refusal_verdict(fmt, head_dim, config.impl))
+      if config.impl == "pallas":  # The generation's table and the layout.
+        refusal = attention.kernel_support_error(jax.devices()[0].device_kind, f, head_dim)
+      else:
+        refusal = layout_error(f.k.storage_dtype, f.v.storage_dtype, head_dim)
+      if refusal is not None:
+        verdicts.append(_refusal_verdict(fmt, head_dim, config.impl, refusal))
         continue
       block = default_block_sizes(f.k.dtype.jnp_dtype, f.v.dtype.jnp_dtype, head_dim).block_s
       max_len = 2 * block + 128  # An edge block shorter than the others.

@@ -72,8 +72,8 @@ def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
 def unpack_codes(k, v, k_codes=None, v_codes=None):
   """`(k_codes, v_codes)`: each a tuple of codebook levels (ascending) that the stored
   integers index from the dtype's minimum (`q - min` picks the level), or None for a
-  uniform grid; from quantized tensors' `codes` attributes or the arguments (not
-  both).
+  uniform grid; from a quantized tensor's `codes` attribute (absent or None: uniform),
+  else from the argument.
 
   Raises:
     ValueError: for codes given twice, a codebook that is not a tuple of `2**bits`
@@ -81,11 +81,13 @@ def unpack_codes(k, v, k_codes=None, v_codes=None):
   """
   out = []
   for name, x, given in (("k", k, k_codes), ("v", v, v_codes)):
-    carried = getattr(x, "codes", None) if _is_quantized(x) else None
-    if carried is not None and given is not None:
-      raise ValueError(f"{name} is a quantized tensor carrying its codebook; do not also pass "
-                       f"{name}_codes")
-    codes = given if carried is None else carried
+    if _is_quantized(x):  # The tensor knows its own code (None: a uniform grid).
+      if given is not None:
+        raise ValueError(f"{name} is a quantized tensor that says how its values are coded; do "
+                         f"not also pass {name}_codes")
+      codes = getattr(x, "codes", None)
+    else:
+      codes = given
     if codes is not None:
       dtype = jnp.dtype(x.dtype)
       if not jnp.issubdtype(dtype, jnp.signedinteger):

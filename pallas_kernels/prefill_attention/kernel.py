@@ -76,20 +76,28 @@ _DEFAULT_BLOCK_T = 128
 
 def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
                                 scale_dtype=jnp.float32) -> PrefillBlockSizes:
-  """128 query tokens per block (x G heads: >= 128 MXU rows), and the decode KV block
-  halved until the step's VMEM estimate fits the budget (the logits of 128 x G rows
-  grow with block_s, which the decode rule makes larger the fewer bits a value has).
+  """128 query tokens per block (x G heads: >= 128 MXU rows) and the decode KV block,
+  halved until the step's VMEM estimate fits the budget: first the KV block (down to
+  128 positions; the logits of 128 x G rows grow with it, and the decode rule makes it
+  larger the fewer bits a value has), then the query block (down to 8 tokens) for the
+  largest G.
 
   Args:
     group: G, query heads per kv head.
   """
-  block_s = default_block_sizes(k_dtype, v_dtype, head_dim).block_s
-  d = Dims(num_layers=1, batch=1, t=_DEFAULT_BLOCK_T, q_heads=group, kv_heads=1, max_len=block_s,
-           head_dim=head_dim, k_groups=1, v_groups=1)
-  while block_s > _LANES and prefill_vmem_estimate_bytes(
-      d, _DEFAULT_BLOCK_T, block_s, k_dtype, v_dtype, scale_dtype) > _DEFAULT_VMEM_BUDGET:
+  block_t, block_s = _DEFAULT_BLOCK_T, default_block_sizes(k_dtype, v_dtype, head_dim).block_s
+
+  def fits() -> bool:
+    d = Dims(num_layers=1, batch=1, t=block_t, q_heads=group, kv_heads=1, max_len=block_s,
+             head_dim=head_dim, k_groups=1, v_groups=1)
+    return prefill_vmem_estimate_bytes(d, block_t, block_s, k_dtype, v_dtype,
+                                       scale_dtype) <= _DEFAULT_VMEM_BUDGET
+
+  while not fits() and block_s > _LANES:
     block_s //= 2
-  return PrefillBlockSizes(_DEFAULT_BLOCK_T, block_s)
+  while not fits() and block_t > _SUBLANES:
+    block_t //= 2
+  return PrefillBlockSizes(block_t, block_s)
 
 
 def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,

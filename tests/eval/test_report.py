@@ -469,7 +469,7 @@ def test_plot_styles_and_notes(tmp_path):
   assert caption.startswith("Mean per-token KL divergence from the reference (nats) against "
                             "effective bits per stored value at 8K context. Each point: the mean over")
   assert "mean over evaluation workload prose, batch size 4 and contexts 512, 2048" in caption
-  assert "(8 rows in all)" in caption
+  assert "(8 in all)" in caption
 
 
 def test_bits_plot_marks_the_pareto_front(tmp_path, monkeypatch):
@@ -487,9 +487,14 @@ def test_bits_plot_marks_the_pareto_front(tmp_path, monkeypatch):
   fig = rp.plot_vs_bits(rows, "kl_mean", tmp_path / "kl.png")
   assert fig.path.read_bytes().startswith(PNG_MAGIC)
   caption = rp.plot_caption(rows, "kl_mean", vs="bits")
-  assert "(5 rows in all; 1 rows without effective bits left out)" in caption
-  assert "a lower value" in caption
-  assert "a higher value" in rp.plot_caption(rows, "top1_agreement", vs="bits")
+  assert caption.endswith("(5 in all; 1 without effective bits left out). Pareto front: the "
+                          "configs for which no other has at most their bits and at least as "
+                          "good a value, with fewer bits or a lower value.")
+  assert "fewer bits or a higher value." in rp.plot_caption(rows, "top1_agreement", vs="bits")
+  assert "fewer bits or a smaller absolute value." in rp.plot_caption(rows, "ppl_rel_change",
+                                                                      vs="bits")
+  assert rp.plot_caption(rows[-1:], "kl_mean", vs="bits").endswith(
+      "no row carries effective bits.")
   drawn = {}
 
   def capture(path, series, **kw):
@@ -507,10 +512,20 @@ def test_bits_plot_marks_the_pareto_front(tmp_path, monkeypatch):
     assert names[-1] == "Pareto front"
 
 
+def test_report_without_effective_bits_leaves_the_bits_plots_out(tmp_path):
+  rows = [make_row(kv_format="bf16", kl_mean=0.0), make_row(kl_mean=0.0123)]  # Older rows.
+  md = rp.write_report(rows, tmp_path, title="Eval")
+  assert (tmp_path / "kl_vs_context.png").exists() and not (tmp_path / "kl_vs_bits.png").exists()
+  assert "kl_vs_bits.png" not in md
+
+
 def report_rows():
-  return [make_row(kv_format="bf16", kl_mean=0.0), make_row(kl_mean=0.0123),
+  rows = [make_row(kv_format="bf16", kl_mean=0.0), make_row(kl_mean=0.0123),
           make_row(context=512), *transfer_rows(),
           make_row("passkey", depth=0.5, accuracy=0.9, accuracy_ref=1.0)]
+  for r in rows:  # The evaluate binary's rows carry effective bits: the bits plots need them.
+    r["kv_effective_bits"] = KVFormat.parse(r["kv_format"]).k.dtype.bits + 0.5
+  return rows
 
 
 def test_write_report(tmp_path):

@@ -98,12 +98,16 @@ def test_codes_are_checked_at_the_boundary(rng):
   levels = kw["k_codes"]
   with pytest.raises(ValueError, match="do not also pass k_codes"):
     ref_decode_attention(q, cache.k, cache.v, *args[2:], k_codes=levels)
+  uniform = filled_cache("int4", rng, lengths=[3], t=1, chunk=[1], kv_heads=1, head_dim=32,
+                         max_len=16)
+  with pytest.raises(ValueError, match="says how its values are coded; do not also pass v_codes"):
+    ref_decode_attention(q, uniform.k, uniform.v, *args[2:], v_codes=levels)
   for bad in (levels[:8], levels[::-1], tuple(range(16)), list(levels)):
     with pytest.raises(ValueError, match="k_codes must be a tuple of 16 ascending floats"):
       ref_decode_attention(q, *args, **{**kw, "k_codes": bad})
   bf16 = filled_cache("bf16", rng, lengths=[3], t=1, chunk=[1], kv_heads=1, head_dim=32, max_len=16)
   with pytest.raises(ValueError, match="v_codes index integer storage, but v is bfloat16"):
-    ref_decode_attention(q, bf16.k, bf16.v, *args[2:], v_codes=levels)
+    ref_decode_attention(q, bf16.k.values, bf16.v.values, *args[2:], v_codes=levels)
 
 
 @pytest.mark.parametrize("impl", ["ref", "kernel"])
