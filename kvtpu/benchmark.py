@@ -129,7 +129,8 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   if impl != "pallas":
     return minimum, minimum
   if d.t == 1:
-    block_t, block_s = 1, default_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim).block_s
+    block_t, block_s = 1, default_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim,
+                                              d.group).block_s
   else:
     blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group)
     block_t, block_s = blocks.resolve(d.t, d.max_len)

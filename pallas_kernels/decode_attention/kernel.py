@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from kvtpu.pallas_kernels.decode_attention.reference import (
+  MAX_DECODE_T,
   Dims,
   decode_codes,
   unpack_codes,
@@ -116,10 +117,23 @@ class BlockSizes:
 _DEFAULT_BLOCK_BYTES = 256 * 1024
 
 
-def default_block_sizes(k_dtype, v_dtype, head_dim: int) -> BlockSizes:
+# The VMEM a default decode block may take by `vmem_estimate_bytes` (which counts four
+# f32 [T G, block_s] logit-sized temporaries at the largest decode T): v5e's default
+# scoped VMEM, the smallest of the generations.
+_DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
+
+
+def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1) -> BlockSizes:
+  """The block of the rule above, halved (down to 128 positions) while a decode step of
+  `MAX_DECODE_T` tokens x `group` query heads per kv head would not fit the VMEM budget
+  (only at large G: the logits grow with T x G x block_s)."""
   per_token = head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
-  block = 2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token)))
-  return BlockSizes(max(_LANES, min(block, 4096)))
+  block = max(_LANES, min(2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token))), 4096))
+  d = Dims(num_layers=1, batch=1, t=MAX_DECODE_T, q_heads=group, kv_heads=1, max_len=block,
+           head_dim=head_dim, k_groups=1, v_groups=1)
+  while block > _LANES and vmem_estimate_bytes(d, block, k_dtype, v_dtype) > _DEFAULT_VMEM_BUDGET:
+    block //= 2
+  return BlockSizes(block)
 
 
 def _bits(dtype) -> int:
@@ -387,7 +401,7 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
   validate_windows(d, *windows)
   if block_sizes is None:
-    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim)
+    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.max_len),
                         interpret=interpret, windows=windows, codes=codes)

@@ -12,6 +12,7 @@ import pytest
 from jax.experimental import topologies
 from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
+  Dims,
   decode_attention,
   decode_codes,
   default_block_sizes,
@@ -339,6 +340,36 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
   compiled = fn.lower(*args, kw).compile()  # Raises if Mosaic rejects the kernel.
   # The f32 output, at least (H = 64 pads to 128 lanes in TPU tiles).
   assert compiled.memory_analysis().output_size_in_bytes >= 4 * 2 * 16 * head_dim * 4
+
+
+def test_default_blocks_shrink_only_for_many_query_heads():
+  # T x G rows of logits per KV block: up to G = 8 the rule's block, above it halved
+  # until a step of 8 tokens fits v5e's 16 MiB of scoped VMEM by the estimate.
+  for dtype in (jnp.int2, jnp.int4, jnp.int8, jnp.bfloat16):
+    rule = default_block_sizes(dtype, dtype, 128).block_s
+    assert default_block_sizes(dtype, dtype, 128, 8).block_s == rule
+    for group in (16, 32, 64, 128):
+      block = default_block_sizes(dtype, dtype, 128, group).block_s
+      d = Dims(1, 1, 8, group, 1, block, 128, 1, 1)
+      assert block <= rule and block % 128 == 0
+      assert vmem_estimate_bytes(d, block, dtype, dtype) <= 16 * 2**20 or block == 128
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("fmt,group", [("int4", 16), pytest.param(
+    "int2-nu-sbf16-rot+sink4+recent252", 64, marks=pytest.mark.slow)])
+def test_default_blocks_compile_on_v5e_with_many_query_heads(fmt, group):
+  # 8 tokens x 64 query heads per kv head over the rule's 4096-position int2 block
+  # overflowed v5e's scoped VMEM.
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e"))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
+                                                    max_len=8192, head_dim=128))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  fn = jax.jit(lambda q, k, v, lengths, chunk: decode_attention(q, k, v, lengths, chunk, 1))
+  fn.lower(on_tpu(jax.ShapeDtypeStruct((2, 8, 2 * group, 128), jnp.float32)),
+           jax.tree.map(on_tpu, cache.k), jax.tree.map(on_tpu, cache.v), on_tpu(cache.lengths),
+           on_tpu(jax.ShapeDtypeStruct((2,), jnp.int32))).compile()
 
 
 @pytest.mark.tpu_compile
