@@ -567,7 +567,7 @@ def run(config: SummaryConfig, workdir: str | os.PathLike, *, overwrite: bool = 
       "## Capacity against accuracy",
       figure.markdown("token capacity vs perplexity change", (
           "Token capacity over bf16 against the worst perplexity change over the evaluation "
-          "workloads (signed, in %). Each point: one KV config; the dotted line joins the "
+          "workloads (the largest in magnitude, signed, in %). Each point: one KV config; the dotted line joins the "
           "Pareto front (marked in the legend).")),
   ]) + "\n"
   reports.write_text(paths["report"], report)
