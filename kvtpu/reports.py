@@ -550,11 +550,15 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     points: (benefit, cost) pairs.
 
   Returns:
-    One bool per point: True on the front.
+    One bool per point: True on the front; a point with a NaN or infinite coordinate is
+    never on it (and dominates none).
   """
+  finite = [math.isfinite(p[0]) and math.isfinite(p[1]) for p in points]
+
   def dominates(q, p) -> bool:
     return q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1])
-  return [not any(dominates(q, p) for q in points) for p in points]
+  return [ok and not any(dominates(q, p) for q, q_ok in zip(points, finite, strict=True) if q_ok)
+          for p, ok in zip(points, finite, strict=True)]
 
 
 def pareto_line(points: Sequence[tuple[float, float]]) -> Series | None:

@@ -235,6 +235,8 @@ def test_pareto_front_leaves_out_dominated_points():
   points = [(1.0, 0.0), (2.0, 1.0), (2.0, 0.5), (4.0, 5.0), (1.5, 2.0)]
   assert reports.pareto_front(points) == [True, False, True, True, False]
   assert reports.pareto_front([(1.0, 0.0), (1.0, 0.0)]) == [True, True]  # Ties dominate neither.
+  # A NaN metric places no point: off the front, dominating none.
+  assert reports.pareto_front([(1.0, math.nan), (2.0, 1.0), (math.inf, 0.0)]) == [False, True, False]
   line = reports.pareto_line([(4.0, 5.0), (1.0, 0.0), (2.0, 0.5)])
   assert (list(line.x), list(line.y)) == ([1.0, 2.0, 4.0], [0.0, 0.5, 5.0])
   assert reports.pareto_line([(1.0, 0.0)]) is None
