@@ -93,3 +93,17 @@ def tpu_device(generation):
                                       topology_name=GENERATIONS[generation]).devices[0]
 
 
+
+
+def compile_with_default_blocks(kernel, fmt: str, *, t: int, group: int, generation="v5e"):
+  """Compiles `kernel` (decode or prefill attention) for one TPU generation ahead of time
+  with its default block sizes: 2 sequences, 2 kv heads of `group` query heads each,
+  `t` query tokens, 8K positions, head_dim 128. Raises if Mosaic rejects it."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
+                                                    max_len=8192, head_dim=128))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  fn = jax.jit(lambda q, k, v, lengths, chunk: kernel(q, k, v, lengths, chunk, 1))
+  fn.lower(on_tpu(jax.ShapeDtypeStruct((2, t, 2 * group, 128), jnp.float32)),
+           jax.tree.map(on_tpu, cache.k), jax.tree.map(on_tpu, cache.v), on_tpu(cache.lengths),
+           on_tpu(jax.ShapeDtypeStruct((2,), jnp.int32))).compile()

@@ -35,6 +35,7 @@ from tests.pallas_kernels.cases import (
   HEAD_DIMS,
   INTERPRET,
   KERNEL_RTOL,
+  compile_with_default_blocks,
   filled_cache,
   kernel_args,
   runnable,
@@ -362,14 +363,7 @@ def test_default_blocks_shrink_only_for_many_query_heads():
 def test_default_blocks_compile_on_v5e_with_many_query_heads(fmt, group):
   # 8 tokens x 64 query heads per kv head over the rule's 4096-position int2 block
   # overflowed v5e's scoped VMEM.
-  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e"))
-  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
-                                                    max_len=8192, head_dim=128))
-  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-  fn = jax.jit(lambda q, k, v, lengths, chunk: decode_attention(q, k, v, lengths, chunk, 1))
-  fn.lower(on_tpu(jax.ShapeDtypeStruct((2, 8, 2 * group, 128), jnp.float32)),
-           jax.tree.map(on_tpu, cache.k), jax.tree.map(on_tpu, cache.v), on_tpu(cache.lengths),
-           on_tpu(jax.ShapeDtypeStruct((2,), jnp.int32))).compile()
+  compile_with_default_blocks(decode_attention, fmt, t=8, group=group)
 
 
 @pytest.mark.tpu_compile

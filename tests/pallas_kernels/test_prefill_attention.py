@@ -26,6 +26,7 @@ from tests.pallas_kernels.cases import (
   HEAD_DIMS,
   INTERPRET,
   KERNEL_RTOL,
+  compile_with_default_blocks,
   filled_cache,
   kernel_args,
   runnable,
@@ -122,14 +123,7 @@ def test_default_prefill_blocks_compile_on_v5e(fmt, group):
   # G query heads per kv head at 8K positions: the decode rule's KV block (2048 int4,
   # 4096 int2 positions) made logits that overflowed v5e's scoped VMEM at G = 8; at
   # G = 64 even 128 positions do unless the query block shrinks too.
-  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e"))
-  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
-                                                    max_len=8192, head_dim=128))
-  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-  fn = jax.jit(lambda q, k, v, lengths, chunk: prefill_attention(q, k, v, lengths, chunk, 1))
-  fn.lower(on_tpu(jax.ShapeDtypeStruct((2, 256, 2 * group, 128), jnp.float32)),
-           jax.tree.map(on_tpu, cache.k), jax.tree.map(on_tpu, cache.v), on_tpu(cache.lengths),
-           on_tpu(jax.ShapeDtypeStruct((2,), jnp.int32))).compile()
+  compile_with_default_blocks(prefill_attention, fmt, t=256, group=group)
 
 
 def _compile_cases():
