@@ -102,7 +102,7 @@ def lloyd_max_levels(bits: int) -> tuple[float, ...]:
   +-2.7326 (Max, 1960).
   """
   if bits not in (1, 2, 3, 4):
-    raise ValueError(f"Lloyd-Max levels are tabulated for 1 to 4 bits, got bits={bits}")
+    raise ValueError(f"Lloyd-Max levels are for codes of 1 to 4 bits, got bits={bits}")
   n = 2**bits
   pdf = lambda t: math.exp(-t * t / 2) / math.sqrt(2 * math.pi)  # noqa: E731
   cdf = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))  # noqa: E731
