@@ -212,7 +212,11 @@ def test_bytes_are_the_arrays_and_effective_bits_the_closed_form(fmt):
 @pytest.mark.parametrize("generation,fmt,t", [
     ("v5e", "int4-asym+sink4+recent128", 1), ("v6e", "int8+sink1+recent5", 2),
     pytest.param("v5e", "int4-asym+recent64", 256, marks=pytest.mark.slow),
-    pytest.param("v6e", "int4-asym+sink4+recent128", 256, marks=pytest.mark.slow)])
+    pytest.param("v6e", "int4-asym+sink4+recent128", 256, marks=pytest.mark.slow),
+    # The binaries' non-uniform schemes on v6e (v5e and v5p compile the codes in
+    # tests/pallas_kernels): decode of the 2-bit one, prefill of the 4-bit one.
+    ("v6e", "int2-nu-sbf16-rot+sink4+recent252", 1),
+    pytest.param("v6e", "int4-nu-sbf16-rot+sink4+recent252", 256, marks=pytest.mark.slow)])
 def test_windowed_kernels_compile_through_mosaic(generation, fmt, t):
   from jax.experimental import topologies
   from kvtpu.pallas_kernels.decode_attention import decode_attention
