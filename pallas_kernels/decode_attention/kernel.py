@@ -60,7 +60,8 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
   validate_windows,
 )
 
-__all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "vmem_estimate_bytes",
+__all__ = ["BlockSizes", "DEFAULT_VMEM_BUDGET", "decode_attention", "default_block_sizes",
+           "vmem_estimate_bytes",
            "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error"]
 
 _LANES = 128
@@ -117,10 +118,10 @@ class BlockSizes:
 _DEFAULT_BLOCK_BYTES = 256 * 1024
 
 
-# The VMEM a default decode block may take by `vmem_estimate_bytes` (which counts four
-# f32 [T G, block_s] logit-sized temporaries at the largest decode T): v5e's default
-# scoped VMEM, the smallest of the generations.
-_DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
+# The VMEM a default block (decode, and prefill's) may take by `vmem_estimate_bytes`
+# (which counts four f32 logit-sized temporaries): v5e's default scoped VMEM, the
+# smallest of the generations.
+DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 
 
 def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1) -> BlockSizes:
@@ -131,7 +132,7 @@ def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1) -> Bloc
   block = max(_LANES, min(2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token))), 4096))
   d = Dims(num_layers=1, batch=1, t=MAX_DECODE_T, q_heads=group, kv_heads=1, max_len=block,
            head_dim=head_dim, k_groups=1, v_groups=1)
-  while block > _LANES and vmem_estimate_bytes(d, block, k_dtype, v_dtype) > _DEFAULT_VMEM_BUDGET:
+  while block > _LANES and vmem_estimate_bytes(d, block, k_dtype, v_dtype) > DEFAULT_VMEM_BUDGET:
     block //= 2
   return BlockSizes(block)
 

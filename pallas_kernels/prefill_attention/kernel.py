@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from kvtpu.pallas_kernels.decode_attention.kernel import (
+  DEFAULT_VMEM_BUDGET,
   BlockSizes,
   attention_call,
   default_block_sizes,
@@ -67,10 +68,6 @@ class PrefillBlockSizes:
     return block_t, BlockSizes(self.block_s).resolve(max_len)
 
 
-# The VMEM a default prefill block may take by `prefill_vmem_estimate_bytes` (which
-# counts four f32 [rows, block_s] logit-sized temporaries, more than Mosaic keeps):
-# v5e's default scoped VMEM, the smallest of the generations.
-_DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 _DEFAULT_BLOCK_T = 128
 
 
@@ -91,7 +88,7 @@ def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
     d = Dims(num_layers=1, batch=1, t=block_t, q_heads=group, kv_heads=1, max_len=block_s,
              head_dim=head_dim, k_groups=1, v_groups=1)
     return prefill_vmem_estimate_bytes(d, block_t, block_s, k_dtype, v_dtype,
-                                       scale_dtype) <= _DEFAULT_VMEM_BUDGET
+                                       scale_dtype) <= DEFAULT_VMEM_BUDGET
 
   while not fits() and block_s > _LANES:
     block_s //= 2
