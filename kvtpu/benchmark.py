@@ -118,11 +118,13 @@ def traffic_markdown(rows: list[dict]) -> str:
 def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   """(bytes the call moves, minimum bytes) for one attend call on layer 0."""
   k, v = cache.k, cache.v
+  read = lambda x, field: getattr(x, field) if x.spec.dynamic else None  # noqa: E731
+  groups = (k.token_group or 0, v.token_group or 0)
   d = validate_inputs(q, k.values, v.values, cache.lengths, jnp.asarray(chunk), 0,
-                      k.per_token_scale, k.per_token_zero, v.per_token_scale, v.per_token_zero,
-                      max_t=None)
+                      read(k, "scale"), read(k, "zero"), read(v, "scale"), read(v, "zero"),
+                      max_t=None, token_groups=groups)
   itemsize = {"k": k.spec.scale_jnp_dtype.itemsize, "v": v.spec.scale_jnp_dtype.itemsize}
-  zeros = (k.per_token_zero is not None, v.per_token_zero is not None)
+  zeros = (read(k, "zero") is not None, read(v, "zero") is not None)
   lengths = np.asarray(cache.lengths)
   minimum = min_hbm_bytes(d, lengths, chunk, cache.k.dtype, cache.v.dtype,
                           scale_itemsize=itemsize, has_zero=zeros)
@@ -130,9 +132,10 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
     return minimum, minimum
   if d.t == 1:
     block_t, block_s = 1, default_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim,
-                                              d.group).block_s
+                                              d.group, groups).block_s
   else:
-    blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group)
+    blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group,
+                                         token_groups=groups)
     block_t, block_s = blocks.resolve(d.t, d.max_len)
   block_s = BlockSizes(block_s).resolve(d.max_len)
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,

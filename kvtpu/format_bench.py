@@ -94,7 +94,7 @@ def _check_head_dims(fmts, head_dims) -> None:
       raise ValueError(f"head_dims must be positive ints, got head_dims={list(head_dims)}")
     for f in fmts:
       for spec in (f.k, f.v):
-        if spec.quantized:
+        if spec.per_token:
           spec.num_groups(h)  # Raises for a group size that does not divide h.
 
 
@@ -111,6 +111,8 @@ def _field(fmt: KVFormat, fn) -> str:
 
 def _granularity(spec) -> str:
   g = spec.granularity.value
+  if g == "channel_group":
+    return f"channel per {spec.group_size} positions"
   return f"group{spec.group_size}" if g == "group" else g
 
 

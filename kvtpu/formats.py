@@ -11,6 +11,10 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                                    (f32: exact reference; int2 packs four values a byte)
   option        := asym            asymmetric (zero point), integer dtypes only
                  | g<N>            dynamic scales per token, head and group of N channels
+                 | c<N>            dynamic scales per channel and head over each aligned
+                                   group of N positions (KIVI's keys), computed when the
+                                   group fills; the open group is read from the recent
+                                   window, which the format must have (recent >= N)
                  | tensor | head | channel
                                    static (calibrated) scales per layer, per layer and
                                    kv head, or per layer, kv head and channel
@@ -28,9 +32,11 @@ Names. Every format has a stable `name` that `KVFormat.parse` reads back:
                  | recent<N>       the most recent N tokens kept unquantized (a ring)
 
 Without a granularity option a quantized spec has dynamic scales per token and
-kv head (`token_head`), computed when the token is written. Examples: `int8`,
+kv head (`token_head`), computed when the token is written (`c<N>`: when its group of
+N positions fills). Examples: `int8`,
 `fp8_e4m3`, `int4-g32`, `int8-asym`, `fp8_e4m3-channel`, `int4-asym-rot`, `k8v4`,
-`k=int8-head,v=int4-g64`, `k4v2`, `int4-asym-rot+sink4+recent128`.
+`k=int8-head,v=int4-g64`, `k4v2`, `int4-asym-rot+sink4+recent128`,
+`k=int2-asym-c128,v=int2+recent128`.
 
 Integer grids: symmetric specs use `[-qmax, qmax]` (int8 255 levels, int4 15, int2
 three: -1, 0, 1); asymmetric ones the whole range (int2: four levels). A `nu` spec's
@@ -38,7 +44,8 @@ stored integer indexes all `2**bits` levels of its codebook, symmetric about 0 a
 without a zero point (`int2-nu`: four levels at +-0.453 and +-1.510 times the RMS).
 
 Windows hold K and V of the same positions unquantized (bf16; f32 for an f32 spec),
-beside the quantized store, which holds every position: attention reads a position
+beside the quantized store, which holds every position (a `c<N>` spec: every position
+of a filled group, which the ring's N or more slots always cover): attention reads a position
 from the sink if it is among the first `sink`, from the ring if it is among the
 sequence's last `recent`, else from the quantized store. Windows are for dynamic
 (per-token) and unquantized specs: a static spec's kernel reads values in its own
@@ -47,7 +54,9 @@ calibrated units, in which an unquantized copy would not be exact.
 Static or dynamic is decided by the granularity: a scale shared across tokens
 (tensor, head, channel) cannot be recomputed on write without rescaling what is
 already stored, so it is calibrated ahead of time; a scale per token (token_head,
-group) is computed on write. `QuantSpec.dynamic` says which.
+group) is computed on write, and so is a scale per channel over a group of positions
+(channel_group), once the group is complete. `QuantSpec.dynamic` says which;
+`QuantSpec.per_token` and `QuantSpec.token_group` tell the two dynamic layouts apart.
 """
 
 from __future__ import annotations
@@ -115,10 +124,11 @@ class Granularity(enum.Enum):
   CHANNEL = "channel"  # static: one per layer, kv head and channel of H.
   TOKEN_HEAD = "token_head"  # dynamic: one per token and kv head.
   GROUP = "group"  # dynamic: one per token, kv head and group of channels.
+  CHANNEL_GROUP = "channel_group"  # dynamic: one per channel and kv head, over N positions.
 
   @property
   def dynamic(self) -> bool:
-    return self in (Granularity.TOKEN_HEAD, Granularity.GROUP)
+    return self in (Granularity.TOKEN_HEAD, Granularity.GROUP, Granularity.CHANNEL_GROUP)
 
 
 _SCALE_DTYPES = ("float32", "bfloat16")
@@ -131,7 +141,9 @@ class QuantSpec:
   Attributes:
     dtype: element type in the cache.
     granularity: which values share a scale; decides static vs dynamic.
-    group_size: channels per scale group along H; only with `GROUP`.
+    group_size: with `GROUP`, channels per scale group along H; with `CHANNEL_GROUP`,
+      positions per group (each channel's scale covers an aligned group of
+      `group_size` positions); else None.
     symmetric: True stores `x = q * scale`; False adds a zero point,
       `x = (q - zero) * scale` (integer dtypes only).
     scale_dtype: dtype of stored scales, "float32" or "bfloat16" (zero points are
@@ -170,16 +182,16 @@ class QuantSpec:
       return
     if self.granularity is Granularity.NONE:
       raise ValueError(f"granularity=none is only for bf16 storage, got dtype={self.dtype.value}")
-    if self.granularity is Granularity.GROUP:
+    if self.granularity in (Granularity.GROUP, Granularity.CHANNEL_GROUP):
       # bool is an int to Python, but `group_size=True` is a mistake, not a 1.
       if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
           or self.group_size < 1):
-        raise ValueError(
-            f"granularity=group needs a positive integer group_size, got group_size={self.group_size!r}")
+        raise ValueError(f"granularity={self.granularity.value} needs a positive integer "
+                         f"group_size, got group_size={self.group_size!r}")
     elif self.group_size is not None:
       raise ValueError(
-          f"group_size is only for granularity=group, got group_size={self.group_size} "
-          f"with granularity={self.granularity.value}")
+          f"group_size is only for granularity=group or channel_group, got "
+          f"group_size={self.group_size} with granularity={self.granularity.value}")
     if not self.symmetric and not self.dtype.is_int:
       raise ValueError(
           f"asymmetric (zero-point) scales are only for int8/int4/int2, got dtype={self.dtype.value}: "
@@ -190,7 +202,8 @@ class QuantSpec:
       wrong = [why for bad, why in (
           (self.dtype not in (StorageDtype.INT4, StorageDtype.INT2), f"dtype int4 or int2 (got {self.dtype.value})"),
           (not self.symmetric, "no zero point (its codebook is symmetric about 0; drop asym)"),
-          (not self.dynamic, f"per-token scales (got static {self.granularity.value} scales)"),
+          (not self.per_token, f"per-token scales (got {'static ' if self.static else ''}"
+                               f"{self.granularity.value} scales)"),
           (not self.rotation, "rotation (add rot: the codebook is fitted to the near-normal "
                               "coordinates a rotation makes; an unrotated outlier channel "
                               "would sit far beyond its outermost level)"),
@@ -213,10 +226,20 @@ class QuantSpec:
     return self.quantized and not self.dynamic
 
   @property
+  def per_token(self) -> bool:
+    """Dynamic scales per token (and group of channels), `[..., G, S]` in the cache."""
+    return self.granularity in (Granularity.TOKEN_HEAD, Granularity.GROUP)
+
+  @property
+  def token_group(self) -> int | None:
+    """Positions per scale of a per-channel spec over token groups (`c<N>`), else None."""
+    return self.group_size if self.granularity is Granularity.CHANNEL_GROUP else None
+
+  @property
   def clippable(self) -> bool:
-    """Dynamic scales that cover a range, which calibrated clip ratios narrow (every
-    dynamic spec but a non-uniform code's RMS scales)."""
-    return self.quantized and self.dynamic and not self.nonuniform
+    """Per-token scales that cover a range, which calibrated clip ratios narrow (every
+    per-token spec but a non-uniform code's RMS scales)."""
+    return self.quantized and self.per_token and not self.nonuniform
 
   @property
   def calibrated(self) -> bool:
@@ -267,6 +290,8 @@ class QuantSpec:
     parts = [self.dtype.value, self.granularity.value]
     if self.granularity is Granularity.GROUP:
       parts[-1] = f"group {self.group_size}"
+    elif self.granularity is Granularity.CHANNEL_GROUP:
+      parts[-1] = f"per channel over {self.group_size} positions"
     parts.append("symmetric" if self.symmetric else "asymmetric")
     if self.nonuniform:
       parts.append(f"Lloyd-Max code of {2 ** self.dtype.bits} levels")
@@ -283,6 +308,8 @@ class QuantSpec:
       parts.append("asym")
     if self.granularity is Granularity.GROUP:
       parts.append(f"g{self.group_size}")
+    elif self.granularity is Granularity.CHANNEL_GROUP:
+      parts.append(f"c{self.group_size}")
     elif self.granularity in (Granularity.TENSOR, Granularity.HEAD, Granularity.CHANNEL):
       parts.append(self.granularity.value)
     if self.scale_dtype == "bfloat16":
@@ -329,7 +356,8 @@ class QuantSpec:
     seen: set[str] = set()
     for opt in options:
       # Each option kind at most once: two granularities (or `asym-asym`) is a typo.
-      kind = "granularity" if opt in ("tensor", "head", "channel") or opt.startswith("g") else opt
+      kind = ("granularity" if opt in ("tensor", "head", "channel") or opt[:1] in ("g", "c")
+              else opt)
       if kind in seen:
         raise ValueError(f"option {opt!r} conflicts with an earlier option in name={name!r}")
       seen.add(kind)
@@ -346,10 +374,13 @@ class QuantSpec:
       elif re.fullmatch(r"g[1-9]\d*", opt):
         kwargs["granularity"] = Granularity.GROUP
         kwargs["group_size"] = int(opt[1:])
+      elif re.fullmatch(r"c[1-9]\d*", opt):
+        kwargs["granularity"] = Granularity.CHANNEL_GROUP
+        kwargs["group_size"] = int(opt[1:])
       else:
         raise ValueError(
-            f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, tensor, head, "
-            "channel, sbf16, rot, nu")
+            f"unknown option {opt!r} in name={name!r}; valid options: asym, g<N>, c<N>, tensor, "
+            "head, channel, sbf16, rot, nu")
     try:
       return cls(**kwargs)
     except ValueError as e:  # Field validation: say which name it came from.
@@ -411,6 +442,13 @@ class KVFormat:
             f"sink/recent windows are for dynamic (per-token) or unquantized specs, but "
             f"{'/'.join(w.upper() for w in static)} of {self.specs_name} has static scales, in "
             "whose calibrated units the kernels read it")
+    for w in ("k", "v"):
+      n = self.spec(w).token_group
+      if n is not None and self.recent < n:
+        raise ValueError(
+            f"{w.upper()} of {self.specs_name} is quantized per channel over groups of {n} "
+            f"positions when a group fills; the open group is read from the recent window "
+            f"until then, so the format needs +recent<N> with N >= {n}, got recent={self.recent}")
 
   @property
   def windowed(self) -> bool:
@@ -496,7 +534,7 @@ class KVFormat:
     except ValueError as e:
       raise ValueError(
           f"invalid KV format name={name!r}: {e}. Presets: {', '.join(PRESETS)}; or a tensor "
-          "spec 'dtype[-nu][-asym][-g<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
+          "spec 'dtype[-nu][-asym][-g<N>|-c<N>|-tensor|-head|-channel][-sbf16][-rot]', 'k<bits>v<bits>' "
           "with bits in 16/8/4/2, or 'k=<spec>,v=<spec>'; then optionally '+sink<N>' and/or "
           "'+recent<N>'") from None
 

@@ -59,15 +59,15 @@ def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = Fa
   layer, read off its layout: arrays with a positions axis grow with tokens, other
   arrays with a batch axis (the windows) with sequences, and the rest (calibrated
   scales, clip ratios) with neither. Exact in bits (int4: half bytes, int2: quarter bytes)."""
-  # Any max_len the layout accepts (int2 needs a multiple of 128); divided out below.
-  positions = 128
+  # Any max_len the layout accepts; divided out below.
+  positions = QuantizedKV.max_len_multiple(spec)
   layout = QuantizedKV.layout(spec, num_layers=1, batch=1, kv_heads=kv_heads, max_len=positions,
                               head_dim=head_dim, clip=clip, sink=sink, recent=recent)
   axes = jax.tree.leaves(layout.logical_axes(), is_leaf=lambda x: isinstance(x, P))
   per_position = per_sequence = fixed = 0.0
   for arr, names in zip(jax.tree.leaves(layout), axes, strict=True):
     nbytes = math.prod(arr.shape) * dtype_bits(arr.dtype) / 8
-    if "positions" in names:
+    if "positions" in names or "token_groups" in names:
       per_position += nbytes / positions
     elif "batch" in names:
       per_sequence += nbytes
@@ -145,7 +145,7 @@ def tpu_layout_copy_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, k
              head_dim=head_dim)
   total = 0
   for spec in (fmt.k, fmt.v):
-    if spec.dynamic and spec.scale_jnp_dtype.itemsize == 2:
+    if spec.per_token and spec.scale_jnp_dtype.itemsize == 2:
       groups = spec.num_groups(head_dim)
       if groups % 2:
         total += num_layers * batch * kv_heads * (groups + 1) * max_len * 2

@@ -11,8 +11,10 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
 
   values  [L, B, K, S, H]   storage dtype; per (layer, sequence, kv head) a
                             contiguous `[S, H]` slab, the block a kernel DMAs.
-  scale   dynamic specs: [L, B, K, G, S] in the scale dtype, one per token and group,
+  scale   per-token specs: [L, B, K, G, S] in the scale dtype, one per token and group,
                             positions in lanes (never broadcast to H);
+          token-grouped (`c<N>`): [L, B, K, S/N, H], one per channel and group of N
+                            positions, written when the group fills;
           static specs:  [L, 1|K, 1|H], calibrated, fixed at `init`;
           unquantized:   None.
   zero    like `scale`, float32; asymmetric specs only, else None.
@@ -27,12 +29,16 @@ model under `lax.scan` over layers.
 
 Writing (`write`) quantizes a chunk `[B, T, K, H]` with `quant.quantize` and puts
 each token at its sequence's position (`Placement`); on CPU by a scatter, on TPU
-and GPU by one dynamic-update-slice per sequence (`write_rows`).
+and GPU by one dynamic-update-slice per sequence (`write_rows`). A token-grouped spec
+instead quantizes each group of N positions that the chunk completes, gathering the
+group's earlier positions from the recent window (which holds the open group: the
+format has at least N ring slots), and writes the whole group with its scales.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -52,7 +58,8 @@ __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIE
 PARAM_FIELDS = ("scale", "zero", "clip")
 
 # Logical axis names that `logical_axes` uses; `kvtpu.sharding` maps them to mesh axes.
-LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups", "window")
+LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups", "window",
+                "token_groups")
 
 
 @jax.tree_util.register_dataclass
@@ -71,6 +78,8 @@ class Placement:
     sequence's last `recent` positions after this chunk, else `recent` (dropped): of
     a chunk longer than the ring only its last `recent` tokens are written, so no
     slot is written twice. None without a ring.
+  lengths: `[B]` tokens each sequence held before the chunk; end: `[B]` after it
+    (clamped to max_len).
   """
 
   target: jax.Array
@@ -79,6 +88,8 @@ class Placement:
   rows: jax.Array
   sink_target: jax.Array | None = None
   recent_target: jax.Array | None = None
+  lengths: jax.Array | None = None
+  end: jax.Array | None = None
 
   @classmethod
   def of(cls, lengths: jax.Array, valid_len: jax.Array, t: int, max_len: int, *, sink: int = 0,
@@ -93,11 +104,12 @@ class Placement:
     sink_target = recent_target = None
     if sink:
       sink_target = jnp.where(kept & (pos < sink), pos, sink)
+    end = jnp.minimum(lengths + valid_len, max_len)
     if recent:
-      end = jnp.minimum(lengths + valid_len, max_len)[:, None]
-      recent_target = jnp.where(kept & (pos >= end - recent), jax.lax.rem(pos, recent), recent)
+      recent_target = jnp.where(kept & (pos >= end[:, None] - recent), jax.lax.rem(pos, recent),
+                                recent)
     return cls(target=target, start=start, token=jnp.clip(token, 0, t - 1), rows=rows,
-               sink_target=sink_target, recent_target=recent_target)
+               sink_target=sink_target, recent_target=recent_target, lengths=lengths, end=end)
 
 
 def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
@@ -219,8 +231,9 @@ class QuantizedKV:
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim the spec's group size
-        does not divide, `clip` on a spec that is not dynamic, a window on a
-        static spec, or int2 storage with max_len not a multiple of 128.
+        does not divide, a max_len a token-grouped spec's group does not divide,
+        `clip` on a spec that is not dynamic, a window on a static spec, or int2
+        storage with max_len not a multiple of 128.
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim)
@@ -229,11 +242,17 @@ class QuantizedKV:
     if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
       raise ValueError(f"int2 storage needs max_len a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
                        f"TPU layout of int2 arrays), got max_len={max_len} ({spec.name})")
+    n = spec.token_group
+    if n is not None and max_len % n:
+      raise ValueError(f"{spec.name} scales groups of {n} positions: max_len must be a multiple "
+                       f"of {n}, got max_len={max_len}")
     sds = jax.ShapeDtypeStruct
     values = sds((num_layers, batch, kv_heads, max_len, head_dim), spec.storage_dtype)
     scale = zero = None
     if spec.quantized:
-      if spec.dynamic:
+      if n is not None:
+        shape = (num_layers, batch, kv_heads, max_len // n, head_dim)
+      elif spec.dynamic:
         shape = (num_layers, batch, kv_heads, spec.num_groups(head_dim), max_len)
       else:
         shape = (num_layers, *quant.static_scale_shape(spec, kv_heads, head_dim))
@@ -246,6 +265,13 @@ class QuantizedKV:
     return cls(values=values, scale=scale, zero=zero,
                clip=sds((num_layers, kv_heads), jnp.float32) if clip else None,
                sink=window(sink), recent=window(recent), spec=spec)
+
+  @staticmethod
+  def max_len_multiple(spec: QuantSpec) -> int:
+    """What `max_len` must be a multiple of for `spec`: 128 for int2 storage (TPU
+    layouts), N for per-channel scales over N positions (whole groups), else 1."""
+    int2 = INT2_MAX_LEN_MULTIPLE if spec.dtype.value == "int2" else 1
+    return math.lcm(int2, spec.token_group or 1)
 
   @staticmethod
   def param_names(spec: QuantSpec, *, clip: bool = False) -> tuple[str, ...]:
@@ -290,6 +316,7 @@ class QuantizedKV:
     shape = cls.layout(spec, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
                        max_len=max_len, head_dim=head_dim, clip=clip is not None, sink=sink,
                        recent=recent)
+    _check_open_group(spec, recent)
 
     def make(field: str, sds: jax.ShapeDtypeStruct | None):
       if sds is None:
@@ -329,14 +356,20 @@ class QuantizedKV:
     return quant.codebook(self.spec)
 
   @property
+  def token_group(self) -> int | None:
+    """Positions per per-channel scale of a token-grouped spec (`c<N>`), which the kernels
+    read as `[L, B, K, S / N, H]` scales; None for every other spec."""
+    return self.spec.token_group
+
+  @property
   def per_token_scale(self) -> jax.Array | None:
-    """The `[L, B, K, G, S]` scales the kernels read (dynamic specs), else None."""
-    return self.scale if self.spec.dynamic else None
+    """The `[L, B, K, G, S]` scales of a per-token spec, else None."""
+    return self.scale if self.spec.per_token else None
 
   @property
   def per_token_zero(self) -> jax.Array | None:
-    """The `[L, B, K, G, S]` zero points the kernels read (dynamic asymmetric), else None."""
-    return self.zero if self.spec.dynamic else None
+    """The `[L, B, K, G, S]` zero points of a per-token asymmetric spec, else None."""
+    return self.zero if self.spec.per_token else None
 
   def params(self) -> dict[str, jax.Array]:
     """The calibrated fields present (`param_names`), by field name."""
@@ -351,7 +384,9 @@ class QuantizedKV:
     per_position = P("layers", "batch", "kv_heads", "positions", "head_dim")
     scale = None
     if self.scale is not None:
-      if self.spec.dynamic:
+      if self.spec.token_group is not None:
+        scale = P("layers", "batch", "kv_heads", "token_groups", "head_dim")
+      elif self.spec.dynamic:
         scale = P("layers", "batch", "kv_heads", "groups", "positions")
       else:
         g = self.spec.granularity
@@ -396,11 +431,19 @@ class QuantizedKV:
     if not self.spec.quantized:
       return quant.dequantize(data, self.spec, dtype=dtype)
 
+    n = self.spec.token_group
+    if n is not None:  # [B, K, S, H] as groups [B, K, S/N, N, H], scales [B, K, S/N, 1, H].
+      per_group = lambda p: None if p is None else p[layer][..., None, :]  # noqa: E731
+      b, k, s, h = data.shape
+      out = quant.dequantize(data.reshape(b, k, s // n, n, h), self.spec,
+                             per_group(self.scale), per_group(self.zero), dtype=dtype)
+      return out.reshape(b, k, s, h)
+
     def per_position(p):
       if p is None:
         return None
       p = p[layer]
-      # Dynamic [B, K, G, S] -> [B, K, S, G]; static [1|K, 1|H] -> [1|K, 1, 1|H].
+      # Per-token [B, K, G, S] -> [B, K, S, G]; static [1|K, 1|H] -> [1|K, 1, 1|H].
       return jnp.swapaxes(p, -1, -2) if self.spec.dynamic else p[:, None, :]
 
     return quant.dequantize(data, self.spec, per_position(self.scale), per_position(self.zero),
@@ -448,14 +491,18 @@ class QuantizedKV:
 
     Returns the new tensor and the `quant.Quantized` result (its `saturated` and
     `nonfinite` masks are over the whole chunk: mask them with `where`; its `q` is
-    int8 for an int2 spec). A rotated spec quantizes `x @ R` (computed in float32)
-    with non-finite inputs taken as 0 first; windows store non-finite values as 0, as
-    the quantized store does.
+    int8 for an int2 spec; a token-grouped spec's `q`, `scale` and `zero` are those of
+    the groups the chunk may complete, `_write_groups`). A rotated spec quantizes
+    `x @ R` (computed in float32) with non-finite inputs taken as 0 first; windows
+    store non-finite values as 0, as the quantized store does.
     """
     spec = self.spec
     nonfinite = ~jnp.isfinite(x)
     if spec.rotation:  # Non-finite inputs become 0 before the rotation spreads them.
       x = rotation.rotate(jnp.where(nonfinite, 0.0, x), jnp.float32)
+    if spec.token_group is not None:
+      _check_open_group(spec, self.window_sizes()[1])
+      return self._write_groups(layer, x, nonfinite, where)
     windows = {}
     for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
       store = getattr(self, field)
@@ -478,6 +525,66 @@ class QuantizedKV:
       if self.zero is not None:
         new["zero"] = write_rows(self.zero, layer, res.zero, where, 4)
     return dataclasses.replace(self, **new), res
+
+  def _write_groups(self, layer, x: jax.Array, nonfinite: jax.Array, where: Placement
+                    ) -> tuple[QuantizedKV, quant.Quantized]:
+    """`write` for a token-grouped spec: the chunk goes to the windows, and each group
+    of N positions it completes is quantized per channel and written whole.
+
+    A chunk of T tokens completes at most M = ceil(T / N) groups, the ones ending in
+    `(lengths, end]`; they are the M groups from `lengths // N` on, the first
+    `end // N - lengths // N` of them complete. Their positions before `lengths` are
+    read from the ring as it was before this chunk (it holds the sequence's last
+    `recent >= N` positions, so every position of the open group), the others from
+    the chunk, all as their window copies hold them (bf16), so what is stored does not
+    depend on how the sequence was chunked. The M groups are quantized, and the
+    complete ones written with their scales; the rest are dropped (`Placement` of a
+    shorter valid length).
+    """
+    spec, n = self.spec, self.spec.token_group
+    b, t, kh, h = x.shape
+    m = -(-t // n)
+    ring = self.recent[layer]  # [B, K, W_r, H], before this chunk.
+    # Every position is quantized from its window copy (bf16), whether it comes from
+    # this chunk or from the ring: what is stored does not depend on the chunking.
+    x = jnp.where(jnp.isfinite(x), x, 0.0).astype(ring.dtype).astype(jnp.float32)
+    windows = {}
+    for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
+      store = getattr(self, field)
+      if store is not None:
+        windows[field] = write_rows(store, layer, x, dataclasses.replace(where, target=target),
+                                    3, "scatter")
+    first = jax.lax.div(where.lengths, n)  # [B] the first group the chunk may complete.
+    pos = first[:, None] * n + jnp.arange(m * n, dtype=jnp.int32)[None, :]  # [B, M*N]
+    old = pos < where.lengths[:, None]
+    slot = jax.lax.rem(pos, ring.shape[2])
+    from_ring = jnp.take_along_axis(ring, slot[:, None, :, None], axis=2)  # [B, K, M*N, H]
+    from_chunk = jnp.take_along_axis(
+        x, jnp.clip(pos - where.lengths[:, None], 0, t - 1)[:, :, None, None], axis=1)
+    groups = jnp.where(old[:, :, None, None], jnp.swapaxes(from_ring, 1, 2).astype(jnp.float32),
+                       from_chunk)  # [B, M*N, K, H]
+    groups = groups.reshape(b, m, n, kh, h).transpose(0, 1, 3, 2, 4)  # [B, M, K, N, H]
+    narrow = spec.storage_dtype == jnp.int2
+    res = quant.quantize(groups, spec, q_dtype=jnp.int8 if narrow else None)
+    complete = jax.lax.div(where.end, n) - first  # [B] in [0, M]
+    max_len = self.shape[3]
+    positions = Placement.of(first * n, complete * n, m * n, max_len)
+    slots = Placement.of(first, complete, m, max_len // n)
+    q = res.q.transpose(0, 1, 3, 2, 4).reshape(b, m * n, kh, h)
+    new = {"values": write_rows(self.values, layer, q, positions, 3), **windows,
+           "scale": write_rows(self.scale, layer, res.scale[:, :, :, 0, :], slots, 3)}
+    if self.zero is not None:
+      new["zero"] = write_rows(self.zero, layer, res.zero[:, :, :, 0, :], slots, 3)
+    return dataclasses.replace(self, **new), res._replace(saturated=jnp.zeros(x.shape, bool),
+                                                          nonfinite=nonfinite)
+
+
+def _check_open_group(spec: QuantSpec, recent: int) -> None:
+  """A token-grouped spec reads its open group from the ring: at least N slots."""
+  n = spec.token_group
+  if n is not None and recent < n:
+    raise ValueError(f"{spec.name} holds each open group of {n} positions in the recent window "
+                     f"until it fills: it needs recent >= {n}, got recent={recent}")
 
 
 _ARRAYS = ("values", "scale", "zero", "clip", "sink", "recent")

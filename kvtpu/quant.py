@@ -150,8 +150,9 @@ class Quantized(NamedTuple):
 
   Attributes:
     q: stored values, `x.shape`, in the spec's storage dtype.
-    scale: the scales used. Dynamic: `[..., G]` (G groups along H), in the scale
-      dtype. Static: the scale passed in. bf16: None.
+    scale: the scales used. Per-token: `[..., G]` (G groups along H), in the scale
+      dtype; token-grouped: `[..., 1, H]`, one per channel of each group of positions.
+      Static: the scale passed in. bf16: None.
     zero: zero points like `scale` (float32), or None when symmetric.
     saturated: bool `x.shape`, values clipped to the storage range: static scales
       that the data outgrew, values beyond a calibrated clip ratio, or values
@@ -269,6 +270,9 @@ def _check_clip(clip, x: jax.Array, spec: QuantSpec) -> jax.Array:
   if spec.nonuniform:
     raise ValueError(f"clip is for range-scaled specs; {spec.name} scales each token by its RMS "
                      "onto a Lloyd-Max codebook, which has no range to clip")
+  if not spec.per_token:
+    raise ValueError(f"clip is for per-token scales; {spec.name} scales each channel over a group "
+                     "of positions (each scale covers its group's whole range)")
   clip = jnp.asarray(clip, jnp.float32)
   try:
     jnp.broadcast_shapes(clip.shape, x.shape[:-1])
@@ -279,14 +283,28 @@ def _check_clip(clip, x: jax.Array, spec: QuantSpec) -> jax.Array:
   return jnp.broadcast_to(clip, x.shape[:-1])[..., None]
 
 
+def _check_token_group(x: jax.Array, spec: QuantSpec) -> None:
+  """A token-grouped spec quantizes one group of positions at a time: `x: [..., N, H]`."""
+  if x.ndim < 2 or x.shape[-2] != spec.token_group:
+    raise ValueError(f"{spec.name} scales each channel over a group of {spec.token_group} "
+                     f"positions: x must be [..., {spec.token_group}, H] (the group's positions in "
+                     f"axis -2), got x.shape={x.shape}")
+
+
 def _clipped_ranges(x: jax.Array, spec: QuantSpec, clip) -> tuple[jax.Array, jax.Array]:
-  """Per group of `x: [..., H]`, the range `[lo, hi]: [..., G]` its scale covers."""
-  xg = _grouped(_sanitize(x), spec.num_groups(x.shape[-1]))
+  """Per group of `x: [..., H]`, the range `[lo, hi]: [..., G]` its scale covers; for a
+  token-grouped spec, per channel of `x: [..., N, H]` over its N positions, `[..., 1, H]`."""
+  if spec.token_group is not None:
+    _check_token_group(x, spec)
+    xg, axis = _sanitize(x), -2
+  else:
+    xg, axis = _grouped(_sanitize(x), spec.num_groups(x.shape[-1])), -1
+  keep = axis == -2
   if spec.symmetric:
-    hi = jnp.max(jnp.abs(xg), axis=-1)
+    hi = jnp.max(jnp.abs(xg), axis=axis, keepdims=keep)
     lo = -hi
   else:
-    lo, hi = jnp.min(xg, axis=-1), jnp.max(xg, axis=-1)
+    lo, hi = (jnp.min(xg, axis=axis, keepdims=keep), jnp.max(xg, axis=axis, keepdims=keep))
   if clip is not None:
     c = _check_clip(clip, x, spec)
     lo, hi = lo * c, hi * c
@@ -300,7 +318,8 @@ def dynamic_scales(x: jax.Array, spec: QuantSpec, clip=None
   Non-finite values are ignored (treated as 0). `clip`, optional, broadcastable to
   `x.shape[:-1]` with values in (0, 1]: each scale covers `clip` times its group's
   range (module docstring). Returns `scale: [..., G]` in the spec's scale dtype and
-  `zero: [..., G]` float32 (None when symmetric).
+  `zero: [..., G]` float32 (None when symmetric). A token-grouped spec (`c<N>`) takes
+  one group of positions, `x: [..., N, H]`, and returns per channel `[..., 1, H]`.
   """
   if not spec.dynamic:
     raise ValueError(f"dynamic_scales needs a dynamic spec, got {spec.name}")
@@ -321,8 +340,11 @@ def _sanitize(x: jax.Array) -> jax.Array:
 
 
 def _broadcast_params(spec: QuantSpec, p: jax.Array, x: jax.Array) -> jax.Array:
-  """Scale or zero -> same rank as `x: [..., H]` (dynamic `[..., G]`: groups expanded)."""
+  """Scale or zero -> same rank as `x: [..., H]` (per-token `[..., G]`: groups expanded;
+  token-grouped `[..., 1, H]` against `x: [..., N, H]`: broadcast over the positions)."""
   p = p.astype(jnp.float32)
+  if spec.token_group is not None:
+    return jnp.broadcast_to(p, x.shape)
   if spec.dynamic:
     return jnp.repeat(p, x.shape[-1] // p.shape[-1], axis=-1)
   if p.ndim > x.ndim:
@@ -335,7 +357,8 @@ def quantize(x: jax.Array, spec: QuantSpec, *, scale: jax.Array | None = None,
   """Quantizes `x: [..., H]` into `spec`'s storage.
 
   Args:
-    x: values to store, any float dtype; the last axis is the head dimension.
+    x: values to store, any float dtype; the last axis is the head dimension. A
+      token-grouped spec (`c<N>`) quantizes groups of positions: `x: [..., N, H]`.
     spec: the storage spec.
     scale: static specs only: the calibrated scale, broadcastable to `x` (tensor:
       `[1, 1]`, head: `[K, 1]`, channel: `[K, H]` against `x: [..., K, H]`).
@@ -428,7 +451,8 @@ def dequantize(q: jax.Array, spec: QuantSpec, scale: jax.Array | None = None,
   Args:
     q: stored values `[..., H]`.
     spec: the storage spec they were written with.
-    scale: as returned by / passed to `quantize` (dynamic: `[..., G]`).
+    scale: as returned by / passed to `quantize` (per-token: `[..., G]`; token-grouped:
+      `[..., 1, H]` against `q: [..., N, H]`).
     zero: likewise; None for symmetric specs.
     dtype: output dtype.
   """

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ from kvtpu.attention import attend as _attend
 from kvtpu.attention import check_query
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
+from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
            "per_device_bytes"]
@@ -177,8 +179,10 @@ class CacheSharding:
     device ever holds more than its block."""
     # KVCache.init checks static scales and clip ratios only when they are concrete, and
     # under eval_shape and jit they are traced: check them eagerly on a one-sequence,
-    # one-position cache first (their shapes do not depend on batch or max_len).
-    KVCache.init(fmt, **{**kwargs, "batch": 1, "max_len": 1})
+    # shortest cache first (their shapes do not depend on batch or max_len).
+    parsed = KVFormat.parse(fmt)
+    shortest = math.lcm(*(QuantizedKV.max_len_multiple(s) for s in (parsed.k, parsed.v)))
+    KVCache.init(fmt, **{**kwargs, "batch": 1, "max_len": shortest})
     abstract = jax.eval_shape(functools.partial(KVCache.init, fmt, **kwargs))
     return jax.jit(functools.partial(KVCache.init, fmt, **kwargs),
                    out_shardings=self.shardings(abstract))()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from kvtpu.models.config import ModelConfig
 
+import kvtpu
 from kvtpu.calibration import stats as stats_lib
 
 # The tiny random Llama config of model, protocol, calibration and binary tests:
@@ -99,6 +100,54 @@ def poison(cache):
     return jnp.full_like(x, jnp.nan)
   return dataclasses.replace(cache, k=jax.tree.map(nan_like, cache.k),
                              v=jax.tree.map(nan_like, cache.v))
+
+
+def write_chunks(fmt, rng, steps, *, max_len: int, head_dim: int, layer: int = 1):
+  """A NaN-poisoned 2-layer cache (2 kv heads) after writing the chunks `steps` (`(T,
+  valid_len [B])` each, all but the last advanced) of K/V with outliers into `layer`.
+
+  Returns the cache, the written K and V `[B, S, K, H]` (NaN where nothing was
+  written), the tokens each sequence holds, and the last chunk's valid lengths.
+  """
+  b = len(steps[0][1])
+  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=2, max_len=max_len,
+                                    head_dim=head_dim))
+  keys, values = (np.full((b, max_len, 2, head_dim), np.nan, np.float32) for _ in range(2))
+  held = np.zeros(b, np.int64)
+  valid = np.zeros(b, np.int64)
+  for i, (t, valid) in enumerate(steps):
+    valid = np.asarray(valid)
+    k, v = (kv_with_outliers(rng, (b, t, 2, head_dim)) for _ in range(2))
+    cache = cache.update(layer, jnp.asarray(k), jnp.asarray(v), valid_len=valid)
+    for j in range(b):
+      n = min(valid[j], max_len - held[j])
+      keys[j, held[j]:held[j] + n] = k[j, :n]
+      values[j, held[j]:held[j] + n] = v[j, :n]
+    held = np.minimum(held + valid, max_len)
+    if i < len(steps) - 1:
+      cache = cache.advance(valid)
+  return cache, keys, values, held, valid
+
+
+def prefix_cases(fmts: Sequence[str], prefixes: Sequence) -> list:
+  """`pytest.param(fmt, prefix, t)` for every format and `(prefix, t)` pair (a cache
+  holding `prefix` tokens per sequence, then a chunk of t), the fast tier running one
+  diagonal of the grid (each format and each prefix at least once when they are as
+  many)."""
+  return [pytest.param(fmt, prefix, t, id=f"{fmt}-{prefix}-{t}",
+                       marks=slow_unless((i + j) % len(fmts) == 0))
+          for i, fmt in enumerate(fmts) for j, (prefix, t) in enumerate(prefixes)]
+
+
+def chunked(lengths, chunks) -> list:
+  """`write_chunks` steps that write `lengths` tokens per sequence in chunks of the
+  given sizes."""
+  steps, done = [], np.zeros(len(lengths), np.int64)
+  for t in chunks:
+    valid = np.clip(np.asarray(lengths) - done, 0, t)
+    steps.append((t, valid))
+    done += valid
+  return steps
 
 
 def np_attention(q, keys, values, lengths, chunk, scale):

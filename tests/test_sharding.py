@@ -61,8 +61,11 @@ def poisoned(cache: kvtpu.KVCache, lengths, rng) -> kvtpu.KVCache:
       x = getattr(tensor, name)
       if x is None or (name != "values" and tensor.spec.static):
         continue  # Absent, or a calibrated static scale.
-      seq_axis = 3 if name == "values" else 4
-      pos = np.arange(S).reshape([-1 if i == seq_axis else 1 for i in range(5)])
+      n = tensor.spec.token_group if name != "values" else None
+      seq_axis = 3 if name == "values" or n else 4
+      # A per-channel scale over N positions is held once its group is (its last position).
+      pos = (np.arange(S) if n is None else np.arange(n - 1, S, n)).reshape(
+          [-1 if i == seq_axis else 1 for i in range(5)])
       held = pos < lengths.reshape(1, -1, 1, 1, 1)
       if jnp.issubdtype(x.dtype, jnp.integer):
         info = jnp.iinfo(x.dtype)
@@ -163,6 +166,8 @@ CASES = [  # mesh shape, Auto axis types, format, kv heads, clip ratios.
     pytest.param((1, 8), True, "k=int4-asym-head,v=fp8_e4m3", 3, False,
                  id="staticasym-1x8-auto-replicate"),
     pytest.param((2, 4), False, "int4-asym+sink2+recent4", 8, False, id="windows-2x4"),
+    pytest.param((4, 2), False, "k=int4-asym-c8,v=int8-c8+recent8", 8, False,
+                 id="channelgroups-4x2"),
 ]
 
 
@@ -299,6 +304,7 @@ def test_bad_meshes_strategies_and_batches_are_clear_errors():
     ((2, 4), "k=int8-tensor,v=int4-asym-channel", 8, "replicate", False),
     ((4, 2), "int8", 8, "auto", True),
     ((1, 8), "bf16", 8, "heads", False),
+    ((2, 4), "k=int4-asym-c16,v=int4+recent16", 8, "auto", False),
 ])
 def test_per_device_bytes_are_what_each_device_holds(shape, fmt, kv_heads, strategy, clip, rng):
   data, model = shape

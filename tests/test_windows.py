@@ -11,7 +11,15 @@ import pytest
 
 import kvtpu
 from kvtpu import memory, rotation
-from tests.helpers import assert_close, kv_with_outliers, np_attention, poison, slow_unless
+from tests.helpers import (
+  assert_close,
+  chunked,
+  kv_with_outliers,
+  np_attention,
+  prefix_cases,
+  slow_unless,
+  write_chunks,
+)
 from tests.pallas_kernels.cases import INTERPRET
 
 
@@ -45,36 +53,7 @@ EDGE_LENGTHS = [0, 1, SINK, RECENT - 1, RECENT, RECENT + 1, SINK + RECENT, 11, S
 
 
 def _write(fmt, rng, steps, *, layer=1, h=16):
-  """A NaN-poisoned cache after writing the chunks `steps` (`(T, valid_len [B])` each,
-  all but the last advanced); returns it, the written K and V `[B, S, K, H]` (NaN where
-  nothing was written), the tokens each sequence holds and the last chunk's counts."""
-  b = len(steps[0][1])
-  cache = poison(kvtpu.KVCache.init(fmt, num_layers=2, batch=b, kv_heads=2, max_len=S,
-                                    head_dim=h))
-  keys, values = (np.full((b, S, 2, h), np.nan, np.float32) for _ in range(2))
-  held = np.zeros(b, np.int64)
-  for i, (t, valid) in enumerate(steps):
-    valid = np.asarray(valid)
-    k, v = kv_with_outliers(rng, (b, t, 2, h)), kv_with_outliers(rng, (b, t, 2, h))
-    cache = cache.update(layer, jnp.asarray(k), jnp.asarray(v), valid_len=valid)
-    for j in range(b):
-      n = min(valid[j], S - held[j])
-      keys[j, held[j]:held[j] + n] = k[j, :n]
-      values[j, held[j]:held[j] + n] = v[j, :n]
-    held = np.minimum(held + valid, S)
-    if i < len(steps) - 1:
-      cache = cache.advance(valid)
-  return cache, keys, values, held, valid
-
-
-def _chunked(lengths, chunks):
-  """`_write` steps that write `lengths` tokens per sequence in chunks of the given sizes."""
-  steps, done = [], np.zeros(len(lengths), np.int64)
-  for t in chunks:
-    valid = np.clip(np.asarray(lengths) - done, 0, t)
-    steps.append((t, valid))
-    done += valid
-  return steps
+  return write_chunks(fmt, rng, steps, max_len=S, head_dim=h, layer=layer)
 
 
 def _expected(cache, which, x, held, layer=1):
@@ -100,7 +79,7 @@ def _expected(cache, which, x, held, layer=1):
                                                            (2, 11, 3)])])
 def test_windows_hold_the_sink_and_the_last_tokens_exactly(chunks, rng):
   lengths = EDGE_LENGTHS
-  cache, keys, values, held, _ = _write(FMT, rng, _chunked(lengths, chunks))
+  cache, keys, values, held, _ = _write(FMT, rng, chunked(lengths, chunks))
   assert held.tolist() == lengths
   for which, x in (("k", keys), ("v", values)):
     got = np.asarray(cache.dequantized(1, which, held=held), np.float64)
@@ -135,18 +114,13 @@ def test_writes_past_capacity_are_dropped_from_the_windows(rng):
   np.testing.assert_allclose(got[0, :, S - 1], np.asarray(over[0, 0], np.float64), rtol=2**-8)
 
 
-def _cases():
-  fmts = [FMT, "int4-asym-rot+recent8", "k=int8,v=int4-g8+sink2", "fp8_e4m3+sink1+recent16",
-          "int4-nu-sbf16-rot+sink2+recent8"]
-  prefixes = [((0, 0), 1), ((RECENT, SINK + RECENT), 1), ((3, 9), 4), ((0, 2), 12), ((S - 1, 6), 1),
-              ((RECENT - 1, RECENT + 1), 3)]
-  for i, fmt in enumerate(fmts):
-    for j, (prefix, t) in enumerate(prefixes):
-      yield pytest.param(fmt, prefix, t, id=f"{fmt}-{prefix}-{t}",
-                         marks=slow_unless((i + j) % len(fmts) == 0))
+FORMATS = [FMT, "int4-asym-rot+recent8", "k=int8,v=int4-g8+sink2", "fp8_e4m3+sink1+recent16",
+           "int4-nu-sbf16-rot+sink2+recent8"]
+PREFIXES = [((0, 0), 1), ((RECENT, SINK + RECENT), 1), ((3, 9), 4), ((0, 2), 12), ((S - 1, 6), 1),
+            ((RECENT - 1, RECENT + 1), 3)]
 
 
-@pytest.mark.parametrize("fmt,prefix,t", list(_cases()))
+@pytest.mark.parametrize("fmt,prefix,t", prefix_cases(FORMATS, PREFIXES))
 def test_attention_reads_the_windows(fmt, prefix, t, rng):
   """XLA reference and kernel (decode for T <= 8, prefill above) vs float64 attention
   over the K/V built in numpy, on a NaN-poisoned cache."""

@@ -166,7 +166,7 @@ def check_head_dim(field: str, formats: Iterable[str], head_dim: int,
   for name in formats:
     fmt = kvtpu.KVFormat.parse(name)
     for spec in (fmt.k, fmt.v):
-      if spec.group_size:
+      if spec.per_token and spec.group_size:
         check(head_dim % spec.group_size == 0, field,
               f"{fmt.name} groups {spec.group_size} channels, which does not divide "
               f"head_dim={head_dim}{' ' + where if where else ''}")

@@ -13,15 +13,19 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
     MAX_DECODE_T,
     Dims,
     decode_codes,
+    dequantize_layer,
     dequantize_per_token,
+    dequantize_token_groups,
     masked_attention,
     ref_decode_attention,
     unpack_codes,
     unpack_operands,
+    unpack_token_groups,
     validate_inputs,
 )
 
 __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
-           "dequantize_per_token", "decode_codes", "unpack_codes"]
+           "dequantize_per_token", "dequantize_token_groups", "dequantize_layer", "decode_codes",
+           "unpack_codes", "unpack_token_groups"]

@@ -25,6 +25,12 @@ Layout and traffic:
   * A non-uniform code (`codes`: a codebook the stored integers index) is decoded in
     VMEM right after the conversion to f32, by a chain of selects (`decode_codes`:
     3 per value at 2 bits, 15 at 4), before the zero point and scales apply.
+  * Per-channel scales over groups of N positions (a token-grouped tensor, scales
+    `[L, B, K, S / N, H]`): the block's `[block_s / N, H]` scales (and zero points)
+    follow its data block, and dequantize the block in VMEM, each row of N positions
+    its group's (broadcast over the N rows); the logits and outputs then need no
+    scale. A group never straddles two blocks: block_s is a multiple of 8 N, so that
+    the scale block is whole sublane tiles (or the full S).
   * head_dim is handled natively (the block's last dim is the full H): 64 works, at
     the cost of half-empty 128-lane vregs in VMEM for H = 64.
   * Unquantized windows (`reference.unpack_windows`): the sink `[W_s, H]` and ring
@@ -55,16 +61,18 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
   decode_codes,
   unpack_codes,
   unpack_operands,
+  unpack_token_groups,
   unpack_windows,
   validate_inputs,
   validate_windows,
 )
 
 __all__ = ["BlockSizes", "DEFAULT_VMEM_BUDGET", "decode_attention", "default_block_sizes",
-           "vmem_estimate_bytes",
+           "vmem_estimate_bytes", "token_block_multiple", "token_block_error",
            "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error"]
 
 _LANES = 128
+_SUBLANES = 8
 
 
 def layout_error(k_dtype, v_dtype, head_dim: int) -> str | None:
@@ -124,17 +132,37 @@ _DEFAULT_BLOCK_BYTES = 256 * 1024
 DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 
 
-def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1) -> BlockSizes:
+def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
+                        token_groups: tuple[int, int] = (0, 0)) -> BlockSizes:
   """The block of the rule above, halved (down to 128 positions) while a decode step of
   `MAX_DECODE_T` tokens x `group` query heads per kv head would not fit the VMEM budget
-  (only at large G: the logits grow with T x G x block_s)."""
+  (only at large G: the logits grow with T x G x block_s); then raised to a multiple of
+  `token_block_multiple` for token-grouped scales (`token_groups`: positions per
+  per-channel scale of K and V, 0 for none)."""
   per_token = head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
   block = max(_LANES, min(2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token))), 4096))
   d = Dims(num_layers=1, batch=1, t=MAX_DECODE_T, q_heads=group, kv_heads=1, max_len=block,
            head_dim=head_dim, k_groups=1, v_groups=1)
   while block > _LANES and vmem_estimate_bytes(d, block, k_dtype, v_dtype) > DEFAULT_VMEM_BUDGET:
     block //= 2
-  return BlockSizes(block)
+  return BlockSizes(math.lcm(block, *(token_block_multiple(n) for n in token_groups)))
+
+
+def token_block_multiple(token_group: int) -> int:
+  """What block_s must be a multiple of (unless it covers all of S) for per-channel
+  scales over groups of `token_group` positions: whole groups per block, and their
+  `[block_s / N, H]` scale block whole 8-row sublane tiles (1 without such scales)."""
+  return _SUBLANES * token_group if token_group else 1
+
+
+def token_block_error(d: Dims, block_s: int) -> str | None:
+  """Why `block_s` cannot tile the call's token-grouped scales, or None."""
+  for name, n in (("k", d.k_token_group), ("v", d.v_token_group)):
+    if n and block_s < d.max_len and block_s % token_block_multiple(n):
+      return (f"block_s={block_s} must be a multiple of {token_block_multiple(n)} (8 groups of "
+              f"{name.upper()}'s {n}-position scales, whole sublane tiles) or cover all "
+              f"S={d.max_len} positions")
+  return None
 
 
 def _bits(dtype) -> int:
@@ -149,7 +177,9 @@ def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp
   tg = d.t * d.group
   kv = block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
   scale_bytes = jnp.dtype(scale_dtype).itemsize
-  scales = block_s * (d.k_groups + d.v_groups) * scale_bytes * 2  # scales + zeros (at most)
+  per_position = d.k_groups + d.v_groups + sum(
+      d.head_dim / n for n in (d.k_token_group, d.v_token_group) if n)
+  scales = int(block_s * per_position) * scale_bytes * 2  # scales + zeros (at most)
   q_out = 2 * tg * d.head_dim * 4
   scratch = tg * (d.head_dim + 2) * 4
   temps = 4 * tg * block_s * 4 + 2 * block_s * d.head_dim * 4  # logits/probs, f32 K/V block
@@ -202,6 +232,10 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   scales = 0
   for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
     scales += kv_copies * block_s * groups * scale_itemsize[name] * (2 if zero else 1)
+  for name, n, zero in (("k", d.k_token_group, has_zero[0]), ("v", d.v_token_group, has_zero[1])):
+    if n:  # The [block_s / N, H] per-channel scales of the block's groups.
+      scales += kv_copies * -(-block_s // n) * d.head_dim * scale_itemsize[name] * (
+          2 if zero else 1)
   rows = block_t * d.group
   q = d.batch * d.kv_heads * num_q_blocks * rows * d.head_dim * 4
   out = q
@@ -220,6 +254,9 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
   per_token = d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
   for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
     per_token += groups * scale_itemsize[name] * (2 if zero else 1)
+  for name, n, zero in (("k", d.k_token_group, has_zero[0]), ("v", d.v_token_group, has_zero[1])):
+    if n:  # A group's per-channel scales, shared by its N positions.
+      per_token += d.head_dim * scale_itemsize[name] * (2 if zero else 1) / n
   return int(tokens * per_token)
 
 
@@ -228,9 +265,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
             k_codes=None, v_codes=None):
   del layer_ref  # Used by the index maps only.
   refs = list(rest)
-  ks_ref = refs.pop(0) if d.k_groups else None
+  ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
   kz_ref = refs.pop(0) if k_zero else None
-  vs_ref = refs.pop(0) if d.v_groups else None
+  vs_ref = refs.pop(0) if d.v_groups or d.v_token_group else None
   vz_ref = refs.pop(0) if v_zero else None
   sink_refs = (refs.pop(0), refs.pop(0)) if sink else None
   recent_refs = (refs.pop(0), refs.pop(0)) if recent else None
@@ -318,10 +355,22 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
         out = out + (col if groups == 1 else jnp.where(in_group(g, groups), col, 0.0))
       return out
 
+    def per_channel(x, s_ref, z_ref, n):
+      """`[bs, H]` stored values -> `(x - zero) * scale` with the block's `[bs / n, H]`
+      per-channel scales, each row of n positions its group's."""
+      def rows(ref):
+        p = ref[...].astype(jnp.float32)
+        return jnp.broadcast_to(p[:, None, :], (block_s // n, n, h)).reshape(block_s, h)
+      if z_ref is not None:
+        x = x - rows(z_ref)
+      return x * rows(s_ref)
+
     k = k_ref[...].astype(jnp.float32)  # [bs, H]
     if k_codes is not None:
       k = decode_codes(k, k_codes)
-    if k_zero:
+    if d.k_token_group:
+      k = per_channel(k, ks_ref, kz_ref, d.k_token_group)
+    elif k_zero:
       k = k - zero_points(kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
     mask = (pos <= query_limit(block_s)) & (pos < quant_end)  # [TG, bs]
@@ -341,12 +390,16 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
         logits = logits + nt_dot(qg, k) * ks[g:g + 1, :]
     p, alpha = softmax_step(logits, mask)
 
-    # Unwritten positions may hold NaN: zero them (0 * NaN would poison the sum).
-    held = (i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)) < end
+    # Positions the store is not read for may hold NaN (unwritten, or an open group's
+    # unwritten scales): zero them (0 * NaN would poison the sum).
+    row = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
+    held = (row < quant_end) & (row >= sink) if sink else row < quant_end
     v = v_ref[...].astype(jnp.float32)  # [bs, H]
     if v_codes is not None:
       v = decode_codes(v, v_codes)
-    if v_zero:
+    if d.v_token_group:
+      v = per_channel(v, vs_ref, vz_ref, d.v_token_group)
+    elif v_zero:
       v = v - zero_points(vz_ref, d.v_groups)
     v = jnp.where(held, v, 0.0)
 
@@ -369,28 +422,34 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
     o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
+                                             "v_token_group", "block_sizes", "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                     v_recent=None, k_codes=None, v_codes=None,
-                     block_sizes: BlockSizes | None = None, interpret=False) -> jax.Array:
+                     v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
+                     v_token_group=None, block_sizes: BlockSizes | None = None,
+                     interpret=False) -> jax.Array:
   """Decode attention over one layer of a quantized cache (see module docstring).
 
   Args:
     q: `[B, T, N, H]` queries, T <= 8, already multiplied by the softmax scale
       (and by any static key scale).
     k, v: `[L, B, K, S, H]` caches in f32, bf16, int8, int4, int2, fp8 e4m3 or e5m2, or
-      quantized tensors carrying their per-token scales (`unpack_operands`).
+      quantized tensors carrying their scales (`unpack_operands`).
     lengths: `i32[B]` tokens held before the chunk.
     chunk: `i32[B]` tokens of the chunk written to the cache (0..T).
     layer: integer scalar: which layer of `k`, `v` and the scales to read.
-    k_scale, v_scale: per-token scales `[L, B, K, G, S]` (G groups along H), or None.
-    k_zero, v_zero: per-token zero points shaped like the scales, or None.
+    k_scale, v_scale: per-token scales `[L, B, K, G, S]` (G groups along H), per-channel
+      scales `[L, B, K, S / N, H]` with `k_token_group` / `v_token_group` N, or None.
+    k_zero, v_zero: zero points shaped like the scales, or None.
     k_sink, v_sink, k_recent, v_recent: unquantized windows `[L, B, K, W, H]`
       (`reference.unpack_windows`), or None; carried by quantized `k`, `v` too.
     k_codes, v_codes: static codebooks of non-uniform codes (`reference.unpack_codes`),
       or None; carried by quantized `k`, `v` too.
-    block_sizes: KV tiling; default from `default_block_sizes`.
+    k_token_group, v_token_group: static positions per per-channel scale
+      (`reference.unpack_token_groups`), or None; carried by quantized `k`, `v` too.
+    block_sizes: KV tiling; default from `default_block_sizes` (with token-grouped
+      scales a multiple of `token_block_multiple` or all of S).
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
   Returns:
@@ -398,11 +457,13 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
+  token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                      token_groups=token_groups)
   validate_windows(d, *windows)
   if block_sizes is None:
-    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group)
+    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group, token_groups)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.max_len),
                         interpret=interpret, windows=windows, codes=codes)
@@ -418,7 +479,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
   `(k_codes, v_codes)` from `unpack_codes`.
   """
-  error = layout_error(k.dtype, v.dtype, d.head_dim)
+  error = layout_error(k.dtype, v.dtype, d.head_dim) or token_block_error(d, block_s)
   if error is not None:
     raise ValueError(error)
   bs = block_s
@@ -439,13 +500,19 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
   kv_spec = pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
   in_specs, operands = [q_spec, kv_spec, kv_spec], [qk, k, v]
-  for scale, zero, groups in ((k_scale, k_zero, d.k_groups), (v_scale, v_zero, d.v_groups)):
+  for scale, zero, groups, n in ((k_scale, k_zero, d.k_groups, d.k_token_group),
+                                 (v_scale, v_zero, d.v_groups, d.v_token_group)):
     for arr in (scale, zero):
-      if arr is not None:
-        # The scale block follows its data block: same (layer, b, head, block) indices.
+      if arr is None:
+        continue
+      # The scale block follows its data block: same (layer, b, head, block) indices.
+      if n:  # Per-channel scales of the block's bs / n groups: [bs / n, H].
+        in_specs.append(pl.BlockSpec((sq, sq, sq, bs // n, d.head_dim),
+                                     lambda *a: (*kv_block(*a), 0)))
+      else:
         in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs),
                                      lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
-        operands.append(arr)
+      operands.append(arr)
   sizes = {"sink": 0, "recent": 0}
   for field, pair in (("sink", windows[:2]), ("recent", windows[2:])):
     if pair[0] is not None:

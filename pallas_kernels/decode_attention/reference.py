@@ -36,6 +36,8 @@ class Dims:
   head_dim: int  # H
   k_groups: int  # scale groups per token for K (0: no per-token scales)
   v_groups: int  # likewise for V
+  k_token_group: int = 0  # positions per per-channel K scale (0: none; `unpack_token_groups`)
+  v_token_group: int = 0  # likewise for V
 
   @property
   def group(self) -> int:
@@ -99,6 +101,28 @@ def unpack_codes(k, v, k_codes=None, v_codes=None):
                          f"{dtype} value), got {codes!r}")
     out.append(codes)
   return tuple(out)
+
+
+def unpack_token_groups(k, v, k_token_group=None, v_token_group=None) -> tuple[int, int]:
+  """`(N_k, N_v)`: positions per per-channel scale of a token-grouped tensor (its scales
+  `[L, B, K, S / N, H]`, one per channel over each aligned group of N positions), or 0
+  for per-token or no scales; from a quantized tensor's `token_group` attribute (absent
+  or None: 0), else from the argument.
+
+  Raises:
+    ValueError: for a group given twice, or one that is not a positive int.
+  """
+  out = []
+  for name, x, given in (("k", k, k_token_group), ("v", v, v_token_group)):
+    if _is_quantized(x):
+      if given is not None:
+        raise ValueError(f"{name} is a quantized tensor that says how its scales are laid out; "
+                         f"do not also pass {name}_token_group")
+      given = getattr(x, "token_group", None)
+    if given is not None and (not isinstance(given, int) or isinstance(given, bool) or given < 1):
+      raise ValueError(f"{name}_token_group must be a positive int or None, got {given!r}")
+    out.append(given or 0)
+  return out[0], out[1]
 
 
 def decode_codes(x, levels):
@@ -180,7 +204,8 @@ def overlay_windows(x, sink, recent, held):
 
 
 def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v_scale=None,
-                    v_zero=None, *, max_t: int | None = MAX_DECODE_T) -> Dims:
+                    v_zero=None, *, max_t: int | None = MAX_DECODE_T,
+                    token_groups: tuple[int, int] = (0, 0)) -> Dims:
   """Checks shapes and dtypes of a decode/prefill call; returns its `Dims`.
 
   Args:
@@ -189,9 +214,11 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
     lengths: `i32[B]` tokens held before this chunk; query t sits at lengths + t.
     chunk: `i32[B]` tokens of this chunk already written (valid), <= T.
     layer: integer scalar, the layer to read.
-    k_scale, v_scale: per-token scales `[L, B, K, G, S]` float, or None (unscaled).
-    k_zero, v_zero: per-token zero points shaped like the scales, or None.
+    k_scale, v_scale: per-token scales `[L, B, K, G, S]` float, or per-channel scales
+      `[L, B, K, S / N, H]` of a token-grouped tensor, or None (unscaled).
+    k_zero, v_zero: zero points shaped like the scales, or None.
     max_t: largest T accepted (decode: 8), or None.
+    token_groups: `(N_k, N_v)` from `unpack_token_groups` (0: per-token scales).
 
   Raises:
     ValueError, TypeError: naming the argument and the expected shape or dtype.
@@ -222,10 +249,22 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
   if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
     raise ValueError(f"layer must be an integer scalar, got {layer!r}")
   groups = {}
-  for name, scale, zero in (("k", k_scale, k_zero), ("v", v_scale, v_zero)):
+  for name, scale, zero, tg in (("k", k_scale, k_zero, token_groups[0]),
+                               ("v", v_scale, v_zero, token_groups[1])):
     if scale is None:
       if zero is not None:
         raise ValueError(f"{name}_zero given without {name}_scale")
+      if tg:
+        raise ValueError(f"{name}_token_group={tg} given without {name}_scale")
+      groups[name] = 0
+      continue
+    if zero is not None and zero.shape != scale.shape:
+      raise ValueError(f"{name}_zero.shape={zero.shape} must equal {name}_scale.shape={scale.shape}")
+    if tg:
+      if s % tg or scale.shape != (num_layers, b, kh, s // tg, h):
+        raise ValueError(f"{name}_scale of {name}_token_group={tg} must be per-channel scales "
+                         f"[L={num_layers}, B={b}, K={kh}, S/N={s // tg}, H={h}] with S={s} a "
+                         f"multiple of N={tg}, got {scale.shape}")
       groups[name] = 0
       continue
     if scale.ndim != 5 or scale.shape[:3] != (num_layers, b, kh) or scale.shape[4] != s:
@@ -235,10 +274,8 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
     g = scale.shape[3]
     if h % g:
       raise ValueError(f"{name}_scale has G={g} groups, which does not divide H={h}")
-    if zero is not None and zero.shape != scale.shape:
-      raise ValueError(f"{name}_zero.shape={zero.shape} must equal {name}_scale.shape={scale.shape}")
     groups[name] = g
-  return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"])
+  return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"], *token_groups)
 
 
 def dequantize_per_token(x, scale, zero, codes=None):
@@ -257,14 +294,35 @@ def dequantize_per_token(x, scale, zero, codes=None):
   return (xg * sg).reshape(b, kh, s, h)
 
 
+def dequantize_token_groups(x, scale, zero, n: int, codes=None):
+  """`[B, K, S, H]` stored values and `[B, K, S / n, H]` per-channel scales (and zero
+  points, or None) of groups of `n` positions -> float32 `(x - zero) * scale`, each
+  position its group's; `codes` as in `dequantize_per_token`."""
+  x = x.astype(jnp.float32) if codes is None else decode_codes(x, codes)
+  b, kh, s, h = x.shape
+  xg = x.reshape(b, kh, s // n, n, h)
+  if zero is not None:
+    xg = xg - zero.astype(jnp.float32)[:, :, :, None, :]
+  return (xg * scale.astype(jnp.float32)[:, :, :, None, :]).reshape(b, kh, s, h)
+
+
+def dequantize_layer(x, scale, zero, codes=None, token_group: int = 0):
+  """One layer's stored values as float32: per-channel scales over groups of
+  `token_group` positions (`dequantize_token_groups`), else per-token ones."""
+  if token_group:
+    return dequantize_token_groups(x, scale, zero, token_group, codes)
+  return dequantize_per_token(x, scale, zero, codes)
+
+
 def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                          v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                         v_recent=None, k_codes=None, v_codes=None, block_sizes=None,
+                         v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
+                         v_token_group=None, block_sizes=None,
                          interpret=None, max_t: int | None = MAX_DECODE_T) -> jax.Array:
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
-  `k`, `v` may be quantized tensors carrying their per-token scales and windows
-  (`unpack_operands`, `unpack_windows`). Query t of sequence b sits at position
+  `k`, `v` may be quantized tensors carrying their scales, windows, codes and scale
+  layout (`unpack_operands`, `unpack_windows`, `unpack_codes`, `unpack_token_groups`). Query t of sequence b sits at position
   `p = lengths[b] + min(t, chunk[b] - 1)` and sees cache positions `s <= p` with
   `s < lengths[b] + chunk[b]` and `s < S`, window positions read from the windows;
   rows with no visible position are 0. Returns `[B, T, N, H]` float32.
@@ -272,16 +330,19 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   del block_sizes, interpret
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k_codes, v_codes = unpack_codes(k, v, k_codes, v_codes)
+  token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      max_t=max_t)
+                      max_t=max_t, token_groups=token_groups)
   validate_windows(d, *windows)
   pick = lambda a: None if a is None else a[layer]  # noqa: E731
   k_sink, v_sink, k_recent, v_recent = (pick(w) for w in windows)
   held = jnp.minimum(lengths + chunk, d.max_len)
-  keys = overlay_windows(dequantize_per_token(k[layer], pick(k_scale), pick(k_zero), k_codes),
+  keys = overlay_windows(dequantize_layer(k[layer], pick(k_scale), pick(k_zero), k_codes,
+                                          d.k_token_group),
                          k_sink, k_recent, held)  # [B, K, S, H]
-  values = overlay_windows(dequantize_per_token(v[layer], pick(v_scale), pick(v_zero), v_codes),
+  values = overlay_windows(dequantize_layer(v[layer], pick(v_scale), pick(v_zero), v_codes,
+                                            d.v_token_group),
                            v_sink, v_recent, held)
   return masked_attention(q, keys, values, lengths, chunk)
 

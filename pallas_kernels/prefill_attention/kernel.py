@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,14 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   BlockSizes,
   attention_call,
   default_block_sizes,
+  token_block_multiple,
   vmem_estimate_bytes,
 )
 from kvtpu.pallas_kernels.decode_attention.reference import (
   Dims,
   unpack_codes,
   unpack_operands,
+  unpack_token_groups,
   unpack_windows,
   validate_windows,
 )
@@ -72,15 +75,18 @@ _DEFAULT_BLOCK_T = 128
 
 
 def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
-                                scale_dtype=jnp.float32) -> PrefillBlockSizes:
+                                scale_dtype=jnp.float32,
+                                token_groups: tuple[int, int] = (0, 0)) -> PrefillBlockSizes:
   """128 query tokens per block (x G heads: >= 128 MXU rows) and the decode KV block,
   halved until the step's VMEM estimate fits the budget: first the KV block (down to
   128 positions; the logits of 128 x G rows grow with it, and the decode rule makes it
   larger the fewer bits a value has), then the query block (down to 8 tokens) for the
-  largest G.
+  largest G. With token-grouped scales the KV block stays a multiple of
+  `token_block_multiple` (the query block shrinks instead).
 
   Args:
     group: G, query heads per kv head.
+    token_groups: positions per per-channel scale of K and V (0: none).
   """
   block_t, block_s = _DEFAULT_BLOCK_T, default_block_sizes(k_dtype, v_dtype, head_dim).block_s
 
@@ -90,7 +96,9 @@ def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
     return prefill_vmem_estimate_bytes(d, block_t, block_s, k_dtype, v_dtype,
                                        scale_dtype) <= DEFAULT_VMEM_BUDGET
 
-  while not fits() and block_s > _LANES:
+  floor = math.lcm(_LANES, *(token_block_multiple(n) for n in token_groups))
+  block_s = math.lcm(block_s, floor)
+  while not fits() and block_s > floor:
     block_s //= 2
   while not fits() and block_t > _SUBLANES:
     block_t //= 2
@@ -104,11 +112,13 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
                              scale_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
+                                             "v_token_group", "block_sizes", "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
-                      v_recent=None, k_codes=None, v_codes=None,
-                      block_sizes: PrefillBlockSizes | None = None, interpret=False) -> jax.Array:
+                      v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
+                      v_token_group=None, block_sizes: PrefillBlockSizes | None = None,
+                      interpret=False) -> jax.Array:
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
   Args: as `decode_attention`, with any T, and `block_sizes` a `PrefillBlockSizes`.
@@ -118,11 +128,14 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
+  token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero)
+  d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+                              token_groups=token_groups)
   validate_windows(d, *windows)
   if block_sizes is None:
-    block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim, d.group)
+    block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim, d.group,
+                                              token_groups=token_groups)
   block_t, block_s = block_sizes.resolve(d.t, d.max_len)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,

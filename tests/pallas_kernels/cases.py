@@ -20,7 +20,8 @@ KERNEL_RTOL = 5e-5
 
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 FORMATS = ["f32", "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "int8-asym", "int4-asym-g16",
-           "fp8_e4m3-sbf16", "int2-asym", "k4v2", "k=int2-nu-sbf16-rot,v=int4-nu-g32-rot"]
+           "fp8_e4m3-sbf16", "int2-asym", "k4v2", "k=int2-nu-sbf16-rot,v=int4-nu-g32-rot",
+           "k=int2-asym-c16,v=int4-c16-sbf16+recent16"]
 GQA = [1, 3, 8]
 HEAD_DIMS = [64, 128, 256]
 BLOCK = 128
@@ -42,24 +43,27 @@ def runnable(fmt: str, head_dim: int, gen: str | None = None) -> tuple[int, str 
 
 
 def kernel_args(cache, layer, chunk):
-  """Raw-array arguments of the kernel for one cache layer (dynamic formats), windows
-  and codebooks (static tuples: `split_codes`) included."""
+  """Raw-array arguments of the kernel for one cache layer (dynamic formats), windows,
+  codebooks and token groups (static: `split_static`) included."""
   k, v = cache.k, cache.v
   windows = {f"{w}_{f}": getattr(x, f) for w, x in (("k", k), ("v", v))
              for f in ("sink", "recent") if getattr(x, f) is not None}
   codes = {f"{w}_codes": x.codes for w, x in (("k", k), ("v", v)) if x.codes is not None}
+  groups = {f"{w}_token_group": x.token_group for w, x in (("k", k), ("v", v)) if x.token_group}
+  scales = {f"{w}_{f}": getattr(x, f) if x.spec.dynamic else None
+            for w, x in (("k", k), ("v", v)) for f in ("scale", "zero")}
   return ((k.values, v.values, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
-          dict(k_scale=k.per_token_scale, k_zero=k.per_token_zero, v_scale=v.per_token_scale,
-               v_zero=v.per_token_zero, **windows, **codes))
+          dict(**scales, **windows, **codes, **groups))
 
 
-CODES = ("k_codes", "v_codes")
+# The kernels' static keyword arguments that `kernel_args` may return.
+STATIC = ("k_codes", "v_codes", "k_token_group", "v_token_group")
 
 
-def split_codes(kw):
-  """`kw` of `kernel_args` -> (its arrays, its static codebooks)."""
-  return ({n: x for n, x in kw.items() if n not in CODES},
-          {n: x for n, x in kw.items() if n in CODES})
+def split_static(kw):
+  """`kw` of `kernel_args` -> (its arrays, its static arguments)."""
+  return ({n: x for n, x in kw.items() if n not in STATIC},
+          {n: x for n, x in kw.items() if n in STATIC})
 
 
 def filled_cache(fmt, rng, *, lengths, t, chunk, kv_heads, head_dim, max_len, layer=1):

@@ -27,7 +27,6 @@ import kvtpu
 from tests.helpers import assert_close, covering_cases, np_attention, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
-  CODES,
   FAST_CASES,
   FORMATS,
   GENERATIONS,
@@ -35,11 +34,12 @@ from tests.pallas_kernels.cases import (
   HEAD_DIMS,
   INTERPRET,
   KERNEL_RTOL,
+  STATIC,
   compile_with_default_blocks,
   filled_cache,
   kernel_args,
   runnable,
-  split_codes,
+  split_static,
   tpu_device,
 )
 
@@ -145,7 +145,7 @@ def test_reference_matches_float64_numpy(fmt, rng):
 # --------------------------------------------------------- interpret vs reference
 # The oracle of the kernel comparisons: the reference (checked op by op against float64
 # numpy above) compiled as one program, which costs less than its per-op compiles.
-jitted_ref = jax.jit(ref_decode_attention, static_argnames=CODES)
+jitted_ref = jax.jit(ref_decode_attention, static_argnames=STATIC)
 
 
 def _case_params():
@@ -332,7 +332,7 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
                                                     max_len=2048, head_dim=head_dim))
   q = jax.ShapeDtypeStruct((4, 2, 16, head_dim), jnp.float32)
   args, kw = kernel_args(cache, 1, jnp.zeros(4, jnp.int32))
-  kw, codes = split_codes(kw)
+  kw, codes = split_static(kw)
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   args = jax.tree.map(on_tpu, (q, *args[:3], jax.ShapeDtypeStruct((4,), jnp.int32)))
   kw = jax.tree.map(on_tpu, kw)

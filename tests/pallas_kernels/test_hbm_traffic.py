@@ -56,6 +56,9 @@ CASES = [
     ("fp8_e4m3", [0, 100, 300], [40, 33, 9], 40, 16, 128, 512),
     ("int4-asym+sink4+recent64", [0, 3, 70, 300], [1, 1, 1, 1], 1, None, 128, 384),
     ("int8-rot+recent16", [0, 5, 130], [20, 0, 17], 20, 8, 128, 384),
+    ("k=int4-asym-c16,v=int8-c16+recent16", [0, 15, 16, 200, 383], [1, 1, 1, 1, 1], 1, None,
+     128, 384),
+    ("k=int4-c16-sbf16,v=int4+recent24", [0, 5, 130], [20, 0, 17], 20, 8, 128, 384),
 ]
 
 
@@ -67,6 +70,7 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
                        max_len=max_len)
   q = jnp.asarray(rng.standard_normal((len(lengths), t, 4, 64)), jnp.float32)
   args, kw = kernel_args(cache, 1, chunk)
+  groups = (kw.get("k_token_group", 0), kw.get("v_token_group", 0))
   if block_t is None:
     out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(block_s), interpret=INTERPRET)
   else:
@@ -74,12 +78,13 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
                             interpret=INTERPRET)
   jax.block_until_ready(out)
   d = validate_inputs(q, *args, kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
-                      max_t=None)
+                      max_t=None, token_groups=groups)
   fmt = cache.fmt
+  itemsize = {w: cache.tensor(w).spec.scale_jnp_dtype.itemsize for w in ("k", "v")}
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,
                       block_t=block_t, has_zero=(kw["k_zero"] is not None,
                                                  kw["v_zero"] is not None),
-                      windows=(fmt.sink, fmt.recent))
+                      windows=(fmt.sink, fmt.recent), scale_itemsize=itemsize)
   assert copied_bytes, "no copies were counted: the interpreter's `get` hook did not run"
   counted = sum(copied_bytes.values())
   assert counted == account["total"] - account["out"], (copied_bytes, account)
@@ -87,5 +92,5 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
   # Windows: copied once per (b, kv head), K and V, (W_s + W_r) x H bf16 values each.
   assert account["windows"] == len(lengths) * 2 * 2 * (fmt.sink + fmt.recent) * 64 * 2
   assert account["kv"] + account["scales"] >= min_hbm_bytes(
-      d, lengths, chunk, cache.k.dtype, cache.v.dtype,
+      d, lengths, chunk, cache.k.dtype, cache.v.dtype, scale_itemsize=itemsize,
       has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None))

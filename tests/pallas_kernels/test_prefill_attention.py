@@ -19,24 +19,24 @@ import kvtpu
 from tests.helpers import assert_close, covering_cases, slow_unless
 from tests.pallas_kernels.cases import (
   BLOCK,
-  CODES,
   FAST_CASES,
   FORMATS,
   GQA,
   HEAD_DIMS,
   INTERPRET,
   KERNEL_RTOL,
+  STATIC,
   compile_with_default_blocks,
   filled_cache,
   kernel_args,
   runnable,
-  split_codes,
+  split_static,
   tpu_device,
 )
 
 # The oracle of the kernel comparisons: the reference compiled as one program, which
 # costs less than its per-op compiles.
-jitted_ref = jax.jit(ref_prefill_attention, static_argnames=CODES)
+jitted_ref = jax.jit(ref_prefill_attention, static_argnames=STATIC)
 
 
 def _cases():
@@ -145,7 +145,7 @@ def test_compiles_through_mosaic(generation, fmt, head_dim):
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2,
                                                     max_len=2048, head_dim=head_dim))
   args, kw = kernel_args(cache, 1, jnp.zeros(2, jnp.int32))
-  kw, codes = split_codes(kw)
+  kw, codes = split_static(kw)
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, 256, 8, head_dim), jnp.float32),
                                *args[:3], jax.ShapeDtypeStruct((2,), jnp.int32)))
