@@ -3,6 +3,8 @@
 Public API:
   KVFormat, QuantSpec      storage formats (`KVFormat.parse("int8")`)
   KVCache                  the cache pytree: init / update / advance / counts
+  LayerPlan, LayeredKVCache
+                           formats per layer, and the cache of layer groups that holds them
   attend                   attention over the cache (`impl="xla" | "pallas" | ...`)
   quantize, dequantize     the reference quantization math
   memory                   exact bytes per token and per cache
@@ -13,11 +15,13 @@ Public API:
 from kvtpu import headroom, memory, sharding
 from kvtpu.attention import attend
 from kvtpu.cache import KVCache
-from kvtpu.formats import PRESETS, Granularity, KVFormat, QuantSpec, StorageDtype
+from kvtpu.formats import PRESETS, Granularity, KVFormat, LayerPlan, QuantSpec, StorageDtype
+from kvtpu.layered import LayeredKVCache
 from kvtpu.quant import dequantize, quantize
 
 __version__ = "0.1.0"
 
 __all__ = ["KVFormat", "QuantSpec", "StorageDtype", "Granularity", "PRESETS", "KVCache",
+           "LayerPlan", "LayeredKVCache",
            "attend", "quantize", "dequantize", "memory", "sharding", "headroom",
            "__version__"]

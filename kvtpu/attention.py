@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kvtpu import accelerators
 from kvtpu._shared import check_layer, saturating_count
 from kvtpu.cache import KVCache
+from kvtpu.layered import LayeredKVCache
 from kvtpu.pallas_kernels import decode_attention, prefill_attention
 
 __all__ = ["attend", "check_query", "IMPLS"]
@@ -66,7 +67,8 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
 
   Args:
     q: `[B, T, N, H]` queries (after RoPE) of the chunk written by `update`.
-    cache: the cache after `update(layer, ...)` for this chunk, before `advance`.
+    cache: the cache after `update(layer, ...)` for this chunk, before `advance`; a
+      `LayeredKVCache` is read from the layer's group.
     layer: layer index (int, or integer scalar under `lax.scan`: a traced index out
       of range gives NaN outputs, as `update` flags it in the cache's `errors`).
     valid_len: as passed to `update` for ragged chunks: only the first
@@ -91,6 +93,9 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
       impl="pallas" with q on a non-TPU device is a ValueError that names the other
       impls; ahead-of-time compiles for TPU topologies (traced q) work from any host.
   """
+  if isinstance(cache, LayeredKVCache):  # The layer's group, a KVCache of one format.
+    group, index = cache.group_of(layer)
+    return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl)
   check_query(q, cache, layer, impl)
   impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)

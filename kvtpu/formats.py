@@ -546,3 +546,122 @@ PRESETS: tuple[str, ...] = (
     "bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "k8v4", "k4v8", "k8v16", "k16v8",
     "int8-asym", "int4-asym", "int4-g32", "int4-asym-g32",
 )
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+  """`"3,7,12-14"` -> `(3, 7, 12, 13, 14)`: sorted, each layer once."""
+  layers: list[int] = []
+  for part in text.split(","):
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+    if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+      raise ValueError(f"layers are ints and ranges a-b (a <= b), comma-separated, got {text!r}")
+    layers += range(int(m[1]), int(m[2] or m[1]) + 1)
+  if len(set(layers)) != len(layers):
+    raise ValueError(f"a layer is listed twice in {text!r}")
+  return tuple(sorted(layers))
+
+
+def _layer_text(layers: tuple[int, ...]) -> str:
+  """`(3, 7, 12, 13, 14)` -> `"3,7,12-14"`."""
+  runs: list[list[int]] = []
+  for layer in layers:
+    if runs and layer == runs[-1][1] + 1:
+      runs[-1][1] = layer
+    else:
+      runs.append([layer, layer])
+  return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """Formats per layer: a default, and other formats for listed layers.
+
+  Name: `default ("|" format "@" layers)*`, layers as ints and ranges, e.g.
+  `int2-nu-sbf16-rot+sink4+recent124|k=int4-nu-sbf16-rot,v=int2-nu-sbf16-rot+sink4+recent124@20-29`
+  (quote it in a shell). `LayerPlan.parse(plan.name) == plan`.
+
+  Attributes:
+    default: the format of every layer not listed.
+    overrides: `(format, layers)` pairs, each format distinct from the default and
+      from the others, layers ascending and listed once across all pairs.
+  """
+
+  default: KVFormat
+  overrides: tuple[tuple[KVFormat, tuple[int, ...]], ...] = ()
+
+  def __post_init__(self):
+    if not isinstance(self.default, KVFormat):
+      raise TypeError(f"LayerPlan.default must be a KVFormat, got {type(self.default).__name__}")
+    seen: set[int] = set()
+    formats = {self.default}
+    for fmt, layers in self.overrides:
+      if not isinstance(fmt, KVFormat):
+        raise TypeError(f"LayerPlan override formats must be KVFormats, got {type(fmt).__name__}")
+      if fmt in formats:
+        raise ValueError(f"format {fmt.name} appears twice in the plan (as the default or another "
+                         "override): list all its layers in one override")
+      formats.add(fmt)
+      if (not layers or list(layers) != sorted(set(layers))
+          or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)):
+        raise ValueError(f"the layers of {fmt.name} must be distinct ascending ints >= 0, got "
+                         f"{layers!r}")
+      if seen & set(layers):
+        raise ValueError(f"layers {sorted(seen & set(layers))} are given two formats")
+      seen |= set(layers)
+
+  @property
+  def name(self) -> str:
+    return "|".join([self.default.name] + [f"{fmt.name}@{_layer_text(layers)}"
+                                           for fmt, layers in self.overrides])
+
+  def __str__(self) -> str:
+    return self.name
+
+  @classmethod
+  def parse(cls, name: str | KVFormat | LayerPlan) -> LayerPlan:
+    """A plan name; a `KVFormat` (or format name) is the plan of one format for every
+    layer, and a `LayerPlan` passes through.
+
+    Raises:
+      ValueError: for an invalid format, layer list or plan.
+    """
+    if isinstance(name, LayerPlan):
+      return name
+    if isinstance(name, KVFormat):
+      return cls(name)
+    if not isinstance(name, str):
+      raise TypeError(f"a layer plan must be a str, KVFormat or LayerPlan, got {type(name).__name__}")
+    default, *parts = name.strip().split("|")
+    overrides = []
+    for part in parts:
+      fmt, at, layers = part.rpartition("@")
+      if not at:
+        raise ValueError(f"invalid layer plan {name!r}: each override is format@layers, got {part!r}")
+      try:
+        overrides.append((KVFormat.parse(fmt), _layer_list(layers)))
+      except ValueError as e:
+        raise ValueError(f"invalid layer plan {name!r}: {e}") from None
+    return cls(KVFormat.parse(default), tuple(overrides))
+
+  def formats(self, num_layers: int) -> tuple[KVFormat, ...]:
+    """The format of each of `num_layers` layers.
+
+    Raises:
+      ValueError: for an override layer >= num_layers.
+    """
+    out = [self.default] * num_layers
+    for fmt, layers in self.overrides:
+      if layers[-1] >= num_layers:
+        raise ValueError(f"plan {self.name} gives layer {layers[-1]} a format, but the model has "
+                         f"{num_layers} layers")
+      for i in layers:
+        out[i] = fmt
+    return tuple(out)
+
+  def groups(self, num_layers: int) -> tuple[tuple[KVFormat, tuple[int, ...]], ...]:
+    """`(format, layers)` per format present among `num_layers` layers: the default's
+    first (if any layer keeps it), then the overrides in order."""
+    formats = self.formats(num_layers)
+    order = [self.default] + [fmt for fmt, _ in self.overrides]
+    return tuple((fmt, tuple(i for i, f in enumerate(formats) if f == fmt)) for fmt in order
+                 if fmt in formats)

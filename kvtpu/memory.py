@@ -31,11 +31,12 @@ from jax.sharding import PartitionSpec as P
 
 from kvtpu._shared import array_nbytes, check_dims, dtype_bits
 from kvtpu.cache import COUNTERS, KVCache, check_clip
-from kvtpu.formats import KVFormat, QuantSpec
+from kvtpu.formats import KVFormat, LayerPlan, QuantSpec
 from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "window_bytes", "fixed_bytes",
-           "cache_bytes", "effective_bits", "tpu_layout_copy_bytes", "array_nbytes", "dtype_bits"]
+           "cache_bytes", "effective_bits", "tpu_layout_copy_bytes", "array_nbytes", "dtype_bits",
+           "plan_bytes_per_token", "plan_effective_bits", "plan_cache_bytes"]
 
 
 def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
@@ -162,3 +163,34 @@ def effective_bits(fmt: KVFormat | str, *, context: int, kv_heads: int, head_dim
   per_token = bytes_per_token(fmt, kv_heads=kv_heads, head_dim=head_dim)
   windows = window_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
   return (per_token * context + windows) * 8 / (context * 2 * kv_heads * head_dim)
+
+
+def plan_bytes_per_token(plan, *, num_layers: int, kv_heads: int, head_dim: int) -> float:
+  """Bytes one token adds to all `num_layers` layers of a `LayerPlan` (or plan name):
+  the sum of each layer's `bytes_per_token`."""
+  plan = LayerPlan.parse(plan)
+  check_dims(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+  return sum(bytes_per_token(fmt, kv_heads=kv_heads, head_dim=head_dim) * len(layers)
+             for fmt, layers in plan.groups(num_layers))
+
+
+def plan_effective_bits(plan, *, context: int, num_layers: int, kv_heads: int,
+                        head_dim: int) -> float:
+  """`effective_bits` of a `LayerPlan` (or plan name): the mean over its layers (each
+  layer stores as many values)."""
+  plan = LayerPlan.parse(plan)
+  check_dims(num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+  return sum(effective_bits(fmt, context=context, kv_heads=kv_heads, head_dim=head_dim)
+             * len(layers) for fmt, layers in plan.groups(num_layers)) / num_layers
+
+
+def plan_cache_bytes(plan, *, num_layers: int, batch: int, kv_heads: int, max_len: int,
+                     head_dim: int) -> int:
+  """Total bytes of a `LayeredKVCache` of `plan`: its groups' `cache_bytes`; equals
+  `LayeredKVCache.init(...).nbytes`."""
+  plan = LayerPlan.parse(plan)
+  check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
+             head_dim=head_dim)
+  return sum(cache_bytes(fmt, num_layers=len(layers), batch=batch, kv_heads=kv_heads,
+                         max_len=max_len, head_dim=head_dim)
+             for fmt, layers in plan.groups(num_layers))

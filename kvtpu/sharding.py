@@ -159,6 +159,9 @@ class CacheSharding:
       ValueError: when the batch is not a multiple of the data axis, or strategy
         `"heads"` does not fit the kv heads.
     """
+    if not isinstance(cache, KVCache):
+      raise TypeError(f"CacheSharding shards a KVCache, got {type(cache).__name__} (a "
+                      "LayeredKVCache runs unsharded)")
     _check_batch(cache.batch, self.data)
     d, m = self._axes(cache.kv_heads)
     mesh_axis = {"batch": d, "kv_heads": m}

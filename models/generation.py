@@ -363,7 +363,8 @@ def _check_int(name: str, value, low: int) -> int:
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             kv_format: str | kvtpu.KVFormat = "bf16", stop_ids: Sequence[int] = (),
+             kv_format: str | kvtpu.KVFormat | kvtpu.LayerPlan = "bf16",
+             stop_ids: Sequence[int] = (),
              sampling: Sampling = Sampling(), key: jax.Array | None = None,
              max_len: int | None = None, impl: str = "auto", pad_id: int = 0,
              prefill_chunk: int | None = 512,
@@ -375,7 +376,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     model: a `kvtpu.models.llama.Llama` (anything with its call, `init_cache` and `cfg`).
     prompts: B prompts of token ids, of any (ragged) lengths >= 1.
     max_new_tokens: N >= 1, the most tokens per prompt (the stop token included).
-    kv_format: the cache format, a name (`"int8"`, `"k8v4"`, ...) or a `KVFormat`.
+    kv_format: the cache format, a name (`"int8"`, `"k8v4"`, ...) or a `KVFormat`; or a
+      `kvtpu.LayerPlan` (or plan name) of formats per layer.
     stop_ids: ids that end a sequence (e.g. eos and `<|im_end|>`); it is included in
       its tokens. Empty: every row runs to N.
     sampling: greedy by default; see `Sampling`.
@@ -421,7 +423,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     stops = sorted({operator.index(s) for s in stop_ids})
   except TypeError:
     raise TypeError(f"stop_ids must be int token ids, got stop_ids={stop_ids!r}") from None
-  fmt = kvtpu.KVFormat.parse(kv_format)
+  fmt = kvtpu.LayerPlan.parse(kv_format)
+  fmt = fmt if fmt.overrides else fmt.default
   lengths_list = [len(p) for p in prompts]
   need = max(lengths_list) + max_new_tokens
   if max_len is None:

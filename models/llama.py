@@ -134,16 +134,26 @@ class Llama(nnx.Module):
         rngs=rngs)
 
   def init_cache(self, fmt, *, batch: int, max_len: int, calibration=None,
-                 **static_scales) -> kvtpu.KVCache:
+                 **static_scales) -> kvtpu.KVCache | kvtpu.LayeredKVCache:
     """An empty cache for this model in `fmt`.
 
     Args:
-      fmt: the cache format.
+      fmt: the cache format; or a `kvtpu.LayerPlan` (or plan name) of formats per layer,
+        which gives a `kvtpu.LayeredKVCache` (dynamic formats only).
       batch, max_len: sequences and positions.
       calibration: a `kvtpu.calibration.CalibrationArtifact` for static formats; it
         must have been made on this model (same `cfg.name`) and format.
       **static_scales: or explicit `k_scale=`, `v_scale=`, ... (see `KVCache.init`).
     """
+    plan = kvtpu.LayerPlan.parse(fmt)
+    if plan.overrides:
+      if calibration is not None or static_scales:
+        raise ValueError(f"a layer plan ({plan.name}) takes no calibration or static scales: "
+                         "its formats are dynamic")
+      return kvtpu.LayeredKVCache.init(plan, num_layers=self.cfg.num_layers, batch=batch,
+                                       kv_heads=self.cfg.num_kv_heads, max_len=max_len,
+                                       head_dim=self.cfg.head_dim)
+    fmt = plan.default
     if calibration is not None:
       calibration.check_compatible(num_layers=self.cfg.num_layers,
                                    kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
@@ -192,6 +202,9 @@ class Llama(nnx.Module):
       raise ValueError(
           f"cache has L={cache.num_layers}, K={cache.kv_heads}, H={cache.head_dim}; model "
           f"{cfg.name} needs L={cfg.num_layers}, K={cfg.num_kv_heads}, H={cfg.head_dim}")
+    if cache_sharding is not None and isinstance(cache, kvtpu.LayeredKVCache):
+      raise ValueError(f"cache_sharding takes a KVCache; a LayeredKVCache ({cache.plan.name}) "
+                       "runs unsharded")
     t = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)

@@ -129,14 +129,15 @@ def write_chunks(fmt, rng, steps, *, max_len: int, head_dim: int, layer: int = 1
   return cache, keys, values, held, valid
 
 
-def prefix_cases(fmts: Sequence[str], prefixes: Sequence) -> list:
-  """`pytest.param(fmt, prefix, t)` for every format and `(prefix, t)` pair (a cache
-  holding `prefix` tokens per sequence, then a chunk of t), the fast tier running one
-  diagonal of the grid (each format and each prefix at least once when they are as
-  many)."""
+def prefix_cases(fmts: Sequence[str], prefixes: Sequence, *, stride: int = 1) -> list:
+  """`pytest.param(fmt, prefix, t)` for the format and `(prefix, t)` pairs (a cache
+  holding `prefix` tokens per sequence, then a chunk of t) on every `stride`-th
+  diagonal of the grid (1: all of it), the fast tier running one diagonal (each
+  format and each prefix at least once when they are as many)."""
   return [pytest.param(fmt, prefix, t, id=f"{fmt}-{prefix}-{t}",
                        marks=slow_unless((i + j) % len(fmts) == 0))
-          for i, fmt in enumerate(fmts) for j, (prefix, t) in enumerate(prefixes)]
+          for i, fmt in enumerate(fmts) for j, (prefix, t) in enumerate(prefixes)
+          if (i + j) % stride == 0]
 
 
 def chunked(lengths, chunks) -> list:
