@@ -13,6 +13,12 @@ before the model loads; progress is logged per workload with an ETA.
 
   python -m kvtpu.experiments.calibrate --model=smollm2-135m --workloads=prose,code \\
       --kv_format=int8-channel --method=percentile --num_tokens=16384
+
+With --plan_high it chooses formats per layer instead (`kvtpu.models.runs.calibrate`):
+
+  python -m kvtpu.experiments.calibrate --workloads=prose,code --seq_len=512 --batch=1 \\
+      --kv_format=int2-nu-sbf16-rot+sink4+recent124 --plan_bits=2.75 \\
+      --plan_high=k=int4-nu-sbf16-rot,v=int2-nu-sbf16-rot+sink4+recent124
 """
 
 from __future__ import annotations
@@ -56,6 +62,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("seed", d.seed, "Workload seed.", flag_values=fv)
   flags.DEFINE_string("impl", d.impl, "attend implementation (auto, xla, pallas, interpret).",
                       flag_values=fv)
+  flags.DEFINE_string("plan_high", d.plan_high,
+                      "Choose formats per layer: the dearer format, given to the layers whose "
+                      "attention loses most in --kv_format (the cheaper one); empty: calibrate "
+                      "--kv_format.", flag_values=fv)
+  flags.DEFINE_float("plan_bits", d.plan_bits,
+                     "The per-layer plan's budget: effective bits per stored value.",
+                     flag_values=fv)
+  flags.DEFINE_integer("plan_context", d.plan_context,
+                       "Context (tokens) at which the plan's effective bits are counted.",
+                       flag_values=fv)
   define_workdir_flags(fv, "workdir/calibrate")
 
 

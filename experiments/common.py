@@ -116,14 +116,19 @@ def parse_flags(define_flags: Callable[[flags.FlagValues], None],
 
 
 def format_names(values: list[str]) -> list[str]:
-  """A list flag of format names, with `k=<spec>,v=<spec>` rejoined.
+  """A list flag of format names, with `k=<spec>,v=<spec>` and layer lists rejoined.
 
   absl list flags split on commas, which also separate the K and V specs of a mixed
-  format: `--kv_formats=int8,k=int8-channel,v=int8` arrives as three items.
+  format (`--kv_formats=int8,k=int8-channel,v=int8` arrives as three items) and the
+  layers of a layer plan's override (`int8|int4@3,5-7` as two).
   """
   out: list[str] = []
   for v in values:
-    if v.strip().lower().startswith("v=") and out and out[-1].strip().lower().startswith("k="):
+    # The last format of the previous item (a plan's last override, or the item).
+    tail = out[-1].rsplit("|", 1)[-1].strip().lower() if out else ""
+    if v.strip().lower().startswith("v=") and tail.startswith("k=") and "@" not in tail:
+      out[-1] = f"{out[-1]},{v}"
+    elif re.fullmatch(r"\s*\d+(-\d+)?\s*", v) and "@" in tail:
       out[-1] = f"{out[-1]},{v}"
     else:
       out.append(v)

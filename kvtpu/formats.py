@@ -614,6 +614,44 @@ class LayerPlan:
     return "|".join([self.default.name] + [f"{fmt.name}@{_layer_text(layers)}"
                                            for fmt, layers in self.overrides])
 
+  def _all(self) -> tuple[KVFormat, ...]:
+    return (self.default, *(fmt for fmt, _ in self.overrides))
+
+  @property
+  def quantized(self) -> bool:
+    return any(f.quantized for f in self._all())
+
+  @property
+  def static(self) -> bool:
+    return any(f.static for f in self._all())
+
+  @property
+  def windowed(self) -> bool:
+    return any(f.windowed for f in self._all())
+
+  def to_dict(self) -> dict[str, Any]:
+    """`{"name", "default": format dict, "overrides": [{"format", "layers"}]}`;
+    `from_dict` reads it back."""
+    return {"name": self.name, "default": self.default.to_dict(),
+            "overrides": [{"format": fmt.to_dict(), "layers": list(layers)}
+                          for fmt, layers in self.overrides]}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> LayerPlan:
+    """The plan `to_dict` wrote; its `name` must agree with its formats.
+
+    Raises:
+      ValueError: for a malformed dict or a name that disagrees.
+    """
+    if not isinstance(d, Mapping) or set(d) != {"name", "default", "overrides"}:
+      raise ValueError(f"a LayerPlan dict has keys 'name', 'default', 'overrides', got "
+                       f"{sorted(d) if isinstance(d, Mapping) else type(d).__name__}")
+    plan = cls(KVFormat.from_dict(d["default"]),
+               tuple((KVFormat.from_dict(o["format"]), tuple(o["layers"])) for o in d["overrides"]))
+    if cls.parse(d["name"]) != plan:
+      raise ValueError(f"LayerPlan dict names {d['name']!r} but its formats are {plan.name!r}")
+    return plan
+
   def __str__(self) -> str:
     return self.name
 

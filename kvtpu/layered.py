@@ -159,6 +159,13 @@ class LayeredKVCache:
         out[name][list(layers)] = per_layer
     return out
 
+  def saturation_rates(self) -> dict[str, np.ndarray]:
+    """Per layer, the fraction of written K and V values that were clipped
+    (`KVCache.saturation_rates`), in the model's layer order."""
+    c = self.counts()
+    written = np.maximum(c["written"], 1)
+    return {"k": c["k_saturated"] / written, "v": c["v_saturated"] / written}
+
   def error_flags(self) -> dict[str, np.ndarray]:
     """`{name: bool[B]}` for each of `ERRORS`: set in any group."""
     flags = [g.error_flags() for g in self.groups]

@@ -260,3 +260,53 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
           {"learn_steps": learn_steps} if method == "learned" else {})},
       workloads=tuple(disclosed), summary=outlier_table(stats))
   return art, stats
+
+
+def plan_layers(model, workloads, low, high, *, target_bits: float, context: int = 8192,
+                seq_len: int = 512, batch: int = 2, chunk: int = 128, impl: str = "auto"):
+  """A per-layer precision plan for `model` within `target_bits` effective bits per value
+  at `context` tokens (`kvtpu.calibration.layer_plan`).
+
+  Each layer's cost is measured on the queries, keys and values it computes on the
+  first `[batch, seq_len]` window batch of every workload (the batches side by side),
+  written and attended `chunk` tokens at a time.
+
+  Args:
+    model: a `kvtpu.models.llama.Llama`.
+    workloads: `kvtpu.eval.workloads.Workload`s.
+    low, high: the cheaper and the dearer format (dynamic or unquantized).
+    target_bits, context: the budget.
+    seq_len, batch, chunk: the calibration windows and the chunk size.
+    impl: attention implementation of the forward passes.
+
+  Returns:
+    A `LayerPlanArtifact`.
+  """
+  from kvtpu.calibration import layer_plan  # noqa: PLC0415
+
+  if not workloads:
+    raise ValueError("workloads is empty: measure layer costs on at least one workload")
+  per_layer: list[dict[str, list[np.ndarray]]] = [
+      {"q": [], "k": [], "v": []} for _ in range(model.cfg.num_layers)]
+  disclosed = []
+  for w in workloads:
+    first = next(iter(w.windows(seq_len, batch=batch, num_tokens=seq_len * batch)))
+    for layer, x in enumerate(attention_inputs(model, first, impl=impl)):
+      for kind in ("q", "k", "v"):
+        per_layer[layer][kind].append(np.asarray(x[kind]))
+    disclosed.append({**w.disclosure(), "tokens_used": batch * seq_len, "seq_len": seq_len,
+                      "batch": batch})
+  samples = [{kind: np.concatenate(xs, axis=0) for kind, xs in layer.items()}
+             for layer in per_layer]
+  costs = layer_plan.layer_costs(samples, low, high, chunk=chunk)
+  cfg = model.cfg
+  plan = layer_plan.assign(costs, low, high, target_bits=target_bits, context=context,
+                           kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+  return layer_plan.LayerPlanArtifact(
+      plan=plan, low=low, high=high, target_bits=target_bits, context=context, costs=costs,
+      model={"name": cfg.name, "weight_precision": model.weight_precision,
+             "num_layers": cfg.num_layers, "kv_heads": cfg.num_kv_heads,
+             "head_dim": cfg.head_dim},
+      workloads=disclosed,
+      method={"name": "attention_output_error", "chunk": chunk, "impl": impl,
+              "reference": "f32 cache"})

@@ -24,6 +24,7 @@ from kvtpu.models.generation import generate
 
 import kvtpu
 from kvtpu import memory
+from kvtpu.calibration.layer_plan import LayerPlanArtifact
 from kvtpu.eval import protocol as protocol_lib
 from kvtpu.eval import workloads as workloads_lib
 from kvtpu.headroom.solver import EFFECTIVE_BITS_CONTEXT
@@ -58,22 +59,36 @@ class CacheConfig:
   """A cache under test: a format with dynamic scales, or calibrated by an artifact.
 
   Attributes:
-    fmt: the cache format (name or `KVFormat`).
-    calibration: a `CalibrationArtifact` for `fmt` (static scales or clip ratios);
-      None: dynamic scales as computed on write (static formats need one).
+    fmt: the cache format (name or `KVFormat`), or a `kvtpu.LayerPlan` (or plan name)
+      of formats per layer.
+    calibration: a `CalibrationArtifact` for `fmt` (static scales or clip ratios), or
+      the `LayerPlanArtifact` that chose the plan `fmt`; None: dynamic scales as
+      computed on write (static formats need one).
   """
 
-  fmt: kvtpu.KVFormat | str
+  fmt: kvtpu.KVFormat | kvtpu.LayerPlan | str
   calibration: Any = None
 
   def __post_init__(self):
-    object.__setattr__(self, "fmt", kvtpu.KVFormat.parse(self.fmt))
+    plan = kvtpu.LayerPlan.parse(self.fmt)
+    object.__setattr__(self, "fmt", plan if plan.overrides else plan.default)
+    if isinstance(self.calibration, LayerPlanArtifact):
+      if self.calibration.plan != plan:
+        raise ValueError(f"layer plan artifact is for {self.calibration.plan.name}, not "
+                         f"{self.fmt.name}")
+      return
     if self.calibration is None and self.fmt.static:
       raise ValueError(f"format {self.fmt.name} has static scales: give it a calibration "
                        "artifact")
     if self.calibration is not None and self.calibration.fmt != self.fmt:
       raise ValueError(f"calibration artifact is for {self.calibration.fmt.name}, not "
                        f"{self.fmt.name}")
+
+  @property
+  def cache_calibration(self):
+    """What the cache itself takes: a `CalibrationArtifact`, or None (a plan's artifact
+    chose its layers' formats, which need no calibrated parameters)."""
+    return None if isinstance(self.calibration, LayerPlanArtifact) else self.calibration
 
   @property
   def calibration_name(self) -> str:
@@ -87,10 +102,10 @@ class CacheConfig:
 
 
 def _bytes_per_token(model, fmt) -> float:
-  """Cache bytes one token adds over all layers of `model`."""
+  """Cache bytes one token adds over all layers of `model` (a format or a plan)."""
   cfg = model.cfg
-  per_layer = memory.bytes_per_token(fmt, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-  return per_layer * cfg.num_layers
+  return memory.plan_bytes_per_token(fmt, num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                     head_dim=cfg.head_dim)
 
 
 def row_header(model, config: CacheConfig, reference: str | None = None) -> dict[str, Any]:
@@ -100,7 +115,13 @@ def row_header(model, config: CacheConfig, reference: str | None = None) -> dict
   fmt = config.fmt
   art = config.calibration
   calibration: Any = "dynamic"
-  if art is not None:
+  if isinstance(art, LayerPlanArtifact):
+    calibration = {"method": "layer_plan", "method_options": {
+        **art.method, "low": art.low.name, "high": art.high.name,
+        "target_bits": art.target_bits, "context": art.context},
+        "workloads": list(art.workloads), "kvtpu_version": art.kvtpu_version,
+        "created": art.created}
+  elif art is not None:
     d = art.disclosure()
     calibration = {"method": d["method"], "method_options": d["method_options"],
                    "workloads": d["workloads"], "kvtpu_version": d["kvtpu_version"],
@@ -108,9 +129,9 @@ def row_header(model, config: CacheConfig, reference: str | None = None) -> dict
   header = {"model": cfg.name, "weight_precision": model.weight_precision,
             "kv_format": fmt.name, "kv_precision": fmt.to_dict(),
             "kv_bytes_per_token": _bytes_per_token(model, fmt),
-            "kv_effective_bits": memory.effective_bits(fmt, context=EFFECTIVE_BITS_CONTEXT,
-                                                       kv_heads=cfg.num_kv_heads,
-                                                       head_dim=cfg.head_dim),
+            "kv_effective_bits": memory.plan_effective_bits(
+                fmt, context=EFFECTIVE_BITS_CONTEXT, num_layers=cfg.num_layers,
+                kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim),
             "calibration": calibration, "calibration_name": config.calibration_name}
   if reference is not None:
     header["reference_bytes_per_token"] = _bytes_per_token(model, reference)
@@ -147,7 +168,7 @@ def score_workload(model, workload: workloads_lib.Workload, configs: Sequence[Ca
   forward, params = forward_fn(model, protocol.impl)
   max_len = context if max_len is None else max_len
   caches = {c.label: model.init_cache(c.fmt, batch=batch, max_len=max_len,
-                                      calibration=c.calibration) for c in configs}
+                                      calibration=c.cache_calibration) for c in configs}
   if len(caches) != len(configs):
     raise ValueError(f"configs repeat a label: {[c.label for c in configs]}")
   reference = model.init_cache(protocol.reference, batch=batch, max_len=max_len)
@@ -196,7 +217,7 @@ def passkey_rows(model, tokenizer, configs: Sequence[CacheConfig], *, lengths: S
 
       ref = accuracy(reference)
       for c in configs:
-        acc = accuracy(c.fmt, c.calibration)
+        acc = accuracy(c.fmt, c.cache_calibration)
         rows.append({"kind": "passkey", **row_header(model, c, reference),
                      "eval_workload": w.disclosure(),
                      "context": length, "batch": num_samples, "depth": float(depth),

@@ -110,6 +110,37 @@ def test_calibrate_binary_end_to_end(tmp_path):
       f"Calibration artifact: {out / 'artifact'}; report: {out / 'report.md'}")
 
 
+def test_a_plan_run_gives_the_costliest_layers_the_dearer_format(tmp_path):
+  """plan_high: per-layer costs measured on the model, the plan within the budget, the
+  artifact reproducible, and rows and report per layer."""
+  from kvtpu.calibration.layer_plan import LayerPlanArtifact
+
+  checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+  # The tiny model: 2 layers, head_dim 16: int4 is 6 effective bits, int8 10: 8 bits hold
+  # one int8 layer.
+  config = CalibrateConfig(model=str(checkpoint), workloads=("prose", "code"), kv_format="int4",
+                           plan_high="int8", plan_bits=8.0, num_tokens=64, seq_len=32, batch=2,
+                           impl="xla")
+  result = run(config, tmp_path / "out")
+  art = LayerPlanArtifact.load(tmp_path / "out" / "artifact")
+  assert art.plan == result.artifact.plan and art.reassign() == art.plan
+  hi = int(np.argmax(art.costs))
+  assert art.plan.name == f"int4|int8@{hi}" and art.effective_bits == 8.0
+  assert [w["name"] for w in art.workloads] == ["prose", "code"]
+  assert all(w["tokens_used"] == 64 for w in art.workloads)
+  rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+  assert [r["kv_format"] for r in rows] == ["int8" if i == hi else "int4" for i in range(2)]
+  assert "| layer | cost | rank | format |" in result.report
+  with pytest.raises(ConfigError, match="plan_bits: target_bits=5.0 is below"):
+    run(CalibrateConfig(model=str(checkpoint), workloads=("prose",), kv_format="int4",
+                        plan_high="int8", plan_bits=5.0, num_tokens=64, seq_len=32, batch=2,
+                        impl="xla"), tmp_path / "low")
+  with pytest.raises(ConfigError, match="plan_high: int8-head has static scales"):
+    CalibrateConfig(kv_format="int4", plan_high="int8-head", plan_bits=8.0)
+  with pytest.raises(ConfigError, match="plan_high is kv_format"):
+    CalibrateConfig(kv_format="int4", plan_high="int4", plan_bits=8.0)
+
+
 @pytest.fixture
 def no_work(monkeypatch):
   """The run's expensive steps fail the test: a flag error raised with them in place was

@@ -13,6 +13,7 @@ from kvtpu.models import calibrate as calibrate_lib
 from kvtpu.models.runs import evaluate as evaluate_run
 from kvtpu.models.runs.common import ConfigError
 
+import kvtpu
 from kvtpu.eval import report
 from tests.helpers import TINY, run_binary
 from tests.run_support import fake_pretrained, forbid, save_tiny_checkpoint
@@ -67,6 +68,43 @@ def test_evaluate_tiny_matrix(tiny_checkpoint, tmp_path):
   config_json = json.loads((tmp_path / "config.json").read_text())
   assert config_json["contexts"] == [32, 64] and config_json["preset"] == "none"
   assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_evaluate_scores_layer_plans_with_and_without_their_artifact(tiny_checkpoint, tmp_path):
+  """A plan by name (dynamic) and a plan artifact: rows carry the plan's bytes and
+  effective bits, and the artifact's workloads as the calibration."""
+  from kvtpu.calibration.layer_plan import LayerPlanArtifact, assign
+
+  dims = dict(context=8192, kv_heads=2, head_dim=16)
+  costs = [0.1, 0.5]  # Layer 1 first; 8 effective bits hold one int8 layer of two.
+  plan = assign(costs, "int4", "int8", target_bits=8.0, **dims)
+  assert plan.name == "int4|int8@1"
+  LayerPlanArtifact(plan=plan, low="int4", high="int8", target_bits=8.0, context=8192,
+                    costs=costs, model={"name": "tiny-smollm-vocab", "weight_precision": "w",
+                                        "num_layers": 2, "kv_heads": 2, "head_dim": 16},
+                    workloads=[{"name": "prose", "num_tokens": 10, "tokens_used": 8,
+                                "token_sha256": "00"}]).save(tmp_path / "plan")
+  config = evaluate_run.EvaluateConfig.from_preset(
+      "none", model=str(tiny_checkpoint), kv_formats=["int4|int8@0"], calibrate_formats=[],
+      calibration_workloads=[], calibration_method="absmax", calibration_tokens=1024,
+      artifacts=[str(tmp_path / "plan")], eval_workloads=["prose"], contexts=["32"], batches=[2],
+      prefill=16, chunk=8, passkey_lengths=[96], passkey_depths=["0.5"], passkey_samples=2,
+      passkey_formats=["int4|int8@1"], impl="xla")
+  result = evaluate_run.run(config, tmp_path / "run")
+  rows = report.read_jsonl(tmp_path / "run" / "results.jsonl")
+  assert {(r["kind"], r["kv_format"], r["calibration_name"]) for r in rows} == {
+      ("score", "int4|int8@0", "dynamic"), ("score", "int4|int8@1", "prose"),
+      ("passkey", "int4|int8@1", "dynamic"), ("passkey", "int4|int8@1", "prose")}
+  for r in rows:
+    # Per layer: int4 with float32 scales at head_dim 16 is 6 bits, int8 10.
+    assert r["kv_effective_bits"] == pytest.approx(8.0)
+    assert r["kv_bytes_per_token"] == 2 * 16 * 2 * (6 + 10) / 8
+    assert kvtpu.LayerPlan.from_dict(r["kv_precision"]).name == r["kv_format"]
+  cal = next(r for r in rows if r["calibration_name"] == "prose")["calibration"]
+  assert cal["method"] == "layer_plan" and cal["method_options"]["high"] == "int8"
+  assert "per layer" in result.report
+  assert format_names(["int4|k=int8", "v=int4@1", "3-4", "int8"]) == ["int4|k=int8,v=int4@1,3-4",
+                                                                      "int8"]
 
 
 def test_targets_table_in_percent():

@@ -56,7 +56,7 @@ from kvtpu.checkpointing import (
 from kvtpu.formats import KVFormat
 from kvtpu.qtensor import QuantizedKV, check_param
 
-__all__ = ["CalibrationArtifact", "IntegrityError", "ARTIFACT_MARKER", "FORMAT_VERSION",
+__all__ = ["CalibrationArtifact", "IntegrityError", "ARTIFACT_MARKER", "FORMAT_VERSION", "fill_provenance",
            "calibrated_layout"]
 
 ARTIFACT_MARKER = "kvtpu_calibration.json"
@@ -79,6 +79,17 @@ def calibrated_layout(fmt: KVFormat, *, num_layers: int, kv_heads: int, head_dim
     if names:
       out[which] = {f: tuple(getattr(layout, f).shape) for f in names}
   return out
+
+
+def fill_provenance(artifact) -> None:
+  """Sets a frozen artifact's empty `kvtpu_version` (this library's) and `created` (now,
+  ISO 8601 UTC)."""
+  if not artifact.kvtpu_version:
+    from kvtpu import __version__  # noqa: PLC0415 (kvtpu imports this module)
+    object.__setattr__(artifact, "kvtpu_version", __version__)
+  if not artifact.created:
+    object.__setattr__(artifact, "created", datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +129,7 @@ class CalibrationArtifact:
   def __post_init__(self):
     object.__setattr__(self, "fmt", KVFormat.parse(self.fmt))
     object.__setattr__(self, "workloads", tuple(dict(w) for w in self.workloads))
-    if not self.kvtpu_version:
-      from kvtpu import __version__
-      object.__setattr__(self, "kvtpu_version", __version__)
-    if not self.created:
-      object.__setattr__(self, "created", datetime.datetime.now(datetime.UTC).isoformat(
-          timespec="seconds"))
+    fill_provenance(self)
     missing = [f for f in _MODEL_FIELDS if f not in self.model]
     if missing:
       raise ValueError(f"model is missing {missing}; it needs {list(_MODEL_FIELDS)}")

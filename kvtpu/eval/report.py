@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from kvtpu import reports
-from kvtpu.formats import KVFormat, QuantSpec
+from kvtpu.formats import KVFormat, LayerPlan, QuantSpec
 from kvtpu.reports import is_num, is_pos_int, is_str, require
 
 __all__ = [
     "LIST_METRICS", "METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS",
-    "check_row", "check_rows", "config_label", "header_markdown", "metric_table",
+    "check_row", "check_rows", "config_label", "header_markdown", "kv_config", "metric_table",
     "passkey_table", "plot_vs_bits", "plot_vs_context", "read_jsonl", "shown_value",
     "transfer_table", "write_jsonl", "write_report",
 ]
@@ -88,13 +88,17 @@ def check_row(row: Any) -> None:
   for field in ("model", "weight_precision", "kv_format", "calibration_name"):
     require(row, field, is_str, "a non-empty str")
   try:
-    fmt = KVFormat.parse(row["kv_format"])
+    fmt = kv_config(row["kv_format"])
   except ValueError as e:
-    raise ValueError(f"result row field 'kv_format' is not a kvtpu format: {e}") from None
+    raise ValueError(f"result row field 'kv_format' is not a kvtpu format or layer plan: "
+                     f"{e}") from None
   try:
-    precision = KVFormat.from_dict(row["kv_precision"])
-  except ValueError as e:
-    raise ValueError(f"result row field 'kv_precision' is not `KVFormat.to_dict()`: {e}") from None
+    d = row["kv_precision"]
+    precision = (LayerPlan.from_dict(d) if isinstance(d, dict) and "overrides" in d
+                 else KVFormat.from_dict(d))
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"result row field 'kv_precision' is not `KVFormat.to_dict()` or "
+                     f"`LayerPlan.to_dict()`: {e}") from None
   if precision != fmt:
     raise ValueError(f"result row field 'kv_precision' describes {precision.name}, but "
                      f"'kv_format' is {fmt.name}")
@@ -157,12 +161,18 @@ def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> 
 # Tables.
 
 
+def kv_config(name: str) -> KVFormat | LayerPlan:
+  """A row's `kv_format`: a format, or a layer plan of several."""
+  plan = LayerPlan.parse(name)
+  return plan if plan.overrides else plan.default
+
+
 def config_label(row: dict) -> str:
   """The KV config of a row: format and calibration, e.g. "int8 | dynamic", "int4 | cal: prose".
 
   An unquantized format (bf16, f32) has no scales to calibrate: its label is the format alone.
   """
-  if row["calibration"] == "dynamic" and not KVFormat.parse(row["kv_format"]).quantized:
+  if row["calibration"] == "dynamic" and not kv_config(row["kv_format"]).quantized:
     return row["kv_format"]
   if row["calibration"] == "dynamic":
     return f"{row['kv_format']} | dynamic"
@@ -318,8 +328,10 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
                          _unique((r["model"], r["weight_precision"]) for r in rows)))
   parts.append("## KV-cache precision (separate from the weight precision)")
 
-  def spec(d):
-    return QuantSpec.from_dict(d).description
+  def spec(p, which):
+    if "overrides" in p:  # A layer plan: its formats are in its name.
+      return "per layer"
+    return QuantSpec.from_dict(p[which]).description
 
   kv = _unique((r["model"], r["kv_format"], r["kv_precision"], r["kv_bytes_per_token"],
                 r.get("kv_effective_bits")) for r in rows)
@@ -328,10 +340,10 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   parts.append(reports.markdown_table(
       ["model", "KV format", "K", "V", "bytes/token (all layers)"]
       + (["effective bits @ 8K"] if bits else []),
-      [(m, f, spec(p["k"]), spec(p["v"]), f"{b:,.6g}") + ((f"{e:.4g}" if e else "-",) if bits
+      [(m, f, spec(p, "k"), spec(p, "v"), f"{b:,.6g}") + ((f"{e:.4g}" if e else "-",) if bits
                                                           else ())
        for m, f, p, b, e in kv]))
-  if any(KVFormat.parse(r["kv_format"]).windowed for r in rows):
+  if any(kv_config(r["kv_format"]).windowed for r in rows):
     parts.append("Bytes per token leave out the windows, which cost the same per sequence "
                  "whatever its length; effective bits (per stored K/V value of one sequence at "
                  "8K context, `kvtpu.memory.effective_bits`) include them.")
@@ -342,7 +354,7 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   configs = sorted(_unique((label(r), r["kv_format"], r["calibration"]) for r in rows),
                    key=lambda x: order[x[0]])
   for lab, fmt, cal in configs:
-    if cal == "dynamic" and not KVFormat.parse(fmt).quantized:
+    if cal == "dynamic" and not kv_config(fmt).quantized:
       lines.append(f"- {lab}: not quantized (nothing to calibrate)")
     elif cal == "dynamic":
       lines.append(f"- {lab}: dynamic scales, computed per token when written (no calibration)")

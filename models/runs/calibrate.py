@@ -11,6 +11,13 @@ Writes to the workdir:
                   clip ratios)
   magnitudes.png  per-layer, per-channel absmax of K (pre/post RoPE) and V
   report.md       the disclosure, the outlier table, clip rates (in %) and clip ratios
+
+With `plan_high` set, the run instead chooses formats per layer
+(`kvtpu.calibration.layer_plan`): `kv_format` in every layer but the costliest ones,
+which get `plan_high`, within `plan_bits` effective bits per value at `plan_context`
+tokens. It writes config.json, artifact/ (a `LayerPlanArtifact`, which the evaluate
+binary takes in `--artifacts`), results.jsonl (one row per layer: its cost and
+format) and report.md.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from kvtpu.models.calibrate import KINDS, calibrate
+from kvtpu.models.calibrate import KINDS, calibrate, plan_layers
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   ConfigError,
@@ -70,6 +77,10 @@ class CalibrateConfig:
     learn_steps: optimizer steps per layer of method "learned".
     seed: workload seed.
     impl: attention implementation of the forward passes.
+    plan_high: the dearer format of a per-layer plan ("": calibrate `kv_format`);
+      `kv_format` is then the cheaper one, and both take no calibration.
+    plan_bits: the plan's budget, effective bits per value (with `plan_high`).
+    plan_context: the context the budget's effective bits are counted at.
   """
 
   model: str = "smollm2-135m"
@@ -83,6 +94,9 @@ class CalibrateConfig:
   learn_steps: int = 100
   seed: int = 0
   impl: str = "auto"
+  plan_high: str = ""
+  plan_bits: float = 0.0
+  plan_context: int = 8192
 
   def __post_init__(self):
     model_name("model", self.model)
@@ -93,9 +107,23 @@ class CalibrateConfig:
       fmt = kvtpu.KVFormat.parse(self.kv_format)
     except ValueError as e:
       raise ConfigError("kv_format", str(e)) from None
-    check(fmt.k.calibrated or fmt.v.calibrated, "kv_format",
-          f"{fmt.name} has nothing to calibrate: K and V are unquantized or non-uniform codes "
-          "scaled by each token's RMS")
+    if self.plan_high:
+      try:
+        high = kvtpu.KVFormat.parse(self.plan_high)
+      except ValueError as e:
+        raise ConfigError("plan_high", str(e)) from None
+      for field, f in (("kv_format", fmt), ("plan_high", high)):
+        check(not f.static, field, f"{f.name} has static scales: a layer plan's formats are "
+              "dynamic or unquantized")
+      check(high != fmt, "plan_high", f"plan_high is kv_format ({fmt.name}): nothing to choose")
+      object.__setattr__(self, "plan_high", high.name)
+      object.__setattr__(self, "plan_bits", finite_number("plan_bits", self.plan_bits, low=0,
+                                                          low_open=True))
+      object.__setattr__(self, "plan_context", positive_int("plan_context", self.plan_context))
+    else:
+      check(fmt.k.calibrated or fmt.v.calibrated, "kv_format",
+            f"{fmt.name} has nothing to calibrate: K and V are unquantized or non-uniform codes "
+            "scaled by each token's RMS (or give plan_high to choose formats per layer)")
     object.__setattr__(self, "kv_format", fmt.name)
     one_of("method", self.method, METHODS)
     object.__setattr__(self, "percentile", finite_number("percentile", self.percentile, low=0,
@@ -114,9 +142,10 @@ class CalibrateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrateResult:
-  """What a calibration run made: the artifact, the report text and the paths written."""
+  """What a calibration run made: the artifact (a `LayerPlanArtifact` for a plan), the
+  report text and the paths written."""
 
-  artifact: CalibrationArtifact
+  artifact: Any
   report: str
   paths: dict[str, Path]
 
@@ -227,8 +256,10 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
   workdir = check_workdir(workdir, config, overwrite=overwrite)
   model, tokenizer = load_pretrained(config.model, param_dtype=jnp.float32)
   logging.info("model %s; weights: %s", model.cfg.name, model.weight_precision)
-  check_head_dim("kv_format", [config.kv_format], model.cfg.head_dim,
-                 f"of model {model.cfg.name}")
+  for field in ("kv_format", "plan_high"):
+    if getattr(config, field):
+      check_head_dim(field, [getattr(config, field)], model.cfg.head_dim,
+                     f"of model {model.cfg.name}")
   respond = chat_responder(model, tokenizer)
   loaded = []
   for spec in config.workloads:
@@ -244,6 +275,8 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
           f"workload {w.name} has {w.num_tokens} tokens, fewer than one batch of "
           f"{config.batch} x {config.seq_len}")
   workdir = start(workdir, config)
+  if config.plan_high:
+    return _plan(config, model, loaded, workdir)
   per_workload = min([config.num_tokens] + [w.num_tokens for w in loaded])
   progress = calibration_progress("calibration", {
       w.name: w.num_batches(config.seq_len, batch=config.batch, num_tokens=per_workload) * window
@@ -273,6 +306,44 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
       figure.markdown("per-channel magnitudes",
                       f"Largest |x| of each channel (kv heads side by side) per layer, over all "
                       f"{tokens:,} calibration tokens (no averaging), log colour scale."),
+  ]) + "\n"
+  reports.write_text(paths["report.md"], report)
+  return CalibrateResult(art, report, paths)
+
+
+def _plan(config: CalibrateConfig, model, loaded, workdir: Path) -> CalibrateResult:
+  """The per-layer plan of a run with `plan_high` (module docstring)."""
+  try:
+    art = plan_layers(model, loaded, config.kv_format, config.plan_high,
+                      target_bits=config.plan_bits, context=config.plan_context,
+                      seq_len=config.seq_len, batch=config.batch, impl=config.impl)
+  except ValueError as e:
+    raise ConfigError("plan_bits", str(e)) from None
+  paths = {name: workdir / name for name in ("artifact", "results.jsonl", "report.md")}
+  art.save(paths["artifact"])
+  formats = art.plan.formats(model.cfg.num_layers)
+  rank = {int(i): r for r, i in enumerate(np.argsort(-art.costs, kind="stable"))}
+  rows = [{"kind": "layer_plan", "model": model.cfg.name,
+           "weight_precision": model.weight_precision, "layer": layer,
+           "cost": float(art.costs[layer]), "rank": rank[layer], "kv_format": formats[layer].name,
+           "plan": art.plan.name, "workloads": [w["name"] for w in art.workloads]}
+          for layer in range(model.cfg.num_layers)]
+  reports.write_jsonl(rows, paths["results.jsonl"])
+  report = "\n\n".join([
+      f"# KV precision per layer: {model.cfg.name}",
+      f"Plan `{art.plan.name}`: {art.effective_bits:.4f} effective bits per value at "
+      f"{art.context:,} tokens, within the budget of {art.target_bits:g} (cheaper format "
+      f"`{art.low.name}`, dearer `{art.high.name}`; KV precision only, weights: "
+      f"{model.weight_precision}).",
+      "Cost of a layer: the relative squared error of its attention output with the cheaper "
+      "cache minus that with the dearer one, against exact float32 attention, on the first "
+      f"[{config.batch}, {config.seq_len}] window batch of each workload, chunks of "
+      f"{art.method['chunk']}; the layers of highest cost get the dearer format. Workloads: "
+      + "; ".join(f"`{w['name']}` ({w['tokens_used']:,} tokens used of {w['num_tokens']:,}, "
+                  f"token_sha256 `{w['token_sha256'][:16]}`)" for w in art.workloads) + ".",
+      reports.markdown_table(["layer", "cost", "rank", "format"],
+                             [[r["layer"], f"{r['cost']:.4g}", r["rank"], f"`{r['kv_format']}`"]
+                              for r in rows]),
   ]) + "\n"
   reports.write_text(paths["report.md"], report)
   return CalibrateResult(art, report, paths)

@@ -138,7 +138,8 @@ def str_list(field: str, values: Any, *, allow_empty: bool = False,
 
 def format_list(field: str, values: Any, *, allow_empty: bool = False,
                 dynamic_only: str | None = None) -> tuple[str, ...]:
-  """Distinct KV format names (`kvtpu.KVFormat.parse`) as their canonical names, else a
+  """Distinct KV format names (`kvtpu.KVFormat.parse`), or layer plan names
+  (`kvtpu.LayerPlan.parse`, of dynamic formats), as their canonical names, else a
   ConfigError.
 
   Args:
@@ -149,9 +150,12 @@ def format_list(field: str, values: Any, *, allow_empty: bool = False,
   out = []
   for name in names:
     try:
-      fmt = kvtpu.KVFormat.parse(name)
+      plan = kvtpu.LayerPlan.parse(name)
     except ValueError as e:
       raise ConfigError(field, str(e)) from None
+    fmt = plan if plan.overrides else plan.default
+    check(not (plan.overrides and plan.static), field,
+          f"{name}: a layer plan takes dynamic or unquantized formats")
     if dynamic_only is not None and fmt.static:
       raise ConfigError(field, f"{name} has static scales: {dynamic_only}")
     out.append(fmt.name)
@@ -164,11 +168,11 @@ def check_head_dim(field: str, formats: Iterable[str], head_dim: int,
   """A ConfigError on `field` when a format's scale groups do not divide `head_dim`
   (`where` says whose head_dim it is, e.g. "of model smollm2-135m")."""
   for name in formats:
-    fmt = kvtpu.KVFormat.parse(name)
-    for spec in (fmt.k, fmt.v):
+    plan = kvtpu.LayerPlan.parse(name)
+    for spec in (s for f in (plan.default, *(f for f, _ in plan.overrides)) for s in (f.k, f.v)):
       if spec.per_token and spec.group_size:
         check(head_dim % spec.group_size == 0, field,
-              f"{fmt.name} groups {spec.group_size} channels, which does not divide "
+              f"{plan.name} groups {spec.group_size} channels, which does not divide "
               f"head_dim={head_dim}{' ' + where if where else ''}")
 
 

@@ -72,6 +72,7 @@ from kvtpu.models.runs.common import (
 
 import kvtpu
 from kvtpu import reports
+from kvtpu.calibration import layer_plan
 from kvtpu.calibration.artifact import CalibrationArtifact
 from kvtpu.eval import report as report_lib
 from kvtpu.eval import workloads as workloads_lib
@@ -407,6 +408,10 @@ def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   given = []
   for path in config.artifacts:
     try:
+      if (Path(path) / layer_plan.ARTIFACT_FILE).exists():
+        plan_art = layer_plan.LayerPlanArtifact.load(path)
+        given.append(CacheConfig(plan_art.plan, plan_art))
+        continue
       art = CalibrationArtifact.load(path)
     except (ValueError, OSError) as e:
       raise ConfigError("artifacts", f"{path}: {e}") from None
@@ -429,7 +434,7 @@ def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = Fa
                                                    resume=resume)))
   labels = {(c.fmt.name, c.calibration_name) for c in configs}
   # Passkey: each passkey format with dynamic scales, and with each calibration it has.
-  passkey_names = {kvtpu.KVFormat.parse(f).name for f in config.passkey_formats}
+  passkey_names = {report_lib.kv_config(f).name for f in config.passkey_formats}
   passkey_configs = [CacheConfig(f) for f in config.passkey_formats] + [
       c for c in configs if c.calibration is not None and c.fmt.name in passkey_names]
   passkey_labels = {(c.fmt.name, c.calibration_name) for c in passkey_configs}

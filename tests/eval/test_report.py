@@ -26,7 +26,7 @@ def make_row(kind="score", *, kv_format="int8", cal=None, workload="prose", cont
   row = {
       "kind": kind, "model": model,
       "weight_precision": "GGUF Q4_1 x210, F32 x61, Q8_0 x1; dequantized to float32",
-      "kv_format": kv_format, "kv_precision": KVFormat.parse(kv_format).to_dict(),
+      "kv_format": kv_format, "kv_precision": rp.kv_config(kv_format).to_dict(),
       "kv_bytes_per_token": BYTES.get(kv_format, 1000.0),
       "calibration": "dynamic" if cal is None else {
           "method": "absmax-p99.9",
@@ -108,8 +108,9 @@ def test_invalid_top_level_fields(field, value, match):
 
 
 def test_kv_precision_fields():
-  # kv_precision is KVFormat.to_dict() of kv_format, checked by KVFormat.from_dict.
-  prefix = "result row field 'kv_precision' is not `KVFormat.to_dict()`: "
+  # kv_precision is KVFormat.to_dict() (or LayerPlan.to_dict()) of kv_format, checked by
+  # KVFormat.from_dict (LayerPlan.from_dict).
+  prefix = "result row field 'kv_precision' is not `KVFormat.to_dict()` or `LayerPlan.to_dict()`: "
   for edit, match in [
       (lambda p: p.pop("v"), "a KVFormat dict has keys 'k', 'v'"),
       (lambda p: p["k"].pop("dtype"), "missing 1 required positional argument: 'dtype'"),
@@ -121,6 +122,12 @@ def test_kv_precision_fields():
     edit(row["kv_precision"])
     with pytest.raises(ValueError, match=re.escape(prefix) + ".*" + re.escape(match)):
       rp.check_row(row)
+  plan = make_row(kv_format="int4|int8@1")
+  rp.check_row(plan)
+  plan["kv_precision"]["overrides"][0]["layers"] = [2]
+  with pytest.raises(ValueError, match=r"LayerPlan dict names 'int4\|int8@1' but its formats are "
+                                       r"'int4\|int8@2'"):
+    rp.check_row(plan)
   row = make_row(kv_format="int4")
   row["kv_precision"] = KVFormat.parse("int4-asym-g32").to_dict()
   with pytest.raises(ValueError, match="describes int4-asym-g32, but 'kv_format' is int4"):
