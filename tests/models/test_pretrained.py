@@ -345,16 +345,16 @@ def test_corrupt_converted_model_is_rebuilt_or_named(tmp_path, monkeypatch, capl
 
 
 @pytest.mark.slow  # Loads the 135M-parameter model and generates with it.
-@pytest.mark.parametrize("kv_format", ["bf16", "int8"])
-def test_smollm_chat_answers_paris(smollm, kv_format):
-  """Greedy chat completion through the quantized cache, in a ragged batch of two."""
+def test_smollm_chat_answers_paris(smollm):
+  """Greedy chat completion through the quantized cache, in a ragged batch of two (the
+  bf16 cache's logits are checked against an independent forward above)."""
   from kvtpu.models.generation import generate
 
   model, tokenizer = smollm
   questions = ["What is the capital of France?", "What is the capital of Germany? Answer briefly."]
   prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
   assert len(prompts[0]) != len(prompts[1])
-  out = generate(model, prompts, max_new_tokens=24, kv_format=kv_format,
+  out = generate(model, prompts, max_new_tokens=24, kv_format="int8",
                  stop_ids=tokenizer.stop_ids)
   answers = [tokenizer.decode(t) for t in out.tokens]
   assert "Paris" in answers[0] and "Berlin" in answers[1], answers
