@@ -105,6 +105,8 @@ def test_evaluate_scores_layer_plans_with_and_without_their_artifact(tiny_checkp
   assert "per layer" in result.report
   assert format_names(["int4|k=int8", "v=int4@1", "3-4", "int8"]) == ["int4|k=int8,v=int4@1,3-4",
                                                                       "int8"]
+  with pytest.raises(ConfigError, match="calibrate_formats: int4.int8@1 is a layer plan"):
+    evaluate_run.EvaluateConfig.from_preset("quick", calibrate_formats=["int4|int8@1"])
 
 
 def test_targets_table_in_percent():

@@ -137,14 +137,15 @@ def str_list(field: str, values: Any, *, allow_empty: bool = False,
 
 
 def format_list(field: str, values: Any, *, allow_empty: bool = False,
-                dynamic_only: str | None = None) -> tuple[str, ...]:
-  """Distinct KV format names (`kvtpu.KVFormat.parse`), or layer plan names
-  (`kvtpu.LayerPlan.parse`, of dynamic formats), as their canonical names, else a
+                dynamic_only: str | None = None, plans: bool = False) -> tuple[str, ...]:
+  """Distinct KV format names (`kvtpu.KVFormat.parse`), or with `plans` also layer plan
+  names (`kvtpu.LayerPlan.parse`, of dynamic formats), as their canonical names, else a
   ConfigError.
 
   Args:
     dynamic_only: when given, a format with static scales is an error whose message ends
       with this advice.
+    plans: whether the field takes layer plans (formats per layer).
   """
   names = str_list(field, values, allow_empty=allow_empty)
   out = []
@@ -154,6 +155,9 @@ def format_list(field: str, values: Any, *, allow_empty: bool = False,
     except ValueError as e:
       raise ConfigError(field, str(e)) from None
     fmt = plan if plan.overrides else plan.default
+    check(plans or not plan.overrides, field,
+          f"{name} is a layer plan (formats per layer), which this binary does not take; the "
+          "evaluate binary does")
     check(not (plan.overrides and plan.static), field,
           f"{name}: a layer plan takes dynamic or unquantized formats")
     if dynamic_only is not None and fmt.static:

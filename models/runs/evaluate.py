@@ -171,7 +171,7 @@ class EvaluateConfig:
     setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
     setattr_("seed", positive_int("seed", self.seed, low=0))
     setattr_("kv_formats", format_list("kv_formats", self.kv_formats, allow_empty=True,
-                                       dynamic_only=_STATIC_ADVICE))
+                                       dynamic_only=_STATIC_ADVICE, plans=True))
     setattr_("calibrate_formats", format_list("calibrate_formats", self.calibrate_formats,
                                               allow_empty=True))
     for name in self.calibrate_formats:
@@ -214,7 +214,8 @@ class EvaluateConfig:
     setattr_("passkey_depths", depths)
     setattr_("passkey_samples", positive_int("passkey_samples", self.passkey_samples))
     setattr_("passkey_formats", format_list("passkey_formats", self.passkey_formats,
-                                            allow_empty=True, dynamic_only=_STATIC_ADVICE))
+                                            allow_empty=True, dynamic_only=_STATIC_ADVICE,
+                                            plans=True))
     setattr_("impl", impl_choice("impl", self.impl))
 
   @classmethod
