@@ -170,8 +170,9 @@ def _resolve_impl(impl: str, fmt, head_dim: int) -> str:
 def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> jax.Array:
   """`attend` through a Pallas kernel: decode for T <= 8, chunked prefill above.
 
-  The kernels read per-token scales; static (calibrated) scales are folded around
-  them by the tensors themselves (`QuantizedKV.scale_queries`, `scale_output`).
+  The kernels read per-token and token-grouped scales; static (calibrated) scales are
+  folded around them by the tensors themselves (`QuantizedKV.scale_queries`,
+  `scale_output`).
   """
   b, t, n, h = q.shape
   kh = cache.kv_heads

@@ -76,8 +76,9 @@ class KVCache:
     * Position `s` of sequence `b` holds a token iff `s < lengths[b]` (plus, between
       `update` and `advance`, the chunk just written). Other positions hold stale
       or uninitialized data; nothing may read them unmasked.
-    * Scales: dynamic specs hold one per token, head and group, written with the
-      token; static specs hold calibrated scales, finite and > 0, fixed at `init`;
+    * Scales: per-token specs hold one per token, head and group, written with the
+      token; token-grouped (`c<N>`) specs one per channel and head over each group of
+      N positions, written when the group fills; static specs hold calibrated scales, finite and > 0, fixed at `init`;
       clip ratios of dynamic specs, in (0, 1], are fixed at `init` too: each token's
       scale covers that fraction of its group's range (`quant.quantize`), and values
       beyond it are clipped and counted as saturated.

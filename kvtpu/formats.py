@@ -521,6 +521,9 @@ class KVFormat:
       return name
     if not isinstance(name, str):
       raise TypeError(f"format name must be a str, got {type(name).__name__}")
+    if "|" in name or "@" in name:
+      raise ValueError(f"{name!r} is a layer plan (formats per layer), not a format: use "
+                       "kvtpu.LayerPlan.parse, kvtpu.LayeredKVCache or a model's init_cache")
     text, *windows = name.strip().lower().split("+")
     try:
       sizes = _windows(windows)
@@ -592,6 +595,12 @@ class LayerPlan:
   def __post_init__(self):
     if not isinstance(self.default, KVFormat):
       raise TypeError(f"LayerPlan.default must be a KVFormat, got {type(self.default).__name__}")
+    try:  # Tuples, so that the plan is hashable (jit-static) and compares by value.
+      object.__setattr__(self, "overrides", tuple((fmt, tuple(layers))
+                                                  for fmt, layers in self.overrides))
+    except (TypeError, ValueError):
+      raise ValueError(f"LayerPlan.overrides must be (format, layers) pairs, got "
+                       f"{self.overrides!r}") from None
     seen: set[int] = set()
     formats = {self.default}
     for fmt, layers in self.overrides:

@@ -200,8 +200,9 @@ class QuantizedKV:
 
   Attributes:
     values: `[L, B, K, S, H]` in `spec.storage_dtype`.
-    scale: dynamic specs `[L, B, K, G, S]`, static specs `[L, 1|K, 1|H]` (finite,
-      > 0), in the spec's scale dtype; None when unquantized.
+    scale: per-token specs `[L, B, K, G, S]`, token-grouped specs `[L, B, K, S/N, H]`,
+      static specs `[L, 1|K, 1|H]` (finite, > 0), in the spec's scale dtype; None when
+      unquantized.
     zero: integer-valued float32 zero points shaped like `scale` (asymmetric specs),
       else None.
     clip: float32 `[L, K]` clip ratios in (0, 1] of a dynamic spec, or None (plain

@@ -195,8 +195,9 @@ def calibrate(model, workloads, fmt, *, method: str = "absmax", seq_len: int = 5
   fmt = KVFormat.parse(fmt)
   specs = {w: s for w, s in (("k", fmt.k), ("v", fmt.v)) if s.calibrated}
   if not specs:
-    raise ValueError(f"format {fmt.name} has nothing to calibrate: K and V are unquantized or "
-                     "scaled per token by their RMS onto a fixed (non-uniform) codebook")
+    raise ValueError(f"format {fmt.name} has nothing to calibrate: K and V are unquantized, "
+                     "scaled per token by their RMS onto a fixed (non-uniform) codebook, or "
+                     "scaled per channel over groups of positions (c<N>, each group's full range)")
   if method not in (*methods.METHODS, "learned"):
     raise ValueError(f"unknown method={method!r}; valid: {(*methods.METHODS, 'learned')}")
   if not workloads:

@@ -49,6 +49,7 @@ from flax import nnx
 
 import kvtpu
 from kvtpu.attention import IMPLS
+from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["Sampling", "Generation", "generate", "prefill", "decode", "sample_logits",
            "default_max_len", "pad_prompts", "TRACE_COUNTS", "MAX_LEN_MULTIPLE", "PROMPT_BUCKET",
@@ -297,10 +298,18 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache: kvtpu.KVCache, first
 
 
 # ------------------------------------------------------------------------- driver
-def default_max_len(prompt_lengths: Sequence[int], max_new_tokens: int) -> int:
-  """Cache positions for the longest prompt plus max_new_tokens, rounded up to 128."""
+def default_max_len(prompt_lengths: Sequence[int], max_new_tokens: int, kv_format=None) -> int:
+  """Cache positions for the longest prompt plus max_new_tokens, rounded up to 128, or to
+  what the format (or every format of a layer plan) needs max_len to be a multiple of
+  (`QuantizedKV.max_len_multiple`: a `c<N>` spec's N)."""
+  multiple = MAX_LEN_MULTIPLE
+  if kv_format is not None:
+    plan = kvtpu.LayerPlan.parse(kv_format)
+    multiple = math.lcm(multiple, *(QuantizedKV.max_len_multiple(spec)
+                                    for fmt in (plan.default, *(f for f, _ in plan.overrides))
+                                    for spec in (fmt.k, fmt.v)))
   need = max(prompt_lengths) + max_new_tokens
-  return -(-need // MAX_LEN_MULTIPLE) * MAX_LEN_MULTIPLE
+  return -(-need // multiple) * multiple
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
@@ -428,7 +437,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   lengths_list = [len(p) for p in prompts]
   need = max(lengths_list) + max_new_tokens
   if max_len is None:
-    max_len = default_max_len(lengths_list, max_new_tokens)
+    max_len = default_max_len(lengths_list, max_new_tokens, fmt)
   else:
     max_len = _check_int("max_len", max_len, 1)
     if max_len < need:

@@ -110,7 +110,7 @@ def test_calibrate_binary_end_to_end(tmp_path):
       f"Calibration artifact: {out / 'artifact'}; report: {out / 'report.md'}")
 
 
-def test_a_plan_run_gives_the_costliest_layers_the_dearer_format(tmp_path):
+def test_a_plan_run_gives_the_costliest_layers_the_dearer_format(monkeypatch, tmp_path):
   """plan_high: per-layer costs measured on the model, the plan within the budget, the
   artifact reproducible, and rows and report per layer."""
   from kvtpu.calibration.layer_plan import LayerPlanArtifact
@@ -131,6 +131,7 @@ def test_a_plan_run_gives_the_costliest_layers_the_dearer_format(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
   assert [r["kv_format"] for r in rows] == ["int8" if i == hi else "int4" for i in range(2)]
   assert "| layer | cost | rank | format |" in result.report
+  forbid(monkeypatch, calibrate_run, "plan_layers")  # The budget is checked before the work.
   with pytest.raises(ConfigError, match="plan_bits: target_bits=5.0 is below"):
     run(CalibrateConfig(model=str(checkpoint), workloads=("prose",), kv_format="int4",
                         plan_high="int8", plan_bits=5.0, num_tokens=64, seq_len=32, batch=2,

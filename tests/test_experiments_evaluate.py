@@ -103,6 +103,10 @@ def test_evaluate_scores_layer_plans_with_and_without_their_artifact(tiny_checkp
   cal = next(r for r in rows if r["calibration_name"] == "prose")["calibration"]
   assert cal["method"] == "layer_plan" and cal["method_options"]["high"] == "int8"
   assert "per layer" in result.report
+  with pytest.raises(ConfigError, match=r"kv_formats: plan int4\|int8@5 gives layer 5 a format, "
+                                        "but the model has 2 layers"):
+    evaluate_run.run(dataclasses.replace(config, kv_formats=("int4|int8@5",), artifacts=()),
+                     tmp_path / "bad")
   assert format_names(["int4|k=int8", "v=int4@1", "3-4", "int8"]) == ["int4|k=int8,v=int4@1,3-4",
                                                                       "int8"]
   with pytest.raises(ConfigError, match="calibrate_formats: int4.int8@1 is a layer plan"):

@@ -18,6 +18,7 @@ from kvtpu.models.runs.common import ConfigError
 from kvtpu.models.runs.summary import SummaryConfig, run
 
 from kvtpu import reports
+from kvtpu.eval.report import kv_config
 from kvtpu.formats import KVFormat
 
 # A score row and a passkey row of `python -m kvtpu.experiments.evaluate --preset=quick`
@@ -73,7 +74,7 @@ BITS = {"bf16": 16.0, "int8": 8.5, "int4": 4.5, "fp8_e4m3": 8.5}
 def score(fmt: str, workload: dict, ppl: float, kl: float, *, context: int = 2048,
           calibration: dict | str = "dynamic", batch: int = 2) -> dict:
   row = copy.deepcopy(SCORE_ROW)
-  row.update(kv_format=fmt, kv_precision=KVFormat.parse(fmt).to_dict(), context=context,
+  row.update(kv_format=fmt, kv_precision=kv_config(fmt).to_dict(), context=context,
              kv_effective_bits=BITS.get(fmt, 4.5), eval_workload=workload, batch=batch,
              calibration=calibration, calibration_name=(
                  "dynamic" if calibration == "dynamic" else calibration["workloads"][0]["name"]))
@@ -219,6 +220,16 @@ def test_perplexity_changes_enter_the_front_by_magnitude(tmp_path):
   by = {r["label"]: r for r in result.rows}
   assert by["int4 | clip on prose"]["worst_ppl_rel_change"] == -0.5
   assert by["int4 | clip on prose"]["pareto"] is False and by["int4 | dynamic"]["pareto"] is True
+
+
+def test_a_layer_plan_from_an_artifact_is_summarized_as_a_plan(tmp_path):
+  plan = "int4|int8@1"
+  cal = {**CALIBRATION, "method": "layer_plan"}
+  ev = evaluate_rows() + [score(plan, _PROSE, 0.03, 0.01, calibration=cal)]
+  result = run(SummaryConfig(**write_runs(tmp_path, ev, headroom_rows())), tmp_path / "out")
+  assert f"{plan} | plan on prose: layer_plan on `prose`" in result.report
+  assert f"Evaluated but not in the headroom run (analytic), so not in the table: {plan}." in (
+      result.report)
 
 
 def test_model_mismatch_refused_unless_allowed(tmp_path):

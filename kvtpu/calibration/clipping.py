@@ -67,8 +67,9 @@ def _check_spec(spec: QuantSpec) -> None:
     raise ValueError(f"clip ratios are for dynamic (per-token) specs, got {spec.name}: static "
                      "specs calibrate the scale itself (methods.compute_scales)")
   if not spec.clippable:
-    raise ValueError(f"clip ratios are for range-scaled specs, got {spec.name}, whose tokens are "
-                     "scaled by their RMS onto a fixed codebook: nothing to calibrate")
+    raise ValueError(f"clip ratios are for range-scaled per-token specs, got {spec.name}, whose "
+                     "scales are each token's RMS onto a fixed codebook or each channel's range "
+                     "over a group of positions: nothing to calibrate")
 
 
 def _check_samples(samples, spec: QuantSpec) -> list[np.ndarray]:

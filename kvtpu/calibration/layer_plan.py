@@ -10,7 +10,8 @@ errors. `assign` then keeps `low` everywhere but on the layers of highest cost, 
 many as fit `target_bits` effective bits per value at `context` tokens
 (`memory.plan_effective_bits`, scales and windows included): every layer adds the
 same bytes when moved to `high`, so the costliest-first choice is the one that
-removes the most cost within the budget.
+removes the most cost within the budget (a layer whose cost is not positive gains
+nothing from `high` and keeps `low`).
 
 `LayerPlanArtifact` records the plan with everything that made it: the two formats,
 the budget, the costs, the model and the calibration workloads; `load` verifies the
@@ -39,7 +40,7 @@ from kvtpu.calibration.artifact import fill_provenance
 from kvtpu.formats import KVFormat, LayerPlan
 from kvtpu.qtensor import QuantizedKV
 
-__all__ = ["layer_costs", "assign", "LayerPlanArtifact", "ARTIFACT_FILE"]
+__all__ = ["layer_costs", "assign", "check_budget", "LayerPlanArtifact", "ARTIFACT_FILE"]
 
 ARTIFACT_FILE = "layer_plan.json"
 
@@ -100,10 +101,24 @@ def layer_costs(samples: Sequence[Mapping[str, np.ndarray]], low: KVFormat | str
   return np.asarray(costs, np.float64)
 
 
+def check_budget(low: KVFormat | str, high: KVFormat | str, *, target_bits: float, context: int,
+                 num_layers: int, kv_heads: int, head_dim: int) -> None:
+  """Raises ValueError unless `high` takes more bits than `low` and the all-`low` plan
+  fits `target_bits` (what `assign` needs, known before any layer is measured)."""
+  low, high = KVFormat.parse(low), KVFormat.parse(high)
+  dims = dict(context=context, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+  low_bits = memory.plan_effective_bits(LayerPlan(low), **dims)
+  if low_bits > target_bits:
+    raise ValueError(f"target_bits={target_bits} is below the {low_bits:.4f} effective bits of "
+                     f"{low.name} in every layer")
+  if memory.plan_effective_bits(LayerPlan(high), **dims) <= low_bits:
+    raise ValueError(f"high ({high.name}) must take more bits than low ({low.name})")
+
+
 def assign(costs, low: KVFormat | str, high: KVFormat | str, *, target_bits: float,
            context: int, kv_heads: int, head_dim: int) -> LayerPlan:
-  """The plan that gives `high` to the layers of highest cost (ties: the lower index
-  first), as many as keep `plan_effective_bits` at `context` within `target_bits`.
+  """The plan that gives `high` to the layers of highest positive cost (ties: the lower
+  index first), as many as keep `plan_effective_bits` at `context` within `target_bits`.
 
   Raises:
     ValueError: for costs that are not finite `[L]`, `high` not dearer than `low`, or a
@@ -115,16 +130,13 @@ def assign(costs, low: KVFormat | str, high: KVFormat | str, *, target_bits: flo
     raise ValueError(f"costs must be finite floats, one per layer, got {costs!r}")
   num_layers = costs.size
   dims = dict(context=context, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+  check_budget(low, high, target_bits=target_bits, **dims)
   bits = lambda plan: memory.plan_effective_bits(plan, **dims)  # noqa: E731
   base = LayerPlan(low)
-  if bits(base) > target_bits:
-    raise ValueError(f"target_bits={target_bits} is below the {bits(base):.4f} effective bits of "
-                     f"{low.name} in every layer")
-  if bits(LayerPlan(high)) <= bits(base):
-    raise ValueError(f"high ({high.name}) must take more bits than low ({low.name})")
-  order = sorted(range(num_layers), key=lambda i: (-costs[i], i))
+  # Only layers that lose something in `low` are worth moving.
+  order = sorted((i for i in range(num_layers) if costs[i] > 0), key=lambda i: (-costs[i], i))
   plan = base
-  for n in range(1, num_layers + 1):
+  for n in range(1, len(order) + 1):
     layers = tuple(sorted(order[:n]))
     candidate = LayerPlan(high) if n == num_layers else LayerPlan(low, ((high, layers),))
     if bits(candidate) > target_bits:

@@ -357,7 +357,7 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
     if cal == "dynamic" and not kv_config(fmt).quantized:
       lines.append(f"- {lab}: not quantized (nothing to calibrate)")
     elif cal == "dynamic":
-      lines.append(f"- {lab}: dynamic scales, computed per token when written (no calibration)")
+      lines.append(f"- {lab}: dynamic scales, computed when written (no calibration)")
     else:
       lines.append(f"- {lab}: {cal['method']} on " + "; ".join(map(_workload, cal["workloads"])))
   parts.append("\n".join(lines))

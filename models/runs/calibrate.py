@@ -52,6 +52,7 @@ from kvtpu.models.runs.common import (
 
 import kvtpu
 from kvtpu import reports
+from kvtpu.calibration import layer_plan
 from kvtpu.calibration import stats as kv_stats
 from kvtpu.calibration.artifact import CalibrationArtifact
 from kvtpu.eval import workloads as workloads_lib
@@ -122,8 +123,9 @@ class CalibrateConfig:
       object.__setattr__(self, "plan_context", positive_int("plan_context", self.plan_context))
     else:
       check(fmt.k.calibrated or fmt.v.calibrated, "kv_format",
-            f"{fmt.name} has nothing to calibrate: K and V are unquantized or non-uniform codes "
-            "scaled by each token's RMS (or give plan_high to choose formats per layer)")
+            f"{fmt.name} has nothing to calibrate: K and V are unquantized, non-uniform codes "
+            "scaled by each token's RMS, or scaled per channel over groups of positions (c<N>) "
+            "(or give plan_high to choose formats per layer)")
     object.__setattr__(self, "kv_format", fmt.name)
     one_of("method", self.method, METHODS)
     object.__setattr__(self, "percentile", finite_number("percentile", self.percentile, low=0,
@@ -260,6 +262,13 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
     if getattr(config, field):
       check_head_dim(field, [getattr(config, field)], model.cfg.head_dim,
                      f"of model {model.cfg.name}")
+  if config.plan_high:
+    try:
+      layer_plan.check_budget(config.kv_format, config.plan_high, target_bits=config.plan_bits,
+                              context=config.plan_context, num_layers=model.cfg.num_layers,
+                              kv_heads=model.cfg.num_kv_heads, head_dim=model.cfg.head_dim)
+    except ValueError as e:
+      raise ConfigError("plan_high" if "more bits" in str(e) else "plan_bits", str(e)) from None
   respond = chat_responder(model, tokenizer)
   loaded = []
   for spec in config.workloads:
@@ -313,12 +322,9 @@ def run(config: CalibrateConfig, workdir: str | os.PathLike, *,
 
 def _plan(config: CalibrateConfig, model, loaded, workdir: Path) -> CalibrateResult:
   """The per-layer plan of a run with `plan_high` (module docstring)."""
-  try:
-    art = plan_layers(model, loaded, config.kv_format, config.plan_high,
-                      target_bits=config.plan_bits, context=config.plan_context,
-                      seq_len=config.seq_len, batch=config.batch, impl=config.impl)
-  except ValueError as e:
-    raise ConfigError("plan_bits", str(e)) from None
+  art = plan_layers(model, loaded, config.kv_format, config.plan_high,
+                    target_bits=config.plan_bits, context=config.plan_context,
+                    seq_len=config.seq_len, batch=config.batch, impl=config.impl)
   paths = {name: workdir / name for name in ("artifact", "results.jsonl", "report.md")}
   art.save(paths["artifact"])
   formats = art.plan.formats(model.cfg.num_layers)

@@ -177,8 +177,8 @@ class EvaluateConfig:
     for name in self.calibrate_formats:
       fmt = kvtpu.KVFormat.parse(name)
       check(fmt.k.calibrated or fmt.v.calibrated, "calibrate_formats",
-            f"{name} has nothing to calibrate (unquantized, or non-uniform codes scaled by each "
-            "token's RMS): list it in kv_formats")
+            f"{name} has nothing to calibrate (unquantized, non-uniform codes scaled by each "
+            "token's RMS, or per-channel scales over groups of positions): list it in kv_formats")
     setattr_("calibration_workloads", workload_list(
         "calibration_workloads", self.calibration_workloads, allow_empty=True, seed=self.seed))
     check(not self.calibrate_formats or bool(self.calibration_workloads),
@@ -345,7 +345,13 @@ def _check_data(config: EvaluateConfig, model, tokenizer, loaded: dict, given: l
   where = f"of model {cfg.name}"
   for field in ("kv_formats", "calibrate_formats", "passkey_formats", "reference"):
     names = getattr(config, field)
-    check_head_dim(field, [names] if isinstance(names, str) else names, cfg.head_dim, where)
+    names = [names] if isinstance(names, str) else names
+    check_head_dim(field, names, cfg.head_dim, where)
+    for name in names:  # A plan's layers exist in this model.
+      try:
+        kvtpu.LayerPlan.parse(name).formats(cfg.num_layers)
+      except ValueError as e:
+        raise ConfigError(field, str(e)) from None
   for c in given:
     try:
       c.calibration.check_compatible(num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,

@@ -46,7 +46,7 @@ from kvtpu.models.runs.common import ConfigError, check, check_workdir, one_of, 
 
 from kvtpu import reports
 from kvtpu.eval import report as eval_report
-from kvtpu.formats import KVFormat
+from kvtpu.formats import LayerPlan
 from kvtpu.headroom import report as headroom_report
 
 __all__ = ["SummaryConfig", "SummaryResult", "header_lines",
@@ -137,15 +137,19 @@ def _variant(row: dict) -> tuple[str, str]:
   return row["kv_format"], row["calibration_name"]
 
 
-def _label(fmt: str, calibration_name: str, *, reference: bool = False) -> str:
-  """A KV config's name: the format, then "dynamic" (per-token scales), "clip on <workload>"
-  (the clip ratios of per-token scales calibrated there) or "scales on <workload>" (static
-  scales); an unquantized format (or the reference) alone."""
-  parsed = KVFormat.parse(fmt)
+def _label(fmt: str, calibration_name: str, *, reference: bool = False,
+           method: str | None = None) -> str:
+  """A KV config's name: the format (or layer plan), then "dynamic" (per-token scales),
+  "clip on <workload>" (the clip ratios of per-token scales calibrated there), "scales on
+  <workload>" (static scales) or "plan on <workload>" (a layer plan chosen there, method
+  `layer_plan`); an unquantized format (or the reference) alone."""
+  parsed = eval_report.kv_config(fmt)
   if reference or (calibration_name == "dynamic" and not parsed.quantized):
     return fmt
   if calibration_name == "dynamic":
     return f"{fmt} | dynamic"
+  if isinstance(parsed, LayerPlan) or method == "layer_plan":
+    return f"{fmt} | plan on {calibration_name}"
   return f"{fmt} | {'scales' if parsed.static else 'clip'} on {calibration_name}"
 
 
@@ -284,7 +288,8 @@ def _joined_row(fmt: str, variant: dict | None, ev: dict, hr: dict) -> dict:
     bits = variant["kv_effective_bits"]
   row = {
       "label": _label(fmt, "dynamic" if reference else variant["calibration_name"],
-                      reference=reference),
+                      reference=reference, method=None if reference or variant["calibration"]
+                      == "dynamic" else variant["calibration"]["method"]),
       "kv_format": fmt, "is_reference": reference,
       "calibration": "none (the reference cache)" if reference else variant["calibration"],
       "calibration_name": "dynamic" if reference else variant["calibration_name"],
@@ -413,7 +418,7 @@ def _calibrations(ev: dict) -> list[str]:
         f"`{w['name']}`" + (f" ({w['tokens_used']:,} of {w['num_tokens']:,} tokens)"
                             if "tokens_used" in w else f" ({w['num_tokens']:,} tokens)")
         for w in cal["workloads"])
-    lines.append(f"{_label(fmt, name)}: {cal['method']} on {used}")
+    lines.append(f"{_label(fmt, name, method=cal['method'])}: {cal['method']} on {used}")
   return lines
 
 

@@ -53,8 +53,9 @@ def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
   """`(k, v, k_scale, k_zero, v_scale, v_zero)` as raw arrays.
 
   `k` and `v` may each be a plain array (its scales passed separately) or a
-  quantized tensor carrying them; its scales must then be per token
-  (`[L, B, K, G, S]`): static scales are the caller's to fold around the kernel.
+  quantized tensor carrying them; its scales must then be per token (`[L, B, K, G, S]`)
+  or per channel over groups of positions (`[L, B, K, S / N, H]`, `unpack_token_groups`):
+  static scales are the caller's to fold around the kernel.
 
   Raises:
     ValueError: for a quantized tensor passed together with separate scales.

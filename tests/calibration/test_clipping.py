@@ -95,8 +95,11 @@ def test_bad_samples_and_requests_are_clear_errors():
       clipping.compute_clip(samples, spec, "mse")
   with pytest.raises(ValueError, match="clip ratios are for dynamic"):
     clipping.compute_clip([good], QuantSpec.parse("int8-channel"))
-  with pytest.raises(ValueError, match="clip ratios are for range-scaled specs, got int2-nu-rot"):
+  with pytest.raises(ValueError, match="clip ratios are for range-scaled per-token specs, got "
+                                       "int2-nu-rot"):
     clipping.compute_clip([good], QuantSpec.parse("int2-nu-rot"))
+  with pytest.raises(ValueError, match="each channel's range over a group of positions"):
+    clipping.compute_clip([good], QuantSpec.parse("int4-asym-c8"))
   with pytest.raises(ValueError, match="learn_clip"):
     clipping.compute_clip([good], spec, "learned")
   with pytest.raises(ValueError, match="takes options"):

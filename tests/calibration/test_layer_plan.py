@@ -16,11 +16,11 @@ HIGH = "k=int4-nu-sbf16-rot,v=int2-nu-sbf16-rot+sink4+recent124"
 DIMS = dict(context=8192, kv_heads=3, head_dim=64)
 
 
-@pytest.mark.parametrize("target", [2.5, 2.75, 2.8, 3.0, 3.5])
+@pytest.mark.parametrize("target", [2.4, 2.5, 2.75, 2.8, 3.0, 3.5])
 def test_assignment_meets_the_budget_exactly(target, rng):
   """The layers of highest cost get `high`, as many as the budget holds: the plan is
   within it, one more layer would not be, and the count is the closed form."""
-  costs = rng.standard_normal(30)
+  costs = rng.uniform(0.01, 1.0, 30)
   costs[[4, 9]] = costs.max() + 1.0  # A tie: the lower index first.
   num = dict(num_layers=30, **DIMS)
   low_bits = memory.plan_effective_bits(LOW, **num)
@@ -51,6 +51,8 @@ def test_assignment_refusals(rng):
   with pytest.raises(ValueError, match="costs must be finite floats"):
     assign([1.0, np.nan], LOW, HIGH, target_bits=3.0, **DIMS)
   assert assign(np.ones(3), LOW, HIGH, target_bits=16.0, **DIMS) == LayerPlan(KVFormat.parse(HIGH))
+  # Layers that lose nothing in `low` (cost <= 0) keep it, whatever the budget.
+  assert assign([0.5, 0.0, -0.2], LOW, HIGH, target_bits=16.0, **DIMS).name == f"{LOW}|{HIGH}@0"
 
 
 def _layer(rng, outliers: bool):

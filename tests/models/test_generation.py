@@ -221,6 +221,9 @@ def test_same_shapes_do_not_recompile(model):
 
 def test_explicit_max_len_and_the_default(model):
   assert default_max_len([1, 5, 11], 6) == 128 and default_max_len([120], 9) == 256
+  # Whole groups of a c<N> spec, in any format of a plan.
+  assert default_max_len([120], 9, "int8|int4-c256+recent256@1") == 256
+  assert default_max_len([300], 9, "k=int4-c384,v=int8+recent384") == 384
   traces = TRACE_COUNTS["decode"]
   out = generate(model, PROMPTS, max_new_tokens=2, impl="xla", max_len=13)
   assert out.compiled and TRACE_COUNTS["decode"] == traces + 1  # A new shape.
