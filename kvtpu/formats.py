@@ -623,20 +623,22 @@ class LayerPlan:
     return "|".join([self.default.name] + [f"{fmt.name}@{_layer_text(layers)}"
                                            for fmt, layers in self.overrides])
 
-  def _all(self) -> tuple[KVFormat, ...]:
+  @property
+  def all_formats(self) -> tuple[KVFormat, ...]:
+    """The default, then each override's format."""
     return (self.default, *(fmt for fmt, _ in self.overrides))
 
   @property
   def quantized(self) -> bool:
-    return any(f.quantized for f in self._all())
+    return any(f.quantized for f in self.all_formats)
 
   @property
   def static(self) -> bool:
-    return any(f.static for f in self._all())
+    return any(f.static for f in self.all_formats)
 
   @property
   def windowed(self) -> bool:
-    return any(f.windowed for f in self._all())
+    return any(f.windowed for f in self.all_formats)
 
   def to_dict(self) -> dict[str, Any]:
     """`{"name", "default": format dict, "overrides": [{"format", "layers"}]}`;
@@ -709,6 +711,5 @@ class LayerPlan:
     """`(format, layers)` per format present among `num_layers` layers: the default's
     first (if any layer keeps it), then the overrides in order."""
     formats = self.formats(num_layers)
-    order = [self.default] + [fmt for fmt, _ in self.overrides]
-    return tuple((fmt, tuple(i for i, f in enumerate(formats) if f == fmt)) for fmt in order
-                 if fmt in formats)
+    return tuple((fmt, tuple(i for i, f in enumerate(formats) if f == fmt))
+                 for fmt in self.all_formats if fmt in formats)

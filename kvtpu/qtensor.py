@@ -501,15 +501,15 @@ class QuantizedKV:
     nonfinite = ~jnp.isfinite(x)
     if spec.rotation:  # Non-finite inputs become 0 before the rotation spreads them.
       x = rotation.rotate(jnp.where(nonfinite, 0.0, x), jnp.float32)
-    if spec.token_group is not None:
-      _check_open_group(spec, self.window_sizes()[1])
-      return self._write_groups(layer, x, nonfinite, where)
     windows = {}
     for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
       store = getattr(self, field)
       if store is not None:  # Scattered on every platform: the ring wraps, and it is small.
         windows[field] = write_rows(store, layer, jnp.where(jnp.isfinite(x), x, 0.0),
                                     dataclasses.replace(where, target=target), 3, "scatter")
+    if spec.token_group is not None:
+      _check_open_group(spec, self.window_sizes()[1])
+      return self._write_groups(layer, x, nonfinite, where, windows)
     if spec.static:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
@@ -527,10 +527,11 @@ class QuantizedKV:
         new["zero"] = write_rows(self.zero, layer, res.zero, where, 4)
     return dataclasses.replace(self, **new), res
 
-  def _write_groups(self, layer, x: jax.Array, nonfinite: jax.Array, where: Placement
-                    ) -> tuple[QuantizedKV, quant.Quantized]:
-    """`write` for a token-grouped spec: the chunk goes to the windows, and each group
-    of N positions it completes is quantized per channel and written whole.
+  def _write_groups(self, layer, x: jax.Array, nonfinite: jax.Array, where: Placement,
+                    windows: dict) -> tuple[QuantizedKV, quant.Quantized]:
+    """`write` for a token-grouped spec, after the chunk went to the windows (`windows`:
+    the new window arrays; `self` still holds the old ones): each group of N positions
+    the chunk completes is quantized per channel and written whole.
 
     A chunk of T tokens completes at most M = ceil(T / N) groups, the ones ending in
     `(lengths, end]`; they are the M groups from `lengths // N` on, the first
@@ -549,12 +550,6 @@ class QuantizedKV:
     # Every position is quantized from its window copy (bf16), whether it comes from
     # this chunk or from the ring: what is stored does not depend on the chunking.
     x = jnp.where(jnp.isfinite(x), x, 0.0).astype(ring.dtype).astype(jnp.float32)
-    windows = {}
-    for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
-      store = getattr(self, field)
-      if store is not None:
-        windows[field] = write_rows(store, layer, x, dataclasses.replace(where, target=target),
-                                    3, "scatter")
     first = jax.lax.div(where.lengths, n)  # [B] the first group the chunk may complete.
     pos = first[:, None] * n + jnp.arange(m * n, dtype=jnp.int32)[None, :]  # [B, M*N]
     old = pos < where.lengths[:, None]

@@ -306,7 +306,7 @@ def default_max_len(prompt_lengths: Sequence[int], max_new_tokens: int, kv_forma
   if kv_format is not None:
     plan = kvtpu.LayerPlan.parse(kv_format)
     multiple = math.lcm(multiple, *(QuantizedKV.max_len_multiple(spec)
-                                    for fmt in (plan.default, *(f for f, _ in plan.overrides))
+                                    for fmt in plan.all_formats
                                     for spec in (fmt.k, fmt.v)))
   need = max(prompt_lengths) + max_new_tokens
   return -(-need // multiple) * multiple

@@ -173,7 +173,7 @@ def check_head_dim(field: str, formats: Iterable[str], head_dim: int,
   (`where` says whose head_dim it is, e.g. "of model smollm2-135m")."""
   for name in formats:
     plan = kvtpu.LayerPlan.parse(name)
-    for spec in (s for f in (plan.default, *(f for f, _ in plan.overrides)) for s in (f.k, f.v)):
+    for spec in (s for f in plan.all_formats for s in (f.k, f.v)):
       if spec.per_token and spec.group_size:
         check(head_dim % spec.group_size == 0, field,
               f"{plan.name} groups {spec.group_size} channels, which does not divide "
