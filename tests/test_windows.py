@@ -120,7 +120,7 @@ PREFIXES = [((0, 0), 1), ((RECENT, SINK + RECENT), 1), ((3, 9), 4), ((0, 2), 12)
             ((RECENT - 1, RECENT + 1), 3)]
 
 
-@pytest.mark.parametrize("fmt,prefix,t", prefix_cases(FORMATS, PREFIXES))
+@pytest.mark.parametrize("fmt,prefix,t", prefix_cases(FORMATS, PREFIXES, stride=2))
 def test_attention_reads_the_windows(fmt, prefix, t, rng):
   """XLA reference and kernel (decode for T <= 8, prefill above) vs float64 attention
   over the K/V built in numpy, on a NaN-poisoned cache."""

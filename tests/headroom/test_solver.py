@@ -9,6 +9,7 @@ import pytest
 import kvtpu
 from kvtpu import accelerators
 from kvtpu import headroom as hr
+from tests.helpers import covering_cases
 
 GIB = 2**30
 FORMATS = ("bf16", "int8", "int4", "fp8_e4m3")
@@ -161,9 +162,15 @@ def brute_max(dep, total_at, limit: int) -> int:
   return best
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("data,model", [(1, 1), (2, 2), (2, 4)])
-@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def _scan_cases(name, meshes, axis, values):
+  """Every format on every mesh, each with one of `values` (`covering_cases`)."""
+  cases = covering_cases(name, full={"fmt": FORMATS, "mesh": meshes}, sampled={axis: values})
+  return [(c["fmt"], *c["mesh"], c[axis]) for c in cases]
+
+
+@pytest.mark.parametrize("fmt,data,model,concurrency", _scan_cases(
+    "test_max_context_equals_a_brute_force_scan", [(1, 1), (2, 2), (2, 4)], "concurrency",
+    [1, 3, 8]))
 def test_max_context_equals_a_brute_force_scan(fmt, data, model, concurrency):
   dep = small(data=data, model=model, kv_heads=4)
   block, limit = 16, 1 << 15
@@ -175,9 +182,9 @@ def test_max_context_equals_a_brute_force_scan(fmt, data, model, concurrency):
   assert (a.batch, a.max_len, a.next_max_len) == (batch, expect * block, (expect + 1) * block)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("data,model", [(1, 1), (2, 2), (4, 1)])
-@pytest.mark.parametrize("context", [128, 1000, 4096])
+@pytest.mark.parametrize("fmt,data,model,context", _scan_cases(
+    "test_max_concurrency_equals_a_brute_force_scan", [(1, 1), (2, 2), (4, 1)], "context",
+    [128, 1000, 4096]))
 def test_max_concurrency_equals_a_brute_force_scan(fmt, data, model, context):
   dep = small(data=data, model=model, kv_heads=4, hbm_per_device=64 * 2**20)
   limit = 1 << 12
