@@ -59,7 +59,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("strategy", d.strategy,
                       "kv heads over the model axis (kvtpu.sharding): auto, heads, replicate.",
                       flag_values=fv)
-  flags.DEFINE_list("kv_formats", list(d.kv_formats), "KV-cache formats.", flag_values=fv)
+  flags.DEFINE_list("kv_formats", list(d.kv_formats),
+                    "KV-cache formats, or layer plans (formats per layer; analytic mode only).",
+                    flag_values=fv)
   flags.DEFINE_list("modes", list(d.modes), "analytic, aot and/or live.", flag_values=fv)
   flags.DEFINE_alias("mode", "modes", flag_values=fv)
   flags.DEFINE_list("concurrencies", [str(c) for c in d.concurrencies],

@@ -692,6 +692,13 @@ class LayerPlan:
         raise ValueError(f"invalid layer plan {name!r}: {e}") from None
     return cls(KVFormat.parse(default), tuple(overrides))
 
+  @classmethod
+  def config(cls, name: str | KVFormat | LayerPlan) -> KVFormat | LayerPlan:
+    """A cache's configuration in its simplest form: the `KVFormat` when every layer has
+    it, else the `LayerPlan` (as `parse` reads `name`)."""
+    plan = cls.parse(name)
+    return plan if plan.overrides else plan.default
+
   def formats(self, num_layers: int) -> tuple[KVFormat, ...]:
     """The format of each of `num_layers` layers.
 

@@ -71,7 +71,7 @@ class CacheConfig:
 
   def __post_init__(self):
     plan = kvtpu.LayerPlan.parse(self.fmt)
-    object.__setattr__(self, "fmt", plan if plan.overrides else plan.default)
+    object.__setattr__(self, "fmt", kvtpu.LayerPlan.config(plan))
     if isinstance(self.calibration, LayerPlanArtifact):
       if self.calibration.plan != plan:
         raise ValueError(f"layer plan artifact is for {self.calibration.plan.name}, not "

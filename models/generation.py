@@ -432,8 +432,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     stops = sorted({operator.index(s) for s in stop_ids})
   except TypeError:
     raise TypeError(f"stop_ids must be int token ids, got stop_ids={stop_ids!r}") from None
-  fmt = kvtpu.LayerPlan.parse(kv_format)
-  fmt = fmt if fmt.overrides else fmt.default
+  fmt = kvtpu.LayerPlan.config(kv_format)
   lengths_list = [len(p) for p in prompts]
   need = max(lengths_list) + max_new_tokens
   if max_len is None:

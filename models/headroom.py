@@ -38,6 +38,10 @@ from kvtpu.sharding import CacheSharding
 __all__ = ["WEIGHT_DTYPES", "weight_dtype", "make_mesh", "deployment", "decode_step",
            "AotMeasure", "LiveMeasure", "parse_mesh"]
 
+# Why the aot and live measures size formats, not layer plans.
+PLANS_ANALYTIC_ONLY = ("the compiled and executed steps shard the cache over the mesh, and a "
+                       "layered cache (kvtpu.LayeredKVCache) is not sharded")
+
 WEIGHT_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8,
                  "fp8_e4m3": jnp.float8_e4m3fn, "int4": jnp.int4}
 
@@ -111,6 +115,9 @@ class _Step:
     self.impl = impl
 
   def abstract_cache(self, fmt: KVFormat, batch: int, max_len: int) -> kvtpu.KVCache:
+    if isinstance(fmt, kvtpu.LayerPlan):
+      raise ValueError(f"fmt={fmt.name} is a layer plan, which only the analytic measure "
+                       f"sizes: {PLANS_ANALYTIC_ONLY}")
     cfg = self.cfg
     return jax.eval_shape(functools.partial(
         kvtpu.KVCache.init, fmt, num_layers=cfg.num_layers, batch=batch,

@@ -7,14 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import pytest
 from absl import app
 from kvtpu.experiments import common
 from kvtpu.experiments import headroom as headroom_binary
+from kvtpu.models import presets
+from kvtpu.models.headroom import LiveMeasure
 from kvtpu.models.runs import headroom as headroom_run
 from kvtpu.models.runs.common import FOUR_BIT_SCHEME, TWO_BIT_SCHEME, ConfigError
 from kvtpu.models.runs.headroom import HeadroomConfig, run
 
+import kvtpu
 from kvtpu import headroom, memory
 from kvtpu.headroom import report as headroom_report
 from tests.helpers import run_binary
@@ -77,12 +81,33 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--reserve=1"], "--reserve: expected a fraction of HBM in [0, 1), got 1.0"),
     (["--concurrencies=0"], "--concurrencies: expected integers >= 1, got [0]"),
     (["--kv_formats=int7"], "--kv_formats: invalid KV format name='int7'"),
+    (["--kv_formats=int2|int4@1,3-5", "--modes=analytic,aot"],
+     "--kv_formats: int2|int4@1,3-5 is a layer plan, which only --modes=analytic sizes: the "
+     "compiled and executed steps shard the cache"),
 ])
 def test_bad_configurations_are_clear_errors(args, message):
   fv = common.parse_flags(headroom_binary.define_flags, args)
   with pytest.raises(app.UsageError) as e:
     headroom_binary.config_from_flags(fv)
   assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_layer_plan_is_sized_analytically_and_refused_by_the_compiled_measures(tmp_path):
+  plan = "int4|int8@0-3,20"
+  result = run(HeadroomConfig(model="smollm2-135m", accelerator="v5e-1", mesh="data:1,model:1",
+                              weight_dtype="f32", kv_formats=("int4", plan, "int8"),
+                              concurrencies=(8,), contexts=(8192,)), tmp_path)
+  rows = {(r["kv_format"], r["kind"]): r for r in result.rows if not r["oom"]}
+  assert {f for f, _ in rows} == {"int4", plan, "int8"}
+  for kind, found in (("max_context", "max_len"), ("max_concurrency", "batch")):
+    assert rows["int8", kind][found] < rows[plan, kind][found] < rows["int4", kind][found]
+  bits = {f: rows[f, "max_context"]["effective_bits"] for f in ("int4", plan, "int8")}
+  assert bits[plan] == pytest.approx((25 * bits["int4"] + 5 * bits["int8"]) / 30)
+  assert "| int4\\|int8@0-3,20 | 5.17 |" in result.report  # The table's pipe escaped.
+  with pytest.raises(ValueError, match="fmt=int4|int8@0-3,20 is a layer plan, which only the "
+                     "analytic measure sizes"):
+    LiveMeasure(presets.get("smollm2-135m"), weights="f32", devices=jax.devices()[:1], data=1,
+                model=1)(kvtpu.LayerPlan.parse(plan), 8, 1024)
 
 
 @pytest.mark.parametrize("fields,message", [

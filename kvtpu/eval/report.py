@@ -162,9 +162,8 @@ def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> 
 
 
 def kv_config(name: str) -> KVFormat | LayerPlan:
-  """A row's `kv_format`: a format, or a layer plan of several."""
-  plan = LayerPlan.parse(name)
-  return plan if plan.overrides else plan.default
+  """A row's `kv_format`: a format, or a layer plan of several (`LayerPlan.config`)."""
+  return LayerPlan.config(name)
 
 
 def config_label(row: dict) -> str:

@@ -1,7 +1,7 @@
 """Memory headroom: the longest context and the most concurrent sequences that fit.
 
-For a deployment (model shape, weights per device, chip, mesh) and each KV format,
-the solver finds the largest `max_len` (in steps of `block` positions) at a given
+For a deployment (model shape, weights per device, chip, mesh) and each KV format
+(or layer plan: formats per layer, `kvtpu.LayerPlan`), the solver finds the largest `max_len` (in steps of `block` positions) at a given
 concurrency, and the largest batch (in steps of the data axis) at a given context,
 such that on every device
 
@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from kvtpu import memory, sharding
-from kvtpu.formats import KVFormat
+from kvtpu.formats import KVFormat, LayerPlan
 
 __all__ = ["EFFECTIVE_BITS_CONTEXT", "Usage", "Deployment", "Measure", "analytic_usage", "max_fit", "Answer", "max_context",
            "answer_rows", "max_concurrency", "padded_batch", "sweep", "DEFAULT_RESERVE",
@@ -33,7 +33,8 @@ DEFAULT_RESERVE = 0.05  # of HBM, for the runtime, fragmentation and anything un
 MAX_CONTEXT_LIMIT = 1 << 24  # positions: the search stops here (16M tokens).
 MAX_BATCH_LIMIT = 1 << 16  # sequences.
 # Result rows give each format's effective bits per stored value at this context
-# (`memory.effective_bits`: values, per-token scales and zero points, windows).
+# (`memory.effective_bits`: values, per-token scales and zero points, windows; a layer
+# plan's mean over its layers, `memory.plan_effective_bits`).
 EFFECTIVE_BITS_CONTEXT = 8192
 
 
@@ -113,26 +114,39 @@ class Deployment:
     return sharding.resolve_strategy(self.strategy, kv_heads=self.kv_heads, model=self.model)
 
 
-Measure = Callable[[KVFormat, int, int], Usage]  # (fmt, batch, max_len) -> Usage
+# (format or layer plan, batch, max_len) -> Usage
+Measure = Callable[[KVFormat | LayerPlan, int, int], Usage]
 
 
-def analytic_usage(dep: Deployment, fmt: KVFormat | str, batch: int, max_len: int) -> Usage:
+def _groups(dep: Deployment, fmt: KVFormat | LayerPlan) -> tuple[tuple[KVFormat, int], ...]:
+  """(format, number of layers) of each layer group of the cache (one for a format)."""
+  if isinstance(fmt, KVFormat):
+    return ((fmt, dep.num_layers),)
+  return tuple((f, len(layers)) for f, layers in fmt.groups(dep.num_layers))
+
+
+def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
+                   max_len: int) -> Usage:
   """Closed-form bytes per device: weights as given, the cache block exactly
-  (`sharding.per_device_bytes`), and as temporaries the f32 logits of the step's
-  output projection for this device's sequences (the vocabulary split over the
-  model axis when it divides it), the one temporary that grows with the batch, plus
-  on TPU the copies of 16-bit per-token scales (`memory.tpu_layout_copy_bytes`)."""
-  fmt = KVFormat.parse(fmt)
-  cache = sharding.per_device_bytes(
-      fmt, num_layers=dep.num_layers, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
+  (`sharding.per_device_bytes`; for a layer plan, the sum over its layer groups, each
+  a cache of its own as in `kvtpu.LayeredKVCache`), and as temporaries the f32 logits
+  of the step's output projection for this device's sequences (the vocabulary split
+  over the model axis when it divides it), the one temporary that grows with the
+  batch, plus on TPU the copies of 16-bit per-token scales
+  (`memory.tpu_layout_copy_bytes`)."""
+  groups = _groups(dep, LayerPlan.config(fmt))
+  cache = sum(sharding.per_device_bytes(
+      f, num_layers=n, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
       head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy)
+      for f, n in groups)
   vocab = dep.vocab_size // dep.model if dep.vocab_size % dep.model == 0 else dep.vocab_size
   temp = (batch // dep.data) * vocab * dep.logits_bytes
   if dep.tpu:
     b, k = sharding.per_device_dims(batch=batch, kv_heads=dep.kv_heads, data=dep.data,
                                     model=dep.model, strategy=dep.strategy)
-    temp += memory.tpu_layout_copy_bytes(fmt, num_layers=dep.num_layers, batch=b, kv_heads=k,
-                                         max_len=max_len, head_dim=dep.head_dim)
+    temp += sum(memory.tpu_layout_copy_bytes(f, num_layers=n, batch=b, kv_heads=k,
+                                             max_len=max_len, head_dim=dep.head_dim)
+                for f, n in groups)
   return Usage(weights=dep.weights_per_device, cache=cache, temp=temp)
 
 
@@ -236,7 +250,7 @@ class Answer:
 def max_context(dep: Deployment, fmt, concurrency: int, measure: Measure, *, block: int = 128,
                 guess: int | None = None, limit: int = MAX_CONTEXT_LIMIT) -> Answer:
   """The largest max_len (a multiple of `block`) that fits at `concurrency` sequences."""
-  fmt = KVFormat.parse(fmt)
+  fmt = LayerPlan.config(fmt)
   if block < 1:
     raise ValueError(f"block must be a positive int, got block={block}")
   batch = padded_batch(concurrency, dep.data)
@@ -250,7 +264,7 @@ def max_context(dep: Deployment, fmt, concurrency: int, measure: Measure, *, blo
 def max_concurrency(dep: Deployment, fmt, context: int, measure: Measure, *,
                     guess: int | None = None, limit: int = MAX_BATCH_LIMIT) -> Answer:
   """The largest batch (a multiple of the data axis) that fits at max_len `context`."""
-  fmt = KVFormat.parse(fmt)
+  fmt = LayerPlan.config(fmt)
   m, usage, m_next, usage_next = max_fit(
       lambda m: measure(fmt, m * dep.data, context), dep.budget,
       guess=max(1, (guess or dep.data) // dep.data), limit=limit // dep.data)
@@ -261,15 +275,16 @@ def max_concurrency(dep: Deployment, fmt, context: int, measure: Measure, *,
 def sweep(dep: Deployment, fmts: Sequence, measure: Measure, *,
           concurrencies: Sequence[int] = (1, 8, 32, 128),
           contexts: Sequence[int] = (8192, 32768, 131072), block: int = 128,
-          guesses: dict | None = None, progress: Callable[[Answer, KVFormat], None] | None = None,
-          ) -> list[tuple[KVFormat, Answer]]:
-  """Every (format, question): max context at each concurrency, max concurrency at
-  each context. `guesses[(fmt.name, kind, asked)]` seeds expensive measures (e.g. with
+          guesses: dict | None = None,
+          progress: Callable[[Answer, KVFormat | LayerPlan], None] | None = None,
+          ) -> list[tuple[KVFormat | LayerPlan, Answer]]:
+  """Every (format or layer plan, question): max context at each concurrency, max
+  concurrency at each context. `guesses[(fmt.name, kind, asked)]` seeds expensive measures (e.g. with
   the analytic answers)."""
   guesses = guesses or {}
   out = []
   for fmt in fmts:
-    fmt = KVFormat.parse(fmt)
+    fmt = LayerPlan.config(fmt)
     for c in concurrencies:
       a = max_context(dep, fmt, c, measure, block=block,
                       guess=guesses.get((fmt.name, "max_context", c)))
@@ -285,7 +300,15 @@ def sweep(dep: Deployment, fmts: Sequence, measure: Measure, *,
   return out
 
 
-def answer_rows(fmt: KVFormat, answer: Answer, dep: Deployment, *, mode: str, **fields) -> list[dict]:
+def _effective_bits(dep: Deployment, fmt: KVFormat | LayerPlan) -> float:
+  dims = dict(context=EFFECTIVE_BITS_CONTEXT, kv_heads=dep.kv_heads, head_dim=dep.head_dim)
+  if isinstance(fmt, KVFormat):
+    return memory.effective_bits(fmt, **dims)
+  return memory.plan_effective_bits(fmt, num_layers=dep.num_layers, **dims)
+
+
+def answer_rows(fmt: KVFormat | LayerPlan, answer: Answer, dep: Deployment, *, mode: str,
+                **fields) -> list[dict]:
   """The result rows of one answer (`kvtpu.headroom.report` schema): the maximum, and
   the first point past it (`oom` true) when one was measured. `fields` holds the
   deployment's labels (model, weight_dtype, accelerator, chip, num_devices, mesh,
@@ -294,8 +317,7 @@ def answer_rows(fmt: KVFormat, answer: Answer, dep: Deployment, *, mode: str, **
               strategy=dep.resolved_strategy, hbm_per_device=dep.hbm_per_device,
               budget_per_device=dep.budget, reserve_fraction=dep.reserve,
               calibration="none (memory only: no calibration needed)",
-              effective_bits=memory.effective_bits(fmt, context=EFFECTIVE_BITS_CONTEXT,
-                                                   kv_heads=dep.kv_heads, head_dim=dep.head_dim))
+              effective_bits=_effective_bits(dep, fmt))
 
   def row(batch: int, max_len: int, usage: Usage | None, oom: bool) -> dict:
     usage = usage or Usage(weights=dep.weights_per_device, cache=0, temp=0)

@@ -154,10 +154,10 @@ def format_list(field: str, values: Any, *, allow_empty: bool = False,
       plan = kvtpu.LayerPlan.parse(name)
     except ValueError as e:
       raise ConfigError(field, str(e)) from None
-    fmt = plan if plan.overrides else plan.default
+    fmt = kvtpu.LayerPlan.config(plan)
     check(plans or not plan.overrides, field,
           f"{name} is a layer plan (formats per layer), which this binary does not take; the "
-          "evaluate binary does")
+          "evaluate and headroom binaries do")
     check(not (plan.overrides and plan.static), field,
           f"{name}: a layer plan takes dynamic or unquantized formats")
     if dynamic_only is not None and fmt.static:

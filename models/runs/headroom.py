@@ -28,7 +28,14 @@ from pathlib import Path
 
 import jax
 from kvtpu.models import presets
-from kvtpu.models.headroom import WEIGHT_DTYPES, AotMeasure, LiveMeasure, deployment, parse_mesh
+from kvtpu.models.headroom import (
+  PLANS_ANALYTIC_ONLY,
+  WEIGHT_DTYPES,
+  AotMeasure,
+  LiveMeasure,
+  deployment,
+  parse_mesh,
+)
 from kvtpu.models.runs.common import (
   FOUR_BIT_SCHEME,
   TWO_BIT_SCHEME,
@@ -67,7 +74,8 @@ class HeadroomConfig:
     accelerator: the slice, e.g. "v5e-8", "v5p-8", "v5e-256", "h100-8".
     mesh: "data:<n>,model:<m>", covering the slice.
     strategy: kv heads over the model axis (`kvtpu.sharding.STRATEGIES`).
-    kv_formats: KV-cache formats to size.
+    kv_formats: KV-cache formats to size, or layer plans (formats per layer,
+      `kvtpu.LayerPlan`; analytic mode only).
     modes: "analytic", "aot" and/or "live" ("aot" and "live" not together).
     concurrencies: concurrencies of the max-context question.
     contexts: contexts of the max-concurrency question.
@@ -116,7 +124,7 @@ class HeadroomConfig:
     except ValueError as e:
       raise ConfigError("strategy", f"{e} ({cfg.name} has {cfg.num_kv_heads} kv heads)"
                         ) from None
-    object.__setattr__(self, "kv_formats", format_list("kv_formats", self.kv_formats))
+    object.__setattr__(self, "kv_formats", format_list("kv_formats", self.kv_formats, plans=True))
     modes = str_list("modes", self.modes)
     check(all(m in headroom_report.MODES for m in modes), "modes",
           f"expected modes among {list(headroom_report.MODES)}, got {list(modes)}")
@@ -124,6 +132,10 @@ class HeadroomConfig:
           "live sizes the present devices and aot the accelerator's topology: run them "
           "separately")
     object.__setattr__(self, "modes", tuple(dict.fromkeys(modes)))
+    plans = [f for f in self.kv_formats if isinstance(kvtpu.LayerPlan.config(f), kvtpu.LayerPlan)]
+    check(not plans or self.modes == ("analytic",), "kv_formats",
+          f"{plans[0] if plans else ''} is a layer plan, which only --modes=analytic sizes: "
+          f"{PLANS_ANALYTIC_ONLY}")
     object.__setattr__(self, "concurrencies", int_list("concurrencies", self.concurrencies))
     object.__setattr__(self, "contexts", int_list("contexts", self.contexts))
     object.__setattr__(self, "block", positive_int("block", self.block))
@@ -244,7 +256,7 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
     todo = [q for q in questions if (mode, *q) not in done]
     progress = Progress(f"headroom {mode}", len(todo), "answers")
     for fmt_name, kind, asked in todo:
-      fmt = kvtpu.KVFormat.parse(fmt_name)
+      fmt = kvtpu.LayerPlan.config(fmt_name)
       guess = guesses.get((fmt.name, kind, asked))
       if kind == "max_context":
         answer = headroom.max_context(dep, fmt, asked, measure, block=config.block, guess=guess)

@@ -2,6 +2,7 @@
 the next does not) as a brute-force scan finds them, few measurements per answer, and clear
 errors for configurations that cannot be sized."""
 
+import dataclasses
 import math
 
 import pytest
@@ -442,3 +443,34 @@ def test_windows_are_counted_per_sequence_and_rows_carry_effective_bits():
   (row, *_) = hr.answer_rows(kvtpu.KVFormat.parse(windowed), a, dep, mode="analytic")
   assert row["effective_bits"] == kvtpu.memory.effective_bits(
       windowed, context=8192, kv_heads=LLAMA["kv_heads"], head_dim=LLAMA["head_dim"]) == 4.75
+
+
+@pytest.mark.parametrize("data,model,strategy", [(1, 1, "auto"), (2, 4, "auto"), (1, 8, "replicate")])
+def test_a_layer_plan_is_the_sum_of_its_layer_groups(data, model, strategy):
+  """A plan's cache bytes are those of one cache per layer group (each with its own
+  lengths and counters): on one device the bytes of `kvtpu.LayeredKVCache`'s arrays, on
+  a mesh the groups sized as formats of fewer layers. Its answers lie between those of
+  its cheapest and its dearest format; its effective bits are the mean over layers."""
+  low = "int2-nu-sbf16-rot+sink4+recent124"
+  high = "k=int4-nu-sbf16-rot,v=int2-nu-sbf16-rot+sink4+recent124"
+  plan = kvtpu.LayerPlan.parse(f"{low}|{high}@1,5-7,31")
+  dep = hr.Deployment(**LLAMA, weights_per_device=LLAMA_WEIGHTS_TP4, hbm_per_device=16 * GIB,
+                      data=data, model=model, strategy=strategy, tpu=True)
+  batch, max_len = 4 * data, 2048
+  got = hr.analytic_usage(dep, plan.name, batch, max_len)
+  parts = [hr.analytic_usage(dataclasses.replace(dep, num_layers=n), f, batch, max_len)
+           for f, n in ((low, 27), (high, 5))]
+  assert got.cache == sum(p.cache for p in parts)
+  logits = (batch // data) * (dep.vocab_size // model) * dep.logits_bytes
+  assert got.temp == sum(p.temp for p in parts) - logits  # One step's logits.
+  if data * model == 1:
+    cache = kvtpu.LayeredKVCache.init(plan, num_layers=32, batch=batch, kv_heads=8,
+                                      max_len=max_len, head_dim=128)
+    assert got.cache == cache.nbytes
+  measure = lambda f, b, s: hr.analytic_usage(dep, f, b, s)  # noqa: E731
+  answers = {f: hr.max_context(dep, f, 8, measure) for f in (low, plan.name, high)}
+  assert answers[high].max_len < answers[plan.name].max_len < answers[low].max_len
+  bits = {f: hr.answer_rows(kvtpu.LayerPlan.config(f), answers[f], dep,
+                            mode="analytic")[0]["effective_bits"] for f in answers}
+  assert bits[plan.name] == pytest.approx((27 * bits[low] + 5 * bits[high]) / 32, rel=1e-12)
+  assert bits[low] < bits[plan.name] < bits[high] <= 4.75
