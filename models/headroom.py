@@ -38,9 +38,10 @@ from kvtpu.sharding import CacheSharding
 __all__ = ["WEIGHT_DTYPES", "weight_dtype", "make_mesh", "deployment", "decode_step",
            "AotMeasure", "LiveMeasure", "parse_mesh"]
 
-# Why the aot and live measures size formats, not layer plans.
-PLANS_ANALYTIC_ONLY = ("the compiled and executed steps shard the cache over the mesh, and a "
-                       "layered cache (kvtpu.LayeredKVCache) is not sharded")
+# Why layer plans are sized analytically, on one device: a layered cache is not
+# sharded, and the compiled and executed steps shard the cache (on one device too).
+PLANS_ANALYTIC_ONLY = ("a layered cache (kvtpu.LayeredKVCache) is not sharded, and the compiled "
+                       "and executed steps shard the cache over the mesh")
 
 WEIGHT_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8,
                  "fp8_e4m3": jnp.float8_e4m3fn, "int4": jnp.int4}

@@ -19,13 +19,15 @@ _XLA_FLAGS = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_devi
               " --xla_backend_optimization_level=0").strip()
 # Cheaper still, for the CPU backend only: LLVM without its expensive passes, and
 # fusions emitted by the elemental emitters instead of the MLIR fusion emitters (a
-# third less compile time). libtpu's XLA reads XLA_FLAGS too, later (at the first
+# third less compile time; two programs computing the same values may then round
+# apart in the last float32 bit). libtpu's XLA reads XLA_FLAGS too, later (at the first
 # ahead-of-time TPU compile), and aborts on flags it does not know, so these are set
 # only until the CPU backend has read them (below, after jax's import).
-_CPU_ONLY_XLA_FLAGS = " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+_CPU_ONLY_XLA_FLAGS = (" --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+                       if os.environ["JAX_PLATFORMS"] == "cpu" else "")
 os.environ["XLA_FLAGS"] = _XLA_FLAGS + _CPU_ONLY_XLA_FLAGS
-# For the tests' subprocesses that compile for the CPU only (tests/helpers.py).
-os.environ["KVTPU_TEST_CPU_XLA_FLAGS"] = "--xla_backend_optimization_level=0" + _CPU_ONLY_XLA_FLAGS
+# For the tests' subprocesses that compile for the CPU only (`tests.helpers.run_binary`).
+os.environ["KVTPU_TEST_CPU_XLA_FLAGS"] = _CPU_ONLY_XLA_FLAGS.strip()
 
 # JAX's persistent compilation cache, shared by both xdist workers and by the
 # subprocesses the tests start (doc snippets, end-to-end binary runs): a program
@@ -47,7 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-jax.jit(lambda x: x + 1)(0)  # The CPU backend parses XLA_FLAGS once, at its first compile.
+jax.jit(lambda x: x + 1)(0)  # The backend parses XLA_FLAGS once, at its first compile.
 os.environ["XLA_FLAGS"] = _XLA_FLAGS  # What libtpu reads.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

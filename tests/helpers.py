@@ -72,23 +72,17 @@ def kv_with_outliers(rng: np.random.Generator, shape, *, channel_scale: float = 
   return x
 
 
-def cpu_xla_flags() -> str:
-  """XLA_FLAGS of the cheapest CPU code generation (tests/conftest.py), for subprocesses
-  that compile for the CPU only: libtpu rejects some of these flags."""
-  return os.environ.get("KVTPU_TEST_CPU_XLA_FLAGS", "")
-
-
 def run_binary(module: str, *args: str, workdir, timeout: float = 600, env=None):
   """Runs `python -m <module> --workdir=<workdir> <args>` on CPU in a subprocess (absl
   flags are process-global, so experiment binaries cannot share the pytest process),
-  with the test process's fake devices and the cheapest CPU code generation (the
-  binaries' end-to-end tests do not compile for TPU)."""
+  with the test process's fake devices and its cheapest CPU code generation
+  (tests/conftest.py: flags libtpu rejects, so for binaries run on the CPU only)."""
   import pathlib  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
   root = pathlib.Path(__file__).resolve().parents[1]
-  flags = f"{os.environ.get('XLA_FLAGS', '')} {cpu_xla_flags()}".strip()
+  flags = f"{os.environ.get('XLA_FLAGS', '')} {os.environ.get('KVTPU_TEST_CPU_XLA_FLAGS', '')}".strip()
   return subprocess.run(
       [sys.executable, "-m", module, f"--workdir={workdir}", *args], cwd=root,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **(env or {})},

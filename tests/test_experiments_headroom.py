@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import pytest
@@ -82,8 +83,13 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--concurrencies=0"], "--concurrencies: expected integers >= 1, got [0]"),
     (["--kv_formats=int7"], "--kv_formats: invalid KV format name='int7'"),
     (["--kv_formats=int2|int4@1,3-5", "--modes=analytic,aot"],
-     "--kv_formats: int2|int4@1,3-5 is a layer plan, which only --modes=analytic sizes: the "
-     "compiled and executed steps shard the cache"),
+     "--kv_formats: int2|int4@1,3-5 is a layer plan, which only --modes=analytic sizes: a "
+     "layered cache (kvtpu.LayeredKVCache) is not sharded"),
+    (["--kv_formats=int2|int4@1,3-5"], "--kv_formats: int2|int4@1,3-5 is a layer plan, sized "
+                                       "on one device only (--mesh=data:1,model:1)"),
+    (["--kv_formats=int2|int4@1,30", "--model=smollm2-135m", "--accelerator=v5e-1",
+      "--mesh=data:1,model:1"], "--kv_formats: plan int2|int4@1,30 gives layer 30 a format, but "
+                                "the model has 30 layers (model smollm2-135m)"),
 ])
 def test_bad_configurations_are_clear_errors(args, message):
   fv = common.parse_flags(headroom_binary.define_flags, args)
@@ -104,8 +110,8 @@ def test_a_layer_plan_is_sized_analytically_and_refused_by_the_compiled_measures
   bits = {f: rows[f, "max_context"]["effective_bits"] for f in ("int4", plan, "int8")}
   assert bits[plan] == pytest.approx((25 * bits["int4"] + 5 * bits["int8"]) / 30)
   assert "| int4\\|int8@0-3,20 | 5.17 |" in result.report  # The table's pipe escaped.
-  with pytest.raises(ValueError, match="fmt=int4|int8@0-3,20 is a layer plan, which only the "
-                     "analytic measure sizes"):
+  with pytest.raises(ValueError, match=re.escape(f"fmt={plan} is a layer plan, which only the "
+                                                 "analytic measure sizes")):
     LiveMeasure(presets.get("smollm2-135m"), weights="f32", devices=jax.devices()[:1], data=1,
                 model=1)(kvtpu.LayerPlan.parse(plan), 8, 1024)
 

@@ -132,10 +132,19 @@ class HeadroomConfig:
           "live sizes the present devices and aot the accelerator's topology: run them "
           "separately")
     object.__setattr__(self, "modes", tuple(dict.fromkeys(modes)))
-    plans = [f for f in self.kv_formats if isinstance(kvtpu.LayerPlan.config(f), kvtpu.LayerPlan)]
-    check(not plans or self.modes == ("analytic",), "kv_formats",
-          f"{plans[0] if plans else ''} is a layer plan, which only --modes=analytic sizes: "
-          f"{PLANS_ANALYTIC_ONLY}")
+    for plan in (kvtpu.LayerPlan.parse(f) for f in self.kv_formats):
+      if not plan.overrides:
+        continue
+      check(self.modes == ("analytic",), "kv_formats",
+            f"{plan.name} is a layer plan, which only --modes=analytic sizes: "
+            f"{PLANS_ANALYTIC_ONLY}")
+      check(devices == 1, "kv_formats",
+            f"{plan.name} is a layer plan, sized on one device only (--mesh=data:1,model:1): "
+            f"{PLANS_ANALYTIC_ONLY}")
+      try:  # Its layers exist in this model.
+        plan.formats(cfg.num_layers)
+      except ValueError as e:
+        raise ConfigError("kv_formats", f"{e} (model {cfg.name})") from None
     object.__setattr__(self, "concurrencies", int_list("concurrencies", self.concurrencies))
     object.__setattr__(self, "contexts", int_list("contexts", self.contexts))
     object.__setattr__(self, "block", positive_int("block", self.block))

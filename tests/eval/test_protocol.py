@@ -65,9 +65,10 @@ def test_reference_cache_reproduces_a_full_forward(model, prefill, chunk, ref, r
   np.testing.assert_allclose(same.per_token["nll_ref"], want, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(same.per_token["nll"], want, rtol=2e-5, atol=2e-5)
   # A cache identical to the reference: no divergence beyond rounding. The reference
-  # and compared steps are different XLA programs, which may round apart in float32,
-  # and a bf16 cache then rounds an occasional value to the neighbouring bf16 (a
-  # relative 2^-8 in one element; int4's error, below, is 1e4 times larger).
+  # and compared steps are different XLA programs, which the tests' CPU code generation
+  # (tests/conftest.py) may round apart in float32; a bf16 cache then rounds an
+  # occasional value to the neighbouring bf16 (a relative 2^-8 in one element; int4's
+  # error, below, is 1e4 times larger).
   assert same.metrics["kl_mean"] < 1e-6 and same.metrics["top1_agreement"] == 1.0
   assert max(same.metrics["attn_rel_error"]) < 1e-4
   assert same.metrics["ppl"] == pytest.approx(np.exp(want.mean()), rel=1e-5)
