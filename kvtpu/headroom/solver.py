@@ -1,9 +1,9 @@
 """Memory headroom: the longest context and the most concurrent sequences that fit.
 
 For a deployment (model shape, weights per device, chip, mesh) and each KV format
-(or layer plan: formats per layer, `kvtpu.LayerPlan`), the solver finds the largest `max_len` (in steps of `block` positions) at a given
-concurrency, and the largest batch (in steps of the data axis) at a given context,
-such that on every device
+(or layer plan: formats per layer, `kvtpu.LayerPlan`), the solver finds the largest
+`max_len` (in steps of `block` positions) at a given concurrency, and the largest
+batch (in steps of the data axis) at a given context, such that on every device
 
     weights + KV cache + the decode step's temporaries + other <= HBM * (1 - reserve)
 
@@ -279,8 +279,8 @@ def sweep(dep: Deployment, fmts: Sequence, measure: Measure, *,
           progress: Callable[[Answer, KVFormat | LayerPlan], None] | None = None,
           ) -> list[tuple[KVFormat | LayerPlan, Answer]]:
   """Every (format or layer plan, question): max context at each concurrency, max
-  concurrency at each context. `guesses[(fmt.name, kind, asked)]` seeds expensive measures (e.g. with
-  the analytic answers)."""
+  concurrency at each context. `guesses[(fmt.name, kind, asked)]` seeds expensive
+  measures (e.g. with the analytic answers)."""
   guesses = guesses or {}
   out = []
   for fmt in fmts:
