@@ -78,7 +78,8 @@ class KVCache:
       or uninitialized data; nothing may read them unmasked.
     * Scales: per-token specs hold one per token, head and group, written with the
       token; token-grouped (`c<N>`) specs one per channel and head over each group of
-      N positions, written when the group fills; static specs hold calibrated scales, finite and > 0, fixed at `init`;
+      N positions, written when the group fills; static specs hold calibrated scales,
+      finite and > 0, fixed at `init`;
       clip ratios of dynamic specs, in (0, 1], are fixed at `init` too: each token's
       scale covers that fraction of its group's range (`quant.quantize`), and values
       beyond it are clipped and counted as saturated.

@@ -18,8 +18,7 @@ from kvtpu.models.runs.common import ConfigError
 from kvtpu.models.runs.summary import SummaryConfig, run
 
 from kvtpu import reports
-from kvtpu.eval.report import kv_config
-from kvtpu.formats import KVFormat
+from kvtpu.formats import KVFormat, LayerPlan
 
 # A score row and a passkey row of `python -m kvtpu.experiments.evaluate --preset=quick`
 # (SmolLM2-135M), trimmed: per-layer lists cut to 2 layers, descriptions shortened.
@@ -74,7 +73,7 @@ BITS = {"bf16": 16.0, "int8": 8.5, "int4": 4.5, "fp8_e4m3": 8.5}
 def score(fmt: str, workload: dict, ppl: float, kl: float, *, context: int = 2048,
           calibration: dict | str = "dynamic", batch: int = 2) -> dict:
   row = copy.deepcopy(SCORE_ROW)
-  row.update(kv_format=fmt, kv_precision=kv_config(fmt).to_dict(), context=context,
+  row.update(kv_format=fmt, kv_precision=LayerPlan.config(fmt).to_dict(), context=context,
              kv_effective_bits=BITS.get(fmt, 4.5), eval_workload=workload, batch=batch,
              calibration=calibration, calibration_name=(
                  "dynamic" if calibration == "dynamic" else calibration["workloads"][0]["name"]))

@@ -39,7 +39,7 @@ from kvtpu.reports import is_num, is_pos_int, is_str, require
 
 __all__ = [
     "LIST_METRICS", "METRICS", "PASSKEY_METRICS", "REQUIRED_FIELDS", "SCORE_METRICS",
-    "check_row", "check_rows", "config_label", "header_markdown", "kv_config", "metric_table",
+    "check_row", "check_rows", "config_label", "header_markdown", "metric_table",
     "passkey_table", "plot_vs_bits", "plot_vs_context", "read_jsonl", "shown_value",
     "transfer_table", "write_jsonl", "write_report",
 ]
@@ -88,7 +88,7 @@ def check_row(row: Any) -> None:
   for field in ("model", "weight_precision", "kv_format", "calibration_name"):
     require(row, field, is_str, "a non-empty str")
   try:
-    fmt = kv_config(row["kv_format"])
+    fmt = LayerPlan.config(row["kv_format"])
   except ValueError as e:
     raise ValueError(f"result row field 'kv_format' is not a kvtpu format or layer plan: "
                      f"{e}") from None
@@ -161,17 +161,12 @@ def read_jsonl(path: str | Path, check: Callable[[Any], None] | None = None) -> 
 # Tables.
 
 
-def kv_config(name: str) -> KVFormat | LayerPlan:
-  """A row's `kv_format`: a format, or a layer plan of several (`LayerPlan.config`)."""
-  return LayerPlan.config(name)
-
-
 def config_label(row: dict) -> str:
   """The KV config of a row: format and calibration, e.g. "int8 | dynamic", "int4 | cal: prose".
 
   An unquantized format (bf16, f32) has no scales to calibrate: its label is the format alone.
   """
-  if row["calibration"] == "dynamic" and not kv_config(row["kv_format"]).quantized:
+  if row["calibration"] == "dynamic" and not LayerPlan.config(row["kv_format"]).quantized:
     return row["kv_format"]
   if row["calibration"] == "dynamic":
     return f"{row['kv_format']} | dynamic"
@@ -342,7 +337,7 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
       [(m, f, spec(p, "k"), spec(p, "v"), f"{b:,.6g}") + ((f"{e:.4g}" if e else "-",) if bits
                                                           else ())
        for m, f, p, b, e in kv]))
-  if any(kv_config(r["kv_format"]).windowed for r in rows):
+  if any(LayerPlan.config(r["kv_format"]).windowed for r in rows):
     parts.append("Bytes per token leave out the windows, which cost the same per sequence "
                  "whatever its length; effective bits (per stored K/V value of one sequence at "
                  "8K context, `kvtpu.memory.effective_bits`) include them.")
@@ -353,7 +348,7 @@ def header_markdown(rows: Sequence[dict], *, title: str) -> str:
   configs = sorted(_unique((label(r), r["kv_format"], r["calibration"]) for r in rows),
                    key=lambda x: order[x[0]])
   for lab, fmt, cal in configs:
-    if cal == "dynamic" and not kv_config(fmt).quantized:
+    if cal == "dynamic" and not LayerPlan.config(fmt).quantized:
       lines.append(f"- {lab}: not quantized (nothing to calibrate)")
     elif cal == "dynamic":
       lines.append(f"- {lab}: dynamic scales, computed when written (no calibration)")

@@ -118,13 +118,6 @@ class Deployment:
 Measure = Callable[[KVFormat | LayerPlan, int, int], Usage]
 
 
-def _groups(dep: Deployment, fmt: KVFormat | LayerPlan) -> tuple[tuple[KVFormat, int], ...]:
-  """(format, number of layers) of each layer group of the cache (one for a format)."""
-  if isinstance(fmt, KVFormat):
-    return ((fmt, dep.num_layers),)
-  return tuple((f, len(layers)) for f, layers in fmt.groups(dep.num_layers))
-
-
 def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
                    max_len: int) -> Usage:
   """Closed-form bytes per device: weights as given, the cache block exactly
@@ -134,7 +127,7 @@ def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
   over the model axis when it divides it), the one temporary that grows with the
   batch, plus on TPU the copies of 16-bit per-token scales
   (`memory.tpu_layout_copy_bytes`)."""
-  groups = _groups(dep, LayerPlan.config(fmt))
+  groups = [(f, len(layers)) for f, layers in LayerPlan.parse(fmt).groups(dep.num_layers)]
   cache = sum(sharding.per_device_bytes(
       f, num_layers=n, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
       head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy)

@@ -180,6 +180,16 @@ def check_head_dim(field: str, formats: Iterable[str], head_dim: int,
               f"head_dim={head_dim}{' ' + where if where else ''}")
 
 
+def check_plan_layers(field: str, formats: Iterable[str], num_layers: int, model: str) -> None:
+  """A ConfigError on `field` when a layer plan gives a format to a layer that model
+  `model` (of `num_layers` layers) does not have."""
+  for name in formats:
+    try:
+      kvtpu.LayerPlan.parse(name).formats(num_layers)
+    except ValueError as e:
+      raise ConfigError(field, f"{e} (model {model})") from None
+
+
 def impl_choice(field: str, value: Any) -> str:
   """An attend implementation (`kvtpu.attention.IMPLS`) that can run here: "pallas" compiles
   the TPU kernels, so off a TPU it is a ConfigError advising "interpret" or "xla"."""

@@ -56,6 +56,7 @@ from kvtpu.models.runs.common import (
   chat_responder,
   check,
   check_head_dim,
+  check_plan_layers,
   check_workdir,
   done_items,
   format_list,
@@ -347,11 +348,7 @@ def _check_data(config: EvaluateConfig, model, tokenizer, loaded: dict, given: l
     names = getattr(config, field)
     names = [names] if isinstance(names, str) else names
     check_head_dim(field, names, cfg.head_dim, where)
-    for name in names:  # A plan's layers exist in this model.
-      try:
-        kvtpu.LayerPlan.parse(name).formats(cfg.num_layers)
-      except ValueError as e:
-        raise ConfigError(field, str(e)) from None
+    check_plan_layers(field, names, cfg.num_layers, cfg.name)
   for c in given:
     try:
       c.calibration.check_compatible(num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
@@ -441,7 +438,7 @@ def run(config: EvaluateConfig, workdir: str | os.PathLike, *, resume: bool = Fa
                                                    resume=resume)))
   labels = {(c.fmt.name, c.calibration_name) for c in configs}
   # Passkey: each passkey format with dynamic scales, and with each calibration it has.
-  passkey_names = {report_lib.kv_config(f).name for f in config.passkey_formats}
+  passkey_names = {kvtpu.LayerPlan.config(f).name for f in config.passkey_formats}
   passkey_configs = [CacheConfig(f) for f in config.passkey_formats] + [
       c for c in configs if c.calibration is not None and c.fmt.name in passkey_names]
   passkey_labels = {(c.fmt.name, c.calibration_name) for c in passkey_configs}

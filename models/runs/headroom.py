@@ -42,6 +42,7 @@ from kvtpu.models.runs.common import (
   ConfigError,
   Progress,
   check,
+  check_plan_layers,
   check_workdir,
   done_items,
   finite_number,
@@ -141,10 +142,7 @@ class HeadroomConfig:
       check(devices == 1, "kv_formats",
             f"{plan.name} is a layer plan, sized on one device only (--mesh=data:1,model:1): "
             f"{PLANS_ANALYTIC_ONLY}")
-      try:  # Its layers exist in this model.
-        plan.formats(cfg.num_layers)
-      except ValueError as e:
-        raise ConfigError("kv_formats", f"{e} (model {cfg.name})") from None
+    check_plan_layers("kv_formats", self.kv_formats, cfg.num_layers, cfg.name)
     object.__setattr__(self, "concurrencies", int_list("concurrencies", self.concurrencies))
     object.__setattr__(self, "contexts", int_list("contexts", self.contexts))
     object.__setattr__(self, "block", positive_int("block", self.block))

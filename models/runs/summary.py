@@ -143,7 +143,7 @@ def _label(fmt: str, calibration_name: str, *, reference: bool = False,
   "clip on <workload>" (the clip ratios of per-token scales calibrated there), "scales on
   <workload>" (static scales) or "plan on <workload>" (a layer plan chosen there, method
   `layer_plan`); an unquantized format (or the reference) alone."""
-  parsed = eval_report.kv_config(fmt)
+  parsed = LayerPlan.config(fmt)
   if reference or (calibration_name == "dynamic" and not parsed.quantized):
     return fmt
   if calibration_name == "dynamic":

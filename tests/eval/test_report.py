@@ -12,7 +12,7 @@ import pytest
 
 from kvtpu import reports
 from kvtpu.eval import report as rp
-from kvtpu.formats import KVFormat
+from kvtpu.formats import KVFormat, LayerPlan
 
 SHA_PROSE = "0123456789abcdef" + "f" * 48
 SHA_CODE = "fedcba9876543210" + "e" * 48
@@ -26,7 +26,7 @@ def make_row(kind="score", *, kv_format="int8", cal=None, workload="prose", cont
   row = {
       "kind": kind, "model": model,
       "weight_precision": "GGUF Q4_1 x210, F32 x61, Q8_0 x1; dequantized to float32",
-      "kv_format": kv_format, "kv_precision": rp.kv_config(kv_format).to_dict(),
+      "kv_format": kv_format, "kv_precision": LayerPlan.config(kv_format).to_dict(),
       "kv_bytes_per_token": BYTES.get(kv_format, 1000.0),
       "calibration": "dynamic" if cal is None else {
           "method": "absmax-p99.9",
