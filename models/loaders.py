@@ -367,12 +367,14 @@ def _dequantize(t) -> np.ndarray:
   return out.reshape(shape)
 
 
-def load_gguf(path: str | os.PathLike, *, name: str | None = None) -> Weights:
+def load_gguf(path: str | os.PathLike, *, name: str | None = None, reader=None) -> Weights:
   """Reads and dequantizes a llama.cpp GGUF file of a Llama-family model.
 
   Args:
     path: the `.gguf` file.
     name: model id for reports (default: the file name without extension).
+    reader: `gguf_reader(path)` when the caller already has it (the tokenizer reads
+      the same file), else None.
 
   Returns:
     `Weights` in Hugging Face layout (Q/K rows un-permuted for `llama` files).
@@ -384,7 +386,7 @@ def load_gguf(path: str | os.PathLike, *, name: str | None = None) -> Weights:
       truncated/corrupt file (the message names the field or tensor).
   """
   path = Path(path)
-  reader = gguf_reader(path)
+  reader = gguf_reader(path) if reader is None else reader
   try:
     cfg = gguf_config(reader, name=name or path.stem)
   except LoadError as e:

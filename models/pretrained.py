@@ -210,8 +210,7 @@ def _load_converted(key: str, param_dtype) -> tuple[Llama, Tokenizer]:
                remove=converted if corrupt else None):
     if _stamp(marker) != seen and not isinstance(again := _restore(converted), str):
       return again  # Another process converted it while we waited.
-    model = loaders.build_model(loaders.load_gguf(gguf, name=key), param_dtype=param_dtype)
-    tokenizer = Tokenizer.from_gguf(gguf)
+    model, tokenizer = _from_gguf(gguf, key, param_dtype)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{converted.name}."))
     os.chmod(tmp, 0o755)  # As a plain mkdir would make it: others may share a read-only cache.
     try:
@@ -224,6 +223,14 @@ def _load_converted(key: str, param_dtype) -> tuple[Llama, Tokenizer]:
       shutil.rmtree(tmp, ignore_errors=True)
     logging.info("Converted %s to %s", key, converted)
     return model, tokenizer
+
+
+def _from_gguf(path: Path, name: str | None, param_dtype) -> tuple[Llama, Tokenizer]:
+  """The model and tokenizer of a GGUF file, parsed once (the reader's parse of a
+  49K-token vocabulary takes seconds)."""
+  reader = loaders.gguf_reader(path)
+  return (loaders.build_model(loaders.load_gguf(path, name=name, reader=reader),
+                              param_dtype=param_dtype), Tokenizer.from_gguf(reader))
 
 
 def _kind(path: Path) -> str:
@@ -276,14 +283,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, param_dtype=jnp.float32,
   if not path.exists() and str(name_or_path).strip().lower() in KNOWN_MODELS:
     key = _resolve_name(str(name_or_path))
     if not convert_cache:
-      gguf = gguf_path(key)
-      return (loaders.build_model(loaders.load_gguf(gguf, name=key), param_dtype=param_dtype),
-              Tokenizer.from_gguf(gguf))
+      return _from_gguf(gguf_path(key), key, param_dtype)
     return _load_converted(key, param_dtype)
   kind = _kind(path)
   if kind == "gguf":
-    return (loaders.build_model(loaders.load_gguf(path), param_dtype=param_dtype),
-            Tokenizer.from_gguf(path))
+    return _from_gguf(path, None, param_dtype)
   if kind == "safetensors":
     return (loaders.build_model(loaders.load_safetensors(path), param_dtype=param_dtype),
             Tokenizer.from_hf(path))
