@@ -211,6 +211,17 @@ def covering_cases(name: str, full: dict[str, Sequence], sampled: dict[str, Sequ
   return cases
 
 
+def bits(x) -> np.ndarray:
+  """The stored bits of an array (gathered to the host; NaN payloads included), int4
+  and int2 widened to int8."""
+  x = np.asarray(x)
+  if x.dtype in (jnp.int4, jnp.int2):
+    return x.astype(np.int8)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x.view(f"uint{8 * x.dtype.itemsize}")
+  return x
+
+
 def slow_unless(fast: bool) -> list:
   """Marks for `pytest.param`: none for a case of the fast tier, `slow` for the rest."""
   return [] if fast else [pytest.mark.slow]

@@ -10,7 +10,7 @@ import pytest
 import kvtpu
 from kvtpu import memory, qtensor, quant, rotation
 from kvtpu._shared import add_u64
-from tests.helpers import assert_close, kv_with_outliers, slow_unless
+from tests.helpers import assert_close, bits, kv_with_outliers, slow_unless
 
 L, B, K, S, H = 3, 3, 2, 16, 32
 DYNAMIC = ["bf16", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "int8-asym", "int4-g16", "k8v4", "int4-nu-rot"]
@@ -386,20 +386,14 @@ def test_clip_ratio_errors_in_the_cache():
                        clip=("k",))
 
 
-def bits(a: jax.Array) -> np.ndarray:
-  """The stored bits of `a` (NaN payloads included), int4 widened to int8."""
-  if a.dtype == jnp.int4:
-    return np.asarray(a.astype(jnp.int8))
-  return np.asarray(jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{a.dtype.itemsize * 8}")))
-
-
 @pytest.mark.parametrize("dtype", [
     pytest.param(d, marks=slow_unless(d in (jnp.int8, jnp.int4)))
     for d in (jnp.int8, jnp.int4, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32)])
 @pytest.mark.parametrize("t", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_block_writes_equal_scatter_writes(dtype, t, rng):
-  # TPU writes the cache with per-sequence dynamic-update-slices, CPU with a scatter
-  # (`qtensor.write_rows`); both must store exactly the same bytes. Lengths cover
+  # TPU writes the cache with the Pallas kernel (or per-sequence dynamic-update-slices
+  # where the kernel cannot take the layout), CPU with a scatter (`qtensor.write_rows`);
+  # all must store exactly the same bytes. Lengths cover
   # empty, mid, block-1, at capacity (blocks clamped back over earlier tokens, which
   # must survive) and ragged valid lengths, over NaN-poisoned memory.
   num_layers, b, kh, s, x = 2, 6, 2, 8, 4
@@ -414,6 +408,8 @@ def test_block_writes_equal_scatter_writes(dtype, t, rng):
     by_scatter = qtensor.write_rows(store, 1, values, where, seq_axis, "scatter")
     by_blocks = qtensor.write_rows(store, 1, values, where, seq_axis, "blocks")
     np.testing.assert_array_equal(bits(by_blocks), bits(by_scatter))
+    by_kernel = qtensor.write_rows(store, 1, values, where, seq_axis, "interpret")
+    np.testing.assert_array_equal(bits(by_kernel), bits(by_scatter))
     # Layer 0 untouched, and something was written.
     np.testing.assert_array_equal(bits(by_blocks[0]), bits(store[0]))
     assert not np.array_equal(bits(by_blocks[1]), bits(store[1]))

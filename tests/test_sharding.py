@@ -15,7 +15,7 @@ from kvtpu import memory, quant
 from kvtpu import sharding as sharding_lib
 from kvtpu._shared import psum_u64
 from kvtpu.sharding import CacheSharding
-from tests.helpers import assert_close, flat_arrays, kv_with_outliers, slow_unless
+from tests.helpers import assert_close, bits, flat_arrays, kv_with_outliers, slow_unless
 
 L, B, S, H = 2, 8, 64, 32
 STATIC = "k=int8-head,v=int8-channel"
@@ -85,16 +85,6 @@ def poisoned(cache: kvtpu.KVCache, lengths, rng) -> kvtpu.KVCache:
   return dataclasses.replace(cache, lengths=jnp.asarray(lengths),
                              overflow=jnp.zeros((cache.batch,), bool),
                              counters=jnp.asarray(counters.astype(np.uint32)), **new)
-
-
-def bits(x) -> np.ndarray:
-  """The stored bits of an array (gathered to the host), int4 widened to int8."""
-  x = np.asarray(x)
-  if x.dtype == jnp.int4:
-    return x.astype(np.int8)
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    return x.view(f"uint{8 * x.dtype.itemsize}")
-  return x
 
 
 def assert_same_cache(got: kvtpu.KVCache, want: kvtpu.KVCache) -> None:

@@ -1,4 +1,4 @@
-"""The kernels' HBM-traffic account vs the copies the TPU interpreter actually makes.
+"""The kernels' HBM-traffic accounts vs the copies the TPU interpreter actually makes.
 
 The interpreter (jax._src.pallas.mosaic.interpret, private; jax is pinned in
 pyproject.toml) copies an input block from HBM only when its block indices change
@@ -8,8 +8,10 @@ copies' bytes; `hbm_bytes` must predict them exactly.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
+from kvtpu.pallas_kernels import cache_write as cw
 from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
   decode_attention,
@@ -94,3 +96,49 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
   assert account["kv"] + account["scales"] >= min_hbm_bytes(
       d, lengths, chunk, cache.k.dtype, cache.v.dtype, scale_itemsize=itemsize,
       has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None))
+
+
+@pytest.fixture
+def stored_bytes(monkeypatch):
+  """Bytes of every VMEM -> HBM block copy of kernel outputs."""
+  counts = {"out": 0}
+  real_store = mosaic_interpret.store
+
+  def counting_store(token, device_id, local_core_id, memory_space, buffer_id, transforms, val,
+                     *args, output_name=None, **kw):
+    if output_name is not None and int(memory_space) == _HBM:
+      counts["out"] += val.size * _bits(val.dtype) // 8
+    return real_store(token, device_id, local_core_id, memory_space, buffer_id, transforms, val,
+                      *args, output_name=output_name, **kw)
+
+  monkeypatch.setattr(mosaic_interpret, "store", counting_store)
+  jax.clear_caches()
+  yield counts
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype,seq_axis,t", [
+    pytest.param(jnp.int8, 3, 1), pytest.param(jnp.int4, 3, 70, marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, 4, 130, marks=pytest.mark.slow)])
+def test_cache_write_account_matches_interpreter_copies(dtype, seq_axis, t, copied_bytes,
+                                                        stored_bytes, rng):
+  # Per sequence the touched tiles are read and written once, and their placed rows
+  # read once: nothing else of the store moves. Starts at tile edges and capacity.
+  tile = cw.tile_positions(dtype, seq_axis == 4, 1 << 20)
+  s = 4 * tile
+  lo = np.array([0, tile - 1, tile, 2 * tile + 1, s - 1, s], np.int32)
+  hi = np.minimum(lo + np.array([t, t, 0, t, t, t]), s).astype(np.int32)
+  shape = (2, len(lo), 2, s, 64) if seq_axis == 3 else (2, len(lo), 2, 1, s)
+  store = jnp.zeros(shape, dtype)
+  new = jnp.asarray(rng.integers(-8, 8, (len(lo), t, 2, shape[7 - seq_axis])), jnp.int8)
+  jax.block_until_ready(cw.cache_write(store, new.astype(dtype), 1, jnp.asarray(lo),
+                                       jnp.asarray(hi), seq_axis=seq_axis, interpret=INTERPRET))
+  account = cw.hbm_bytes(shape, dtype, t, lo, hi, seq_axis=seq_axis)
+  assert sum(copied_bytes.values()) == account["store_read"] + account["placed_read"], (
+      copied_bytes, account)
+  assert stored_bytes["out"] == account["store_written"], (stored_bytes, account)
+  # At most two tiles of a sequence beyond the ones its rows need, and at least those.
+  row_bytes = 2 * shape[7 - seq_axis] * _bits(dtype) // 8
+  needed = sum(-(-(h - l) // tile) for l, h in zip(lo, hi))
+  assert account["store_read"] >= needed * tile * row_bytes
+  assert account["store_read"] <= (needed + 2 * len(lo)) * tile * row_bytes

@@ -1,0 +1,237 @@
+"""Writing a chunk of new tokens into a cache array in place, as a Pallas TPU kernel.
+
+What it computes: for every sequence b, rows `new[b, t]` go to positions
+`lo[b] + t` of layer `layer` of `store`, for the positions in `[lo[b], hi[b])`; every
+other position keeps its bytes. Same contract as `reference.ref_cache_write`.
+
+Why a kernel: XLA's TPU backend writes a chunk into a big cache array either by a
+scatter, which picks a layout of its own and copies the whole array in and out of it
+around every write, or by one dynamic-update-slice per sequence, which keeps the
+array in place but makes the compiled step (and its compile time) grow with the
+batch, and which XLA rewrites as a conversion of the whole array when it is int2.
+This kernel is one call for the whole batch whose output is the input array itself
+(`input_output_aliases`): only the tiles the chunk touches travel between HBM and
+VMEM, and the program does not grow with B.
+
+Layout and traffic:
+  * The store's position axis is either its second-minor axis (values
+    `[L, B, K, S, H]`, positions in sublanes) or its minor axis (per-token scales
+    `[L, B, K, G, S]`, positions in lanes). A block is one tile of positions of all
+    K heads: `tile_rows(dtype)` rows (8 for 32-bit, 16 for 16-bit, 32 for 8-bit,
+    64 for 4-bit, 128 for 2-bit values: one native TPU tile of the packed dtype) or
+    128 lanes, or all S when S is smaller.
+  * Grid `(B, M)` with M the most tiles a chunk of T positions can touch,
+    `ceil((T - 1) / tile) + 1`. The layer and `lo`, `hi` are scalar-prefetched. Step
+    (b, j) holds tile `lo[b] // tile + j`, clamped to the last tile holding a written
+    position: the store's tile is copied in, the written rows replaced by a select,
+    and the tile copied back. A clamped step repeats the previous tile index, so
+    Pallas neither copies it again nor writes it back in between, and the body is
+    skipped. A sequence that writes nothing still visits one tile and writes back its
+    own bytes.
+  * The new rows arrive already placed in tile coordinates (`placed`, built by XLA from
+    the chunk: a gather over B x M x tile rows, small next to the cache), so the body
+    is a select, with no data-dependent shift in VMEM.
+
+Quantization of the chunk stays outside (`kvtpu.quant`, the one source of what a
+stored value means): the chunk is B x T rows, read once either way; the kernel is
+about not touching the rest of the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+__all__ = ["cache_write", "layout_error", "tile_positions", "tiles_touched", "hbm_bytes", "place_chunk"]
+
+_LANES = 128
+_SUBLANES = 8
+
+
+def _bits(dtype) -> int:
+  dtype = jnp.dtype(dtype)
+  return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
+
+
+def tile_positions(dtype, seq_axis_minor: bool, max_len: int) -> int:
+  """Positions per block: one native TPU tile of `dtype` along the position axis (8
+  rows at 32 bits, twice as many per halving of the width; 128 lanes when positions
+  are the minor axis), or all of `max_len` when it is shorter."""
+  tile = _LANES if seq_axis_minor else _SUBLANES * max(1, 32 // _bits(dtype))
+  return max_len if max_len <= tile else tile
+
+
+def layout_error(store_shape, dtype, seq_axis: int) -> str | None:
+  """Why `cache_write` cannot write a store of `store_shape` and `dtype` with positions
+  on axis `seq_axis`, or None.
+
+  The positions must be whole tiles, or fewer than one tile: an aliased output cannot
+  take a partial edge block. int2 values need rows of whole 128-lane tiles: Mosaic
+  aborts the process (rather than raising) on the copy of a narrower int2 block.
+  """
+  if seq_axis not in (3, 4) or len(store_shape) != 5:
+    return (f"the Pallas cache write takes [L, B, K, S, H] (seq_axis=3) or [L, B, K, G, S] "
+            f"(seq_axis=4) stores, got shape {tuple(store_shape)} with seq_axis={seq_axis}")
+  max_len, minor = store_shape[seq_axis], store_shape[-1]
+  tile = tile_positions(dtype, seq_axis == 4, max_len)
+  if max_len % tile:
+    return (f"the Pallas cache write needs max_len a multiple of {tile} (one TPU tile of "
+            f"{jnp.dtype(dtype).name} positions) or at most {tile}, got max_len={max_len}")
+  if jnp.dtype(dtype) == jnp.int2 and minor % _LANES:
+    return (f"the Pallas cache write needs int2 rows of a multiple of {_LANES} lanes (Mosaic "
+            f"cannot copy narrower int2 blocks), got a minor dimension of {minor}")
+  return None
+
+
+def tiles_touched(t: int, tile: int, max_len: int) -> int:
+  """M: the most tiles a chunk of `t` consecutive positions can touch."""
+  if t <= 1:
+    return 1
+  return min((t + tile - 2) // tile + 1, pl.cdiv(max_len, tile))
+
+
+def place_chunk(new: jax.Array, lo: jax.Array, tile: int, m: int) -> jax.Array:
+  """`new: [B, T, ...]` -> `[B, M * tile, ...]`: row r of sequence b holds the token
+  meant for position `(lo[b] // tile) * tile + r` (token index clipped; the kernel's
+  mask keeps only rows in `[lo, hi)`)."""
+  t = new.shape[1]
+  base = jax.lax.div(lo, tile) * tile
+  token = base[:, None] + jnp.arange(m * tile, dtype=jnp.int32)[None, :] - lo[:, None]
+  index = jnp.clip(token, 0, max(t - 1, 0)).reshape(token.shape + (1,) * (new.ndim - 2))
+  return jnp.take_along_axis(new, index, axis=1)
+
+
+def _carrier(dtype):
+  """The dtype the placed rows travel in: the store's, but int8 for int2 (XLA's TPU
+  layouts of int2 need 16 rows in the second-minor axis, which the transposition
+  into tile coordinates does not give; the kernel narrows each tile in VMEM)."""
+  return jnp.dtype(jnp.int8) if jnp.dtype(dtype) == jnp.int2 else jnp.dtype(dtype)
+
+
+def _tile_range(lo, hi, tile: int, last_tile: int):
+  """The first and last tile a sequence's step visits: the tiles holding positions
+  `[lo, hi)`, or one tile (its own bytes written back) when it writes nothing."""
+  last = jnp.minimum(jax.lax.div(jnp.maximum(hi - 1, lo), tile), last_tile)
+  return jnp.minimum(jax.lax.div(lo, tile), last), last
+
+
+def _kernel(layer_ref, lo_ref, hi_ref, placed_ref, old_ref, out_ref, *, tile: int,
+            last_tile: int, minor: bool):
+  del layer_ref
+  b, j = pl.program_id(0), pl.program_id(1)
+  lo, hi = lo_ref[b], hi_ref[b]
+  first, last = _tile_range(lo, hi, tile, last_tile)
+
+  @pl.when(first + j <= last)
+  def _():
+    index = first + j
+    axis = old_ref.ndim - 1 if minor else old_ref.ndim - 2
+    pos = index * tile + jax.lax.broadcasted_iota(jnp.int32, old_ref.shape, axis)
+    keep = (pos >= lo) & (pos < hi)
+    placed = placed_ref[...]
+    if placed.dtype != old_ref.dtype:
+      placed = placed.astype(old_ref.dtype)
+    out_ref[...] = jnp.where(keep, placed, old_ref[...])
+
+
+@functools.partial(jax.jit, static_argnames=("seq_axis", "interpret"))
+def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.Array, *,
+                seq_axis: int, interpret=False) -> jax.Array:
+  """`store` with `new` written into it.
+
+  The output is the store's buffer (`input_output_aliases`): inside a jit that
+  donates the store (a decode step donating its cache) the write is in place; called
+  on its own, XLA first copies the store, which the caller still owns.
+
+  Args:
+    store: `[L, B, K, S, H]` (`seq_axis=3`) or `[L, B, K, G, S]` (`seq_axis=4`).
+    new: the chunk `[B, T, K, H]` or `[B, T, K, G]` (token t of sequence b is meant for
+      position `lo[b] + t`), converted to the store's dtype (values outside int2's
+      range wrap, as `astype` does: callers pass codes already in range).
+    layer: int32 scalar, clamped to `[0, L)` (callers pass `hi = lo` to write nothing).
+    lo, hi: int32 `[B]`: the positions written are `[lo[b], min(hi[b], lo[b] + T))`,
+      with `0 <= lo[b] <= S` and `hi[b] <= S` (callers clamp).
+    seq_axis: 3 or 4, the store's position axis.
+    interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
+  """
+  if seq_axis not in (3, 4) or store.ndim != 5:
+    raise ValueError(f"store must be [L, B, K, S, H] (seq_axis=3) or [L, B, K, G, S] "
+                     f"(seq_axis=4), got store.shape={store.shape}, seq_axis={seq_axis}")
+  num_layers, batch, kv_heads = store.shape[:3]
+  x = store.shape[7 - seq_axis]  # H or G: the non-position minor axis.
+  max_len = store.shape[seq_axis]
+  if new.ndim != 4 or (new.shape[0], new.shape[2], new.shape[3]) != (batch, kv_heads, x):
+    raise ValueError(f"new must be [B={batch}, T, K={kv_heads}, {x}], got new.shape={new.shape}")
+  error = layout_error(store.shape, store.dtype, seq_axis)
+  if error is not None:
+    raise ValueError(error)
+  t = new.shape[1]
+  minor = seq_axis == 4
+  tile = tile_positions(store.dtype, minor, max_len)
+  m = tiles_touched(t, tile, max_len)
+  lo = lo.astype(jnp.int32)
+  hi = jnp.minimum(hi.astype(jnp.int32), lo + t)
+  placed = place_chunk(new, lo, tile, m)  # [B, M * tile, K, X]
+  # To the store's layout: [B, K, M * tile, H] or [B, K, G, M * tile].
+  carrier = _carrier(store.dtype)
+  placed = jnp.moveaxis(placed, 1, 3 if minor else 2).astype(carrier)
+  last_tile = pl.cdiv(max_len, tile) - 1
+  sq = pl.Squeezed()
+
+  def store_index(b, j, layer_ref, lo_ref, hi_ref):
+    first, last = _tile_range(lo_ref[b], hi_ref[b], tile, last_tile)
+    i = jnp.minimum(first + j, last)
+    layer_i = jnp.clip(layer_ref[0], 0, num_layers - 1)
+    return (layer_i, b, 0, 0, i) if minor else (layer_i, b, 0, i, 0)
+
+  def placed_index(b, j, layer_ref, lo_ref, hi_ref):
+    first, last = _tile_range(lo_ref[b], hi_ref[b], tile, last_tile)
+    i = jnp.minimum(j, last - first)
+    return (b, 0, 0, i) if minor else (b, 0, i, 0)
+
+  if minor:
+    store_block, placed_block = (sq, sq, kv_heads, x, tile), (sq, kv_heads, x, tile)
+  else:
+    store_block, placed_block = (sq, sq, kv_heads, tile, x), (sq, kv_heads, tile, x)
+  store_spec = pl.BlockSpec(store_block, store_index)
+  kernel = functools.partial(_kernel, tile=tile, last_tile=last_tile, minor=minor)
+  return pl.pallas_call(
+      kernel,
+      # The output is the store (aliased), varying over the same mesh axes inside a
+      # `shard_map`.
+      out_shape=jax.ShapeDtypeStruct(store.shape, store.dtype,
+                                     manual_axis_type=jax.typeof(store).mat),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(batch, m),
+          in_specs=[pl.BlockSpec(placed_block, placed_index), store_spec],
+          out_specs=store_spec,
+      ),
+      input_output_aliases={4: 0},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lo, hi, placed, store)
+
+
+def hbm_bytes(store_shape, dtype, t: int, lo, hi, *, seq_axis: int) -> dict[str, int]:
+  """Bytes one call moves between HBM and VMEM, for concrete `lo`, `hi` (numpy ints):
+  per sequence, each distinct tile visited is read and written back once (store,
+  `[K, tile, H]` or `[K, G, tile]` values), and its placed rows read once (int8 for an
+  int2 store)."""
+  import numpy as np  # noqa: PLC0415
+
+  minor = seq_axis == 4
+  max_len = store_shape[seq_axis]
+  tile = tile_positions(dtype, minor, max_len)
+  kv_heads, x = store_shape[2], store_shape[7 - seq_axis]
+  tile_bytes = kv_heads * x * tile * _bits(dtype) // 8
+  placed_bytes = kv_heads * x * tile * _bits(_carrier(dtype)) // 8
+  lo, hi = np.asarray(lo, np.int64), np.minimum(np.asarray(hi, np.int64), np.asarray(lo) + t)
+  last = np.minimum(np.maximum(hi - 1, lo) // tile, -(-max_len // tile) - 1)
+  tiles = int(np.sum(last - np.minimum(lo // tile, last) + 1))
+  return {"store_read": tiles * tile_bytes, "store_written": tiles * tile_bytes,
+          "placed_read": tiles * placed_bytes}
