@@ -28,8 +28,8 @@ Every array carries the layer axis first, so one `QuantizedKV` serves a whole
 model under `lax.scan` over layers.
 
 Writing (`write`) quantizes a chunk `[B, T, K, H]` with `quant.quantize` and puts
-each token at its sequence's position (`Placement`); on CPU by a scatter, on TPU
-and GPU by one dynamic-update-slice per sequence (`write_rows`). A token-grouped spec
+each token at its sequence's position (`Placement`); on CPU by a scatter, on TPU by
+one in-place Pallas kernel call for the whole batch (`write_rows`). A token-grouped spec
 instead quantizes each group of N positions that the chunk completes, gathering the
 group's earlier positions from the recent window (which holds the open group: the
 format has at least N ring slots), and writes the whole group with its scales.
@@ -43,11 +43,13 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from kvtpu import quant, rotation
 from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
+from kvtpu.pallas_kernels import cache_write as cw
 from kvtpu.pallas_kernels.decode_attention.reference import overlay_windows
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
@@ -134,9 +136,11 @@ def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
 INT2_MIN_ROWS = 16
 INT2_MAX_LEN_MULTIPLE = 128
 
-# How a chunk is written on each platform (`write_rows`): XLA's CPU backend scatters
-# in place; TPU (and GPU) get per-sequence dynamic-update-slices.
-WRITE_METHODS = ("scatter", "blocks")
+# How a chunk is written (`write_rows`): "scatter" (XLA's CPU backend scatters in
+# place), "pallas" (one in-place Pallas kernel call for the batch, on TPU), "interpret"
+# (that kernel in Pallas interpret mode), "blocks" (one dynamic-update-slice per
+# sequence: TPU stores the kernel cannot take, and GPU).
+WRITE_METHODS = ("scatter", "pallas", "interpret", "blocks")
 
 
 def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq_axis: int,
@@ -144,26 +148,38 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
   """Writes a chunk `values: [B, T, K, X]` into `store: [L, B, K, ...]`.
 
   `seq_axis` is the store's position axis: 3 for values `[L, B, K, S, H]`, 4 for
-  dynamic scales `[L, B, K, G, S]`. `method`: "scatter", "blocks", or None for the
-  platform's choice when lowering (scatter on CPU, blocks elsewhere).
+  dynamic scales `[L, B, K, G, S]`. `method`: one of `WRITE_METHODS`, or None for the
+  platform's choice when lowering: scatter on CPU; on TPU the Pallas kernel
+  (`pallas_kernels.cache_write`) where its `layout_error` is None, else blocks;
+  blocks elsewhere. Every method stores the same bits.
 
-  Why two: XLA's TPU scatter picks a layout of its own for the cache array and
+  Why several: XLA's TPU scatter picks a layout of its own for the cache array and
   copies the whole `[L, B, K, S, H]` array into and out of it around every layer's
-  write (temporaries of several times the cache in an ahead-of-time compile), while
-  one dynamic-update-slice per sequence updates in place in the layout the attention
-  kernels read. On CPU it is the other way round: the blocks' read-modify-write
-  costs a copy, the scatter none.
+  write (temporaries of several times the cache in an ahead-of-time compile). One
+  dynamic-update-slice per sequence updates in place, but the compiled step grows
+  with the batch (and its compile time with it), and XLA converts a whole int2 array
+  around each one. The kernel is one call for the batch that touches only the tiles
+  the chunk lands in. On CPU the scatter is in place and the cheapest.
   """
   if method is None:
     def write(method):
       return lambda store, values: write_rows(store, layer, values, where, seq_axis, method)
 
-    return jax.lax.platform_dependent(store, values, cpu=write("scatter"),
+    tpu = "blocks" if cw.layout_error(store.shape, store.dtype, seq_axis) else "pallas"
+    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
                                       default=write("blocks"))
   if method == "scatter":
     rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
     index = (layer, rows) + (slice(None),) * (seq_axis - 2) + (where.target,)
     return _scatter_bits(store, index, values)
+  if method in ("pallas", "interpret"):
+    error = cw.layout_error(store.shape, store.dtype, seq_axis)
+    if error is not None:
+      raise ValueError(error)
+    # A layer out of range writes nothing: `Placement.of` got valid_len 0 for it
+    # (`KVCache.update`), so end == lengths, and the kernel clamps the index.
+    return cw.cache_write(store, values, layer, where.lengths, where.end, seq_axis=seq_axis,
+                          interpret=pltpu.InterpretParams() if method == "interpret" else False)
   if method != "blocks":
     raise ValueError(f"method must be one of {WRITE_METHODS} or None, got method={method!r}")
   start, token, rows = where.start, where.token, where.rows

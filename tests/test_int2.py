@@ -70,20 +70,24 @@ def test_q_dtype_is_checked():
 
 @pytest.mark.parametrize("t", [1, 3, 15, 16, 20])
 def test_block_writes_of_int2_equal_the_scatter(t, rng):
-  # The TPU path ("blocks") widens a chunk of fewer than 16 tokens to a block of 16
-  # positions, taking each row's token by its target; it must store exactly what the
-  # scatter does, for ragged lengths that start at 0, mid-cache, and near capacity
-  # (where the widened block is clamped back from the end), with partial chunks.
+  # The TPU paths must store exactly what the scatter does: the Pallas kernel
+  # ("interpret": narrows int8 codes to int2 tile by tile) and the per-sequence
+  # blocks (widen a chunk of fewer than 16 tokens to a block of 16 positions, taking
+  # each row's token by its target), for ragged lengths that start at 0, mid-cache,
+  # and near capacity (where the widened block is clamped back from the end), with
+  # partial chunks. Rows of 128 lanes: what the kernel takes for int2.
   s = 128
   lengths = np.array([0, 5, s - 16, s - t, s - 2, s - 1, s])
   valid = np.array([t, max(t - 1, 0), t, t, min(t, 2), t, t])
   b = len(lengths)
-  store = jnp.asarray(rng.integers(-2, 2, size=(2, b, 2, s, 8)), jnp.int8).astype(jnp.int2)
-  values = jnp.asarray(rng.integers(-2, 2, size=(b, t, 2, 8)), jnp.int8)
+  store = jnp.asarray(rng.integers(-2, 2, size=(2, b, 2, s, 128)), jnp.int8).astype(jnp.int2)
+  values = jnp.asarray(rng.integers(-2, 2, size=(b, t, 2, 128)), jnp.int8)
   where = qtensor.Placement.of(jnp.asarray(lengths, jnp.int32), jnp.asarray(valid, jnp.int32), t, s)
   scatter = qtensor.write_rows(store, 1, values, where, 3, "scatter")
   blocks = qtensor.write_rows(store, 1, values, where, 3, "blocks")
   np.testing.assert_array_equal(np.asarray(blocks, np.int8), np.asarray(scatter, np.int8))
+  kernel = qtensor.write_rows(store, 1, values, where, 3, "interpret")
+  np.testing.assert_array_equal(np.asarray(kernel, np.int8), np.asarray(scatter, np.int8))
   # And the scatter put each kept token at its position, leaving the rest untouched.
   expect = np.asarray(store, np.int8).copy()
   for i in range(b):
