@@ -19,6 +19,7 @@ import functools
 import gc
 import logging
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,9 @@ class AotMeasure:
       the mesh.
     data, model: mesh axis sizes (data * model = the slice's devices).
     strategy: kv-head strategy. impl: attention implementation ("pallas": the kernels).
+
+  `compile_seconds` lists each successful compile's (format, batch, max_len, seconds)
+  (wall time on this host; the headroom report summarizes it per batch).
   """
 
   def __init__(self, cfg: ModelConfig, *, weights: str, slice_: accelerators.Slice, data: int,
@@ -167,6 +171,7 @@ class AotMeasure:
           "(v5e, v5p, v6e)")
     self.step = _Step(cfg, weights, make_mesh(devices, data, model), strategy, impl)
     self.compiles = 0
+    self.compile_seconds: list[tuple[str, int, int, float]] = []  # (format, batch, max_len, s)
 
   def __call__(self, fmt: KVFormat, batch: int, max_len: int) -> headroom.Usage:
     s = self.step
@@ -177,8 +182,13 @@ class AotMeasure:
             jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=s.tokens_sharding))
     cache_bytes = s.sharding.per_device_bytes(cache)
     self.compiles += 1
+    begin = time.perf_counter()
     try:
       compiled = s.jitted(cache).lower(*args).compile()
+      seconds = time.perf_counter() - begin
+      self.compile_seconds.append((fmt.name, batch, max_len, seconds))
+      logging.info("aot %s batch=%d max_len=%d: compiled in %.1f s", fmt.name, batch, max_len,
+                   seconds)
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise

@@ -201,6 +201,15 @@ def _row_key(row: dict) -> tuple[str, str, str, int]:
   return row["mode"], row["kv_format"], row["kind"], asked
 
 
+def _compile_summary(timings) -> str:
+  """`AotMeasure.compile_seconds` as the range of seconds per batch, smallest batch first."""
+  by_batch: dict[int, list[float]] = {}
+  for _, batch, _, s in timings:
+    by_batch.setdefault(batch, []).append(s)
+  return "; ".join(f"batch {b}: {min(v):.1f}-{max(v):.1f} s ({len(v)})"
+                   for b, v in sorted(by_batch.items()))
+
+
 def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = False,
         overwrite: bool = False) -> HeadroomResult:
   """Solves the sweep of `config` in each of its modes, writing to `workdir` (see the module
@@ -248,7 +257,7 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   guesses = {(r["kv_format"], r["kind"], _row_key(r)[3]): r["max_len" if r["kind"] ==
              "max_context" else "batch"] for r in log.rows
              if r["mode"] == "analytic" and not r["oom"]}
-  seconds = {}
+  seconds, compile_line = {}, None
   for mode in ["analytic"] + [m for m in config.modes if m != "analytic"]:
     begin = time.perf_counter()
     record = mode in config.modes
@@ -280,6 +289,8 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
                    f"GiB of {dep.budget / 2**30:.1f} GiB per device)")
     if record:
       seconds[mode] = round(time.perf_counter() - begin, 1)
+    if mode == "aot" and measure.compile_seconds:
+      compile_line = "aot compile time per step: " + _compile_summary(measure.compile_seconds)
   write_config(workdir, config, **extra, seconds=seconds)
 
   header = [
@@ -293,7 +304,7 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
       f"mesh: {config.mesh}; kv heads: {dep.resolved_strategy} (kvtpu.sharding)",
       f"reserve: {config.reserve:.0%} of HBM; budget {dep.budget / 2**30:.2f} GiB per device",
       "modes: " + ", ".join(f"{m} ({seconds.get(m, 0):.0f} s)" for m in config.modes),
-  ]
+  ] + ([compile_line] if compile_line else [])
   paths = headroom_report.write_report(
       log.rows, workdir, title=f"KV-cache memory headroom: {cfg.name} on {slice_.name}",
       header_lines=header)
