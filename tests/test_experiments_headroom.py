@@ -226,3 +226,9 @@ def test_interrupted_sweep_keeps_finished_answers_and_resumes(monkeypatch, tmp_p
   with pytest.raises(ConfigError, match=r"^reserve: .* records reserve=0.05 and this run has "
                      "0.1"):
     run(dataclasses.replace(config, reserve=0.1), tmp_path / "run", resume=True)
+
+
+def test_compile_times_are_summarized_per_batch():
+  timings = [("int8", 256, 4096, 20.44), ("int8", 8, 4096, 18.6), ("int4", 8, 2048, 16.0)]
+  assert headroom_run._compile_summary(timings) == (
+      "batch 8: 16.0-18.6 s (2); batch 256: 20.4-20.4 s (1)")

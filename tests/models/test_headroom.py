@@ -162,12 +162,17 @@ def test_aot_max_context_is_on_the_boundary(aot):
   dep = mh.deployment(AOT_CFG, weights="bf16", hbm_per_device=64 * MIB, data=2, model=2,
                       reserve=0.0)
   guess = hr.max_context(dep, "int8", 8, lambda *a: hr.analytic_usage(dep, *a)).max_len
-  before = aot.compiles
+  before, timed = aot.compiles, len(aot.compile_seconds)
   a = hr.max_context(dep, "int8", 8, aot, guess=guess)
   assert 0 < a.max_len <= guess and a.next_max_len == a.max_len + 128
   assert not a.usage.oom and a.usage.total <= dep.budget
   assert a.next_usage.oom or a.next_usage.total > dep.budget
   assert aot.compiles - before <= 5
+  # Every compile that succeeded is timed (one that ran out of HBM is not).
+  new = aot.compile_seconds[timed:]
+  assert 1 <= len(new) <= aot.compiles - before
+  assert all(f == "int8" and b == 8 and s > 0 for f, b, _, s in new), new
+  assert a.max_len in [m for _, _, m, _ in new]
 
 
 # ------------------------------------------------------------------ live (fake CPU devices)
