@@ -28,6 +28,11 @@ Layout and traffic:
     Pallas neither copies it again nor writes it back in between, and the body is
     skipped. A sequence that writes nothing still visits one tile and writes back its
     own bytes.
+  * Paged stores: with a page table the store is a pool of pages of Z positions
+    (`[L, P, K, Z, H]`, `[L, P, K, G, Z]`), and tile i of a sequence is tile
+    `i % (Z / tile)` of page `table[b, i // (Z / tile)]`: the same grid, with the
+    table scalar-prefetched and read by the index map. A slab is the one-page case
+    (the table `[[0], [1], ...]`, Z = S).
   * The new rows arrive already placed in tile coordinates (`placed`, built by XLA from
     the chunk: a gather over B x M x tile rows, small next to the cache), so the body
     is a select, with no data-dependent shift in VMEM.
@@ -119,9 +124,9 @@ def _tile_range(lo, hi, tile: int, last_tile: int):
   return jnp.minimum(jax.lax.div(lo, tile), last), last
 
 
-def _kernel(layer_ref, lo_ref, hi_ref, placed_ref, old_ref, out_ref, *, tile: int,
+def _kernel(layer_ref, lo_ref, hi_ref, table_ref, placed_ref, old_ref, out_ref, *, tile: int,
             last_tile: int, minor: bool):
-  del layer_ref
+  del layer_ref, table_ref
   b, j = pl.program_id(0), pl.program_id(1)
   lo, hi = lo_ref[b], hi_ref[b]
   first, last = _tile_range(lo, hi, tile, last_tile)
@@ -140,7 +145,7 @@ def _kernel(layer_ref, lo_ref, hi_ref, placed_ref, old_ref, out_ref, *, tile: in
 
 @functools.partial(jax.jit, static_argnames=("seq_axis", "interpret"))
 def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.Array, *,
-                seq_axis: int, interpret=False) -> jax.Array:
+                seq_axis: int, page_table: jax.Array | None = None, interpret=False) -> jax.Array:
   """`store` with `new` written into it.
 
   The output is the store's buffer (`input_output_aliases`): inside a jit that
@@ -148,47 +153,73 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
   on its own, XLA first copies the store, which the caller still owns.
 
   Args:
-    store: `[L, B, K, S, H]` (`seq_axis=3`) or `[L, B, K, G, S]` (`seq_axis=4`).
+    store: `[L, B, K, S, H]` (`seq_axis=3`) or `[L, B, K, G, S]` (`seq_axis=4`): a
+      slab of S positions per sequence; or, with `page_table`, a pool `[L, P, K, Z,
+      H]` / `[L, P, K, G, Z]` of P pages of Z positions.
     new: the chunk `[B, T, K, H]` or `[B, T, K, G]` (token t of sequence b is meant for
       position `lo[b] + t`), converted to the store's dtype (values outside int2's
       range wrap, as `astype` does: callers pass codes already in range).
     layer: int32 scalar, clamped to `[0, L)` (callers pass `hi = lo` to write nothing).
     lo, hi: int32 `[B]`: the positions written are `[lo[b], min(hi[b], lo[b] + T))`,
-      with `0 <= lo[b] <= S` and `hi[b] <= S` (callers clamp).
+      with `0 <= lo[b]` and `hi[b]` at most the sequence's capacity (S, or Z times the
+      table's width; callers clamp).
     seq_axis: 3 or 4, the store's position axis.
+    page_table: None, or int32 `[B, pages_per_sequence]`: position p of sequence b
+      lives at offset `p % Z` of page `page_table[b, p // Z]`. Every page holding a
+      written position must be the sequence's own (no two sequences share a written
+      page). A sequence that writes nothing, or an entry out of `[0, P)`, visits page 0
+      and writes back its own bytes there: a pool keeps page 0 as a null page.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
   """
   if seq_axis not in (3, 4) or store.ndim != 5:
     raise ValueError(f"store must be [L, B, K, S, H] (seq_axis=3) or [L, B, K, G, S] "
                      f"(seq_axis=4), got store.shape={store.shape}, seq_axis={seq_axis}")
-  num_layers, batch, kv_heads = store.shape[:3]
+  num_layers, rows, kv_heads = store.shape[:3]
+  batch = new.shape[0] if new.ndim else 0
   x = store.shape[7 - seq_axis]  # H or G: the non-position minor axis.
-  max_len = store.shape[seq_axis]
-  if new.ndim != 4 or (new.shape[0], new.shape[2], new.shape[3]) != (batch, kv_heads, x):
-    raise ValueError(f"new must be [B={batch}, T, K={kv_heads}, {x}], got new.shape={new.shape}")
+  page_len = store.shape[seq_axis]
+  expected_b = batch if page_table is not None else rows
+  if new.ndim != 4 or (new.shape[0], new.shape[2], new.shape[3]) != (expected_b, kv_heads, x):
+    raise ValueError(f"new must be [B={expected_b}, T, K={kv_heads}, {x}], got "
+                     f"new.shape={new.shape}")
+  paged = page_table is not None
+  if not paged:
+    page_table = jnp.arange(batch, dtype=jnp.int32)[:, None]  # One page of S per sequence.
+  elif (page_table.ndim != 2 or page_table.shape[0] != batch
+        or not jnp.issubdtype(page_table.dtype, jnp.integer)):
+    raise ValueError(f"page_table must be an integer [B={batch}, pages_per_sequence] array, got "
+                     f"{jax.typeof(page_table)}")
   error = layout_error(store.shape, store.dtype, seq_axis)
   if error is not None:
     raise ValueError(error)
   t = new.shape[1]
   minor = seq_axis == 4
-  tile = tile_positions(store.dtype, minor, max_len)
-  m = tiles_touched(t, tile, max_len)
+  tile = tile_positions(store.dtype, minor, page_len)
+  capacity = page_table.shape[1] * page_len
+  m = tiles_touched(t, tile, capacity)
   lo = lo.astype(jnp.int32)
   hi = jnp.minimum(hi.astype(jnp.int32), lo + t)
   placed = place_chunk(new, lo, tile, m)  # [B, M * tile, K, X]
   # To the store's layout: [B, K, M * tile, H] or [B, K, G, M * tile].
   carrier = _carrier(store.dtype)
   placed = jnp.moveaxis(placed, 1, 3 if minor else 2).astype(carrier)
-  last_tile = pl.cdiv(max_len, tile) - 1
+  last_tile = pl.cdiv(capacity, tile) - 1
+  tiles_per_page = page_len // tile
+  pages_per_seq = page_table.shape[1]
   sq = pl.Squeezed()
 
-  def store_index(b, j, layer_ref, lo_ref, hi_ref):
-    first, last = _tile_range(lo_ref[b], hi_ref[b], tile, last_tile)
-    i = jnp.minimum(first + j, last)
+  def store_index(b, j, layer_ref, lo_ref, hi_ref, table_ref):
+    lo_b, hi_b = lo_ref[b], hi_ref[b]
+    first, last = _tile_range(lo_b, hi_b, tile, last_tile)
+    i = jnp.minimum(first + j, last)  # The tile of the sequence's positions.
+    page = table_ref[b * pages_per_seq + jax.lax.div(i, tiles_per_page)]
+    if paged:  # A slab is the sequence's own even when it writes nothing; a page may not be.
+      page = jnp.where((hi_b > lo_b) & (page >= 0) & (page < rows), page, 0)
+    within = jax.lax.rem(i, tiles_per_page)
     layer_i = jnp.clip(layer_ref[0], 0, num_layers - 1)
-    return (layer_i, b, 0, 0, i) if minor else (layer_i, b, 0, i, 0)
+    return (layer_i, page, 0, 0, within) if minor else (layer_i, page, 0, within, 0)
 
-  def placed_index(b, j, layer_ref, lo_ref, hi_ref):
+  def placed_index(b, j, layer_ref, lo_ref, hi_ref, table_ref):
     first, last = _tile_range(lo_ref[b], hi_ref[b], tile, last_tile)
     i = jnp.minimum(j, last - first)
     return (b, 0, 0, i) if minor else (b, 0, i, 0)
@@ -206,27 +237,31 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
       out_shape=jax.ShapeDtypeStruct(store.shape, store.dtype,
                                      manual_axis_type=jax.typeof(store).mat),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=(batch, m),
           in_specs=[pl.BlockSpec(placed_block, placed_index), store_spec],
           out_specs=store_spec,
       ),
-      input_output_aliases={4: 0},
+      input_output_aliases={5: 0},
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       interpret=interpret,
-  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lo, hi, placed, store)
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lo, hi,
+    page_table.astype(jnp.int32).reshape(-1), placed, store)
 
 
-def hbm_bytes(store_shape, dtype, t: int, lo, hi, *, seq_axis: int) -> dict[str, int]:
+def hbm_bytes(store_shape, dtype, t: int, lo, hi, *, seq_axis: int,
+              pages_per_sequence: int = 1) -> dict[str, int]:
   """Bytes one call moves between HBM and VMEM, for concrete `lo`, `hi` (numpy ints):
   per sequence, each distinct tile visited is read and written back once (store,
   `[K, tile, H]` or `[K, G, tile]` values), and its placed rows read once (int8 for an
-  int2 store)."""
+  int2 store). A paged store (`pages_per_sequence` the page table's width) moves the
+  same tiles: its page of Z positions is the slab's unit."""
   import numpy as np  # noqa: PLC0415
 
   minor = seq_axis == 4
-  max_len = store_shape[seq_axis]
-  tile = tile_positions(dtype, minor, max_len)
+  page_len = store_shape[seq_axis]
+  tile = tile_positions(dtype, minor, page_len)
+  max_len = page_len * pages_per_sequence
   kv_heads, x = store_shape[2], store_shape[7 - seq_axis]
   tile_bytes = kv_heads * x * tile * _bits(dtype) // 8
   placed_bytes = kv_heads * x * tile * _bits(_carrier(dtype)) // 8

@@ -7,6 +7,7 @@ tile edges (0, 1, tile-1, tile, tile+1, capacity), chunks longer than a tile, em
 writes and a store poisoned with NaN where it is not written.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from kvtpu.pallas_kernels.cache_write import (
 )
 
 from tests.helpers import bits, slow_unless
-from tests.pallas_kernels.cases import INTERPRET
+from tests.pallas_kernels.cases import INTERPRET, tpu_device
 
 NUM_LAYERS, KV_HEADS = 2, 2
 
@@ -125,3 +126,83 @@ def test_refusals_name_the_layout(rng):
   with pytest.raises(ValueError, match=r"new must be \[B=2, T, K=1, 8\]"):
     cache_write(store, jnp.zeros((2, 1, 1, 4), jnp.int8), 0, lohi, lohi, seq_axis=3,
                 interpret=INTERPRET)
+
+
+def paged_oracle(pool, new, layer, lo, hi, table, seq_axis):
+  out = bits(pool).copy()
+  src = bits(jnp.asarray(new).astype(pool.dtype))
+  z = pool.shape[seq_axis]
+  for b in range(new.shape[0]):
+    for t in range(new.shape[1]):
+      p = lo[b] + t
+      if p < min(hi[b], table.shape[1] * z):
+        page, offset = table[b, p // z], p % z
+        if seq_axis == 3:
+          out[layer, page, :, offset, :] = src[b, t]
+        else:
+          out[layer, page, :, :, offset] = src[b, t]
+  return out
+
+
+@pytest.mark.parametrize("dtype,seq_axis,pages_of", [
+    (jnp.int8, 3, 2), pytest.param(jnp.int4, 3, 1, marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, 4, 1, marks=pytest.mark.slow),
+    pytest.param(jnp.float32, 3, 0.5, marks=pytest.mark.slow)])
+def test_writes_pages_through_the_page_table(dtype, seq_axis, pages_of, rng):
+  # A pool of pages of Z = pages_of tiles (half a tile: one block is the page), page 0
+  # the null page. Each sequence owns the pages its positions need, scattered over the
+  # pool; the rest of its table row is unallocated (-1, or a page another sequence owns:
+  # a stale entry), which a sequence that writes nothing must not touch.
+  tile = tile_positions(dtype, seq_axis == 4, 1 << 20)
+  z = int(tile * pages_of)
+  width = 6  # pages per sequence: capacity 6 Z.
+  lo = np.array([0, z - 1, z, 3 * z + 1, 6 * z - 1, 6 * z, 2 * z], np.int32)
+  t = z + 2
+  hi = np.minimum(lo + np.array([t, t, 1, t, t, t, 0]), width * z).astype(np.int32)
+  b = len(lo)
+  needs = [list(range(l // z, -(-h // z))) if h > l else [] for l, h in zip(lo, hi)]
+  num_pages = 1 + sum(len(n) for n in needs) + 3  # null page, owned pages, 3 free.
+  order = rng.permutation(np.arange(1, num_pages))
+  table = np.full((b, width), -1, np.int32)
+  k = 0
+  for i, need in enumerate(needs):
+    for p in need:
+      table[i, p] = order[k]
+      k += 1
+  table[6, 2] = table[0, 0]  # A stale entry of a sequence that writes nothing.
+  minor = 64
+  shape = ((NUM_LAYERS, num_pages, KV_HEADS, z, minor) if seq_axis == 3
+           else (NUM_LAYERS, num_pages, KV_HEADS, 2, z))
+  pool = make_store(rng, dtype, shape)
+  new = make_chunk(rng, dtype, (b, t, KV_HEADS, shape[7 - seq_axis]))
+  expected = paged_oracle(pool, new, 1, lo, hi, table, seq_axis)
+  by_ref = ref_cache_write(pool, new, 1, jnp.asarray(lo), jnp.asarray(hi), seq_axis=seq_axis,
+                           page_table=jnp.asarray(table))
+  np.testing.assert_array_equal(bits(by_ref), expected)
+  out = cache_write(pool, new, 1, jnp.asarray(lo), jnp.asarray(hi), seq_axis=seq_axis,
+                    page_table=jnp.asarray(table), interpret=INTERPRET)
+  np.testing.assert_array_equal(bits(out), expected)
+  with pytest.raises(ValueError, match=r"page_table must be an integer \[B=7"):
+    cache_write(pool, new, 1, jnp.asarray(lo), jnp.asarray(hi), seq_axis=seq_axis,
+                page_table=jnp.asarray(table[:3]), interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("dtype,generation", [
+    (jnp.int4, "v5e"), pytest.param(jnp.int8, "v6e", marks=pytest.mark.slow),
+    pytest.param(jnp.int2, "v5e", marks=pytest.mark.slow)])
+def test_paged_write_compiles_in_place_for_tpu(dtype, generation):
+  # Mosaic takes the table-driven index map, and with the pool donated the write holds
+  # no copy of it: temporaries stay at the placed rows' size.
+  b, t, z, pages, heads, h = 16, 8, tile_positions(dtype, False, 1 << 20), 513, 8, 128
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
+  on_tpu = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+  pool = on_tpu((2, pages, heads, z, h), dtype)
+  new = on_tpu((b, t, heads, h), jnp.int8 if dtype == jnp.int2 else dtype)
+  vec = on_tpu((b,), jnp.int32)
+  table = on_tpu((b, 32), jnp.int32)
+  step = jax.jit(lambda pool, new, lo, hi, table: cache_write(
+      pool, new, 1, lo, hi, seq_axis=3, page_table=table), donate_argnums=0)
+  stats = step.lower(pool, new, vec, vec, table).compile().memory_analysis()
+  pool_bytes = 2 * pages * heads * z * h * jnp.iinfo(dtype).bits // 8
+  assert stats.alias_size_in_bytes >= pool_bytes
+  assert stats.temp_size_in_bytes < pool_bytes / 50, stats.temp_size_in_bytes

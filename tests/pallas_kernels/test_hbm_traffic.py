@@ -120,20 +120,29 @@ def stored_bytes(monkeypatch):
 @pytest.mark.parametrize("dtype,seq_axis,t", [
     pytest.param(jnp.int8, 3, 1), pytest.param(jnp.int4, 3, 70, marks=pytest.mark.slow),
     pytest.param(jnp.bfloat16, 4, 130, marks=pytest.mark.slow)])
-def test_cache_write_account_matches_interpreter_copies(dtype, seq_axis, t, copied_bytes,
+@pytest.mark.parametrize("paged", [False, True], ids=["slab", "paged"])
+def test_cache_write_account_matches_interpreter_copies(dtype, seq_axis, t, paged, copied_bytes,
                                                         stored_bytes, rng):
   # Per sequence the touched tiles are read and written once, and their placed rows
   # read once: nothing else of the store moves. Starts at tile edges and capacity.
+  # Paged: pages of two tiles, scattered over a pool whose page 0 is the null page.
   tile = cw.tile_positions(dtype, seq_axis == 4, 1 << 20)
   s = 4 * tile
   lo = np.array([0, tile - 1, tile, 2 * tile + 1, s - 1, s], np.int32)
   hi = np.minimum(lo + np.array([t, t, 0, t, t, t]), s).astype(np.int32)
-  shape = (2, len(lo), 2, s, 64) if seq_axis == 3 else (2, len(lo), 2, 1, s)
+  z = 2 * tile if paged else s
+  table, rows = None, len(lo)
+  if paged:
+    rows = 1 + 2 * len(lo)
+    table = rng.permutation(np.arange(1, rows)).reshape(len(lo), 2).astype(np.int32)
+  shape = (2, rows, 2, z, 64) if seq_axis == 3 else (2, rows, 2, 1, z)
   store = jnp.zeros(shape, dtype)
   new = jnp.asarray(rng.integers(-8, 8, (len(lo), t, 2, shape[7 - seq_axis])), jnp.int8)
-  jax.block_until_ready(cw.cache_write(store, new.astype(dtype), 1, jnp.asarray(lo),
-                                       jnp.asarray(hi), seq_axis=seq_axis, interpret=INTERPRET))
-  account = cw.hbm_bytes(shape, dtype, t, lo, hi, seq_axis=seq_axis)
+  jax.block_until_ready(cw.cache_write(
+      store, new.astype(dtype), 1, jnp.asarray(lo), jnp.asarray(hi), seq_axis=seq_axis,
+      page_table=None if table is None else jnp.asarray(table), interpret=INTERPRET))
+  account = cw.hbm_bytes(shape, dtype, t, lo, hi, seq_axis=seq_axis,
+                         pages_per_sequence=2 if paged else 1)
   assert sum(copied_bytes.values()) == account["store_read"] + account["placed_read"], (
       copied_bytes, account)
   assert stored_bytes["out"] == account["store_written"], (stored_bytes, account)
