@@ -16,6 +16,7 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
     dequantize_layer,
     dequantize_per_token,
     dequantize_token_groups,
+    gather_pages,
     masked_attention,
     ref_decode_attention,
     unpack_codes,
@@ -28,4 +29,4 @@ __all__ = ["BlockSizes", "decode_attention", "default_block_sizes", "hbm_bytes",
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
            "dequantize_per_token", "dequantize_token_groups", "dequantize_layer", "decode_codes",
-           "unpack_codes", "unpack_token_groups"]
+           "unpack_codes", "unpack_token_groups", "gather_pages"]

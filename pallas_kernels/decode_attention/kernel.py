@@ -156,12 +156,16 @@ def token_block_multiple(token_group: int) -> int:
 
 
 def token_block_error(d: Dims, block_s: int) -> str | None:
-  """Why `block_s` cannot tile the call's token-grouped scales, or None."""
+  """Why `block_s` cannot tile the call's pages or token-grouped scales, or None."""
+  if d.page_len and d.page_len % block_s:
+    return (f"block_s={block_s} must divide the page of Z={d.page_len} positions (a block "
+            "never straddles two pages)")
   for name, n in (("k", d.k_token_group), ("v", d.v_token_group)):
-    if n and block_s < d.max_len and block_s % token_block_multiple(n):
+    if n and block_s < d.slab and block_s % token_block_multiple(n):
+      what = f"Z={d.page_len} positions of a page" if d.page_len else f"S={d.max_len} positions"
       return (f"block_s={block_s} must be a multiple of {token_block_multiple(n)} (8 groups of "
               f"{name.upper()}'s {n}-position scales, whole sublane tiles) or cover all "
-              f"S={d.max_len} positions")
+              f"{what}")
   return None
 
 
@@ -260,10 +264,10 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
   return int(tokens * per_token)
 
 
-def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
+def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
             block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int,
             k_codes=None, v_codes=None):
-  del layer_ref  # Used by the index maps only.
+  del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
   kz_ref = refs.pop(0) if k_zero else None
@@ -427,7 +431,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, q_ref, k_ref, v_ref, *rest, d: Di
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                      v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                     v_token_group=None, block_sizes: BlockSizes | None = None,
+                     v_token_group=None, page_table=None, block_sizes: BlockSizes | None = None,
                      interpret=False) -> jax.Array:
   """Decode attention over one layer of a quantized cache (see module docstring).
 
@@ -448,8 +452,12 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
       or None; carried by quantized `k`, `v` too.
     k_token_group, v_token_group: static positions per per-channel scale
       (`reference.unpack_token_groups`), or None; carried by quantized `k`, `v` too.
+    page_table: None, or int32 `[B, pages_per_sequence]` for a paged cache: `k`, `v`
+      and their scales are then pools `[L, P, K, Z, H]` (`[L, P, K, G, Z]`, ...) and
+      position p of sequence b is at offset `p % Z` of page `page_table[b, p // Z]`;
+      entries a sequence does not need (past its length) may be anything.
     block_sizes: KV tiling; default from `default_block_sizes` (with token-grouped
-      scales a multiple of `token_block_multiple` or all of S).
+      scales a multiple of `token_block_multiple` or all of S), at most one page.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
   Returns:
@@ -460,41 +468,53 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      token_groups=token_groups)
+                      token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group, token_groups)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                        block_t=d.t, block_s=block_sizes.resolve(d.max_len),
-                        interpret=interpret, windows=windows, codes=codes)
+                        block_t=d.t, block_s=block_sizes.resolve(d.slab),
+                        interpret=interpret, windows=windows, codes=codes, page_table=page_table)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                    *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
-                   codes=(None, None)) -> jax.Array:
+                   codes=(None, None), page_table=None) -> jax.Array:
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
-  `(k_codes, v_codes)` from `unpack_codes`.
+  `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s.
+
+  KV block i of sequence b is block `i % (Z / block_s)` of page `table[b, i // (Z /
+  block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
+  table `[[0], [1], ...]`, Z = S, its edge block possibly partial).
   """
   error = layout_error(k.dtype, v.dtype, d.head_dim) or token_block_error(d, block_s)
   if error is not None:
     raise ValueError(error)
   bs = block_s
-  num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pl.cdiv(d.max_len, bs)
+  blocks_per_page = pl.cdiv(d.slab, bs)
+  if page_table is None:
+    page_table = jnp.arange(d.batch, dtype=jnp.int32)[:, None]
+  pages_per_seq = page_table.shape[1]
+  num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pages_per_seq * blocks_per_page
   rows = block_t * d.group
   # [B, T, N, H] -> [B, K, T*G, H]: the G heads of a kv head and the T tokens share a pass.
   qk = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
   qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, d.t * d.group, d.head_dim)
 
-  def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref):
-    """(layer, b, h, block): blocks past what query block j sees repeat the last one."""
+  def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref):
+    """(layer, page, h, block within the page): blocks past what query block j sees
+    repeat the last one; a table entry outside the pool reads page 0."""
     length, chunk_b = lengths_ref[b], chunk_ref[b]
     end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk_b), d.max_len)
     last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's query_limit.
-    return layer_ref[0], b, h, jnp.minimum(i, last)
+    block = jnp.minimum(i, last)
+    page = table_ref[b * pages_per_seq + jax.lax.div(block, blocks_per_page)]
+    page = jnp.where((page >= 0) & (page < d.rows), page, 0)
+    return layer_ref[0], page, h, jax.lax.rem(block, blocks_per_page)
 
   sq = pl.Squeezed()
   q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
@@ -529,7 +549,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
       kernel,
       out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
+          num_scalar_prefetch=4,
           grid=(d.batch, d.kv_heads, num_q_blocks, num_kv_blocks),
           in_specs=in_specs,
           out_specs=q_spec,
@@ -540,6 +560,6 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lengths.astype(jnp.int32),
-    chunk.astype(jnp.int32), *operands)
+    chunk.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), *operands)
   out = out.reshape(d.batch, d.kv_heads, d.t, d.group, d.head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)

@@ -38,6 +38,18 @@ class Dims:
   v_groups: int  # likewise for V
   k_token_group: int = 0  # positions per per-channel K scale (0: none; `unpack_token_groups`)
   v_token_group: int = 0  # likewise for V
+  page_len: int = 0  # Z, positions per page of a paged cache (0: one slab of S per sequence)
+  pages: int = 0  # P, pages in the pool of a paged cache (0: none)
+
+  @property
+  def slab(self) -> int:
+    """Positions of one stored slab: a page (Z), or all S of a contiguous cache."""
+    return self.page_len or self.max_len
+
+  @property
+  def rows(self) -> int:
+    """The stored arrays' axis 1: P pages, or B sequences."""
+    return self.pages or self.batch
 
   @property
   def group(self) -> int:
@@ -206,12 +218,14 @@ def overlay_windows(x, sink, recent, held):
 
 def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v_scale=None,
                     v_zero=None, *, max_t: int | None = MAX_DECODE_T,
-                    token_groups: tuple[int, int] = (0, 0)) -> Dims:
+                    token_groups: tuple[int, int] = (0, 0), page_table=None) -> Dims:
   """Checks shapes and dtypes of a decode/prefill call; returns its `Dims`.
 
   Args:
     q: `[B, T, N, H]` float queries (already multiplied by the softmax scale).
-    k, v: `[L, B, K, S, H]` caches in a storage dtype.
+    k, v: `[L, B, K, S, H]` caches in a storage dtype; with `page_table`, pools
+      `[L, P, K, Z, H]` of P pages of Z positions (scales likewise with P and Z for B
+      and S; windows stay per sequence, `[L, B, K, W, H]`).
     lengths: `i32[B]` tokens held before this chunk; query t sits at lengths + t.
     chunk: `i32[B]` tokens of this chunk already written (valid), <= T.
     layer: integer scalar, the layer to read.
@@ -220,6 +234,8 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
     k_zero, v_zero: zero points shaped like the scales, or None.
     max_t: largest T accepted (decode: 8), or None.
     token_groups: `(N_k, N_v)` from `unpack_token_groups` (0: per-token scales).
+    page_table: None, or integer `[B, pages_per_sequence]`: position p of sequence b
+      is at offset `p % Z` of page `page_table[b, p // Z]`; S = Z * pages_per_sequence.
 
   Raises:
     ValueError, TypeError: naming the argument and the expected shape or dtype.
@@ -235,8 +251,16 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
       raise TypeError(f"{name}.dtype={x.dtype} is not a storage dtype {STORAGE_DTYPES}")
   if k.shape != v.shape:
     raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} differ")
-  num_layers, b, kh, s, h = k.shape
+  num_layers, rows, kh, z, h = k.shape
   qb, t, n, qh = q.shape
+  b, s = rows, z
+  if page_table is not None:
+    if (jnp.ndim(page_table) != 2 or jnp.shape(page_table)[0] != qb
+        or not jnp.issubdtype(jnp.result_type(page_table), jnp.integer)):
+      raise ValueError(f"page_table must be an integer [B={qb}, pages_per_sequence] array, got "
+                       f"shape {jnp.shape(page_table)}, dtype {jnp.result_type(page_table)}")
+    b, s = qb, z * page_table.shape[1]
+  kind = "P" if page_table is not None else "B"
   if (qb, qh) != (b, h):
     raise ValueError(f"q.shape={q.shape} does not match the cache: expected [B={b}, T, N, H={h}]")
   if n % kh:
@@ -261,22 +285,35 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
       continue
     if zero is not None and zero.shape != scale.shape:
       raise ValueError(f"{name}_zero.shape={zero.shape} must equal {name}_scale.shape={scale.shape}")
+    axis = "Z" if page_table is not None else "S"
     if tg:
-      if s % tg or scale.shape != (num_layers, b, kh, s // tg, h):
+      if z % tg or scale.shape != (num_layers, rows, kh, z // tg, h):
         raise ValueError(f"{name}_scale of {name}_token_group={tg} must be per-channel scales "
-                         f"[L={num_layers}, B={b}, K={kh}, S/N={s // tg}, H={h}] with S={s} a "
-                         f"multiple of N={tg}, got {scale.shape}")
+                         f"[L={num_layers}, {kind}={rows}, K={kh}, {axis}/N={z // tg}, H={h}] "
+                         f"with {axis}={z} a multiple of N={tg}, got {scale.shape}")
       groups[name] = 0
       continue
-    if scale.ndim != 5 or scale.shape[:3] != (num_layers, b, kh) or scale.shape[4] != s:
-      raise ValueError(f"{name}_scale must be per-token scales [L={num_layers}, B={b}, K={kh}, "
-                       f"G, S={s}], got {scale.shape} (static scales are folded around the "
-                       "kernel by the caller)")
+    if scale.ndim != 5 or scale.shape[:3] != (num_layers, rows, kh) or scale.shape[4] != z:
+      raise ValueError(f"{name}_scale must be per-token scales [L={num_layers}, {kind}={rows}, "
+                       f"K={kh}, G, {axis}={z}], got {scale.shape} (static scales are folded "
+                       "around the kernel by the caller)")
     g = scale.shape[3]
     if h % g:
       raise ValueError(f"{name}_scale has G={g} groups, which does not divide H={h}")
     groups[name] = g
-  return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"], *token_groups)
+  paged = dict(page_len=z, pages=rows) if page_table is not None else {}
+  return Dims(num_layers, b, t, n, kh, s, h, groups["k"], groups["v"], *token_groups, **paged)
+
+
+def gather_pages(x, page_table, seq_axis: int):
+  """One layer of a paged pool as per-sequence slabs: `x` `[P, K, Z, X]` (`seq_axis=2`)
+  or `[P, K, X, Z]` (`seq_axis=3`) -> `[B, K, S, X]` / `[B, K, X, S]` with S = Z x
+  pages_per_sequence; table entries outside `[0, P)` read page 0 (the null page)."""
+  pages = jnp.where((page_table >= 0) & (page_table < x.shape[0]), page_table, 0)
+  g = jnp.take(x, pages, axis=0)  # [B, W, K, ..., Z, ...]
+  g = jnp.moveaxis(g, 1, seq_axis)  # The page axis next to Z: [B, K, ..., W, Z, ...].
+  shape = g.shape[:seq_axis] + (g.shape[seq_axis] * g.shape[seq_axis + 1],) + g.shape[seq_axis + 2:]
+  return g.reshape(shape)
 
 
 def dequantize_per_token(x, scale, zero, codes=None):
@@ -318,7 +355,7 @@ def dequantize_layer(x, scale, zero, codes=None, token_group: int = 0):
 def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                          v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                          v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                         v_token_group=None, block_sizes=None,
+                         v_token_group=None, page_table=None, block_sizes=None,
                          interpret=None, max_t: int | None = MAX_DECODE_T) -> jax.Array:
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
@@ -334,16 +371,26 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      max_t=max_t, token_groups=token_groups)
+                      max_t=max_t, token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
-  pick = lambda a: None if a is None else a[layer]  # noqa: E731
-  k_sink, v_sink, k_recent, v_recent = (pick(w) for w in windows)
+
+  def pick(a, seq_axis=2):
+    if a is None:
+      return None
+    return a[layer] if page_table is None else gather_pages(a[layer], page_table, seq_axis)
+
+  def pick_scale(a, token_group):  # Per-token scales have positions minor.
+    return pick(a, 2 if token_group else 3)
+
+  k_scale, k_zero = (pick_scale(a, d.k_token_group) for a in (k_scale, k_zero))
+  v_scale, v_zero = (pick_scale(a, d.v_token_group) for a in (v_scale, v_zero))
+  k, v = pick(k), pick(v)
+  windows = tuple(None if w is None else w[layer] for w in windows)
+  k_sink, v_sink, k_recent, v_recent = windows
   held = jnp.minimum(lengths + chunk, d.max_len)
-  keys = overlay_windows(dequantize_layer(k[layer], pick(k_scale), pick(k_zero), k_codes,
-                                          d.k_token_group),
+  keys = overlay_windows(dequantize_layer(k, k_scale, k_zero, k_codes, d.k_token_group),
                          k_sink, k_recent, held)  # [B, K, S, H]
-  values = overlay_windows(dequantize_layer(v[layer], pick(v_scale), pick(v_zero), v_codes,
-                                            d.v_token_group),
+  values = overlay_windows(dequantize_layer(v, v_scale, v_zero, v_codes, d.v_token_group),
                            v_sink, v_recent, held)
   return masked_attention(q, keys, values, lengths, chunk)
 

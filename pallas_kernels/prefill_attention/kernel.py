@@ -117,11 +117,13 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                       v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                      v_token_group=None, block_sizes: PrefillBlockSizes | None = None,
+                      v_token_group=None, page_table=None,
+                      block_sizes: PrefillBlockSizes | None = None,
                       interpret=False) -> jax.Array:
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
-  Args: as `decode_attention`, with any T, and `block_sizes` a `PrefillBlockSizes`.
+  Args: as `decode_attention` (paged caches included), with any T, and `block_sizes` a
+  `PrefillBlockSizes`.
 
   Returns:
     `[B, T, N, H]` float32.
@@ -131,12 +133,12 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
   d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                              token_groups=token_groups)
+                              token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim, d.group,
                                               token_groups=token_groups)
-  block_t, block_s = block_sizes.resolve(d.t, d.max_len)
+  block_t, block_s = block_sizes.resolve(d.t, d.slab)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
-                        codes=codes)
+                        codes=codes, page_table=page_table)
