@@ -180,7 +180,7 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
   kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
             else prefill_attention.prefill_attention)
   out = kernel(qg.reshape(b, t, n, h), cache.k.kernel_operand, cache.v.kernel_operand,
-               cache.lengths, chunk, layer, interpret=interpret)
+               cache.lengths, chunk, layer, page_table=cache.page_table, interpret=interpret)
   has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
   out = cache.v.scale_output(out.reshape(b, t, kh, n // kh, h), layer, has_keys)
   return out.reshape(b, t, n, h).astype(q.dtype)

@@ -94,6 +94,14 @@ class KVCache:
       range: static scales the data outgrew, or a calibrated clip ratio) or
       non-finite (stored as 0) on the way in, for K and V. `counts()` reads them.
     * `nbytes == memory.cache_bytes(fmt, ...)`, int4 at half a byte per value.
+
+  Paged (`page_table` not None; `init(..., page_len=Z, num_pages=P)`): `k` and `v`
+  are pools of P pages of Z positions (`kvtpu.qtensor`), and `page_table[b, w]` is the
+  page holding positions `[w Z, (w + 1) Z)` of sequence b; `max_len` is Z times the
+  table's width. Page 0 is the null page; a sequence's capacity is Z times the count
+  of leading entries in `[1, P)`, the pages it was given (`kvtpu.paging.PageAllocator`
+  gives them and sets the table with `with_page_table`). Writes past the capacity are
+  dropped and `advance` clamps to it and sets `overflow`, as at `max_len`.
   """
 
   k: QuantizedKV
@@ -102,36 +110,50 @@ class KVCache:
   overflow: jax.Array
   errors: jax.Array
   counters: jax.Array
+  page_table: jax.Array | None = None
 
   # ----------------------------------------------------------------- creation
   @classmethod
   def layout(cls, fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
-             max_len: int, head_dim: int, clip=()) -> KVCache:
+             max_len: int, head_dim: int, clip=(), page_len: int | None = None,
+             num_pages: int | None = None) -> KVCache:
     """The cache's arrays as `jax.ShapeDtypeStruct`s (absent ones None): the one
     definition of its layout. `clip` names the dynamic tensors ("k", "v") that
-    carry calibrated clip ratios.
+    carry calibrated clip ratios; `page_len` and `num_pages` make it paged (`init`).
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim that a group size does
-        not divide, or a clip entry whose spec takes no clip ratios (`QuantSpec.clippable`).
+        not divide, a clip entry whose spec takes no clip ratios (`QuantSpec.clippable`),
+        or paging arguments that do not fit (`init`).
     """
     fmt = KVFormat.parse(fmt)
     clip = check_clip(fmt, clip)
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim)
-    dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
-                head_dim=head_dim)
+    slab, table = max_len, None
     sds = jax.ShapeDtypeStruct
-    dims |= dict(sink=fmt.sink, recent=fmt.recent)
+    if page_len is not None or num_pages is not None:
+      check_dims(page_len=page_len, num_pages=num_pages)
+      if max_len % page_len:
+        raise ValueError(f"max_len={max_len} must be a multiple of page_len={page_len} (the "
+                         "page table holds max_len / page_len pages per sequence)")
+      if num_pages < 2:
+        raise ValueError(f"num_pages must be at least 2 (page 0 is the null page), got "
+                         f"num_pages={num_pages}")
+      slab, table = page_len, sds((batch, max_len // page_len), jnp.int32)
+    dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=slab,
+                head_dim=head_dim, sink=fmt.sink, recent=fmt.recent, pages=num_pages)
     return cls(k=QuantizedKV.layout(fmt.k, clip="k" in clip, **dims),
                v=QuantizedKV.layout(fmt.v, clip="v" in clip, **dims),
                lengths=sds((batch,), jnp.int32), overflow=sds((batch,), jnp.bool_),
-               errors=sds((batch,), jnp.uint8), counters=sds((num_layers, len(COUNTERS), 2), jnp.uint32))
+               errors=sds((batch,), jnp.uint8), counters=sds((num_layers, len(COUNTERS), 2), jnp.uint32),
+               page_table=table)
 
   @classmethod
   def init(cls, fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
            max_len: int, head_dim: int, k_scale=None, k_zero=None, v_scale=None,
-           v_zero=None, k_clip=None, v_clip=None, calibration=None) -> KVCache:
+           v_zero=None, k_clip=None, v_clip=None, calibration=None,
+           page_len: int | None = None, num_pages: int | None = None) -> KVCache:
     """An empty cache (all lengths 0).
 
     Args:
@@ -148,6 +170,11 @@ class KVCache:
         `kvtpu.calibration.CalibrationArtifact` or the folder it was saved to (a str or
         `os.PathLike`, loaded and verified by `CalibrationArtifact.load`); its layer
         count, kv heads, head dim and format must match this cache.
+      page_len, num_pages: for a paged cache, both: a pool of `num_pages` pages of
+        `page_len` positions (page 0 the null page, so `num_pages - 1` to give out),
+        and a page table of `max_len / page_len` entries per sequence, all 0 (no
+        sequence holds a page until `with_page_table`). `page_len` must be a
+        multiple of what the format's layout needs (`QuantizedKV.max_len_multiple`).
 
     Raises:
       ValueError: for an invalid format name or dimension, a missing, extra or
@@ -176,13 +203,16 @@ class KVCache:
                                    fmt=fmt)
       params = {which: dict(calibration.scales.get(which, {})) for which in ("k", "v")}
     layout = cls.layout(fmt, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
-                        max_len=max_len, head_dim=head_dim)
-    dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
-                head_dim=head_dim, sink=fmt.sink, recent=fmt.recent)
+                        max_len=max_len, head_dim=head_dim, page_len=page_len,
+                        num_pages=num_pages)
+    dims = dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads,
+                max_len=max_len if page_len is None else page_len, head_dim=head_dim,
+                sink=fmt.sink, recent=fmt.recent, pages=num_pages)
     tensors = {which: QuantizedKV.init(fmt.spec(which), name=which, **dims, **params[which])
                for which in ("k", "v")}
-    return cls(**tensors, **{f: jnp.zeros(getattr(layout, f).shape, getattr(layout, f).dtype)
-                             for f in ("lengths", "overflow", "errors", "counters")})
+    return cls(**tensors, **{f: None if getattr(layout, f) is None else
+                             jnp.zeros(getattr(layout, f).shape, getattr(layout, f).dtype)
+                             for f in ("lengths", "overflow", "errors", "counters", "page_table")})
 
   # --------------------------------------------------------------- properties
   @property
@@ -197,7 +227,7 @@ class KVCache:
 
   @property
   def batch(self) -> int:
-    return self.k.shape[-4]
+    return self.lengths.shape[-1]
 
   @property
   def kv_heads(self) -> int:
@@ -205,7 +235,46 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[-2]
+    """Positions per sequence: S, or Z times the page table's width."""
+    return self.k.shape[-2] * (1 if self.page_table is None else self.page_table.shape[-1])
+
+  @property
+  def paged(self) -> bool:
+    return self.page_table is not None
+
+  @property
+  def page_len(self) -> int | None:
+    """Z, positions per page (None: contiguous)."""
+    return self.k.shape[-2] if self.paged else None
+
+  @property
+  def num_pages(self) -> int | None:
+    """P, pages in the pool, the null page 0 included (None: contiguous)."""
+    return self.k.shape[-4] if self.paged else None
+
+  def capacity(self) -> jax.Array:
+    """`i32[B]`: positions each sequence can hold: `max_len`, or for a paged cache Z
+    times its leading table entries that are pages it holds (in `[1, P)`)."""
+    if not self.paged:
+      return jnp.full(self.lengths.shape, self.max_len, jnp.int32)
+    held = (self.page_table >= 1) & (self.page_table < self.num_pages)
+    return jnp.sum(jnp.cumprod(held, axis=-1), axis=-1, dtype=jnp.int32) * self.page_len
+
+  def with_page_table(self, page_table) -> KVCache:
+    """This paged cache with a new page table (`[B, pages_per_sequence]` integers, e.g.
+    `PageAllocator.table`): the pages each sequence holds.
+
+    Raises:
+      ValueError: for a contiguous cache, or a table of another shape.
+    """
+    if not self.paged:
+      raise ValueError("with_page_table is for paged caches (KVCache.init(..., page_len=, "
+                       "num_pages=))")
+    table = jnp.asarray(page_table)
+    if table.shape != self.page_table.shape or not jnp.issubdtype(table.dtype, jnp.integer):
+      raise ValueError(f"page_table must be integers of shape {self.page_table.shape}, got "
+                       f"{table.dtype}{list(table.shape)}")
+    return dataclasses.replace(self, page_table=table.astype(jnp.int32))
 
   @property
   def head_dim(self) -> int:
@@ -234,7 +303,8 @@ class KVCache:
 
     return dataclasses.replace(self, k=self.k.logical_axes(), v=self.v.logical_axes(),
                                lengths=P("batch"), overflow=P("batch"), errors=P("batch"),
-                               counters=P())
+                               counters=P(), page_table=None if self.page_table is None else
+                               P("batch", None))
 
   # ------------------------------------------------------------------ writing
   def update(self, layer, k: jax.Array, v: jax.Array, *, valid_len=None) -> KVCache:
@@ -293,6 +363,8 @@ class KVCache:
     """`update` after validation; jitted (below) so that eager calls compile once."""
     in_range = (layer >= 0) & (layer < self.num_layers)  # Always true for a checked int.
     valid_len = jnp.where(in_range, valid_len, 0)  # Negative counts are already 0.
+    if self.paged:  # Nothing past the pages a sequence holds.
+      valid_len = jnp.clip(self.capacity() - self.lengths, 0, valid_len)
     errors = (self.errors | jnp.where(in_range, np.uint8(0), _LAYER_BIT)
               | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
     sink, recent = self.k.window_sizes()
@@ -302,7 +374,7 @@ class KVCache:
     counts = [jnp.sum(mask, dtype=_U32) * _U32(self.kv_heads * self.head_dim)]
     new = {}
     for name, x in (("k", k), ("v", v)):
-      new[name], res = self.tensor(name).write(layer, x, where)
+      new[name], res = self.tensor(name).write(layer, x, where, self.page_table)
       counts += [jnp.sum(res.saturated & mask, dtype=_U32),
                  jnp.sum(res.nonfinite & mask, dtype=_U32)]
     counters = self.counters.at[layer].set(add_u64(self.counters[layer], jnp.stack(counts)))
@@ -311,12 +383,13 @@ class KVCache:
   def advance(self, num_new) -> KVCache:
     """Adds `num_new` (an int or integer `[B]` array, >= 0) tokens to each sequence's length.
 
-    A length that would pass `max_len` is clamped to it and sets `overflow[b]`, for
-    any integer dtype and value (nothing wraps). A traced negative `num_new[b]` adds
-    nothing and sets `negative_count` in `errors[b]`; a concrete one raises.
+    A length that would pass `max_len` (a paged sequence's `capacity`) is clamped to
+    it and sets `overflow[b]`, for any integer dtype and value (nothing wraps). A
+    traced negative `num_new[b]` adds nothing and sets `negative_count` in
+    `errors[b]`; a concrete one raises.
     """
     num, negative = saturating_count("num_new", num_new, self.batch, limit=self.max_len + 1)
-    room = self.max_len - self.lengths
+    room = jnp.maximum(self.capacity() - self.lengths, 0)
     return dataclasses.replace(
         self, lengths=self.lengths + jnp.minimum(num, room), overflow=self.overflow | (num > room),
         errors=self.errors | jnp.where(negative, _NEGATIVE_BIT, np.uint8(0)))
@@ -347,7 +420,7 @@ class KVCache:
     """
     if self.fmt.windowed and held is None:
       held = self.lengths
-    return self.tensor(which).dequantize(layer, dtype, held=held)
+    return self.tensor(which).dequantize(layer, dtype, held=held, page_table=self.page_table)
 
   def counts(self) -> dict[str, np.ndarray]:
     """The counters on the host: `{name: int64[L]}` for each of `COUNTERS`."""

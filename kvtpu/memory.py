@@ -40,18 +40,21 @@ __all__ = ["COUNTERS", "cache_layout", "bytes_per_token", "window_bytes", "fixed
 
 
 def cache_layout(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
-                 max_len: int, head_dim: int, clip=()) -> KVCache:
+                 max_len: int, head_dim: int, clip=(), page_len: int | None = None,
+                 num_pages: int | None = None) -> KVCache:
   """Shapes and dtypes of every array of a cache: a `KVCache` whose arrays are
   `jax.ShapeDtypeStruct`s (absent ones None), `KVCache.layout`.
 
-  `clip` names the dynamic specs ("k", "v") that carry calibrated clip ratios.
+  `clip` names the dynamic specs ("k", "v") that carry calibrated clip ratios;
+  `page_len` and `num_pages` give a paged cache's layout.
 
   Raises:
     ValueError: for a non-positive dimension, a head_dim that the format's group
       size does not divide, or a clip entry that is not a dynamic spec.
   """
   return KVCache.layout(fmt, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
-                        max_len=max_len, head_dim=head_dim, clip=clip)
+                        max_len=max_len, head_dim=head_dim, clip=clip, page_len=page_len,
+                        num_pages=num_pages)
 
 
 def _tensor_bytes(spec: QuantSpec, kv_heads: int, head_dim: int, clip: bool = False,
@@ -112,20 +115,28 @@ PER_SEQUENCE_BYTES = 4 + 1 + 1
 
 
 def cache_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
-                max_len: int, head_dim: int, clip=()) -> int:
-  """Total bytes of a cache; equals `KVCache.init(...).nbytes` (`clip` as in
-  `cache_layout`)."""
+                max_len: int, head_dim: int, clip=(), page_len: int | None = None,
+                num_pages: int | None = None) -> int:
+  """Total bytes of a cache; equals `KVCache.init(...).nbytes` (`clip`, `page_len` and
+  `num_pages` as in `cache_layout`). A paged cache holds `num_pages x page_len`
+  positions in its pool, whatever `max_len`, plus a page-table entry (int32) per
+  sequence and `max_len / page_len` pages."""
   fmt = KVFormat.parse(fmt)
   check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
               head_dim=head_dim)
   tokens = num_layers * batch * max_len
+  table = 0
+  if page_len is not None or num_pages is not None:
+    check_dims(page_len=page_len, num_pages=num_pages)
+    tokens = num_layers * num_pages * page_len
+    table = batch * (max_len // page_len) * 4
   # Rounded up per tensor, as each of K and V is its own array: two int4 arrays of an
   # odd number of values take one byte more than the ceiling of their sum.
   return (sum(math.ceil(tokens * _tensor_bytes(spec, kv_heads, head_dim)[0])
               for spec in (fmt.k, fmt.v))
           + num_layers * batch * window_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim)
           + num_layers * fixed_bytes(fmt, kv_heads=kv_heads, head_dim=head_dim, clip=clip)
-          + batch * PER_SEQUENCE_BYTES)
+          + batch * PER_SEQUENCE_BYTES + table)
 
 
 def tpu_layout_copy_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,

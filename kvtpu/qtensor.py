@@ -27,6 +27,14 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
 Every array carries the layer axis first, so one `QuantizedKV` serves a whole
 model under `lax.scan` over layers.
 
+Paged (`paged=True`): axis 1 of the values and of per-token or token-grouped scales
+is a pool of P pages and their position axis holds Z positions (`[L, P, K, Z, H]`,
+`[L, P, K, G, Z]`, `[L, P, K, Z/N, H]`); a page table `[B, pages_per_sequence]`
+(held by the cache) says which page holds positions `[w Z, (w + 1) Z)` of sequence b.
+Windows stay per sequence, `[L, B, K, W, H]`. Page 0 is the null page: never owned,
+read for table entries a sequence does not hold and written by writes that write
+nothing. A contiguous tensor is the one-page-per-sequence case of the same kernels.
+
 Writing (`write`) quantizes a chunk `[B, T, K, H]` with `quant.quantize` and puts
 each token at its sequence's position (`Placement`); on CPU by a scatter, on TPU by
 one in-place Pallas kernel call for the whole batch (`write_rows`). A token-grouped spec
@@ -38,6 +46,7 @@ format has at least N ring slots), and writes the whole group with its scales.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -50,7 +59,7 @@ from kvtpu import quant, rotation
 from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
 from kvtpu.pallas_kernels import cache_write as cw
-from kvtpu.pallas_kernels.decode_attention.reference import overlay_windows
+from kvtpu.pallas_kernels.decode_attention.reference import gather_pages, overlay_windows
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
            "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE",
@@ -60,8 +69,8 @@ __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIE
 PARAM_FIELDS = ("scale", "zero", "clip")
 
 # Logical axis names that `logical_axes` uses; `kvtpu.sharding` maps them to mesh axes.
-LOGICAL_AXES = ("layers", "batch", "kv_heads", "positions", "head_dim", "groups", "window",
-                "token_groups")
+LOGICAL_AXES = ("layers", "batch", "pages", "kv_heads", "positions", "head_dim", "groups",
+                "window", "token_groups")
 
 
 @jax.tree_util.register_dataclass
@@ -144,14 +153,16 @@ WRITE_METHODS = ("scatter", "pallas", "interpret", "blocks")
 
 
 def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq_axis: int,
-               method: str | None = None) -> jax.Array:
+               method: str | None = None, page_table: jax.Array | None = None) -> jax.Array:
   """Writes a chunk `values: [B, T, K, X]` into `store: [L, B, K, ...]`.
 
   `seq_axis` is the store's position axis: 3 for values `[L, B, K, S, H]`, 4 for
   dynamic scales `[L, B, K, G, S]`. `method`: one of `WRITE_METHODS`, or None for the
   platform's choice when lowering: scatter on CPU; on TPU the Pallas kernel
   (`pallas_kernels.cache_write`) where its `layout_error` is None, else blocks;
-  blocks elsewhere. Every method stores the same bits.
+  blocks elsewhere. Every method stores the same bits. With `page_table` the store
+  is a pool of pages (`[L, P, K, Z, H]`, ...) and `where` counts positions of the
+  sequence (dropped ones at Z x the table's width); "blocks" then scatters.
 
   Why several: XLA's TPU scatter picks a layout of its own for the cache array and
   copies the whole `[L, B, K, S, H]` array into and out of it around every layer's
@@ -163,14 +174,24 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
   """
   if method is None:
     def write(method):
-      return lambda store, values: write_rows(store, layer, values, where, seq_axis, method)
+      return lambda store, values: write_rows(store, layer, values, where, seq_axis, method,
+                                              page_table)
 
     tpu = "blocks" if cw.layout_error(store.shape, store.dtype, seq_axis) else "pallas"
     return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
                                       default=write("blocks"))
-  if method == "scatter":
-    rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
-    index = (layer, rows) + (slice(None),) * (seq_axis - 2) + (where.target,)
+  if method == "scatter" or (method == "blocks" and page_table is not None):
+    target = where.target
+    if page_table is None:
+      rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
+    else:  # Position p of sequence b: offset p % Z of page table[b, p // Z].
+      z = store.shape[seq_axis]
+      slot = jnp.minimum(jax.lax.div(target, z), page_table.shape[1] - 1)
+      rows = jnp.take_along_axis(page_table, slot, axis=1)
+      dropped = (target >= z * page_table.shape[1]) | (rows < 0) | (rows >= store.shape[1])
+      target = jnp.where(dropped, z, jax.lax.rem(target, z))  # z: out of the page, dropped.
+      rows = jnp.clip(rows, 0, store.shape[1] - 1)
+    index = (layer, rows) + (slice(None),) * (seq_axis - 2) + (target,)
     return _scatter_bits(store, index, values)
   if method in ("pallas", "interpret"):
     error = cw.layout_error(store.shape, store.dtype, seq_axis)
@@ -179,6 +200,7 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
     # A layer out of range writes nothing: `Placement.of` got valid_len 0 for it
     # (`KVCache.update`), so end == lengths, and the kernel clamps the index.
     return cw.cache_write(store, values, layer, where.lengths, where.end, seq_axis=seq_axis,
+                          page_table=page_table,
                           interpret=pltpu.InterpretParams() if method == "interpret" else False)
   if method != "blocks":
     raise ValueError(f"method must be one of {WRITE_METHODS} or None, got method={method!r}")
@@ -226,6 +248,8 @@ class QuantizedKV:
     sink, recent: the unquantized windows `[L, B, K, W, H]` (see the module
       docstring), or None.
     spec: how the values are stored (static pytree metadata).
+    paged: whether axis 1 of the values and scales is a pool of pages (static; see
+      the module docstring).
 
   Invariant: a stored value `q` means `(q - zero) * scale` (`quant.dequantize`).
   `shape`, `dtype` and `ndim` are the stored values' (storage dtype), so code that
@@ -239,12 +263,17 @@ class QuantizedKV:
   sink: jax.Array | None
   recent: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+  paged: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   # ----------------------------------------------------------------- creation
   @classmethod
   def layout(cls, spec: QuantSpec, *, num_layers: int, batch: int, kv_heads: int, max_len: int,
-             head_dim: int, clip: bool = False, sink: int = 0, recent: int = 0) -> QuantizedKV:
+             head_dim: int, clip: bool = False, sink: int = 0, recent: int = 0,
+             pages: int | None = None) -> QuantizedKV:
     """The tensor's arrays as `jax.ShapeDtypeStruct`s: the one definition of its layout.
+
+    With `pages`, a paged tensor: a pool of `pages` pages of `max_len` (Z) positions,
+    windows for `batch` sequences.
 
     Raises:
       ValueError: for a non-positive dimension, a head_dim the spec's group size
@@ -253,7 +282,8 @@ class QuantizedKV:
         storage with max_len not a multiple of 128.
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
-               head_dim=head_dim)
+               head_dim=head_dim, **({} if pages is None else {"pages": pages}))
+    rows = batch if pages is None else pages
     if clip and not spec.clippable:
       raise ValueError(f"clip ratios are for range-scaled dynamic (per-token) specs, not {spec.name}")
     if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
@@ -264,13 +294,13 @@ class QuantizedKV:
       raise ValueError(f"{spec.name} scales groups of {n} positions: max_len must be a multiple "
                        f"of {n}, got max_len={max_len}")
     sds = jax.ShapeDtypeStruct
-    values = sds((num_layers, batch, kv_heads, max_len, head_dim), spec.storage_dtype)
+    values = sds((num_layers, rows, kv_heads, max_len, head_dim), spec.storage_dtype)
     scale = zero = None
     if spec.quantized:
       if n is not None:
-        shape = (num_layers, batch, kv_heads, max_len // n, head_dim)
+        shape = (num_layers, rows, kv_heads, max_len // n, head_dim)
       elif spec.dynamic:
-        shape = (num_layers, batch, kv_heads, spec.num_groups(head_dim), max_len)
+        shape = (num_layers, rows, kv_heads, spec.num_groups(head_dim), max_len)
       else:
         shape = (num_layers, *quant.static_scale_shape(spec, kv_heads, head_dim))
       scale = sds(shape, spec.scale_jnp_dtype)
@@ -281,7 +311,7 @@ class QuantizedKV:
     window = lambda w: sds((num_layers, batch, kv_heads, w, head_dim), window_dtype) if w else None  # noqa: E731
     return cls(values=values, scale=scale, zero=zero,
                clip=sds((num_layers, kv_heads), jnp.float32) if clip else None,
-               sink=window(sink), recent=window(recent), spec=spec)
+               sink=window(sink), recent=window(recent), spec=spec, paged=pages is not None)
 
   @staticmethod
   def max_len_multiple(spec: QuantSpec) -> int:
@@ -301,7 +331,7 @@ class QuantizedKV:
   @classmethod
   def init(cls, spec: QuantSpec, *, name: str = "x", num_layers: int, batch: int, kv_heads: int,
            max_len: int, head_dim: int, scale=None, zero=None, clip=None, sink: int = 0,
-           recent: int = 0) -> QuantizedKV:
+           recent: int = 0, pages: int | None = None) -> QuantizedKV:
     """An empty tensor: zero values and per-token scales, validated calibrated fields.
 
     Args:
@@ -312,6 +342,7 @@ class QuantizedKV:
         specs), `[L, 1|K, 1|H]` or without the leading L (shared by all layers).
       clip: optional clip ratios of a dynamic spec, `[L, K]` or `[K]`.
       sink, recent: window sizes (0: none).
+      pages: None, or the pool size of a paged tensor (`max_len` is then its Z).
 
     Raises:
       ValueError: for a missing, extra or misshaped parameter, a scale that is 0,
@@ -332,7 +363,7 @@ class QuantizedKV:
           "take no zero)")
     shape = cls.layout(spec, num_layers=num_layers, batch=batch, kv_heads=kv_heads,
                        max_len=max_len, head_dim=head_dim, clip=clip is not None, sink=sink,
-                       recent=recent)
+                       recent=recent, pages=pages)
     _check_open_group(spec, recent)
 
     def make(field: str, sds: jax.ShapeDtypeStruct | None):
@@ -398,13 +429,14 @@ class QuantizedKV:
     A size-1 broadcast axis (a static scale shared by heads or channels) is None.
     Works on a real or an abstract (`ShapeDtypeStruct`) tensor.
     """
-    per_position = P("layers", "batch", "kv_heads", "positions", "head_dim")
+    rows = "pages" if self.paged else "batch"
+    per_position = P("layers", rows, "kv_heads", "positions", "head_dim")
     scale = None
     if self.scale is not None:
       if self.spec.token_group is not None:
-        scale = P("layers", "batch", "kv_heads", "token_groups", "head_dim")
+        scale = P("layers", rows, "kv_heads", "token_groups", "head_dim")
       elif self.spec.dynamic:
-        scale = P("layers", "batch", "kv_heads", "groups", "positions")
+        scale = P("layers", rows, "kv_heads", "groups", "positions")
       else:
         g = self.spec.granularity
         scale = P("layers", "kv_heads" if g is not Granularity.TENSOR else None,
@@ -416,7 +448,7 @@ class QuantizedKV:
         sink=None if self.sink is None else window, recent=None if self.recent is None else window)
 
   # ---------------------------------------------------------------- reading
-  def dequantize(self, layer, dtype=jnp.float32, *, held=None) -> jax.Array:
+  def dequantize(self, layer, dtype=jnp.float32, *, held=None, page_table=None) -> jax.Array:
     """One layer's tensor, dequantized: `[B, K, S, H]` (the reference path), in the
     model's coordinates (a rotated spec's values rotated back).
 
@@ -424,33 +456,53 @@ class QuantizedKV:
       held: optional `i32[B]` tokens each sequence holds: positions in its windows
         are then read from them (what attention reads); without it, every position
         from the quantized store.
+      page_table: a paged tensor's `[B, pages_per_sequence]` table (required for
+        one; S is then Z x pages_per_sequence).
 
     Positions that hold no token are whatever the memory holds; mask them.
     """
-    out = self.dequantize_stored(layer, jnp.float32, held=held)
+    out = self.dequantize_stored(layer, jnp.float32, held=held, page_table=page_table)
     return (rotation.unrotate(out) if self.spec.rotation else out).astype(dtype)
 
-  def dequantize_stored(self, layer, dtype=jnp.float32, *, held=None) -> jax.Array:
+  def dequantize_stored(self, layer, dtype=jnp.float32, *, held=None,
+                        page_table=None) -> jax.Array:
     """One layer's tensor as stored, dequantized: `[B, K, S, H]`, still rotated for a
     rotated spec (what the kernels' logits and outputs are computed over); `held`
-    as in `dequantize`."""
+    and `page_table` as in `dequantize`."""
     check_layer(layer, self.shape[0])
-    out = self._dequantize_store(layer, dtype)
+    self._check_table(page_table)
+    out = self._dequantize_store(layer, dtype, page_table)
     return out if held is None else self._overlay_windows(out, layer, held)
+
+  def _check_table(self, page_table) -> None:
+    if self.paged and page_table is None:
+      raise ValueError(f"this {self.spec.name} tensor is paged: pass its page_table "
+                       "([B, pages_per_sequence], from the cache)")
+    if not self.paged and page_table is not None:
+      raise ValueError("page_table given for a contiguous (unpaged) tensor")
+
+  def _per_sequence(self, x: jax.Array | None, layer, page_table, seq_axis: int):
+    """One layer of a per-position array (values, per-token or token-grouped scales)
+    as per-sequence slabs `[B, K, ...S...]`: a paged tensor's pages gathered through
+    `page_table` (positions on `seq_axis` of the layer's array)."""
+    if x is None:
+      return None
+    return x[layer] if page_table is None else gather_pages(x[layer], page_table, seq_axis)
 
   def _overlay_windows(self, out: jax.Array, layer, held) -> jax.Array:
     """`out: [B, K, S, H]` with each sequence's window positions read from the windows."""
     pick = lambda w: None if w is None else w[layer]  # noqa: E731
     return overlay_windows(out, pick(self.sink), pick(self.recent), held)
 
-  def _dequantize_store(self, layer, dtype) -> jax.Array:
-    data = self.values[layer]
+  def _dequantize_store(self, layer, dtype, page_table=None) -> jax.Array:
+    data = self._per_sequence(self.values, layer, page_table, 2)
     if not self.spec.quantized:
       return quant.dequantize(data, self.spec, dtype=dtype)
 
     n = self.spec.token_group
     if n is not None:  # [B, K, S, H] as groups [B, K, S/N, N, H], scales [B, K, S/N, 1, H].
-      per_group = lambda p: None if p is None else p[layer][..., None, :]  # noqa: E731
+      def per_group(p):
+        return None if p is None else self._per_sequence(p, layer, page_table, 2)[..., None, :]
       b, k, s, h = data.shape
       out = quant.dequantize(data.reshape(b, k, s // n, n, h), self.spec,
                              per_group(self.scale), per_group(self.zero), dtype=dtype)
@@ -459,9 +511,9 @@ class QuantizedKV:
     def per_position(p):
       if p is None:
         return None
-      p = p[layer]
-      # Per-token [B, K, G, S] -> [B, K, S, G]; static [1|K, 1|H] -> [1|K, 1, 1|H].
-      return jnp.swapaxes(p, -1, -2) if self.spec.dynamic else p[:, None, :]
+      if self.spec.dynamic:  # Per-token [B, K, G, S] -> [B, K, S, G].
+        return jnp.swapaxes(self._per_sequence(p, layer, page_table, 3), -1, -2)
+      return p[layer][:, None, :]  # Static [1|K, 1|H] -> [1|K, 1, 1|H].
 
     return quant.dequantize(data, self.spec, per_position(self.scale), per_position(self.zero),
                             dtype=dtype)
@@ -503,8 +555,10 @@ class QuantizedKV:
     return rotation.unrotate(og) if self.spec.rotation else og
 
   # ---------------------------------------------------------------- writing
-  def write(self, layer, x: jax.Array, where: Placement) -> tuple[QuantizedKV, quant.Quantized]:
-    """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`.
+  def write(self, layer, x: jax.Array, where: Placement,
+            page_table=None) -> tuple[QuantizedKV, quant.Quantized]:
+    """Quantizes a chunk `x: [B, T, K, H]` of one layer and writes it at `where`
+    (positions of the sequences; a paged tensor's through `page_table`).
 
     Returns the new tensor and the `quant.Quantized` result (its `saturated` and
     `nonfinite` masks are over the whole chunk: mask them with `where`; its `q` is
@@ -514,6 +568,7 @@ class QuantizedKV:
     store non-finite values as 0, as the quantized store does.
     """
     spec = self.spec
+    self._check_table(page_table)
     nonfinite = ~jnp.isfinite(x)
     if spec.rotation:  # Non-finite inputs become 0 before the rotation spreads them.
       x = rotation.rotate(jnp.where(nonfinite, 0.0, x), jnp.float32)
@@ -525,7 +580,7 @@ class QuantizedKV:
                                     dataclasses.replace(where, target=target), 3, "scatter")
     if spec.token_group is not None:
       _check_open_group(spec, self.window_sizes()[1])
-      return self._write_groups(layer, x, nonfinite, where, windows)
+      return self._write_groups(layer, x, nonfinite, where, windows, page_table)
     if spec.static:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
@@ -536,15 +591,16 @@ class QuantizedKV:
     if spec.rotation:  # Counted where they came in, not over the rotated coordinates.
       res = res._replace(nonfinite=nonfinite)
     # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].
-    new = {"values": write_rows(self.values, layer, res.q, where, 3), **windows}
+    new = {"values": write_rows(self.values, layer, res.q, where, 3, page_table=page_table),
+           **windows}
     if spec.dynamic:  # [B, T, K, G] rows go to [layer, b, :, :, pos[b, t]].
-      new["scale"] = write_rows(self.scale, layer, res.scale, where, 4)
+      new["scale"] = write_rows(self.scale, layer, res.scale, where, 4, page_table=page_table)
       if self.zero is not None:
-        new["zero"] = write_rows(self.zero, layer, res.zero, where, 4)
+        new["zero"] = write_rows(self.zero, layer, res.zero, where, 4, page_table=page_table)
     return dataclasses.replace(self, **new), res
 
   def _write_groups(self, layer, x: jax.Array, nonfinite: jax.Array, where: Placement,
-                    windows: dict) -> tuple[QuantizedKV, quant.Quantized]:
+                    windows: dict, page_table=None) -> tuple[QuantizedKV, quant.Quantized]:
     """`write` for a token-grouped spec, after the chunk went to the windows (`windows`:
     the new window arrays; `self` still holds the old ones): each group of N positions
     the chunk completes is quantized per channel and written whole.
@@ -579,14 +635,15 @@ class QuantizedKV:
     narrow = spec.storage_dtype == jnp.int2
     res = quant.quantize(groups, spec, q_dtype=jnp.int8 if narrow else None)
     complete = jax.lax.div(where.end, n) - first  # [B] in [0, M]
-    max_len = self.shape[3]
+    max_len = self.shape[3] * (1 if page_table is None else page_table.shape[1])
     positions = Placement.of(first * n, complete * n, m * n, max_len)
     slots = Placement.of(first, complete, m, max_len // n)
     q = res.q.transpose(0, 1, 3, 2, 4).reshape(b, m * n, kh, h)
-    new = {"values": write_rows(self.values, layer, q, positions, 3), **windows,
-           "scale": write_rows(self.scale, layer, res.scale[:, :, :, 0, :], slots, 3)}
+    put = functools.partial(write_rows, layer=layer, seq_axis=3, page_table=page_table)
+    new = {"values": put(self.values, values=q, where=positions), **windows,
+           "scale": put(self.scale, values=res.scale[:, :, :, 0, :], where=slots)}
     if self.zero is not None:
-      new["zero"] = write_rows(self.zero, layer, res.zero[:, :, :, 0, :], slots, 3)
+      new["zero"] = put(self.zero, values=res.zero[:, :, :, 0, :], where=slots)
     return dataclasses.replace(self, **new), res._replace(saturated=jnp.zeros(x.shape, bool),
                                                           nonfinite=nonfinite)
 

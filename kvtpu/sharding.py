@@ -22,11 +22,18 @@ Kv heads and the model axis (strategies):
 
 `"auto"` picks `"heads"` when K % M == 0, else `"replicate"`.
 
+Paged caches (`KVCache.init(..., page_len=, num_pages=)`): the pool's pages go over
+the data axis with the sequences, so data shard s holds pages `[s P/D, (s+1) P/D)`
+and the page tables of its sequences hold page ids local to that block (its own page
+0 the null page): `kvtpu.paging.PageAllocator(..., shards=D)` hands them out. Each
+device then runs the single-device paged code on its block, as for slabs.
+
 Partition specs come from the cache's logical axes (`KVCache.logical_axes`, the
 same tree as the cache): logical `batch` goes to the data axis D, `kv_heads` to
 the model axis M when heads are sharded (else replicated), every other axis is
 replicated. So values `[L, B, K, S, H]` and per-token scales `[L, B, K, G, S]` are
-`P(None, D, M, None, None)`, static scales `[L, 1|K, 1|H]` and clip ratios `[L, K]`
+`P(None, D, M, None, None)` (pools `[L, P, K, Z, H]` likewise, logical `pages` on D),
+static scales `[L, 1|K, 1|H]` and clip ratios `[L, K]`
 follow their heads, lengths and overflow flags `P(D)`, and the counters are
 replicated (every device holds the global sum). A new array in the cache needs no
 change here.
@@ -76,10 +83,14 @@ def resolve_strategy(strategy: str, *, kv_heads: int, model: int) -> str:
   return strategy
 
 
-def _check_batch(batch: int, data: int) -> None:
+def _check_batch(batch: int, data: int, num_pages: int | None = None) -> None:
   if batch % data:
     raise ValueError(f"batch={batch} must be a multiple of the data axis size {data}: each "
                      "data shard holds batch / data whole sequences")
+  if num_pages is not None and (num_pages % data or num_pages // data < 2):
+    raise ValueError(f"num_pages={num_pages} must be a multiple of the data axis size {data} "
+                     "with at least 2 pages per shard: each data shard holds num_pages / data "
+                     "pages, its first the null page")
 
 
 def per_device_dims(*, batch: int, kv_heads: int, data: int, model: int,
@@ -92,14 +103,19 @@ def per_device_dims(*, batch: int, kv_heads: int, data: int, model: int,
 
 def per_device_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_heads: int,
                      max_len: int, head_dim: int, data: int = 1, model: int = 1,
-                     strategy: str = "auto", clip=()) -> int:
-  """Bytes of a sharded cache on one device: the block of B/D sequences and K/M kv
-  heads (all K under `"replicate"`), with the per-layer arrays (counters, and static
-  scales and clip ratios of its heads) it holds."""
+                     strategy: str = "auto", clip=(), page_len: int | None = None,
+                     num_pages: int | None = None) -> int:
+  """Bytes of a sharded cache on one device: the block of B/D sequences (and P/D
+  pages of a paged cache) and K/M kv heads (all K under `"replicate"`), with the
+  per-layer arrays (counters, and static scales and clip ratios of its heads) it holds."""
   b, k = per_device_dims(batch=batch, kv_heads=kv_heads, data=data, model=model,
                          strategy=strategy)
+  paged = {}
+  if num_pages is not None:
+    _check_batch(batch, data, num_pages)
+    paged = dict(page_len=page_len, num_pages=num_pages // data)
   return memory.cache_bytes(fmt, num_layers=num_layers, batch=b, kv_heads=k, max_len=max_len,
-                            head_dim=head_dim, clip=clip)
+                            head_dim=head_dim, clip=clip, **paged)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +178,9 @@ class CacheSharding:
     if not isinstance(cache, KVCache):
       raise TypeError(f"CacheSharding shards a KVCache, got {type(cache).__name__} (a "
                       "LayeredKVCache runs unsharded)")
-    _check_batch(cache.batch, self.data)
+    _check_batch(cache.batch, self.data, cache.num_pages)
     d, m = self._axes(cache.kv_heads)
-    mesh_axis = {"batch": d, "kv_heads": m}
+    mesh_axis = {"batch": d, "pages": d, "kv_heads": m}
     return jax.tree.map(lambda axes: P(*(mesh_axis.get(a) for a in axes)),
                         cache.logical_axes(), is_leaf=lambda x: isinstance(x, P))
 
@@ -185,7 +201,8 @@ class CacheSharding:
     # shortest cache first (their shapes do not depend on batch or max_len).
     parsed = KVFormat.parse(fmt)
     shortest = math.lcm(*(QuantizedKV.max_len_multiple(s) for s in (parsed.k, parsed.v)))
-    KVCache.init(fmt, **{**kwargs, "batch": 1, "max_len": shortest})
+    KVCache.init(fmt, **{**kwargs, "batch": 1, "max_len": shortest, "page_len": None,
+                         "num_pages": None})
     abstract = jax.eval_shape(functools.partial(KVCache.init, fmt, **kwargs))
     return jax.jit(functools.partial(KVCache.init, fmt, **kwargs),
                    out_shardings=self.shardings(abstract))()
@@ -195,7 +212,8 @@ class CacheSharding:
     return per_device_bytes(cache.fmt, num_layers=cache.num_layers, batch=cache.batch,
                             kv_heads=cache.kv_heads, max_len=cache.max_len,
                             head_dim=cache.head_dim, data=self.data, model=self.model,
-                            strategy=self.strategy, clip=cache.clip)
+                            strategy=self.strategy, clip=cache.clip, page_len=cache.page_len,
+                            num_pages=cache.num_pages)
 
   # ---------------------------------------------------------------- methods
   def _shard_map(self, fn, in_specs, out_specs, *, check_vma=True):

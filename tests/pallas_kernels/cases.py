@@ -31,6 +31,12 @@ BLOCK = 128
 FAST_CASES = (0, 4, 8)
 
 
+def stored_bits(dtype) -> int:
+  """Bits per stored value of `dtype` in HBM (int4 and int2 packed)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
+
+
 def runnable(fmt: str, head_dim: int, gen: str | None = None) -> tuple[int, str | None]:
   """A drawn kernel case moved to where the kernels run the format: int2 at head_dim 128
   rather than 64, and on v5p rather than v4 (`kvtpu.attention.kernel_support_error`;

@@ -160,7 +160,7 @@ def test_writes_pages_through_the_page_table(dtype, seq_axis, pages_of, rng):
   t = z + 2
   hi = np.minimum(lo + np.array([t, t, 1, t, t, t, 0]), width * z).astype(np.int32)
   b = len(lo)
-  needs = [list(range(l // z, -(-h // z))) if h > l else [] for l, h in zip(lo, hi)]
+  needs = [list(range(a // z, -(-e // z))) if e > a else [] for a, e in zip(lo, hi, strict=True)]
   num_pages = 1 + sum(len(n) for n in needs) + 3  # null page, owned pages, 3 free.
   order = rng.permutation(np.arange(1, num_pages))
   table = np.full((b, width), -1, np.int32)

@@ -1,16 +1,14 @@
 """The kernels' HBM-traffic accounts vs the copies the TPU interpreter actually makes.
 
-The interpreter (jax._src.pallas.mosaic.interpret, private; jax is pinned in
-pyproject.toml) copies an input block from HBM only when its block indices change
-between grid steps, through its module-level `get`. Wrapping `get` counts those
-copies' bytes; `hbm_bytes` must predict them exactly.
+The interpreter copies an input block from HBM only when its block indices change
+between grid steps; the `copied_bytes` and `stored_bytes` fixtures (conftest.py) count
+those copies' bytes, and `hbm_bytes` must predict them exactly.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
 from kvtpu.pallas_kernels import cache_write as cw
 from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
@@ -22,33 +20,7 @@ from kvtpu.pallas_kernels.decode_attention import (
 from kvtpu.pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
 
 from tests.helpers import slow_unless
-from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args
-
-_HBM = mosaic_interpret.TPU_MEMORY_SPACE_IDXS[mosaic_interpret.mosaic_core.MemorySpace.HBM]
-
-
-def _bits(dtype) -> int:
-  return 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
-
-
-@pytest.fixture
-def copied_bytes(monkeypatch):
-  """Bytes of every HBM -> VMEM block copy of kernel inputs, by input name."""
-  counts: dict[str, int] = {}
-  real_get = mosaic_interpret.get
-
-  def counting_get(token, device_id, local_core_id, memory_space, *args, input_name=None, **kw):
-    token, value = real_get(token, device_id, local_core_id, memory_space, *args,
-                            input_name=input_name, **kw)
-    if input_name is not None and int(memory_space) == _HBM:
-      counts[input_name] = counts.get(input_name, 0) + value.size * _bits(value.dtype) // 8
-    return token, value
-
-  monkeypatch.setattr(mosaic_interpret, "get", counting_get)
-  jax.clear_caches()  # The wrapper is captured when the interpreter is traced.
-  yield counts
-  jax.clear_caches()
-
+from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args, stored_bits
 
 CASES = [
     # fmt, lengths, chunk, T, block_t (None: decode), block_s, max_len
@@ -98,25 +70,6 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
       has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None))
 
 
-@pytest.fixture
-def stored_bytes(monkeypatch):
-  """Bytes of every VMEM -> HBM block copy of kernel outputs."""
-  counts = {"out": 0}
-  real_store = mosaic_interpret.store
-
-  def counting_store(token, device_id, local_core_id, memory_space, buffer_id, transforms, val,
-                     *args, output_name=None, **kw):
-    if output_name is not None and int(memory_space) == _HBM:
-      counts["out"] += val.size * _bits(val.dtype) // 8
-    return real_store(token, device_id, local_core_id, memory_space, buffer_id, transforms, val,
-                      *args, output_name=output_name, **kw)
-
-  monkeypatch.setattr(mosaic_interpret, "store", counting_store)
-  jax.clear_caches()
-  yield counts
-  jax.clear_caches()
-
-
 @pytest.mark.parametrize("dtype,seq_axis,t", [
     pytest.param(jnp.int8, 3, 1), pytest.param(jnp.int4, 3, 70, marks=pytest.mark.slow),
     pytest.param(jnp.bfloat16, 4, 130, marks=pytest.mark.slow)])
@@ -147,7 +100,7 @@ def test_cache_write_account_matches_interpreter_copies(dtype, seq_axis, t, page
       copied_bytes, account)
   assert stored_bytes["out"] == account["store_written"], (stored_bytes, account)
   # At most two tiles of a sequence beyond the ones its rows need, and at least those.
-  row_bytes = 2 * shape[7 - seq_axis] * _bits(dtype) // 8
-  needed = sum(-(-(h - l) // tile) for l, h in zip(lo, hi))
+  row_bytes = 2 * shape[7 - seq_axis] * stored_bits(dtype) // 8
+  needed = sum(-(-(e - a) // tile) for a, e in zip(lo, hi, strict=True))
   assert account["store_read"] >= needed * tile * row_bytes
   assert account["store_read"] <= (needed + 2 * len(lo)) * tile * row_bytes

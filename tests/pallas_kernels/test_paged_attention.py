@@ -28,7 +28,6 @@ from kvtpu.pallas_kernels.prefill_attention import (
 
 from tests.helpers import slow_unless
 from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args, split_static
-from tests.pallas_kernels.test_hbm_traffic import copied_bytes  # noqa: F401 (fixture)
 
 PAGE = 128
 
@@ -153,7 +152,7 @@ def test_paged_inputs_are_checked(rng):
 
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("int4-asym+sink4+recent64",
                                                       marks=pytest.mark.slow)])
-def test_paged_account_matches_interpreter_copies(fmt, copied_bytes, rng):  # noqa: F811
+def test_paged_account_matches_interpreter_copies(fmt, copied_bytes, rng):
   # Blocks of one page, each read once; the contiguous account holds for pages.
   max_len = 4 * PAGE
   lengths = np.array([1, PAGE - 1, PAGE, 3 * PAGE + 1, max_len - 1])

@@ -1,0 +1,278 @@
+"""The paged cache and its host-side allocator.
+
+A paged cache must hold exactly what a contiguous cache holds for the same writes,
+whatever pages the allocator hands out (scattered over a NaN-poisoned pool), read
+through the XLA reference and the Pallas kernels alike; writes past the pages a
+sequence holds are dropped and flagged; the allocator never gives a page to two
+sequences, never gives the null page, and refuses what it cannot give without
+changing anything.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvtpu
+from kvtpu import OutOfPages, PageAllocator, memory
+from tests.helpers import assert_close, kv_with_outliers, poison, slow_unless
+from tests.pallas_kernels.cases import KERNEL_RTOL
+
+B, K, H, L, PAGE = 4, 2, 128, 2, 128
+STATIC_FMT = "k=int8-head,v=int8-head"
+MAX_LEN = 4 * PAGE
+
+
+def make(fmt, *, num_pages=None):
+  kw = {} if num_pages is None else dict(page_len=PAGE, num_pages=num_pages)
+  return poison(kvtpu.KVCache.init(fmt, num_layers=L, batch=B, kv_heads=K, max_len=MAX_LEN,
+                                   head_dim=H, **kw))
+
+
+# (T, valid_len per sequence) of each chunk; every chunk but the last is advanced.
+STEPS = [(40, [40, 0, 17, 1]), (130, [0, 128, 130, 127]), (1, [1, 1, 0, 1]), (8, [8, 3, 8, 1])]
+
+
+def run_steps(cache, rng, allocator=None, impl="xla"):
+  """Writes `STEPS` into layer 1 (reserving pages first when paged), then attends with
+  the last chunk's queries; returns the cache and the output."""
+  held = np.zeros(B, np.int64)
+  out = None
+  order = np.random.default_rng(11)  # Apart from `rng`: the data must not depend on paging.
+  for i, (t, valid) in enumerate(STEPS):
+    k = jnp.asarray(kv_with_outliers(rng, (B, t, K, H)))
+    v = jnp.asarray(rng.standard_normal((B, t, K, H)), jnp.float32)
+    valid = np.asarray(valid)
+    if allocator is not None:
+      # Reserve in an order that interleaves the sequences' pages over the pool.
+      for b in order.permutation(B):
+        allocator.reserve(int(b), int(held[b] + valid[b]))
+      allocator.check()
+      cache = cache.with_page_table(allocator.table)
+    cache = cache.update(1, k, v, valid_len=valid)
+    if i < len(STEPS) - 1:
+      cache = cache.advance(valid)
+      held += valid
+    else:
+      q = jnp.asarray(rng.standard_normal((B, t, 4, H)) * 0.2, jnp.float32)
+      out = kvtpu.attend(q, cache, 1, valid_len=valid, impl=impl)
+  return cache, out
+
+
+FORMATS = ["int8", "int4-sbf16-rot+sink4+recent252", "k=int2-asym-c16,v=int4-c16-sbf16+recent16",
+           "int2-nu-sbf16-rot+sink4+recent252", "bf16", "k8v4"]
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == FORMATS[1]))
+                                 for f in FORMATS])
+def test_paged_cache_holds_what_the_contiguous_one_does(fmt):
+  contiguous, want = run_steps(make(fmt), np.random.default_rng(7))
+  allocator = PageAllocator(num_pages=1 + B * 4 + 2, page_len=PAGE, batch=B,
+                            pages_per_sequence=4)
+  paged, got = run_steps(make(fmt, num_pages=1 + B * 4 + 2), np.random.default_rng(7), allocator)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # The same reference math.
+  np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
+  held = np.asarray(contiguous.lengths) + np.asarray(STEPS[-1][1])
+  for which in ("k", "v"):
+    a = np.asarray(paged.dequantized(1, which, held=held))
+    b = np.asarray(contiguous.dequantized(1, which, held=held))
+    for s in range(B):
+      np.testing.assert_array_equal(a[s, :, : held[s]], b[s, :, : held[s]])
+  for name, count in paged.counts().items():
+    np.testing.assert_array_equal(count, contiguous.counts()[name], err_msg=name)
+
+
+def fresh_allocator(num_pages=1 + B * 4):
+  return PageAllocator(num_pages=num_pages, page_len=PAGE, batch=B, pages_per_sequence=4)
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int8"))
+                                 for f in ("int8", "int4-sbf16-rot+sink4+recent252")])
+def test_the_kernels_read_the_paged_cache(fmt):
+  # The same writes and queries (same seed), read by the Pallas kernels over the pool
+  # (interpret mode; the last chunk of 8 tokens goes through the decode kernel) and by
+  # the reference.
+  _, got = run_steps(make(fmt, num_pages=1 + B * 4), np.random.default_rng(3), fresh_allocator(),
+                     impl="interpret")
+  _, ref = run_steps(make(fmt, num_pages=1 + B * 4), np.random.default_rng(3), fresh_allocator())
+  assert np.isfinite(np.asarray(got)).all(), "poisoned pages reached the output"
+  assert_close(got, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name=fmt)
+
+
+def test_writes_past_the_held_pages_are_dropped_and_flagged():
+  cache = make("int8", num_pages=8)
+  allocator = PageAllocator.for_cache(cache)
+  allocator.reserve(0, PAGE + 1)  # Two pages.
+  allocator.reserve(2, 1)  # One page; sequences 1 and 3 hold none.
+  cache = cache.with_page_table(allocator.table)
+  np.testing.assert_array_equal(cache.capacity(), [2 * PAGE, 0, PAGE, 0])
+  x = jnp.ones((B, 3 * PAGE, K, H))
+  cache = cache.update(0, x, x).advance(3 * PAGE)
+  np.testing.assert_array_equal(cache.lengths, [2 * PAGE, 0, PAGE, 0])
+  np.testing.assert_array_equal(cache.overflow, [True, True, True, True])
+  # Only the held positions were written (and counted); the null page kept its poison.
+  assert cache.counts()["written"][0] == 3 * PAGE * K * H
+  assert np.isnan(np.asarray(cache.k.scale[0, 0])).all()
+  np.testing.assert_allclose(np.asarray(cache.dequantized(0, "k"))[0, :, :2 * PAGE], 1.0,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-sbf16-rot+sink4+recent252",
+                                 "k=int2-asym-c16,v=int4-c16-sbf16+recent16", STATIC_FMT])
+def test_paged_bytes_are_counted_exactly(fmt):
+  dims = dict(num_layers=3, batch=5, kv_heads=2, max_len=1024, head_dim=128, page_len=128,
+              num_pages=23)
+  kw = {}
+  if fmt == STATIC_FMT:
+    kw = dict(k_scale=np.ones((3, 2, 1)), v_scale=np.ones((3, 2, 1)))
+  cache = kvtpu.KVCache.init(fmt, **dims, **kw)
+  assert cache.nbytes == memory.cache_bytes(fmt, **dims)
+  assert jax.eval_shape(lambda: cache).nbytes == cache.nbytes
+  # The pool's positions replace the slabs': 23 x 128 positions instead of 5 x 1024.
+  slabs = memory.cache_bytes(fmt, **{**dims, "page_len": None, "num_pages": None})
+  per_position = memory.bytes_per_token(fmt, kv_heads=2, head_dim=128) * 3
+  assert cache.nbytes - slabs == per_position * (23 * 128 - 5 * 1024) + 5 * 8 * 4
+
+
+def test_paged_init_refuses_what_does_not_fit():
+  kw = dict(num_layers=1, batch=2, kv_heads=1, max_len=512, head_dim=128)
+  with pytest.raises(ValueError, match="max_len=512 must be a multiple of page_len=96"):
+    kvtpu.KVCache.init("int8", **kw, page_len=96, num_pages=4)
+  with pytest.raises(ValueError, match="num_pages must be at least 2"):
+    kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=1)
+  with pytest.raises(ValueError, match="page_len must be a positive int"):
+    kvtpu.KVCache.init("int8", **kw, num_pages=4)
+  with pytest.raises(ValueError, match="int2 storage needs max_len a multiple of 128"):
+    kvtpu.KVCache.init("int2", **{**kw, "max_len": 128}, page_len=64, num_pages=4)
+  cache = kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=4)
+  with pytest.raises(ValueError, match=r"page_table must be integers of shape \(2, 4\)"):
+    cache.with_page_table(np.zeros((2, 3), np.int32))
+  with pytest.raises(ValueError, match="is paged: pass its page_table"):
+    cache.k.dequantize(0)
+  with pytest.raises(ValueError, match="with_page_table is for paged caches"):
+    kvtpu.KVCache.init("int8", **kw).with_page_table(np.zeros((2, 4), np.int32))
+
+
+def test_donated_paged_step_writes_in_place():
+  # int8: XLA's CPU backend widens a whole int4 array around a scatter (TPU writes go
+  # through the in-place kernel, compiled for TPU in tests/pallas_kernels).
+  cache = kvtpu.KVCache.init("int8", num_layers=2, batch=8, kv_heads=2, max_len=1024,
+                             head_dim=128, page_len=128, num_pages=40)
+  step = jax.jit(lambda c, k: c.update(1, k, k).advance(1), donate_argnums=0)
+  stats = step.lower(cache, jnp.ones((8, 1, 2, 128))).compile().memory_analysis()
+  assert stats.alias_size_in_bytes >= cache.k.values.nbytes
+  assert stats.temp_size_in_bytes < cache.nbytes / 10
+
+
+def test_out_of_pages_changes_nothing_and_release_recovers():
+  allocator = PageAllocator(num_pages=6, page_len=16, batch=3, pages_per_sequence=4)
+  assert allocator.usable_pages == 5
+  assert allocator.reserve(0, 33) == 3
+  before = allocator.table
+  with pytest.raises(OutOfPages, match="needs 4 pages of data shard 0, which has 2 free") as info:
+    allocator.reserve_many({1: 16, 2: 40})  # 1 + 3 pages: all or nothing.
+  assert (info.value.shard, info.value.needed, info.value.free) == (0, 4, 2)
+  np.testing.assert_array_equal(allocator.table, before)
+  assert allocator.free_pages() == 2
+  assert allocator.release(0) == 3
+  assert allocator.reserve_many({1: 16, 2: 40}) == {1: 1, 2: 3}
+  allocator.check()
+  assert allocator.reserve(2, 10) == 0  # Never shrinks.
+  with pytest.raises(ValueError, match=r"tokens for sequence 2 must be in \[0, max_len=64\]"):
+    allocator.reserve(2, 65)
+  with pytest.raises(ValueError, match=r"seq must be a sequence index in \[0, 3\)"):
+    allocator.release(3)
+
+
+def test_allocator_invariants_hold_under_random_traffic():
+  rng = np.random.default_rng(0)
+  allocator = PageAllocator(num_pages=24, page_len=8, batch=8, pages_per_sequence=6, shards=2)
+  held = np.zeros(8, np.int64)
+  refused = 0
+  for _ in range(400):
+    seq = int(rng.integers(8))
+    if rng.random() < 0.25:
+      allocator.release(seq)
+      held[seq] = 0
+    else:
+      want = min(held[seq] + int(rng.integers(1, 20)), allocator.max_len)
+      try:
+        allocator.reserve(seq, want)
+        held[seq] = want
+      except OutOfPages as e:
+        refused += 1
+        assert e.shard == seq // 4 and e.needed > e.free
+    allocator.check()
+    for s in range(8):
+      assert allocator.held(s) == allocator.pages_for(held[s])
+      # Shard-local ids: each shard's 12 pages are 1..11 of its own block.
+      assert allocator.table[s].max() < 12
+    assert allocator.pages_in_use + allocator.free_pages() == allocator.usable_pages
+  assert refused > 0  # The traffic did run the pool dry.
+
+
+@pytest.mark.parametrize("fmt,shape", [("int8", (2, 4)), pytest.param(
+    "int4-sbf16-rot+sink4+recent252", (4, 2), marks=pytest.mark.slow)])
+def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
+  # Pages over the data axis with their sequences, shard-local page ids from a sharded
+  # allocator; every device runs the single-device paged code on its block.
+  from kvtpu.sharding import CacheSharding
+
+  data, _ = shape
+  sh = CacheSharding(jax.make_mesh(shape, ("data", "model")))
+  b, kh, page, width = 8, 8, 16, 4
+  dims = dict(num_layers=L, batch=b, kv_heads=kh, max_len=page * width, head_dim=H)
+  num_pages = data * (1 + (b // data) * width)
+  paged = sh.init(fmt, **dims, page_len=page, num_pages=num_pages)
+  assert paged.k.values.sharding.spec[1] == "data"
+  # Each device holds exactly its block: P/D pages, B/D sequences and tables.
+  for i in range(8):
+    assert sum(memory.array_nbytes(leaf.addressable_shards[i].data.shape, leaf.dtype)
+               for leaf in jax.tree.leaves(paged)) == sh.per_device_bytes(paged)
+  allocator = PageAllocator.for_cache(paged, shards=data)
+  ref = kvtpu.KVCache.init(fmt, **dims)
+  rng = np.random.default_rng(5)
+
+  def step(cache, k, v, q, valid, update, attend, advance):
+    outs = []
+    for layer in range(L):
+      cache = update(cache, layer, k, v, valid)
+      outs.append(attend(q, cache, layer, valid))
+    return advance(cache, valid), jnp.stack(outs)
+
+  sharded = jax.jit(functools.partial(
+      step, update=lambda c, i, k, v, n: sh.update(c, i, k, v, valid_len=n),
+      attend=lambda q, c, i, n: sh.attend(q, c, i, valid_len=n, impl="xla"),
+      advance=sh.advance))
+  single = jax.jit(functools.partial(
+      step, update=lambda c, i, k, v, n: c.update(i, k, v, valid_len=n),
+      attend=lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl="xla"),
+      advance=lambda c, n: c.advance(n)))
+  held = np.zeros(b, np.int64)
+  for t, valid in ((20, [20, 0, 17, 1, 33 - 13, 5, 16, 2]), (1, [1] * 8), (8, [8, 3, 0, 8, 1, 8, 8, 8])):
+    valid = np.minimum(np.asarray(valid, np.int32), t)
+    for s in range(b):
+      allocator.reserve(s, int(held[s] + valid[s]))
+    allocator.check()
+    paged = paged.with_page_table(jax.device_put(allocator.table, paged.page_table.sharding))
+    k = jnp.asarray(kv_with_outliers(rng, (b, t, kh, H)))
+    v = jnp.asarray(rng.standard_normal((b, t, kh, H)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, 2 * kh, H)) * 0.2, jnp.float32)
+    paged, got = sharded(paged, k, v, q, valid)
+    ref, want = single(ref, k, v, q, valid)
+    assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"T={t}")
+    held += valid
+  np.testing.assert_array_equal(paged.lengths, ref.lengths)
+  for name, count in ref.counts().items():
+    np.testing.assert_array_equal(paged.counts()[name], count, err_msg=name)
+  # The pool holds what the slabs hold: read through global page ids.
+  local = num_pages // data
+  offsets = (np.arange(b) // (b // data) * local)[:, None]
+  table = np.where(allocator.table > 0, allocator.table + offsets, 0)
+  whole = jax.device_get(paged).with_page_table(table)
+  for which in ("k", "v"):
+    a, c = (np.asarray(x.dequantized(1, which)) for x in (whole, jax.device_get(ref)))
+    for s in range(b):
+      np.testing.assert_array_equal(a[s, :, :held[s]], c[s, :, :held[s]])
