@@ -72,10 +72,10 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     layer: layer index (int, or integer scalar under `lax.scan`: a traced index out
       of range gives NaN outputs, as `update` flags it in the cache's `errors`).
     valid_len: as passed to `update` for ragged chunks: only the first
-      `valid_len[b]` chunk tokens are keys; query rows past it are padding and
-      see the same keys as the last valid one. A sequence with no keys at all
-      (length 0 and valid_len 0) gets zeros. A traced negative value gives NaN
-      outputs for its sequence.
+      `valid_len[b]` chunk tokens are keys and queries; query rows past it are
+      padding, and their outputs are 0 (the kernels skip query blocks of padding
+      only, reading nothing for them). A traced negative value gives NaN outputs
+      for its sequence.
     scale: logit scale; default `1 / sqrt(H)`.
     impl: "xla" (reference, any backend), "pallas" (compiled TPU kernel),
       "interpret" (the kernel in Pallas interpret mode), or "auto" (Pallas on
@@ -181,7 +181,9 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
             else prefill_attention.prefill_attention)
   out = kernel(qg.reshape(b, t, n, h), cache.k.kernel_operand, cache.v.kernel_operand,
                cache.lengths, chunk, layer, page_table=cache.page_table, interpret=interpret)
-  has_keys = (cache.lengths + chunk > 0)[:, None, None, None, None]
+  # Row t of sequence b sees keys iff it is a chunk token (it sees itself); padding
+  # rows are 0.
+  has_keys = (jnp.arange(t)[None, :] < chunk[:, None])[:, :, None, None, None]
   out = cache.v.scale_output(out.reshape(b, t, kh, n // kh, h), layer, has_keys)
   return out.reshape(b, t, n, h).astype(q.dtype)
 

@@ -9,6 +9,7 @@ known accelerator it reports achieved bandwidth as a fraction of the HBM rooflin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvtpu import accelerators, reports
+from kvtpu._shared import dtype_bits
 from kvtpu.attention import attend
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
+from kvtpu.paging import PageAllocator
 from kvtpu.pallas_kernels.decode_attention import (
   BlockSizes,
   default_block_sizes,
@@ -33,22 +36,32 @@ from kvtpu.pallas_kernels.prefill_attention import default_prefill_block_sizes
 from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["random_cache", "time_call", "attention_rows", "markdown_table", "traffic_rows",
-           "traffic_markdown"]
+           "traffic_markdown", "interpreted_hbm_reads", "paged_kernel_comparison"]
 
 
 def random_cache(fmt: KVFormat | str, *, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 lengths, seed: int = 0) -> KVCache:
+                 lengths, seed: int = 0, page_len: int | None = None) -> KVCache:
   """A one-layer cache holding `lengths[b]` random tokens per sequence.
 
   Stored values are drawn directly in the storage dtype (uniform over the integer
   range, or normal for floats) with scales near 1/64, so that large caches are made
-  without quantizing on the host; timing does not depend on the values.
+  without quantizing on the host; timing does not depend on the values. With
+  `page_len`, a paged cache whose pool holds exactly the pages the lengths need
+  (given out in order by a `PageAllocator`).
   """
   fmt = KVFormat.parse(fmt)
   if fmt.static:
     raise ValueError(f"random_cache takes dynamic or bf16 formats, got {fmt.name}")
+  paged = {}
+  if page_len is not None:
+    need = sum(-(-int(n) // page_len) for n in np.asarray(lengths))
+    paged = dict(page_len=page_len, num_pages=1 + max(need, 1))
   cache = KVCache.init(fmt, num_layers=1, batch=batch, kv_heads=kv_heads, max_len=max_len,
-                       head_dim=head_dim)
+                       head_dim=head_dim, **paged)
+  if page_len is not None:
+    allocator = PageAllocator.for_cache(cache)
+    allocator.reserve_many({b: int(n) for b, n in enumerate(np.asarray(lengths))})
+    cache = cache.with_page_table(allocator.table)
   key = jax.random.key(seed)
 
   def randomized(x: QuantizedKV, key) -> QuantizedKV:
@@ -81,11 +94,13 @@ def time_call(fn: Callable[[], jax.Array], *, iters: int, warmup: int = 1) -> fl
 
 
 def traffic_rows(formats, contexts, *, batch: int = 8, head_dim: int = 128, kv_heads: int = 8,
-                 q_heads: int = 32, seed: int = 0) -> list[dict]:
+                 q_heads: int = 32, seed: int = 0, page_len: int | None = None) -> list[dict]:
   """The decode kernel's HBM bytes per step vs the minimum and vs bf16 (no execution).
 
   Two length distributions per context S: every sequence at S ("full"), and lengths
   uniform in [1, S] ("ragged"), where the last block of each sequence is read whole.
+  With `page_len`, a paged cache of pages of that many positions (blocks of one page);
+  else slabs with the default blocks.
   """
   rng = np.random.default_rng(seed)
   rows = []
@@ -94,15 +109,18 @@ def traffic_rows(formats, contexts, *, batch: int = 8, head_dim: int = 128, kv_h
                           ("ragged", rng.integers(0, context, size=batch))):
       bf16 = None
       for fmt_name in ["bf16", *[f for f in formats if KVFormat.parse(f).name != "bf16"]]:
+        paged = {} if page_len is None else dict(
+            page_len=page_len, num_pages=1 + batch * (context // page_len))
         cache = jax.eval_shape(functools.partial(
             KVCache.init, fmt_name, num_layers=1, batch=batch, kv_heads=kv_heads,
-            max_len=context, head_dim=head_dim))
+            max_len=context, head_dim=head_dim, **paged))
         cache = dataclasses.replace(cache, lengths=lengths)
         q = jax.ShapeDtypeStruct((batch, 1, q_heads, head_dim), jnp.float32)
         moved, minimum = _bytes(cache, q, np.ones(batch, np.int32), "pallas")
         bf16 = bf16 or moved
         rows.append(dict(kv_format=KVFormat.parse(fmt_name).name, context=context, batch=batch,
-                         lengths=dist, bytes=moved, min_bytes=minimum,
+                         head_dim=head_dim, page_len=page_len, lengths=dist, bytes=moved,
+                         min_bytes=minimum,
                          over_min=moved / minimum, vs_bf16=moved / bf16))
   return rows
 
@@ -122,12 +140,13 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   groups = (k.token_group or 0, v.token_group or 0)
   d = validate_inputs(q, k.values, v.values, cache.lengths, jnp.asarray(chunk), 0,
                       read(k, "scale"), read(k, "zero"), read(v, "scale"), read(v, "zero"),
-                      max_t=None, token_groups=groups)
+                      max_t=None, token_groups=groups, page_table=cache.page_table)
   itemsize = {"k": k.spec.scale_jnp_dtype.itemsize, "v": v.spec.scale_jnp_dtype.itemsize}
   zeros = (read(k, "zero") is not None, read(v, "zero") is not None)
   lengths = np.asarray(cache.lengths)
   minimum = min_hbm_bytes(d, lengths, chunk, cache.k.dtype, cache.v.dtype,
-                          scale_itemsize=itemsize, has_zero=zeros)
+                          scale_itemsize=itemsize, has_zero=zeros,
+                          windows=(cache.fmt.sink, cache.fmt.recent))
   if impl != "pallas":
     return minimum, minimum
   if d.t == 1:
@@ -136,8 +155,8 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   else:
     blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group,
                                          token_groups=groups)
-    block_t, block_s = blocks.resolve(d.t, d.max_len)
-  block_s = BlockSizes(block_s).resolve(d.max_len)
+    block_t, block_s = blocks.resolve(d.t, d.slab)
+  block_s = BlockSizes(block_s).resolve(d.slab)
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,
                       block_t=block_t, scale_itemsize=itemsize, has_zero=zeros,
                       windows=(cache.fmt.sink, cache.fmt.recent))
@@ -207,3 +226,102 @@ def markdown_table(rows: list[dict]) -> str:
                         f"{r['bytes_over_min']:.3f}", f"{r['gb_per_s']:.1f}", frac])
   return reports.markdown_table(["format", "context", "batch", "phase", "ms", "MB moved", "x min",
                                  "GB/s", "roofline (%)"], body)
+
+
+@contextlib.contextmanager
+def interpreted_hbm_reads():
+  """Counts the bytes Pallas's TPU interpreter reads from HBM while the block runs:
+  block copies of `BlockSpec` inputs and DMAs a kernel starts itself (as JAX's paged
+  attention does). Yields `{"blocks": bytes, "dmas": bytes}`.
+
+  Wraps the interpreter's private `get` and `DMA.execute_read` (jax is pinned in
+  pyproject.toml, and tests/pallas_kernels checks the kernels' accounts against the
+  same hooks); jit caches are cleared around the block, as the hooks are captured when
+  the interpreter is traced.
+  """
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mi  # noqa: PLC0415
+
+  hbm = mi.TPU_MEMORY_SPACE_IDXS[mi.mosaic_core.MemorySpace.HBM]
+  counts = {"blocks": 0, "dmas": 0}
+  real_get, real_read = mi.get, mi.DMA.execute_read
+
+  def get(token, device_id, local_core_id, memory_space, *args, input_name=None, **kw):
+    token, value = real_get(token, device_id, local_core_id, memory_space, *args,
+                            input_name=input_name, **kw)
+    if input_name is not None and int(memory_space) == hbm:
+      counts["blocks"] += value.size * dtype_bits(value.dtype) // 8
+    return token, value
+
+  def execute_read(dma):
+    unread = dma.data is None
+    real_read(dma)
+    if unread and dma.data is not None and dma.src_memory_space == hbm:
+      counts["dmas"] += dma.data.size * dtype_bits(dma.data.dtype) // 8
+
+  get.__wrapped__ = real_get.__wrapped__  # What DMA reads call.
+  mi.get, mi.DMA.execute_read = get, execute_read
+  jax.clear_caches()
+  try:
+    yield counts
+  finally:
+    mi.get, mi.DMA.execute_read = real_get, real_read
+    jax.clear_caches()
+
+
+def paged_kernel_comparison(*, context: int = 2048, batch: int = 8, kv_heads: int = 1,
+                            q_heads: int = 4, head_dim: int = 128, page_len: int = 64,
+                            pages_per_compute_block: int = 4, seed: int = 0) -> list[dict]:
+  """Decode bytes read from HBM, measured through the TPU interpreter, of kvtpu's paged
+  kernel and JAX's TPU paged-attention kernel (`jax.experimental.pallas.ops.tpu.
+  paged_attention`) on the same shapes, pages and lengths (uniform in [1, context]):
+  bf16 pages for both, and int8 pages (kvtpu: per-token float32 scales; JAX: its
+  `QuantizedTensor` with one float32 scale per token, which it broadcasts to head_dim).
+
+  Returns one row per (kernel, format): bytes read, the minimum (`min_hbm_bytes`: each
+  held token's K, V and scale once, queries and outputs once) and the ratio to the
+  same kernel's bf16.
+  """
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.paged_attention.quantization_utils import (  # noqa: PLC0415
+    QuantizedTensor,
+  )
+
+  from kvtpu.pallas_kernels.decode_attention import decode_attention  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, context + 1, size=batch).astype(np.int32)
+  q = jnp.asarray(rng.standard_normal((batch, 1, q_heads, head_dim)), jnp.float32)
+  interpret = pltpu.InterpretParams()
+  rows, bf16 = [], {}
+  for fmt in ("bf16", "int8"):
+    # Every sequence holds `lengths` tokens before the step and writes none: chunk 1
+    # with the token already counted, as the kernels see a decode step.
+    cache = random_cache(fmt, batch=batch, kv_heads=kv_heads, max_len=context,
+                         head_dim=head_dim, lengths=lengths - 1, seed=seed, page_len=page_len)
+    cache = dataclasses.replace(cache, lengths=jnp.asarray(lengths - 1))
+    chunk = np.ones(batch, np.int32)
+    _, minimum = _bytes(cache, q, chunk, "xla")
+    k, v = cache.k, cache.v
+    with interpreted_hbm_reads() as ours:
+      jax.block_until_ready(decode_attention(
+          q, k, v, cache.lengths, jnp.asarray(chunk), 0, page_table=cache.page_table,
+          block_sizes=BlockSizes(page_len), interpret=interpret))
+    # JAX's layout: pages [K, P, Z, H]; lengths count the held tokens.
+    def jax_pages(x):
+      values = jnp.swapaxes(x.values[0], 0, 1)
+      if x.scale is None:
+        return values
+      return QuantizedTensor(values, jnp.swapaxes(x.scale[0], 0, 1)[..., None].reshape(
+          kv_heads, -1, page_len, 1).astype(jnp.float32))
+    with interpreted_hbm_reads() as theirs, pltpu.force_tpu_interpret_mode(interpret):
+      jax.block_until_ready(paged_attention(
+          q[:, 0], jax_pages(k), jax_pages(v), jnp.asarray(lengths), cache.page_table,
+          pages_per_compute_block=pages_per_compute_block))
+    for kernel, counts in (("kvtpu", ours), ("jax paged_attention", theirs)):
+      moved = counts["blocks"] + counts["dmas"]
+      bf16.setdefault(kernel, moved)
+      rows.append(dict(kernel=kernel, kv_format=fmt, context=context, batch=batch,
+                       head_dim=head_dim, page_len=page_len, bytes=moved, min_bytes=minimum,
+                       over_min=moved / minimum, vs_bf16=moved / bf16[kernel]))
+  return rows

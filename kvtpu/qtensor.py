@@ -286,13 +286,14 @@ class QuantizedKV:
     rows = batch if pages is None else pages
     if clip and not spec.clippable:
       raise ValueError(f"clip ratios are for range-scaled dynamic (per-token) specs, not {spec.name}")
+    what = "max_len" if pages is None else "page_len"  # The positions of one slab.
     if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
-      raise ValueError(f"int2 storage needs max_len a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
-                       f"TPU layout of int2 arrays), got max_len={max_len} ({spec.name})")
+      raise ValueError(f"int2 storage needs {what} a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
+                       f"TPU layout of int2 arrays), got {what}={max_len} ({spec.name})")
     n = spec.token_group
     if n is not None and max_len % n:
-      raise ValueError(f"{spec.name} scales groups of {n} positions: max_len must be a multiple "
-                       f"of {n}, got max_len={max_len}")
+      raise ValueError(f"{spec.name} scales groups of {n} positions: {what} must be a multiple "
+                       f"of {n}, got {what}={max_len}")
     sds = jax.ShapeDtypeStruct
     values = sds((num_layers, rows, kv_heads, max_len, head_dim), spec.storage_dtype)
     scale = zero = None

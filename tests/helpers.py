@@ -161,7 +161,7 @@ def np_attention(q, keys, values, lengths, chunk, scale):
   out = np.zeros(q.shape, np.float64)
   for b in range(b_):
     end = lengths[b] + chunk[b]
-    for t in range(t_):
+    for t in range(min(t_, chunk[b])):  # Rows past the chunk are padding: zeros.
       pos = lengths[b] + min(t, max(chunk[b] - 1, 0))
       n_keys = min(pos + 1, end)
       if n_keys == 0:

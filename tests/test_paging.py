@@ -144,7 +144,7 @@ def test_paged_init_refuses_what_does_not_fit():
     kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=1)
   with pytest.raises(ValueError, match="page_len must be a positive int"):
     kvtpu.KVCache.init("int8", **kw, num_pages=4)
-  with pytest.raises(ValueError, match="int2 storage needs max_len a multiple of 128"):
+  with pytest.raises(ValueError, match="int2 storage needs page_len a multiple of 128"):
     kvtpu.KVCache.init("int2", **{**kw, "max_len": 128}, page_len=64, num_pages=4)
   cache = kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=4)
   with pytest.raises(ValueError, match=r"page_table must be integers of shape \(2, 4\)"):

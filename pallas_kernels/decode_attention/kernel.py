@@ -1,9 +1,10 @@
 """Decode attention over a quantized KV cache, as a Pallas TPU kernel.
 
-What it computes: for each sequence b and kv head, the T (<= 8) new queries of all G
-query heads that share the kv head attend to the cache positions they may see
-(causal within the chunk, up to `lengths[b] + chunk[b]`), with an f32 online
-softmax over KV blocks. Same contract as `reference.ref_decode_attention`.
+What it computes: for each sequence b and kv head, the first `chunk[b]` of the T (<= 8)
+new queries of all G query heads that share the kv head attend to the cache positions
+they may see (causal within the chunk, up to `lengths[b] + chunk[b]`), with an f32
+online softmax over KV blocks; the other rows are padding, returned as 0. Same
+contract as `reference.ref_decode_attention`.
 
 Layout and traffic:
   * Grid `(B, K, S / block_s)`, the last axis sequential. Per (b, kv head) the cache
@@ -199,13 +200,17 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   """Bytes a kernel call moves between HBM and VMEM, for concrete lengths and chunks.
 
   Derived from the grid, the block specs and the skip logic: a block is copied when
-  its block index differs from the previous grid step's. Per (b, kv head) and query
-  block j, the KV index map visits blocks `0..last_j` with `last_j = max(0,
-  ceil(min(lengths + min((j + 1) * block_t, chunk), S) / block_s) - 1)`: `last_j + 1`
+  its block index differs from the previous grid step's. Per (b, kv head), the live
+  query blocks are j = 0 .. ceil(chunk / block_t) - 1 (at least block 0); the others
+  hold padding only and copy nothing. Live block j's KV index map visits blocks
+  `0..last_j` with `last_j = max(0, ceil(end_j / block_s) - 1)`, `end_j =
+  min(lengths + min((j + 1) * block_t, chunk), S)` (0 when chunk is 0; with a recent
+  window of W_r, at most `max(min(lengths + chunk, S) - W_r, W_s)`): `last_j + 1`
   copies, one fewer when the previous query block ended on block 0 too. Each KV copy
   moves its K and V blocks and their scale (and zero point) blocks; the edge block
   of an S that `block_s` does not divide is counted whole. The windows' blocks keep
-  their index along the query and KV axes: each is copied once per (b, kv head).
+  their index along the query and KV axes: each is copied once per (b, kv head);
+  queries are read and outputs written once per live query block.
 
   Args:
     d: the call's `Dims`.
@@ -229,8 +234,14 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   num_q_blocks = -(-d.t // block_t)
   j = np.arange(num_q_blocks)[None, :]
   end = np.minimum(lengths[:, None] + np.minimum((j + 1) * block_t, chunk[:, None]), d.max_len)
+  if windows[1]:  # Positions the recent window holds are not read from the store.
+    held = np.minimum(lengths + chunk, d.max_len)[:, None]
+    end = np.minimum(end, np.maximum(held - windows[1], windows[0]))
+  end = np.where(chunk[:, None] > 0, end, 0)
   last = np.maximum(-(-end // block_s) - 1, 0)  # [B, J]
-  copies = (last + 1).sum(axis=1) - (last[:, :-1] == 0).sum(axis=1)  # [B]
+  live = (j == 0) | (j * block_t < chunk[:, None])  # [B, J]
+  copies = (np.where(live, last + 1, 0).sum(axis=1)
+            - ((last[:, :-1] == 0) & live[:, 1:]).sum(axis=1))  # [B]
   kv_copies = int(copies.sum()) * d.kv_heads
   kv = kv_copies * block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
   scales = 0
@@ -241,7 +252,7 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
       scales += kv_copies * -(-block_s // n) * d.head_dim * scale_itemsize[name] * (
           2 if zero else 1)
   rows = block_t * d.group
-  q = d.batch * d.kv_heads * num_q_blocks * rows * d.head_dim * 4
+  q = int(live.sum()) * d.kv_heads * rows * d.head_dim * 4
   out = q
   win = d.batch * d.kv_heads * sum(windows) * d.head_dim * window_itemsize * 2  # K and V.
   return {"kv": kv, "scales": scales, "windows": win, "q": q, "out": out,
@@ -249,19 +260,51 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
 
 
 def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
-                  scale_itemsize: dict[str, int] | None = None, has_zero=(False, False)) -> int:
-  """The least any kernel must read: each held token's K, V and scales once."""
+                  scale_itemsize: dict[str, int] | None = None, has_zero=(False, False),
+                  windows=(0, 0), window_itemsize: int = 2) -> int:
+  """The least any kernel must move: K, V and scales of each token a query sees, once,
+  at the precision it is stored in (a position the sink or recent window holds at the
+  window's, `windows = (W_s, W_r)`), plus each query row read and its output written
+  once (float32, as the kernels take them). A sequence whose chunk is 0 has no queries
+  and needs nothing."""
   import numpy as np
 
   scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
-  tokens = int(np.minimum(np.asarray(lengths) + np.asarray(chunk), d.max_len).sum()) * d.kv_heads
+  lengths, chunk = np.asarray(lengths), np.asarray(chunk)
+  held = np.where(chunk > 0, np.minimum(lengths + chunk, d.max_len), 0)
+  sink, recent = windows
+  in_windows = np.minimum(held, sink) + np.minimum(np.maximum(held - sink, 0), recent)
   per_token = d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
   for name, groups, zero in (("k", d.k_groups, has_zero[0]), ("v", d.v_groups, has_zero[1])):
     per_token += groups * scale_itemsize[name] * (2 if zero else 1)
   for name, n, zero in (("k", d.k_token_group, has_zero[0]), ("v", d.v_token_group, has_zero[1])):
     if n:  # A group's per-channel scales, shared by its N positions.
       per_token += d.head_dim * scale_itemsize[name] * (2 if zero else 1) / n
-  return int(tokens * per_token)
+  kv = (int((held - in_windows).sum()) * per_token
+        + int(in_windows.sum()) * 2 * d.head_dim * window_itemsize) * d.kv_heads
+  rows = int(np.minimum(chunk, d.t).sum()) * d.group * d.kv_heads
+  return int(kv) + 2 * rows * d.head_dim * 4
+
+
+def _live(chunk, j, block_t: int):
+  """Whether query block j holds a row of the chunk (block 0 always runs)."""
+  return (j == 0) | (j * block_t < chunk)
+
+
+def _last_live(chunk, block_t: int):
+  """The last query block that `_live` runs."""
+  return jnp.maximum(jax.lax.div(chunk + block_t - 1, block_t) - 1, 0)
+
+
+def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, recent: int = 0):
+  """Query block j reads the quantized store at positions `< block_end`: what its last
+  row sees, less what the recent window holds (the sequence's last `recent` positions
+  after the chunk, none below the sink); 0 for a chunk of no rows (nothing is read)."""
+  end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk), max_len)
+  if recent:
+    held = jnp.minimum(length + chunk, max_len)
+    end = jnp.minimum(end, jnp.maximum(held - recent, sink))
+  return jnp.where(chunk > 0, end, 0)
 
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
@@ -280,8 +323,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
   num_blocks = pl.num_programs(3)
   length, chunk = lengths_ref[b], chunk_ref[b]
   end = jnp.minimum(length + chunk, d.max_len)  # Positions < end hold tokens.
-  # The last query of this block sees positions < block_end.
-  block_end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk), d.max_len)
+  # The store blocks this query block reads hold positions < block_end.
+  block_end = _block_end(length, chunk, j, block_t, d.max_len, sink, recent)
+  live = _live(chunk, j, block_t)  # A block of padding rows only is skipped whole.
   tg, h = block_t * d.group, d.head_dim
   hi = jax.lax.Precision.HIGHEST
 
@@ -289,11 +333,11 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
   quant_end = jnp.maximum(end - recent, sink) if recent else end
 
   def query_limit(width):
-    """`[TG, width]`: the last position each row's query token sees."""
+    """`[TG, width]`: the last position each row's query token sees (-1: padding)."""
     # lax.div (truncating) rather than //: Mosaic lowers floor division through sign,
     # which needs the present device to be a TPU; all operands here are >= 0.
     t = j * block_t + jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (tg, width), 0), d.group)
-    return length + jnp.minimum(t, chunk - 1)
+    return jnp.where(t < chunk, length + t, -1)
 
   def softmax_step(logits, mask):
     """Online-softmax update of the running max and sum by one segment's `[TG, W]`
@@ -325,7 +369,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
     acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, precision=hi,
                                                   preferred_element_type=jnp.float32)
 
-  @pl.when(i == 0)
+  @pl.when((i == 0) & live)
   def _init():
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -340,7 +384,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
       pos = end - recent + jax.lax.rem(slot - jax.lax.rem(end, recent) + recent, recent)
       window(recent_refs, pos, (pos >= sink) & (pos >= 0))
 
-  @pl.when(i * block_s < block_end)
+  @pl.when((i * block_s < block_end) & live)
   def _block():
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
     chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
@@ -420,7 +464,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
         pv = pv + (part if d.v_groups == 1 else jnp.where(in_group(g, d.v_groups), part, 0.0))
     acc_ref[...] = alpha * acc_ref[...] + pv
 
-  @pl.when(i == num_blocks - 1)
+  @pl.when((i == num_blocks - 1) & live)
   def _finish():
     denom = l_ref[...]
     o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
@@ -496,6 +540,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
     raise ValueError(error)
   bs = block_s
   blocks_per_page = pl.cdiv(d.slab, bs)
+  windows_len = tuple(0 if w is None else w.shape[3] for w in (windows[0], windows[2]))
   if page_table is None:
     page_table = jnp.arange(d.batch, dtype=jnp.int32)[:, None]
   pages_per_seq = page_table.shape[1]
@@ -505,19 +550,27 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   qk = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
   qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, d.t * d.group, d.head_dim)
 
+  def q_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref):
+    """(b, h, query block): blocks of padding only repeat the last live one (no copy)."""
+    chunk_b = chunk_ref[b]
+    return b, h, jnp.where(_live(chunk_b, j, block_t), j, _last_live(chunk_b, block_t)), 0
+
   def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref):
     """(layer, page, h, block within the page): blocks past what query block j sees
-    repeat the last one; a table entry outside the pool reads page 0."""
+    repeat the last one, and a query block of padding only stays on the last live
+    block's last one (no copy); a table entry outside the pool reads page 0."""
     length, chunk_b = lengths_ref[b], chunk_ref[b]
-    end = jnp.minimum(length + jnp.minimum((j + 1) * block_t, chunk_b), d.max_len)
+    live = _live(chunk_b, j, block_t)
+    j = jnp.where(live, j, _last_live(chunk_b, block_t))
+    end = _block_end(length, chunk_b, j, block_t, d.max_len, *windows_len)
     last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's query_limit.
-    block = jnp.minimum(i, last)
+    block = jnp.where(live, jnp.minimum(i, last), last)
     page = table_ref[b * pages_per_seq + jax.lax.div(block, blocks_per_page)]
     page = jnp.where((page >= 0) & (page < d.rows), page, 0)
     return layer_ref[0], page, h, jax.lax.rem(block, blocks_per_page)
 
   sq = pl.Squeezed()
-  q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
+  q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), q_block)
   kv_spec = pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
   in_specs, operands = [q_spec, kv_spec, kv_spec], [qk, k, v]
   for scale, zero, groups, n in ((k_scale, k_zero, d.k_groups, d.k_token_group),
@@ -556,10 +609,15 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
           scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                           pltpu.VMEM((rows, d.head_dim), jnp.float32)],
       ),
+      # The query axis is sequential: a query block of padding only keeps the last live
+      # block's output block and KV blocks (no copies), so its steps must follow it.
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lengths.astype(jnp.int32),
     chunk.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), *operands)
   out = out.reshape(d.batch, d.kv_heads, d.t, d.group, d.head_dim).transpose(0, 2, 1, 3, 4)
+  # Rows past the chunk are padding: 0 (the kernel never writes skipped query blocks).
+  padding = jnp.arange(d.t)[None, :] >= chunk.astype(jnp.int32)[:, None]
+  out = jnp.where(padding[:, :, None, None, None], 0.0, out)
   return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)

@@ -360,10 +360,11 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
 
   `k`, `v` may be quantized tensors carrying their scales, windows, codes and scale
-  layout (`unpack_operands`, `unpack_windows`, `unpack_codes`, `unpack_token_groups`). Query t of sequence b sits at position
-  `p = lengths[b] + min(t, chunk[b] - 1)` and sees cache positions `s <= p` with
-  `s < lengths[b] + chunk[b]` and `s < S`, window positions read from the windows;
-  rows with no visible position are 0. Returns `[B, T, N, H]` float32.
+  layout (`unpack_operands`, `unpack_windows`, `unpack_codes`, `unpack_token_groups`).
+  Query t < chunk[b] of sequence b sits at position `p = lengths[b] + t` and sees cache
+  positions `s <= p` with `s < S`, window positions read from the windows; rows
+  t >= chunk[b] are padding, and they and rows with no visible position are 0.
+  Returns `[B, T, N, H]` float32.
   """
   del block_sizes, interpret
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
@@ -413,7 +414,8 @@ def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
   held = pos_s < (lengths + chunk)[:, None]  # [B, S]
   keys = jnp.where(held[:, None, :, None], keys.astype(jnp.float32), 0.0)
   values = jnp.where(held[:, None, :, None], values.astype(jnp.float32), 0.0)
-  limit = lengths[:, None] + jnp.minimum(jnp.arange(t)[None, :], chunk[:, None] - 1)  # [B, T]
+  steps = jnp.arange(t)[None, :]
+  limit = jnp.where(steps < chunk[:, None], lengths[:, None] + steps, -1)  # [B, T]; -1: padding
   visible = held[:, None, :] & (pos_s[None, :, :] <= limit[:, :, None])  # [B, T, S]
   qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
   hi = jax.lax.Precision.HIGHEST

@@ -55,9 +55,13 @@ def test_reference_by_hand():
   q = jnp.array([[[[np.log(3.0), 0.0]]]], jnp.float32)  # [B=1, T=1, N=1, H=2]
   out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([1]), 0)
   np.testing.assert_allclose(out, [[[[12.5, 12.5]]]], rtol=1e-6)
-  # With a chunk of 0 the query sits at position 1 but only position 0 is held.
+  # With a chunk of 0 the query row is padding: 0, whatever the cache holds.
   out = ref_decode_attention(q, k, v, jnp.array([1]), jnp.array([0]), 0)
-  np.testing.assert_allclose(out, [[[[10.0, 10.0]]]], rtol=1e-6)
+  np.testing.assert_array_equal(out, [[[[0.0, 0.0]]]])
+  # Two query rows, a chunk of one: the first sees positions 0 and 1, the second is 0.
+  out = ref_decode_attention(jnp.concatenate([q, q], axis=1), k, v, jnp.array([1]),
+                             jnp.array([1]), 0)
+  np.testing.assert_allclose(out, [[[[12.5, 12.5]], [[0.0, 0.0]]]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", [

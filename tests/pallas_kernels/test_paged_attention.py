@@ -26,6 +26,8 @@ from kvtpu.pallas_kernels.prefill_attention import (
   ref_prefill_attention,
 )
 
+import kvtpu
+from kvtpu import benchmark
 from tests.helpers import slow_unless
 from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args, split_static
 
@@ -180,7 +182,6 @@ def test_paged_account_matches_interpreter_copies(fmt, copied_bytes, rng):
     pytest.param("int8", "v6e", 64, marks=pytest.mark.slow)])
 def test_paged_kernels_compile_through_mosaic(fmt, generation, t):
   # Pages of 128 positions of a pool of 4097 pages, 32 pages per sequence.
-  import kvtpu
   from tests.pallas_kernels.cases import tpu_device
 
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
@@ -202,3 +203,25 @@ def test_paged_kernels_compile_through_mosaic(fmt, generation, t):
                                                              page_table=table))
   fn.lower(on_tpu(jax.ShapeDtypeStruct((b, t, 4, 128), jnp.float32)), tensor("k"), tensor("v"),
            vec, vec, on_tpu(jax.ShapeDtypeStruct((b, 32), jnp.int32))).compile()
+
+
+def test_paged_comparison_measures_what_the_account_says():
+  # The benchmark's interpreter-measured bytes of kvtpu's paged kernel are its exact
+  # account; JAX's paged attention, reading whole compute blocks and scales broadcast to
+  # head_dim, reads more, and its int8 pages more than its bf16 ones.
+  rows = benchmark.paged_kernel_comparison(context=512, batch=3, page_len=64,
+                                           pages_per_compute_block=2, seed=1)
+  by = {(r["kernel"], r["kv_format"]): r for r in rows}
+  for fmt in ("bf16", "int8"):
+    ours, theirs = by[("kvtpu", fmt)], by[("jax paged_attention", fmt)]
+    assert ours["min_bytes"] <= ours["bytes"] < theirs["bytes"]
+  assert by[("kvtpu", "int8")]["vs_bf16"] < 0.55 < 2 < by[("jax paged_attention", "int8")]["vs_bf16"]
+  lengths = np.random.default_rng(1).integers(1, 513, size=3)
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(
+      "int8", num_layers=1, batch=3, kv_heads=1, max_len=512, head_dim=128, page_len=64,
+      num_pages=25))
+  q = jax.ShapeDtypeStruct((3, 1, 4, 128), jnp.float32)
+  d = validate_inputs(q, cache.k.values, cache.v.values, lengths - 1, np.ones(3, np.int32), 0,
+                      cache.k.scale, None, cache.v.scale, None, page_table=cache.page_table)
+  account = hbm_bytes(d, 64, lengths - 1, np.ones(3, np.int32), jnp.int8, jnp.int8)
+  assert by[("kvtpu", "int8")]["bytes"] == account["total"] - account["out"]
