@@ -75,6 +75,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                      "do not report one (CPU).", flag_values=fv)
   flags.DEFINE_string("impl", d.impl,
                       "attend implementation of the live step (aot: pallas).", flag_values=fv)
+  flags.DEFINE_list("paged_lengths", list(d.paged_lengths),
+                    "Length distributions of requests for the paged-cache question: "
+                    "fixed:<n>, uniform:<lo>:<hi>, histogram:<path> (JSON lengths/counts, or "
+                    "CSV length,count); empty for none.", flag_values=fv)
+  flags.DEFINE_integer("page_len", d.page_len, "Positions per page of the paged cache.",
+                       flag_values=fv)
+  flags.DEFINE_list("paged_demands", list(d.paged_demands),
+                    "What the page pool is sized for: mean and/or p99 of the pages the "
+                    "requests hold.", flag_values=fv)
   flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                     "jax.distributed.initialize(): auto = on a multi-host TPU slice.",
                     flag_values=fv)

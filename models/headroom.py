@@ -116,14 +116,16 @@ class _Step:
     self.tokens_sharding = NamedSharding(mesh, P("data"))
     self.impl = impl
 
-  def abstract_cache(self, fmt: KVFormat, batch: int, max_len: int) -> kvtpu.KVCache:
+  def abstract_cache(self, fmt: KVFormat, batch: int, max_len: int, page_len: int | None = None,
+                     num_pages: int | None = None) -> kvtpu.KVCache:
     if isinstance(fmt, kvtpu.LayerPlan):
       raise ValueError(f"fmt={fmt.name} is a layer plan, which only the analytic measure "
                        f"sizes: {PLANS_ANALYTIC_ONLY}")
     cfg = self.cfg
     return jax.eval_shape(functools.partial(
         kvtpu.KVCache.init, fmt, num_layers=cfg.num_layers, batch=batch,
-        kv_heads=cfg.num_kv_heads, max_len=max_len, head_dim=cfg.head_dim))
+        kv_heads=cfg.num_kv_heads, max_len=max_len, head_dim=cfg.head_dim, page_len=page_len,
+        num_pages=num_pages))
 
   def jitted(self, cache):
     cache_sh = self.sharding.shardings(cache)
@@ -152,7 +154,9 @@ class AotMeasure:
     strategy: kv-head strategy. impl: attention implementation ("pallas": the kernels).
 
   `compile_seconds` lists each successful compile's (format, batch, max_len, seconds)
-  (wall time on this host; the headroom report summarizes it per batch).
+  (wall time on this host; the headroom report summarizes it per batch). Called with
+  `page_len` and `num_pages` (a `kvtpu.headroom.paged.PagedMeasure`), it compiles the
+  step over a paged cache of that pool.
   """
 
   def __init__(self, cfg: ModelConfig, *, weights: str, slice_: accelerators.Slice, data: int,
@@ -173,9 +177,10 @@ class AotMeasure:
     self.compiles = 0
     self.compile_seconds: list[tuple[str, int, int, float]] = []  # (format, batch, max_len, s)
 
-  def __call__(self, fmt: KVFormat, batch: int, max_len: int) -> headroom.Usage:
+  def __call__(self, fmt: KVFormat, batch: int, max_len: int, page_len: int | None = None,
+               num_pages: int | None = None) -> headroom.Usage:
     s = self.step
-    cache = s.abstract_cache(fmt, batch, max_len)
+    cache = s.abstract_cache(fmt, batch, max_len, page_len, num_pages)
     typed = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
     args = (jax.tree.map(typed, s.state, s.param_shardings),
             jax.tree.map(typed, cache, s.sharding.shardings(cache)),

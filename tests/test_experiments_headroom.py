@@ -64,6 +64,19 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["mesh"] == "data:2,model:4" and config["seconds"]["analytic"] >= 0
   assert config["topology"] == "v5e:2x4"
+  # Paged: requests of lengths uniform in [1, 32K] each hold their own pages, so about
+  # twice as many are in flight as 32K slabs fit (mean; fewer at the 99th percentile),
+  # each format in proportion to its bytes.
+  paged = [json.loads(line) for line in (tmp_path / "paged.jsonl").read_text().splitlines()]
+  best = {(r["kv_format"], r["demand"]): r for r in paged if not r["oom"]}
+  assert len(best) == 6 * 2 and all(r["lengths"] == "uniform:1:32768" for r in paged)
+  for fmt in ("bf16", "int8", FOUR_BIT_SCHEME):
+    slabs = maxima[(fmt, "max_concurrency", 32768)]["batch"]
+    assert 1.9 * slabs <= best[(fmt, "mean")]["requests"] <= 2.1 * slabs + 2
+    assert slabs < best[(fmt, "p99")]["requests"] < best[(fmt, "mean")]["requests"]
+  for r in paged:
+    assert (r["total_per_device"] > r["budget_per_device"]) == r["oom"]
+  assert "## Paged cache" in report and "| `int8` | `uniform:1:32768` | mean | 88 |" in report
 
 
 @pytest.mark.parametrize("args,message", [
@@ -81,6 +94,9 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--weight_dtype=fp16"], "--weight_dtype: expected one of"),
     (["--reserve=1"], "--reserve: expected a fraction of HBM in [0, 1), got 1.0"),
     (["--concurrencies=0"], "--concurrencies: expected integers >= 1, got [0]"),
+    (["--paged_lengths=gauss:5"], "--paged_lengths: length distribution 'gauss:5': expected"),
+    (["--page_len=64", "--kv_formats=int2"], "--page_len: int2 needs pages of a multiple of 128"),
+    (["--paged_demands=p50"], "--paged_demands: expected demands among ['mean', 'p99']"),
     (["--kv_formats=int7"], "--kv_formats: invalid KV format name='int7'"),
     (["--kv_formats=int2|int4@1,3-5", "--modes=analytic,aot"],
      "--kv_formats: int2|int4@1,3-5 is a layer plan, which only --modes=analytic sizes: a "

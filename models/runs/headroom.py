@@ -13,10 +13,17 @@ Modes (several allowed; they should agree):
   live      allocates and runs the step on the present devices (a TPU VM; elsewhere
             with `hbm_gib` as the capacity); out-of-memory is a data point.
 
+Paged caches (`paged_lengths`): for each length distribution of requests, the most
+requests in flight whose pages (of `page_len` positions, sized for each of
+`paged_demands`: the mean pages they hold, or the 99th percentile) fit, per KV format
+(`kvtpu.headroom.paged`), in analytic and aot modes (live mode sizes slabs only; layer
+plans are not paged).
+
 Writes to the workdir: config.json (first; the seconds per mode added at the end),
 results.jsonl (each maximum and the first point past it, `oom: true`, appended as each
-answer is solved), report.md (tables per mode, the per-device breakdown, the agreement
-between modes) and context_vs_concurrency.png.
+answer is solved), paged.jsonl (the same for the paged questions), report.md (tables
+per mode, the per-device breakdown, the agreement between modes, the paged tables) and
+context_vs_concurrency.png.
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ from kvtpu.models.runs.common import (
 
 import kvtpu
 from kvtpu import accelerators, headroom, reports
+from kvtpu.headroom import paged as paged_headroom
 from kvtpu.headroom import report as headroom_report
+from kvtpu.headroom.paged import DEMANDS, LengthDistribution
 from kvtpu.sharding import STRATEGIES, resolve_strategy
 
 __all__ = ["HeadroomConfig", "HeadroomResult", "run"]
@@ -84,6 +93,11 @@ class HeadroomConfig:
     reserve: fraction of HBM kept free, in [0, 1).
     hbm_gib: capacity per device for live mode on devices that report none (CPU).
     impl: attend implementation of the live step (aot compiles the Pallas kernels).
+    paged_lengths: length distributions of requests for the paged question
+      (`LengthDistribution.parse`: fixed:<n>, uniform:<lo>:<hi>, histogram:<path>); empty
+      for none.
+    page_len: positions per page of the paged cache.
+    paged_demands: what the pool is sized for (`kvtpu.headroom.paged.DEMANDS`).
   """
 
   model: str = "llama-3.1-8b"
@@ -100,6 +114,9 @@ class HeadroomConfig:
   reserve: float = headroom.DEFAULT_RESERVE
   hbm_gib: float | None = None
   impl: str = "auto"
+  paged_lengths: tuple[str, ...] = ("uniform:1:32768",)
+  page_len: int = 128
+  paged_demands: tuple[str, ...] = ("mean", "p99")
 
   def __post_init__(self):
     try:
@@ -152,6 +169,23 @@ class HeadroomConfig:
       object.__setattr__(self, "hbm_gib", finite_number("hbm_gib", self.hbm_gib, low=0,
                                                         low_open=True))
     one_of("impl", self.impl, kvtpu.attention.IMPLS)
+    object.__setattr__(self, "paged_lengths", str_list("paged_lengths", self.paged_lengths))
+    for text in self.paged_lengths:
+      try:
+        LengthDistribution.parse(text)
+      except ValueError as e:
+        raise ConfigError("paged_lengths", str(e)) from None
+    object.__setattr__(self, "page_len", positive_int("page_len", self.page_len))
+    for name in (f for f in self.kv_formats if self.paged_lengths
+                 and not kvtpu.LayerPlan.parse(f).overrides):
+      spec = kvtpu.KVFormat.parse(name)
+      need = max(kvtpu.qtensor.QuantizedKV.max_len_multiple(x) for x in (spec.k, spec.v))
+      check(self.page_len % need == 0, "page_len",
+            f"{name} needs pages of a multiple of {need} positions, got page_len={self.page_len}")
+    demands = str_list("paged_demands", self.paged_demands)
+    check(all(d in DEMANDS for d in demands), "paged_demands",
+          f"expected demands among {sorted(DEMANDS)}, got {list(demands)}")
+    object.__setattr__(self, "paged_demands", tuple(dict.fromkeys(demands)))
     if "live" in self.modes:  # aot compiles the Pallas kernels for the TPU, on any host.
       impl_choice("impl", self.impl)
 
@@ -248,6 +282,8 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   extra = dict(topology=slice_.topology)
   log = reports.RowLog(workdir / "results.jsonl", headroom_report.check_row, resume=resume)
   done = done_items(log, _row_key) if resume else set()
+  paged_log = reports.RowLog(workdir / "paged.jsonl", paged_headroom.check_row, resume=resume)
+  paged_done = done_items(paged_log, _paged_key) if resume else set()
   workdir = start(workdir, config, **extra)
   questions = [(fmt, kind, asked) for fmt in config.kv_formats
                for kind, points in (("max_context", config.concurrencies),
@@ -287,6 +323,8 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
       progress.add(1, f"{fmt.name} {kind}: concurrency {answer.concurrency}, context "
                    f"{answer.context} ({(answer.usage.total if answer.usage else 0) / 2**30:.1f} "
                    f"GiB of {dep.budget / 2**30:.1f} GiB per device)")
+    if mode != "live":
+      _solve_paged(config, dep, mode, measure, paged_log, paged_done, record, labels)
     if record:
       seconds[mode] = round(time.perf_counter() - begin, 1)
     if mode == "aot" and measure.compile_seconds:
@@ -309,4 +347,53 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
       log.rows, workdir, title=f"KV-cache memory headroom: {cfg.name} on {slice_.name}",
       header_lines=header)
   report = Path(paths["report"]).read_text()
+  paged_rows = [r for r in paged_log.rows if r["mode"] in config.modes]
+  if paged_rows:
+    reports.write_jsonl(paged_rows, workdir / "paged.jsonl")
+    report += "\n## Paged cache\n\n" + _PAGED_TEXT.format(z=config.page_len) + "\n\n" + (
+        paged_headroom.markdown(paged_rows) + "\n")
+    if "live" in config.modes:
+      report += "\nLive mode sizes slab caches only; the paged rows are analytic and aot.\n"
+    reports.write_text(paths["report"], report)
+    paths["paged"] = workdir / "paged.jsonl"
   return HeadroomResult(log.rows, report, {name: Path(p) for name, p in paths.items()})
+
+
+_PAGED_TEXT = (
+    "How many requests can be in flight at once when the cache is paged (pages of {z} "
+    "positions, `kvtpu.paging`): each request holds the pages its length needs, drawn from "
+    "the length distribution, plus its windows and page table; each data shard one null "
+    "page. \"mean\": the pool holds the mean pages of that many requests; \"p99\": their "
+    "99th percentile (normal approximation), what a server needs to rarely preempt. Rows: "
+    "paged.jsonl (the first point past each maximum has `oom` true).")
+
+
+def _paged_key(row: dict) -> tuple[str, str, str, str]:
+  """The answer a paged row belongs to: (mode, format, lengths, demand)."""
+  return row["mode"], row["kv_format"], row["lengths"], row["demand"]
+
+
+def _solve_paged(config: HeadroomConfig, dep, mode: str, measure, log, done, record: bool,
+                 labels: dict) -> None:
+  """Answers the paged questions of `config` in `mode` (analytic or aot), appending
+  their rows to `log` when `record`; the analytic answers seed the aot searches."""
+  if mode == "analytic":
+    measure = lambda f, b, s, z, p: paged_headroom.analytic_paged_usage(  # noqa: E731
+        dep, f, b, s, z, p)
+  fmts = [f for f in config.kv_formats if not kvtpu.LayerPlan.parse(f).overrides]
+  todo = [(f, text, d) for f in fmts for text in config.paged_lengths
+          for d in config.paged_demands if (mode, kvtpu.KVFormat.parse(f).name, text, d)
+          not in done]
+  progress = Progress(f"headroom paged {mode}", len(todo), "answers")
+  for fmt_name, text, demand in todo:
+    dist = LengthDistribution.parse(text)
+    guess = next((r["requests"] for r in log.rows if r["mode"] == "analytic" and not r["oom"]
+                  and _paged_key(r)[1:] == (kvtpu.KVFormat.parse(fmt_name).name, text,
+                                            demand)), None)
+    answer = paged_headroom.max_requests(dep, fmt_name, dist, measure, page_len=config.page_len,
+                                         demand=demand, guess=guess)
+    if record or mode == "analytic":
+      rows = paged_headroom.answer_rows(answer, dist, dep, mode=mode, **labels)
+      log.extend(rows)
+    progress.add(1, f"{answer.fmt} {text} ({demand}): {answer.requests} requests, "
+                 f"{answer.num_pages} pages")

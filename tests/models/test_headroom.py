@@ -130,6 +130,21 @@ def test_aot_bytes_agree_with_the_analytic_ones(aot, fmt):
 
 @pytest.mark.tpu_compile
 @requires_libtpu
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_paged_aot_bytes_agree_with_the_analytic_ones(aot, fmt):
+  # The step over a paged cache of 2 x 257 pages of 128 positions, 8 sequences whose
+  # tables cover 32K positions: the pool is donated and written in place, as slabs are.
+  dep = mh.deployment(AOT_CFG, weights="bf16", hbm_per_device=16 * 2**30, data=2, model=2)
+  u = aot(KVFormat.parse(fmt), 8, 32768, 128, 2 * 257)
+  a = hr.analytic_paged_usage(dep, fmt, 8, 32768, 128, 2 * 257)
+  assert not u.oom
+  assert u.cache == a.cache
+  assert u.temp < u.cache / 4, u
+  assert abs(u.total - a.total) <= 0.02 * a.total + AOT_SLACK, (u, a)
+
+
+@pytest.mark.tpu_compile
+@requires_libtpu
 def test_bf16_scale_copies_are_counted_conservatively(aot):
   # The analytic count adds padded copies of 16-bit per-token scales, which XLA makes in
   # large steps (Llama-3.1-8B on v5e-8: 92 % of what the count missed before). This
