@@ -1,0 +1,45 @@
+"""A sharded cache across two processes (one JAX job over localhost, CPU collectives),
+each with 4 fake devices, equals the unsharded cache: the multi-host layout of a TPU
+pod slice, where each host holds its data shards' sequences (and their pages)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import slow_unless
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fmt,paged", [
+    pytest.param(f, p, marks=slow_unless(f == "int8" and p == "paged"))
+    for f, p in (("int8", "paged"), ("int4-sbf16-rot+sink4+recent64", "paged"),
+                 ("k8v4", "slabs"))])
+def test_two_processes_equal_one(fmt, paged):
+  port = free_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i),
+                             fmt, paged], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outs.append((p.returncode, out, err))
+  for code, out, err in outs:
+    assert code == 0, f"worker failed ({code}):\n{out}\n{err[-3000:]}"
+    assert "counters equal True" in out, out
