@@ -26,9 +26,13 @@ def test_kernel_bench_tiny_config(tmp_path):
   for r in rows:
     assert r["impl"] == "xla" and not r["oom"] and r["seconds"] > 0
     assert r["bytes"] == r["min_bytes"]  # Off TPU: the minimum.
-  # int8 K/V with f32 per-token scales: 2 * (64 + 4) bytes per token and head vs 2 * 128.
+  # int8 K/V with f32 per-token scales: 2 * (64 + 4) bytes per token and head vs 2 * 128,
+  # over 2 sequences x 256 tokens x 2 kv heads; the same f32 queries and outputs (2 x 4 rows
+  # of 64 floats) for both.
   by = {(r["kv_format"], r["phase"]): r for r in rows}
-  assert by[("int8", "decode")]["bytes"] / by[("bf16", "decode")]["bytes"] == 136 / 256
+  q_out = 2 * 2 * 4 * 64 * 4
+  assert by[("int8", "decode")]["bytes"] == 2 * 256 * 2 * 136 + q_out
+  assert by[("bf16", "decode")]["bytes"] == 2 * 256 * 2 * 256 + q_out
   assert (tmp_path / "traffic.jsonl").exists() and (tmp_path / "config.json").exists()
   report = (tmp_path / "report.md").read_text()
   assert "| roofline (%) |" in report and "| `int8` | 256 | 2 | decode |" in report
