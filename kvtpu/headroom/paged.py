@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvtpu import memory, reports, sharding
+from kvtpu import reports
 from kvtpu.formats import KVFormat, LayerPlan
-from kvtpu.headroom.solver import MAX_BATCH_LIMIT, Deployment, Usage, max_fit
+from kvtpu.headroom.solver import MAX_BATCH_LIMIT, Deployment, Usage, analytic_usage, max_fit
 
 __all__ = ["LengthDistribution", "DEMANDS", "pool_pages", "analytic_paged_usage",
            "PagedMeasure", "PagedAnswer", "max_requests", "ROW_FIELDS", "answer_rows",
@@ -163,19 +163,7 @@ def analytic_paged_usage(dep: Deployment, fmt: KVFormat | str, batch: int, max_l
   fmt = LayerPlan.config(fmt)
   if not isinstance(fmt, KVFormat):
     raise ValueError(f"paged headroom takes one format per cache, not the layer plan {fmt.name}")
-  cache = sharding.per_device_bytes(
-      fmt, num_layers=dep.num_layers, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
-      head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy,
-      page_len=page_len, num_pages=num_pages)
-  vocab = dep.vocab_size // dep.model if dep.vocab_size % dep.model == 0 else dep.vocab_size
-  temp = (batch // dep.data) * vocab * dep.logits_bytes
-  if dep.tpu:
-    _, k = sharding.per_device_dims(batch=batch, kv_heads=dep.kv_heads, data=dep.data,
-                                    model=dep.model, strategy=dep.strategy)
-    temp += memory.tpu_layout_copy_bytes(fmt, num_layers=dep.num_layers,
-                                         batch=num_pages // dep.data, kv_heads=k,
-                                         max_len=page_len, head_dim=dep.head_dim)
-  return Usage(weights=dep.weights_per_device, cache=cache, temp=temp)
+  return analytic_usage(dep, fmt, batch, max_len, page_len=page_len, num_pages=num_pages)
 
 
 # (format, batch, max_len, page_len, num_pages) -> Usage

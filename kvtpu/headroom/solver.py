@@ -119,24 +119,29 @@ Measure = Callable[[KVFormat | LayerPlan, int, int], Usage]
 
 
 def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
-                   max_len: int) -> Usage:
+                   max_len: int, page_len: int | None = None,
+                   num_pages: int | None = None) -> Usage:
   """Closed-form bytes per device: weights as given, the cache block exactly
   (`sharding.per_device_bytes`; for a layer plan, the sum over its layer groups, each
   a cache of its own as in `kvtpu.LayeredKVCache`), and as temporaries the f32 logits
   of the step's output projection for this device's sequences (the vocabulary split
   over the model axis when it divides it), the one temporary that grows with the
   batch, plus on TPU the copies of 16-bit per-token scales
-  (`memory.tpu_layout_copy_bytes`)."""
+  (`memory.tpu_layout_copy_bytes`). With `page_len` and `num_pages`, a paged cache
+  (`kvtpu.headroom.paged`): the device's P/D pages stand for its sequences' slabs."""
   groups = [(f, len(layers)) for f, layers in LayerPlan.parse(fmt).groups(dep.num_layers)]
   cache = sum(sharding.per_device_bytes(
       f, num_layers=n, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,
-      head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy)
+      head_dim=dep.head_dim, data=dep.data, model=dep.model, strategy=dep.strategy,
+      page_len=page_len, num_pages=num_pages)
       for f, n in groups)
   vocab = dep.vocab_size // dep.model if dep.vocab_size % dep.model == 0 else dep.vocab_size
   temp = (batch // dep.data) * vocab * dep.logits_bytes
   if dep.tpu:
     b, k = sharding.per_device_dims(batch=batch, kv_heads=dep.kv_heads, data=dep.data,
                                     model=dep.model, strategy=dep.strategy)
+    if num_pages is not None:  # The scale arrays hold pages of page_len positions.
+      b, max_len = num_pages // dep.data, page_len
     temp += sum(memory.tpu_layout_copy_bytes(f, num_layers=n, batch=b, kv_heads=k,
                                              max_len=max_len, head_dim=dep.head_dim)
                 for f, n in groups)
