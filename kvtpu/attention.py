@@ -62,7 +62,7 @@ def check_query(q: jax.Array, cache: KVCache, layer, impl: str = "auto") -> None
 
 
 def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float | None = None,
-           impl: str = "auto") -> jax.Array:
+           impl: str = "auto", precision=None) -> jax.Array:
   """Causal grouped-query attention of new queries over one layer of the cache.
 
   Args:
@@ -80,6 +80,13 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     impl: "xla" (reference, any backend), "pallas" (compiled TPU kernel),
       "interpret" (the kernel in Pallas interpret mode), or "auto" (Pallas on
       TPU, XLA elsewhere).
+    precision: the Pallas kernels' matmuls, a `jax.lax.Precision` or its name: HIGH
+      (None, the default: f32 operands as two bf16 parts, exact stored values as one;
+      2-3 MXU passes, within ~1e-5 of float32), DEFAULT (bf16 operands, one pass:
+      logits off by up to 2^-7 of sum |q k|) or HIGHEST (f32). The bounds against a
+      float64 reference are in docs/kernels.md. On TPU v2/v3 (no bf16 matmul in their
+      Mosaic) None means HIGHEST, and DEFAULT or HIGH is a ValueError. The "xla"
+      reference always computes in float32 at HIGHEST.
 
   Returns:
     `[B, T, N, H]` in `q.dtype`.
@@ -95,15 +102,18 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   """
   if isinstance(cache, LayeredKVCache):  # The layer's group, a KVCache of one format.
     group, index = cache.group_of(layer)
-    return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl)
+    return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl,
+                  precision=precision)
   check_query(q, cache, layer, impl)
   impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
+  precision = _resolve_precision(precision, impl)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   if impl == "xla":
     out = _reference(q, cache, layer, chunk, scale)
   else:
     interpret = pltpu.InterpretParams() if impl == "interpret" else False
-    out = _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret)
+    out = _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret,
+                            precision=precision)
   return _nan_where(bad, out)
 
 
@@ -167,7 +177,29 @@ def _resolve_impl(impl: str, fmt, head_dim: int) -> str:
   return "xla"
 
 
-def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> jax.Array:
+# TPU generations whose Mosaic compiler lowers no bf16 matmul (found by compiling the
+# kernels ahead of time): the kernels multiply in f32 there.
+_F32_MATMUL_ONLY = ("v2", "v3")
+
+
+def _resolve_precision(precision, impl: str):
+  """The kernels' precision (`decode_attention.check_precision`) for the present TPU:
+  None -> HIGH, or HIGHEST on `_F32_MATMUL_ONLY` generations, where an explicit DEFAULT
+  or HIGH raises."""
+  checked = decode_attention.check_precision(precision)
+  if impl != "pallas" or jax.default_backend() != "tpu":
+    return checked
+  gen = accelerators.chip_name(jax.devices()[0].device_kind)
+  if gen not in _F32_MATMUL_ONLY or checked == jax.lax.Precision.HIGHEST:
+    return checked
+  if precision is None:
+    return jax.lax.Precision.HIGHEST
+  raise ValueError(f"precision={precision!r} needs bf16 matmuls, which the Mosaic compiler "
+                   f"of TPU {gen} does not lower; use precision='highest' (or None)")
+
+
+def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret,
+                      precision) -> jax.Array:
   """`attend` through a Pallas kernel: decode for T <= 8, chunked prefill above.
 
   The kernels read per-token and token-grouped scales; static (calibrated) scales are
@@ -180,7 +212,8 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret) -> j
   kernel = (decode_attention.decode_attention if t <= decode_attention.MAX_DECODE_T
             else prefill_attention.prefill_attention)
   out = kernel(qg.reshape(b, t, n, h), cache.k.kernel_operand, cache.v.kernel_operand,
-               cache.lengths, chunk, layer, page_table=cache.page_table, interpret=interpret)
+               cache.lengths, chunk, layer, page_table=cache.page_table, precision=precision,
+               interpret=interpret)
   # Row t of sequence b sees keys iff it is a chunk token (it sees itself); padding
   # rows are 0.
   has_keys = (jnp.arange(t)[None, :] < chunk[:, None])[:, :, None, None, None]

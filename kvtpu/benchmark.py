@@ -151,10 +151,11 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
     return minimum, minimum
   if d.t == 1:
     block_t, block_s = 1, default_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim,
-                                              d.group, groups).block_s
+                                              d.group, groups, (d.k_groups, d.v_groups)).block_s
   else:
     blocks = default_prefill_block_sizes(cache.k.dtype, cache.v.dtype, d.head_dim, d.group,
-                                         token_groups=groups)
+                                         token_groups=groups,
+                                         scale_groups=(d.k_groups, d.v_groups))
     block_t, block_s = blocks.resolve(d.t, d.slab)
   block_s = BlockSizes(block_s).resolve(d.slab)
   account = hbm_bytes(d, block_s, lengths, chunk, cache.k.dtype, cache.v.dtype,

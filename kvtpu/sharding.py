@@ -263,7 +263,7 @@ class CacheSharding:
         cache, jnp.asarray(layer, jnp.int32), k, v, valid)
 
   def attend(self, q: jax.Array, cache: KVCache, layer, *, valid_len=None,
-             scale: float | None = None, impl: str = "auto") -> jax.Array:
+             scale: float | None = None, impl: str = "auto", precision=None) -> jax.Array:
     """`kvtpu.attend(q, cache, layer, ...)` with each device attending over its block.
 
     `q: [B, T, N, H]`; the output has q's shape and is sharded like the cache
@@ -276,7 +276,8 @@ class CacheSharding:
     qs = P(d, None, m, None)
 
     def local(q, cache, layer, valid):
-      return _attend(q, cache, layer, valid_len=valid, scale=scale, impl=impl)
+      return _attend(q, cache, layer, valid_len=valid, scale=scale, impl=impl,
+                     precision=precision)
 
     # Pallas kernels declare unannotated outputs: no varying-axes check in here (the
     # output is sharded exactly like q, every device computing its own block).

@@ -226,7 +226,8 @@ def test_attention_over_groups_against_float64(fmt, prefix, t, rng):
   k_exp, v_exp = _expected(cache, "k", keys, held), _expected(cache, "v", values, held)
   expect = np_attention(q, k_exp, v_exp, np.asarray(held) - chunk, chunk, H**-0.5)
   for impl in ("xla", "interpret"):  # The reference, and the kernels at their default blocks.
-    out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, valid_len=chunk, impl=impl))
+    out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, valid_len=chunk, impl=impl,
+                                  precision="highest"))
     assert np.isfinite(out).all(), f"{impl}: poisoned memory leaked into the output"
     assert_close(out, expect, atol=2e-5 * max(1.0, np.abs(np.nan_to_num(v_exp)).max()),
                  rtol=1e-3, name=f"{impl}[{fmt}]")

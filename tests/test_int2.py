@@ -116,7 +116,7 @@ def test_int2_cache_attends_like_its_dequantized_float64(name, rng):
   vals = np.asarray(cache.dequantized(0, "v", held=jnp.asarray(held)), np.float64)
   want = np_attention(q, keys, vals, lengths, [3, 3, 3, 3], 128**-0.5)
   for impl in ("xla", "interpret"):
-    out = np.asarray(kvtpu.attend(q, cache, 0, impl=impl), np.float64)
+    out = np.asarray(kvtpu.attend(q, cache, 0, impl=impl, precision="highest"), np.float64)
     scale = np.max(np.abs(want))
     np.testing.assert_allclose(out, want, atol=1e-4 * scale, err_msg=impl)
   # The stored int2 codes are the quantizer's, of the rotated chunk (handed over as int8).

@@ -94,7 +94,7 @@ def test_attention_over_a_rotated_cache_equals_float64_attention_in_model_coordi
     return stored @ rotation.rotation_matrix(h).T if rotated else stored
 
   q = rng.standard_normal((2, t, 6, h)).astype(np.float32)
-  out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, impl=impl))
+  out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, impl=impl, precision="highest"))
   v = model_coords("v")
   expect = np_attention(q, model_coords("k"), v, prefix, [t, t], h**-0.5)
   assert np.isfinite(out).all()
@@ -110,7 +110,7 @@ def test_rotated_bf16_cache_equals_the_plain_bf16_cache_to_rounding(rng):
   assert not np.array_equal(np.asarray(plain.k.values), np.asarray(rotated.k.values))
   q = jnp.asarray(rng.standard_normal((2, 3, 6, 64)), jnp.float32)
   for impl in ("xla", "interpret"):
-    a, b = (np.asarray(kvtpu.attend(q, c, 1, impl=impl)) for c in (plain, rotated))
+    a, b = (np.asarray(kvtpu.attend(q, c, 1, impl=impl, precision="highest")) for c in (plain, rotated))
     # Both round K and V to bf16 once (2**-9 relative), in different coordinates.
     assert_close(b, a, atol=1e-2 * np.abs(a).max(), rtol=0, name=impl)
 

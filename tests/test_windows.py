@@ -133,7 +133,8 @@ def test_attention_reads_the_windows(fmt, prefix, t, rng):
   expect = np_attention(q, k_exp, v_exp, np.asarray(held) - chunk, chunk, 16**-0.5)
   tol = dict(atol=2e-5 * max(1.0, np.abs(np.nan_to_num(v_exp)).max()), rtol=1e-3)
   for impl in ("xla", "interpret"):
-    out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, valid_len=chunk, impl=impl))
+    out = np.asarray(kvtpu.attend(jnp.asarray(q), cache, 1, valid_len=chunk, impl=impl,
+                                  precision="highest"))
     assert np.isfinite(out).all(), f"{impl}: poisoned memory leaked into the output"
     assert_close(out, expect, **tol, name=f"{impl}[{fmt}]")
 

@@ -16,13 +16,28 @@ Layout and traffic:
     clamps the block index to the last block a sequence needs, so blocks past its
     length repeat the previous block index: Pallas skips the copy, and the body is
     skipped by `pl.when`. Each needed block is read from HBM exactly once.
-  * Quantized values are converted to f32 in VMEM; scales are applied where they are
-    cheapest in this layout, with the token axis in lanes: the key scale multiplies
-    the logits `[TG, block_s]` and the value scale the probabilities (per group, with
-    the group's channels selected by a mask, so grouped scales cost G matmuls).
-    Zero points are subtracted from the values in VMEM (their `[1, block_s]` rows
-    transposed to token columns): folding them into the dots instead, as
-    `q.k - z * sum(q)`, cancels catastrophically in f32 when z is large.
+  * Quantized values are converted to f32 in VMEM. A single per-token scale is applied
+    where it is cheapest, with the token axis in lanes: the key scale multiplies the
+    logits `[TG, block_s]` and the value scale the probabilities, so the stored values
+    enter the matmuls as they are (exact in bf16: integers, fp8). Grouped per-token
+    scales (G > 1 groups along H) and zero points are expanded to `[block_s, H]` in
+    VMEM (their `[1, block_s]` rows transposed to token columns, each channel its
+    group's) and dequantize the block, so each segment costs one matmul for the
+    logits and one for the output whatever G. Zero points are subtracted in VMEM:
+    folding them into the dots instead, as `q.k - z * sum(q)`, cancels
+    catastrophically in f32 when z is large.
+  * Matmul precision (`precision`, f32 accumulation throughout): HIGH (default) splits
+    each f32 operand (queries, probabilities, dequantized blocks) into bf16 high and
+    low parts, `a_hi b_hi + a_lo b_hi + a_hi b_lo`, and drops the last pass when the
+    block's values are exactly bf16 (`exact`): 2 MXU passes for int8/int4/int2/fp8/
+    bf16 caches, 3 otherwise, against 6 for f32 at HIGHEST. DEFAULT rounds both
+    operands to bf16 (one pass). Error budget against float64 attention over the same
+    cached values, per output row, u = 2^-8, A_i = |q| . |k_i|: logits within
+    D = (c + (H + 8) 2^-24) max_i A_i, outputs within (exp(2 D) - 1) (max v - min v) / 2
+    + (c + (S + 8) 2^-24) max |v|, with c = 3 u^2 at HIGH and 2 u + u^2 at DEFAULT
+    (tests/pallas_kernels/test_precision.py). Segments whose width is not a whole
+    number of (16, 128) bf16 tiles (short windows, a cache under 16 positions)
+    multiply in f32.
   * A non-uniform code (`codes`: a codebook the stored integers index) is decoded in
     VMEM right after the conversion to f32, by a chain of selects (`decode_codes`:
     3 per value at 2 bits, 15 at 4), before the zero point and scales apply.
@@ -54,6 +69,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from kvtpu.pallas_kernels.decode_attention.reference import (
@@ -70,10 +86,24 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
 
 __all__ = ["BlockSizes", "DEFAULT_VMEM_BUDGET", "decode_attention", "default_block_sizes",
            "vmem_estimate_bytes", "token_block_multiple", "token_block_error",
-           "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error"]
+           "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error", "check_precision"]
 
 _LANES = 128
 _SUBLANES = 8
+
+
+def check_precision(precision) -> jax.lax.Precision:
+  """The kernels' matmul precision (`jax.lax.Precision` or its names): DEFAULT (bf16
+  operands, one MXU pass), HIGH (the default, None: bf16 high and low parts of the f32
+  operands, 2 passes where the cache's values are exactly bf16, else 3) or HIGHEST
+  (f32 operands). Accumulation is f32 in all three. Raises ValueError otherwise."""
+  if precision is None:
+    return jax.lax.Precision.HIGH
+  try:
+    return jax.lax.Precision(precision)
+  except (ValueError, TypeError):
+    raise ValueError("precision must be None, a jax.lax.Precision or one of 'default', "
+                     f"'high', 'highest', got precision={precision!r}") from None
 
 
 def layout_error(k_dtype, v_dtype, head_dim: int) -> str | None:
@@ -134,16 +164,18 @@ DEFAULT_VMEM_BUDGET = 16 * 1024 * 1024
 
 
 def default_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
-                        token_groups: tuple[int, int] = (0, 0)) -> BlockSizes:
+                        token_groups: tuple[int, int] = (0, 0),
+                        scale_groups: tuple[int, int] = (1, 1)) -> BlockSizes:
   """The block of the rule above, halved (down to 128 positions) while a decode step of
   `MAX_DECODE_T` tokens x `group` query heads per kv head would not fit the VMEM budget
   (only at large G: the logits grow with T x G x block_s); then raised to a multiple of
   `token_block_multiple` for token-grouped scales (`token_groups`: positions per
-  per-channel scale of K and V, 0 for none)."""
+  per-channel scale of K and V, 0 for none). `scale_groups`: per-token scale groups of
+  K and V (`Dims.k_groups`, `v_groups`)."""
   per_token = head_dim * (_bits(k_dtype) + _bits(v_dtype)) / 8
   block = max(_LANES, min(2 ** int(math.floor(math.log2(_DEFAULT_BLOCK_BYTES / per_token))), 4096))
   d = Dims(num_layers=1, batch=1, t=MAX_DECODE_T, q_heads=group, kv_heads=1, max_len=block,
-           head_dim=head_dim, k_groups=1, v_groups=1)
+           head_dim=head_dim, k_groups=scale_groups[0], v_groups=scale_groups[1])
   while block > _LANES and vmem_estimate_bytes(d, block, k_dtype, v_dtype) > DEFAULT_VMEM_BUDGET:
     block //= 2
   return BlockSizes(math.lcm(block, *(token_block_multiple(n) for n in token_groups)))
@@ -187,7 +219,12 @@ def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp
   scales = int(block_s * per_position) * scale_bytes * 2  # scales + zeros (at most)
   q_out = 2 * tg * d.head_dim * 4
   scratch = tg * (d.head_dim + 2) * 4
-  temps = 4 * tg * block_s * 4 + 2 * block_s * d.head_dim * 4  # logits/probs, f32 K/V block
+  # Logits and probabilities; per K and V block: its f32 values and their bf16 high
+  # and low parts, and with grouped scales the zero-point and scale expansions and
+  # the products (fitted to what Mosaic reports for v5e: int4-asym-g16's 2048-position
+  # block takes 16.9 MiB).
+  temps = 4 * tg * block_s * 4 + block_s * d.head_dim * sum(
+      8 + (24 if groups > 1 else 0) for groups in (d.k_groups, d.v_groups))
   windows = 2 * window_positions * d.head_dim * window_itemsize
   temps = max(temps, 4 * tg * window_positions * 4 + 2 * window_positions * d.head_dim * 4)
   return 2 * (kv + scales + q_out + windows) + scratch + temps
@@ -226,7 +263,6 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     `{"kv": ..., "scales": ..., "windows": ..., "q": ..., "out": ..., "total": ...}` in
     bytes.
   """
-  import numpy as np  # Host-side accounting.
 
   block_t = d.t if block_t is None else block_t
   scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
@@ -267,8 +303,6 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
   window's, `windows = (W_s, W_r)`), plus each query row read and its output written
   once (float32, as the kernels take them). A sequence whose chunk is 0 has no queries
   and needs nothing."""
-  import numpy as np
-
   scale_itemsize = scale_itemsize or {"k": 4, "v": 4}
   lengths, chunk = np.asarray(lengths), np.asarray(chunk)
   held = np.where(chunk > 0, np.minimum(lengths + chunk, d.max_len), 0)
@@ -284,6 +318,17 @@ def min_hbm_bytes(d: Dims, lengths, chunk, k_dtype, v_dtype, *,
         + int(in_windows.sum()) * 2 * d.head_dim * window_itemsize) * d.kv_heads
   rows = int(np.minimum(chunk, d.t).sum()) * d.group * d.kv_heads
   return int(kv) + 2 * rows * d.head_dim * 4
+
+
+def exact(dtype, *, codes=None, zero=False, groups=0, token_group=0) -> bool:
+  """Whether a cache block's matmul operand is exactly bf16 in the kernel: stored values
+  of at most 8 significant bits (integers, fp8, bf16; non-uniform codes whose levels
+  are bf16) used as stored, scaled afterwards (at most one per-token scale, no zero
+  point, no per-channel or grouped scales)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32 or zero or groups > 1 or token_group:
+    return False
+  return codes is None or all(float(np.float32(c).astype(jnp.bfloat16)) == c for c in codes)
 
 
 def _live(chunk, j, block_t: int):
@@ -309,7 +354,7 @@ def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, rece
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
             block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int,
-            k_codes=None, v_codes=None):
+            precision: jax.lax.Precision, k_codes=None, v_codes=None):
   del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
@@ -327,7 +372,38 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
   block_end = _block_end(length, chunk, j, block_t, d.max_len, sink, recent)
   live = _live(chunk, j, block_t)  # A block of padding rows only is skipped whole.
   tg, h = block_t * d.group, d.head_dim
-  hi = jax.lax.Precision.HIGHEST
+  k_exact, v_exact = (
+      exact(x_ref.dtype, codes=codes, zero=zero, groups=groups, token_group=n)
+      for x_ref, codes, zero, groups, n in ((k_ref, k_codes, k_zero, d.k_groups, d.k_token_group),
+                                            (v_ref, v_codes, v_zero, d.v_groups, d.v_token_group)))
+
+  def matmul(a, b_, *, transpose_b=False, b_exact=False, f32=False):
+    """`a [M, H] . b [H, N]` (`b [N, H]` if transpose_b) with f32 accumulation. DEFAULT:
+    operands rounded to bf16, one MXU pass. HIGH: each f32 operand split into bf16
+    high and low parts, `a_hi b_hi + a_lo b_hi + a_hi b_lo`, the last pass skipped when
+    `b` is exactly bf16 (`b_exact`: stored integers, fp8, bf16). HIGHEST (or `f32`):
+    f32."""
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    if f32 or precision == jax.lax.Precision.HIGHEST:
+      precision_ = jax.lax.Precision.HIGHEST
+      return jax.lax.dot_general(a.astype(jnp.float32), b_.astype(jnp.float32), dims,
+                                 precision=precision_, preferred_element_type=jnp.float32)
+
+    def dot(x, y):
+      return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
+
+    def split(x):
+      hi = x.astype(jnp.bfloat16)
+      return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+    a_hi, a_lo = split(a)
+    b_hi = b_.astype(jnp.bfloat16)
+    if precision == jax.lax.Precision.DEFAULT:
+      return dot(a_hi, b_hi)
+    out = dot(a_hi, b_hi) + dot(a_lo, b_hi)
+    if not b_exact:
+      out = out + dot(a_hi, split(b_)[1])
+    return out
 
   # Positions the quantized store is read for: [sink, quant_end); the windows hold the rest.
   quant_end = jnp.maximum(end - recent, sink) if recent else end
@@ -358,16 +434,17 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
     `[1, W]` the position of each slot, `held` `[1, W]` whether the slot holds one."""
     kw_ref, vw_ref = refs
     width = pos.shape[1]
-    q = q_ref[...].astype(jnp.float32)
-    logits = jax.lax.dot_general(q, kw_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
-                                 precision=hi, preferred_element_type=jnp.float32)
+    # Mosaic lowers bf16 matmuls over whole (16, 128) tiles only: other widths in f32
+    # (a window is at most a few hundred positions).
+    f32 = width % (2 * _SUBLANES) != 0
+    logits = matmul(q_ref[...], kw_ref[...], transpose_b=True, b_exact=exact(kw_ref.dtype),
+                    f32=f32)
     mask = held & (pos <= query_limit(width))  # [TG, W]
     p, alpha = softmax_step(logits, mask)
     # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
     held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
     v = jnp.where(held_col > 0, vw_ref[...].astype(jnp.float32), 0.0)  # Unheld slots: NaN-safe.
-    acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, precision=hi,
-                                                  preferred_element_type=jnp.float32)
+    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, b_exact=exact(vw_ref.dtype), f32=f32)
 
   @pl.when((i == 0) & live)
   def _init():
@@ -389,18 +466,18 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
     chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
 
-    def in_group(g, groups):
-      width = h // groups
-      return (chan >= g * width) & (chan < (g + 1) * width)
-
-    def zero_points(z_ref, groups):
-      """`[G, bs]` per-token zero points -> `[bs, H]`, each channel its group's."""
-      z = z_ref[...].astype(jnp.float32)
+    def per_token(ref, groups):
+      """`[G, bs]` per-token rows (scales or zero points) -> `[bs, H]`, each channel its
+      group's."""
+      z = ref[...].astype(jnp.float32)
       out = jnp.zeros((block_s, h), jnp.float32)
       for g in range(groups):
         # [1, bs] -> [bs, 1]: Mosaic transposes whole (8, 128) tiles, so broadcast first.
         col = jnp.transpose(jnp.broadcast_to(z[g:g + 1, :], (8, block_s)))[:, :1]
-        out = out + (col if groups == 1 else jnp.where(in_group(g, groups), col, 0.0))
+        if groups == 1:
+          return out + col
+        width = h // groups
+        out = out + jnp.where((chan >= g * width) & (chan < (g + 1) * width), col, 0.0)
       return out
 
     def per_channel(x, s_ref, z_ref, n):
@@ -413,56 +490,41 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
         x = x - rows(z_ref)
       return x * rows(s_ref)
 
-    k = k_ref[...].astype(jnp.float32)  # [bs, H]
-    if k_codes is not None:
-      k = decode_codes(k, k_codes)
-    if d.k_token_group:
-      k = per_channel(k, ks_ref, kz_ref, d.k_token_group)
-    elif k_zero:
-      k = k - zero_points(kz_ref, d.k_groups)
+    def dequantize(x_ref, codes, token_group, s_ref, z_ref, groups):
+      """The block's `[bs, H]` values in VMEM, in f32: decoded, less their zero points,
+      times their scales unless one per token (`groups == 1`: applied to the logits or
+      probabilities instead, leaving the stored values exact in bf16)."""
+      x = x_ref[...].astype(jnp.float32)
+      if codes is not None:
+        x = decode_codes(x, codes)
+      if token_group:
+        return per_channel(x, s_ref, z_ref, token_group)
+      if z_ref is not None:
+        x = x - per_token(z_ref, groups)
+      if groups > 1:
+        x = x * per_token(s_ref, groups)
+      return x
+
+    k = dequantize(k_ref, k_codes, d.k_token_group, ks_ref, kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
     mask = (pos <= query_limit(block_s)) & (pos < quant_end)  # [TG, bs]
     if sink:
       mask = mask & (pos >= sink)
-    def nt_dot(a, bt):  # a [M, H] . bt [bs, H]^T -> [M, bs]
-      return jax.lax.dot_general(a, bt, (((1,), (1,)), ((), ())), precision=hi,
-                                 preferred_element_type=jnp.float32)
-
-    if not d.k_groups:
-      logits = nt_dot(q, k)
-    else:
-      ks = ks_ref[...].astype(jnp.float32)  # [Gk, bs]
-      logits = jnp.zeros((tg, block_s), jnp.float32)
-      for g in range(d.k_groups):
-        qg = q if d.k_groups == 1 else jnp.where(in_group(g, d.k_groups), q, 0.0)
-        logits = logits + nt_dot(qg, k) * ks[g:g + 1, :]
+    f32 = block_s % (2 * _SUBLANES) != 0  # See `window`.
+    logits = matmul(q, k, transpose_b=True, b_exact=k_exact, f32=f32)  # [TG, bs]
+    if d.k_groups == 1:
+      logits = logits * ks_ref[...].astype(jnp.float32)  # [1, bs]
     p, alpha = softmax_step(logits, mask)
 
     # Positions the store is not read for may hold NaN (unwritten, or an open group's
     # unwritten scales): zero them (0 * NaN would poison the sum).
     row = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
     held = (row < quant_end) & (row >= sink) if sink else row < quant_end
-    v = v_ref[...].astype(jnp.float32)  # [bs, H]
-    if v_codes is not None:
-      v = decode_codes(v, v_codes)
-    if d.v_token_group:
-      v = per_channel(v, vs_ref, vz_ref, d.v_token_group)
-    elif v_zero:
-      v = v - zero_points(vz_ref, d.v_groups)
-    v = jnp.where(held, v, 0.0)
-
-    def dot(a, b_):
-      return jnp.dot(a, b_, precision=hi, preferred_element_type=jnp.float32)
-
-    if not d.v_groups:
-      pv = dot(p, v)
-    else:
-      vs = vs_ref[...].astype(jnp.float32)  # [Gv, bs]
-      pv = jnp.zeros((tg, h), jnp.float32)
-      for g in range(d.v_groups):
-        part = dot(jnp.where(mask, p * vs[g:g + 1, :], 0.0), v)
-        pv = pv + (part if d.v_groups == 1 else jnp.where(in_group(g, d.v_groups), part, 0.0))
-    acc_ref[...] = alpha * acc_ref[...] + pv
+    v = jnp.where(held, dequantize(v_ref, v_codes, d.v_token_group, vs_ref, vz_ref, d.v_groups),
+                  0.0)
+    if d.v_groups == 1:
+      p = jnp.where(mask, p * vs_ref[...].astype(jnp.float32), 0.0)
+    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, b_exact=v_exact, f32=f32)
 
   @pl.when((i == num_blocks - 1) & live)
   def _finish():
@@ -471,12 +533,13 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
 
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
-                                             "v_token_group", "block_sizes", "interpret"))
+                                             "v_token_group", "block_sizes", "precision",
+                                             "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                      v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                      v_token_group=None, page_table=None, block_sizes: BlockSizes | None = None,
-                     interpret=False) -> jax.Array:
+                     precision=None, interpret=False) -> jax.Array:
   """Decode attention over one layer of a quantized cache (see module docstring).
 
   Args:
@@ -502,6 +565,9 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
       entries a sequence does not need (past its length) may be anything.
     block_sizes: KV tiling; default from `default_block_sizes` (with token-grouped
       scales a multiple of `token_block_multiple` or all of S), at most one page.
+    precision: the matmuls' operands (`check_precision`; error budgets in the module
+      docstring): `Precision.HIGH` (None) splits f32 operands into two bf16 parts,
+      `DEFAULT` rounds them to bf16 (one MXU pass), `HIGHEST` keeps them f32.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
   Returns:
@@ -515,21 +581,25 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
                       token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
   if block_sizes is None:
-    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group, token_groups)
+    block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group, token_groups,
+                                      (d.k_groups, d.v_groups))
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.slab),
-                        interpret=interpret, windows=windows, codes=codes, page_table=page_table)
+                        precision=check_precision(precision), interpret=interpret,
+                        windows=windows, codes=codes, page_table=page_table)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                    *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
-                   codes=(None, None), page_table=None) -> jax.Array:
+                   codes=(None, None), page_table=None,
+                   precision=jax.lax.Precision.HIGH) -> jax.Array:
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
-  `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s.
+  `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s;
+  `precision`: a `jax.lax.Precision` (`check_precision`).
 
   KV block i of sequence b is block `i % (Z / block_s)` of page `table[b, i // (Z /
   block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
@@ -597,7 +667,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
       operands += list(pair)
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
                              k_zero=k_zero is not None, v_zero=v_zero is not None,
-                             k_codes=codes[0], v_codes=codes[1], **sizes)
+                             k_codes=codes[0], v_codes=codes[1], precision=precision, **sizes)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),

@@ -23,6 +23,7 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   DEFAULT_VMEM_BUDGET,
   BlockSizes,
   attention_call,
+  check_precision,
   default_block_sizes,
   token_block_multiple,
   vmem_estimate_bytes,
@@ -76,7 +77,8 @@ _DEFAULT_BLOCK_T = 128
 
 def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
                                 scale_dtype=jnp.float32,
-                                token_groups: tuple[int, int] = (0, 0)) -> PrefillBlockSizes:
+                                token_groups: tuple[int, int] = (0, 0),
+                                scale_groups: tuple[int, int] = (1, 1)) -> PrefillBlockSizes:
   """128 query tokens per block (x G heads: >= 128 MXU rows) and the decode KV block,
   halved until the step's VMEM estimate fits the budget: first the KV block (down to
   128 positions; the logits of 128 x G rows grow with it, and the decode rule makes it
@@ -87,12 +89,14 @@ def default_prefill_block_sizes(k_dtype, v_dtype, head_dim: int, group: int = 1,
   Args:
     group: G, query heads per kv head.
     token_groups: positions per per-channel scale of K and V (0: none).
+    scale_groups: per-token scale groups of K and V (`Dims.k_groups`, `v_groups`).
   """
-  block_t, block_s = _DEFAULT_BLOCK_T, default_block_sizes(k_dtype, v_dtype, head_dim).block_s
+  block_t = _DEFAULT_BLOCK_T
+  block_s = default_block_sizes(k_dtype, v_dtype, head_dim, scale_groups=scale_groups).block_s
 
   def fits() -> bool:
     d = Dims(num_layers=1, batch=1, t=block_t, q_heads=group, kv_heads=1, max_len=block_s,
-             head_dim=head_dim, k_groups=1, v_groups=1)
+             head_dim=head_dim, k_groups=scale_groups[0], v_groups=scale_groups[1])
     return prefill_vmem_estimate_bytes(d, block_t, block_s, k_dtype, v_dtype,
                                        scale_dtype) <= DEFAULT_VMEM_BUDGET
 
@@ -113,13 +117,14 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
 
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
-                                             "v_token_group", "block_sizes", "interpret"))
+                                             "v_token_group", "block_sizes", "precision",
+                                             "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                       v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                       v_token_group=None, page_table=None,
                       block_sizes: PrefillBlockSizes | None = None,
-                      interpret=False) -> jax.Array:
+                      precision=None, interpret=False) -> jax.Array:
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
   Args: as `decode_attention` (paged caches included), with any T, and `block_sizes` a
@@ -137,8 +142,9 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_prefill_block_sizes(k.dtype, v.dtype, d.head_dim, d.group,
-                                              token_groups=token_groups)
+                                              token_groups=token_groups,
+                                              scale_groups=(d.k_groups, d.v_groups))
   block_t, block_s = block_sizes.resolve(d.t, d.slab)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
-                        codes=codes, page_table=page_table)
+                        codes=codes, page_table=page_table, precision=check_precision(precision))

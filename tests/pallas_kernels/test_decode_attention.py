@@ -122,8 +122,8 @@ def test_quantized_tensors_are_unpacked_at_the_boundary(impl, rng):
                        kv_heads=2, head_dim=32, max_len=256)
   q = jnp.asarray(rng.standard_normal((3, 2, 4, 32)), jnp.float32)
   args, kw = kernel_args(cache, 1, [2, 1, 2])
-  fn = ref_decode_attention if impl == "ref" else functools.partial(decode_attention,
-                                                                    interpret=INTERPRET)
+  fn = ref_decode_attention if impl == "ref" else functools.partial(
+      decode_attention, interpret=INTERPRET, precision="highest")
   raw = fn(q, *args, **kw)
   packed = fn(q, cache.k, cache.v, *args[2:])
   np.testing.assert_array_equal(packed, raw)
@@ -179,7 +179,8 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
                   jnp.float32)
   args, kw = kernel_args(cache, 1, chunk)
   ref = jitted_ref(q, *args, **kw)
-  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=INTERPRET)
+  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(BLOCK), interpret=INTERPRET,
+                         precision="highest")
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
   scale = float(jnp.max(jnp.abs(ref)))
   assert_close(out, ref, atol=KERNEL_RTOL * scale, name=f"decode_attention[{fmt}]")
@@ -216,7 +217,8 @@ def test_unaligned_block_and_edge_block(rng):
   q = jnp.asarray(rng.standard_normal((5, 1, 4, 128)) * 0.1, jnp.float32)
   args, kw = kernel_args(cache, 1, [1] * 5)
   ref = jitted_ref(q, *args, **kw)
-  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(384), interpret=INTERPRET)
+  out = decode_attention(q, *args, **kw, block_sizes=BlockSizes(384), interpret=INTERPRET,
+                         precision="highest")
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="block 384")
 
 
@@ -256,7 +258,8 @@ def test_attend_folds_static_scales_around_the_kernel(fmt, rng):
   cache = cache.update(0, new, new, valid_len=valid)
   q = jnp.asarray(rng.standard_normal((3, 3, 6, 64)), jnp.float32)
   ref = kvtpu.attend(q, cache, 0, valid_len=valid, impl="xla")
-  out = kvtpu.attend(q, cache, 0, valid_len=valid, impl="interpret")
+  out = kvtpu.attend(q, cache, 0, valid_len=valid, impl="interpret",
+                     precision="highest")
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name=fmt)
   np.testing.assert_array_equal(out[0], 0.0)  # No keys: zeros, also after the zero point.
 
@@ -372,9 +375,11 @@ def test_default_blocks_compile_on_v5e_with_many_query_heads(fmt, group):
 
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "fp8_e5m2"])
-def test_support_table_matches_the_compiler_on_v3(fmt):
-  """kvtpu.attention's table of unsupported (generation, dtype) pairs is what Mosaic says."""
+@pytest.mark.parametrize("fmt,precision", [(f, "highest") for f in ("bf16", "int8", "int4", "int2",
+                                                                    "fp8_e5m2")] + [("int8", "high")])
+def test_support_table_matches_the_compiler_on_v3(fmt, precision):
+  """kvtpu.attention's tables of unsupported (generation, dtype) pairs and of generations
+  without bf16 matmuls are what Mosaic says."""
   from kvtpu import attention
 
   device = topologies.get_topology_desc(platform="tpu", topology_name="v3:1x1").devices[0]
@@ -386,9 +391,10 @@ def test_support_table_matches_the_compiler_on_v3(fmt):
   args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, 1, 4, 128), jnp.float32), *args[:3],
                                jax.ShapeDtypeStruct((2,), jnp.int32)))
   fn = jax.jit(lambda q, k, v, lengths, chunk, kw: decode_attention(q, k, v, lengths, chunk, 0,
-                                                                    **kw))
-  expected_error = attention.kernel_support_error(device.device_kind, cache.fmt)
-  if expected_error is None:
+                                                                    precision=precision, **kw))
+  expected_error = attention.kernel_support_error(device.device_kind, cache.fmt) or (
+      precision != "highest" and "v3" in attention._F32_MATMUL_ONLY)
+  if not expected_error:
     fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()
   else:
     with pytest.raises(Exception, match="Mosaic failed to compile TPU kernel"):

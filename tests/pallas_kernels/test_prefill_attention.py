@@ -69,7 +69,7 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, block_t, rng):
   args, kw = kernel_args(cache, 1, chunk)
   ref = jitted_ref(q, *args, **kw)
   out = prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(block_t, BLOCK),
-                          interpret=INTERPRET)
+                          interpret=INTERPRET, precision="highest")
   assert np.isfinite(np.asarray(out)).all(), "NaN-poisoned memory reached the output"
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))),
                name=f"prefill_attention[{fmt}]")
@@ -82,7 +82,8 @@ def test_attend_dispatches_long_chunks_to_prefill(rng):
   cache = cache.update(0, x, x, valid_len=np.array([40, 17]))
   q = jnp.asarray(rng.standard_normal((2, 40, 8, 64)), jnp.float32)
   ref = kvtpu.attend(q, cache, 0, valid_len=np.array([40, 17]), impl="xla")
-  out = kvtpu.attend(q, cache, 0, valid_len=np.array([40, 17]), impl="interpret")
+  out = kvtpu.attend(q, cache, 0, valid_len=np.array([40, 17]), impl="interpret",
+                     precision="highest")
   assert_close(out, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name="attend T=40")
 
 
@@ -109,8 +110,14 @@ def test_default_prefill_blocks_shrink_with_the_query_rows(dtype):
     assert previous is None or (sizes.block_s <= previous.block_s
                                 and sizes.block_t <= previous.block_t)
     previous = sizes
-  assert default_prefill_block_sizes(dtype, dtype, 128, 1) == PrefillBlockSizes(
-      128, default_block_sizes(dtype, dtype, 128).block_s)
+  # At G = 1: 128 query tokens and the decode rule's KV block, halved only while the
+  # rule's block does not fit with 128 query rows (int2's 4096 positions).
+  first, rule = default_prefill_block_sizes(dtype, dtype, 128, 1), default_block_sizes(
+      dtype, dtype, 128).block_s
+  assert first.block_t == 128 and rule % first.block_s == 0
+  twice = 2 * first.block_s
+  assert first.block_s == rule or prefill_vmem_estimate_bytes(
+      Dims(1, 1, 128, 1, 1, twice, 128, 1, 1), 128, twice, dtype, dtype) > 16 * 2**20
   assert default_prefill_block_sizes(dtype, dtype, 128, 64).block_t < 128
 
 
