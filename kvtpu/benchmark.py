@@ -109,11 +109,7 @@ def traffic_rows(formats, contexts, *, batch: int = 8, head_dim: int = 128, kv_h
                           ("ragged", rng.integers(0, context, size=batch))):
       bf16 = None
       for fmt_name in ["bf16", *[f for f in formats if KVFormat.parse(f).name != "bf16"]]:
-        paged = {} if page_len is None else dict(
-            page_len=page_len, num_pages=1 + batch * (context // page_len))
-        cache = jax.eval_shape(functools.partial(
-            KVCache.init, fmt_name, num_layers=1, batch=batch, kv_heads=kv_heads,
-            max_len=context, head_dim=head_dim, **paged))
+        cache = _abstract_cache(fmt_name, batch, kv_heads, context, head_dim, page_len)
         cache = dataclasses.replace(cache, lengths=lengths)
         q = jax.ShapeDtypeStruct((batch, 1, q_heads, head_dim), jnp.float32)
         moved, minimum = _bytes(cache, q, np.ones(batch, np.int32), "pallas")
@@ -123,6 +119,18 @@ def traffic_rows(formats, contexts, *, batch: int = 8, head_dim: int = 128, kv_h
                          min_bytes=minimum,
                          over_min=moved / minimum, vs_bf16=moved / bf16))
   return rows
+
+
+@functools.lru_cache(maxsize=512)
+def _abstract_cache(fmt_name: str, batch: int, kv_heads: int, context: int, head_dim: int,
+                    page_len: int | None) -> KVCache:
+  """The shapes and dtypes of `traffic_rows`'s one-layer cache, traced once per shape (the
+  docs' tables call `traffic_rows` for many seeds of the same shapes)."""
+  paged = {} if page_len is None else dict(
+      page_len=page_len, num_pages=1 + batch * (context // page_len))
+  return jax.eval_shape(functools.partial(
+      KVCache.init, fmt_name, num_layers=1, batch=batch, kv_heads=kv_heads,
+      max_len=context, head_dim=head_dim, **paged))
 
 
 def traffic_markdown(rows: list[dict]) -> str:

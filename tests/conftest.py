@@ -35,12 +35,16 @@ os.environ["KVTPU_TEST_CPU_XLA_FLAGS"] = _CPU_ONLY_XLA_FLAGS.strip()
 # (the edit loop recompiles only what an edit changed). The key covers the program,
 # the compile options and the jax, jaxlib and backend versions, so a hit is the
 # executable the compiler would produce. Bounded (least recently used entries are
-# evicted, under a file lock); KVTPU_TEST_JAX_CACHE= (empty) turns it off.
+# evicted, under a file lock); KVTPU_TEST_JAX_CACHE= (empty) turns it off. Programs
+# that compile in 30 ms or more are stored (JAX's default is 1 s): the tests' cache
+# writes and small jitted steps compile in 30-200 ms each, hundreds per file, and were
+# compiled again on every run at the former 0.2 s; below 30 ms a read costs about what
+# the compile does.
 _JAX_CACHE = os.environ.get(
     "KVTPU_TEST_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
 if _JAX_CACHE:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.03")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import zlib  # noqa: E402
