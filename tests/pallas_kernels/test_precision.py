@@ -90,23 +90,31 @@ def keys_with_realistic_outliers(rng, shape):
   return x
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f in ("int8", "int4-asym-g16",
-                                                                          WINDOWED[0])))
-                                 for f in FORMATS + WINDOWED])
-def test_kernels_meet_the_bf16_budget(fmt, rng, monkeypatch):
+def budget_case(fmt, rng, monkeypatch, *, t, lengths, chunk):
+  """A NaN-poisoned cache of 2 BLOCK positions with `lengths` held and a `t`-token chunk,
+  queries of 2 heads whose logits are a few units (as in a model, softmax scale
+  1/sqrt(H)), the kernel's arguments, and the keys and values it reads (float64, 0
+  where nothing is held)."""
   head_dim, _ = runnable(fmt, 64)
-  max_len, t = 2 * BLOCK, 2
-  lengths = np.array([0, 1, BLOCK - 1, BLOCK + 1, max_len - t])
-  chunk = np.array([2, 1, 2, 0, t])
   cache = filled_cache(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1,
-                       head_dim=head_dim, max_len=max_len)
-  # Queries times keys as in a model: logits of a few units (softmax scale 1/sqrt(H)).
+                       head_dim=head_dim, max_len=2 * BLOCK)
   q = jnp.asarray(keys_with_realistic_outliers(rng, (len(lengths), t, 2, head_dim))
                   * head_dim**-0.5 / 8, jnp.float32)
   args, kw = kernel_args(cache, 1, chunk)
   keys, values = dequantized(q, args, kw, monkeypatch)
-  keys = np.where(np.isfinite(keys), keys, 0.0)
-  values = np.where(np.isfinite(values), values, 0.0)
+  return q, args, kw, np.where(np.isfinite(keys), keys, 0.0), np.where(
+      np.isfinite(values), values, 0.0)
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f in ("int8", "int4-asym-g16",
+                                                                          WINDOWED[0])))
+                                 for f in FORMATS + WINDOWED])
+def test_kernels_meet_the_bf16_budget(fmt, rng, monkeypatch):
+  t = 2
+  lengths = np.array([0, 1, BLOCK - 1, BLOCK + 1, 2 * BLOCK - t])
+  chunk = np.array([2, 1, 2, 0, t])
+  q, args, kw, keys, values = budget_case(fmt, rng, monkeypatch, t=t, lengths=lengths,
+                                          chunk=chunk)
   errors = {}
   for precision, coef in COEF.items():
     exact, bound = exact_and_budget(q, keys, values, lengths, chunk, coef)
@@ -126,18 +134,10 @@ def test_kernels_meet_the_bf16_budget(fmt, rng, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["int8", "k=int2-asym-c16,v=int4-c16-sbf16+recent16"])
 def test_prefill_meets_the_bf16_budget(fmt, rng, monkeypatch):
-  head_dim, _ = runnable(fmt, 64)
-  max_len, t = 2 * BLOCK, 24
-  lengths = np.array([0, BLOCK - 1, max_len - t])
-  chunk = np.array([t, 9, t])
-  cache = filled_cache(fmt, rng, lengths=lengths, t=t, chunk=chunk, kv_heads=1,
-                       head_dim=head_dim, max_len=max_len)
-  q = jnp.asarray(keys_with_realistic_outliers(rng, (len(lengths), t, 2, head_dim))
-                  * head_dim**-0.5 / 8, jnp.float32)
-  args, kw = kernel_args(cache, 1, chunk)
-  keys, values = dequantized(q, args, kw, monkeypatch)
-  keys = np.where(np.isfinite(keys), keys, 0.0)
-  values = np.where(np.isfinite(values), values, 0.0)
+  t = 24
+  lengths, chunk = np.array([0, BLOCK - 1, 2 * BLOCK - t]), np.array([t, 9, t])
+  q, args, kw, keys, values = budget_case(fmt, rng, monkeypatch, t=t, lengths=lengths,
+                                          chunk=chunk)
   for precision, coef in COEF.items():
     exact, bound = exact_and_budget(q, keys, values, lengths, chunk, coef)
     out = np.asarray(prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(8, BLOCK),
