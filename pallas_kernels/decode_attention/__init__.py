@@ -3,10 +3,12 @@
 from kvtpu.pallas_kernels.decode_attention.kernel import (
     BlockSizes,
     check_precision,
+    check_span,
     decode_attention,
     default_block_sizes,
     hbm_bytes,
     layout_error,
+    merge_partials,
     min_hbm_bytes,
     vmem_estimate_bytes,
 )
@@ -26,7 +28,7 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
     validate_inputs,
 )
 
-__all__ = ["BlockSizes", "check_precision", "decode_attention", "default_block_sizes", "hbm_bytes",
+__all__ = ["BlockSizes", "check_precision", "check_span", "merge_partials", "decode_attention", "default_block_sizes", "hbm_bytes",
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
            "dequantize_per_token", "dequantize_token_groups", "dequantize_layer", "decode_codes",

@@ -86,7 +86,8 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
 
 __all__ = ["BlockSizes", "DEFAULT_VMEM_BUDGET", "decode_attention", "default_block_sizes",
            "vmem_estimate_bytes", "token_block_multiple", "token_block_error",
-           "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error", "check_precision"]
+           "hbm_bytes", "min_hbm_bytes", "attention_call", "layout_error", "check_precision",
+           "check_span", "merge_partials"]
 
 _LANES = 128
 _SUBLANES = 8
@@ -104,6 +105,36 @@ def check_precision(precision) -> jax.lax.Precision:
   except (ValueError, TypeError):
     raise ValueError("precision must be None, a jax.lax.Precision or one of 'default', "
                      f"'high', 'highest', got precision={precision!r}") from None
+
+
+def check_span(kv_span, batch: int):
+  """`kv_span` as two int32 `[batch]` arrays, or None; raises ValueError naming the
+  argument for anything else."""
+  if kv_span is None:
+    return None
+  try:
+    start, stop = kv_span
+  except (TypeError, ValueError):
+    raise ValueError("kv_span must be None or a pair (start, stop) of int32 [B] arrays, got "
+                     f"{type(kv_span).__name__}") from None
+  start, stop = jnp.asarray(start), jnp.asarray(stop)
+  for name, x in (("start", start), ("stop", stop)):
+    if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"kv_span's {name} must be an integer [B={batch}] array, got "
+                       f"shape {x.shape} and dtype {x.dtype}")
+  return start.astype(jnp.int32), stop.astype(jnp.int32)
+
+
+def merge_partials(outs, lses):
+  """Attention over the union of disjoint spans from the calls over each span
+  (`kv_span`, `return_lse=True`): `outs` `[D, B, T, N, H]` and `lses` `[D, B, T, N]`
+  (stacked, or sequences of arrays) -> `[B, T, N, H]`, each part weighted by its share
+  `exp(lse_d - logsumexp_d lse_d)` of the softmax; rows no part sees are 0."""
+  outs, lses = jnp.asarray(outs), jnp.asarray(lses)
+  total = jax.scipy.special.logsumexp(lses, axis=0)  # -inf where no part sees a position.
+  total = jnp.where(jnp.isfinite(total), total, 0.0)[None]
+  weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - total), 0.0)
+  return jnp.sum(weights[..., None] * outs, axis=0)
 
 
 def layout_error(k_dtype, v_dtype, head_dim: int) -> str | None:
@@ -232,8 +263,8 @@ def vmem_estimate_bytes(d: Dims, block_s: int, k_dtype, v_dtype, scale_dtype=jnp
 
 def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
               block_t: int | None = None, scale_itemsize: dict[str, int] | None = None,
-              has_zero=(False, False), windows=(0, 0), window_itemsize: int = 2
-              ) -> dict[str, int]:
+              has_zero=(False, False), windows=(0, 0), window_itemsize: int = 2,
+              span=None) -> dict[str, int]:
   """Bytes a kernel call moves between HBM and VMEM, for concrete lengths and chunks.
 
   Derived from the grid, the block specs and the skip logic: a block is copied when
@@ -258,6 +289,9 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     has_zero: whether K and V have per-token zero points.
     windows: `(W_s, W_r)` sink and ring slots (0: none); window_itemsize: their bytes
       per value.
+    span: None, or `(start, stop)` `[B]` host arrays (`decode_attention`'s `kv_span`):
+      the visits run from block `start // block_s` (at most `last_j`) and `end_j` is at
+      most `stop`.
 
   Returns:
     `{"kv": ..., "scales": ..., "windows": ..., "q": ..., "out": ..., "total": ...}` in
@@ -274,10 +308,15 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     held = np.minimum(lengths + chunk, d.max_len)[:, None]
     end = np.minimum(end, np.maximum(held - windows[1], windows[0]))
   end = np.where(chunk[:, None] > 0, end, 0)
+  start = np.zeros_like(lengths)
+  if span is not None:
+    start = np.maximum(np.asarray(span[0]), 0)
+    end = np.minimum(end, np.asarray(span[1])[:, None])
   last = np.maximum(-(-end // block_s) - 1, 0)  # [B, J]
+  first = np.minimum(start[:, None] // block_s, last)  # [B, J]
   live = (j == 0) | (j * block_t < chunk[:, None])  # [B, J]
-  copies = (np.where(live, last + 1, 0).sum(axis=1)
-            - ((last[:, :-1] == 0) & live[:, 1:]).sum(axis=1))  # [B]
+  copies = (np.where(live, last - first + 1, 0).sum(axis=1)
+            - ((last[:, :-1] == first[:, 1:]) & live[:, 1:]).sum(axis=1))  # [B]
   kv_copies = int(copies.sum()) * d.kv_heads
   kv = kv_copies * block_s * d.head_dim * (_bits(k_dtype) + _bits(v_dtype)) // 8
   scales = 0
@@ -352,9 +391,9 @@ def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, rece
   return jnp.where(chunk > 0, end, 0)
 
 
-def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *rest, d: Dims,
-            block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int, recent: int,
-            precision: jax.lax.Precision, k_codes=None, v_codes=None):
+def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q_ref, k_ref, v_ref,
+            *rest, d: Dims, block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int,
+            recent: int, precision: jax.lax.Precision, lse: bool, k_codes=None, v_codes=None):
   del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
@@ -363,13 +402,18 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
   vz_ref = refs.pop(0) if v_zero else None
   sink_refs = (refs.pop(0), refs.pop(0)) if sink else None
   recent_refs = (refs.pop(0), refs.pop(0)) if recent else None
-  o_ref, m_ref, l_ref, acc_ref = refs
+  o_ref, lse_ref = refs.pop(0), (refs.pop(0) if lse else None)
+  m_ref, l_ref, acc_ref = refs
   b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   num_blocks = pl.num_programs(3)
   length, chunk = lengths_ref[b], chunk_ref[b]
+  start, stop = start_ref[b], stop_ref[b]  # The span of positions this call reads.
   end = jnp.minimum(length + chunk, d.max_len)  # Positions < end hold tokens.
   # The store blocks this query block reads hold positions < block_end.
-  block_end = _block_end(length, chunk, j, block_t, d.max_len, sink, recent)
+  block_end = jnp.minimum(_block_end(length, chunk, j, block_t, d.max_len, sink, recent), stop)
+
+  def in_span(pos):
+    return (pos >= start) & (pos < stop)
   live = _live(chunk, j, block_t)  # A block of padding rows only is skipped whole.
   tg, h = block_t * d.group, d.head_dim
   k_exact, v_exact = (
@@ -439,7 +483,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
     f32 = width % (2 * _SUBLANES) != 0
     logits = matmul(q_ref[...], kw_ref[...], transpose_b=True, b_exact=exact(kw_ref.dtype),
                     f32=f32)
-    mask = held & (pos <= query_limit(width))  # [TG, W]
+    mask = held & (pos <= query_limit(width)) & in_span(pos)  # [TG, W]
     p, alpha = softmax_step(logits, mask)
     # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
     held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
@@ -461,7 +505,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
       pos = end - recent + jax.lax.rem(slot - jax.lax.rem(end, recent) + recent, recent)
       window(recent_refs, pos, (pos >= sink) & (pos >= 0))
 
-  @pl.when((i * block_s < block_end) & live)
+  @pl.when((i * block_s < block_end) & ((i + 1) * block_s > start) & live)
   def _block():
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
     chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
@@ -507,7 +551,7 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
 
     k = dequantize(k_ref, k_codes, d.k_token_group, ks_ref, kz_ref, d.k_groups)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
-    mask = (pos <= query_limit(block_s)) & (pos < quant_end)  # [TG, bs]
+    mask = (pos <= query_limit(block_s)) & (pos < quant_end) & in_span(pos)  # [TG, bs]
     if sink:
       mask = mask & (pos >= sink)
     f32 = block_s % (2 * _SUBLANES) != 0  # See `window`.
@@ -519,7 +563,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
     # Positions the store is not read for may hold NaN (unwritten, or an open group's
     # unwritten scales): zero them (0 * NaN would poison the sum).
     row = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
-    held = (row < quant_end) & (row >= sink) if sink else row < quant_end
+    held = (row < quant_end) & in_span(row)
+    if sink:
+      held = held & (row >= sink)
     v = jnp.where(held, dequantize(v_ref, v_codes, d.v_token_group, vs_ref, vz_ref, d.v_groups),
                   0.0)
     if d.v_groups == 1:
@@ -530,16 +576,20 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, q_ref, k_ref, v_ref, *
   def _finish():
     denom = l_ref[...]
     o_ref[...] = (acc_ref[...] / jnp.where(denom > 0, denom, 1.0)).astype(o_ref.dtype)
+    if lse:  # log sum exp of the row's logits over the span; -inf where it saw none.
+      lse_ref[...] = jnp.where(denom > 0, m_ref[...] + jnp.log(jnp.where(denom > 0, denom, 1.0)),
+                               -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
                                              "v_token_group", "block_sizes", "precision",
-                                             "interpret"))
+                                             "return_lse", "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                      v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                      v_token_group=None, page_table=None, block_sizes: BlockSizes | None = None,
-                     precision=None, interpret=False) -> jax.Array:
+                     precision=None, kv_span=None, return_lse: bool = False,
+                     interpret=False):
   """Decode attention over one layer of a quantized cache (see module docstring).
 
   Args:
@@ -568,10 +618,17 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     precision: the matmuls' operands (`check_precision`; error budgets in the module
       docstring): `Precision.HIGH` (None) splits f32 operands into two bf16 parts,
       `DEFAULT` rounds them to bf16 (one MXU pass), `HIGHEST` keeps them f32.
+    kv_span: None (every position), or `(start, stop)`, int32 `[B]` each: sequence b
+      attends only to cache positions in `[start[b], stop[b])` (windows included), and
+      blocks outside the span are neither copied nor computed. Attention over a
+      sequence split into disjoint spans (other devices' pages, or several cores) is
+      `merge_partials` of the calls' outputs and log-sum-exps.
+    return_lse: also return each row's log-sum-exp of its logits over the span,
+      `[B, T, N]` float32 (-inf for rows that see no position: padding, an empty span).
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
 
   Returns:
-    `[B, T, N, H]` float32.
+    `[B, T, N, H]` float32, and the log-sum-exps if `return_lse`.
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
@@ -586,20 +643,22 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.slab),
                         precision=check_precision(precision), interpret=interpret,
-                        windows=windows, codes=codes, page_table=page_table)
+                        windows=windows, codes=codes, page_table=page_table,
+                        span=check_span(kv_span, d.batch), lse=return_lse)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                    *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
                    codes=(None, None), page_table=None,
-                   precision=jax.lax.Precision.HIGH) -> jax.Array:
+                   precision=jax.lax.Precision.HIGH, span=None, lse: bool = False):
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
   `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s;
-  `precision`: a `jax.lax.Precision` (`check_precision`).
+  `precision`: a `jax.lax.Precision` (`check_precision`); `span`, `lse`: as
+  `decode_attention`'s `kv_span` and `return_lse`.
 
   KV block i of sequence b is block `i % (Z / block_s)` of page `table[b, i // (Z /
   block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
@@ -616,25 +675,30 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   pages_per_seq = page_table.shape[1]
   num_q_blocks, num_kv_blocks = pl.cdiv(d.t, block_t), pages_per_seq * blocks_per_page
   rows = block_t * d.group
+  start, stop = ((jnp.zeros(d.batch, jnp.int32), jnp.full(d.batch, d.max_len, jnp.int32))
+                 if span is None else (jnp.asarray(x, jnp.int32) for x in span))
   # [B, T, N, H] -> [B, K, T*G, H]: the G heads of a kv head and the T tokens share a pass.
   qk = q.astype(jnp.float32).reshape(d.batch, d.t, d.kv_heads, d.group, d.head_dim)
   qk = qk.transpose(0, 2, 1, 3, 4).reshape(d.batch, d.kv_heads, d.t * d.group, d.head_dim)
 
-  def q_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref):
+  def q_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref, *_):
     """(b, h, query block): blocks of padding only repeat the last live one (no copy)."""
     chunk_b = chunk_ref[b]
     return b, h, jnp.where(_live(chunk_b, j, block_t), j, _last_live(chunk_b, block_t)), 0
 
-  def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref):
-    """(layer, page, h, block within the page): blocks past what query block j sees
-    repeat the last one, and a query block of padding only stays on the last live
-    block's last one (no copy); a table entry outside the pool reads page 0."""
+  def kv_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref):
+    """(layer, page, h, block within the page): blocks before the span repeat its first
+    one, blocks past what query block j sees (or past the span) repeat the last one, and
+    a query block of padding only stays on the last live block's last one (no copy); a
+    table entry outside the pool reads page 0."""
     length, chunk_b = lengths_ref[b], chunk_ref[b]
     live = _live(chunk_b, j, block_t)
     j = jnp.where(live, j, _last_live(chunk_b, block_t))
-    end = _block_end(length, chunk_b, j, block_t, d.max_len, *windows_len)
+    end = jnp.minimum(_block_end(length, chunk_b, j, block_t, d.max_len, *windows_len),
+                      stop_ref[b])
     last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's query_limit.
-    block = jnp.where(live, jnp.minimum(i, last), last)
+    first = jnp.minimum(jax.lax.div(jnp.maximum(start_ref[b], 0), bs), last)
+    block = jnp.where(live, jnp.minimum(jnp.maximum(i, first), last), last)
     page = table_ref[b * pages_per_seq + jax.lax.div(block, blocks_per_page)]
     page = jnp.where((page >= 0) & (page < d.rows), page, 0)
     return layer_ref[0], page, h, jax.lax.rem(block, blocks_per_page)
@@ -667,15 +731,20 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
       operands += list(pair)
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
                              k_zero=k_zero is not None, v_zero=v_zero is not None,
-                             k_codes=codes[0], v_codes=codes[1], precision=precision, **sizes)
+                             k_codes=codes[0], v_codes=codes[1], precision=precision, lse=lse,
+                             **sizes)
+  out_shape, out_specs = jax.ShapeDtypeStruct(qk.shape, jnp.float32), q_spec
+  if lse:  # One float per row: [B, K, T*G, 1].
+    out_shape = (out_shape, jax.ShapeDtypeStruct((*qk.shape[:3], 1), jnp.float32))
+    out_specs = (q_spec, pl.BlockSpec((sq, sq, rows, 1), lambda *a: (*q_block(*a)[:3], 0)))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct(qk.shape, jnp.float32),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4,
+          num_scalar_prefetch=6,
           grid=(d.batch, d.kv_heads, num_q_blocks, num_kv_blocks),
           in_specs=in_specs,
-          out_specs=q_spec,
+          out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                           pltpu.VMEM((rows, d.head_dim), jnp.float32)],
       ),
@@ -685,9 +754,15 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
           dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lengths.astype(jnp.int32),
-    chunk.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), *operands)
+    chunk.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), start, stop, *operands)
+  out, row_lse = out if lse else (out, None)
   out = out.reshape(d.batch, d.kv_heads, d.t, d.group, d.head_dim).transpose(0, 2, 1, 3, 4)
   # Rows past the chunk are padding: 0 (the kernel never writes skipped query blocks).
   padding = jnp.arange(d.t)[None, :] >= chunk.astype(jnp.int32)[:, None]
-  out = jnp.where(padding[:, :, None, None, None], 0.0, out)
-  return out.reshape(d.batch, d.t, d.q_heads, d.head_dim)
+  out = jnp.where(padding[:, :, None, None, None], 0.0, out).reshape(
+      d.batch, d.t, d.q_heads, d.head_dim)
+  if not lse:
+    return out
+  row_lse = row_lse.reshape(d.batch, d.kv_heads, d.t, d.group).transpose(0, 2, 1, 3)
+  row_lse = jnp.where(padding[:, :, None, None], -jnp.inf, row_lse)
+  return out, row_lse.reshape(d.batch, d.t, d.q_heads)

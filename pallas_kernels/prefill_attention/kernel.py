@@ -24,6 +24,7 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   BlockSizes,
   attention_call,
   check_precision,
+  check_span,
   default_block_sizes,
   token_block_multiple,
   vmem_estimate_bytes,
@@ -118,20 +119,21 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
                                              "v_token_group", "block_sizes", "precision",
-                                             "interpret"))
+                                             "return_lse", "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                       v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                       v_token_group=None, page_table=None,
                       block_sizes: PrefillBlockSizes | None = None,
-                      precision=None, interpret=False) -> jax.Array:
+                      precision=None, kv_span=None, return_lse: bool = False,
+                      interpret=False):
   """Causal attention of a T-token chunk over one layer of a quantized cache.
 
   Args: as `decode_attention` (paged caches included), with any T, and `block_sizes` a
   `PrefillBlockSizes`.
 
   Returns:
-    `[B, T, N, H]` float32.
+    `[B, T, N, H]` float32, and the log-sum-exps `[B, T, N]` if `return_lse`.
   """
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
@@ -147,4 +149,5 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   block_t, block_s = block_sizes.resolve(d.t, d.slab)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
-                        codes=codes, page_table=page_table, precision=check_precision(precision))
+                        codes=codes, page_table=page_table, precision=check_precision(precision),
+                        span=check_span(kv_span, d.batch), lse=return_lse)
