@@ -5,6 +5,8 @@ The calls over disjoint spans of a sequence, merged by their log-sum-exps
 a sequence's pages over devices (or splitting a long sequence over cores).
 """
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,16 @@ from kvtpu.pallas_kernels.decode_attention import (
 )
 from kvtpu.pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
 
+import kvtpu
 from tests.helpers import slow_unless
-from tests.pallas_kernels.cases import BLOCK, INTERPRET, filled_cache, kernel_args
+from tests.pallas_kernels.cases import (
+  BLOCK,
+  INTERPRET,
+  filled_cache,
+  kernel_args,
+  split_static,
+  tpu_device,
+)
 
 MAX_LEN = 3 * BLOCK
 # Span boundaries: inside the sink, mid-block, at a block edge, past the end.
@@ -130,3 +140,24 @@ def test_bad_spans_are_named(rng):
               (np.zeros(2, np.float32), np.ones(2, np.float32))):
     with pytest.raises(ValueError, match="kv_span"):
       decode_attention(q, *args, **kw, kv_span=bad, interpret=INTERPRET)
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("generation,fmt,t", [("v5e", "int4-sbf16-rot+sink4+recent252", 1),
+                                              ("v6e", "int8", 8), ("v5e", "int4-asym-g16", 40)])
+def test_spans_and_log_sum_exps_compile_through_mosaic(generation, fmt, t):
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, num_layers=1, batch=2, kv_heads=2,
+                                                    max_len=2048, head_dim=128))
+  args, kw = kernel_args(cache, 0, jnp.zeros(2, jnp.int32))
+  kw, static = split_static(kw)
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  i32 = jax.ShapeDtypeStruct((2,), jnp.int32)
+  args = jax.tree.map(on_tpu, (jax.ShapeDtypeStruct((2, t, 8, 128), jnp.float32), *args[:3], i32,
+                               (i32, i32)))
+  kernel = decode_attention if t <= 8 else prefill_attention
+  fn = jax.jit(lambda q, k, v, lengths, chunk, span, kw: kernel(
+      q, k, v, lengths, chunk, 0, **kw, **static, kv_span=span, return_lse=True))
+  compiled = fn.lower(*args, jax.tree.map(on_tpu, kw)).compile()  # Raises if Mosaic rejects it.
+  assert compiled.memory_analysis().output_size_in_bytes >= 2 * t * 8 * (128 + 1) * 4
