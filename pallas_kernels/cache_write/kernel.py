@@ -203,6 +203,13 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
   # To the store's layout: [B, K, M * tile, H] or [B, K, G, M * tile].
   carrier = _carrier(store.dtype)
   placed = jnp.moveaxis(placed, 1, 3 if minor else 2).astype(carrier)
+  # [B, K, M, G, tile] or [B, K, M, tile, H]: a block is then the whole of the two minor
+  # axes even when a tile is shorter than a TPU tile (pages of fewer positions than 128
+  # lanes or 8 sublanes), as Mosaic's blocks need.
+  if minor:
+    placed = placed.reshape(*placed.shape[:3], m, tile).transpose(0, 1, 3, 2, 4)
+  else:
+    placed = placed.reshape(placed.shape[0], placed.shape[1], m, tile, placed.shape[3])
   last_tile = pl.cdiv(capacity, tile) - 1
   tiles_per_page = page_len // tile
   pages_per_seq = page_table.shape[1]
@@ -222,12 +229,12 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
   def placed_index(b, j, layer_ref, lo_ref, hi_ref, table_ref):
     first, last = _tile_range(lo_ref[b], hi_ref[b], tile, last_tile)
     i = jnp.minimum(j, last - first)
-    return (b, 0, 0, i) if minor else (b, 0, i, 0)
+    return b, 0, i, 0, 0
 
   if minor:
-    store_block, placed_block = (sq, sq, kv_heads, x, tile), (sq, kv_heads, x, tile)
+    store_block, placed_block = (sq, sq, kv_heads, x, tile), (sq, kv_heads, sq, x, tile)
   else:
-    store_block, placed_block = (sq, sq, kv_heads, tile, x), (sq, kv_heads, tile, x)
+    store_block, placed_block = (sq, sq, kv_heads, tile, x), (sq, kv_heads, sq, tile, x)
   store_spec = pl.BlockSpec(store_block, store_index)
   kernel = functools.partial(_kernel, tile=tile, last_tile=last_tile, minor=minor)
   return pl.pallas_call(

@@ -206,3 +206,20 @@ def test_paged_write_compiles_in_place_for_tpu(dtype, generation):
   pool_bytes = 2 * pages * heads * z * h * jnp.iinfo(dtype).bits // 8
   assert stats.alias_size_in_bytes >= pool_bytes
   assert stats.temp_size_in_bytes < pool_bytes / 50, stats.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("z,t", [(64, 20), pytest.param(32, 70, marks=pytest.mark.slow)])
+def test_scale_pages_shorter_than_a_lane_tile_compile_for_tpu(z, t):
+  # Per-token scale pools [L, P, K, G, Z] hold positions in lanes: with pages of fewer than
+  # 128 positions a chunk spanning several pages still gives Mosaic whole minor blocks.
+  b, pages, heads, groups = 4, 65, 8, 2
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e"))
+  on_tpu = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+  pool = on_tpu((2, pages, heads, groups, z), jnp.float32)
+  new = on_tpu((b, t, heads, groups), jnp.float32)
+  vec = on_tpu((b,), jnp.int32)
+  table = on_tpu((b, 2048 // z), jnp.int32)
+  step = jax.jit(lambda pool, new, lo, hi, table: cache_write(
+      pool, new, 1, lo, hi, seq_axis=4, page_table=table), donate_argnums=0)
+  stats = step.lower(pool, new, vec, vec, table).compile().memory_analysis()
+  assert stats.alias_size_in_bytes >= 2 * pages * heads * groups * z * 4
