@@ -62,7 +62,7 @@ from kvtpu.pallas_kernels import cache_write as cw
 from kvtpu.pallas_kernels.decode_attention.reference import gather_pages, overlay_windows
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
-           "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE",
+           "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE", "INT2_PAGE_MULTIPLE",
            "LOGICAL_AXES", "params_by_tensor", "check_param"]
 
 # Fields fixed when a tensor is created (calibrated), as opposed to written per token.
@@ -141,9 +141,11 @@ def _scatter_bits(store: jax.Array, index, values: jax.Array) -> jax.Array:
 
 # int2 stores: the fewest positions a written block spans, and the multiple of
 # positions their max_len must be (XLA's TPU layouts of int2 arrays; the compiler
-# aborts rather than raises on others).
+# aborts rather than raises on others). A pool's pages may be half that: a decode or
+# prefill step over pages of 64 (update and attend) compiles for v5e and v6e.
 INT2_MIN_ROWS = 16
 INT2_MAX_LEN_MULTIPLE = 128
+INT2_PAGE_MULTIPLE = 64
 
 # How a chunk is written (`write_rows`): "scatter" (XLA's CPU backend scatters in
 # place), "pallas" (one in-place Pallas kernel call for the batch, on TPU), "interpret"
@@ -279,7 +281,7 @@ class QuantizedKV:
       ValueError: for a non-positive dimension, a head_dim the spec's group size
         does not divide, a max_len a token-grouped spec's group does not divide,
         `clip` on a spec that is not dynamic, a window on a static spec, or int2
-        storage with max_len not a multiple of 128.
+        storage with max_len not a multiple of 128 (page_len: 64).
     """
     check_dims(num_layers=num_layers, batch=batch, kv_heads=kv_heads, max_len=max_len,
                head_dim=head_dim, **({} if pages is None else {"pages": pages}))
@@ -287,9 +289,10 @@ class QuantizedKV:
     if clip and not spec.clippable:
       raise ValueError(f"clip ratios are for range-scaled dynamic (per-token) specs, not {spec.name}")
     what = "max_len" if pages is None else "page_len"  # The positions of one slab.
-    if spec.dtype.value == "int2" and max_len % INT2_MAX_LEN_MULTIPLE:
-      raise ValueError(f"int2 storage needs {what} a multiple of {INT2_MAX_LEN_MULTIPLE} (the "
-                       f"TPU layout of int2 arrays), got {what}={max_len} ({spec.name})")
+    multiple = INT2_MAX_LEN_MULTIPLE if pages is None else INT2_PAGE_MULTIPLE
+    if spec.dtype.value == "int2" and max_len % multiple:
+      raise ValueError(f"int2 storage needs {what} a multiple of {multiple} (the TPU layout "
+                       f"of int2 arrays), got {what}={max_len} ({spec.name})")
     n = spec.token_group
     if n is not None and max_len % n:
       raise ValueError(f"{spec.name} scales groups of {n} positions: {what} must be a multiple "
@@ -315,10 +318,12 @@ class QuantizedKV:
                sink=window(sink), recent=window(recent), spec=spec, paged=pages is not None)
 
   @staticmethod
-  def max_len_multiple(spec: QuantSpec) -> int:
-    """What `max_len` must be a multiple of for `spec`: 128 for int2 storage (TPU
-    layouts), N for per-channel scales over N positions (whole groups), else 1."""
-    int2 = INT2_MAX_LEN_MULTIPLE if spec.dtype.value == "int2" else 1
+  def max_len_multiple(spec: QuantSpec, *, paged: bool = False) -> int:
+    """What `max_len` (with `paged`, a pool's `page_len`) must be a multiple of for
+    `spec`: 128 for int2 storage (64 for its pages; TPU layouts), N for per-channel
+    scales over N positions (whole groups), else 1."""
+    int2 = ((INT2_PAGE_MULTIPLE if paged else INT2_MAX_LEN_MULTIPLE)
+            if spec.dtype.value == "int2" else 1)
     return math.lcm(int2, spec.token_group or 1)
 
   @staticmethod

@@ -95,7 +95,7 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--reserve=1"], "--reserve: expected a fraction of HBM in [0, 1), got 1.0"),
     (["--concurrencies=0"], "--concurrencies: expected integers >= 1, got [0]"),
     (["--paged_lengths=gauss:5"], "--paged_lengths: length distribution 'gauss:5': expected"),
-    (["--page_len=64", "--kv_formats=int2"], "--page_len: int2 needs pages of a multiple of 128"),
+    (["--page_len=32", "--kv_formats=int2"], "--page_len: int2 needs pages of a multiple of 64"),
     (["--paged_demands=p50"], "--paged_demands: expected demands among ['mean', 'p99']"),
     (["--kv_formats=int7"], "--kv_formats: invalid KV format name='int7'"),
     (["--kv_formats=int2|int4@1,3-5", "--modes=analytic,aot"],

@@ -9,6 +9,7 @@ changing anything.
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +19,15 @@ import pytest
 import kvtpu
 from kvtpu import OutOfPages, PageAllocator, memory
 from tests.helpers import assert_close, kv_with_outliers, poison, slow_unless
-from tests.pallas_kernels.cases import KERNEL_RTOL
+from tests.pallas_kernels.cases import KERNEL_RTOL, tpu_device
 
 B, K, H, L, PAGE = 4, 2, 128, 2, 128
 STATIC_FMT = "k=int8-head,v=int8-head"
 MAX_LEN = 4 * PAGE
 
 
-def make(fmt, *, num_pages=None):
-  kw = {} if num_pages is None else dict(page_len=PAGE, num_pages=num_pages)
+def make(fmt, *, num_pages=None, page=PAGE):
+  kw = {} if num_pages is None else dict(page_len=page, num_pages=num_pages)
   return poison(kvtpu.KVCache.init(fmt, num_layers=L, batch=B, kv_heads=K, max_len=MAX_LEN,
                                    head_dim=H, **kw))
 
@@ -65,13 +66,16 @@ FORMATS = ["int8", "int4-sbf16-rot+sink4+recent252", "k=int2-asym-c16,v=int4-c16
            "int2-nu-sbf16-rot+sink4+recent252", "bf16", "k8v4"]
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == FORMATS[1]))
-                                 for f in FORMATS])
-def test_paged_cache_holds_what_the_contiguous_one_does(fmt):
+# int2 pools take pages of 64 positions (half its slabs' multiple of 128).
+@pytest.mark.parametrize("fmt,page", [pytest.param(f, PAGE, marks=slow_unless(f == FORMATS[1]))
+                                      for f in FORMATS] + [("int2-asym", 64)])
+def test_paged_cache_holds_what_the_contiguous_one_does(fmt, page):
   contiguous, want = run_steps(make(fmt), np.random.default_rng(7))
-  allocator = PageAllocator(num_pages=1 + B * 4 + 2, page_len=PAGE, batch=B,
-                            pages_per_sequence=4)
-  paged, got = run_steps(make(fmt, num_pages=1 + B * 4 + 2), np.random.default_rng(7), allocator)
+  per_seq = MAX_LEN // page
+  allocator = PageAllocator(num_pages=1 + B * per_seq + 2, page_len=page, batch=B,
+                            pages_per_sequence=per_seq)
+  paged, got = run_steps(make(fmt, num_pages=1 + B * per_seq + 2, page=page),
+                         np.random.default_rng(7), allocator)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # The same reference math.
   np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
   held = np.asarray(contiguous.lengths) + np.asarray(STEPS[-1][1])
@@ -84,19 +88,23 @@ def test_paged_cache_holds_what_the_contiguous_one_does(fmt):
     np.testing.assert_array_equal(count, contiguous.counts()[name], err_msg=name)
 
 
-def fresh_allocator(num_pages=1 + B * 4):
-  return PageAllocator(num_pages=num_pages, page_len=PAGE, batch=B, pages_per_sequence=4)
+def fresh_allocator(num_pages=None, page=PAGE):
+  per_seq = MAX_LEN // page
+  return PageAllocator(num_pages=num_pages or 1 + B * per_seq, page_len=page, batch=B,
+                       pages_per_sequence=per_seq)
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=slow_unless(f == "int8"))
-                                 for f in ("int8", "int4-sbf16-rot+sink4+recent252")])
-def test_the_kernels_read_the_paged_cache(fmt):
+@pytest.mark.parametrize("fmt,page", [("int8", PAGE), pytest.param(
+    "int4-sbf16-rot+sink4+recent252", PAGE, marks=pytest.mark.slow), ("int2-asym", 64)])
+def test_the_kernels_read_the_paged_cache(fmt, page):
   # The same writes and queries (same seed), read by the Pallas kernels over the pool
   # (interpret mode; the last chunk of 8 tokens goes through the decode kernel) and by
   # the reference.
-  _, got = run_steps(make(fmt, num_pages=1 + B * 4), np.random.default_rng(3), fresh_allocator(),
-                     impl="interpret")
-  _, ref = run_steps(make(fmt, num_pages=1 + B * 4), np.random.default_rng(3), fresh_allocator())
+  pool = 1 + B * MAX_LEN // page
+  _, got = run_steps(make(fmt, num_pages=pool, page=page), np.random.default_rng(3),
+                     fresh_allocator(page=page), impl="interpret")
+  _, ref = run_steps(make(fmt, num_pages=pool, page=page), np.random.default_rng(3),
+                     fresh_allocator(page=page))
   assert np.isfinite(np.asarray(got)).all(), "poisoned pages reached the output"
   assert_close(got, ref, atol=KERNEL_RTOL * float(jnp.max(jnp.abs(ref))), name=fmt)
 
@@ -144,8 +152,8 @@ def test_paged_init_refuses_what_does_not_fit():
     kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=1)
   with pytest.raises(ValueError, match="page_len must be a positive int"):
     kvtpu.KVCache.init("int8", **kw, num_pages=4)
-  with pytest.raises(ValueError, match="int2 storage needs page_len a multiple of 128"):
-    kvtpu.KVCache.init("int2", **{**kw, "max_len": 128}, page_len=64, num_pages=4)
+  with pytest.raises(ValueError, match="int2 storage needs page_len a multiple of 64"):
+    kvtpu.KVCache.init("int2", **{**kw, "max_len": 128}, page_len=32, num_pages=4)
   cache = kvtpu.KVCache.init("int8", **kw, page_len=128, num_pages=4)
   with pytest.raises(ValueError, match=r"page_table must be integers of shape \(2, 4\)"):
     cache.with_page_table(np.zeros((2, 3), np.int32))
@@ -276,3 +284,27 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
     a, c = (np.asarray(x.dequantized(1, which)) for x in (whole, jax.device_get(ref)))
     for s in range(b):
       np.testing.assert_array_equal(a[s, :, :held[s]], c[s, :, :held[s]])
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("fmt,t,generation", [
+    ("int2-asym", 20, "v5e"), pytest.param("int8", 20, "v6e", marks=pytest.mark.slow),
+    pytest.param("k=int2-asym-c16,v=int2-nu-sbf16-rot+sink4+recent32", 64, "v5e",
+                 marks=pytest.mark.slow)])
+def test_steps_over_pages_of_64_compile_for_tpu(fmt, t, generation):
+  # A chunk spanning pages shorter than a TPU tile of their scales (positions in lanes)
+  # and int2 pools of 64-position pages: update and attend through the Pallas kernels.
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(generation))
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  cache = jax.tree.map(on_tpu, jax.eval_shape(lambda: kvtpu.KVCache.init(
+      fmt, num_layers=2, batch=B, kv_heads=K, max_len=2048, head_dim=H, page_len=64,
+      num_pages=1 + B * 32)))
+  kv = on_tpu(jax.ShapeDtypeStruct((B, t, K, H), jnp.float32))
+  q = on_tpu(jax.ShapeDtypeStruct((B, t, 4 * K, H), jnp.float32))
+
+  def step(cache, k, v, q):
+    cache = cache.update(1, k, v)
+    return kvtpu.attend(q, cache, 1, impl="pallas"), cache.advance(t)
+
+  jax.jit(step, donate_argnums=0).lower(cache, kv, kv, q).compile()  # Raises if rejected.

@@ -29,6 +29,7 @@ context_vs_concurrency.png.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -179,7 +180,8 @@ class HeadroomConfig:
     for name in (f for f in self.kv_formats if self.paged_lengths
                  and not kvtpu.LayerPlan.parse(f).overrides):
       spec = kvtpu.KVFormat.parse(name)
-      need = max(kvtpu.qtensor.QuantizedKV.max_len_multiple(x) for x in (spec.k, spec.v))
+      need = math.lcm(*(kvtpu.qtensor.QuantizedKV.max_len_multiple(x, paged=True)
+                        for x in (spec.k, spec.v)))
       check(self.page_len % need == 0, "page_len",
             f"{name} needs pages of a multiple of {need} positions, got page_len={self.page_len}")
     demands = str_list("paged_demands", self.paged_demands)
