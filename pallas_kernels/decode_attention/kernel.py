@@ -429,9 +429,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
     f32."""
     dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
     if f32 or precision == jax.lax.Precision.HIGHEST:
-      precision_ = jax.lax.Precision.HIGHEST
       return jax.lax.dot_general(a.astype(jnp.float32), b_.astype(jnp.float32), dims,
-                                 precision=precision_, preferred_element_type=jnp.float32)
+                                 precision=jax.lax.Precision.HIGHEST,
+                                 preferred_element_type=jnp.float32)
 
     def dot(x, y):
       return jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
@@ -642,23 +642,22 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
                                       (d.k_groups, d.v_groups))
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.slab),
-                        precision=check_precision(precision), interpret=interpret,
-                        windows=windows, codes=codes, page_table=page_table,
-                        span=check_span(kv_span, d.batch), lse=return_lse)
+                        precision=precision, interpret=interpret, windows=windows, codes=codes,
+                        page_table=page_table, span=kv_span, lse=return_lse)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                    *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
                    codes=(None, None), page_table=None,
-                   precision=jax.lax.Precision.HIGH, span=None, lse: bool = False):
+                   precision=None, span=None, lse: bool = False):
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
   `[j * block_t, (j + 1) * block_t)` of all G heads of a kv head (`block_t * G` rows).
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
   `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s;
-  `precision`: a `jax.lax.Precision` (`check_precision`); `span`, `lse`: as
-  `decode_attention`'s `kv_span` and `return_lse`.
+  `precision`, `span`, `lse`: `decode_attention`'s `precision`, `kv_span` and
+  `return_lse`, checked here (`check_precision`, `check_span`).
 
   KV block i of sequence b is block `i % (Z / block_s)` of page `table[b, i // (Z /
   block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
@@ -667,6 +666,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   error = layout_error(k.dtype, v.dtype, d.head_dim) or token_block_error(d, block_s)
   if error is not None:
     raise ValueError(error)
+  precision, span = check_precision(precision), check_span(span, d.batch)
   bs = block_s
   blocks_per_page = pl.cdiv(d.slab, bs)
   windows_len = tuple(0 if w is None else w.shape[3] for w in (windows[0], windows[2]))

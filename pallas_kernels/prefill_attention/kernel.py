@@ -23,8 +23,6 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
   DEFAULT_VMEM_BUDGET,
   BlockSizes,
   attention_call,
-  check_precision,
-  check_span,
   default_block_sizes,
   token_block_multiple,
   vmem_estimate_bytes,
@@ -149,5 +147,5 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   block_t, block_s = block_sizes.resolve(d.t, d.slab)
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
-                        codes=codes, page_table=page_table, precision=check_precision(precision),
-                        span=check_span(kv_span, d.batch), lse=return_lse)
+                        codes=codes, page_table=page_table, precision=precision, span=kv_span,
+                        lse=return_lse)
