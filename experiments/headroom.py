@@ -57,7 +57,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("mesh", d.mesh, "Mesh axis sizes; data x model = the slice's devices.",
                       flag_values=fv)
   flags.DEFINE_string("strategy", d.strategy,
-                      "kv heads over the model axis (kvtpu.sharding): auto, heads, replicate.",
+                      "kv heads over the model axis (kvtpu.sharding): auto, heads, replicate, "
+                      "or sequence (paged questions only: each sequence's pages over the "
+                      "model axis).",
                       flag_values=fv)
   flags.DEFINE_list("kv_formats", list(d.kv_formats),
                     "KV-cache formats, or layer plans (formats per layer; analytic mode only).",

@@ -12,6 +12,7 @@ exact attention with jnp; it is also what later kernels are tested against.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -25,7 +26,9 @@ from kvtpu.cache import KVCache
 from kvtpu.layered import LayeredKVCache
 from kvtpu.pallas_kernels import decode_attention, prefill_attention
 
-__all__ = ["attend", "check_query", "IMPLS"]
+__all__ = ["attend", "check_query", "merge_partials", "IMPLS"]
+
+merge_partials = decode_attention.merge_partials
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 
@@ -62,7 +65,7 @@ def check_query(q: jax.Array, cache: KVCache, layer, impl: str = "auto") -> None
 
 
 def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float | None = None,
-           impl: str = "auto", precision=None) -> jax.Array:
+           impl: str = "auto", precision=None, kv_span=None, return_lse: bool = False):
   """Causal grouped-query attention of new queries over one layer of the cache.
 
   Args:
@@ -87,9 +90,15 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
       float64 reference are in docs/kernels.md. On TPU v2/v3 (no bf16 matmul in their
       Mosaic) None means HIGHEST, and DEFAULT or HIGH is a ValueError. The "xla"
       reference always computes in float32 at HIGHEST.
+    kv_span: None (all positions), or `(start, stop)`, integer `[B]` each: sequence b
+      attends only to positions in `[start[b], stop[b])`, windows included (the
+      kernels neither read nor compute blocks outside). Attention over disjoint spans
+      (a sequence-sharded cache's devices) combines with `merge_partials`.
+    return_lse: also return each row's log-sum-exp of its scaled logits, `[B, T, N]`
+      float32 (-inf for a row that sees no position).
 
   Returns:
-    `[B, T, N, H]` in `q.dtype`.
+    `[B, T, N, H]` in `q.dtype`, and the log-sum-exps if `return_lse`.
 
   Raises:
     ValueError, TypeError, IndexError: for mismatched shapes or dtypes, N not a
@@ -103,23 +112,28 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
   if isinstance(cache, LayeredKVCache):  # The layer's group, a KVCache of one format.
     group, index = cache.group_of(layer)
     return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl,
-                  precision=precision)
+                  precision=precision, kv_span=kv_span, return_lse=return_lse)
   check_query(q, cache, layer, impl)
+  span = decode_attention.check_span(kv_span, cache.batch)
   impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
   precision = _resolve_precision(precision, impl)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   if impl == "xla":
-    out = _reference(q, cache, layer, chunk, scale)
+    out = _reference(q, cache, layer, chunk, scale, span, return_lse)
   else:
     interpret = pltpu.InterpretParams() if impl == "interpret" else False
     out = _pallas_attention(q, cache, layer, chunk, scale, interpret=interpret,
-                            precision=precision)
+                            precision=precision, span=span, return_lse=return_lse)
+  if return_lse:
+    return _nan_where(bad, out[0]), _nan_where(bad, out[1])
   return _nan_where(bad, out)
 
 
 def _nan_where(bad: jax.Array | None, out: jax.Array) -> jax.Array:
-  """`out` with the sequences flagged in `bad` (None: none) set to NaN."""
-  return out if bad is None else jnp.where(bad[:, None, None, None], jnp.nan, out).astype(out.dtype)
+  """`out` (`[B, ...]`) with the sequences flagged in `bad` (None: none) set to NaN."""
+  if bad is None:
+    return out
+  return jnp.where(bad.reshape(-1, *(1,) * (out.ndim - 1)), jnp.nan, out).astype(out.dtype)
 
 
 def _chunk_and_scale(q, cache: KVCache, layer, valid_len, scale):
@@ -198,8 +212,8 @@ def _resolve_precision(precision, impl: str):
                    f"of TPU {gen} does not lower; use precision='highest' (or None)")
 
 
-def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret,
-                      precision) -> jax.Array:
+def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret, precision,
+                      span=None, return_lse: bool = False):
   """`attend` through a Pallas kernel: decode for T <= 8, chunked prefill above.
 
   The kernels read per-token and token-grouped scales; static (calibrated) scales are
@@ -213,12 +227,14 @@ def _pallas_attention(q, cache: KVCache, layer, chunk, scale, *, interpret,
             else prefill_attention.prefill_attention)
   out = kernel(qg.reshape(b, t, n, h), cache.k.kernel_operand, cache.v.kernel_operand,
                cache.lengths, chunk, layer, page_table=cache.page_table, precision=precision,
-               interpret=interpret)
+               kv_span=span, return_lse=return_lse, interpret=interpret)
+  out, lse = out if return_lse else (out, None)
   # Row t of sequence b sees keys iff it is a chunk token (it sees itself); padding
   # rows are 0.
   has_keys = (jnp.arange(t)[None, :] < chunk[:, None])[:, :, None, None, None]
   out = cache.v.scale_output(out.reshape(b, t, kh, n // kh, h), layer, has_keys)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  out = out.reshape(b, t, n, h).astype(q.dtype)
+  return out if lse is None else (out, lse)
 
 
 def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
@@ -226,15 +242,19 @@ def reference_attention(q: jax.Array, cache: KVCache, layer, *, valid_len=None,
   """The XLA reference of `attend` (float32 throughout, highest matmul precision)."""
   check_query(q, cache, layer, "xla")
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
-  out = _reference(q, cache, layer, chunk, scale)
+  out = _reference(q, cache, layer, chunk, scale, None, False)
   return _nan_where(bad, out)
 
 
-@jax.jit
-def _reference(q: jax.Array, cache: KVCache, layer, chunk: jax.Array, scale) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=6)
+def _reference(q: jax.Array, cache: KVCache, layer, chunk: jax.Array, scale, span,
+               return_lse: bool):
   """`reference_attention` after validation, jitted so that eager calls compile once."""
   held = jnp.minimum(cache.lengths + chunk, cache.max_len)
   out = decode_attention.masked_attention(
       q.astype(jnp.float32) * scale, cache.dequantized(layer, "k", held=held),
-      cache.dequantized(layer, "v", held=held), cache.lengths, chunk)
+      cache.dequantized(layer, "v", held=held), cache.lengths, chunk, span=span,
+      return_lse=return_lse)
+  if return_lse:
+    return out[0].astype(q.dtype), out[1]
   return out.astype(q.dtype)

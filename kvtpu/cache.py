@@ -307,7 +307,8 @@ class KVCache:
                                P("batch", None))
 
   # ------------------------------------------------------------------ writing
-  def update(self, layer, k: jax.Array, v: jax.Array, *, valid_len=None) -> KVCache:
+  def update(self, layer, k: jax.Array, v: jax.Array, *, valid_len=None,
+             kv_span=None) -> KVCache:
     """Quantizes and writes a chunk of new tokens for one layer.
 
     Token `t` of sequence `b` goes to position `lengths[b] + t`. Call `advance`
@@ -322,6 +323,12 @@ class KVCache:
         of sequence `b` are written and counted (ragged chunks); default all T; values
         above T count as T. A traced negative value writes nothing for its sequence
         and sets `negative_count` (a concrete one raises).
+      kv_span: paged caches only: None, or `(start, stop)`, integer scalars or `[B]`,
+        multiples of page_len: the positions whose pages this cache's pool holds (one
+        device's share of a sequence-sharded cache, `kvtpu.sharding`). Tokens outside
+        are not written to the pool nor counted; the windows, which every holder
+        keeps whole, are written as usual. Table entries outside the span may be any
+        page id of the sequence's holder; capacity is read from the whole table.
 
     Returns:
       The new cache (when the old one is donated, written in place). Writes at
@@ -336,7 +343,27 @@ class KVCache:
     t = k.shape[1]
     valid_len, negative = saturating_count("valid_len", t if valid_len is None else valid_len,
                                            self.batch, limit=t)
-    return _write(self, layer, k, v, valid_len, negative)
+    span = None
+    if kv_span is not None:
+      span = self._check_write_span(kv_span)
+    return _write(self, layer, k, v, valid_len, negative, span)
+
+  def _check_write_span(self, kv_span) -> tuple[jax.Array, jax.Array]:
+    if not self.paged:
+      raise ValueError("kv_span is for paged caches (a device's pages of a sequence-sharded "
+                       "cache); a contiguous cache holds every position")
+    try:
+      start, stop = (jnp.broadcast_to(jnp.asarray(x), (self.batch,)) for x in kv_span)
+    except (TypeError, ValueError):
+      raise ValueError(f"kv_span must be a pair (start, stop) of integer scalars or [B={self.batch}] "
+                       f"arrays, got {kv_span!r}") from None
+    for name, x in (("start", start), ("stop", stop)):
+      if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"kv_span's {name} must be integers, got dtype {x.dtype}")
+      if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) % self.page_len):
+        raise ValueError(f"kv_span's {name} must be a multiple of page_len={self.page_len}, got "
+                         f"{np.asarray(x).tolist()}")
+    return start.astype(jnp.int32), stop.astype(jnp.int32)
 
   def check_chunk(self, k, v) -> None:
     """Raises for a chunk `k, v` that `update` cannot take: not `[B, T, K, H]` floating
@@ -359,7 +386,7 @@ class KVCache:
                        f"max_len={self.max_len}")
 
   def _write(self, layer, k: jax.Array, v: jax.Array, valid_len: jax.Array,
-             negative: jax.Array) -> KVCache:
+             negative: jax.Array, span=None) -> KVCache:
     """`update` after validation; jitted (below) so that eager calls compile once."""
     in_range = (layer >= 0) & (layer < self.num_layers)  # Always true for a checked int.
     valid_len = jnp.where(in_range, valid_len, 0)  # Negative counts are already 0.
@@ -370,11 +397,18 @@ class KVCache:
     sink, recent = self.k.window_sizes()
     where = Placement.of(self.lengths, valid_len, k.shape[1], self.max_len, sink=sink,
                          recent=recent)
-    mask = (where.target < self.max_len)[:, :, None, None]  # [B, T, 1, 1]: tokens kept.
+    kept = where.target < self.max_len  # [B, T]: tokens kept.
+    table = self.page_table
+    if span is not None:  # Pages outside the span are written to the null page.
+      start, stop = span
+      kept &= (where.target >= start[:, None]) & (where.target < stop[:, None])
+      first = jnp.arange(table.shape[1], dtype=jnp.int32)[None, :] * self.page_len
+      table = jnp.where((first >= start[:, None]) & (first < stop[:, None]), table, 0)
+    mask = kept[:, :, None, None]
     counts = [jnp.sum(mask, dtype=_U32) * _U32(self.kv_heads * self.head_dim)]
     new = {}
     for name, x in (("k", k), ("v", v)):
-      new[name], res = self.tensor(name).write(layer, x, where, self.page_table)
+      new[name], res = self.tensor(name).write(layer, x, where, table)
       counts += [jnp.sum(res.saturated & mask, dtype=_U32),
                  jnp.sum(res.nonfinite & mask, dtype=_U32)]
     counters = self.counters.at[layer].set(add_u64(self.counters[layer], jnp.stack(counts)))

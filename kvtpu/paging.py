@@ -13,7 +13,10 @@ pages are the leading entries of its row, the rest 0.
 Sharded caches (`kvtpu.sharding`, pages over the data axis): shard s of D holds pool
 pages `[s P/D, (s+1) P/D)` and the sequences `[s B/D, (s+1) B/D)`; table entries are
 page ids local to the shard (the kernels on a device see only its block of the
-pool), and each shard's local page 0 is its null page.
+pool), and each shard's local page 0 is its null page. Sequence-sharded caches
+(`model_shards=M`): the pool is split into D x M blocks, and block `s M + m` holds the
+pages of table columns `[m W/M, (m+1) W/M)` of the sequences of data shard s (W the
+table's width); entries are ids local to that block.
 
 Running out of pages is a normal serving condition, not a bug: `reserve` raises
 `OutOfPages` and changes nothing, so the caller can preempt a sequence, `release` its
@@ -36,12 +39,12 @@ class OutOfPages(RuntimeError):
   """Not enough free pages for a reservation; nothing was allocated.
 
   Attributes:
-    shard: the data shard that ran out.
+    shard: the shard that ran out (data shard s, model shard m: `s M + m`).
     needed, free: pages the reservation needed from that shard, and pages it had.
   """
 
   def __init__(self, shard: int, needed: int, free: int):
-    super().__init__(f"out of pages: the reservation needs {needed} pages of data shard "
+    super().__init__(f"out of pages: the reservation needs {needed} pages of shard "
                      f"{shard}, which has {free} free; release a sequence's pages (preempt "
                      "it) and retry, or give the cache more pages")
     self.shard, self.needed, self.free = shard, needed, free
@@ -57,34 +60,46 @@ class PageAllocator:
     pages_per_sequence: the table's width (`max_len / Z`).
     shards: D, data shards (the data axis of a sharded cache; 1 unsharded); P and B
       must be multiples of it, and each shard's P/D pages must include one to give.
+    model_shards: M, the model axis of a sequence-sharded cache (1 otherwise): each
+      data shard's pages are split into M blocks, block m holding the sequences'
+      pages of table columns `[m W/M, (m+1) W/M)`; W must be a multiple of M.
   """
 
   def __init__(self, *, num_pages: int, page_len: int, batch: int, pages_per_sequence: int,
-               shards: int = 1):
+               shards: int = 1, model_shards: int = 1):
     check_dims(num_pages=num_pages, page_len=page_len, batch=batch,
-               pages_per_sequence=pages_per_sequence, shards=shards)
-    for name, value in (("num_pages", num_pages), ("batch", batch)):
-      if value % shards:
-        raise ValueError(f"{name}={value} must be a multiple of shards={shards}: each data "
-                         "shard holds an equal block")
-    if num_pages // shards < 2:
-      raise ValueError(f"each of the {shards} shards needs its null page and at least one more: "
-                       f"num_pages={num_pages} gives {num_pages // shards} per shard")
+               pages_per_sequence=pages_per_sequence, shards=shards, model_shards=model_shards)
+    if batch % shards:
+      raise ValueError(f"batch={batch} must be a multiple of shards={shards}: each data "
+                       "shard holds an equal block")
+    blocks = shards * model_shards
+    if num_pages % blocks:
+      raise ValueError(f"num_pages={num_pages} must be a multiple of shards x model_shards="
+                       f"{blocks}: each shard holds an equal block")
+    if pages_per_sequence % model_shards:
+      raise ValueError(f"pages_per_sequence={pages_per_sequence} must be a multiple of "
+                       f"model_shards={model_shards}: each model shard holds an equal share "
+                       "of a sequence's pages")
+    if num_pages // blocks < 2:
+      raise ValueError(f"each of the {blocks} shards needs its null page and at least one more: "
+                       f"num_pages={num_pages} gives {num_pages // blocks} per shard")
     self.num_pages, self.page_len, self.batch = num_pages, page_len, batch
-    self.pages_per_sequence, self.shards = pages_per_sequence, shards
-    self._local = num_pages // shards
-    self._free = [collections.deque(range(1, self._local)) for _ in range(shards)]
+    self.pages_per_sequence, self.shards, self.model_shards = (pages_per_sequence, shards,
+                                                               model_shards)
+    self._local = num_pages // blocks
+    self._free = [collections.deque(range(1, self._local)) for _ in range(blocks)]
     self._table = np.zeros((batch, pages_per_sequence), np.int32)
     self._held = np.zeros((batch,), np.int64)
 
   @classmethod
-  def for_cache(cls, cache, shards: int = 1) -> PageAllocator:
+  def for_cache(cls, cache, shards: int = 1, model_shards: int = 1) -> PageAllocator:
     """An allocator for a paged `KVCache` (real or abstract), all pages free."""
     if not cache.paged:
       raise ValueError("PageAllocator.for_cache needs a paged cache (KVCache.init(..., "
                        "page_len=, num_pages=))")
     return cls(num_pages=cache.num_pages, page_len=cache.page_len, batch=cache.batch,
-               pages_per_sequence=cache.page_table.shape[-1], shards=shards)
+               pages_per_sequence=cache.page_table.shape[-1], shards=shards,
+               model_shards=model_shards)
 
   # ------------------------------------------------------------------ reading
   @property
@@ -101,6 +116,11 @@ class PageAllocator:
     """The data shard whose pages sequence `seq` holds."""
     return self._check_seq(seq) // (self.batch // self.shards)
 
+  def block_of(self, seq: int, column: int) -> int:
+    """The pool block (`shard M + model shard`) holding table column `column` of `seq`."""
+    return (self.shard_of(seq) * self.model_shards
+            + column // (self.pages_per_sequence // self.model_shards))
+
   def held(self, seq: int) -> int:
     """Pages sequence `seq` holds."""
     return int(self._held[self._check_seq(seq)])
@@ -110,7 +130,8 @@ class PageAllocator:
     return self.held(seq) * self.page_len
 
   def free_pages(self, shard: int | None = None) -> int:
-    """Free pages of one shard, or of all."""
+    """Free pages of one block of the pool (`block_of`; the data shard when
+    `model_shards` is 1), or of all."""
     if shard is None:
       return sum(len(f) for f in self._free)
     return len(self._free[shard])
@@ -121,8 +142,8 @@ class PageAllocator:
 
   @property
   def usable_pages(self) -> int:
-    """Pages that can be given out: P minus each shard's null page."""
-    return self.num_pages - self.shards
+    """Pages that can be given out: P minus each block's null page."""
+    return self.num_pages - len(self._free)
 
   def pages_for(self, tokens: int) -> int:
     """Pages that hold `tokens` positions."""
@@ -151,15 +172,16 @@ class PageAllocator:
         raise ValueError(f"tokens for sequence {seq} must be in [0, max_len={self.max_len}], "
                          f"got {n}")
       need[seq] = max(self.pages_for(n) - int(self._held[seq]), 0)
-      per_shard[self.shard_of(seq)] += need[seq]
+      start = int(self._held[seq])
+      for w in range(start, start + need[seq]):
+        per_shard[self.block_of(seq, w)] += 1
     for shard, n in sorted(per_shard.items()):
       if n > len(self._free[shard]):
         raise OutOfPages(shard, n, len(self._free[shard]))
     for seq, n in need.items():
-      free = self._free[self.shard_of(seq)]
       start = int(self._held[seq])
       for w in range(start, start + n):
-        self._table[seq, w] = free.popleft()
+        self._table[seq, w] = self._free[self.block_of(seq, w)].popleft()
       self._held[seq] = start + n
     return need
 
@@ -168,7 +190,8 @@ class PageAllocator:
     0s); returns how many. The cache's sequence must be `reset` before it is reused."""
     self._check_seq(seq)
     n = int(self._held[seq])
-    self._free[self.shard_of(seq)].extend(int(p) for p in self._table[seq, :n])
+    for w in range(n):
+      self._free[self.block_of(seq, w)].append(int(self._table[seq, w]))
     self._table[seq] = 0
     self._held[seq] = 0
     return n
@@ -176,16 +199,17 @@ class PageAllocator:
   # ------------------------------------------------------------------ checking
   def check(self) -> None:
     """Raises AssertionError unless the invariants in the module docstring hold."""
-    for shard in range(self.shards):
-      rows = range(shard * (self.batch // self.shards), (shard + 1) * (self.batch // self.shards))
-      owned = [int(p) for b in rows for p in self._table[b, : self._held[b]]]
-      free = list(self._free[shard])
-      assert 0 not in owned and 0 not in free, f"shard {shard}: the null page was given out"
-      every = owned + free
+    owned = collections.defaultdict(list)
+    for b in range(self.batch):
+      assert not self._table[b, self._held[b]:].any(), f"sequence {b}: entries past its pages"
+      for w in range(self._held[b]):
+        owned[self.block_of(b, w)].append(int(self._table[b, w]))
+    for shard, free in enumerate(self._free):
+      free = list(free)
+      assert 0 not in owned[shard] and 0 not in free, f"shard {shard}: the null page was given out"
+      every = owned[shard] + free
       assert len(every) == len(set(every)), f"shard {shard}: a page is held twice or free twice"
       assert sorted(every) == list(range(1, self._local)), f"shard {shard}: pages lost"
-      for b in rows:
-        assert not self._table[b, self._held[b]:].any(), f"sequence {b}: entries past its pages"
 
   def _check_seq(self, seq) -> int:
     if not isinstance(seq, (int, np.integer)) or isinstance(seq, bool) or not (

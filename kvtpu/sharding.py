@@ -16,11 +16,25 @@ Kv heads and the model axis (strategies):
   its batch shard and computes attention for all N query heads (decode attention is
   bound by reading the cache, not by compute). The memory cost is M/ K-sharding's:
   the cache takes K heads per device instead of K/M, which `per_device_bytes`
-  (and so the headroom solver) counts. Sharding the sequence axis instead would
-  keep the memory at K/M at the price of a cross-device softmax; kvtpu does not
-  implement it.
+  (and so the headroom solver) counts.
+* `"sequence"` (paged caches): the positions of every sequence are split over the
+  `model` axis instead, so the memory stays at 1/M of the cache whatever K (Llama-3.1-
+  70B's 8 kv heads on 16 chips). Model device m holds, for every sequence of its
+  batch shard and every kv head, the pages of table columns `[m W/M, (m+1) W/M)`
+  (positions `[m S/M, (m+1) S/M)`, W the table's width): the pool's pages go over
+  both axes, page ids are local to the device's block of the pool (`PageAllocator(...,
+  model_shards=M)`), and the page table is replicated over `model`. A write lands on
+  the device holding its position (the others write the null page); `attend` runs
+  the kernel over each device's span with its log-sum-exps and combines the partial
+  outputs across `model` (`merge_partials`, as a max and two sums of `[B, T, N]`
+  and `[B, T, N, H]` per layer). Queries are replicated over `model` (every device
+  attends with all N heads). The unquantized windows (sink, recent ring) and open
+  key groups are small and replicated; each device reads only the window positions
+  inside its span. Positions are split evenly, not tokens: with ragged lengths the
+  first devices hold more pages (pools are per device, so size each for its share).
 
-`"auto"` picks `"heads"` when K % M == 0, else `"replicate"`.
+`"auto"` picks `"heads"` when K % M == 0, else `"replicate"` (`"sequence"` is chosen
+explicitly: it needs a paged cache and costs the cross-device softmax).
 
 Paged caches (`KVCache.init(..., page_len=, num_pages=)`): the pool's pages go over
 the data axis with the sequences, so data shard s holds pages `[s P/D, (s+1) P/D)`
@@ -61,7 +75,7 @@ from kvtpu.qtensor import QuantizedKV
 __all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
            "per_device_bytes"]
 
-STRATEGIES = ("auto", "heads", "replicate")
+STRATEGIES = ("auto", "heads", "replicate", "sequence")
 
 
 def resolve_strategy(strategy: str, *, kv_heads: int, model: int) -> str:
@@ -83,14 +97,30 @@ def resolve_strategy(strategy: str, *, kv_heads: int, model: int) -> str:
   return strategy
 
 
-def _check_batch(batch: int, data: int, num_pages: int | None = None) -> None:
+def _check_batch(batch: int, data: int, num_pages: int | None = None, model: int = 1) -> None:
+  """`model` > 1: the sequence strategy, pages over both axes."""
   if batch % data:
     raise ValueError(f"batch={batch} must be a multiple of the data axis size {data}: each "
                      "data shard holds batch / data whole sequences")
-  if num_pages is not None and (num_pages % data or num_pages // data < 2):
-    raise ValueError(f"num_pages={num_pages} must be a multiple of the data axis size {data} "
-                     "with at least 2 pages per shard: each data shard holds num_pages / data "
-                     "pages, its first the null page")
+  shards = data * model
+  if num_pages is not None and (num_pages % shards or num_pages // shards < 2):
+    what = "data axis size" if model == 1 else "number of devices (data x model)"
+    raise ValueError(f"num_pages={num_pages} must be a multiple of the {what} {shards} "
+                     "with at least 2 pages per shard: each shard holds num_pages / "
+                     f"{shards} pages, its first the null page")
+
+
+def _check_sequence(strategy: str, *, paged: bool, pages_per_sequence: int | None,
+                    model: int) -> None:
+  if strategy != "sequence":
+    return
+  if not paged:
+    raise ValueError("strategy='sequence' splits each sequence's pages over the model axis: "
+                     "use a paged cache (page_len=, num_pages=)")
+  if pages_per_sequence % model:
+    raise ValueError(f"strategy='sequence' gives each of the {model} model devices an equal "
+                     f"share of a sequence's pages: max_len / page_len={pages_per_sequence} "
+                     f"must be a multiple of {model}")
 
 
 def per_device_dims(*, batch: int, kv_heads: int, data: int, model: int,
@@ -107,13 +137,20 @@ def per_device_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_hea
                      num_pages: int | None = None) -> int:
   """Bytes of a sharded cache on one device: the block of B/D sequences (and P/D
   pages of a paged cache) and K/M kv heads (all K under `"replicate"`), with the
-  per-layer arrays (counters, and static scales and clip ratios of its heads) it holds."""
+  per-layer arrays (counters, and static scales and clip ratios of its heads) it holds.
+  Under `"sequence"`: P/(D M) pages of all K heads, with the windows and page table
+  of its B/D sequences."""
   b, k = per_device_dims(batch=batch, kv_heads=kv_heads, data=data, model=model,
                          strategy=strategy)
+  strategy = resolve_strategy(strategy, kv_heads=kv_heads, model=model)
   paged = {}
+  _check_sequence(strategy, paged=num_pages is not None,
+                  pages_per_sequence=None if page_len is None else max_len // page_len,
+                  model=model)
   if num_pages is not None:
-    _check_batch(batch, data, num_pages)
-    paged = dict(page_len=page_len, num_pages=num_pages // data)
+    shards = data * (model if strategy == "sequence" else 1)
+    _check_batch(batch, data, num_pages, shards // data)
+    paged = dict(page_len=page_len, num_pages=num_pages // shards)
   return memory.cache_bytes(fmt, num_layers=num_layers, batch=b, kv_heads=k, max_len=max_len,
                             head_dim=head_dim, clip=clip, **paged)
 
@@ -125,7 +162,7 @@ class CacheSharding:
   Attributes:
     mesh: a mesh with (at least) the two named axes.
     data_axis, model_axis: the axis names for sequences and kv heads.
-    strategy: `"auto"`, `"heads"` or `"replicate"` (module docstring).
+    strategy: `"auto"`, `"heads"`, `"replicate"` or `"sequence"` (module docstring).
 
   Use `init` (or `put`) for a cache laid out on the mesh, then inside `jax.jit`:
   `cache = sh.update(cache, layer, k, v)`, `out = sh.attend(q, cache, layer)`, and
@@ -165,6 +202,22 @@ class CacheSharding:
     heads = self.resolved(kv_heads) == "heads"
     return self.data_axis, (self.model_axis if heads else None)
 
+  def _sequence(self, cache: KVCache) -> bool:
+    """Whether `cache` is sequence-sharded here (checked to be able to be)."""
+    strategy = self.resolved(cache.kv_heads)
+    _check_sequence(strategy, paged=cache.paged,
+                    pages_per_sequence=None if not cache.paged else cache.page_table.shape[-1],
+                    model=self.model)
+    return strategy == "sequence"
+
+  def _span(self, cache: KVCache) -> tuple[jax.Array, jax.Array]:
+    """Inside the shard_map of a sequence-sharded cache: this device's positions
+    `[start, stop)`, as `i32[B]` each."""
+    share = cache.max_len // self.model
+    start = jax.lax.axis_index(self.model_axis).astype(jnp.int32) * share
+    start = jnp.full(cache.lengths.shape, start, jnp.int32)
+    return start, start + share
+
   # ------------------------------------------------------------------ specs
   def specs(self, cache: KVCache) -> KVCache:
     """The cache's `PartitionSpec`s, as a `KVCache` pytree (None fields stay None).
@@ -178,9 +231,10 @@ class CacheSharding:
     if not isinstance(cache, KVCache):
       raise TypeError(f"CacheSharding shards a KVCache, got {type(cache).__name__} (a "
                       "LayeredKVCache runs unsharded)")
-    _check_batch(cache.batch, self.data, cache.num_pages)
+    sequence = self._sequence(cache)
+    _check_batch(cache.batch, self.data, cache.num_pages, self.model if sequence else 1)
     d, m = self._axes(cache.kv_heads)
-    mesh_axis = {"batch": d, "pages": d, "kv_heads": m}
+    mesh_axis = {"batch": d, "pages": (d, self.model_axis) if sequence else d, "kv_heads": m}
     return jax.tree.map(lambda axes: P(*(mesh_axis.get(a) for a in axes)),
                         cache.logical_axes(), is_leaf=lambda x: isinstance(x, P))
 
@@ -258,6 +312,16 @@ class CacheSharding:
       return dataclasses.replace(new, counters=add_u64_pair(counters,
                                                         psum_u64(new.counters, axes)))
 
+    if self._sequence(cache):
+      axes = (d, self.model_axis)  # Each device counts the tokens of its own pages.
+
+      def local(cache, layer, k, v, valid):  # noqa: F811 (the sequence strategy's)
+        counters = cache.counters
+        new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
+            layer, k, v, valid_len=valid, kv_span=self._span(cache))
+        return dataclasses.replace(new, counters=add_u64_pair(counters,
+                                                          psum_u64(new.counters, axes)))
+
     kv = P(d, None, m, None)
     return self._shard_map(local, (specs, P(), kv, kv, P(d)), specs)(
         cache, jnp.asarray(layer, jnp.int32), k, v, valid)
@@ -278,6 +342,23 @@ class CacheSharding:
     def local(q, cache, layer, valid):
       return _attend(q, cache, layer, valid_len=valid, scale=scale, impl=impl,
                      precision=precision)
+
+    if self._sequence(cache):
+      model = self.model_axis
+
+      def local(q, cache, layer, valid):  # noqa: F811 (the sequence strategy's)
+        out, lse = _attend(q.astype(jnp.float32), cache, layer, valid_len=valid, scale=scale,
+                           impl=impl, precision=precision, kv_span=self._span(cache),
+                           return_lse=True)
+        # merge_partials across devices: each span's output weighted by its share of
+        # the softmax; a row no device sees stays 0 (NaN rows stay NaN).
+        peak = jax.lax.pmax(jnp.where(jnp.isfinite(lse), lse, -jnp.inf), model)
+        weight = jnp.exp(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))
+        weight = jnp.where(jnp.isneginf(lse), 0.0, weight)
+        total = jax.lax.psum(weight, model)
+        out = jax.lax.psum(weight[..., None] * jnp.where(weight[..., None] > 0, out, 0.0), model)
+        out = out / jnp.where(total > 0, total, 1.0)[..., None]
+        return jnp.where(jnp.isnan(lse)[..., None], jnp.nan, out).astype(q.dtype)
 
     # Pallas kernels declare unannotated outputs: no varying-axes check in here (the
     # output is sharded exactly like q, every device computing its own block).

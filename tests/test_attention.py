@@ -1,5 +1,8 @@
 """Reference attention vs an independent float64 numpy attention."""
 
+import dataclasses
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +116,45 @@ def test_custom_scale_and_query_dtype(rng):
   q_bf16 = np.asarray(jnp.asarray(q, jnp.bfloat16), np.float64)
   expect = np_attention(q_bf16, stored(cache, 1, "k"), stored(cache, 1, "v"), (3, 5), (2, 2), 0.7)
   assert_close(out, expect, atol=1e-2, rtol=1e-2, name="bf16 queries")
+
+
+@pytest.mark.parametrize("impl,fmt", [("xla", "int4-asym-g16+sink2+recent4"),
+                                      ("interpret", "k=int8-head,v=int8-head")])
+def test_spans_merge_to_the_whole_attention(impl, fmt, rng):
+  # Spans cut inside the sink, the ring and mid-sequence; the log-sum-exps are those of
+  # the float64 logits; an empty span sees nothing (lse -inf, output 0). The static key
+  # scale folds into the queries and the value scale into the output, around the kernel.
+  static = {}
+  if "head" in fmt:
+    static = {f"{w}_scale": rng.uniform(0.02, 0.05, (2, 2, 1)).astype(np.float32)
+              for w in ("k", "v")}
+  clean = kvtpu.KVCache.init(fmt, num_layers=2, batch=2, kv_heads=2, max_len=S, head_dim=32,
+                             **static)
+  cache = poison(clean)  # Calibrated static scales are not memory: they stay.
+  cache = dataclasses.replace(cache, **{w: dataclasses.replace(
+      getattr(cache, w), scale=getattr(clean, w).scale) for w in ("k", "v") if static})
+  prefix, t = (7, 12), 5
+  cache = fill(cache, rng, prefix, t)
+  q = jnp.asarray(rng.standard_normal((2, t, 4, 32)), jnp.float32)
+  attend = jax.jit(lambda q, c, span: kvtpu.attend(q, c, 1, impl=impl, kv_span=span,
+                                                   return_lse=True))
+  whole, lse = attend(q, cache, None)
+  cuts = [0, 1, 9, 14, S]
+  parts = [attend(q, cache, (jnp.full(2, a), jnp.full(2, b)))
+           for a, b in itertools.pairwise(cuts)]
+  merged = kvtpu.attention.merge_partials([p[0] for p in parts], [p[1] for p in parts])
+  assert_close(merged, whole, atol=1e-5, rtol=1e-5, name="merged spans")
+  keys = np.asarray(cache.dequantized(1, "k", held=cache.lengths + t), np.float64)
+  for b in range(2):
+    for j in range(t):
+      visible = prefix[b] + j + 1
+      logits = np.einsum("nh,nsh->ns", np.asarray(q[b, j], np.float64) * 32**-0.5,
+                         np.repeat(keys[b, :, :visible], 2, axis=0))
+      peak = logits.max(axis=1)
+      want = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+      np.testing.assert_allclose(np.asarray(lse[b, j]), want, rtol=1e-5, atol=1e-5)
+  out, empty = attend(q, cache, (jnp.full(2, 3), jnp.full(2, 3)))
+  assert np.isneginf(np.asarray(empty)).all() and (np.asarray(out) == 0).all()
 
 
 @pytest.mark.parametrize("fmt", [

@@ -88,6 +88,9 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--model=gpt-5"], "--model: unknown model preset"),
     (["--accelerator=v5e-8", "--mesh=data:1,model:8", "--strategy=heads",
       "--model=smollm2-135m"], "--strategy: strategy='heads'"),
+    (["--strategy=sequence", "--modes=analytic,live"], "--strategy: strategy=sequence shards "
+     "the pages of paged caches: it answers the paged questions (--paged_lengths) in "
+     "analytic and aot modes only"),
     (["--modes=analytic,guess"], "--modes: expected modes among"),
     (["--mode=guess"], "--modes: expected modes among"),  # --mode is an alias.
     (["--modes=aot,live"], "--modes: live sizes the present devices and aot"),

@@ -179,7 +179,7 @@ def test_out_of_pages_changes_nothing_and_release_recovers():
   assert allocator.usable_pages == 5
   assert allocator.reserve(0, 33) == 3
   before = allocator.table
-  with pytest.raises(OutOfPages, match="needs 4 pages of data shard 0, which has 2 free") as info:
+  with pytest.raises(OutOfPages, match="needs 4 pages of shard 0, which has 2 free") as info:
     allocator.reserve_many({1: 16, 2: 40})  # 1 + 3 pages: all or nothing.
   assert (info.value.shard, info.value.needed, info.value.free) == (0, 4, 2)
   np.testing.assert_array_equal(allocator.table, before)
@@ -194,9 +194,13 @@ def test_out_of_pages_changes_nothing_and_release_recovers():
     allocator.release(3)
 
 
-def test_allocator_invariants_hold_under_random_traffic():
+@pytest.mark.parametrize("model_shards", [1, 3])
+def test_allocator_invariants_hold_under_random_traffic(model_shards):
   rng = np.random.default_rng(0)
-  allocator = PageAllocator(num_pages=24, page_len=8, batch=8, pages_per_sequence=6, shards=2)
+  # Blocks of 12 (5) pages: 4 sequences of up to 6 (2 per model shard) pages run them dry.
+  local = 12 if model_shards == 1 else 5
+  allocator = PageAllocator(num_pages=2 * model_shards * local, page_len=8, batch=8,
+                            pages_per_sequence=6, shards=2, model_shards=model_shards)
   held = np.zeros(8, np.int64)
   refused = 0
   for _ in range(400):
@@ -211,14 +215,23 @@ def test_allocator_invariants_hold_under_random_traffic():
         held[seq] = want
       except OutOfPages as e:
         refused += 1
-        assert e.shard == seq // 4 and e.needed > e.free
+        assert e.shard // model_shards == seq // 4 and e.needed > e.free
     allocator.check()
     for s in range(8):
       assert allocator.held(s) == allocator.pages_for(held[s])
-      # Shard-local ids: each shard's 12 pages are 1..11 of its own block.
-      assert allocator.table[s].max() < 12
+      # Block-local ids: each block's pages are 1..local-1.
+      assert allocator.table[s].max() < local
     assert allocator.pages_in_use + allocator.free_pages() == allocator.usable_pages
   assert refused > 0  # The traffic did run the pool dry.
+
+
+def _layers(cache, k, v, q, valid, update, attend, advance):
+  """One chunk through every layer (update, attend), then advance."""
+  outs = []
+  for layer in range(L):
+    cache = update(cache, layer, k, v, valid)
+    outs.append(attend(q, cache, layer, valid))
+  return advance(cache, valid), jnp.stack(outs)
 
 
 @pytest.mark.parametrize("fmt,shape", [("int8", (2, 4)), pytest.param(
@@ -242,20 +255,12 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
   allocator = PageAllocator.for_cache(paged, shards=data)
   ref = kvtpu.KVCache.init(fmt, **dims)
   rng = np.random.default_rng(5)
-
-  def step(cache, k, v, q, valid, update, attend, advance):
-    outs = []
-    for layer in range(L):
-      cache = update(cache, layer, k, v, valid)
-      outs.append(attend(q, cache, layer, valid))
-    return advance(cache, valid), jnp.stack(outs)
-
   sharded = jax.jit(functools.partial(
-      step, update=lambda c, i, k, v, n: sh.update(c, i, k, v, valid_len=n),
+      _layers, update=lambda c, i, k, v, n: sh.update(c, i, k, v, valid_len=n),
       attend=lambda q, c, i, n: sh.attend(q, c, i, valid_len=n, impl="xla"),
       advance=sh.advance))
   single = jax.jit(functools.partial(
-      step, update=lambda c, i, k, v, n: c.update(i, k, v, valid_len=n),
+      _layers, update=lambda c, i, k, v, n: c.update(i, k, v, valid_len=n),
       attend=lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl="xla"),
       advance=lambda c, n: c.advance(n)))
   held = np.zeros(b, np.int64)
@@ -286,6 +291,101 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
       np.testing.assert_array_equal(a[s, :, :held[s]], c[s, :, :held[s]])
 
 
+SEQUENCE_STEPS = [(40, [40, 0, 33, 1]), (1, [1, 1, 1, 0]), (50, [50, 31, 50, 50])]
+
+
+@pytest.mark.parametrize("fmt,shape,impl", [
+    ("int8", (2, 4), "xla"),
+    pytest.param("int4-sbf16-rot+sink4+recent252", (2, 4), "xla", marks=pytest.mark.slow),
+    pytest.param("k=int4-asym-c16,v=int8-c16-sbf16+recent16", (4, 2), "xla",
+                 marks=pytest.mark.slow)])
+def test_sequence_sharded_cache_equals_the_unsharded_one(fmt, shape, impl):
+  # Fewer kv heads (2) than model devices: each model device holds a quarter (half) of
+  # every sequence's pages, NaN-poisoned elsewhere, and the partial attentions over its
+  # span merge across devices. Lengths cross the devices' boundaries (32, 64, 96) and end
+  # on one (32).
+  from kvtpu.sharding import CacheSharding
+
+  data, model = shape
+  sh = CacheSharding(jax.make_mesh(shape, ("data", "model")), strategy="sequence")
+  b, page, width = 4, 16, 8
+  dims = dict(num_layers=L, batch=b, kv_heads=K, max_len=page * width, head_dim=H)
+  blocks, local = data * model, 1 + (b // data) * (width // model)
+  paged = sh.put(poison(kvtpu.KVCache.init(fmt, **dims, page_len=page,
+                                           num_pages=blocks * local)))
+  assert paged.k.values.sharding.spec[1] == ("data", "model")
+  for i in range(8 if blocks == 8 else blocks):  # Each device holds exactly its block.
+    assert sum(memory.array_nbytes(leaf.addressable_shards[i].data.shape, leaf.dtype)
+               for leaf in jax.tree.leaves(paged)) == sh.per_device_bytes(paged)
+  allocator = PageAllocator.for_cache(paged, shards=data, model_shards=model)
+  ref = make(fmt, num_pages=1 + b * width, page=page)
+  ref_allocator = PageAllocator.for_cache(ref)
+  rng = np.random.default_rng(6)
+  # The kernels' spans and log-sum-exps are tested in tests/pallas_kernels/test_spans.py
+  # and through `attend` in tests/test_attention.py; under shard_map they compile for
+  # TPU below. (The interpreter takes minutes for these steps under shard_map.)
+  sharded = jax.jit(lambda c, k, v, q, n: _layers(
+      c, k, v, q, n, lambda c, i, k, v, n: sh.update(c, i, k, v, valid_len=n),
+      lambda q, c, i, n: sh.attend(q, c, i, valid_len=n, impl=impl), sh.advance))
+  single = jax.jit(lambda c, k, v, q, n: _layers(
+      c, k, v, q, n, lambda c, i, k, v, n: c.update(i, k, v, valid_len=n),
+      lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl=impl),
+      lambda c, n: c.advance(n)))
+  held = np.zeros(b, np.int64)
+  for t, valid in SEQUENCE_STEPS:
+    valid = np.asarray(valid, np.int32)
+    for s in range(b):
+      allocator.reserve(s, int(held[s] + valid[s]))
+      ref_allocator.reserve(s, int(held[s] + valid[s]))
+    allocator.check()
+    paged = paged.with_page_table(jax.device_put(allocator.table, paged.page_table.sharding))
+    ref = ref.with_page_table(ref_allocator.table)
+    k = jnp.asarray(kv_with_outliers(rng, (b, t, K, H)))
+    v = jnp.asarray(rng.standard_normal((b, t, K, H)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, 2 * K, H)) * 0.2, jnp.float32)
+    paged, got = sharded(paged, k, v, q, valid)
+    ref, want = single(ref, k, v, q, valid)
+    assert np.isfinite(np.asarray(got)).all()
+    assert_close(got, want, atol=2e-6, rtol=2e-6, name=f"T={t}")
+    held += valid
+  np.testing.assert_array_equal(paged.lengths, ref.lengths)
+  for name, count in ref.counts().items():
+    np.testing.assert_array_equal(paged.counts()[name], count, err_msg=name)
+  # Block s M + m of the pool holds the pages of columns [m W/M, (m+1) W/M): read through
+  # global page ids, the pool holds what the unsharded one holds.
+  columns = np.arange(width)[None, :]
+  blocks_of = (np.arange(b)[:, None] // (b // data)) * model + columns // (width // model)
+  table = np.where(allocator.table > 0, allocator.table + blocks_of * local, 0)
+  whole = jax.device_get(paged).with_page_table(table)
+  for which in ("k", "v"):
+    a, c = (np.asarray(x.dequantized(1, which)) for x in (whole, jax.device_get(ref)))
+    for s in range(b):
+      np.testing.assert_array_equal(a[s, :, :held[s]], c[s, :, :held[s]])
+
+
+def test_sequence_sharding_refuses_what_it_cannot_split():
+  from kvtpu.sharding import CacheSharding, per_device_bytes
+
+  sh = CacheSharding(jax.make_mesh((2, 4), ("data", "model")), strategy="sequence")
+  dims = dict(num_layers=1, batch=4, kv_heads=2, head_dim=H)
+  with pytest.raises(ValueError, match="strategy='sequence' .* use a paged cache"):
+    sh.init("int8", **dims, max_len=64)
+  with pytest.raises(ValueError, match=r"max_len / page_len=6 must be a multiple of 4"):
+    sh.init("int8", **dims, max_len=96, page_len=16, num_pages=80)
+  with pytest.raises(ValueError, match=r"num_pages=20 must be a multiple of the number of "
+                     r"devices \(data x model\) 8"):
+    sh.init("int8", **dims, max_len=64, page_len=16, num_pages=20)
+  with pytest.raises(ValueError, match="use a paged cache"):
+    per_device_bytes("int8", **dims, max_len=64, data=2, model=4, strategy="sequence")
+  with pytest.raises(ValueError, match="pages_per_sequence=6 must be a multiple of model_shards=4"):
+    PageAllocator(num_pages=16, page_len=8, batch=2, pages_per_sequence=6, model_shards=4)
+  cache = make("int8", num_pages=9, page=PAGE)
+  with pytest.raises(ValueError, match="kv_span is for paged caches"):
+    make("int8").update(0, *(jnp.zeros((B, 1, K, H)),) * 2, kv_span=(0, PAGE))
+  with pytest.raises(ValueError, match=f"kv_span's stop must be a multiple of page_len={PAGE}"):
+    cache.update(0, *(jnp.zeros((B, 1, K, H)),) * 2, kv_span=(0, 100))
+
+
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 @pytest.mark.parametrize("fmt,t,generation", [
@@ -308,3 +408,37 @@ def test_steps_over_pages_of_64_compile_for_tpu(fmt, t, generation):
     return kvtpu.attend(q, cache, 1, impl="pallas"), cache.advance(t)
 
   jax.jit(step, donate_argnums=0).lower(cache, kv, kv, q).compile()  # Raises if rejected.
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("fmt,t", [("int8", 1), pytest.param(
+    "int4-sbf16-rot+sink4+recent252", 64, marks=pytest.mark.slow)])
+def test_sequence_sharded_step_compiles_for_tpu_in_place(fmt, t):
+  # 2 kv heads on 4 chips of a v5e 2x2: every chip holds a quarter of each sequence's
+  # pages; the write kernel, the attention kernel over the chip's span, and the merge
+  # across chips compile under shard_map, with the pool updated in place.
+  from jax.experimental import topologies
+  from jax.sharding import Mesh
+
+  from kvtpu.sharding import CacheSharding
+
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  sh = CacheSharding(Mesh(np.array(devices).reshape(1, 4), ("data", "model")),
+                     strategy="sequence")
+  b, width = 8, 32
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(
+      fmt, num_layers=2, batch=b, kv_heads=K, max_len=64 * width, head_dim=H, page_len=64,
+      num_pages=4 * (1 + b * width // 4)))
+  typed = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+  cache = jax.tree.map(typed, cache, sh.shardings(cache))
+  kv = jax.ShapeDtypeStruct((b, t, K, H), jnp.float32)
+  q = jax.ShapeDtypeStruct((b, t, 4 * K, H), jnp.float32)
+
+  def step(cache, k, v, q):
+    cache = sh.update(cache, 1, k, v)
+    return sh.attend(q, cache, 1, impl="pallas"), sh.advance(cache, t)
+
+  compiled = jax.jit(step, donate_argnums=0).lower(cache, kv, kv, q).compile()
+  # The pool is updated in place: temporaries are a small fraction of the device's cache.
+  assert compiled.memory_analysis().temp_size_in_bytes < sh.per_device_bytes(cache) / 4

@@ -234,7 +234,10 @@ def test_bad_meshes_strategies_and_batches_are_clear_errors():
   with pytest.raises(ValueError, match="strategy must be one of.*'columns'"):
     CacheSharding(mesh, strategy="columns")
   with pytest.raises(ValueError, match="strategy must be one of"):
-    sharding_lib.resolve_strategy("sequence", kv_heads=8, model=2)
+    sharding_lib.resolve_strategy("seq", kv_heads=8, model=2)
+  with pytest.raises(ValueError, match="strategy='sequence' .* use a paged cache"):
+    CacheSharding(mesh, strategy="sequence").init("int8", num_layers=L, batch=B, kv_heads=2,
+                                                  max_len=S, head_dim=H)
   with pytest.raises(ValueError, match="batch=6 must be a multiple of the data axis size 4"):
     CacheSharding(mesh).init("int8", num_layers=L, batch=6, kv_heads=8, max_len=S, head_dim=H)
   cache = kvtpu.KVCache.init("int8", num_layers=L, batch=6, kv_heads=8, max_len=S, head_dim=H)

@@ -138,19 +138,24 @@ class LengthDistribution:
     blob = json.dumps([self.lengths, [round(p, 12) for p in self.probs]]).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
-  def pages(self, page_len: int) -> tuple[float, float]:
-    """Mean and standard deviation of the pages one request holds, `ceil(len / Z)`."""
+  def pages(self, page_len: int, cap: int | None = None) -> tuple[float, float]:
+    """Mean and standard deviation of the pages one request holds, `ceil(len / Z)`, or
+    of its first `cap` pages (what the first device of a sequence-sharded cache holds)."""
     pages = -(-np.asarray(self.lengths) // page_len)
+    if cap is not None:
+      pages = np.minimum(pages, cap)
     mean = float(np.dot(pages, self.probs))
     return mean, float(np.sqrt(max(np.dot(pages**2, self.probs) - mean**2, 0.0)))
 
 
-def pool_pages(dist: LengthDistribution, page_len: int, requests: int, demand: str) -> int:
-  """Pages `requests` requests of `dist` hold at `demand` (`DEMANDS`), without null pages."""
+def pool_pages(dist: LengthDistribution, page_len: int, requests: int, demand: str,
+               cap: int | None = None) -> int:
+  """Pages `requests` requests of `dist` hold at `demand` (`DEMANDS`), without null pages;
+  with `cap`, of each request's first `cap` pages only."""
   if demand not in DEMANDS:
     raise ValueError(f"demand must be one of {sorted(DEMANDS)}, got demand={demand!r}")
-  mean, std = dist.pages(page_len)
-  most = requests * -(-dist.max_length // page_len)
+  mean, std = dist.pages(page_len, cap)
+  most = requests * min(-(-dist.max_length // page_len), cap or math.inf)
   return min(most, math.ceil(requests * mean + DEMANDS[demand] * math.sqrt(requests) * std))
 
 
@@ -201,6 +206,12 @@ def max_requests(dep: Deployment, fmt: KVFormat | str, dist: LengthDistribution,
   """The most concurrent requests of `dist` (a multiple of the data axis, each data shard
   holding an equal share and its own pool) whose pages fit, sized for `demand`.
 
+  Sequence-sharded caches (`dep.strategy == "sequence"`): model device m holds the
+  pages of table columns `[m W/M, (m+1) W/M)` of every request (W, the table's width,
+  rounded up to a multiple of M), and all devices' pools are equal, so each is sized
+  for the first device's share: the requests' first W/M pages (later columns hold at
+  most as many).
+
   Raises:
     ValueError: for a bad page_len or demand, or a format the page length does not fit
       (`KVCache.init`'s checks).
@@ -209,11 +220,16 @@ def max_requests(dep: Deployment, fmt: KVFormat | str, dist: LengthDistribution,
   if not isinstance(page_len, int) or page_len < 1:
     raise ValueError(f"page_len must be a positive int, got page_len={page_len!r}")
   pool_pages(dist, page_len, 1, demand)  # Checks the demand.
-  max_len = -(-dist.max_length // page_len) * page_len
+  width = -(-dist.max_length // page_len)
+  blocks, cap = dep.data, None
+  if dep.resolved_strategy == "sequence":
+    width = -(-width // dep.model) * dep.model
+    blocks, cap = dep.data * dep.model, width // dep.model
+  max_len = width * page_len
 
   def shape(m: int) -> tuple[int, int]:
     """m requests per data shard -> (batch, pages of all shards)."""
-    return m * dep.data, dep.data * (1 + max(pool_pages(dist, page_len, m, demand), 1))
+    return m * dep.data, blocks * (1 + max(pool_pages(dist, page_len, m, demand, cap), 1))
 
   def usage(m: int) -> Usage:
     batch, pages = shape(m)

@@ -10,7 +10,7 @@ Row fields (all required, see `REQUIRED_FIELDS`; bytes are per device):
 
   model, weight_dtype, accelerator, chip, mesh, kv_format, calibration   str
   num_devices                  int > 0
-  strategy                     "heads" | "replicate"
+  strategy                     "heads" | "replicate" | "sequence"
   mode                         "analytic" | "aot" | "live" (how the bytes were obtained)
   kind                         "max_context" | "max_concurrency"
   concurrency                  asked (max_context) or found maximum (max_concurrency)
@@ -50,7 +50,7 @@ __all__ = [
 
 MODES: tuple[str, ...] = ("analytic", "aot", "live")
 KINDS: tuple[str, ...] = ("max_context", "max_concurrency")
-STRATEGIES: tuple[str, ...] = ("heads", "replicate")
+STRATEGIES: tuple[str, ...] = ("heads", "replicate", "sequence")
 REQUIRED_FIELDS: tuple[str, ...] = (
     "model", "weight_dtype", "accelerator", "chip", "num_devices", "mesh", "strategy", "mode",
     "kv_format", "kind", "concurrency", "context", "batch", "max_len", "tokens", "oom",
@@ -532,7 +532,7 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
     header_lines: the sweep's settings, one bullet each.
 
   Returns:
-    {"results": ..., "report": ..., "plot": ...}: the paths written.
+    {"results": ..., "report": ..., "plot": ...}: the paths written (no plot without rows).
 
   Raises:
     ValueError: for an invalid row (naming its index and field), or several non-oom rows for
@@ -545,19 +545,22 @@ def write_report(rows: Sequence[dict], workdir: str | Path, *, title: str,
            "plot": workdir / "context_vs_concurrency.png"}
   write_jsonl(rows, paths["results"])
   modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+  header = [f"- {line}" for line in header_lines]
+  header += [f"- calibration: {c}" for c in dict.fromkeys(r["calibration"] for r in rows)]
+  if not rows:  # No slab questions (e.g. a sequence-sharded sweep of paged caches only).
+    del paths["plot"]
+    reports.write_text(paths["report"], "\n\n".join([
+        f"# {title}", "\n".join(header) or "_no settings given_",
+        "_no contiguous-cache (slab) questions were asked_"]) + "\n")
+    return {name: str(p) for name, p in paths.items()}
   plot_mode = next((m for m in _PLOT_MODES if m in modes), "analytic")
   figure = plot_context_vs_concurrency(rows, paths["plot"], mode=plot_mode,
                                        title=f"max context vs concurrency ({plot_mode})")
-
-  header = [f"- {line}" for line in header_lines]
-  header += [f"- calibration: {c}" for c in dict.fromkeys(r["calibration"] for r in rows)]
   parts = [f"# {title}", "\n".join(header) or "_no settings given_",
            "Each table holds the largest point that fits in the per-device budget (HBM less "
            "the reserve). The first point past each maximum, which does not fit, is in "
            "results.jsonl with `oom` true. \"0 (does not fit)\": not even the smallest point "
            "fits (e.g. the weights alone exceed the budget)."]
-  if not rows:
-    parts.append("_no rows_")
   for m in modes:
     sel = [r for r in rows if r["mode"] == m]
     concs = sorted({r["concurrency"] for r in sel if r["kind"] == "max_context"})

@@ -141,7 +141,8 @@ def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
     b, k = sharding.per_device_dims(batch=batch, kv_heads=dep.kv_heads, data=dep.data,
                                     model=dep.model, strategy=dep.strategy)
     if num_pages is not None:  # The scale arrays hold pages of page_len positions.
-      b, max_len = num_pages // dep.data, page_len
+      shards = dep.data * (dep.model if dep.resolved_strategy == "sequence" else 1)
+      b, max_len = num_pages // shards, page_len
     temp += sum(memory.tpu_layout_copy_bytes(f, num_layers=n, batch=b, kv_heads=k,
                                              max_len=max_len, head_dim=dep.head_dim)
                 for f, n in groups)

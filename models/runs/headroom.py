@@ -17,7 +17,8 @@ Paged caches (`paged_lengths`): for each length distribution of requests, the mo
 requests in flight whose pages (of `page_len` positions, sized for each of
 `paged_demands`: the mean pages they hold, or the 99th percentile) fit, per KV format
 (`kvtpu.headroom.paged`), in analytic and aot modes (live mode sizes slabs only; layer
-plans are not paged).
+plans are not paged). With `strategy="sequence"` (each sequence's pages split over the
+model axis, `kvtpu.sharding`) only these paged questions are answered.
 
 Writes to the workdir: config.json (first; the seconds per mode added at the end),
 results.jsonl (each maximum and the first point past it, `oom: true`, appended as each
@@ -190,6 +191,11 @@ class HeadroomConfig:
     object.__setattr__(self, "paged_demands", tuple(dict.fromkeys(demands)))
     if "live" in self.modes:  # aot compiles the Pallas kernels for the TPU, on any host.
       impl_choice("impl", self.impl)
+    if resolve_strategy(self.strategy, kv_heads=cfg.num_kv_heads,
+                        model=mesh["model"]) == "sequence":
+      check("live" not in self.modes, "strategy",
+            "strategy=sequence shards the pages of paged caches: it answers the paged "
+            "questions (--paged_lengths) in analytic and aot modes only")
 
   @property
   def model_config(self):
@@ -287,9 +293,11 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   paged_log = reports.RowLog(workdir / "paged.jsonl", paged_headroom.check_row, resume=resume)
   paged_done = done_items(paged_log, _paged_key) if resume else set()
   workdir = start(workdir, config, **extra)
-  questions = [(fmt, kind, asked) for fmt in config.kv_formats
-               for kind, points in (("max_context", config.concurrencies),
-                                    ("max_concurrency", config.contexts)) for asked in points]
+  # Sequence-sharded caches are paged: the slab questions do not apply to them.
+  questions = [] if dep.resolved_strategy == "sequence" else [
+      (fmt, kind, asked) for fmt in config.kv_formats
+      for kind, points in (("max_context", config.concurrencies),
+                           ("max_concurrency", config.contexts)) for asked in points]
   # Seeds of the aot and live searches: the analytic answers (those a resumed run kept
   # are read from their rows).
   guesses = {(r["kv_format"], r["kind"], _row_key(r)[3]): r["max_len" if r["kind"] ==
@@ -352,7 +360,10 @@ def run(config: HeadroomConfig, workdir: str | os.PathLike, *, resume: bool = Fa
   paged_rows = [r for r in paged_log.rows if r["mode"] in config.modes]
   if paged_rows:
     reports.write_jsonl(paged_rows, workdir / "paged.jsonl")
-    report += "\n## Paged cache\n\n" + _PAGED_TEXT.format(z=config.page_len) + "\n\n" + (
+    text = _PAGED_TEXT.format(z=config.page_len)
+    if dep.resolved_strategy == "sequence":
+      text += _SEQUENCE_TEXT.format(m=model)
+    report += "\n## Paged cache\n\n" + text + "\n\n" + (
         paged_headroom.markdown(paged_rows) + "\n")
     if "live" in config.modes:
       report += "\nLive mode sizes slab caches only; the paged rows are analytic and aot.\n"
@@ -368,6 +379,11 @@ _PAGED_TEXT = (
     "page. \"mean\": the pool holds the mean pages of that many requests; \"p99\": their "
     "99th percentile (normal approximation), what a server needs to rarely preempt. Rows: "
     "paged.jsonl (the first point past each maximum has `oom` true).")
+_SEQUENCE_TEXT = (
+    " Sequence-sharded (`strategy=sequence`): each request's pages are split over the "
+    "{m} model devices by position (device m holds its table's columns [m W/{m}, (m+1) "
+    "W/{m})), so every device's pool is sized for the first device's share, each request's "
+    "first W/{m} pages; windows and page tables are replicated over the model axis.")
 
 
 def _paged_key(row: dict) -> tuple[str, str, str, str]:

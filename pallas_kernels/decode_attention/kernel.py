@@ -75,6 +75,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kvtpu.pallas_kernels.decode_attention.reference import (
   MAX_DECODE_T,
   Dims,
+  check_span,
   decode_codes,
   unpack_codes,
   unpack_operands,
@@ -105,24 +106,6 @@ def check_precision(precision) -> jax.lax.Precision:
   except (ValueError, TypeError):
     raise ValueError("precision must be None, a jax.lax.Precision or one of 'default', "
                      f"'high', 'highest', got precision={precision!r}") from None
-
-
-def check_span(kv_span, batch: int):
-  """`kv_span` as two int32 `[batch]` arrays, or None; raises ValueError naming the
-  argument for anything else."""
-  if kv_span is None:
-    return None
-  try:
-    start, stop = kv_span
-  except (TypeError, ValueError):
-    raise ValueError("kv_span must be None or a pair (start, stop) of int32 [B] arrays, got "
-                     f"{type(kv_span).__name__}") from None
-  start, stop = jnp.asarray(start), jnp.asarray(stop)
-  for name, x in (("start", start), ("stop", stop)):
-    if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"kv_span's {name} must be an integer [B={batch}] array, got "
-                       f"shape {x.shape} and dtype {x.dtype}")
-  return start.astype(jnp.int32), stop.astype(jnp.int32)
 
 
 def merge_partials(outs, lses):

@@ -356,17 +356,20 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
                          v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                          v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                          v_token_group=None, page_table=None, block_sizes=None,
-                         interpret=None, max_t: int | None = MAX_DECODE_T) -> jax.Array:
-  """Reference of `decode_attention` (same signature; `block_sizes`/`interpret` unused).
+                         precision=None, kv_span=None, return_lse: bool = False,
+                         interpret=None, max_t: int | None = MAX_DECODE_T):
+  """Reference of `decode_attention` (same signature; `block_sizes`, `precision` and
+  `interpret` unused: float32 at HIGHEST throughout).
 
   `k`, `v` may be quantized tensors carrying their scales, windows, codes and scale
   layout (`unpack_operands`, `unpack_windows`, `unpack_codes`, `unpack_token_groups`).
   Query t < chunk[b] of sequence b sits at position `p = lengths[b] + t` and sees cache
   positions `s <= p` with `s < S`, window positions read from the windows; rows
   t >= chunk[b] are padding, and they and rows with no visible position are 0.
-  Returns `[B, T, N, H]` float32.
+  `kv_span` and `return_lse` as in `decode_attention`.
+  Returns `[B, T, N, H]` float32 (and the log-sum-exps `[B, T, N]` if `return_lse`).
   """
-  del block_sizes, interpret
+  del block_sizes, interpret, precision
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k_codes, v_codes = unpack_codes(k, v, k_codes, v_codes)
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
@@ -374,6 +377,7 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                       max_t=max_t, token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
+  span = check_span(kv_span, d.batch)
 
   def pick(a, seq_axis=2):
     if a is None:
@@ -393,10 +397,28 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
                          k_sink, k_recent, held)  # [B, K, S, H]
   values = overlay_windows(dequantize_layer(v, v_scale, v_zero, v_codes, d.v_token_group),
                            v_sink, v_recent, held)
-  return masked_attention(q, keys, values, lengths, chunk)
+  return masked_attention(q, keys, values, lengths, chunk, span=span, return_lse=return_lse)
 
 
-def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
+def check_span(kv_span, batch: int):
+  """`kv_span` as two int32 `[batch]` arrays, or None; raises ValueError naming the
+  argument for anything else."""
+  if kv_span is None:
+    return None
+  try:
+    start, stop = kv_span
+  except (TypeError, ValueError):
+    raise ValueError("kv_span must be None or a pair (start, stop) of int32 [B] arrays, got "
+                     f"{type(kv_span).__name__}") from None
+  start, stop = jnp.asarray(start), jnp.asarray(stop)
+  for name, x in (("start", start), ("stop", stop)):
+    if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"kv_span's {name} must be an integer [B={batch}] array, got "
+                       f"shape {x.shape} and dtype {x.dtype}")
+  return start.astype(jnp.int32), stop.astype(jnp.int32)
+
+
+def masked_attention(q, keys, values, lengths, chunk, *, span=None, return_lse: bool = False):
   """Exact attention over dequantized K/V, with the kernels' visibility rule.
 
   Args:
@@ -404,6 +426,9 @@ def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
     keys, values: `[B, K, S, H]` float; positions that hold no token may hold
       anything (NaN included) and are never read.
     lengths, chunk: `i32[B]`, as in `ref_decode_attention`.
+    span: None, or `(start, stop)` `i32[B]` each (`check_span`): only positions in
+      `[start[b], stop[b])` are visible.
+    return_lse: also return each row's log-sum-exp, `[B, T, N]` (-inf: sees nothing).
 
   Returns:
     `[B, T, N, H]` float32; rows that see no position are 0.
@@ -412,6 +437,9 @@ def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
   kh, s = keys.shape[1], keys.shape[2]
   pos_s = jnp.arange(s)[None, :]
   held = pos_s < (lengths + chunk)[:, None]  # [B, S]
+  if span is not None:  # Positions outside the span may hold anything, like unheld ones.
+    start, stop = span
+    held &= (pos_s >= start[:, None]) & (pos_s < stop[:, None])
   keys = jnp.where(held[:, None, :, None], keys.astype(jnp.float32), 0.0)
   values = jnp.where(held[:, None, :, None], values.astype(jnp.float32), 0.0)
   steps = jnp.arange(t)[None, :]
@@ -426,5 +454,9 @@ def masked_attention(q, keys, values, lengths, chunk) -> jax.Array:
   p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values, precision=hi)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", p, values, precision=hi).reshape(b, t, n, h)
+  if not return_lse:
+    return out
+  finite = jnp.isfinite(peak[..., 0])
+  lse = jnp.where(finite & (denom[..., 0] > 0), jnp.log(denom[..., 0]) + peak[..., 0], -jnp.inf)
+  return out, jnp.moveaxis(lse, 3, 1).reshape(b, t, n)  # [B, K, G, T] -> [B, T, N]

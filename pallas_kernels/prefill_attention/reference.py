@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 from kvtpu.pallas_kernels.decode_attention.reference import ref_decode_attention, validate_inputs
 
 __all__ = ["ref_prefill_attention", "validate_prefill_inputs"]
@@ -19,7 +18,8 @@ def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zer
                           v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                           v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
                           v_token_group=None, page_table=None, block_sizes=None,
-                          interpret=None) -> jax.Array:
+                          precision=None, kv_span=None, return_lse: bool = False,
+                          interpret=None):
   """Reference of `prefill_attention` (same signature; `block_sizes`/`interpret` unused).
 
   A chunk of T tokens at positions `lengths[b] + t` attends causally to the cache
@@ -30,5 +30,6 @@ def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zer
                               k_recent=k_recent, v_recent=v_recent, k_codes=k_codes,
                               v_codes=v_codes, k_token_group=k_token_group,
                               v_token_group=v_token_group, page_table=page_table,
-                              block_sizes=block_sizes,
+                              block_sizes=block_sizes, precision=precision,
+                              kv_span=kv_span, return_lse=return_lse,
                               interpret=interpret, max_t=None)

@@ -106,3 +106,30 @@ def test_nothing_fits_is_zero_requests():
   with pytest.raises(ValueError, match="page_len must be a positive int"):
     paged.max_requests(d, "int8", LengthDistribution.parse("fixed:8"), None, page_len=0)
   assert math.isfinite(answer.next_usage.total)
+
+
+def test_sequence_sharded_pools_are_sized_for_the_first_devices_share():
+  # 2 kv heads on 4 model devices: each device's pool holds its block of every request's
+  # pages, sized for device 0's (each request's first W/M pages), against a simulation.
+  d = dep(kv_heads=2, strategy="sequence")
+  dist = LengthDistribution.parse("uniform:1:5000")  # 40 pages of 128 -> W = 40, 10 each.
+  measure = lambda f, b, s, z, p: paged.analytic_paged_usage(d, f, b, s, z, p)  # noqa: E731
+  answer = paged.max_requests(d, "int8", dist, measure, page_len=128)
+  assert answer.max_len == 40 * 128 and answer.requests % 2 == 0
+  per_shard = answer.requests // 2
+  first = paged.pool_pages(dist, 128, per_shard, "mean", cap=10)
+  assert answer.num_pages == 8 * (1 + first)
+  rng = np.random.default_rng(1)
+  draws = -(-rng.integers(1, 5001, size=(4000, per_shard)) // 128)
+  bands = [np.clip(draws - 10 * m, 0, 10).sum(axis=1).mean() for m in range(4)]
+  assert abs(first - bands[0]) <= 0.01 * first and bands == sorted(bands, reverse=True)
+  assert answer.usage.cache == kvtpu.sharding.per_device_bytes(
+      "int8", num_layers=4, batch=answer.requests, kv_heads=2, max_len=answer.max_len,
+      head_dim=128, data=2, model=4, strategy="sequence", page_len=128,
+      num_pages=answer.num_pages)
+  assert answer.usage.total <= d.budget < answer.next_usage.total
+  # Replicating the 2 heads on every device holds every page there: far fewer requests.
+  rep = dep(kv_heads=2, strategy="replicate")
+  replicated = paged.max_requests(rep, "int8", dist, lambda f, b, s, z, p: (
+      paged.analytic_paged_usage(rep, f, b, s, z, p)), page_len=128).requests
+  assert answer.requests > 2 * replicated  # Device 0 holds ~9 of a request's ~20 pages.
