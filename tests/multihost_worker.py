@@ -1,13 +1,18 @@
 """One process of the two-process sharded-cache check (`tests/test_multihost.py`).
 
-Run as `python -m tests.multihost_worker <port> <process_id> <fmt> <paged>`: joins a JAX job
-of two CPU processes of 4 devices each (gloo collectives), lays a cache on the global
-(data: 2, model: 4) mesh with `CacheSharding` (paged: pages over the data axis,
-shard-local ids from a sharded `PageAllocator`), runs two steps (a ragged prefill chunk
+Run as `python -m tests.multihost_worker <port> <process_id> <fmt> <layout>`: joins a JAX
+job of two CPU processes of 4 devices each (gloo collectives), lays a cache on a global
+mesh with `CacheSharding` and runs two steps (a ragged prefill chunk
 and a decode token) of update / attend / advance over every layer, and compares the
 gathered outputs, lengths and counters with the same steps on an unsharded cache on this
 process's first device. Prints one line "max abs diff <x> lengths <...>" and exits 0 when
 they agree to 1e-5, else 1.
+
+Layouts: "slabs" (data: 2, model: 4; each process one data shard, kv heads over its
+devices); "sequence" (data: 4, model: 2 with each model pair one device of each process:
+strategy "sequence", a sequence's pages split over the two processes, block-local page ids
+from a `PageAllocator(shards=4, model_shards=2)`, the attention partials merged across
+processes).
 """
 
 import os
@@ -23,21 +28,28 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 L, B, K, N, H, S, PAGE = 2, 8, 4, 8, 64, 256, 64
 
 
-def main(port: int, process_id: int, fmt: str, paged: bool) -> int:
+def main(port: int, process_id: int, fmt: str, layout: str) -> int:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=process_id)
   import kvtpu  # noqa: PLC0415 (after the job is formed)
   from kvtpu.sharding import CacheSharding  # noqa: PLC0415
 
   assert jax.device_count() == 8 and jax.local_device_count() == 4
-  mesh = jax.make_mesh((2, 4), ("data", "model"))
-  sh = CacheSharding(mesh)
+  paged = layout == "sequence"
+  if paged:  # Model pairs across the processes: the merge's collectives cross hosts.
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4).T, ("data", "model"))
+    assert {d.process_index for d in mesh.devices[0]} == {0, 1}
+    sh = CacheSharding(mesh, strategy="sequence")
+  else:
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    sh = CacheSharding(mesh)
+  data_shards = mesh.shape["data"]
   rng = np.random.default_rng(0)  # The same data in both processes.
   # Long enough that the pages of both data shards' sequences would not fit one shard's
   # pool: shard-local page ids are needed.
@@ -47,9 +59,11 @@ def main(port: int, process_id: int, fmt: str, paged: bool) -> int:
                rng.random((1, 1, 1, 1, H)) < 0.1, 30, 1)).astype(np.float32),
            rng.standard_normal((L, B, t, K, H)).astype(np.float32)) for t, valid in steps]
   dims = dict(num_layers=L, batch=B, kv_heads=K, max_len=S, head_dim=H)
-  kw = dict(page_len=PAGE, num_pages=2 * (1 + 4 * (S // PAGE))) if paged else {}
+  # Each of the 8 pool blocks: the null page and its 2 sequences' 2 columns.
+  kw = dict(page_len=PAGE, num_pages=8 * (1 + 2 * (S // PAGE) // 2)) if paged else {}
   cache = sh.init(fmt, **dims, **kw)
-  allocator = kvtpu.PageAllocator.for_cache(cache, shards=2) if paged else None
+  allocator = kvtpu.PageAllocator.for_cache(cache, shards=data_shards,
+                                            model_shards=2) if paged else None
   ref = kvtpu.KVCache.init(fmt, **dims)
 
   def global_array(x, spec):
@@ -96,4 +110,4 @@ def main(port: int, process_id: int, fmt: str, paged: bool) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "paged"))
+  sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]))

@@ -21,19 +21,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-# One paged and one slab case: what crosses hosts (pages and sequences over the data
-# axis, shard-local page ids, the gathered outputs and counters) does not depend on the
-# format. The paged case is the windowed, rotated one; the plain int8 pages are held to
-# the contiguous cache over a (data, model) mesh in one process by
-# tests/test_paging.py::test_sharded_paged_cache_equals_the_contiguous_one.
-@pytest.mark.parametrize("fmt,paged", [
-    pytest.param(f, p, marks=slow_unless(p == "paged"))
-    for f, p in (("int4-sbf16-rot+sink4+recent64", "paged"), ("k8v4", "slabs"))])
-def test_two_processes_equal_one(fmt, paged):
+# One sequence-sharded paged case and one slab case: what crosses hosts (sequences over
+# the data axis, a sequence's pages over the model axis with block-local page ids, the
+# attention partials merged across hosts, the gathered outputs and counters) does not
+# depend on the format. The paged case is the windowed, rotated one; pages over the data
+# axis only (strategy "heads") are held to the contiguous cache over a (data, model)
+# mesh in one process by tests/test_paging.py.
+@pytest.mark.parametrize("fmt,layout", [
+    pytest.param(f, p, marks=slow_unless(p == "sequence"))
+    for f, p in (("int4-sbf16-rot+sink4+recent64", "sequence"), ("k8v4", "slabs"))])
+def test_two_processes_equal_one(fmt, layout):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i),
-                             fmt, paged], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             fmt, layout], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
   for p in procs:
