@@ -47,7 +47,7 @@ def dequantized(q, args, kw, monkeypatch):
   def keys_values(q, args, arrays, static):
     seen = {}
 
-    def capture(q, keys, values, lengths, chunk):
+    def capture(q, keys, values, lengths, chunk, **_):
       seen.update(keys=keys, values=values)
       return q
 
