@@ -90,7 +90,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
       float64 reference are in docs/kernels.md. On TPU v2/v3 (no bf16 matmul in their
       Mosaic) None means HIGHEST, and DEFAULT or HIGH is a ValueError. The "xla"
       reference always computes in float32 at HIGHEST.
-    kv_span: None (all positions), or `(start, stop)`, integer `[B]` each: sequence b
+    kv_span: None (all positions), or `(start, stop)`, integer scalars or `[B]`: sequence b
       attends only to positions in `[start[b], stop[b])`, windows included (the
       kernels neither read nor compute blocks outside). Attention over disjoint spans
       (a sequence-sharded cache's devices) combines with `merge_partials`.
@@ -114,6 +114,11 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl,
                   precision=precision, kv_span=kv_span, return_lse=return_lse)
   check_query(q, cache, layer, impl)
+  if kv_span is not None and not isinstance(kv_span, (str, bytes)):
+    try:  # Scalars (the same span for every sequence) broadcast to [B].
+      kv_span = tuple(jnp.broadcast_to(jnp.asarray(x), (cache.batch,)) for x in kv_span)
+    except (TypeError, ValueError):
+      pass  # check_span names what is wrong.
   span = decode_attention.check_span(kv_span, cache.batch)
   impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
   precision = _resolve_precision(precision, impl)

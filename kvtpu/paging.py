@@ -4,7 +4,8 @@ A paged cache stores K and V in a pool of P pages of Z positions; each sequence'
 page table row lists the pages holding its positions `[0, Z)`, `[Z, 2Z)`, ... The
 device never allocates: between steps the host decides which pages each sequence
 holds and hands the table to the cache (`KVCache.with_page_table`). This module is
-that host side: a free list per data shard, and a table the device reads.
+that host side: a free list per data shard (per block of the pool, sequence-sharded),
+and a table the device reads.
 
 Invariants (`check`): page 0 of each shard is the null page and is never given out;
 every other page is either free or held by exactly one sequence; a sequence's held
@@ -39,12 +40,13 @@ class OutOfPages(RuntimeError):
   """Not enough free pages for a reservation; nothing was allocated.
 
   Attributes:
-    shard: the shard that ran out (data shard s, model shard m: `s M + m`).
+    shard: the pool block that ran out: `s M + m` for data shard s and model shard m
+      (the data shard when the pool is not split over the model axis).
     needed, free: pages the reservation needed from that shard, and pages it had.
   """
 
   def __init__(self, shard: int, needed: int, free: int):
-    super().__init__(f"out of pages: the reservation needs {needed} pages of shard "
+    super().__init__(f"out of pages: the reservation needs {needed} pages of pool block "
                      f"{shard}, which has {free} free; release a sequence's pages (preempt "
                      "it) and retry, or give the cache more pages")
     self.shard, self.needed, self.free = shard, needed, free
@@ -58,8 +60,9 @@ class PageAllocator:
     page_len: Z, positions per page.
     batch: B, sequences (rows of the table).
     pages_per_sequence: the table's width (`max_len / Z`).
-    shards: D, data shards (the data axis of a sharded cache; 1 unsharded); P and B
-      must be multiples of it, and each shard's P/D pages must include one to give.
+    shards: D, data shards (the data axis of a sharded cache; 1 unsharded); B must be
+      a multiple of it, P of D x M, and each block's P/(D M) pages must include one to
+      give. `kvtpu.sharding.CacheSharding.allocator` sets both for a sharded cache.
     model_shards: M, the model axis of a sequence-sharded cache (1 otherwise): each
       data shard's pages are split into M blocks, block m holding the sequences'
       pages of table columns `[m W/M, (m+1) W/M)`; W must be a multiple of M.
@@ -186,7 +189,7 @@ class PageAllocator:
     return need
 
   def release(self, seq: int) -> int:
-    """Returns every page of sequence `seq` to its shard's free list (its row becomes
+    """Returns every page of sequence `seq` to its blocks' free lists (its row becomes
     0s); returns how many. The cache's sequence must be `reset` before it is reused."""
     self._check_seq(seq)
     n = int(self._held[seq])

@@ -4,7 +4,8 @@ Batch goes over the `data` axis and kv heads over the `model` axis, so each devi
 holds a `[L, B/D, K/M, S, H]` block of K and V with the matching blocks of their
 scales, and runs the ordinary single-device cache code and Pallas kernels on it
 under `jax.shard_map`: no gather, no cross-device traffic except summing the
-saturation counters (a few bytes per layer).
+saturation counters (a few bytes per layer) and, under the `"sequence"` strategy,
+merging each layer's attention partials across the model axis.
 
 Kv heads and the model axis (strategies):
 
@@ -23,7 +24,8 @@ Kv heads and the model axis (strategies):
   batch shard and every kv head, the pages of table columns `[m W/M, (m+1) W/M)`
   (positions `[m S/M, (m+1) S/M)`, W the table's width): the pool's pages go over
   both axes, page ids are local to the device's block of the pool (`PageAllocator(...,
-  model_shards=M)`), and the page table is replicated over `model`. A write lands on
+  model_shards=M)`, or `CacheSharding.allocator`), and the page table is replicated
+  over `model`. A write lands on
   the device holding its position (the others write the null page); `attend` runs
   the kernel over each device's span with its log-sum-exps and combines the partial
   outputs across `model` (`merge_partials`, as a max and two sums of `[B, T, N]`
@@ -46,7 +48,8 @@ Partition specs come from the cache's logical axes (`KVCache.logical_axes`, the
 same tree as the cache): logical `batch` goes to the data axis D, `kv_heads` to
 the model axis M when heads are sharded (else replicated), every other axis is
 replicated. So values `[L, B, K, S, H]` and per-token scales `[L, B, K, G, S]` are
-`P(None, D, M, None, None)` (pools `[L, P, K, Z, H]` likewise, logical `pages` on D),
+`P(None, D, M, None, None)` (pools `[L, P, K, Z, H]` likewise, logical `pages` on D;
+on (D, M) under `"sequence"`),
 static scales `[L, 1|K, 1|H]` and clip ratios `[L, K]`
 follow their heads, lengths and overflow flags `P(D)`, and the counters are
 replicated (every device holds the global sum). A new array in the cache needs no
@@ -70,6 +73,7 @@ from kvtpu.attention import attend as _attend
 from kvtpu.attention import check_query
 from kvtpu.cache import KVCache
 from kvtpu.formats import KVFormat
+from kvtpu.paging import PageAllocator
 from kvtpu.qtensor import QuantizedKV
 
 __all__ = ["STRATEGIES", "CacheSharding", "resolve_strategy", "per_device_dims",
@@ -144,6 +148,9 @@ def per_device_bytes(fmt: KVFormat | str, *, num_layers: int, batch: int, kv_hea
                          strategy=strategy)
   strategy = resolve_strategy(strategy, kv_heads=kv_heads, model=model)
   paged = {}
+  if (page_len is None) != (num_pages is None):
+    raise ValueError("a paged cache takes both page_len and num_pages, got "
+                     f"page_len={page_len!r}, num_pages={num_pages!r}")
   _check_sequence(strategy, paged=num_pages is not None,
                   pages_per_sequence=None if page_len is None else max_len // page_len,
                   model=model)
@@ -261,6 +268,17 @@ class CacheSharding:
     return jax.jit(functools.partial(KVCache.init, fmt, **kwargs),
                    out_shardings=self.shardings(abstract))()
 
+  def allocator(self, cache: KVCache) -> PageAllocator:
+    """A `PageAllocator` for this paged cache (real or abstract) as it lies on this
+    mesh: a free list per data shard, or per (data, model) block of the pool under
+    `"sequence"`; all pages free."""
+    sequence = self._sequence(cache)
+    if not cache.paged:
+      raise ValueError("allocator is for paged caches (init(..., page_len=, num_pages=))")
+    _check_batch(cache.batch, self.data, cache.num_pages, self.model if sequence else 1)
+    return PageAllocator.for_cache(cache, shards=self.data,
+                                   model_shards=self.model if sequence else 1)
+
   def per_device_bytes(self, cache: KVCache) -> int:
     """`per_device_bytes` for this cache (real or abstract) on this mesh."""
     return per_device_bytes(cache.fmt, num_layers=cache.num_layers, batch=cache.batch,
@@ -351,12 +369,14 @@ class CacheSharding:
                            impl=impl, precision=precision, kv_span=self._span(cache),
                            return_lse=True)
         # merge_partials across devices: each span's output weighted by its share of
-        # the softmax; a row no device sees stays 0 (NaN rows stay NaN).
+        # the softmax. A device that sees nothing of a row outputs 0 with weight 0, so
+        # a row no device sees stays 0, and a NaN output (a NaN query, whose lse is
+        # -inf too) stays NaN (0 * NaN), as unsharded.
         peak = jax.lax.pmax(jnp.where(jnp.isfinite(lse), lse, -jnp.inf), model)
         weight = jnp.exp(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))
         weight = jnp.where(jnp.isneginf(lse), 0.0, weight)
         total = jax.lax.psum(weight, model)
-        out = jax.lax.psum(weight[..., None] * jnp.where(weight[..., None] > 0, out, 0.0), model)
+        out = jax.lax.psum(weight[..., None] * out, model)
         out = out / jnp.where(total > 0, total, 1.0)[..., None]
         return jnp.where(jnp.isnan(lse)[..., None], jnp.nan, out).astype(q.dtype)
 

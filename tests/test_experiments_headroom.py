@@ -89,8 +89,8 @@ def test_defaults_answer_the_capacity_targets(tmp_path):
     (["--accelerator=v5e-8", "--mesh=data:1,model:8", "--strategy=heads",
       "--model=smollm2-135m"], "--strategy: strategy='heads'"),
     (["--strategy=sequence", "--modes=analytic,live"], "--strategy: strategy=sequence shards "
-     "the pages of paged caches: it answers the paged questions (--paged_lengths) in "
-     "analytic and aot modes only"),
+     "the pages of paged caches: it answers the paged questions (--paged_lengths) of single "
+     "formats in analytic and aot modes only"),
     (["--modes=analytic,guess"], "--modes: expected modes among"),
     (["--mode=guess"], "--modes: expected modes among"),  # --mode is an alias.
     (["--modes=aot,live"], "--modes: live sizes the present devices and aot"),
@@ -115,6 +115,27 @@ def test_bad_configurations_are_clear_errors(args, message):
   with pytest.raises(app.UsageError) as e:
     headroom_binary.config_from_flags(fv)
   assert str(e.value).startswith(message), str(e.value)
+
+
+def test_sequence_strategy_answers_the_paged_questions_only(tmp_path):
+  # Llama-3.1-8B's 8 kv heads on 16 chips: each sequence's pages split over the model
+  # axis; the slab questions do not apply (no table, no plot), the paged rows say so.
+  result = run(HeadroomConfig(accelerator="v5e-16", mesh="data:1,model:16",
+                              strategy="sequence", kv_formats=("bf16", "int8"),
+                              paged_demands=("mean",)), tmp_path)
+  assert result.rows == [] and not (tmp_path / "context_vs_concurrency.png").exists()
+  assert "_no contiguous-cache (slab) questions were asked_" in result.report
+  assert "Sequence-sharded (`strategy=sequence`)" in result.report
+  read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+  rows = {r["kv_format"]: r for r in read(tmp_path / "paged.jsonl") if not r["oom"]}
+  assert {r["strategy"] for r in rows.values()} == {"sequence"}
+  assert rows["int8"]["requests"] >= 1.9 * rows["bf16"]["requests"] > 0
+  replicated = run(HeadroomConfig(accelerator="v5e-16", mesh="data:1,model:16",
+                                  strategy="replicate", kv_formats=("int8",), concurrencies=(8,),
+                                  contexts=(8192,), paged_demands=("mean",)), tmp_path / "rep")
+  assert "replicate" in replicated.report
+  rep_rows = [r for r in read(tmp_path / "rep" / "paged.jsonl") if not r["oom"]]
+  assert rows["int8"]["requests"] > 4 * rep_rows[0]["requests"]
 
 
 def test_a_layer_plan_is_sized_analytically_and_refused_by_the_compiled_measures(tmp_path):

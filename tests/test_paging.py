@@ -179,7 +179,7 @@ def test_out_of_pages_changes_nothing_and_release_recovers():
   assert allocator.usable_pages == 5
   assert allocator.reserve(0, 33) == 3
   before = allocator.table
-  with pytest.raises(OutOfPages, match="needs 4 pages of shard 0, which has 2 free") as info:
+  with pytest.raises(OutOfPages, match="needs 4 pages of pool block 0, which has 2 free") as info:
     allocator.reserve_many({1: 16, 2: 40})  # 1 + 3 pages: all or nothing.
   assert (info.value.shard, info.value.needed, info.value.free) == (0, 4, 2)
   np.testing.assert_array_equal(allocator.table, before)
@@ -291,7 +291,10 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
       np.testing.assert_array_equal(a[s, :, :held[s]], c[s, :, :held[s]])
 
 
-SEQUENCE_STEPS = [(40, [40, 0, 33, 1]), (1, [1, 1, 1, 0]), (50, [50, 31, 50, 50])]
+# The last chunk finds sequence 1 holding only the 2 pages (32 positions) of model device
+# 0: its tokens are dropped at the boundary of device 1's span and it overflows.
+SEQUENCE_STEPS = [(40, [40, 0, 33, 1]), (1, [1, 1, 1, 0]), (50, [50, 31, 50, 50]),
+                  (5, [5, 5, 5, 5])]
 
 
 @pytest.mark.parametrize("fmt,shape,impl", [
@@ -314,10 +317,11 @@ def test_sequence_sharded_cache_equals_the_unsharded_one(fmt, shape, impl):
   paged = sh.put(poison(kvtpu.KVCache.init(fmt, **dims, page_len=page,
                                            num_pages=blocks * local)))
   assert paged.k.values.sharding.spec[1] == ("data", "model")
-  for i in range(8 if blocks == 8 else blocks):  # Each device holds exactly its block.
+  for i in range(blocks):  # Each device holds exactly its block.
     assert sum(memory.array_nbytes(leaf.addressable_shards[i].data.shape, leaf.dtype)
                for leaf in jax.tree.leaves(paged)) == sh.per_device_bytes(paged)
-  allocator = PageAllocator.for_cache(paged, shards=data, model_shards=model)
+  allocator = sh.allocator(paged)
+  assert (allocator.shards, allocator.model_shards) == (data, model)
   ref = make(fmt, num_pages=1 + b * width, page=page)
   ref_allocator = PageAllocator.for_cache(ref)
   rng = np.random.default_rng(6)
@@ -332,25 +336,37 @@ def test_sequence_sharded_cache_equals_the_unsharded_one(fmt, shape, impl):
       lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl=impl),
       lambda c, n: c.advance(n)))
   held = np.zeros(b, np.int64)
-  for t, valid in SEQUENCE_STEPS:
+  for i, (t, valid) in enumerate(SEQUENCE_STEPS):
     valid = np.asarray(valid, np.int32)
     for s in range(b):
-      allocator.reserve(s, int(held[s] + valid[s]))
-      ref_allocator.reserve(s, int(held[s] + valid[s]))
+      want = held[s] + (0 if (i, s) == (len(SEQUENCE_STEPS) - 1, 1) else valid[s])
+      allocator.reserve(s, int(want))
+      ref_allocator.reserve(s, int(want))
     allocator.check()
     paged = paged.with_page_table(jax.device_put(allocator.table, paged.page_table.sharding))
     ref = ref.with_page_table(ref_allocator.table)
     k = jnp.asarray(kv_with_outliers(rng, (b, t, K, H)))
     v = jnp.asarray(rng.standard_normal((b, t, K, H)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((b, t, 2 * K, H)) * 0.2, jnp.float32)
+    if i == 2:  # A NaN query row stays NaN, as unsharded (the merge must not hide it).
+      q = q.at[2, 7, 1, 5].set(jnp.nan)
     paged, got = sharded(paged, k, v, q, valid)
     ref, want = single(ref, k, v, q, valid)
-    assert np.isfinite(np.asarray(got)).all()
+    got, want = np.array(got), np.array(want)
+    if i == 2:
+      assert np.isnan(got[:, 2, 7, 1]).all() and np.isnan(want[:, 2, 7, 1]).all()
+      got[:, 2, 7, 1] = want[:, 2, 7, 1] = 0
+    if i == len(SEQUENCE_STEPS) - 1:  # Sequence 1's queries read positions never stored.
+      got, want = (np.delete(x, 1, axis=1) for x in (got, want))
+    assert np.isfinite(got).all()
     assert_close(got, want, atol=2e-6, rtol=2e-6, name=f"T={t}")
-    held += valid
+    held = np.asarray(ref.lengths)
   np.testing.assert_array_equal(paged.lengths, ref.lengths)
+  assert held[1] == 32 and np.asarray(paged.overflow).tolist() == [False, True, False, False]
+  np.testing.assert_array_equal(paged.overflow, ref.overflow)
   for name, count in ref.counts().items():
     np.testing.assert_array_equal(paged.counts()[name], count, err_msg=name)
+
   # Block s M + m of the pool holds the pages of columns [m W/M, (m+1) W/M): read through
   # global page ids, the pool holds what the unsharded one holds.
   columns = np.arange(width)[None, :]

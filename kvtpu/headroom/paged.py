@@ -162,7 +162,8 @@ def pool_pages(dist: LengthDistribution, page_len: int, requests: int, demand: s
 def analytic_paged_usage(dep: Deployment, fmt: KVFormat | str, batch: int, max_len: int,
                          page_len: int, num_pages: int) -> Usage:
   """Closed-form bytes per device of a paged cache: weights as given, the cache block
-  exactly (`sharding.per_device_bytes`: P/D pages, B/D sequences' windows, tables and
+  exactly (`sharding.per_device_bytes`: P/D pages (P/(D M) sequence-sharded), B/D
+  sequences' windows, tables and
   lengths), and as temporaries the f32 logits of the device's sequences plus, on TPU,
   the copies of 16-bit per-token scales of its pages (`memory.tpu_layout_copy_bytes`)."""
   fmt = LayerPlan.config(fmt)
@@ -245,7 +246,7 @@ def max_requests(dep: Deployment, fmt: KVFormat | str, dist: LengthDistribution,
 # ------------------------------------------------------------------ result rows
 
 # Fields of a paged result row (bytes per device), besides the deployment's labels.
-ROW_FIELDS = ("mode", "kv_format", "lengths", "lengths_digest", "mean_length", "demand",
+ROW_FIELDS = ("mode", "strategy", "kv_format", "lengths", "lengths_digest", "mean_length", "demand",
               "page_len", "requests", "batch", "num_pages", "max_len", "oom",
               "pages_per_request", "weights_per_device", "cache_per_device", "temp_per_device",
               "other_per_device", "total_per_device", "budget_per_device")
@@ -255,7 +256,8 @@ def answer_rows(answer: PagedAnswer, dist: LengthDistribution, dep: Deployment, 
                 **labels) -> list[dict]:
   """The rows of one answer: the maximum, and the first point past it (`oom` true) when
   one was measured."""
-  base = dict(labels, mode=mode, kv_format=answer.fmt, lengths=dist.name,
+  base = dict(labels, mode=mode, strategy=dep.resolved_strategy, kv_format=answer.fmt,
+              lengths=dist.name,
               lengths_digest=dist.digest, mean_length=dist.mean_length, demand=answer.demand,
               page_len=answer.page_len, max_len=answer.max_len,
               pages_per_request=dist.pages(answer.page_len)[0], budget_per_device=dep.budget)
@@ -280,6 +282,8 @@ def check_row(row) -> None:
   missing = [f for f in ROW_FIELDS if f not in row]
   if missing:
     raise ValueError(f"paged headroom row lacks {missing}")
+  if row["strategy"] not in ("heads", "replicate", "sequence"):
+    raise ValueError(f"strategy must be heads, replicate or sequence, got {row['strategy']!r}")
   if row["demand"] not in DEMANDS:
     raise ValueError(f"demand must be one of {sorted(DEMANDS)}, got {row['demand']!r}")
   for f in ("page_len", "max_len"):

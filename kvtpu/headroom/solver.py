@@ -128,7 +128,8 @@ def analytic_usage(dep: Deployment, fmt: KVFormat | LayerPlan | str, batch: int,
   over the model axis when it divides it), the one temporary that grows with the
   batch, plus on TPU the copies of 16-bit per-token scales
   (`memory.tpu_layout_copy_bytes`). With `page_len` and `num_pages`, a paged cache
-  (`kvtpu.headroom.paged`): the device's P/D pages stand for its sequences' slabs."""
+  (`kvtpu.headroom.paged`): the device's P/D pages (P/(D M) under the sequence
+  strategy) stand for its sequences' slabs."""
   groups = [(f, len(layers)) for f, layers in LayerPlan.parse(fmt).groups(dep.num_layers)]
   cache = sum(sharding.per_device_bytes(
       f, num_layers=n, batch=batch, kv_heads=dep.kv_heads, max_len=max_len,

@@ -193,9 +193,11 @@ class HeadroomConfig:
       impl_choice("impl", self.impl)
     if resolve_strategy(self.strategy, kv_heads=cfg.num_kv_heads,
                         model=mesh["model"]) == "sequence":
-      check("live" not in self.modes, "strategy",
-            "strategy=sequence shards the pages of paged caches: it answers the paged "
-            "questions (--paged_lengths) in analytic and aot modes only")
+      what = ("strategy=sequence shards the pages of paged caches: it answers the paged "
+              "questions (--paged_lengths) of single formats in analytic and aot modes only")
+      check("live" not in self.modes, "strategy", what)
+      check(self.paged_lengths and any(not kvtpu.LayerPlan.parse(f).overrides
+                                       for f in self.kv_formats), "strategy", what)
 
   @property
   def model_config(self):

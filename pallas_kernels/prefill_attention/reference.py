@@ -20,7 +20,8 @@ def ref_prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zer
                           v_token_group=None, page_table=None, block_sizes=None,
                           precision=None, kv_span=None, return_lse: bool = False,
                           interpret=None):
-  """Reference of `prefill_attention` (same signature; `block_sizes`/`interpret` unused).
+  """Reference of `prefill_attention` (same signature; `block_sizes`, `precision` and
+  `interpret` unused).
 
   A chunk of T tokens at positions `lengths[b] + t` attends causally to the cache
   prefix and to itself; see `ref_decode_attention` for the exact visibility rule.
