@@ -321,24 +321,16 @@ class CacheSharding:
                           cache.batch, limit=k.shape[1])
     d, m = self._axes(cache.kv_heads)
     specs = self.specs(cache)
-    axes = tuple(a for a in (d, m) if a is not None)
+    sequence = self._sequence(cache)
+    # Devices holding distinct data; under "sequence" each counts its own pages' tokens.
+    axes = (d, self.model_axis) if sequence else tuple(a for a in (d, m) if a is not None)
 
     def local(cache, layer, k, v, valid):
       counters = cache.counters
       new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
-          layer, k, v, valid_len=valid)
+          layer, k, v, valid_len=valid, kv_span=self._span(cache) if sequence else None)
       return dataclasses.replace(new, counters=add_u64_pair(counters,
                                                         psum_u64(new.counters, axes)))
-
-    if self._sequence(cache):
-      axes = (d, self.model_axis)  # Each device counts the tokens of its own pages.
-
-      def local(cache, layer, k, v, valid):  # noqa: F811 (the sequence strategy's)
-        counters = cache.counters
-        new = dataclasses.replace(cache, counters=jnp.zeros_like(counters)).update(
-            layer, k, v, valid_len=valid, kv_span=self._span(cache))
-        return dataclasses.replace(new, counters=add_u64_pair(counters,
-                                                          psum_u64(new.counters, axes)))
 
     kv = P(d, None, m, None)
     return self._shard_map(local, (specs, P(), kv, kv, P(d)), specs)(
