@@ -114,12 +114,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
     return attend(q, group, index, valid_len=valid_len, scale=scale, impl=impl,
                   precision=precision, kv_span=kv_span, return_lse=return_lse)
   check_query(q, cache, layer, impl)
-  if kv_span is not None and not isinstance(kv_span, (str, bytes)):
-    try:  # Scalars (the same span for every sequence) broadcast to [B].
-      kv_span = tuple(jnp.broadcast_to(jnp.asarray(x), (cache.batch,)) for x in kv_span)
-    except (TypeError, ValueError):
-      pass  # check_span names what is wrong.
-  span = decode_attention.check_span(kv_span, cache.batch)
+  span = decode_attention.check_span(kv_span, cache.batch, scalars=True)
   impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
   precision = _resolve_precision(precision, impl)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)

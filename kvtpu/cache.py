@@ -26,6 +26,7 @@ from kvtpu._shared import (
   u64_to_int64,
 )
 from kvtpu.formats import KVFormat
+from kvtpu.pallas_kernels import decode_attention
 from kvtpu.qtensor import Placement, QuantizedKV, params_by_tensor
 
 __all__ = ["KVCache", "COUNTERS", "ERRORS", "check_clip"]
@@ -352,18 +353,12 @@ class KVCache:
     if not self.paged:
       raise ValueError("kv_span is for paged caches (a device's pages of a sequence-sharded "
                        "cache); a contiguous cache holds every position")
-    try:
-      start, stop = (jnp.broadcast_to(jnp.asarray(x), (self.batch,)) for x in kv_span)
-    except (TypeError, ValueError):
-      raise ValueError(f"kv_span must be a pair (start, stop) of integer scalars or [B={self.batch}] "
-                       f"arrays, got {kv_span!r}") from None
+    start, stop = decode_attention.check_span(kv_span, self.batch, scalars=True)
     for name, x in (("start", start), ("stop", stop)):
-      if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"kv_span's {name} must be integers, got dtype {x.dtype}")
       if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) % self.page_len):
         raise ValueError(f"kv_span's {name} must be a multiple of page_len={self.page_len}, got "
                          f"{np.asarray(x).tolist()}")
-    return start.astype(jnp.int32), stop.astype(jnp.int32)
+    return start, stop
 
   def check_chunk(self, k, v) -> None:
     """Raises for a chunk `k, v` that `update` cannot take: not `[B, T, K, H]` floating

@@ -34,6 +34,7 @@ import numpy as np
 
 from kvtpu import reports
 from kvtpu.formats import KVFormat, LayerPlan
+from kvtpu.headroom.report import STRATEGIES
 from kvtpu.headroom.solver import MAX_BATCH_LIMIT, Deployment, Usage, analytic_usage, max_fit
 
 __all__ = ["LengthDistribution", "DEMANDS", "pool_pages", "analytic_paged_usage",
@@ -282,8 +283,8 @@ def check_row(row) -> None:
   missing = [f for f in ROW_FIELDS if f not in row]
   if missing:
     raise ValueError(f"paged headroom row lacks {missing}")
-  if row["strategy"] not in ("heads", "replicate", "sequence"):
-    raise ValueError(f"strategy must be heads, replicate or sequence, got {row['strategy']!r}")
+  if row["strategy"] not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {row['strategy']!r}")
   if row["demand"] not in DEMANDS:
     raise ValueError(f"demand must be one of {sorted(DEMANDS)}, got {row['demand']!r}")
   for f in ("page_len", "max_len"):

@@ -400,8 +400,9 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   return masked_attention(q, keys, values, lengths, chunk, span=span, return_lse=return_lse)
 
 
-def check_span(kv_span, batch: int):
-  """`kv_span` as two int32 `[batch]` arrays, or None; raises ValueError naming the
+def check_span(kv_span, batch: int, *, scalars: bool = False):
+  """`kv_span` as two int32 `[batch]` arrays, or None; with `scalars`, integer scalars
+  (the same span for every sequence) are taken too. Raises ValueError naming the
   argument for anything else."""
   if kv_span is None:
     return None
@@ -410,7 +411,8 @@ def check_span(kv_span, batch: int):
   except (TypeError, ValueError):
     raise ValueError("kv_span must be None or a pair (start, stop) of int32 [B] arrays, got "
                      f"{type(kv_span).__name__}") from None
-  start, stop = jnp.asarray(start), jnp.asarray(stop)
+  start, stop = (jnp.broadcast_to(x, (batch,)) if scalars and jnp.ndim(x) == 0 else x
+                 for x in (jnp.asarray(start), jnp.asarray(stop)))
   for name, x in (("start", start), ("stop", stop)):
     if x.shape != (batch,) or not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"kv_span's {name} must be an integer [B={batch}] array, got "
