@@ -105,7 +105,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
       multiple of K, a bad layer or impl.
     ValueError: for impl="pallas" on a TPU generation whose Mosaic compiler rejects
       the format (`kernel_support_error`: int4 on v2/v3, int2 on v2-v4 and at head_dim
-      64); "auto" falls back to XLA there and logs it once.
+      64 unless stored transposed); "auto" falls back to XLA there and logs it once.
       impl="pallas" with q on a non-TPU device is a ValueError that names the other
       impls; ahead-of-time compiles for TPU topologies (traced q) work from any host.
   """
@@ -115,7 +115,7 @@ def attend(q: jax.Array, cache: KVCache, layer, *, valid_len=None, scale: float 
                   precision=precision, kv_span=kv_span, return_lse=return_lse)
   check_query(q, cache, layer, impl)
   span = decode_attention.check_span(kv_span, cache.batch, scalars=True)
-  impl = _resolve_impl(impl, cache.fmt, cache.head_dim)
+  impl = _resolve_impl(impl, cache.fmt, cache.head_dim, (cache.k.transposed, cache.v.transposed))
   precision = _resolve_precision(precision, impl)
   chunk, bad, scale = _chunk_and_scale(q, cache, layer, valid_len, scale)
   if impl == "xla":
@@ -160,27 +160,31 @@ _UNSUPPORTED = {(gen, dtype) for gen in ("v2", "v3") for dtype in ("int4", "int2
 _fallbacks_logged: set[tuple[str, str]] = set()
 
 
-def kernel_support_error(device_kind: str, fmt, head_dim: int | None = None) -> str | None:
-  """Why the Pallas kernels cannot compile `fmt` (at `head_dim`, if given) for this
-  device, or None if they can."""
+def kernel_support_error(device_kind: str, fmt, head_dim: int | None = None,
+                         transposed: tuple[bool, bool] = (False, False)) -> str | None:
+  """Why the Pallas kernels cannot compile `fmt` (at `head_dim`, if given; K and V values
+  stored `transposed` or not, `kvtpu.qtensor.lanes_transposed`) for this device, or None
+  if they can."""
   gen = accelerators.chip_name(device_kind)
   bad = sorted({s.dtype.value for s in (fmt.k, fmt.v) if (gen, s.dtype.value) in _UNSUPPORTED})
   if not bad:
     if head_dim is None:
       return None
-    return decode_attention.layout_error(fmt.k.storage_dtype, fmt.v.storage_dtype, head_dim)
+    return decode_attention.layout_error(fmt.k.storage_dtype, fmt.v.storage_dtype, head_dim,
+                                         transposed)
   return (f"the Pallas attention kernels cannot compile KV format {fmt.name} for TPU {gen}: "
           f"Mosaic has no operand layout for {', '.join(bad)} on {gen}; use impl='xla' or "
           "an int8/fp8 format")
 
 
-def _resolve_impl(impl: str, fmt, head_dim: int) -> str:
+def _resolve_impl(impl: str, fmt, head_dim: int,
+                  transposed: tuple[bool, bool] = (False, False)) -> str:
   """"auto" -> "pallas" on TPU (unless unsupported there: "xla", logged once), else "xla"."""
   on_tpu = jax.default_backend() == "tpu"
   if impl not in ("auto", "pallas") or not on_tpu:
     return "xla" if impl == "auto" else impl
   kind = jax.devices()[0].device_kind
-  error = kernel_support_error(kind, fmt, head_dim)
+  error = kernel_support_error(kind, fmt, head_dim, transposed)
   if error is None:
     return "pallas"
   if impl == "pallas":

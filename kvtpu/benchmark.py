@@ -146,7 +146,8 @@ def _bytes(cache: KVCache, q, chunk: np.ndarray, impl: str) -> tuple[int, int]:
   k, v = cache.k, cache.v
   read = lambda x, field: getattr(x, field) if x.spec.dynamic else None  # noqa: E731
   groups = (k.token_group or 0, v.token_group or 0)
-  d = validate_inputs(q, k.values, v.values, cache.lengths, jnp.asarray(chunk), 0,
+  logical = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731  (S before H)
+  d = validate_inputs(q, logical(k), logical(v), cache.lengths, jnp.asarray(chunk), 0,
                       read(k, "scale"), read(k, "zero"), read(v, "scale"), read(v, "zero"),
                       max_t=None, token_groups=groups, page_table=cache.page_table)
   itemsize = {"k": k.spec.scale_jnp_dtype.itemsize, "v": v.spec.scale_jnp_dtype.itemsize}
@@ -318,7 +319,7 @@ def paged_kernel_comparison(*, context: int = 2048, batch: int = 8, kv_heads: in
           block_sizes=BlockSizes(page_len), interpret=interpret))
     # JAX's layout: pages [K, P, Z, H]; lengths count the held tokens.
     def jax_pages(x):
-      values = jnp.swapaxes(x.values[0], 0, 1)
+      values = jnp.swapaxes(x.relayout(False).values[0], 0, 1)
       if x.scale is None:
         return values
       return QuantizedTensor(values, jnp.swapaxes(x.scale[0], 0, 1)[..., None].reshape(

@@ -10,7 +10,8 @@ this type, and the kernel body only where the in-VMEM math changes.
 Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head):
 
   values  [L, B, K, S, H]   storage dtype; per (layer, sequence, kv head) a
-                            contiguous `[S, H]` slab, the block a kernel DMAs.
+                            contiguous `[S, H]` slab, the block a kernel DMAs;
+                            transposed (`transposed`, `lanes_transposed`): [L, B, K, H, S].
   scale   per-token specs: [L, B, K, G, S] in the scale dtype, one per token and group,
                             positions in lanes (never broadcast to H);
           token-grouped (`c<N>`): [L, B, K, S/N, H], one per channel and group of N
@@ -23,6 +24,16 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
           sequence, unquantized, in the stored (rotated) coordinates; or None.
   recent  [L, B, K, W_r, H], likewise: position p of the sequence's last W_r in slot
           p mod W_r (a ring); or None.
+
+Transposed values: TPUs tile the two minor axes in (sublane, 128-lane) tiles, so an
+`[S, 64]` slab fills half of each tile's lanes. XLA then stores it channel-major (a
+layout with positions minor) and copies the whole cache into and out of the kernels'
+row-major layout around every call: temporaries of about twice the cache and that
+traffic every step. Where head_dim is not a multiple of 128 lanes (and the slab is a
+multiple of 128 positions, and the scales are per token), the values are therefore
+stored `[S, H]`-transposed, positions in lanes: whole tiles in HBM and VMEM, the
+layout XLA and the kernels agree on. Everything else about the tensor is unchanged;
+`shape` stays the logical `[L, B|P, K, S|Z, H]`.
 
 Every array carries the layer axis first, so one `QuantizedKV` serves a whole
 model under `lax.scan` over layers.
@@ -63,7 +74,7 @@ from kvtpu.pallas_kernels.decode_attention.reference import gather_pages, overla
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
            "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE", "INT2_PAGE_MULTIPLE",
-           "LOGICAL_AXES", "params_by_tensor", "check_param"]
+           "LOGICAL_AXES", "params_by_tensor", "check_param", "lanes_transposed"]
 
 # Fields fixed when a tensor is created (calibrated), as opposed to written per token.
 PARAM_FIELDS = ("scale", "zero", "clip")
@@ -147,6 +158,17 @@ INT2_MIN_ROWS = 16
 INT2_MAX_LEN_MULTIPLE = 128
 INT2_PAGE_MULTIPLE = 64
 
+_LANES = 128
+
+
+def lanes_transposed(spec: QuantSpec, head_dim: int, slab: int) -> bool:
+  """Whether a tensor of `spec` stores its values transposed, `[.., H, S]` (see the module
+  docstring): head_dim not a multiple of the 128 lanes, `slab` (S, or a page's Z) a
+  multiple of them, and scales per token or none (per-channel scales over token groups
+  keep `[S, H]` values, which their `[S / N, H]` scales follow)."""
+  return head_dim % _LANES != 0 and slab % _LANES == 0 and spec.token_group is None
+
+
 # How a chunk is written (`write_rows`): "scatter" (XLA's CPU backend scatters in
 # place), "pallas" (one in-place Pallas kernel call for the batch, on TPU), "interpret"
 # (that kernel in Pallas interpret mode), "blocks" (one dynamic-update-slice per
@@ -159,7 +181,7 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
   """Writes a chunk `values: [B, T, K, X]` into `store: [L, B, K, ...]`.
 
   `seq_axis` is the store's position axis: 3 for values `[L, B, K, S, H]`, 4 for
-  dynamic scales `[L, B, K, G, S]`. `method`: one of `WRITE_METHODS`, or None for the
+  dynamic scales `[L, B, K, G, S]` and transposed values `[L, B, K, H, S]`. `method`: one of `WRITE_METHODS`, or None for the
   platform's choice when lowering: scatter on CPU; on TPU the Pallas kernel
   (`pallas_kernels.cache_write`) where its `layout_error` is None, else blocks;
   blocks elsewhere. Every method stores the same bits. With `page_table` the store
@@ -239,7 +261,8 @@ class QuantizedKV:
   """One cached tensor (K or V) of all layers: stored values and their meaning.
 
   Attributes:
-    values: `[L, B, K, S, H]` in `spec.storage_dtype`.
+    values: `[L, B, K, S, H]` in `spec.storage_dtype`, or `[L, B, K, H, S]` when
+      `transposed`.
     scale: per-token specs `[L, B, K, G, S]`, token-grouped specs `[L, B, K, S/N, H]`,
       static specs `[L, 1|K, 1|H]` (finite, > 0), in the spec's scale dtype; None when
       unquantized.
@@ -252,10 +275,13 @@ class QuantizedKV:
     spec: how the values are stored (static pytree metadata).
     paged: whether axis 1 of the values and scales is a pool of pages (static; see
       the module docstring).
+    transposed: whether the values are stored positions-minor, `[.., H, S]` (static;
+      `lanes_transposed`).
 
   Invariant: a stored value `q` means `(q - zero) * scale` (`quant.dequantize`).
-  `shape`, `dtype` and `ndim` are the stored values' (storage dtype), so code that
-  only sizes a tensor does not unpack it.
+  `shape` is the values' logical `[L, B|P, K, S|Z, H]` (whatever the storage order),
+  `dtype` and `ndim` the stored values', so code that only sizes a tensor does not
+  unpack it.
   """
 
   values: jax.Array
@@ -266,6 +292,7 @@ class QuantizedKV:
   recent: jax.Array | None
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   paged: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   # ----------------------------------------------------------------- creation
   @classmethod
@@ -298,7 +325,9 @@ class QuantizedKV:
       raise ValueError(f"{spec.name} scales groups of {n} positions: {what} must be a multiple "
                        f"of {n}, got {what}={max_len}")
     sds = jax.ShapeDtypeStruct
-    values = sds((num_layers, rows, kv_heads, max_len, head_dim), spec.storage_dtype)
+    transposed = lanes_transposed(spec, head_dim, max_len)
+    slab = (head_dim, max_len) if transposed else (max_len, head_dim)
+    values = sds((num_layers, rows, kv_heads, *slab), spec.storage_dtype)
     scale = zero = None
     if spec.quantized:
       if n is not None:
@@ -315,7 +344,8 @@ class QuantizedKV:
     window = lambda w: sds((num_layers, batch, kv_heads, w, head_dim), window_dtype) if w else None  # noqa: E731
     return cls(values=values, scale=scale, zero=zero,
                clip=sds((num_layers, kv_heads), jnp.float32) if clip else None,
-               sink=window(sink), recent=window(recent), spec=spec, paged=pages is not None)
+               sink=window(sink), recent=window(recent), spec=spec, paged=pages is not None,
+               transposed=transposed)
 
   @staticmethod
   def max_len_multiple(spec: QuantSpec, *, paged: bool = False) -> int:
@@ -384,7 +414,22 @@ class QuantizedKV:
   # --------------------------------------------------------------- properties
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.values.shape)
+    """The values' logical shape `[L, B|P, K, S|Z, H]` (stored `[.., H, S]` if transposed)."""
+    shape = tuple(self.values.shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
+
+  @property
+  def values_seq_axis(self) -> int:
+    """The position axis of `values` (3, or 4 when transposed)."""
+    return 4 if self.transposed else 3
+
+  def relayout(self, transposed: bool) -> QuantizedKV:
+    """This tensor with its values stored the other way round (`transposed`: `[.., H,
+    S]`), same meaning; for comparing layouts and converting stored caches."""
+    if transposed == self.transposed:
+      return self
+    return dataclasses.replace(self, values=jnp.swapaxes(self.values, -1, -2),
+                               transposed=transposed)
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -436,7 +481,8 @@ class QuantizedKV:
     Works on a real or an abstract (`ShapeDtypeStruct`) tensor.
     """
     rows = "pages" if self.paged else "batch"
-    per_position = P("layers", rows, "kv_heads", "positions", "head_dim")
+    per_position = P("layers", rows, "kv_heads",
+                     *(("head_dim", "positions") if self.transposed else ("positions", "head_dim")))
     scale = None
     if self.scale is not None:
       if self.spec.token_group is not None:
@@ -501,7 +547,9 @@ class QuantizedKV:
     return overlay_windows(out, pick(self.sink), pick(self.recent), held)
 
   def _dequantize_store(self, layer, dtype, page_table=None) -> jax.Array:
-    data = self._per_sequence(self.values, layer, page_table, 2)
+    data = self._per_sequence(self.values, layer, page_table, self.values_seq_axis - 1)
+    if self.transposed:
+      data = jnp.swapaxes(data, -1, -2)
     if not self.spec.quantized:
       return quant.dequantize(data, self.spec, dtype=dtype)
 
@@ -528,9 +576,9 @@ class QuantizedKV:
   @property
   def kernel_operand(self) -> QuantizedKV | jax.Array:
     """What the attention kernels read: this tensor with its per-token scales, or, for
-    a static spec, the raw values (its calibrated scales are folded around the kernel
-    by `scale_queries` and `scale_output`)."""
-    return self.values if self.spec.static else self
+    a static spec, without its scales (folded around the kernel by `scale_queries` and
+    `scale_output`)."""
+    return dataclasses.replace(self, scale=None, zero=None) if self.spec.static else self
 
   def _static(self, p: jax.Array | None, layer) -> jax.Array | None:
     """A static `[L, 1|K, 1|H]` parameter at `layer`, as `[1, 1, 1|K, 1, 1|H]` against
@@ -597,7 +645,8 @@ class QuantizedKV:
     if spec.rotation:  # Counted where they came in, not over the rotated coordinates.
       res = res._replace(nonfinite=nonfinite)
     # [B, T, K, H] rows go to [layer, b, :, pos[b, t], :].
-    new = {"values": write_rows(self.values, layer, res.q, where, 3, page_table=page_table),
+    new = {"values": write_rows(self.values, layer, res.q, where, self.values_seq_axis,
+                                page_table=page_table),
            **windows}
     if spec.dynamic:  # [B, T, K, G] rows go to [layer, b, :, :, pos[b, t]].
       new["scale"] = write_rows(self.scale, layer, res.scale, where, 4, page_table=page_table)

@@ -71,3 +71,32 @@ def test_decode_step_compiles_in_place_with_exact_bytes(topology, fmt):
   # write kernel does neither).
   assert stats.temp_size_in_bytes < nbytes / 4, (
       f"{fmt}: {stats.temp_size_in_bytes} bytes of temporaries for a {nbytes}-byte cache")
+
+
+@pytest.mark.parametrize("fmt,paged", [
+    pytest.param("bf16", False), pytest.param("int8", True, marks=pytest.mark.slow),
+    pytest.param("int2-nu-sbf16-rot", False, marks=pytest.mark.slow)])
+def test_head_dim_64_step_holds_no_copy_of_the_cache(fmt, paged):
+  # XLA stores an [S, 64] slab channel-major (positions minor) and, before values were
+  # stored transposed, copied the whole cache into the kernels' row-major layout and
+  # back around every call: 0.10 GB of temporaries for this 0.10 GB bf16 cache (2x at
+  # S = 131072). Transposed values are the layout both agree on; int2 at head_dim 64,
+  # which the kernels refuse as [S, 64] rows, compiles too.
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:1x1"))
+  s = 65536
+  paging = dict(page_len=1024, num_pages=s // 1024 + 1) if paged else {}
+  dims = dict(num_layers=1, batch=1, kv_heads=3, max_len=s, head_dim=64, **paging)
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, **dims))
+  assert cache.k.transposed and cache.v.transposed
+  nbytes = kvtpu.memory.cache_bytes(fmt, **dims)
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  args = jax.tree.map(on_tpu, (cache, jax.ShapeDtypeStruct((1, 1, 9, 64), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((1, 1, 3, 64), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((1, 1, 3, 64), jnp.bfloat16)))
+  stats = jax.jit(decode_step, donate_argnums=0).lower(*args).compile().memory_analysis()
+  assert stats.alias_size_in_bytes >= nbytes, f"{fmt}: cache not donated in place"
+  # Values padded to 128 lanes would hold twice their bytes; the small per-token scale
+  # arrays may pad their 3 kv heads to a 4-row tile.
+  assert stats.argument_size_in_bytes < 1.1 * nbytes
+  assert stats.temp_size_in_bytes < nbytes / 16, (
+      f"{fmt}: {stats.temp_size_in_bytes} bytes of temporaries for a {nbytes}-byte cache")

@@ -40,7 +40,7 @@ from kvtpu.models.runs.common import check, format_list, int_list, one_of
 from kvtpu.pallas_kernels.decode_attention import MAX_DECODE_T, default_block_sizes, layout_error
 
 import kvtpu
-from kvtpu import attention, reports
+from kvtpu import attention, qtensor, reports
 
 __all__ = ["TpuCheckConfig", "TpuCheckResult", "NotOnTpu", "KERNEL_FORMATS", "kernel_checks",
            "run"]
@@ -161,15 +161,17 @@ def kernel_checks(config: TpuCheckConfig, *, seed: int = 0) -> list[dict]:
   for fmt in config.formats:
     f = kvtpu.KVFormat.parse(fmt)
     for head_dim in config.head_dims:
+      block = default_block_sizes(f.k.dtype.jnp_dtype, f.v.dtype.jnp_dtype, head_dim).block_s
+      max_len = 2 * block + 128  # An edge block shorter than the others.
+      transposed = tuple(qtensor.lanes_transposed(spec, head_dim, max_len) for spec in (f.k, f.v))
       if config.impl == "pallas":  # The generation's table and the layout.
-        refusal = attention.kernel_support_error(jax.devices()[0].device_kind, f, head_dim)
+        refusal = attention.kernel_support_error(jax.devices()[0].device_kind, f, head_dim,
+                                                 transposed)
       else:
-        refusal = layout_error(f.k.storage_dtype, f.v.storage_dtype, head_dim)
+        refusal = layout_error(f.k.storage_dtype, f.v.storage_dtype, head_dim, transposed)
       if refusal is not None:
         verdicts.append(_refusal_verdict(fmt, head_dim, config.impl, refusal))
         continue
-      block = default_block_sizes(f.k.dtype.jnp_dtype, f.v.dtype.jnp_dtype, head_dim).block_s
-      max_len = 2 * block + 128  # An edge block shorter than the others.
       for t in PHASES:
         rng = np.random.default_rng([seed, head_dim, t, len(fmt)])
         lengths = _edge_lengths(block, max_len, t)

@@ -16,7 +16,8 @@ VMEM, and the program does not grow with B.
 Layout and traffic:
   * The store's position axis is either its second-minor axis (values
     `[L, B, K, S, H]`, positions in sublanes) or its minor axis (per-token scales
-    `[L, B, K, G, S]`, positions in lanes). A block is one tile of positions of all
+    `[L, B, K, G, S]`, and values stored transposed, `[L, B, K, H, S]`: positions in
+    lanes). A block is one tile of positions of all
     K heads: `tile_rows(dtype)` rows (8 for 32-bit, 16 for 16-bit, 32 for 8-bit,
     64 for 4-bit, 128 for 2-bit values: one native TPU tile of the packed dtype) or
     128 lanes, or all S when S is smaller.
@@ -153,8 +154,8 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
   on its own, XLA first copies the store, which the caller still owns.
 
   Args:
-    store: `[L, B, K, S, H]` (`seq_axis=3`) or `[L, B, K, G, S]` (`seq_axis=4`): a
-      slab of S positions per sequence; or, with `page_table`, a pool `[L, P, K, Z,
+    store: `[L, B, K, S, H]` (`seq_axis=3`) or `[L, B, K, G, S]` (`seq_axis=4`; also
+      values stored transposed, `[L, B, K, H, S]`): a slab of S positions per sequence; or, with `page_table`, a pool `[L, P, K, Z,
       H]` / `[L, P, K, G, Z]` of P pages of Z positions.
     new: the chunk `[B, T, K, H]` or `[B, T, K, G]` (token t of sequence b is meant for
       position `lo[b] + t`), converted to the store's dtype (values outside int2's

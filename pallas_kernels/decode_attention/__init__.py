@@ -20,11 +20,13 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
     dequantize_per_token,
     dequantize_token_groups,
     gather_pages,
+    logical,
     masked_attention,
     ref_decode_attention,
     unpack_codes,
     unpack_operands,
     unpack_token_groups,
+    unpack_transposed,
     validate_inputs,
 )
 
@@ -32,4 +34,4 @@ __all__ = ["BlockSizes", "check_precision", "check_span", "merge_partials", "dec
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
            "dequantize_per_token", "dequantize_token_groups", "dequantize_layer", "decode_codes",
-           "unpack_codes", "unpack_token_groups", "gather_pages"]
+           "unpack_codes", "unpack_token_groups", "unpack_transposed", "logical", "gather_pages"]

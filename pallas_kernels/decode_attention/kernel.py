@@ -47,8 +47,14 @@ Layout and traffic:
     its group's (broadcast over the N rows); the logits and outputs then need no
     scale. A group never straddles two blocks: block_s is a multiple of 8 N, so that
     the scale block is whole sublane tiles (or the full S).
-  * head_dim is handled natively (the block's last dim is the full H): 64 works, at
-    the cost of half-empty 128-lane vregs in VMEM for H = 64.
+  * head_dim is handled natively (the block's last dim is the full H). Values stored
+    transposed (`k_transposed`, `v_transposed`: `[L, B, K, H, S]`, a cache's layout
+    where H is not a multiple of 128, `kvtpu.qtensor.lanes_transposed`) are read as
+    `[H, block_s]` blocks, positions in lanes: whole tiles in HBM and VMEM at H = 64,
+    where `[block_s, 64]` rows would fill half of each, and the layout XLA keeps such
+    arrays in, so no copy of the cache is made around the call. The logits are then
+    `q [TG, H] . k [H, bs]` and the output `p [TG, bs] . v [H, bs]^T`; per-token scales
+    (positions in lanes either way) broadcast over the block's rows.
   * Unquantized windows (`reference.unpack_windows`): the sink `[W_s, H]` and ring
     `[W_r, H]` of a (b, kv head) are two more blocks whose index does not change
     along the grid's query and KV axes, so each is copied once per (b, kv head). At
@@ -57,7 +63,8 @@ Layout and traffic:
     mask the positions the windows hold.
 
 Limits: T <= 8; block_s a multiple of 128 or the full S; int2 storage needs head_dim
-a multiple of 128 (`layout_error`). Static (per tensor / head / channel) scales are
+a multiple of 128 or values stored transposed (`layout_error`); transposed values take
+per-token scales, not token-grouped ones. Static (per tensor / head / channel) scales are
 folded into q and the output by the caller (`kvtpu.attend`).
 """
 
@@ -77,9 +84,11 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
   Dims,
   check_span,
   decode_codes,
+  logical,
   unpack_codes,
   unpack_operands,
   unpack_token_groups,
+  unpack_transposed,
   unpack_windows,
   validate_inputs,
   validate_windows,
@@ -120,15 +129,17 @@ def merge_partials(outs, lses):
   return jnp.sum(weights[..., None] * outs, axis=0)
 
 
-def layout_error(k_dtype, v_dtype, head_dim: int) -> str | None:
+def layout_error(k_dtype, v_dtype, head_dim: int,
+                 transposed: tuple[bool, bool] = (False, False)) -> str | None:
   """Why Mosaic cannot copy these cache blocks into VMEM, or None if it can.
 
   int2 blocks need whole 128-lane rows: Mosaic (libtpu 0.0.52) aborts the process,
   rather than raising, when it lowers the copy of an int2 `[block_s, H]` block with
-  H = 64. The wrappers check this at trace time.
+  H = 64 (values stored transposed, `[H, block_s]`, have block_s lanes). The wrappers
+  check this at trace time.
   """
-  narrow = [name for name, dt in (("k", k_dtype), ("v", v_dtype))
-            if jnp.dtype(dt) == jnp.int2 and head_dim % _LANES]
+  narrow = [name for name, dt, t in (("k", k_dtype, transposed[0]), ("v", v_dtype, transposed[1]))
+            if jnp.dtype(dt) == jnp.int2 and head_dim % _LANES and not t]
   if not narrow:
     return None
   return (f"int2 {'/'.join(narrow).upper()} blocks need head_dim a multiple of {_LANES} in the "
@@ -213,6 +224,19 @@ def token_block_error(d: Dims, block_s: int) -> str | None:
       return (f"block_s={block_s} must be a multiple of {token_block_multiple(n)} (8 groups of "
               f"{name.upper()}'s {n}-position scales, whole sublane tiles) or cover all "
               f"{what}")
+  return None
+
+
+def transposed_block_error(transposed: tuple[bool, bool], block_s: int, d: Dims) -> str | None:
+  """Why `block_s` cannot tile values stored positions-minor (`[H, block_s]` blocks: whole
+  128-lane tiles, or the whole slab), or None."""
+  for name, t, n in (("k", transposed[0], d.k_token_group), ("v", transposed[1], d.v_token_group)):
+    if t and n:
+      return (f"{name.upper()} has per-channel scales over token groups, whose [S / N, H] layout "
+              f"follows [S, H] values: {name}_transposed must be False")
+  if any(transposed) and block_s % _LANES and block_s != d.slab:
+    return (f"block_s={block_s} must be a multiple of {_LANES} (positions in lanes) or cover all "
+            f"{d.slab} positions of a slab for values stored transposed")
   return None
 
 
@@ -376,7 +400,8 @@ def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, rece
 
 def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q_ref, k_ref, v_ref,
             *rest, d: Dims, block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int,
-            recent: int, precision: jax.lax.Precision, lse: bool, k_codes=None, v_codes=None):
+            recent: int, precision: jax.lax.Precision, lse: bool, k_codes=None, v_codes=None,
+            transposed: tuple[bool, bool] = (False, False)):
   del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
@@ -491,12 +516,22 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
   @pl.when((i * block_s < block_end) & ((i + 1) * block_s > start) & live)
   def _block():
     q = q_ref[...].astype(jnp.float32)  # [TG, H]
-    chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
+    k_t, v_t = transposed
 
-    def per_token(ref, groups):
-      """`[G, bs]` per-token rows (scales or zero points) -> `[bs, H]`, each channel its
-      group's."""
+    def per_token(ref, groups, t: bool):
+      """`[G, bs]` per-token rows (scales or zero points) -> `[bs, H]` (`[H, bs]` for a
+      transposed block), each channel its group's."""
       z = ref[...].astype(jnp.float32)
+      if t:  # Positions in lanes already: each channel's row is its group's row.
+        if groups == 1:
+          return jnp.broadcast_to(z[0:1, :], (h, block_s))
+        chan = jax.lax.broadcasted_iota(jnp.int32, (h, 1), 0)
+        out = jnp.zeros((h, block_s), jnp.float32)
+        width = h // groups
+        for g in range(groups):
+          out = out + jnp.where((chan >= g * width) & (chan < (g + 1) * width), z[g:g + 1, :], 0.0)
+        return out
+      chan = jax.lax.broadcasted_iota(jnp.int32, (1, h), 1)
       out = jnp.zeros((block_s, h), jnp.float32)
       for g in range(groups):
         # [1, bs] -> [bs, 1]: Mosaic transposes whole (8, 128) tiles, so broadcast first.
@@ -517,43 +552,47 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
         x = x - rows(z_ref)
       return x * rows(s_ref)
 
-    def dequantize(x_ref, codes, token_group, s_ref, z_ref, groups):
-      """The block's `[bs, H]` values in VMEM, in f32: decoded, less their zero points,
-      times their scales unless one per token (`groups == 1`: applied to the logits or
-      probabilities instead, leaving the stored values exact in bf16)."""
+    def dequantize(x_ref, codes, token_group, s_ref, z_ref, groups, t):
+      """The block's `[bs, H]` (transposed: `[H, bs]`) values in VMEM, in f32: decoded,
+      less their zero points, times their scales unless one per token (`groups == 1`:
+      applied to the logits or probabilities instead, leaving the stored values exact in
+      bf16)."""
       x = x_ref[...].astype(jnp.float32)
       if codes is not None:
         x = decode_codes(x, codes)
       if token_group:
         return per_channel(x, s_ref, z_ref, token_group)
       if z_ref is not None:
-        x = x - per_token(z_ref, groups)
+        x = x - per_token(z_ref, groups, t)
       if groups > 1:
-        x = x * per_token(s_ref, groups)
+        x = x * per_token(s_ref, groups, t)
       return x
 
-    k = dequantize(k_ref, k_codes, d.k_token_group, ks_ref, kz_ref, d.k_groups)
+    k = dequantize(k_ref, k_codes, d.k_token_group, ks_ref, kz_ref, d.k_groups, k_t)
     pos = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (tg, block_s), 1)
     mask = (pos <= query_limit(block_s)) & (pos < quant_end) & in_span(pos)  # [TG, bs]
     if sink:
       mask = mask & (pos >= sink)
     f32 = block_s % (2 * _SUBLANES) != 0  # See `window`.
-    logits = matmul(q, k, transpose_b=True, b_exact=k_exact, f32=f32)  # [TG, bs]
+    # [TG, H] . [H, bs] (a transposed block as it is, a [bs, H] block transposed).
+    logits = matmul(q, k, transpose_b=not k_t, b_exact=k_exact, f32=f32)  # [TG, bs]
     if d.k_groups == 1:
       logits = logits * ks_ref[...].astype(jnp.float32)  # [1, bs]
     p, alpha = softmax_step(logits, mask)
 
     # Positions the store is not read for may hold NaN (unwritten, or an open group's
     # unwritten scales): zero them (0 * NaN would poison the sum).
-    row = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
+    shape, axis = ((h, block_s), 1) if v_t else ((block_s, h), 0)
+    row = i * block_s + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
     held = (row < quant_end) & in_span(row)
     if sink:
       held = held & (row >= sink)
-    v = jnp.where(held, dequantize(v_ref, v_codes, d.v_token_group, vs_ref, vz_ref, d.v_groups),
-                  0.0)
+    v = jnp.where(held, dequantize(v_ref, v_codes, d.v_token_group, vs_ref, vz_ref, d.v_groups,
+                                   v_t), 0.0)
     if d.v_groups == 1:
       p = jnp.where(mask, p * vs_ref[...].astype(jnp.float32), 0.0)
-    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, b_exact=v_exact, f32=f32)
+    # [TG, bs] . [bs, H] (a transposed block [H, bs] transposed).
+    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, transpose_b=v_t, b_exact=v_exact, f32=f32)
 
   @pl.when((i == num_blocks - 1) & live)
   def _finish():
@@ -565,12 +604,14 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
 
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
-                                             "v_token_group", "block_sizes", "precision",
-                                             "return_lse", "interpret"))
+                                             "v_token_group", "k_transposed", "v_transposed",
+                                             "block_sizes", "precision", "return_lse",
+                                             "interpret"))
 def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                      v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                      v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                     v_token_group=None, page_table=None, block_sizes: BlockSizes | None = None,
+                     v_token_group=None, k_transposed=None, v_transposed=None,
+                     page_table=None, block_sizes: BlockSizes | None = None,
                      precision=None, kv_span=None, return_lse: bool = False,
                      interpret=False):
   """Decode attention over one layer of a quantized cache (see module docstring).
@@ -592,6 +633,9 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
       or None; carried by quantized `k`, `v` too.
     k_token_group, v_token_group: static positions per per-channel scale
       (`reference.unpack_token_groups`), or None; carried by quantized `k`, `v` too.
+    k_transposed, v_transposed: static; True when the values are stored positions-minor,
+      `[L, B, K, H, S]` (`reference.unpack_transposed`); carried by quantized `k`, `v`
+      too.
     page_table: None, or int32 `[B, pages_per_sequence]` for a paged cache: `k`, `v`
       and their scales are then pools `[L, P, K, Z, H]` (`[L, P, K, G, Z]`, ...) and
       position p of sequence b is at offset `p % Z` of page `page_table[b, p // Z]`;
@@ -616,9 +660,11 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
+  transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      token_groups=token_groups, page_table=page_table)
+  d = validate_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths, chunk,
+                      layer, k_scale, k_zero, v_scale, v_zero, token_groups=token_groups,
+                      page_table=page_table)
   validate_windows(d, *windows)
   if block_sizes is None:
     block_sizes = default_block_sizes(k.dtype, v.dtype, d.head_dim, d.group, token_groups,
@@ -626,13 +672,15 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=d.t, block_s=block_sizes.resolve(d.slab),
                         precision=precision, interpret=interpret, windows=windows, codes=codes,
-                        page_table=page_table, span=kv_span, lse=return_lse)
+                        page_table=page_table, span=kv_span, lse=return_lse,
+                        transposed=transposed)
 
 
 def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                    *, block_t: int, block_s: int, interpret, windows=(None,) * 4,
                    codes=(None, None), page_table=None,
-                   precision=None, span=None, lse: bool = False):
+                   precision=None, span=None, lse: bool = False,
+                   transposed: tuple[bool, bool] = (False, False)):
   """The pallas_call shared by decode (one query block of all T) and prefill.
 
   Grid `(B, K, ceil(T / block_t), ceil(S / block_s))`; query block j holds tokens
@@ -640,13 +688,15 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   `windows`: `(k_sink, v_sink, k_recent, v_recent)`, validated, or Nones; `codes`:
   `(k_codes, v_codes)` from `unpack_codes`; `page_table`: as `decode_attention`'s;
   `precision`, `span`, `lse`: `decode_attention`'s `precision`, `kv_span` and
-  `return_lse`, checked here (`check_precision`, `check_span`).
+  `return_lse`, checked here (`check_precision`, `check_span`); `transposed`: whether
+  `k`, `v` are stored `[L, B, K, H, S]` (`reference.unpack_transposed`).
 
   KV block i of sequence b is block `i % (Z / block_s)` of page `table[b, i // (Z /
   block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
   table `[[0], [1], ...]`, Z = S, its edge block possibly partial).
   """
-  error = layout_error(k.dtype, v.dtype, d.head_dim) or token_block_error(d, block_s)
+  error = (layout_error(k.dtype, v.dtype, d.head_dim, transposed)
+           or token_block_error(d, block_s) or transposed_block_error(transposed, block_s, d))
   if error is not None:
     raise ValueError(error)
   precision, span = check_precision(precision), check_span(span, d.batch)
@@ -688,8 +738,15 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
 
   sq = pl.Squeezed()
   q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), q_block)
-  kv_spec = pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
-  in_specs, operands = [q_spec, kv_spec, kv_spec], [qk, k, v]
+
+  def kv_spec(transposed: bool):
+    """A K or V block: `[bs, H]`, or `[H, bs]` of values stored positions-minor."""
+    if transposed:
+      return pl.BlockSpec((sq, sq, sq, d.head_dim, bs),
+                          lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3]))
+    return pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
+
+  in_specs, operands = [q_spec, kv_spec(transposed[0]), kv_spec(transposed[1])], [qk, k, v]
   for scale, zero, groups, n in ((k_scale, k_zero, d.k_groups, d.k_token_group),
                                  (v_scale, v_zero, d.v_groups, d.v_token_group)):
     for arr in (scale, zero):
@@ -715,7 +772,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
                              k_zero=k_zero is not None, v_zero=v_zero is not None,
                              k_codes=codes[0], v_codes=codes[1], precision=precision, lse=lse,
-                             **sizes)
+                             transposed=transposed, **sizes)
   out_shape, out_specs = jax.ShapeDtypeStruct(qk.shape, jnp.float32), q_spec
   if lse:  # One float per row: [B, K, T*G, 1].
     out_shape = (out_shape, jax.ShapeDtypeStruct((*qk.shape[:3], 1), jnp.float32))

@@ -84,6 +84,17 @@ def unpack_operands(k, v, k_scale=None, k_zero=None, v_scale=None, v_zero=None):
   return k, v, k_scale, k_zero, v_scale, v_zero
 
 
+def _carried(name: str, x, given, attr: str, what: str):
+  """A static property of tensor `name`: a quantized tensor's attribute `attr` (absent:
+  None), else `given`. Raises ValueError when a quantized tensor is given it too."""
+  if not _is_quantized(x):
+    return given
+  if given is not None:
+    raise ValueError(f"{name} is a quantized tensor that says {what}; do not also pass "
+                     f"{name}_{attr}")
+  return getattr(x, attr, None)
+
+
 def unpack_codes(k, v, k_codes=None, v_codes=None):
   """`(k_codes, v_codes)`: each a tuple of codebook levels (ascending) that the stored
   integers index from the dtype's minimum (`q - min` picks the level), or None for a
@@ -96,13 +107,8 @@ def unpack_codes(k, v, k_codes=None, v_codes=None):
   """
   out = []
   for name, x, given in (("k", k, k_codes), ("v", v, v_codes)):
-    if _is_quantized(x):  # The tensor knows its own code (None: a uniform grid).
-      if given is not None:
-        raise ValueError(f"{name} is a quantized tensor that says how its values are coded; do "
-                         f"not also pass {name}_codes")
-      codes = getattr(x, "codes", None)
-    else:
-      codes = given
+    # The tensor knows its own code (None: a uniform grid).
+    codes = _carried(name, x, given, "codes", "how its values are coded")
     if codes is not None:
       dtype = jnp.dtype(x.dtype)
       if not jnp.issubdtype(dtype, jnp.signedinteger):
@@ -127,15 +133,39 @@ def unpack_token_groups(k, v, k_token_group=None, v_token_group=None) -> tuple[i
   """
   out = []
   for name, x, given in (("k", k, k_token_group), ("v", v, v_token_group)):
-    if _is_quantized(x):
-      if given is not None:
-        raise ValueError(f"{name} is a quantized tensor that says how its scales are laid out; "
-                         f"do not also pass {name}_token_group")
-      given = getattr(x, "token_group", None)
+    given = _carried(name, x, given, "token_group", "how its scales are laid out")
     if given is not None and (not isinstance(given, int) or isinstance(given, bool) or given < 1):
       raise ValueError(f"{name}_token_group must be a positive int or None, got {given!r}")
     out.append(given or 0)
   return out[0], out[1]
+
+
+def unpack_transposed(k, v, k_transposed=None, v_transposed=None) -> tuple[bool, bool]:
+  """`(k_transposed, v_transposed)`: whether each tensor's values are stored
+  positions-minor, `[L, B, K, H, S]` (`kvtpu.qtensor.lanes_transposed`), from a quantized
+  tensor's `transposed` attribute (absent: False), else from the argument (None: False).
+
+  Raises:
+    ValueError: for a layout given twice, or one that is not a bool.
+  """
+  out = []
+  for name, x, given in (("k", k, k_transposed), ("v", v, v_transposed)):
+    given = _carried(name, x, given, "transposed", "how its values are laid out")
+    if given is not None and not isinstance(given, bool):
+      raise ValueError(f"{name}_transposed must be a bool or None, got {given!r}")
+    out.append(bool(given))
+  return out[0], out[1]
+
+
+def logical(x, transposed: bool):
+  """A stored values array's logical `[L, B|P, K, S|Z, H]` shape and dtype: `x` itself,
+  or a `jax.ShapeDtypeStruct` of its two minor axes swapped when `transposed`."""
+  if not transposed:
+    return x
+  if jnp.ndim(x) != 5:
+    raise ValueError(f"transposed values must be [L, B, K, H, S], got shape {jnp.shape(x)}")
+  shape = x.shape
+  return jax.ShapeDtypeStruct((*shape[:3], shape[4], shape[3]), x.dtype)
 
 
 def decode_codes(x, levels):
@@ -355,14 +385,16 @@ def dequantize_layer(x, scale, zero, codes=None, token_group: int = 0):
 def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                          v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                          v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                         v_token_group=None, page_table=None, block_sizes=None,
-                         precision=None, kv_span=None, return_lse: bool = False,
-                         interpret=None, max_t: int | None = MAX_DECODE_T):
+                         v_token_group=None, k_transposed=None, v_transposed=None,
+                         page_table=None, block_sizes=None, precision=None, kv_span=None,
+                         return_lse: bool = False, interpret=None,
+                         max_t: int | None = MAX_DECODE_T):
   """Reference of `decode_attention` (same signature; `block_sizes`, `precision` and
   `interpret` unused: float32 at HIGHEST throughout).
 
-  `k`, `v` may be quantized tensors carrying their scales, windows, codes and scale
-  layout (`unpack_operands`, `unpack_windows`, `unpack_codes`, `unpack_token_groups`).
+  `k`, `v` may be quantized tensors carrying their scales, windows, codes, scale
+  layout and values layout (`unpack_operands`, `unpack_windows`, `unpack_codes`,
+  `unpack_token_groups`, `unpack_transposed`).
   Query t < chunk[b] of sequence b sits at position `p = lengths[b] + t` and sees cache
   positions `s <= p` with `s < S`, window positions read from the windows; rows
   t >= chunk[b] are padding, and they and rows with no visible position are 0.
@@ -373,9 +405,11 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   k_codes, v_codes = unpack_codes(k, v, k_codes, v_codes)
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
+  transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
-                      max_t=max_t, token_groups=token_groups, page_table=page_table)
+  d = validate_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths, chunk,
+                      layer, k_scale, k_zero, v_scale, v_zero, max_t=max_t,
+                      token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
   span = check_span(kv_span, d.batch)
 
@@ -389,7 +423,9 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
 
   k_scale, k_zero = (pick_scale(a, d.k_token_group) for a in (k_scale, k_zero))
   v_scale, v_zero = (pick_scale(a, d.v_token_group) for a in (v_scale, v_zero))
-  k, v = pick(k), pick(v)
+  # [B, K, S, H] slabs; values stored transposed are gathered as [B, K, H, S].
+  k, v = (jnp.swapaxes(pick(x, 3), -1, -2) if t else pick(x)
+          for x, t in zip((k, v), transposed, strict=True))
   windows = tuple(None if w is None else w[layer] for w in windows)
   k_sink, v_sink, k_recent, v_recent = windows
   held = jnp.minimum(lengths + chunk, d.max_len)

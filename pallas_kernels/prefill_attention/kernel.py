@@ -29,9 +29,11 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
 )
 from kvtpu.pallas_kernels.decode_attention.reference import (
   Dims,
+  logical,
   unpack_codes,
   unpack_operands,
   unpack_token_groups,
+  unpack_transposed,
   unpack_windows,
   validate_windows,
 )
@@ -116,13 +118,14 @@ def prefill_vmem_estimate_bytes(d, block_t: int, block_s: int, k_dtype, v_dtype,
 
 
 @functools.partial(jax.jit, static_argnames=("k_codes", "v_codes", "k_token_group",
-                                             "v_token_group", "block_sizes", "precision",
-                                             "return_lse", "interpret"))
+                                             "v_token_group", "k_transposed", "v_transposed",
+                                             "block_sizes", "precision", "return_lse",
+                                             "interpret"))
 def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=None,
                       v_scale=None, v_zero=None, k_sink=None, v_sink=None, k_recent=None,
                       v_recent=None, k_codes=None, v_codes=None, k_token_group=None,
-                      v_token_group=None, page_table=None,
-                      block_sizes: PrefillBlockSizes | None = None,
+                      v_token_group=None, k_transposed=None, v_transposed=None,
+                      page_table=None, block_sizes: PrefillBlockSizes | None = None,
                       precision=None, kv_span=None, return_lse: bool = False,
                       interpret=False):
   """Causal attention of a T-token chunk over one layer of a quantized cache.
@@ -136,8 +139,10 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   windows = unpack_windows(k, v, k_sink, v_sink, k_recent, v_recent)
   codes = unpack_codes(k, v, k_codes, v_codes)
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
+  transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_prefill_inputs(q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
+  d = validate_prefill_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths,
+                              chunk, layer, k_scale, k_zero, v_scale, v_zero,
                               token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)
   if block_sizes is None:
@@ -148,4 +153,4 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   return attention_call(d, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_scale, v_zero,
                         block_t=block_t, block_s=block_s, interpret=interpret, windows=windows,
                         codes=codes, page_table=page_table, precision=precision, span=kv_span,
-                        lse=return_lse)
+                        lse=return_lse, transposed=transposed)

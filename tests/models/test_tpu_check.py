@@ -68,9 +68,12 @@ def test_bad_config_fields_are_named():
       _config(**{field: value})
 
 
-def test_a_format_the_kernels_do_not_lay_out_is_checked_as_refused(small_blocks, tmp_path):
+def test_a_format_the_kernels_do_not_lay_out_is_checked_as_refused(small_blocks, tmp_path,
+                                                                   monkeypatch):
   # int2 rows of 64 lanes: the kernels refuse them at trace time, which the check verifies
-  # instead of running them; at 128 the scheme's kernel runs against the reference.
+  # instead of running them. A cache stores such values transposed (whole lanes), so the
+  # refusal is forced here by keeping its values [S, H].
+  monkeypatch.setattr(tpu_check.qtensor, "lanes_transposed", lambda *a: False)
   result = tpu_check.run(_config(formats=("int2-nu-sbf16-rot+sink4+recent124",),
                                  head_dims=(64,)), tmp_path / "check")
   assert [v["check"] for v in result.verdicts] == [

@@ -50,12 +50,13 @@ def runnable(fmt: str, head_dim: int, gen: str | None = None) -> tuple[int, str 
 
 def kernel_args(cache, layer, chunk):
   """Raw-array arguments of the kernel for one cache layer (dynamic formats), windows,
-  codebooks and token groups (static: `split_static`) included."""
+  codebooks, token groups and values layouts (static: `split_static`) included."""
   k, v = cache.k, cache.v
   windows = {f"{w}_{f}": getattr(x, f) for w, x in (("k", k), ("v", v))
              for f in ("sink", "recent") if getattr(x, f) is not None}
   codes = {f"{w}_codes": x.codes for w, x in (("k", k), ("v", v)) if x.codes is not None}
   groups = {f"{w}_token_group": x.token_group for w, x in (("k", k), ("v", v)) if x.token_group}
+  groups.update({f"{w}_transposed": True for w, x in (("k", k), ("v", v)) if x.transposed})
   scales = {f"{w}_{f}": getattr(x, f) if x.spec.dynamic else None
             for w, x in (("k", k), ("v", v)) for f in ("scale", "zero")}
   return ((k.values, v.values, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
@@ -63,7 +64,8 @@ def kernel_args(cache, layer, chunk):
 
 
 # The kernels' static keyword arguments that `kernel_args` may return.
-STATIC = ("k_codes", "v_codes", "k_token_group", "v_token_group")
+STATIC = ("k_codes", "v_codes", "k_token_group", "v_token_group", "k_transposed",
+          "v_transposed")
 
 
 def split_static(kw):

@@ -190,21 +190,27 @@ def test_interpret_matches_reference(fmt, gqa, head_dim, t, rng):
 def test_int2_at_head_dim_64_is_refused_before_mosaic(fmt, rng):
   # Mosaic aborts the process on an int2 block of 64 lanes; the wrappers refuse it at
   # trace time (interpret mode too, so laptops see what a TPU would do), and attend's
-  # "auto" on a TPU falls back to XLA.
+  # "auto" on a TPU falls back to XLA. Values stored transposed (a cache's layout at
+  # head_dim 64) have whole lanes and run.
   from kvtpu.pallas_kernels.prefill_attention import prefill_attention
 
   from kvtpu import attention
 
   cache = filled_cache(fmt, rng, lengths=[3, 0], t=1, chunk=[1, 1], kv_heads=1, head_dim=64,
                        max_len=256)
-  args, kw = kernel_args(cache, 1, [1, 1])
+  assert cache.k.transposed and cache.v.transposed
+  natural = dataclasses.replace(cache, k=cache.k.relayout(False), v=cache.v.relayout(False))
+  args, kw = kernel_args(natural, 1, [1, 1])
   which = "K/V" if fmt == "int2" else "V"
   for kernel, t in ((decode_attention, 1), (prefill_attention, 16)):
     q = jnp.zeros((2, t, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match=f"int2 {which} blocks need head_dim a multiple of 128"):
       kernel(q, *args, **kw, interpret=INTERPRET)
+    assert np.all(np.isfinite(kernel(q, cache.k, cache.v, cache.lengths - 1, jnp.array([1, 1]), 1,
+                                     interpret=INTERPRET)))
   assert attention.kernel_support_error("TPU v5 lite", cache.fmt) is None
   assert "head_dim=64" in attention.kernel_support_error("TPU v5 lite", cache.fmt, 64)
+  assert attention.kernel_support_error("TPU v5 lite", cache.fmt, 64, (True, True)) is None
   assert attention.kernel_support_error("TPU v5 lite", cache.fmt, 128) is None
   assert "for TPU v4" in attention.kernel_support_error("TPU v4", cache.fmt, 128)
 

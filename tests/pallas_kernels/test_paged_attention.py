@@ -17,6 +17,7 @@ from kvtpu.pallas_kernels.decode_attention import (
   decode_attention,
   gather_pages,
   hbm_bytes,
+  logical,
   ref_decode_attention,
   validate_inputs,
 )
@@ -71,8 +72,10 @@ def paged_case(cache, layer, chunk, rng, page_len):
   def pool(x, name):
     if x is None:
       return None
-    axis = 4 if name.endswith(("scale", "zero")) and not static.get(
-        f"{name[0]}_token_group") else 3
+    if name in ("k", "v"):  # Values: [.., S, H], or [.., H, S] stored transposed.
+      axis = 4 if static.get(f"{name}_transposed") else 3
+    else:
+      axis = 4 if not static.get(f"{name[0]}_token_group") else 3
     return jnp.asarray(to_pages(x, axis, table, num_pages, rng)).astype(x.dtype)
 
   k, v = (pool(x, n) for x, n in ((args[0], "k"), (args[1], "v")))
@@ -165,8 +168,10 @@ def test_paged_account_matches_interpreter_copies(fmt, copied_bytes, rng):
   _, (pargs, pkw), table = paged_case(cache, 1, chunk, rng, PAGE)
   jax.block_until_ready(decode_attention(q, *pargs, **pkw, page_table=table,
                                          interpret=INTERPRET))
-  d = validate_inputs(q, *pargs, pkw["k_scale"], pkw["k_zero"], pkw["v_scale"], pkw["v_zero"],
-                      page_table=table)
+  assert pkw["k_transposed"] and pkw["v_transposed"]  # head_dim 64: positions in lanes.
+  k, v = (logical(x, True) for x in pargs[:2])
+  d = validate_inputs(q, k, v, *pargs[2:], pkw["k_scale"], pkw["k_zero"], pkw["v_scale"],
+                      pkw["v_zero"], page_table=table)
   fmt = cache.fmt
   itemsize = {w: cache.tensor(w).spec.scale_jnp_dtype.itemsize for w in ("k", "v")}
   account = hbm_bytes(d, PAGE, lengths, chunk, cache.k.dtype, cache.v.dtype,
