@@ -72,7 +72,8 @@ from kvtpu.formats import Granularity, QuantSpec
 from kvtpu.pallas_kernels import cache_write as cw
 from kvtpu.pallas_kernels.decode_attention.reference import gather_pages, overlay_windows
 
-__all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "PARAM_FIELDS",
+__all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "write_window",
+           "PARAM_FIELDS",
            "INT2_MIN_ROWS", "INT2_MAX_LEN_MULTIPLE", "INT2_PAGE_MULTIPLE",
            "LOGICAL_AXES", "params_by_tensor", "check_param", "lanes_transposed"]
 
@@ -253,6 +254,41 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
     block = jnp.where(rows[b].reshape(keep_shape), blocks[b], old).astype(store.dtype)
     store = jax.lax.dynamic_update_slice(store, block[None, None], index)
   return store
+
+
+def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
+                 method: str | None = None) -> jax.Array:
+  """Writes a chunk `values: [B, T, K, H]` into a window `store: [L, B, K, W, H]`, token
+  t of sequence b into slot `target[b, t]` (W: dropped; `Placement.sink_target` or
+  `recent_target`, which never name a slot twice).
+
+  `method`: "scatter" (XLA), "pallas" or "interpret" (`cache_write.window_write`: the
+  sequence's whole window in VMEM, in place), or None for the platform's choice when
+  lowering: the kernel on TPU, where XLA's scatter copies the whole window array into
+  a layout of its own and back around every write; the scatter elsewhere. Every method
+  stores the same bits.
+  """
+  if method is None:
+    def write(method):
+      return lambda store, values: write_window(store, layer, values, target, method)
+
+    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write("pallas"),
+                                      default=write("scatter"))
+  if method == "scatter":
+    rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
+    return _scatter_bits(store, (layer, rows, slice(None), target), values)
+  if method not in ("pallas", "interpret"):
+    raise ValueError(f"method must be 'scatter', 'pallas', 'interpret' or None, got "
+                     f"method={method!r}")
+  b, width = store.shape[1], store.shape[3]
+  # Slot w's token (-1: none), by scattering the small [B, T] targets.
+  token = jnp.full((b, width + 1), -1, jnp.int32).at[jnp.arange(b)[:, None], target].set(
+      jnp.broadcast_to(jnp.arange(values.shape[1], dtype=jnp.int32), target.shape), mode="drop")
+  token = token[:, :width]
+  placed = jnp.take_along_axis(values, jnp.maximum(token, 0)[:, :, None, None], axis=1)
+  placed = jnp.swapaxes(placed, 1, 2).astype(store.dtype)  # [B, K, W, H]
+  return cw.window_write(store, placed, (token >= 0).astype(jnp.int32)[:, :, None], layer,
+                         interpret=pltpu.InterpretParams() if method == "interpret" else False)
 
 
 @jax.tree_util.register_dataclass
@@ -629,9 +665,8 @@ class QuantizedKV:
     windows = {}
     for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
       store = getattr(self, field)
-      if store is not None:  # Scattered on every platform: the ring wraps, and it is small.
-        windows[field] = write_rows(store, layer, jnp.where(jnp.isfinite(x), x, 0.0),
-                                    dataclasses.replace(where, target=target), 3, "scatter")
+      if store is not None:
+        windows[field] = write_window(store, layer, jnp.where(jnp.isfinite(x), x, 0.0), target)
     if spec.token_group is not None:
       _check_open_group(spec, self.window_sizes()[1])
       return self._write_groups(layer, x, nonfinite, where, windows, page_table)

@@ -197,6 +197,10 @@ class AotMeasure:
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
+      if "memory space vmem" in str(e):  # A kernel's scratch, not the HBM asked about.
+        raise RuntimeError(f"aot {fmt.name} batch={batch} max_len={max_len}: the step does not "
+                           "compile for TPU (scoped VMEM exhausted; not an out-of-HBM point): "
+                           f"{str(e)[:400]}") from e
       logging.info("aot %s batch=%d max_len=%d: out of HBM at compile time", fmt.name, batch,
                    max_len)
       return headroom.Usage(weights=s.weights, cache=cache_bytes, temp=_reported_temp(str(e)),

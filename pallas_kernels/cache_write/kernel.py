@@ -52,7 +52,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["cache_write", "layout_error", "tile_positions", "tiles_touched", "hbm_bytes", "place_chunk"]
+__all__ = ["cache_write", "layout_error", "tile_positions", "tiles_touched", "hbm_bytes", "place_chunk",
+           "window_write"]
 
 _LANES = 128
 _SUBLANES = 8
@@ -112,10 +113,12 @@ def place_chunk(new: jax.Array, lo: jax.Array, tile: int, m: int) -> jax.Array:
 
 
 def _carrier(dtype):
-  """The dtype the placed rows travel in: the store's, but int8 for int2 (XLA's TPU
-  layouts of int2 need 16 rows in the second-minor axis, which the transposition
-  into tile coordinates does not give; the kernel narrows each tile in VMEM)."""
-  return jnp.dtype(jnp.int8) if jnp.dtype(dtype) == jnp.int2 else jnp.dtype(dtype)
+  """The dtype the placed rows travel in: the store's, but int8 for int2 and int4 (the
+  kernel narrows each tile in VMEM). XLA's TPU layouts of int2 need 16 rows in the
+  second-minor axis, which the transposition into tile coordinates does not give; for
+  an int4 chunk XLA picks layouts whose copy of the placed rows overflows scoped VMEM
+  in a whole model's step (SmolLM2, 64 sequences, bf16 scales)."""
+  return jnp.dtype(jnp.int8) if jnp.dtype(dtype) in (jnp.int2, jnp.int4) else jnp.dtype(dtype)
 
 
 def _tile_range(lo, hi, tile: int, last_tile: int):
@@ -200,10 +203,10 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
   m = tiles_touched(t, tile, capacity)
   lo = lo.astype(jnp.int32)
   hi = jnp.minimum(hi.astype(jnp.int32), lo + t)
-  placed = place_chunk(new, lo, tile, m)  # [B, M * tile, K, X]
-  # To the store's layout: [B, K, M * tile, H] or [B, K, G, M * tile].
   carrier = _carrier(store.dtype)
-  placed = jnp.moveaxis(placed, 1, 3 if minor else 2).astype(carrier)
+  placed = place_chunk(new.astype(carrier), lo, tile, m)  # [B, M * tile, K, X]
+  # To the store's layout: [B, K, M * tile, H] or [B, K, G, M * tile].
+  placed = jnp.moveaxis(placed, 1, 3 if minor else 2)
   # [B, K, M, G, tile] or [B, K, M, tile, H]: a block is then the whole of the two minor
   # axes even when a tile is shorter than a TPU tile (pages of fewer positions than 128
   # lanes or 8 sublanes), as Mosaic's blocks need.
@@ -278,3 +281,59 @@ def hbm_bytes(store_shape, dtype, t: int, lo, hi, *, seq_axis: int,
   tiles = int(np.sum(last - np.minimum(lo // tile, last) + 1))
   return {"store_read": tiles * tile_bytes, "store_written": tiles * tile_bytes,
           "placed_read": tiles * placed_bytes}
+
+
+def _window_kernel(layer_ref, keep_ref, placed_ref, old_ref, out_ref):
+  del layer_ref
+  out_ref[...] = jnp.where(keep_ref[...][None] > 0, placed_ref[...], old_ref[...])
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def window_write(store: jax.Array, placed: jax.Array, keep: jax.Array, layer, *,
+                 interpret=False) -> jax.Array:
+  """`store` with the slots `keep` selects replaced by `placed`, in place.
+
+  For the unquantized sink and recent windows (`[L, B, K, W, H]`, a few hundred slots
+  per sequence): XLA's TPU scatter copies a whole window array into a layout of its
+  own and back around every layer's write (temporaries of several times the windows).
+  One grid step per sequence copies its window of layer `layer` into VMEM, selects,
+  and writes it back (the output is the store's buffer, `input_output_aliases`): the
+  block is the whole window, so any W works, and a write moves 2 x its K x W x H.
+
+  Args:
+    store: `[L, B, K, W, H]`.
+    placed: `[B, K, W, H]` in the store's dtype: slot w of sequence b's new value.
+    keep: int32 `[B, W, 1]`, nonzero where slot w is written.
+    layer: int32 scalar, clamped to `[0, L)`.
+    interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
+  """
+  if store.ndim != 5:
+    raise ValueError(f"store must be a window [L, B, K, W, H], got store.shape={store.shape}")
+  num_layers, batch, kv_heads, width, head_dim = store.shape
+  if placed.shape != (batch, kv_heads, width, head_dim) or placed.dtype != store.dtype:
+    raise ValueError(f"placed must be {store.dtype}[B={batch}, K={kv_heads}, W={width}, "
+                     f"H={head_dim}], got {placed.dtype}{list(placed.shape)}")
+  if keep.shape != (batch, width, 1):
+    raise ValueError(f"keep must be [B={batch}, W={width}, 1], got keep.shape={keep.shape}")
+  sq = pl.Squeezed()
+  store_spec = pl.BlockSpec(
+      (sq, sq, kv_heads, width, head_dim),
+      lambda b, layer_ref: (jnp.clip(layer_ref[0], 0, num_layers - 1), b, 0, 0, 0))
+  return pl.pallas_call(
+      _window_kernel,
+      out_shape=jax.ShapeDtypeStruct(store.shape, store.dtype,
+                                     manual_axis_type=jax.typeof(store).mat),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch,),
+          in_specs=[pl.BlockSpec((sq, width, 1), lambda b, layer_ref: (b, 0, 0)),
+                    pl.BlockSpec((sq, kv_heads, width, head_dim),
+                                 lambda b, layer_ref: (b, 0, 0, 0)),
+                    store_spec],
+          out_specs=store_spec,
+      ),
+      input_output_aliases={3: 0},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=interpret,
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), keep.astype(jnp.int32),
+    placed, store)
