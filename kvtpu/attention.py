@@ -154,10 +154,10 @@ def _chunk_and_scale(q, cache: KVCache, layer, valid_len, scale):
 # every format for every generation ahead of time (tests/pallas_kernels): v2 and v3
 # have no layout for sub-byte (int4, int2) operands, and v4 none for int2 (its compiler
 # aborts the process on the int2 unpack instead of raising). v5e, v5p and v6e compile
-# every format (int2 at head_dim a multiple of 128: `decode_attention.layout_error`).
+# every format (int2 in rows of whole 128 lanes: `decode_attention.layout_error`).
 _UNSUPPORTED = {(gen, dtype) for gen in ("v2", "v3") for dtype in ("int4", "int2")} | {
     ("v4", "int2")}
-_fallbacks_logged: set[tuple[str, str]] = set()
+_fallbacks_logged: set[tuple[str, str, str]] = set()  # (device kind, format, reason)
 
 
 def kernel_support_error(device_kind: str, fmt, head_dim: int | None = None,
@@ -189,8 +189,8 @@ def _resolve_impl(impl: str, fmt, head_dim: int,
     return "pallas"
   if impl == "pallas":
     raise ValueError(error)
-  if (kind, fmt.name) not in _fallbacks_logged:
-    _fallbacks_logged.add((kind, fmt.name))
+  if (kind, fmt.name, error) not in _fallbacks_logged:  # Once per layout and head_dim too.
+    _fallbacks_logged.add((kind, fmt.name, error))
     logging.warning("kvtpu.attend(impl='auto') uses the XLA reference: %s", error)
   return "xla"
 

@@ -67,9 +67,10 @@ def random_cache(fmt: KVFormat | str, *, batch: int, kv_heads: int, max_len: int
   def randomized(x: QuantizedKV, key) -> QuantizedKV:
     spec, k1, k2 = x.spec, *jax.random.split(key)
     if spec.dtype.is_int:
-      data = jax.random.randint(k1, x.shape, int(spec.qmin), int(spec.qmax) + 1, jnp.int32)
+      data = jax.random.randint(k1, x.values.shape, int(spec.qmin), int(spec.qmax) + 1,
+                                jnp.int32)
     else:
-      data = jax.random.normal(k1, x.shape, jnp.float32)
+      data = jax.random.normal(k1, x.values.shape, jnp.float32)
     new = {"values": data.astype(spec.storage_dtype)}
     if spec.quantized:  # Per-token scales near 1/64; zero points (if any) stay 0.
       new["scale"] = (jax.random.uniform(k2, x.scale.shape, jnp.float32, 0.5, 1.5)

@@ -71,7 +71,9 @@ class KVCache:
 
   Invariants:
     * `k`, `v`: one `QuantizedKV` each, in the specs `fmt.k`, `fmt.v`; their values
-      are `[L, B, K, S, H]`, per (layer, sequence, kv head) a contiguous `[S, H]` slab.
+      are `[L, B, K, S, H]`, per (layer, sequence, kv head) a contiguous `[S, H]` slab,
+      or `[L, B, K, H, S]` where `QuantizedKV.transposed` (head_dim not a multiple of
+      128; `shape` stays logical).
       `fmt` is derived from their specs, so a cache cannot claim one format and
       store another.
     * Position `s` of sequence `b` holds a token iff `s < lengths[b]` (plus, between

@@ -262,17 +262,20 @@ def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
   t of sequence b into slot `target[b, t]` (W: dropped; `Placement.sink_target` or
   `recent_target`, which never name a slot twice).
 
-  `method`: "scatter" (XLA), "pallas" or "interpret" (`cache_write.window_write`: the
-  sequence's whole window in VMEM, in place), or None for the platform's choice when
+  `method`: "scatter" (XLA), "pallas" or "interpret" (`cache_write.window_write`: a
+  sequence's window in VMEM, in place), or None for the platform's choice when
   lowering: the kernel on TPU, where XLA's scatter copies the whole window array into
-  a layout of its own and back around every write; the scatter elsewhere. Every method
-  stores the same bits.
+  a layout of its own and back around every write, unless no block of the window fits
+  the kernel's VMEM budget (`cache_write.window_blocks`); the scatter elsewhere. Every
+  method stores the same bits.
   """
   if method is None:
     def write(method):
       return lambda store, values: write_window(store, layer, values, target, method)
 
-    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write("pallas"),
+    _, _, k, width, h = store.shape
+    tpu = "scatter" if cw.window_blocks(k, width, h, store.dtype) is None else "pallas"
+    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
                                       default=write("scatter"))
   if method == "scatter":
     rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
@@ -461,7 +464,17 @@ class QuantizedKV:
 
   def relayout(self, transposed: bool) -> QuantizedKV:
     """This tensor with its values stored the other way round (`transposed`: `[.., H,
-    S]`), same meaning; for comparing layouts and converting stored caches."""
+    S]`), same meaning; for comparing layouts and converting stored caches.
+
+    Raises:
+      ValueError: for a `transposed` that is not a bool, or True for per-channel scales
+        over token groups (their `[S / N, H]` scales follow `[S, H]` values).
+    """
+    if not isinstance(transposed, bool):
+      raise ValueError(f"transposed must be a bool, got {transposed!r}")
+    if transposed and self.spec.token_group is not None:
+      raise ValueError(f"transposed=True: {self.spec.name} keeps per-channel scales over "
+                       f"groups of {self.spec.token_group} tokens, which need [S, H] values")
     if transposed == self.transposed:
       return self
     return dataclasses.replace(self, values=jnp.swapaxes(self.values, -1, -2),
@@ -610,7 +623,7 @@ class QuantizedKV:
 
   # ------------------------------------------------- static scales, outside kernels
   @property
-  def kernel_operand(self) -> QuantizedKV | jax.Array:
+  def kernel_operand(self) -> QuantizedKV:
     """What the attention kernels read: this tensor with its per-token scales, or, for
     a static spec, without its scales (folded around the kernel by `scale_queries` and
     `scale_output`)."""
@@ -674,7 +687,8 @@ class QuantizedKV:
       params = dict(scale=self.scale[layer], zero=None if self.zero is None else self.zero[layer])
     else:
       params = {} if self.clip is None else dict(clip=self.clip[layer])  # [K] vs [B, T, K].
-    # int2 values travel as int8 until they are written (`quant.quantize`'s q_dtype).
+    # int2 values travel as int8 until they are written (`quant.quantize`'s q_dtype;
+    # the write kernel narrows int2 and int4 rows in VMEM).
     narrow = spec.storage_dtype == jnp.int2
     res = quant.quantize(x, spec, **params, q_dtype=jnp.int8 if narrow else None)
     if spec.rotation:  # Counted where they came in, not over the rotated coordinates.

@@ -47,8 +47,8 @@ device then runs the single-device paged code on its block, as for slabs.
 Partition specs come from the cache's logical axes (`KVCache.logical_axes`, the
 same tree as the cache): logical `batch` goes to the data axis D, `kv_heads` to
 the model axis M when heads are sharded (else replicated), every other axis is
-replicated. So values `[L, B, K, S, H]` and per-token scales `[L, B, K, G, S]` are
-`P(None, D, M, None, None)` (pools `[L, P, K, Z, H]` likewise, logical `pages` on D;
+replicated. So values `[L, B, K, S, H]` (or transposed, `[L, B, K, H, S]`) and
+per-token scales `[L, B, K, G, S]` are `P(None, D, M, None, None)` (pools `[L, P, K, Z, H]` likewise, logical `pages` on D;
 on (D, M) under `"sequence"`),
 static scales `[L, 1|K, 1|H]` and clip ratios `[L, K]`
 follow their heads, lengths and overflow flags `P(D)`, and the counters are

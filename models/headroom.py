@@ -143,6 +143,14 @@ def _reported_temp(message: str) -> int:
   return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
 
 
+def hbm_exhausted(message: str) -> bool:
+  """Whether a TPU compiler's RESOURCE_EXHAUSTED `message` is about HBM (the step's
+  arrays and temporaries do not fit the device: an out-of-memory point), not about a
+  memory the step's code could be changed to fit (scoped VMEM, SMEM, semaphores)."""
+  text = message.lower()
+  return "hbm" in text and not re.search(r"vmem|smem|sflag|semaphore", text)
+
+
 class AotMeasure:
   """Bytes per device of the compiled decode step on a TPU slice (no TPU needed).
 
@@ -197,10 +205,10 @@ class AotMeasure:
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      if "memory space vmem" in str(e):  # A kernel's scratch, not the HBM asked about.
+      if not hbm_exhausted(str(e)):  # E.g. a kernel's scoped VMEM: not the HBM asked about.
         raise RuntimeError(f"aot {fmt.name} batch={batch} max_len={max_len}: the step does not "
-                           "compile for TPU (scoped VMEM exhausted; not an out-of-HBM point): "
-                           f"{str(e)[:400]}") from e
+                           "compile for TPU (a memory other than HBM is exhausted; not an "
+                           f"out-of-HBM point): {str(e)[:400]}") from e
       logging.info("aot %s batch=%d max_len=%d: out of HBM at compile time", fmt.name, batch,
                    max_len)
       return headroom.Usage(weights=s.weights, cache=cache_bytes, temp=_reported_temp(str(e)),

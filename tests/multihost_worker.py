@@ -6,7 +6,8 @@ mesh with `CacheSharding` and runs two steps (a ragged prefill chunk
 and a decode token) of update / attend / advance over every layer, and compares the
 gathered outputs, lengths and counters with the same steps on an unsharded cache on this
 process's first device. Prints one line "max abs diff <x> lengths <...>" and exits 0 when
-they agree to 1e-5, else 1.
+they agree to 1e-4 (outputs of O(1) over f32 logits up to ~100, from keys with 30x outlier
+channels: the two programs sum in different orders), else 1.
 
 Layouts: "slabs" (data: 2, model: 4; each process one data shard, kv heads over its
 devices); "sequence" (data: 4, model: 2 with each model pair one device of each process:
@@ -104,7 +105,7 @@ def main(port: int, process_id: int, fmt: str, layout: str) -> int:
   same_counts = np.array_equal(counters, np.asarray(ref.counters))
   print(f"max abs diff {worst:.3g} lengths {lengths.tolist()} counters equal {same_counts}",
         flush=True)
-  ok = worst <= 1e-5 and lengths.tolist() == ref.lengths.tolist() and same_counts
+  ok = worst <= 1e-4 and lengths.tolist() == ref.lengths.tolist() and same_counts
   jax.distributed.shutdown()
   return 0 if ok else 1
 

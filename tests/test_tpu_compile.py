@@ -100,3 +100,29 @@ def test_head_dim_64_step_holds_no_copy_of_the_cache(fmt, paged):
   assert stats.argument_size_in_bytes < 1.1 * nbytes
   assert stats.temp_size_in_bytes < nbytes / 16, (
       f"{fmt}: {stats.temp_size_in_bytes} bytes of temporaries for a {nbytes}-byte cache")
+
+
+@pytest.mark.parametrize("fmt,head_dim", [
+    pytest.param("int8", 96), pytest.param("int2-asym", 32, marks=pytest.mark.slow),
+    pytest.param("int4-sbf16-rot+sink4+recent252", 80, marks=pytest.mark.slow),
+    pytest.param("bf16", 192, marks=pytest.mark.slow)])
+def test_other_head_dims_store_transposed_and_compile_without_copies(fmt, head_dim):
+  # Every head_dim that is not a multiple of 128 stores [H, S] values: blocks of H rows
+  # (not whole 8-, 16- or 32-row tiles at 80 or 96) that Mosaic must lower, decode and
+  # prefill, with the cache updated in place.
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:1x1"))
+  # int2 writes place a chunk in tiles of 128 positions as int8 (~0.5 MB here): a longer
+  # cache keeps that below a quarter of it.
+  max_len = 32768 if fmt.startswith("int2") else 8192
+  dims = dict(num_layers=1, batch=2, kv_heads=2, max_len=max_len, head_dim=head_dim)
+  cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, **dims))
+  assert cache.k.transposed and cache.v.transposed
+  nbytes = kvtpu.memory.cache_bytes(fmt, **dims)
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  for t in (1, 32):
+    args = jax.tree.map(on_tpu, (cache, jax.ShapeDtypeStruct((2, t, 8, head_dim), jnp.bfloat16),
+                                 jax.ShapeDtypeStruct((2, t, 2, head_dim), jnp.bfloat16),
+                                 jax.ShapeDtypeStruct((2, t, 2, head_dim), jnp.bfloat16)))
+    stats = jax.jit(decode_step, donate_argnums=0).lower(*args).compile().memory_analysis()
+    assert stats.alias_size_in_bytes >= nbytes, f"{fmt}: cache not donated in place"
+    assert stats.temp_size_in_bytes < nbytes / 4, (fmt, t, stats.temp_size_in_bytes, nbytes)

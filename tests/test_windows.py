@@ -235,6 +235,44 @@ def test_window_write_kernel_stores_what_the_scatter_stores(width, rng):
     qtensor.write_window(store, 1, x, where.sink_target, "blocks")
 
 
+def test_window_write_blocks_fit_their_vmem_budget():
+  from kvtpu.pallas_kernels.cache_write import window_blocks, window_vmem_bytes
+
+  # bf16 [252, 64] blocks: 256 rows x 128 lanes x 2 bytes x 3 (placed, store, output)
+  # plus a [256, 1] int32 mask (256 rows of a 128-lane tile), all double-buffered.
+  assert window_vmem_bytes(1, 252, 64, jnp.bfloat16) == 2 * (3 * 256 * 128 * 2 + 256 * 128 * 4)
+  assert window_blocks(8, 252, 128, jnp.bfloat16) == (8, 252)  # Llama-3.1-8B: whole window.
+  assert window_blocks(32, 1024, 128, jnp.bfloat16) == (4, 1024)  # MHA, long ring: by heads.
+  # One head's whole window does not fit: whole tiles of slots dividing W, or no block.
+  assert window_blocks(3, 8192, 256, jnp.float32) == (1, 1024)
+  assert window_blocks(3, 320, 64, jnp.float32, budget=1_000_000) == (1, 160)
+  assert window_blocks(3, 252, 64, jnp.float32, budget=1_000_000) is None  # 252 = 4 x 63.
+  for args in ((32, 1024, 128, jnp.bfloat16), (3, 8192, 256, jnp.float32),
+               (1, 6000, 256, jnp.bfloat16)):
+    heads, slots = window_blocks(*args)
+    assert window_vmem_bytes(heads, slots, args[2], args[3]) <= 8 * 2**20
+    assert args[0] % heads == 0 and args[1] % slots == 0 and (slots == args[1] or slots % 16 == 0)
+
+
+@pytest.mark.parametrize("budget", [3_000_000, 1_000_000])  # 2 heads of 4; 160 slots of 320.
+def test_window_write_in_blocks_of_heads_and_slots(budget, rng):
+  from kvtpu.pallas_kernels.cache_write import window_blocks, window_write
+
+  shape = (2, 3, 4, 320, 64)
+  store = jnp.asarray(np.where(rng.random(shape) < 0.1, np.nan, rng.standard_normal(shape)),
+                      jnp.float32)
+  placed = jnp.asarray(kv_with_outliers(rng, shape[1:]), jnp.float32)
+  keep = jnp.asarray(rng.random((3, 320, 1)) < 0.3, jnp.int32)
+  assert window_blocks(4, 320, 64, jnp.float32, budget) == ((2, 320) if budget > 2_000_000
+                                                            else (1, 160))
+  got = window_write(store, placed, keep, 1, interpret=INTERPRET, budget=budget)
+  want = np.asarray(store).copy()
+  want[1] = np.where(np.asarray(keep)[:, None] > 0, np.asarray(placed), want[1])
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
+  with pytest.raises(ValueError, match="W=320 slots of head_dim=64 .* has no block within"):
+    window_write(store, placed, keep, 1, interpret=INTERPRET, budget=30_000)
+
+
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_window_writes_compile_in_place_for_tpu():

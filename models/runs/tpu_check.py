@@ -40,7 +40,7 @@ from kvtpu.models.runs.common import check, format_list, int_list, one_of
 from kvtpu.pallas_kernels.decode_attention import MAX_DECODE_T, default_block_sizes, layout_error
 
 import kvtpu
-from kvtpu import attention, qtensor, reports
+from kvtpu import attention, reports
 
 __all__ = ["TpuCheckConfig", "TpuCheckResult", "NotOnTpu", "KERNEL_FORMATS", "kernel_checks",
            "run"]
@@ -163,7 +163,9 @@ def kernel_checks(config: TpuCheckConfig, *, seed: int = 0) -> list[dict]:
     for head_dim in config.head_dims:
       block = default_block_sizes(f.k.dtype.jnp_dtype, f.v.dtype.jnp_dtype, head_dim).block_s
       max_len = 2 * block + 128  # An edge block shorter than the others.
-      transposed = tuple(qtensor.lanes_transposed(spec, head_dim, max_len) for spec in (f.k, f.v))
+      layout = kvtpu.memory.cache_layout(f, num_layers=2, batch=1, kv_heads=kv_heads,
+                                         max_len=max_len, head_dim=head_dim)
+      transposed = (layout.k.transposed, layout.v.transposed)  # As the caches below store.
       if config.impl == "pallas":  # The generation's table and the layout.
         refusal = attention.kernel_support_error(jax.devices()[0].device_kind, f, head_dim,
                                                  transposed)

@@ -7,9 +7,11 @@ from kvtpu.pallas_kernels.cache_write.kernel import (
     place_chunk,
     tile_positions,
     tiles_touched,
+    window_blocks,
+    window_vmem_bytes,
     window_write,
 )
 from kvtpu.pallas_kernels.cache_write.reference import ref_cache_write
 
 __all__ = ["cache_write", "hbm_bytes", "layout_error", "place_chunk", "tile_positions", "tiles_touched",
-           "ref_cache_write", "window_write"]
+           "ref_cache_write", "window_blocks", "window_vmem_bytes", "window_write"]

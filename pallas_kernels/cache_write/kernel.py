@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 __all__ = ["cache_write", "layout_error", "tile_positions", "tiles_touched", "hbm_bytes", "place_chunk",
-           "window_write"]
+           "window_blocks", "window_vmem_bytes", "window_write"]
 
 _LANES = 128
 _SUBLANES = 8
@@ -265,7 +265,7 @@ def hbm_bytes(store_shape, dtype, t: int, lo, hi, *, seq_axis: int,
   """Bytes one call moves between HBM and VMEM, for concrete `lo`, `hi` (numpy ints):
   per sequence, each distinct tile visited is read and written back once (store,
   `[K, tile, H]` or `[K, G, tile]` values), and its placed rows read once (int8 for an
-  int2 store). A paged store (`pages_per_sequence` the page table's width) moves the
+  int2 or int4 store, `_carrier`). A paged store (`pages_per_sequence` the page table's width) moves the
   same tiles: its page of Z positions is the slab's unit."""
   import numpy as np  # noqa: PLC0415
 
@@ -288,17 +288,52 @@ def _window_kernel(layer_ref, keep_ref, placed_ref, old_ref, out_ref):
   out_ref[...] = jnp.where(keep_ref[...][None] > 0, placed_ref[...], old_ref[...])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+# VMEM a window write's blocks may take (double-buffered keep, placed, store and
+# output blocks): half of v5e's default scoped VMEM, the smallest of the generations.
+WINDOW_VMEM_BUDGET = 8 * 1024 * 1024
+
+
+def window_vmem_bytes(heads: int, slots: int, head_dim: int, dtype) -> int:
+  """VMEM of a window write whose blocks hold `heads` kv heads x `slots` slots: the
+  placed, store and output blocks (padded to whole `tile_positions` rows and 128 lanes)
+  and the `[slots, 1]` keep mask (one int32 lane tile per 8 slots), double-buffered."""
+  tile = _SUBLANES * max(1, 32 // _bits(dtype))
+  rows = -(-slots // tile) * tile
+  block = heads * rows * (-(-head_dim // _LANES) * _LANES) * _bits(dtype) // 8
+  keep = -(-slots // _SUBLANES) * _SUBLANES * _LANES * 4
+  return 2 * (3 * block + keep)
+
+
+def window_blocks(kv_heads: int, width: int, head_dim: int, dtype,
+                  budget: int = WINDOW_VMEM_BUDGET) -> tuple[int, int] | None:
+  """`(heads, slots)` per block of a window write, or None when no block fits `budget`:
+  the whole window of the most kv heads (a divisor of K) that fit; when not even one
+  head's does, the largest divisor of W that is a multiple of the dtype's tile rows
+  (`tile_positions`: blocks never partial, so every slot is written by one whole
+  block)."""
+  for heads in sorted((d for d in range(1, kv_heads + 1) if kv_heads % d == 0), reverse=True):
+    if window_vmem_bytes(heads, width, head_dim, dtype) <= budget:
+      return heads, width
+  tile = _SUBLANES * max(1, 32 // _bits(dtype))
+  for slots in range(width - width % tile, 0, -tile):
+    if width % slots == 0 and window_vmem_bytes(1, slots, head_dim, dtype) <= budget:
+      return 1, slots
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "budget"))
 def window_write(store: jax.Array, placed: jax.Array, keep: jax.Array, layer, *,
-                 interpret=False) -> jax.Array:
+                 interpret=False, budget: int = WINDOW_VMEM_BUDGET) -> jax.Array:
   """`store` with the slots `keep` selects replaced by `placed`, in place.
 
   For the unquantized sink and recent windows (`[L, B, K, W, H]`, a few hundred slots
   per sequence): XLA's TPU scatter copies a whole window array into a layout of its
   own and back around every layer's write (temporaries of several times the windows).
-  One grid step per sequence copies its window of layer `layer` into VMEM, selects,
-  and writes it back (the output is the store's buffer, `input_output_aliases`): the
-  block is the whole window, so any W works, and a write moves 2 x its K x W x H.
+  Grid `(B, K / heads, W / slots)` (`window_blocks`: the whole window of as many
+  heads as fit `budget` bytes of VMEM, usually all K): a step copies its block of layer
+  `layer` into VMEM, selects, and writes it back (the output is the store's buffer,
+  `input_output_aliases`). A write reads the layer's window and `placed` and writes the
+  window: 3 x B x K x W x H values, besides the `placed` XLA gathers from the chunk.
 
   Args:
     store: `[L, B, K, W, H]`.
@@ -306,6 +341,7 @@ def window_write(store: jax.Array, placed: jax.Array, keep: jax.Array, layer, *,
     keep: int32 `[B, W, 1]`, nonzero where slot w is written.
     layer: int32 scalar, clamped to `[0, L)`.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
+    budget: VMEM bytes the blocks may take (`window_blocks`).
   """
   if store.ndim != 5:
     raise ValueError(f"store must be a window [L, B, K, W, H], got store.shape={store.shape}")
@@ -315,25 +351,32 @@ def window_write(store: jax.Array, placed: jax.Array, keep: jax.Array, layer, *,
                      f"H={head_dim}], got {placed.dtype}{list(placed.shape)}")
   if keep.shape != (batch, width, 1):
     raise ValueError(f"keep must be [B={batch}, W={width}, 1], got keep.shape={keep.shape}")
+  blocks = window_blocks(kv_heads, width, head_dim, store.dtype, budget)
+  if blocks is None:
+    raise ValueError(f"a window of W={width} slots of head_dim={head_dim} ({store.dtype}) has no "
+                     f"block within budget={budget} bytes of VMEM: W needs a divisor that is a "
+                     "multiple of the dtype's tile rows; write it with XLA's scatter")
+  heads, slots = blocks
   sq = pl.Squeezed()
   store_spec = pl.BlockSpec(
-      (sq, sq, kv_heads, width, head_dim),
-      lambda b, layer_ref: (jnp.clip(layer_ref[0], 0, num_layers - 1), b, 0, 0, 0))
+      (sq, sq, heads, slots, head_dim),
+      lambda b, k, w, layer_ref: (jnp.clip(layer_ref[0], 0, num_layers - 1), b, k, w, 0))
   return pl.pallas_call(
       _window_kernel,
       out_shape=jax.ShapeDtypeStruct(store.shape, store.dtype,
                                      manual_axis_type=jax.typeof(store).mat),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(batch,),
-          in_specs=[pl.BlockSpec((sq, width, 1), lambda b, layer_ref: (b, 0, 0)),
-                    pl.BlockSpec((sq, kv_heads, width, head_dim),
-                                 lambda b, layer_ref: (b, 0, 0, 0)),
+          grid=(batch, kv_heads // heads, pl.cdiv(width, slots)),
+          in_specs=[pl.BlockSpec((sq, slots, 1), lambda b, k, w, layer_ref: (b, w, 0)),
+                    pl.BlockSpec((sq, heads, slots, head_dim),
+                                 lambda b, k, w, layer_ref: (b, k, w, 0)),
                     store_spec],
           out_specs=store_spec,
       ),
       input_output_aliases={3: 0},
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), keep.astype(jnp.int32),
     placed, store)

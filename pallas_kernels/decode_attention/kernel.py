@@ -130,21 +130,30 @@ def merge_partials(outs, lses):
 
 
 def layout_error(k_dtype, v_dtype, head_dim: int,
-                 transposed: tuple[bool, bool] = (False, False)) -> str | None:
+                 transposed: tuple[bool, bool] = (False, False),
+                 block_s: int | None = None) -> str | None:
   """Why Mosaic cannot copy these cache blocks into VMEM, or None if it can.
 
   int2 blocks need whole 128-lane rows: Mosaic (libtpu 0.0.52) aborts the process,
   rather than raising, when it lowers the copy of an int2 `[block_s, H]` block with
-  H = 64 (values stored transposed, `[H, block_s]`, have block_s lanes). The wrappers
-  check this at trace time.
+  H = 64. Values stored transposed, `[H, block_s]`, have block_s lanes: `block_s`
+  (None: a multiple of 128, as `kvtpu.qtensor.lanes_transposed`'s slabs and their
+  default blocks are). The wrappers check this at trace time.
   """
-  narrow = [name for name, dt, t in (("k", k_dtype, transposed[0]), ("v", v_dtype, transposed[1]))
-            if jnp.dtype(dt) == jnp.int2 and head_dim % _LANES and not t]
+  narrow = []
+  for name, dt, t in (("k", k_dtype, transposed[0]), ("v", v_dtype, transposed[1])):
+    lanes = (block_s or _LANES) if t else head_dim
+    if jnp.dtype(dt) == jnp.int2 and lanes % _LANES:
+      narrow.append((name, "block_s" if t else "head_dim", lanes))
   if not narrow:
     return None
-  return (f"int2 {'/'.join(narrow).upper()} blocks need head_dim a multiple of {_LANES} in the "
-          f"Pallas kernels (Mosaic cannot copy int2 rows of {head_dim} lanes), got "
-          f"head_dim={head_dim}; use impl='xla' or an int4/int8 format for this model")
+  reasons = []
+  for what, lanes in dict.fromkeys((w, n) for _, w, n in narrow):
+    names = "/".join(name for name, w, _ in narrow if w == what).upper()
+    reasons.append(f"int2 {names} blocks need {what} a multiple of {_LANES} in the Pallas "
+                   f"kernels (Mosaic cannot copy int2 rows of {lanes} lanes), got "
+                   f"{what}={lanes}")
+  return "; ".join(reasons) + "; use impl='xla' or an int4/int8 format for this model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -662,7 +671,8 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths, chunk,
+  k_shape, v_shape = logical(k, transposed[0], "k"), logical(v, transposed[1], "v")
+  d = validate_inputs(q, k_shape, v_shape, lengths, chunk,
                       layer, k_scale, k_zero, v_scale, v_zero, token_groups=token_groups,
                       page_table=page_table)
   validate_windows(d, *windows)
@@ -695,7 +705,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   block_s)]`, the table scalar-prefetched; a contiguous cache is the one-page case (the
   table `[[0], [1], ...]`, Z = S, its edge block possibly partial).
   """
-  error = (layout_error(k.dtype, v.dtype, d.head_dim, transposed)
+  error = (layout_error(k.dtype, v.dtype, d.head_dim, transposed, block_s)
            or token_block_error(d, block_s) or transposed_block_error(transposed, block_s, d))
   if error is not None:
     raise ValueError(error)

@@ -157,13 +157,15 @@ def unpack_transposed(k, v, k_transposed=None, v_transposed=None) -> tuple[bool,
   return out[0], out[1]
 
 
-def logical(x, transposed: bool):
+def logical(x, transposed: bool, name: str = "values"):
   """A stored values array's logical `[L, B|P, K, S|Z, H]` shape and dtype: `x` itself,
-  or a `jax.ShapeDtypeStruct` of its two minor axes swapped when `transposed`."""
+  or a `jax.ShapeDtypeStruct` of its two minor axes swapped when `transposed`. `name`
+  (k or v) names the tensor in errors."""
   if not transposed:
     return x
   if jnp.ndim(x) != 5:
-    raise ValueError(f"transposed values must be [L, B, K, H, S], got shape {jnp.shape(x)}")
+    raise ValueError(f"{name} is stored transposed ({name}_transposed=True) and must be "
+                     f"[L, B, K, H, S], got shape {jnp.shape(x)}")
   shape = x.shape
   return jax.ShapeDtypeStruct((*shape[:3], shape[4], shape[3]), x.dtype)
 
@@ -407,7 +409,8 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths, chunk,
+  k_shape, v_shape = logical(k, transposed[0], "k"), logical(v, transposed[1], "v")
+  d = validate_inputs(q, k_shape, v_shape, lengths, chunk,
                       layer, k_scale, k_zero, v_scale, v_zero, max_t=max_t,
                       token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)

@@ -141,7 +141,8 @@ def prefill_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=No
   token_groups = unpack_token_groups(k, v, k_token_group, v_token_group)
   transposed = unpack_transposed(k, v, k_transposed, v_transposed)
   k, v, k_scale, k_zero, v_scale, v_zero = unpack_operands(k, v, k_scale, k_zero, v_scale, v_zero)
-  d = validate_prefill_inputs(q, logical(k, transposed[0]), logical(v, transposed[1]), lengths,
+  k_shape, v_shape = logical(k, transposed[0], "k"), logical(v, transposed[1], "v")
+  d = validate_prefill_inputs(q, k_shape, v_shape, lengths,
                               chunk, layer, k_scale, k_zero, v_scale, v_zero,
                               token_groups=token_groups, page_table=page_table)
   validate_windows(d, *windows)

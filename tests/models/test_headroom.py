@@ -171,6 +171,38 @@ def test_aot_out_of_hbm_is_an_oom_point(aot):
   assert u.temp > 16 * 2**30  # what the compiler reported needing.
 
 
+@pytest.mark.parametrize("message,hbm", [
+    ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+     "required for HLO temporaries (56.00G) exceeds available HBM (15.75G).", True),
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.5G of 15.48G hbm.", True),
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem. Used 17.0M of 16.0M vmem.",
+     False),
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space smem while allocating on stack.",
+     False),
+    ("RESOURCE_EXHAUSTED: CompileTimeVmemOom: scoped allocation of 20M exceeds 16M; HBM is "
+     "fine", False),
+    ("RESOURCE_EXHAUSTED: too many semaphores", False),
+])
+def test_only_hbm_exhaustion_is_an_oom_point(aot, monkeypatch, message, hbm):
+  # A step that overflows a kernel's scoped VMEM (or SMEM) would fit HBM with other code:
+  # counting it as an out-of-memory point would understate the headroom, so it raises.
+  class Failing:
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(message)
+
+  assert mh.hbm_exhausted(message) is hbm
+  monkeypatch.setattr(aot.step, "jitted", lambda cache: Failing())
+  fmt = KVFormat.parse("int8")
+  if hbm:
+    assert aot(fmt, 2, 256).oom
+  else:
+    with pytest.raises(RuntimeError, match="a memory other than HBM is exhausted"):
+      aot(fmt, 2, 256)
+
+
 @pytest.mark.tpu_compile
 @requires_libtpu
 def test_aot_max_context_is_on_the_boundary(aot):

@@ -9,7 +9,7 @@ import pytest
 from kvtpu.models.runs import tpu_check
 from kvtpu.pallas_kernels.decode_attention import BlockSizes
 
-from kvtpu import attention
+from kvtpu import attention, qtensor
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_a_format_the_kernels_do_not_lay_out_is_checked_as_refused(small_blocks,
   # int2 rows of 64 lanes: the kernels refuse them at trace time, which the check verifies
   # instead of running them. A cache stores such values transposed (whole lanes), so the
   # refusal is forced here by keeping its values [S, H].
-  monkeypatch.setattr(tpu_check.qtensor, "lanes_transposed", lambda *a: False)
+  monkeypatch.setattr(qtensor, "lanes_transposed", lambda *a: False)
   result = tpu_check.run(_config(formats=("int2-nu-sbf16-rot+sink4+recent124",),
                                  head_dims=(64,)), tmp_path / "check")
   assert [v["check"] for v in result.verdicts] == [

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 from jax.experimental.pallas import tpu as pltpu
+from kvtpu.pallas_kernels.decode_attention.reference import logical
 
 import kvtpu
 from tests.helpers import kv_with_outliers, poison
@@ -61,6 +62,14 @@ def kernel_args(cache, layer, chunk):
             for w, x in (("k", k), ("v", v)) for f in ("scale", "zero")}
   return ((k.values, v.values, cache.lengths, jnp.asarray(chunk, jnp.int32), layer),
           dict(**scales, **windows, **codes, **groups))
+
+
+def logical_args(args, kw):
+  """`kernel_args`' positional arguments with values stored transposed given as their
+  logical `[L, B, K, S, H]` shapes (what `validate_inputs` checks)."""
+  k, v, *rest = args
+  return (logical(k, kw.get("k_transposed", False), "k"),
+          logical(v, kw.get("v_transposed", False), "v"), *rest)
 
 
 # The kernels' static keyword arguments that `kernel_args` may return.

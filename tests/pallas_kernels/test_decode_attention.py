@@ -75,7 +75,7 @@ def test_reference_dequantizes_exactly_as_quant(fmt, rng):
   cache = filled_cache(fmt, rng, lengths=[3, 9], t=4, chunk=[4, 2], kv_heads=2, head_dim=32,
                        max_len=max_len)
   for which in ("k", "v"):
-    x = getattr(cache, which)
+    x = getattr(cache, which).relayout(False)  # int2 at head_dim 32 is stored [.., H, S].
     pick = lambda a: None if a is None else a[1]  # noqa: E731
     got = dequantize_per_token(x.values[1], pick(x.per_token_scale), pick(x.per_token_zero),
                                x.codes)
@@ -213,6 +213,26 @@ def test_int2_at_head_dim_64_is_refused_before_mosaic(fmt, rng):
   assert attention.kernel_support_error("TPU v5 lite", cache.fmt, 64, (True, True)) is None
   assert attention.kernel_support_error("TPU v5 lite", cache.fmt, 128) is None
   assert "for TPU v4" in attention.kernel_support_error("TPU v4", cache.fmt, 128)
+
+
+def test_transposed_int2_needs_whole_lane_blocks():
+  # Values stored [H, block_s] put positions in lanes: an int2 slab of 64 positions read
+  # whole (the block covers it) has rows of 64 lanes, as natural int2 at head_dim 64 does.
+  from kvtpu.pallas_kernels.decode_attention import layout_error
+  assert layout_error(jnp.int2, jnp.int2, 64, (True, True), 256) is None
+  assert layout_error(jnp.int2, jnp.int2, 64, (True, True)) is None
+  error = layout_error(jnp.int2, jnp.int2, 64, (True, True), 64)
+  assert error.startswith("int2 K/V blocks need block_s a multiple of 128"), error
+  error = layout_error(jnp.int2, jnp.int2, 64, (False, True), 64)
+  assert "int2 K blocks need head_dim" in error and "int2 V blocks need block_s" in error
+  assert layout_error(jnp.int8, jnp.int2, 64, (True, True), 64).startswith("int2 V blocks")
+  q = jnp.zeros((1, 1, 1, 64), jnp.float32)
+  k = jnp.zeros((1, 1, 1, 64, 64), jnp.int2)  # [L, B, K, H, S=64] values, one whole block.
+  scale = jnp.ones((1, 1, 1, 1, 64), jnp.float32)
+  one = jnp.ones(1, jnp.int32)
+  with pytest.raises(ValueError, match="got block_s=64"):
+    decode_attention(q, k, k, one, one, 0, k_scale=scale, v_scale=scale, k_transposed=True,
+                     v_transposed=True, interpret=INTERPRET)
 
 
 def test_unaligned_block_and_edge_block(rng):

@@ -20,7 +20,13 @@ from kvtpu.pallas_kernels.decode_attention import (
 from kvtpu.pallas_kernels.prefill_attention import PrefillBlockSizes, prefill_attention
 
 from tests.helpers import slow_unless
-from tests.pallas_kernels.cases import INTERPRET, filled_cache, kernel_args, stored_bits
+from tests.pallas_kernels.cases import (
+  INTERPRET,
+  filled_cache,
+  kernel_args,
+  logical_args,
+  stored_bits,
+)
 
 CASES = [
     # fmt, lengths, chunk, T, block_t (None: decode), block_s, max_len
@@ -54,7 +60,7 @@ def test_account_matches_interpreter_copies(fmt, lengths, chunk, t, block_t, blo
     out = prefill_attention(q, *args, **kw, block_sizes=PrefillBlockSizes(block_t, block_s),
                             interpret=INTERPRET)
   jax.block_until_ready(out)
-  d = validate_inputs(q, *args, kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
+  d = validate_inputs(q, *logical_args(args, kw), kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
                       max_t=None, token_groups=groups)
   fmt = cache.fmt
   itemsize = {w: cache.tensor(w).spec.scale_jnp_dtype.itemsize for w in ("k", "v")}

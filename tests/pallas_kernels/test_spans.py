@@ -27,6 +27,7 @@ from tests.pallas_kernels.cases import (
   INTERPRET,
   filled_cache,
   kernel_args,
+  logical_args,
   split_static,
   tpu_device,
 )
@@ -119,7 +120,7 @@ def test_span_account_matches_interpreter_copies(fmt, t, block_t, copied_bytes, 
     out = prefill_attention(q, *args, **kw, kv_span=span, interpret=INTERPRET,
                             block_sizes=PrefillBlockSizes(block_t, BLOCK))
   jax.block_until_ready(out)
-  d = validate_inputs(q, *args, kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
+  d = validate_inputs(q, *logical_args(args, kw), kw["k_scale"], kw["k_zero"], kw["v_scale"], kw["v_zero"],
                       max_t=None)
   itemsize = {w: cache.tensor(w).spec.scale_jnp_dtype.itemsize for w in ("k", "v")}
   common = dict(block_t=block_t, has_zero=(kw["k_zero"] is not None, kw["v_zero"] is not None),
