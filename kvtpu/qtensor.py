@@ -24,6 +24,11 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
           sequence, unquantized, in the stored (rotated) coordinates; or None.
   recent  [L, B, K, W_r, H], likewise: position p of the sequence's last W_r in slot
           p mod W_r (a ring); or None.
+          A window of W positions stores `window_slots(W)` slots (W rounded up to a
+          multiple of 8; the rest never written or read), `[.., H, slots]` where
+          `window_transposed` (head_dim not a multiple of 128 and below the slots): the
+          layouts XLA's TPU backend keeps as the kernels read them (see
+          `pallas_kernels.decode_attention.reference`); `windows` holds the sizes.
 
 Transposed values: TPUs tile the two minor axes in (sublane, 128-lane) tiles, so an
 `[S, 64]` slab fills half of each tile's lanes. XLA then stores it channel-major (a
@@ -42,7 +47,7 @@ Paged (`paged=True`): axis 1 of the values and of per-token or token-grouped sca
 is a pool of P pages and their position axis holds Z positions (`[L, P, K, Z, H]`,
 `[L, P, K, G, Z]`, `[L, P, K, Z/N, H]`); a page table `[B, pages_per_sequence]`
 (held by the cache) says which page holds positions `[w Z, (w + 1) Z)` of sequence b.
-Windows stay per sequence, `[L, B, K, W, H]`. Page 0 is the null page: never owned,
+Windows stay per sequence (axis 1 is B). Page 0 is the null page: never owned,
 read for table entries a sequence does not hold and written by writes that write
 nothing. A contiguous tensor is the one-page-per-sequence case of the same kernels.
 
@@ -70,7 +75,13 @@ from kvtpu import quant, rotation
 from kvtpu._shared import array_nbytes, check_dims, check_layer
 from kvtpu.formats import Granularity, QuantSpec
 from kvtpu.pallas_kernels import cache_write as cw
-from kvtpu.pallas_kernels.decode_attention.reference import gather_pages, overlay_windows
+from kvtpu.pallas_kernels.decode_attention.reference import (
+  Window,
+  gather_pages,
+  overlay_windows,
+  window_slots,
+  window_transposed,
+)
 
 __all__ = ["QuantizedKV", "Placement", "WRITE_METHODS", "write_rows", "write_window",
            "PARAM_FIELDS",
@@ -257,10 +268,11 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
 
 
 def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
-                 method: str | None = None) -> jax.Array:
-  """Writes a chunk `values: [B, T, K, H]` into a window `store: [L, B, K, W, H]`, token
-  t of sequence b into slot `target[b, t]` (W: dropped; `Placement.sink_target` or
-  `recent_target`, which never name a slot twice).
+                 method: str | None = None, transposed: bool = False) -> jax.Array:
+  """Writes a chunk `values: [B, T, K, H]` into a window `store: [L, B, K, W, H]` (`[L,
+  B, K, H, W]` when `transposed`), token t of sequence b into slot `target[b, t]` (W or
+  more: dropped; from `Placement.sink_target` or `recent_target`, which never name a
+  slot twice).
 
   `method`: "scatter" (XLA), "pallas" or "interpret" (`cache_write.window_write`: a
   sequence's window in VMEM, in place), or None for the platform's choice when
@@ -271,26 +283,32 @@ def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
   """
   if method is None:
     def write(method):
-      return lambda store, values: write_window(store, layer, values, target, method)
+      return lambda store, values: write_window(store, layer, values, target, method, transposed)
 
-    _, _, k, width, h = store.shape
-    tpu = "scatter" if cw.window_blocks(k, width, h, store.dtype) is None else "pallas"
+    k, (width, h) = store.shape[2], store.shape[3:][::-1] if transposed else store.shape[3:]
+    blocks = cw.window_blocks(k, width, h, store.dtype, transposed=transposed)
+    tpu = "scatter" if blocks is None else "pallas"
     return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
                                       default=write("scatter"))
   if method == "scatter":
     rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
-    return _scatter_bits(store, (layer, rows, slice(None), target), values)
+    # Both index lists broadcast to [B, T] ahead of the sliced axes: values [B, T, K, H].
+    index = (layer, rows, slice(None), *((slice(None),) if transposed else ()), target)
+    return _scatter_bits(store, index, values)
   if method not in ("pallas", "interpret"):
     raise ValueError(f"method must be 'scatter', 'pallas', 'interpret' or None, got "
                      f"method={method!r}")
-  b, width = store.shape[1], store.shape[3]
+  b, width = store.shape[1], store.shape[4 if transposed else 3]
   # Slot w's token (-1: none), by scattering the small [B, T] targets.
   token = jnp.full((b, width + 1), -1, jnp.int32).at[jnp.arange(b)[:, None], target].set(
       jnp.broadcast_to(jnp.arange(values.shape[1], dtype=jnp.int32), target.shape), mode="drop")
   token = token[:, :width]
   placed = jnp.take_along_axis(values, jnp.maximum(token, 0)[:, :, None, None], axis=1)
   placed = jnp.swapaxes(placed, 1, 2).astype(store.dtype)  # [B, K, W, H]
-  return cw.window_write(store, placed, (token >= 0).astype(jnp.int32)[:, :, None], layer,
+  keep = (token >= 0).astype(jnp.int32)[:, :, None]  # [B, W, 1]
+  if transposed:
+    placed, keep = jnp.swapaxes(placed, -1, -2), jnp.swapaxes(keep, -1, -2)
+  return cw.window_write(store, placed, keep, layer, transposed=transposed,
                          interpret=pltpu.InterpretParams() if method == "interpret" else False)
 
 
@@ -309,13 +327,15 @@ class QuantizedKV:
       else None.
     clip: float32 `[L, K]` clip ratios in (0, 1] of a dynamic spec, or None (plain
       absmax scales).
-    sink, recent: the unquantized windows `[L, B, K, W, H]` (see the module
-      docstring), or None.
+    sink, recent: the unquantized windows, `[L, B, K, slots, H]` or `[L, B, K, H,
+      slots]` (see the module docstring), or None.
     spec: how the values are stored (static pytree metadata).
     paged: whether axis 1 of the values and scales is a pool of pages (static; see
       the module docstring).
     transposed: whether the values are stored positions-minor, `[.., H, S]` (static;
       `lanes_transposed`).
+    windows: `(sink, recent)` window sizes in positions (static; 0: none); each window
+      has `window_slots` of them stored, `window_transposed` or not.
 
   Invariant: a stored value `q` means `(q - zero) * scale` (`quant.dequantize`).
   `shape` is the values' logical `[L, B|P, K, S|Z, H]` (whatever the storage order),
@@ -332,6 +352,7 @@ class QuantizedKV:
   spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
   paged: bool = dataclasses.field(default=False, metadata=dict(static=True))
   transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  windows: tuple[int, int] = dataclasses.field(default=(0, 0), metadata=dict(static=True))
 
   # ----------------------------------------------------------------- creation
   @classmethod
@@ -380,11 +401,18 @@ class QuantizedKV:
     if (sink or recent) and spec.static:
       raise ValueError(f"sink/recent windows are for dynamic or unquantized specs, not {spec.name}")
     window_dtype = jnp.float32 if spec.storage_dtype == jnp.float32 else jnp.bfloat16
-    window = lambda w: sds((num_layers, batch, kv_heads, w, head_dim), window_dtype) if w else None  # noqa: E731
+
+    def window(size: int) -> jax.ShapeDtypeStruct | None:
+      if not size:
+        return None
+      slots = window_slots(size)
+      minor = (head_dim, slots) if window_transposed(head_dim, slots) else (slots, head_dim)
+      return sds((num_layers, batch, kv_heads, *minor), window_dtype)
+
     return cls(values=values, scale=scale, zero=zero,
                clip=sds((num_layers, kv_heads), jnp.float32) if clip else None,
                sink=window(sink), recent=window(recent), spec=spec, paged=pages is not None,
-               transposed=transposed)
+               transposed=transposed, windows=(sink, recent))
 
   @staticmethod
   def max_len_multiple(spec: QuantSpec, *, paged: bool = False) -> int:
@@ -489,8 +517,20 @@ class QuantizedKV:
     return len(self.values.shape)
 
   def window_sizes(self) -> tuple[int, int]:
-    """`(sink, recent)` window sizes (0: none)."""
-    return tuple(0 if w is None else w.shape[3] for w in (self.sink, self.recent))
+    """`(sink, recent)` window sizes in positions (0: none)."""
+    return self.windows
+
+  def window(self, field: str) -> Window | None:
+    """The `sink` or `recent` window as the kernels read it (its stored array, size and
+    layout), or None."""
+    data = getattr(self, field)
+    if data is None:
+      return None
+    size = self.windows[("sink", "recent").index(field)]
+    if not size:  # (Not checked at construction: JAX rebuilds pytrees with placeholders.)
+      raise ValueError(f"this tensor holds a {field} array but windows={self.windows} gives it "
+                       "no size; build tensors with QuantizedKV.layout / init")
+    return Window(data, size, window_transposed(self.shape[-1], window_slots(size)))
 
   @property
   def nbytes(self) -> int:
@@ -542,11 +582,17 @@ class QuantizedKV:
         g = self.spec.granularity
         scale = P("layers", "kv_heads" if g is not Granularity.TENSOR else None,
                   "head_dim" if g is Granularity.CHANNEL else None)
-    window = P("layers", "batch", "kv_heads", "window", "head_dim")
+    def window(field: str):
+      w = self.window(field)
+      if w is None:
+        return None
+      minor = ("head_dim", "window") if w.transposed else ("window", "head_dim")
+      return P("layers", "batch", "kv_heads", *minor)
+
     return dataclasses.replace(
         self, values=per_position, scale=scale, zero=None if self.zero is None else scale,
         clip=None if self.clip is None else P("layers", "kv_heads"),
-        sink=None if self.sink is None else window, recent=None if self.recent is None else window)
+        sink=window("sink"), recent=window("recent"))
 
   # ---------------------------------------------------------------- reading
   def dequantize(self, layer, dtype=jnp.float32, *, held=None, page_table=None) -> jax.Array:
@@ -592,8 +638,8 @@ class QuantizedKV:
 
   def _overlay_windows(self, out: jax.Array, layer, held) -> jax.Array:
     """`out: [B, K, S, H]` with each sequence's window positions read from the windows."""
-    pick = lambda w: None if w is None else w[layer]  # noqa: E731
-    return overlay_windows(out, pick(self.sink), pick(self.recent), held)
+    pick = lambda w: None if w is None else w.layer(layer)  # noqa: E731
+    return overlay_windows(out, pick(self.window("sink")), pick(self.window("recent")), held)
 
   def _dequantize_store(self, layer, dtype, page_table=None) -> jax.Array:
     data = self._per_sequence(self.values, layer, page_table, self.values_seq_axis - 1)
@@ -677,9 +723,11 @@ class QuantizedKV:
       x = rotation.rotate(jnp.where(nonfinite, 0.0, x), jnp.float32)
     windows = {}
     for field, target in (("sink", where.sink_target), ("recent", where.recent_target)):
-      store = getattr(self, field)
-      if store is not None:
-        windows[field] = write_window(store, layer, jnp.where(jnp.isfinite(x), x, 0.0), target)
+      w = self.window(field)
+      if w is not None:  # Dropped tokens (target = size) past the stored slots too.
+        target = jnp.where(target < w.size, target, w.slots)
+        windows[field] = write_window(w.data, layer, jnp.where(jnp.isfinite(x), x, 0.0), target,
+                                      transposed=w.transposed)
     if spec.token_group is not None:
       _check_open_group(spec, self.window_sizes()[1])
       return self._write_groups(layer, x, nonfinite, where, windows, page_table)
@@ -722,7 +770,7 @@ class QuantizedKV:
     spec, n = self.spec, self.spec.token_group
     b, t, kh, h = x.shape
     m = -(-t // n)
-    ring = self.recent[layer]  # [B, K, W_r, H], before this chunk.
+    ring = self.window("recent").layer(layer)  # [B, K, W_r, H], before this chunk.
     # Every position is quantized from its window copy (bf16), whether it comes from
     # this chunk or from the ring: what is stored does not depend on the chunking.
     x = jnp.where(jnp.isfinite(x), x, 0.0).astype(ring.dtype).astype(jnp.float32)

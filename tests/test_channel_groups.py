@@ -248,7 +248,9 @@ def test_bytes_are_the_arrays_and_effective_bits_the_closed_form(fmt):
     per_channel = (16 if spec.scale_dtype == "bfloat16" else 32) + (0 if spec.symmetric else 32)
     return spec.dtype.bits + per_channel / spec.token_group
 
-  expected = (bits(f.k) + bits(f.v)) / 2 + (f.sink + f.recent) * 16 / 8192
+  # Windows hold their stored slots: 252 positions in 256 (`window_slots`).
+  slots = f.sink + {252: 256}.get(f.recent, f.recent)
+  expected = (bits(f.k) + bits(f.v)) / 2 + slots * 16 / 8192
   assert memory.effective_bits(fmt, context=8192, kv_heads=8, head_dim=128) == pytest.approx(
       expected, rel=1e-12)
   assert memory.bytes_per_token(fmt, kv_heads=8, head_dim=128) == pytest.approx(
@@ -275,8 +277,8 @@ def test_kernels_over_several_blocks_and_their_refusals(t, rng):
                     else (prefill_attention, PrefillBlockSizes(8, 256)))
   carried = kernel(q, k, v, cache.lengths, chunk, 0, block_sizes=blocks, interpret=INTERPRET)
   assert_close(carried, want, atol=2e-5 * float(jnp.abs(x).max()), rtol=1e-4, name="carried")
-  raw = dict(k_scale=k.scale, k_zero=k.zero, v_scale=v.scale, k_sink=k.sink, v_sink=v.sink,
-             k_recent=k.recent, v_recent=v.recent)
+  raw = dict(k_scale=k.scale, k_zero=k.zero, v_scale=v.scale, k_sink=k.window("sink"),
+             v_sink=v.window("sink"), k_recent=k.window("recent"), v_recent=v.window("recent"))
   args = (q, k.values, v.values, cache.lengths, chunk, 0)
   out = kernel(*args, **raw, k_token_group=32, v_token_group=16, block_sizes=blocks,
                interpret=INTERPRET)

@@ -2,6 +2,7 @@
 attention (XLA reference and the Pallas kernels in interpret mode and through Mosaic),
 bytes."""
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import kvtpu
-from kvtpu import memory, rotation
+from kvtpu import memory, qtensor, rotation
 from tests.helpers import (
   assert_close,
   chunked,
@@ -68,7 +69,7 @@ def _expected(cache, which, x, held, layer=1):
   out = stored.copy()
   fmt = cache.fmt
   for b, n in enumerate(held):
-    for p in range(min(int(n), S)):
+    for p in range(min(int(n), x.shape[1])):
       if p < fmt.sink or p >= n - fmt.recent:
         out[b, :, p] = exact[b, p]
   return out
@@ -90,6 +91,24 @@ def test_windows_hold_the_sink_and_the_last_tokens_exactly(chunks, rng):
       # The windows really differ from the quantized store where they hold tokens.
       if 0 < n and cache.fmt.sink:
         assert not np.allclose(got[b, :, 0], np.asarray(cache.tensor(which).dequantize(1))[b, :, 0])
+
+
+def test_transposed_rings_hold_the_last_tokens_exactly(rng):
+  """A ring of 100 positions at head_dim 64 is stored [H, 104] (`window_transposed`) and
+  holds the same tokens where the natural layout would; the sink of 3 stays [8, H]."""
+  fmt, lengths = "int8+sink3+recent100", [0, 1, 3, 99, 100, 101, 104, 250, 256]
+  cache, keys, values, held, _ = write_chunks(fmt, rng, chunked(lengths, (37, 100, 119)),
+                                              max_len=256, head_dim=64)
+  ring, sink = cache.k.window("recent"), cache.k.window("sink")
+  assert ring.transposed and ring.data.shape[3:] == (64, 104) and ring.size == 100
+  assert not sink.transposed and sink.data.shape[3:] == (8, 64)
+  assert held.tolist() == lengths
+  for which, x in (("k", keys), ("v", values)):
+    got = np.asarray(cache.dequantized(1, which, held=held), np.float64)
+    want = _expected(cache, which, x, held)
+    for b, n in enumerate(held):
+      np.testing.assert_allclose(got[b, :, :n], want[b, :, :n], rtol=1e-6, atol=1e-6,
+                                 err_msg=f"{which}, sequence {b} of length {n}")
 
 
 def test_a_chunk_longer_than_the_ring_keeps_its_last_tokens(rng):
@@ -140,29 +159,43 @@ def test_attention_reads_the_windows(fmt, prefix, t, rng):
 
 
 def test_kernel_takes_windows_as_arrays_and_checks_them(rng):
-  from kvtpu.pallas_kernels.decode_attention import decode_attention, ref_decode_attention
+  from kvtpu.pallas_kernels.decode_attention import (
+    decode_attention,
+    ref_decode_attention,
+    window_slots,
+  )
 
   cache, *_ = _write(FMT, rng, [(9, [9, 4])])
   q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
   k, v = cache.k, cache.v
+  assert k.windows == (SINK, RECENT) and k.recent.shape[3] == window_slots(RECENT) > RECENT
   args = (k.values, v.values, jnp.asarray([8, 3]), jnp.asarray([1, 1]), 1)
-  kw = dict(k_scale=k.scale, v_scale=v.scale, k_sink=k.sink, v_sink=v.sink, k_recent=k.recent,
-            v_recent=v.recent)
-  raw = decode_attention(q, *args, **kw, interpret=INTERPRET)
+  scales = dict(k_scale=k.scale, v_scale=v.scale)
+  # As stored (padded slots, never read), and as plain arrays of exactly the windows.
+  stored = {f"{w}_{f}": x.window(f) for w, x in (("k", k), ("v", v)) for f in ("sink", "recent")}
+  plain = {n: jnp.stack([w.layer(i) for i in range(cache.num_layers)]) for n, w in stored.items()}
   carried = decode_attention(q, k, v, *args[2:], interpret=INTERPRET)
-  np.testing.assert_array_equal(np.asarray(raw), np.asarray(carried))
-  assert_close(raw, ref_decode_attention(q, *args, **kw), atol=1e-4, rtol=1e-4, name="ref")
+  for kw in (stored, plain):
+    out = decode_attention(q, *args, **scales, **kw, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(carried))
+    assert_close(out, ref_decode_attention(q, *args, **scales, **kw), atol=1e-4, rtol=1e-4,
+                 name="ref")
   with pytest.raises(ValueError, match="pass both k_sink and v_sink or neither"):
-    decode_attention(q, *args, k_scale=k.scale, v_scale=v.scale, k_sink=k.sink)
+    decode_attention(q, *args, **scales, k_sink=k.sink)
   with pytest.raises(ValueError, match="carrying its sink window; do not also pass k_sink"):
     decode_attention(q, k, v, *args[2:], k_sink=k.sink, v_sink=v.sink)
-  with pytest.raises(ValueError, match=r"k_recent must be \[L=2, B=2, K=2, W >= 1, H=16\]"):
-    decode_attention(q, *args, **{**kw, "k_recent": k.recent[:, :, :1], "v_recent": v.recent[:, :, :1]})
+  bad = {"k_recent": plain["k_recent"][:, :, :1], "v_recent": plain["v_recent"][:, :, :1]}
+  with pytest.raises(ValueError, match=r"k_recent must be \[L=2, B=2, K=2, slots, H\] \(H=16\)"):
+    decode_attention(q, *args, **scales, **{**plain, **bad})
+  with pytest.raises(ValueError, match=r"k_sink \(shape .*, size 3\) and v_sink \(shape .*, size 2\)"):
+    decode_attention(q, *args, **scales, **{**stored, "v_sink": dataclasses.replace(stored["v_sink"], size=2)})
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4", "int4-asym-rot+recent128",
-                                 "int4-asym-sbf16-rot+sink4+recent128", "k8v4+sink8+recent64"])
+                                 "int4-asym-sbf16-rot+sink4+recent128", "k8v4+sink8+recent64",
+                                 "int4-sbf16-rot+sink3+recent252"])
 def test_bytes_are_the_arrays_and_effective_bits_the_closed_form(fmt):
+  """Windows count their stored slots: W rounded up to a multiple of 8 (2 and 4 kept)."""
   dims = dict(num_layers=3, batch=5, kv_heads=8, max_len=1024, head_dim=128)
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, **dims))
   leaves = jax.tree.leaves(cache)
@@ -171,11 +204,13 @@ def test_bytes_are_the_arrays_and_effective_bits_the_closed_form(fmt):
   assert memory.cache_bytes(fmt, **dims) == nbytes
   f = kvtpu.KVFormat.parse(fmt)
   per_seq = memory.window_bytes(fmt, kv_heads=8, head_dim=128)
-  assert per_seq == 2 * 8 * (f.sink + f.recent) * 128 * 2  # K and V, bf16.
+  slots = {3: 8, 252: 256}.get(f.sink, f.sink) + {3: 8, 252: 256}.get(f.recent, f.recent)
+  assert per_seq == 2 * 8 * slots * 128 * 2  # K and V, bf16.
   bits = {"bf16": 16, "int4": 4 + 32 / 128, "int4-asym-rot+recent128": 4 + 64 / 128,
           "int4-asym-sbf16-rot+sink4+recent128": 4 + (16 + 32) / 128,  # Zero points: f32.
-          "k8v4+sink8+recent64": (8 + 4) / 2 + 32 / 128}[fmt]
-  bits += (f.sink + f.recent) * 16 / 8192
+          "k8v4+sink8+recent64": (8 + 4) / 2 + 32 / 128,
+          "int4-sbf16-rot+sink3+recent252": 4 + 16 / 128}[fmt]
+  bits += slots * 16 / 8192
   assert memory.effective_bits(fmt, context=8192, kv_heads=8, head_dim=128) == pytest.approx(
       bits, rel=1e-12)
   with pytest.raises(ValueError, match="context must be a positive int"):
@@ -211,23 +246,23 @@ def test_windowed_kernels_compile_through_mosaic(generation, fmt, t):
   assert compiled.memory_analysis().output_size_in_bytes >= q.size * 4
 
 
-@pytest.mark.parametrize("width", [4, 5, 252])
-def test_window_write_kernel_stores_what_the_scatter_stores(width, rng):
+@pytest.mark.parametrize("width,transposed", [(4, False), (5, False), (252, False), (5, True),
+                                              (256, True)])
+def test_window_write_kernel_stores_what_the_scatter_stores(width, transposed, rng):
   """The TPU path of window writes (one in-place Pallas call per layer, interpret mode
-  here) against XLA's scatter, bit for bit: chunks that wrap the ring, overrun it,
-  write nothing, and land past the sink."""
-  from kvtpu import qtensor
-
-  store = jnp.asarray(np.where(rng.random((2, 4, 2, width, 64)) < 0.1, np.nan,
-                               rng.standard_normal((2, 4, 2, width, 64))), jnp.bfloat16)
+  here) against XLA's scatter, bit for bit, `[W, H]` and `[H, W]` windows: chunks that
+  wrap the ring, overrun it, write nothing, and land past the sink."""
+  shape = (2, 4, 2, 64, width) if transposed else (2, 4, 2, width, 64)
+  store = jnp.asarray(np.where(rng.random(shape) < 0.1, np.nan, rng.standard_normal(shape)),
+                      jnp.bfloat16)
   for t, lengths, valid in ((1, [0, 3, width - 1, 1000], [1, 1, 0, 1]),
                             (300, [0, 250, 2, 7], [300, 9, 1, 0])):
     where = qtensor.Placement.of(jnp.array(lengths), jnp.array(valid), t, 4096, sink=width,
                                  recent=width)
     x = jnp.asarray(kv_with_outliers(rng, (4, t, 2, 64)))
     for target in (where.sink_target, where.recent_target):
-      want = qtensor.write_window(store, 1, x, target, "scatter")
-      got = qtensor.write_window(store, 1, x, target, "interpret")
+      want = qtensor.write_window(store, 1, x, target, "scatter", transposed)
+      got = qtensor.write_window(store, 1, x, target, "interpret", transposed)
       np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
                                     np.asarray(want).view(np.uint16))
       assert not np.array_equal(np.asarray(want).view(np.uint16), np.asarray(store).view(np.uint16))
@@ -275,19 +310,49 @@ def test_window_write_in_blocks_of_heads_and_slots(budget, rng):
 
 @pytest.mark.tpu_compile
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-def test_window_writes_compile_in_place_for_tpu():
-  # XLA's TPU scatter copied whole window arrays around every layer's write: 236 MB of
-  # temporaries for this step's 50 MB of windows (185 MB at head_dim 128); the window
-  # kernel writes them in place. What remains below is XLA keeping [252, 64] rings in a
-  # layout of its own and copying them for the kernels (in VMEM at this size).
+def test_window_storage_is_the_layout_xla_keeps_on_tpu():
+  """`window_slots` / `window_transposed` against libtpu's own choice: the stored window
+  arrays enter a TPU program in row-major layout (what the kernels read), for widths
+  and head dims on both sides of the rule. Fails when a libtpu changes its layouts."""
+  import re
+
   from jax.experimental import topologies
 
   device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
+  for width, head_dim in [(1, 64), (3, 128), (4, 64), (12, 128), (36, 64), (64, 64), (100, 64),
+                          (252, 64), (252, 128), (124, 96), (1000, 80), (252, 256)]:
+    spec = kvtpu.KVFormat.parse("int8").k
+    t = qtensor.QuantizedKV.layout(spec, num_layers=2, batch=4, kv_heads=2, max_len=256,
+                                   head_dim=head_dim, recent=width)
+    x = jax.ShapeDtypeStruct(t.recent.shape, t.recent.dtype, sharding=sharding)
+    text = jax.jit(lambda a: a * 2, donate_argnums=0).lower(x).compile().as_text()
+    line = next(ln for ln in text.splitlines() if "parameter(0)" in ln and "ENTRY" not in ln)
+    layout = re.search(r"\]\{([\d,]+)", line).group(1)
+    assert layout == "4,3,2,1,0", (width, head_dim, t.recent.shape, line[:120])
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.parametrize("head_dim", [64, pytest.param(128, marks=pytest.mark.slow)])
+def test_window_writes_compile_in_place_for_tpu(head_dim):
+  # XLA's TPU scatter copied whole window arrays around every layer's write: 236 MB of
+  # temporaries for this step's 50 MB of windows (185 MB at head_dim 128); the window
+  # kernel writes them in place. Rings of 252 slots stored [252, H] then still cost
+  # 38 MB at either head_dim: XLA keeps such arrays in layouts of its own (positions
+  # minor at H = 64, the batch folded into tiles at 128) and copies them for the
+  # kernels. Stored in 256 slots, [H, 256] at H = 64, they need no copy.
+  from jax.experimental import topologies
+  from kvtpu.pallas_kernels.decode_attention import window_slots
+
+  device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
   on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-  dims = dict(num_layers=4, batch=64, kv_heads=3, max_len=2048, head_dim=64)
+  dims = dict(num_layers=4, batch=64, kv_heads=3, max_len=2048, head_dim=head_dim)
   fmt = "int4-sbf16-rot+sink4+recent252"
   cache = jax.eval_shape(lambda: kvtpu.KVCache.init(fmt, **dims))
+  ring = cache.k.window("recent")
+  assert ring.slots == window_slots(252) == 256 and ring.transposed == (head_dim == 64)
 
   def step(cache, q, k, v):
     for layer in range(cache.num_layers):
@@ -295,10 +360,16 @@ def test_window_writes_compile_in_place_for_tpu():
       q = kvtpu.attend(q, cache, layer, impl="pallas")
     return cache.advance(1), q
 
-  kv = jax.ShapeDtypeStruct((64, 1, 3, 64), jnp.bfloat16)
-  args = jax.tree.map(on_tpu, (cache, jax.ShapeDtypeStruct((64, 1, 9, 64), jnp.bfloat16), kv, kv))
-  stats = jax.jit(step, donate_argnums=0).lower(*args).compile().memory_analysis()
+  kv = jax.ShapeDtypeStruct((64, 1, 3, head_dim), jnp.bfloat16)
+  args = jax.tree.map(on_tpu, (cache, jax.ShapeDtypeStruct((64, 1, 9, head_dim), jnp.bfloat16),
+                               kv, kv))
+  compiled = jax.jit(step, donate_argnums=0).lower(*args).compile()
+  stats = compiled.memory_analysis()
   nbytes = memory.cache_bytes(fmt, **dims)
   windows = sum(w.size * 2 for x in (cache.k, cache.v) for w in (x.sink, x.recent))
   assert stats.alias_size_in_bytes >= nbytes
-  assert stats.temp_size_in_bytes < windows, (stats.temp_size_in_bytes, windows)
+  assert stats.temp_size_in_bytes < windows / 20, (stats.temp_size_in_bytes, windows)
+  # Copies in VMEM are not temporaries: the windows reach the kernels as they are stored.
+  copied = [line for line in compiled.as_text().splitlines()
+            if " copy(" in line and "cache.k.recent" in line]
+  assert not copied, copied[:2]

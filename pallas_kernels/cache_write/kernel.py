@@ -293,84 +293,103 @@ def _window_kernel(layer_ref, keep_ref, placed_ref, old_ref, out_ref):
 WINDOW_VMEM_BUDGET = 8 * 1024 * 1024
 
 
-def window_vmem_bytes(heads: int, slots: int, head_dim: int, dtype) -> int:
+def window_vmem_bytes(heads: int, slots: int, head_dim: int, dtype,
+                      transposed: bool = False) -> int:
   """VMEM of a window write whose blocks hold `heads` kv heads x `slots` slots: the
-  placed, store and output blocks (padded to whole `tile_positions` rows and 128 lanes)
-  and the `[slots, 1]` keep mask (one int32 lane tile per 8 slots), double-buffered."""
+  placed, store and output blocks (`[slots, H]`, or `[H, slots]` when `transposed`,
+  padded to whole tiles of `tile_positions` rows and 128 lanes) and the keep mask
+  (`[slots, 1]` int32, one lane tile per 8 slots; `[1, slots]` when transposed),
+  double-buffered."""
   tile = _SUBLANES * max(1, 32 // _bits(dtype))
-  rows = -(-slots // tile) * tile
-  block = heads * rows * (-(-head_dim // _LANES) * _LANES) * _bits(dtype) // 8
-  keep = -(-slots // _SUBLANES) * _SUBLANES * _LANES * 4
+  rows, lanes = (head_dim, slots) if transposed else (slots, head_dim)
+  block = heads * (-(-rows // tile) * tile) * (-(-lanes // _LANES) * _LANES) * _bits(dtype) // 8
+  keep = (_SUBLANES * -(-slots // _LANES) * _LANES if transposed
+          else -(-slots // _SUBLANES) * _SUBLANES * _LANES) * 4
   return 2 * (3 * block + keep)
 
 
 def window_blocks(kv_heads: int, width: int, head_dim: int, dtype,
-                  budget: int = WINDOW_VMEM_BUDGET) -> tuple[int, int] | None:
+                  budget: int = WINDOW_VMEM_BUDGET,
+                  transposed: bool = False) -> tuple[int, int] | None:
   """`(heads, slots)` per block of a window write, or None when no block fits `budget`:
   the whole window of the most kv heads (a divisor of K) that fit; when not even one
-  head's does, the largest divisor of W that is a multiple of the dtype's tile rows
-  (`tile_positions`: blocks never partial, so every slot is written by one whole
-  block)."""
+  head's does, the largest divisor of W that is a whole number of tiles (`tile_positions`
+  rows; 128 lanes for a `transposed` window), so that no block is partial."""
   for heads in sorted((d for d in range(1, kv_heads + 1) if kv_heads % d == 0), reverse=True):
-    if window_vmem_bytes(heads, width, head_dim, dtype) <= budget:
+    if window_vmem_bytes(heads, width, head_dim, dtype, transposed) <= budget:
       return heads, width
-  tile = _SUBLANES * max(1, 32 // _bits(dtype))
+  tile = _LANES if transposed else _SUBLANES * max(1, 32 // _bits(dtype))
   for slots in range(width - width % tile, 0, -tile):
-    if width % slots == 0 and window_vmem_bytes(1, slots, head_dim, dtype) <= budget:
+    if width % slots == 0 and window_vmem_bytes(1, slots, head_dim, dtype, transposed) <= budget:
       return 1, slots
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "budget"))
+@functools.partial(jax.jit, static_argnames=("interpret", "budget", "transposed"))
 def window_write(store: jax.Array, placed: jax.Array, keep: jax.Array, layer, *,
-                 interpret=False, budget: int = WINDOW_VMEM_BUDGET) -> jax.Array:
+                 transposed: bool = False, interpret=False,
+                 budget: int = WINDOW_VMEM_BUDGET) -> jax.Array:
   """`store` with the slots `keep` selects replaced by `placed`, in place.
 
   For the unquantized sink and recent windows (`[L, B, K, W, H]`, a few hundred slots
   per sequence): XLA's TPU scatter copies a whole window array into a layout of its
   own and back around every layer's write (temporaries of several times the windows).
-  Grid `(B, K / heads, W / slots)` (`window_blocks`: the whole window of as many
-  heads as fit `budget` bytes of VMEM, usually all K): a step copies its block of layer
+  Grid `(B, K / heads, W / slots)` (`window_blocks`: the whole window of as many heads
+  as fit `budget` bytes of VMEM, usually all K): a step copies its block of layer
   `layer` into VMEM, selects, and writes it back (the output is the store's buffer,
   `input_output_aliases`). A write reads the layer's window and `placed` and writes the
   window: 3 x B x K x W x H values, besides the `placed` XLA gathers from the chunk.
 
   Args:
-    store: `[L, B, K, W, H]`.
-    placed: `[B, K, W, H]` in the store's dtype: slot w of sequence b's new value.
-    keep: int32 `[B, W, 1]`, nonzero where slot w is written.
+    store: `[L, B, K, W, H]`, or `[L, B, K, H, W]` when `transposed`.
+    placed: `[B, K, W, H]` (`[B, K, H, W]`) in the store's dtype: slot w of sequence b's
+      new value.
+    keep: int32 `[B, W, 1]` (`[B, 1, W]`), nonzero where slot w is written.
     layer: int32 scalar, clamped to `[0, L)`.
+    transposed: static; the layout of `store`, `placed` and `keep`.
     interpret: False on TPU; a `pltpu.InterpretParams` to run in interpret mode.
     budget: VMEM bytes the blocks may take (`window_blocks`).
   """
   if store.ndim != 5:
     raise ValueError(f"store must be a window [L, B, K, W, H], got store.shape={store.shape}")
-  num_layers, batch, kv_heads, width, head_dim = store.shape
-  if placed.shape != (batch, kv_heads, width, head_dim) or placed.dtype != store.dtype:
-    raise ValueError(f"placed must be {store.dtype}[B={batch}, K={kv_heads}, W={width}, "
-                     f"H={head_dim}], got {placed.dtype}{list(placed.shape)}")
-  if keep.shape != (batch, width, 1):
-    raise ValueError(f"keep must be [B={batch}, W={width}, 1], got keep.shape={keep.shape}")
-  blocks = window_blocks(kv_heads, width, head_dim, store.dtype, budget)
+  if transposed:
+    num_layers, batch, kv_heads, head_dim, width = store.shape
+    minor, keep_shape, what = (head_dim, width), (batch, 1, width), "H={h}, W={w}"
+  else:
+    num_layers, batch, kv_heads, width, head_dim = store.shape
+    minor, keep_shape, what = (width, head_dim), (batch, width, 1), "W={w}, H={h}"
+  if placed.shape != (batch, kv_heads, *minor) or placed.dtype != store.dtype:
+    raise ValueError(f"placed must be {store.dtype}[B={batch}, K={kv_heads}, "
+                     f"{what.format(w=width, h=head_dim)}], got {placed.dtype}{list(placed.shape)}")
+  if keep.shape != keep_shape:
+    raise ValueError(f"keep must be {list(keep_shape)}, got keep.shape={keep.shape}")
+  blocks = window_blocks(kv_heads, width, head_dim, store.dtype, budget, transposed)
   if blocks is None:
     raise ValueError(f"a window of W={width} slots of head_dim={head_dim} ({store.dtype}) has no "
                      f"block within budget={budget} bytes of VMEM: W needs a divisor that is a "
-                     "multiple of the dtype's tile rows; write it with XLA's scatter")
+                     "whole number of tiles; write it with XLA's scatter")
   heads, slots = blocks
   sq = pl.Squeezed()
+  if transposed:
+    block, keep_block = (heads, head_dim, slots), (1, slots)
+    at = lambda k, w: (k, 0, w)  # noqa: E731
+    keep_at = lambda b, w: (b, 0, w)  # noqa: E731
+  else:
+    block, keep_block = (heads, slots, head_dim), (slots, 1)
+    at = lambda k, w: (k, w, 0)  # noqa: E731
+    keep_at = lambda b, w: (b, w, 0)  # noqa: E731
   store_spec = pl.BlockSpec(
-      (sq, sq, heads, slots, head_dim),
-      lambda b, k, w, layer_ref: (jnp.clip(layer_ref[0], 0, num_layers - 1), b, k, w, 0))
+      (sq, sq, *block),
+      lambda b, k, w, layer_ref: (jnp.clip(layer_ref[0], 0, num_layers - 1), b, *at(k, w)))
   return pl.pallas_call(
       _window_kernel,
       out_shape=jax.ShapeDtypeStruct(store.shape, store.dtype,
                                      manual_axis_type=jax.typeof(store).mat),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(batch, kv_heads // heads, pl.cdiv(width, slots)),
-          in_specs=[pl.BlockSpec((sq, slots, 1), lambda b, k, w, layer_ref: (b, w, 0)),
-                    pl.BlockSpec((sq, heads, slots, head_dim),
-                                 lambda b, k, w, layer_ref: (b, k, w, 0)),
+          grid=(batch, kv_heads // heads, width // slots),
+          in_specs=[pl.BlockSpec((sq, *keep_block), lambda b, k, w, layer_ref: keep_at(b, w)),
+                    pl.BlockSpec((sq, *block), lambda b, k, w, layer_ref: (b, *at(k, w))),
                     store_spec],
           out_specs=store_spec,
       ),

@@ -15,6 +15,7 @@ from kvtpu.pallas_kernels.decode_attention.kernel import (
 from kvtpu.pallas_kernels.decode_attention.reference import (
     MAX_DECODE_T,
     Dims,
+    Window,
     decode_codes,
     dequantize_layer,
     dequantize_per_token,
@@ -28,10 +29,13 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
     unpack_token_groups,
     unpack_transposed,
     validate_inputs,
+    window_slots,
+    window_transposed,
 )
 
 __all__ = ["BlockSizes", "check_precision", "check_span", "merge_partials", "decode_attention", "default_block_sizes", "hbm_bytes",
            "layout_error", "min_hbm_bytes", "vmem_estimate_bytes", "MAX_DECODE_T", "Dims",
            "masked_attention", "ref_decode_attention", "validate_inputs", "unpack_operands",
            "dequantize_per_token", "dequantize_token_groups", "dequantize_layer", "decode_codes",
-           "unpack_codes", "unpack_token_groups", "unpack_transposed", "logical", "gather_pages"]
+           "unpack_codes", "unpack_token_groups", "unpack_transposed", "logical", "gather_pages",
+           "Window", "window_slots", "window_transposed"]

@@ -92,6 +92,7 @@ from kvtpu.pallas_kernels.decode_attention.reference import (
   unpack_windows,
   validate_inputs,
   validate_windows,
+  window_slots,
 )
 
 __all__ = ["BlockSizes", "DEFAULT_VMEM_BUDGET", "decode_attention", "default_block_sizes",
@@ -303,8 +304,8 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     k_dtype, v_dtype: storage dtypes.
     scale_itemsize: bytes per scale (and zero point) for "k" and "v" (default 4).
     has_zero: whether K and V have per-token zero points.
-    windows: `(W_s, W_r)` sink and ring slots (0: none); window_itemsize: their bytes
-      per value.
+    windows: `(W_s, W_r)` sink and ring sizes in positions (0: none), each read whole as
+      its `window_slots`; window_itemsize: their bytes per value.
     span: None, or `(start, stop)` `[B]` host arrays (`decode_attention`'s `kv_span`):
       the visits run from block `start // block_s` (at most `last_j`) and `end_j` is at
       most `stop`.
@@ -345,7 +346,8 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
   rows = block_t * d.group
   q = int(live.sum()) * d.kv_heads * rows * d.head_dim * 4
   out = q
-  win = d.batch * d.kv_heads * sum(windows) * d.head_dim * window_itemsize * 2  # K and V.
+  slots = sum(window_slots(w) for w in windows)
+  win = d.batch * d.kv_heads * slots * d.head_dim * window_itemsize * 2  # K and V.
   return {"kv": kv, "scales": scales, "windows": win, "q": q, "out": out,
           "total": kv + scales + win + q + out}
 
@@ -410,7 +412,7 @@ def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, rece
 def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q_ref, k_ref, v_ref,
             *rest, d: Dims, block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int,
             recent: int, precision: jax.lax.Precision, lse: bool, k_codes=None, v_codes=None,
-            transposed: tuple[bool, bool] = (False, False)):
+            transposed: tuple[bool, bool] = (False, False), window_layouts=None):
   del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
@@ -490,22 +492,27 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
     m_ref[...] = m_new
     return p, alpha
 
-  def window(refs, pos, held):
-    """One window's segment of the online softmax: `refs` its K and V `[W, H]`, `pos`
-    `[1, W]` the position of each slot, `held` `[1, W]` whether the slot holds one."""
+  def window(refs, pos, held, transposed: bool):
+    """One window's segment of the online softmax: `refs` its K and V `[W, H]` (`[H, W]`
+    when `transposed`) of W slots, `pos` `[1, W]` the position of each slot, `held`
+    `[1, W]` whether the slot holds one of them."""
     kw_ref, vw_ref = refs
     width = pos.shape[1]
     # Mosaic lowers bf16 matmuls over whole (16, 128) tiles only: other widths in f32
     # (a window is at most a few hundred positions).
-    f32 = width % (2 * _SUBLANES) != 0
-    logits = matmul(q_ref[...], kw_ref[...], transpose_b=True, b_exact=exact(kw_ref.dtype),
-                    f32=f32)
+    f32 = width % (_LANES if transposed else 2 * _SUBLANES) != 0
+    logits = matmul(q_ref[...], kw_ref[...], transpose_b=not transposed,
+                    b_exact=exact(kw_ref.dtype), f32=f32)
     mask = held & (pos <= query_limit(width)) & in_span(pos)  # [TG, W]
     p, alpha = softmax_step(logits, mask)
-    # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
-    held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
-    v = jnp.where(held_col > 0, vw_ref[...].astype(jnp.float32), 0.0)  # Unheld slots: NaN-safe.
-    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, b_exact=exact(vw_ref.dtype), f32=f32)
+    if transposed:
+      v = jnp.where(held, vw_ref[...].astype(jnp.float32), 0.0)  # Unheld slots: NaN-safe.
+    else:
+      # [1, W] -> [W, 1] (Mosaic transposes whole (8, 128) tiles, so broadcast first).
+      held_col = jnp.transpose(jnp.broadcast_to(held.astype(jnp.float32), (8, width)))[:, :1]
+      v = jnp.where(held_col > 0, vw_ref[...].astype(jnp.float32), 0.0)
+    acc_ref[...] = alpha * acc_ref[...] + matmul(p, v, transpose_b=transposed,
+                                                 b_exact=exact(vw_ref.dtype), f32=f32)
 
   @pl.when((i == 0) & live)
   def _init():
@@ -513,14 +520,16 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     if sink:
-      slot = jax.lax.broadcasted_iota(jnp.int32, (1, sink), 1)
-      window(sink_refs, slot, slot < end)
+      slots, t = window_layouts["sink"]
+      slot = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
+      window(sink_refs, slot, (slot < sink) & (slot < end), t)
     if recent:
-      slot = jax.lax.broadcasted_iota(jnp.int32, (1, recent), 1)
+      slots, t = window_layouts["recent"]
+      slot = jax.lax.broadcasted_iota(jnp.int32, (1, slots), 1)
       # The ring's slot of position p is p mod W_r; its positions are [end - W_r, end).
-      # lax.rem of non-negative operands (see t below).
+      # lax.rem of non-negative operands (see t below); slots past W_r hold nothing.
       pos = end - recent + jax.lax.rem(slot - jax.lax.rem(end, recent) + recent, recent)
-      window(recent_refs, pos, (pos >= sink) & (pos >= 0))
+      window(recent_refs, pos, (slot < recent) & (pos >= sink) & (pos >= 0), t)
 
   @pl.when((i * block_s < block_end) & ((i + 1) * block_s > start) & live)
   def _block():
@@ -712,7 +721,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   precision, span = check_precision(precision), check_span(span, d.batch)
   bs = block_s
   blocks_per_page = pl.cdiv(d.slab, bs)
-  windows_len = tuple(0 if w is None else w.shape[3] for w in (windows[0], windows[2]))
+  windows_len = tuple(0 if w is None else w.size for w in (windows[0], windows[2]))
   if page_table is None:
     page_table = jnp.arange(d.batch, dtype=jnp.int32)[:, None]
   pages_per_seq = page_table.shape[1]
@@ -771,18 +780,21 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
                                      lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
       operands.append(arr)
   sizes = {"sink": 0, "recent": 0}
+  layouts = {}
   for field, pair in (("sink", windows[:2]), ("recent", windows[2:])):
     if pair[0] is not None:
-      sizes[field] = pair[0].shape[3]
+      w = pair[0]
+      sizes[field] = w.size
+      layouts[field] = (w.slots, w.transposed)
       # The whole window of (layer, b, head): the same block at every query and KV step.
-      spec = pl.BlockSpec((sq, sq, sq, sizes[field], d.head_dim),
+      spec = pl.BlockSpec((sq, sq, sq, *w.data.shape[3:]),
                           lambda b, h, j, i, layer_ref, *_: (layer_ref[0], b, h, 0, 0))
       in_specs += [spec, spec]
-      operands += list(pair)
+      operands += [x.data for x in pair]
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
                              k_zero=k_zero is not None, v_zero=v_zero is not None,
                              k_codes=codes[0], v_codes=codes[1], precision=precision, lse=lse,
-                             transposed=transposed, **sizes)
+                             transposed=transposed, window_layouts=layouts, **sizes)
   out_shape, out_specs = jax.ShapeDtypeStruct(qk.shape, jnp.float32), q_spec
   if lse:  # One float per row: [B, K, T*G, 1].
     out_shape = (out_shape, jax.ShapeDtypeStruct((*qk.shape[:3], 1), jnp.float32))

@@ -182,31 +182,83 @@ def decode_codes(x, levels):
   return out
 
 
+# Window storage. XLA's TPU layouts (libtpu 0.0.52, found by compiling) keep a `[W, H]`
+# window row-major, the layout the kernels read, only when W is a multiple of 8 (or 2 or
+# 4, small tiles) and, where H is not a multiple of 128 lanes, W <= H. Other windows it
+# stores with the batch folded into tiles or positions minor, and copies into the
+# kernels' layout and back around every call (tens of MB per decode step for rings of
+# 252 positions at 64 sequences). So a window of W positions has `window_slots(W)`
+# slots, the last few never written or read, stored `[H, slots]` where
+# `window_transposed` (positions in lanes, as XLA then keeps them).
+_LANES = 128
+
+
+def window_slots(size: int) -> int:
+  """Stored slots of a window of `size` positions: `size` rounded up to a multiple of 8
+  (2 and 4 kept)."""
+  return size if size in (0, 2, 4) else -(-size // 8) * 8
+
+
+def window_transposed(head_dim: int, slots: int) -> bool:
+  """Whether a window of `slots` slots is stored `[H, slots]`: head_dim not a multiple of
+  128 lanes and fewer than the slots."""
+  return head_dim % _LANES != 0 and slots > head_dim
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """An unquantized window as the kernels read it: `data` `[L, B, K, slots, H]`, or
+  `[L, B, K, H, slots]` when `transposed`, whose first `size` slots hold the window
+  (`window_slots`; the others are never read). A pytree of `data`; `size` and
+  `transposed` are static."""
+
+  data: jax.Array
+  size: int = dataclasses.field(metadata=dict(static=True))
+  transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+  @property
+  def slots(self) -> int:
+    return self.data.shape[4 if self.transposed else 3]
+
+  def layer(self, layer) -> jax.Array:
+    """One layer's window as `[B, K, size, H]`."""
+    w = self.data[layer]
+    return (jnp.swapaxes(w, -1, -2) if self.transposed else w)[:, :, :self.size]
+
+
 def unpack_windows(k, v, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
-  """`(k_sink, v_sink, k_recent, v_recent)`: the unquantized windows, from quantized
-  tensors' `sink` / `recent` attributes or from the arguments (not both).
+  """`(k_sink, v_sink, k_recent, v_recent)`: the unquantized windows as `Window`s (or
+  None), from quantized tensors (their `window(field)`) or from the arguments (not
+  both): a `Window`, or a plain `[L, B, K, W, H]` array, all W of its slots the window.
 
   Windows hold positions unquantized beside the quantized store `[L, B, K, S, H]`:
-  a sink `[L, B, K, W_s, H]` holds position p < W_s in slot p; a recent window
-  `[L, B, K, W_r, H]` holds each of a sequence's last W_r positions p in slot
-  p mod W_r (a ring). Attention reads a position from the sink if p < W_s, else from
-  the ring if p >= held - W_r (held: the tokens the sequence holds, chunk included),
-  else from the quantized store.
+  a sink of W_s positions holds position p < W_s in slot p; a recent window of W_r
+  positions holds each of a sequence's last W_r positions p in slot p mod W_r (a
+  ring). Attention reads a position from the sink if p < W_s, else from the ring if
+  p >= held - W_r (held: the tokens the sequence holds, chunk included), else from
+  the quantized store.
   """
   out = {"k_sink": k_sink, "v_sink": v_sink, "k_recent": k_recent, "v_recent": v_recent}
   for name, x in (("k", k), ("v", v)):
     for field in ("sink", "recent"):
-      carried = getattr(x, field, None) if _is_quantized(x) else None
+      carried = x.window(field) if _is_quantized(x) and hasattr(x, "window") else None
       if carried is not None:
         if out[f"{name}_{field}"] is not None:
           raise ValueError(f"{name} is a quantized tensor carrying its {field} window; do not "
                            f"also pass {name}_{field}")
         out[f"{name}_{field}"] = carried
+  for key, w in out.items():
+    if w is not None and not isinstance(w, Window):
+      if jnp.ndim(w) != 5:
+        raise ValueError(f"{key} must be [L, B, K, W, H], got {key}.shape={jnp.shape(w)}")
+      out[key] = Window(w, w.shape[3])
   return out["k_sink"], out["v_sink"], out["k_recent"], out["v_recent"]
 
 
 def validate_windows(d: Dims, k_sink, v_sink, k_recent, v_recent) -> tuple[int, int]:
-  """Checks the windows against the call's `Dims`; returns `(W_s, W_r)` (0: none).
+  """Checks the windows (`Window`s or None, `unpack_windows`) against the call's `Dims`;
+  returns `(W_s, W_r)`, their sizes in positions (0: none).
 
   Raises:
     ValueError, TypeError: naming the argument and the expected shape or dtype.
@@ -219,15 +271,20 @@ def validate_windows(d: Dims, k_sink, v_sink, k_recent, v_recent) -> tuple[int, 
       sizes.append(0)
       continue
     for name, w in ((f"k_{field}", kw), (f"v_{field}", vw)):
-      if (w.ndim != 5 or w.shape[:3] != (d.num_layers, d.batch, d.kv_heads)
-          or w.shape[4] != d.head_dim or w.shape[3] < 1):
-        raise ValueError(f"{name} must be [L={d.num_layers}, B={d.batch}, K={d.kv_heads}, W >= 1, "
-                         f"H={d.head_dim}], got {name}.shape={w.shape}")
-      if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {name}.dtype={w.dtype}")
-    if kw.shape != vw.shape:
-      raise ValueError(f"k_{field}.shape={kw.shape} and v_{field}.shape={vw.shape} differ")
-    sizes.append(kw.shape[3])
+      x = w.data
+      minor = (d.head_dim, w.slots) if w.transposed else (w.slots, d.head_dim)
+      if (x.ndim != 5 or x.shape[:3] != (d.num_layers, d.batch, d.kv_heads)
+          or tuple(x.shape[3:]) != minor or not 1 <= w.size <= w.slots):
+        what = "H, slots" if w.transposed else "slots, H"
+        raise ValueError(f"{name} must be [L={d.num_layers}, B={d.batch}, K={d.kv_heads}, {what}] "
+                         f"(H={d.head_dim}) with 1 <= size <= slots, got {name}.shape={x.shape}, "
+                         f"size={w.size}")
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {name}.dtype={x.dtype}")
+    if (kw.data.shape, kw.size, kw.transposed) != (vw.data.shape, vw.size, vw.transposed):
+      raise ValueError(f"k_{field} (shape {kw.data.shape}, size {kw.size}) and v_{field} (shape "
+                       f"{vw.data.shape}, size {vw.size}) differ")
+    sizes.append(kw.size)
   return sizes[0], sizes[1]
 
 
@@ -429,8 +486,7 @@ def ref_decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero
   # [B, K, S, H] slabs; values stored transposed are gathered as [B, K, H, S].
   k, v = (jnp.swapaxes(pick(x, 3), -1, -2) if t else pick(x)
           for x, t in zip((k, v), transposed, strict=True))
-  windows = tuple(None if w is None else w[layer] for w in windows)
-  k_sink, v_sink, k_recent, v_recent = windows
+  k_sink, v_sink, k_recent, v_recent = (None if w is None else w.layer(layer) for w in windows)
   held = jnp.minimum(lengths + chunk, d.max_len)
   keys = overlay_windows(dequantize_layer(k, k_scale, k_zero, k_codes, d.k_token_group),
                          k_sink, k_recent, held)  # [B, K, S, H]

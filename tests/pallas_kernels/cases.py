@@ -53,7 +53,7 @@ def kernel_args(cache, layer, chunk):
   """Raw-array arguments of the kernel for one cache layer (dynamic formats), windows,
   codebooks, token groups and values layouts (static: `split_static`) included."""
   k, v = cache.k, cache.v
-  windows = {f"{w}_{f}": getattr(x, f) for w, x in (("k", k), ("v", v))
+  windows = {f"{w}_{f}": x.window(f) for w, x in (("k", k), ("v", v))
              for f in ("sink", "recent") if getattr(x, f) is not None}
   codes = {f"{w}_codes": x.codes for w, x in (("k", k), ("v", v)) if x.codes is not None}
   groups = {f"{w}_token_group": x.token_group for w, x in (("k", k), ("v", v)) if x.token_group}

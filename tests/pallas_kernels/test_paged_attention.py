@@ -200,7 +200,8 @@ def test_paged_kernels_compile_through_mosaic(fmt, generation, t):
   def tensor(which):  # The pool's arrays with per-sequence windows.
     x, w = getattr(pool, which), getattr(windows, which)
     return jax.tree.map(on_tpu, type(x)(values=x.values, scale=x.scale, zero=x.zero, clip=None,
-                                        sink=w.sink, recent=w.recent, spec=x.spec))
+                                        sink=w.sink, recent=w.recent, spec=x.spec,
+                                        transposed=x.transposed, windows=x.windows))
 
   kernel = decode_attention if t <= 8 else prefill_attention
   vec = on_tpu(jax.ShapeDtypeStruct((b,), jnp.int32))
