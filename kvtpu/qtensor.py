@@ -20,9 +20,9 @@ Arrays (axis letters as in ARCHITECTURE.md; G = scale groups per token and head)
           unquantized:   None.
   zero    like `scale`, float32; asymmetric specs only, else None.
   clip    f32 [L, K]: calibrated clip ratios in (0, 1] of a dynamic spec, or None.
-  sink    [L, B, K, W_s, H] bf16 (f32 for an f32 spec): the first W_s positions of each
-          sequence, unquantized, in the stored (rotated) coordinates; or None.
-  recent  [L, B, K, W_r, H], likewise: position p of the sequence's last W_r in slot
+  sink    [L, B, K, slots, H] bf16 (f32 for an f32 spec): the first W_s positions of
+          each sequence, unquantized, in the stored (rotated) coordinates; or None.
+  recent  [L, B, K, slots, H], likewise: position p of the sequence's last W_r in slot
           p mod W_r (a ring); or None.
           A window of W positions stores `window_slots(W)` slots (W rounded up to a
           multiple of 8; the rest never written or read), `[.., H, slots]` where
@@ -270,9 +270,10 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
 def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
                  method: str | None = None, transposed: bool = False) -> jax.Array:
   """Writes a chunk `values: [B, T, K, H]` into a window `store: [L, B, K, W, H]` (`[L,
-  B, K, H, W]` when `transposed`), token t of sequence b into slot `target[b, t]` (W or
-  more: dropped; from `Placement.sink_target` or `recent_target`, which never name a
-  slot twice).
+  B, K, H, W]` when `transposed`), token t of sequence b into slot `target[b, t]` (W,
+  the stored slots, or more: dropped; from `Placement.sink_target` or `recent_target`,
+  which never name a slot twice and mark a dropped token with the window's size: remap
+  those to W on a padded store, as `QuantizedKV.write` does).
 
   `method`: "scatter" (XLA), "pallas" or "interpret" (`cache_write.window_write`: a
   sequence's window in VMEM, in place), or None for the platform's choice when
@@ -285,7 +286,8 @@ def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
     def write(method):
       return lambda store, values: write_window(store, layer, values, target, method, transposed)
 
-    k, (width, h) = store.shape[2], store.shape[3:][::-1] if transposed else store.shape[3:]
+    k = store.shape[2]
+    width, h = (store.shape[4], store.shape[3]) if transposed else store.shape[3:]
     blocks = cw.window_blocks(k, width, h, store.dtype, transposed=transposed)
     tpu = "scatter" if blocks is None else "pallas"
     return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),

@@ -160,6 +160,7 @@ def test_attention_reads_the_windows(fmt, prefix, t, rng):
 
 def test_kernel_takes_windows_as_arrays_and_checks_them(rng):
   from kvtpu.pallas_kernels.decode_attention import (
+    Window,
     decode_attention,
     ref_decode_attention,
     window_slots,
@@ -187,6 +188,8 @@ def test_kernel_takes_windows_as_arrays_and_checks_them(rng):
   bad = {"k_recent": plain["k_recent"][:, :, :1], "v_recent": plain["v_recent"][:, :, :1]}
   with pytest.raises(ValueError, match=r"k_recent must be \[L=2, B=2, K=2, slots, H\] \(H=16\)"):
     decode_attention(q, *args, **scales, **{**plain, **bad})
+  with pytest.raises(ValueError, match=r"k_sink must be \[L=2, B=2, K=2, slots, H\]"):  # 4-D data.
+    decode_attention(q, *args, **scales, **{**stored, "k_sink": Window(k.sink[0], SINK)})
   with pytest.raises(ValueError, match=r"k_sink \(shape .*, size 3\) and v_sink \(shape .*, size 2\)"):
     decode_attention(q, *args, **scales, **{**stored, "v_sink": dataclasses.replace(stored["v_sink"], size=2)})
 

@@ -55,8 +55,9 @@ Layout and traffic:
     arrays in, so no copy of the cache is made around the call. The logits are then
     `q [TG, H] . k [H, bs]` and the output `p [TG, bs] . v [H, bs]^T`; per-token scales
     (positions in lanes either way) broadcast over the block's rows.
-  * Unquantized windows (`reference.unpack_windows`): the sink `[W_s, H]` and ring
-    `[W_r, H]` of a (b, kv head) are two more blocks whose index does not change
+  * Unquantized windows (`reference.unpack_windows`, `reference.Window`): the sink and
+    ring of a (b, kv head), `[slots, H]` or `[H, slots]` (`window_transposed`; the first
+    W_s / W_r slots hold the window, the rest are masked), are two more blocks whose index does not change
     along the grid's query and KV axes, so each is copied once per (b, kv head). At
     the first KV step they enter the online softmax as two more segments (each ring
     slot's position computed from the sequence's length), and the quantized blocks
@@ -305,7 +306,8 @@ def hbm_bytes(d: Dims, block_s: int, lengths, chunk, k_dtype, v_dtype, *,
     scale_itemsize: bytes per scale (and zero point) for "k" and "v" (default 4).
     has_zero: whether K and V have per-token zero points.
     windows: `(W_s, W_r)` sink and ring sizes in positions (0: none), each read whole as
-      its `window_slots`; window_itemsize: their bytes per value.
+      its `window_slots` (as a cache stores them); window_itemsize: their bytes per
+      value.
     span: None, or `(start, stop)` `[B]` host arrays (`decode_attention`'s `kv_span`):
       the visits run from block `start // block_s` (at most `last_j`) and `end_j` is at
       most `stop`.
@@ -645,8 +647,9 @@ def decode_attention(q, k, v, lengths, chunk, layer, *, k_scale=None, k_zero=Non
     k_scale, v_scale: per-token scales `[L, B, K, G, S]` (G groups along H), per-channel
       scales `[L, B, K, S / N, H]` with `k_token_group` / `v_token_group` N, or None.
     k_zero, v_zero: zero points shaped like the scales, or None.
-    k_sink, v_sink, k_recent, v_recent: unquantized windows `[L, B, K, W, H]`
-      (`reference.unpack_windows`), or None; carried by quantized `k`, `v` too.
+    k_sink, v_sink, k_recent, v_recent: unquantized windows, each a `reference.Window`
+      or a plain `[L, B, K, W, H]` array of exactly W positions (`reference
+      .unpack_windows`), or None; carried by quantized `k`, `v` too.
     k_codes, v_codes: static codebooks of non-uniform codes (`reference.unpack_codes`),
       or None; carried by quantized `k`, `v` too.
     k_token_group, v_token_group: static positions per per-channel scale

@@ -230,7 +230,9 @@ class Window:
 def unpack_windows(k, v, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
   """`(k_sink, v_sink, k_recent, v_recent)`: the unquantized windows as `Window`s (or
   None), from quantized tensors (their `window(field)`) or from the arguments (not
-  both): a `Window`, or a plain `[L, B, K, W, H]` array, all W of its slots the window.
+  both): a `Window`, or a plain `[L, B, K, W, H]` array, all W of its slots the window
+  (a cache's stored window arrays have padding slots, and some are `[H, slots]`: pass
+  them as `QuantizedKV.window(field)`, or the quantized tensor itself).
 
   Windows hold positions unquantized beside the quantized store `[L, B, K, S, H]`:
   a sink of W_s positions holds position p < W_s in slot p; a recent window of W_r
@@ -272,8 +274,9 @@ def validate_windows(d: Dims, k_sink, v_sink, k_recent, v_recent) -> tuple[int, 
       continue
     for name, w in ((f"k_{field}", kw), (f"v_{field}", vw)):
       x = w.data
-      minor = (d.head_dim, w.slots) if w.transposed else (w.slots, d.head_dim)
-      if (x.ndim != 5 or x.shape[:3] != (d.num_layers, d.batch, d.kv_heads)
+      minor = (None if x.ndim != 5 else
+               (d.head_dim, w.slots) if w.transposed else (w.slots, d.head_dim))
+      if (minor is None or x.shape[:3] != (d.num_layers, d.batch, d.kv_heads)
           or tuple(x.shape[3:]) != minor or not 1 <= w.size <= w.slots):
         what = "H, slots" if w.transposed else "slots, H"
         raise ValueError(f"{name} must be [L={d.num_layers}, B={d.batch}, K={d.kv_heads}, {what}] "
@@ -314,7 +317,7 @@ def validate_inputs(q, k, v, lengths, chunk, layer, k_scale=None, k_zero=None, v
     q: `[B, T, N, H]` float queries (already multiplied by the softmax scale).
     k, v: `[L, B, K, S, H]` caches in a storage dtype; with `page_table`, pools
       `[L, P, K, Z, H]` of P pages of Z positions (scales likewise with P and Z for B
-      and S; windows stay per sequence, `[L, B, K, W, H]`).
+      and S; windows stay per sequence: their axis 1 is B).
     lengths: `i32[B]` tokens held before this chunk; query t sits at lengths + t.
     chunk: `i32[B]` tokens of this chunk already written (valid), <= T.
     layer: integer scalar, the layer to read.
