@@ -182,9 +182,9 @@ def lanes_transposed(spec: QuantSpec, head_dim: int, slab: int) -> bool:
 
 
 # How a chunk is written (`write_rows`): "scatter" (XLA's CPU backend scatters in
-# place), "pallas" (one in-place Pallas kernel call for the batch, on TPU), "interpret"
-# (that kernel in Pallas interpret mode), "blocks" (one dynamic-update-slice per
-# sequence: TPU stores the kernel cannot take, and GPU).
+# place; every platform but TPU), "pallas" (one in-place Pallas kernel call for the
+# batch, on TPU), "interpret" (that kernel in Pallas interpret mode), "blocks" (one
+# dynamic-update-slice per sequence: TPU stores the kernel cannot take).
 WRITE_METHODS = ("scatter", "pallas", "interpret", "blocks")
 
 
@@ -193,12 +193,13 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
   """Writes a chunk `values: [B, T, K, X]` into `store: [L, B, K, ...]`.
 
   `seq_axis` is the store's position axis: 3 for values `[L, B, K, S, H]`, 4 for
-  dynamic scales `[L, B, K, G, S]` and transposed values `[L, B, K, H, S]`. `method`: one of `WRITE_METHODS`, or None for the
-  platform's choice when lowering: scatter on CPU; on TPU the Pallas kernel
-  (`pallas_kernels.cache_write`) where its `layout_error` is None, else blocks;
-  blocks elsewhere. Every method stores the same bits. With `page_table` the store
-  is a pool of pages (`[L, P, K, Z, H]`, ...) and `where` counts positions of the
-  sequence (dropped ones at Z x the table's width); "blocks" then scatters.
+  dynamic scales `[L, B, K, G, S]` and transposed values `[L, B, K, H, S]`. `method`:
+  one of `WRITE_METHODS`, or None for the platform's choice when lowering: on TPU the
+  Pallas kernel (`pallas_kernels.cache_write`) where its `layout_error` is None, else
+  blocks; the scatter elsewhere (two branches: `platform_dependent` traces every branch
+  of every write). Every method stores the same bits. With `page_table` the store is a
+  pool of pages (`[L, P, K, Z, H]`, ...) and `where` counts positions of the sequence
+  (dropped ones at Z x the table's width); "blocks" then scatters.
 
   Why several: XLA's TPU scatter picks a layout of its own for the cache array and
   copies the whole `[L, B, K, S, H]` array into and out of it around every layer's
@@ -214,8 +215,7 @@ def write_rows(store: jax.Array, layer, values: jax.Array, where: Placement, seq
                                               page_table)
 
     tpu = "blocks" if cw.layout_error(store.shape, store.dtype, seq_axis) else "pallas"
-    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
-                                      default=write("blocks"))
+    return jax.lax.platform_dependent(store, values, tpu=write(tpu), default=write("scatter"))
   if method == "scatter" or (method == "blocks" and page_table is not None):
     target = where.target
     if page_table is None:
@@ -290,8 +290,7 @@ def write_window(store: jax.Array, layer, values: jax.Array, target: jax.Array,
     width, h = (store.shape[4], store.shape[3]) if transposed else store.shape[3:]
     blocks = cw.window_blocks(k, width, h, store.dtype, transposed=transposed)
     tpu = "scatter" if blocks is None else "pallas"
-    return jax.lax.platform_dependent(store, values, cpu=write("scatter"), tpu=write(tpu),
-                                      default=write("scatter"))
+    return jax.lax.platform_dependent(store, values, tpu=write(tpu), default=write("scatter"))
   if method == "scatter":
     rows = jnp.arange(store.shape[1])[:, None]  # [B, 1]
     # Both index lists broadcast to [B, T] ahead of the sliced axes: values [B, T, K, H].

@@ -34,18 +34,22 @@ os.environ["KVTPU_TEST_CPU_XLA_FLAGS"] = _CPU_ONLY_XLA_FLAGS.strip()
 # compiled once is read back instead of compiled again, within a run and across runs
 # (the edit loop recompiles only what an edit changed). The key covers the program,
 # the compile options and the jax, jaxlib and backend versions, so a hit is the
-# executable the compiler would produce. Bounded (least recently used entries are
-# evicted, under a file lock); KVTPU_TEST_JAX_CACHE= (empty) turns it off. Programs
-# that compile in 30 ms or more are stored (JAX's default is 1 s): the tests' cache
-# writes and small jitted steps compile in 30-200 ms each, hundreds per file, and were
-# compiled again on every run at the former 0.2 s; below 30 ms a read costs about what
-# the compile does.
+# executable the compiler would produce. KVTPU_TEST_JAX_CACHE= (empty) turns it off.
+# Programs that compile in 30 ms or more are stored (JAX's default is 1 s): the tests'
+# cache writes and small jitted steps compile in 30-200 ms each, hundreds per file, and
+# were compiled again on every run at the former 0.2 s; below 30 ms a read costs about
+# what the compile does.
+# Unbounded for JAX (max size -1): a bounded cache rescans every entry (a stat and a
+# read each) under a file lock on every write, which took a sixth of a kernel test
+# file's time once the cache held ~1700 programs. The bound is kept here instead, once
+# a run (`_bound_compilation_cache`, before the workers start).
 _JAX_CACHE = os.environ.get(
     "KVTPU_TEST_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax-tests"))
+_JAX_CACHE_MAX_BYTES = 2 << 30
 if _JAX_CACHE:
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.03")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 import zlib  # noqa: E402
 
@@ -86,6 +90,30 @@ def _rank(item) -> int:
     if item.nodeid.startswith(prefix):
       return i
   return len(_LONGEST_FIRST)
+
+
+def _bound_compilation_cache(path: pathlib.Path, max_bytes: int) -> None:
+  """Deletes the oldest-written programs until the cache holds at most `max_bytes`."""
+  entries = []
+  for f in path.glob("*-cache"):
+    try:
+      st = f.stat()
+    except FileNotFoundError:
+      continue
+    entries.append((st.st_mtime, st.st_size, f))
+  total = sum(size for _, size, _ in entries)
+  for _, size, f in sorted(entries, key=lambda e: e[0]):
+    if total <= max_bytes:
+      break
+    f.unlink(missing_ok=True)
+    f.with_name(f.name.removesuffix("-cache") + "-atime").unlink(missing_ok=True)
+    total -= size
+
+
+def pytest_configure(config):
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if cache and not hasattr(config, "workerinput"):  # The controller, once a run.
+    _bound_compilation_cache(pathlib.Path(cache), _JAX_CACHE_MAX_BYTES)
 
 
 def pytest_addoption(parser):
