@@ -111,9 +111,11 @@ def _bound_compilation_cache(path: pathlib.Path, max_bytes: int) -> None:
 
 
 def pytest_configure(config):
-  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  if cache and not hasattr(config, "workerinput"):  # The controller, once a run.
-    _bound_compilation_cache(pathlib.Path(cache), _JAX_CACHE_MAX_BYTES)
+  # The controller, once a run; only the tests' own folder (never a cache folder the
+  # caller chose with JAX_COMPILATION_CACHE_DIR).
+  if (_JAX_CACHE and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _JAX_CACHE
+      and not hasattr(config, "workerinput")):
+    _bound_compilation_cache(pathlib.Path(_JAX_CACHE), _JAX_CACHE_MAX_BYTES)
 
 
 def pytest_addoption(parser):
