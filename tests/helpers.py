@@ -109,6 +109,10 @@ def write_chunks(fmt, rng, steps, *, max_len: int, head_dim: int, layer: int = 1
   """A NaN-poisoned 2-layer cache (2 kv heads) after writing the chunks `steps` (`(T,
   valid_len [B])` each, all but the last advanced) of K/V with outliers into `layer`.
 
+  Every chunk goes to `update` `max_len` wide, its T tokens followed by NaN padding that
+  `valid_len` leaves unwritten: one compiled write serves every chunk of a format, and
+  a padding token that reached the cache (or a scale) would poison what the tests read.
+
   Returns the cache, the written K and V `[B, S, K, H]` (NaN where nothing was
   written), the tokens each sequence holds, and the last chunk's valid lengths.
   """
@@ -121,7 +125,9 @@ def write_chunks(fmt, rng, steps, *, max_len: int, head_dim: int, layer: int = 1
   for i, (t, valid) in enumerate(steps):
     valid = np.asarray(valid)
     k, v = (kv_with_outliers(rng, (b, t, 2, head_dim)) for _ in range(2))
-    cache = cache.update(layer, jnp.asarray(k), jnp.asarray(v), valid_len=valid)
+    pad = np.full((b, max_len - t, 2, head_dim), np.nan, np.float32)
+    cache = cache.update(layer, *(jnp.asarray(np.concatenate([x, pad], axis=1)) for x in (k, v)),
+                         valid_len=np.minimum(valid, t))
     for j in range(b):
       n = min(valid[j], max_len - held[j])
       keys[j, held[j]:held[j] + n] = k[j, :n]

@@ -48,8 +48,9 @@ def test_grammar_and_refusals():
                               max_len=8, head_dim=8)
 
 
-# (T, valid_len) steps: ragged chunks, sequence 0 overflowing on the second, then decode.
-CHUNKS = [(100, [100, 3, 0]), (30, [30, 0, 30]), (1, [1, 1, 1])]
+# (T, valid_len) steps: ragged chunks, sequence 0 overflowing on the second, then a token
+# each; all 100 wide (one compiled write and attention per format), ragged by the counts.
+CHUNKS = [(100, [100, 3, 0]), (100, [30, 0, 30]), (100, [1, 1, 1])]
 
 
 def test_each_layer_is_the_cache_of_its_format(rng):

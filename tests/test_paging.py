@@ -32,8 +32,12 @@ def make(fmt, *, num_pages=None, page=PAGE):
                                    head_dim=H, **kw))
 
 
-# (T, valid_len per sequence) of each chunk; every chunk but the last is advanced.
-STEPS = [(40, [40, 0, 17, 1]), (130, [0, 128, 130, 127]), (1, [1, 1, 0, 1]), (8, [8, 3, 8, 1])]
+# valid_len per sequence of each chunk (a chunk over pages, decode steps, a chunk within
+# a page); every chunk but the last is advanced. The chunks are WIDTH wide (one compiled
+# write serves them all; the counts make them ragged), the last one's QUERY_T queries
+# go through the decode kernel (impl="interpret").
+STEPS = [[40, 0, 17, 1], [0, 128, 130, 127], [1, 1, 0, 1], [8, 3, 8, 1]]
+WIDTH, QUERY_T = 130, 8
 
 
 def run_steps(cache, rng, allocator=None, impl="xla"):
@@ -42,9 +46,9 @@ def run_steps(cache, rng, allocator=None, impl="xla"):
   held = np.zeros(B, np.int64)
   out = None
   order = np.random.default_rng(11)  # Apart from `rng`: the data must not depend on paging.
-  for i, (t, valid) in enumerate(STEPS):
-    k = jnp.asarray(kv_with_outliers(rng, (B, t, K, H)))
-    v = jnp.asarray(rng.standard_normal((B, t, K, H)), jnp.float32)
+  for i, valid in enumerate(STEPS):
+    k = jnp.asarray(kv_with_outliers(rng, (B, WIDTH, K, H)))
+    v = jnp.asarray(rng.standard_normal((B, WIDTH, K, H)), jnp.float32)
     valid = np.asarray(valid)
     if allocator is not None:
       # Reserve in an order that interleaves the sequences' pages over the pool.
@@ -57,7 +61,7 @@ def run_steps(cache, rng, allocator=None, impl="xla"):
       cache = cache.advance(valid)
       held += valid
     else:
-      q = jnp.asarray(rng.standard_normal((B, t, 4, H)) * 0.2, jnp.float32)
+      q = jnp.asarray(rng.standard_normal((B, QUERY_T, 4, H)) * 0.2, jnp.float32)
       out = kvtpu.attend(q, cache, 1, valid_len=valid, impl=impl)
   return cache, out
 
@@ -78,7 +82,7 @@ def test_paged_cache_holds_what_the_contiguous_one_does(fmt, page):
                          np.random.default_rng(7), allocator)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # The same reference math.
   np.testing.assert_array_equal(paged.lengths, contiguous.lengths)
-  held = np.asarray(contiguous.lengths) + np.asarray(STEPS[-1][1])
+  held = np.asarray(contiguous.lengths) + np.asarray(STEPS[-1])
   for which in ("k", "v"):
     a = np.asarray(paged.dequantized(1, which, held=held))
     b = np.asarray(contiguous.dequantized(1, which, held=held))
@@ -264,8 +268,9 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
       attend=lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl="xla"),
       advance=lambda c, n: c.advance(n)))
   held = np.zeros(b, np.int64)
-  for t, valid in ((20, [20, 0, 17, 1, 33 - 13, 5, 16, 2]), (1, [1] * 8), (8, [8, 3, 0, 8, 1, 8, 8, 8])):
-    valid = np.minimum(np.asarray(valid, np.int32), t)
+  t = 20  # Chunks of one width (one compiled step each way), ragged by their counts.
+  for valid in ([20, 0, 17, 1, 33 - 13, 5, 16, 2], [1] * 8, [8, 3, 0, 8, 1, 8, 8, 8]):
+    valid = np.asarray(valid, np.int32)
     for s in range(b):
       allocator.reserve(s, int(held[s] + valid[s]))
     allocator.check()
@@ -275,7 +280,7 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
     q = jnp.asarray(rng.standard_normal((b, t, 2 * kh, H)) * 0.2, jnp.float32)
     paged, got = sharded(paged, k, v, q, valid)
     ref, want = single(ref, k, v, q, valid)
-    assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"T={t}")
+    assert_close(got, want, atol=1e-6, rtol=1e-6, name=f"chunk {valid.tolist()}")
     held += valid
   np.testing.assert_array_equal(paged.lengths, ref.lengths)
   for name, count in ref.counts().items():
@@ -293,8 +298,9 @@ def test_sharded_paged_cache_equals_the_contiguous_one(fmt, shape):
 
 # The last chunk finds sequence 1 holding only the 2 pages (32 positions) of model device
 # 0: its tokens are dropped at the boundary of device 1's span and it overflows.
-SEQUENCE_STEPS = [(40, [40, 0, 33, 1]), (1, [1, 1, 1, 0]), (50, [50, 31, 50, 50]),
-                  (5, [5, 5, 5, 5])]
+# Chunks of one width (one compiled step each way), ragged by their counts.
+SEQUENCE_STEPS = [[40, 0, 33, 1], [1, 1, 1, 0], [50, 31, 50, 50], [5, 5, 5, 5]]
+SEQUENCE_WIDTH = 50
 
 
 @pytest.mark.parametrize("fmt,shape,impl", [
@@ -336,7 +342,8 @@ def test_sequence_sharded_cache_equals_the_unsharded_one(fmt, shape, impl):
       lambda q, c, i, n: kvtpu.attend(q, c, i, valid_len=n, impl=impl),
       lambda c, n: c.advance(n)))
   held = np.zeros(b, np.int64)
-  for i, (t, valid) in enumerate(SEQUENCE_STEPS):
+  t = SEQUENCE_WIDTH
+  for i, valid in enumerate(SEQUENCE_STEPS):
     valid = np.asarray(valid, np.int32)
     for s in range(b):
       want = held[s] + (0 if (i, s) == (len(SEQUENCE_STEPS) - 1, 1) else valid[s])
@@ -359,7 +366,7 @@ def test_sequence_sharded_cache_equals_the_unsharded_one(fmt, shape, impl):
     if i == len(SEQUENCE_STEPS) - 1:  # Sequence 1's queries read positions never stored.
       got, want = (np.delete(x, 1, axis=1) for x in (got, want))
     assert np.isfinite(got).all()
-    assert_close(got, want, atol=2e-6, rtol=2e-6, name=f"T={t}")
+    assert_close(got, want, atol=2e-6, rtol=2e-6, name=f"chunk {i}")
     held = np.asarray(ref.lengths)
   np.testing.assert_array_equal(paged.lengths, ref.lengths)
   assert held[1] == 32 and np.asarray(paged.overflow).tolist() == [False, True, False, False]
