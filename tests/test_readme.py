@@ -53,10 +53,13 @@ def _matches(line: str, want: str) -> bool:
 
 
 def _snippet_env() -> dict[str, str]:
-  """The test process's environment on the CPU, without its XLA flags (fake devices,
-  cheaper codegen, which may round differently): snippets run, and print, as they do
-  for a reader."""
+  """The test process's environment on the CPU, without its fake devices (snippets see
+  the devices a reader's CPU has), with its cheaper CPU codegen (a third of the heavier
+  snippets' time). The cheaper codegen may round a float's last bit differently; every
+  `# prints` line is matched under it, so a figure it changed would fail here."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
+                      + os.environ.get("KVTPU_TEST_CPU_XLA_FLAGS", "")).strip()
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
