@@ -7,10 +7,12 @@
                                           cache, chunk by chunk through update/attend
   metrics                                 perplexity, KL, top-1 agreement per token
   report.write_report(rows, workdir)      schema-checked results.jsonl, report.md, PNGs
+  traffic.load_jsonl(path, tok, ...)      serving requests with arrival times (a trace file,
+  traffic.poisson(rate=..., ...)          or Poisson arrivals with named length distributions)
 """
 
-from kvtpu.eval import metrics, protocol, report, workloads
+from kvtpu.eval import metrics, protocol, report, traffic, workloads
 from kvtpu.eval.protocol import Protocol
 from kvtpu.eval.workloads import WORKLOADS, Workload
 
-__all__ = ["WORKLOADS", "Workload", "workloads", "metrics", "protocol", "report", "Protocol"]
+__all__ = ["WORKLOADS", "Workload", "workloads", "metrics", "protocol", "report", "traffic", "Protocol"]
