@@ -1,0 +1,334 @@
+"""Continuous batching on the paged cache: requests join and leave a running batch.
+
+`Engine(model, kv_format=..., slots=B, num_pages=P, page_len=Z, chunk=C)` serves a
+`kvtpu.eval.traffic.Trace`: a fixed batch of B slots over one paged cache of P pages,
+a host-side scheduler, and one jitted step.
+
+Each request's *context* is its prompt followed by the tokens generated so far; `fed`
+of them are in the cache. A step feeds every live request the next
+min(C, len(context) - fed) tokens of its context (a prompt chunk, or the one token
+generated last: prefill and decode in the same step), and a request whose context is
+then all in the cache takes the token the step sampled from its last position. So one
+rule covers prefill, chunked prefill, decode and recompute after preemption.
+
+The step has two shapes, `[B, C]` (some request is prefilling) and `[B, 1]` (every
+live request decodes), each compiled once per engine (`compiled_shapes`), however
+many requests are served and however the mix changes: rows without a request feed 0
+tokens (nothing written, their cache row does not advance).
+
+Scheduling, at each step on the engine's clock:
+
+  * arrivals (`arrival_s <= clock`) queue in arrival order; when nothing is live the
+    clock jumps to the next arrival;
+  * the oldest waiting request takes a free slot (its row reset) if the free pages
+    hold its first chunk;
+  * before the step, every live request reserves pages for the tokens it is fed,
+    oldest first; when the pool runs out, the most recently admitted live request is
+    preempted: its pages are freed and it waits at the head of the queue, keeping the
+    tokens it generated, which are recomputed from its context when it is readmitted
+    (greedy outputs are unchanged by it);
+  * a request finishes at a stop id (unless its budget is an exact output length) or
+    at its budget; its pages and slot are freed at once.
+
+The clock advances by each step's measured wall time (after `block_until_ready`;
+both shapes are compiled before the first request arrives, so compiles are not
+served time). Arrival times are thus honoured on any machine, and latencies are
+those of this machine's steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from kvtpu.models.generation import Sampling, sample_logits
+
+import kvtpu
+from kvtpu.attention import IMPLS
+from kvtpu.eval.traffic import Request, Trace
+from kvtpu.paging import OutOfPages, PageAllocator
+
+__all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS"]
+
+# Traces of the step by its width: each is a compile (tests check the bound).
+TRACE_COUNTS: collections.Counter[int] = collections.Counter()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
+def _step(graphdef, state, cache, table, reset, tokens, valid, key, sampling, *, impl):
+  """Resets the `reset` rows, feeds `tokens[b, :valid[b]]`, samples each row's next token
+  from its last fed position. Returns `(next i32[B], cache)`."""
+  TRACE_COUNTS[tokens.shape[1]] += 1
+  model = nnx.merge(graphdef, state)
+  cache = cache.with_page_table(table).reset(reset)
+  logits, cache = model(tokens, cache, valid_len=valid, impl=impl,
+                        logits_at=jnp.maximum(valid - 1, 0))
+  return sample_logits(logits[:, 0], key, sampling), cache
+
+
+@dataclasses.dataclass
+class Served:
+  """One request's course through the engine (times on the engine's clock, seconds).
+
+  Attributes:
+    request: the trace's request.
+    tokens: the generated ids (up to and including a stop id).
+    stopped: ended at a stop id (False: at its budget).
+    admitted_s: when it first took a slot; first_token_s: when its first token was
+      sampled; finished_s: when its last was.
+    preemptions: how often it lost its pages and was recomputed.
+  """
+
+  request: Request
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  stopped: bool = False
+  admitted_s: float | None = None
+  first_token_s: float | None = None
+  finished_s: float | None = None
+  preemptions: int = 0
+
+  @property
+  def ttft_s(self) -> float:
+    """Time to first token, from arrival."""
+    return self.first_token_s - self.request.arrival_s
+
+  @property
+  def tpot_s(self) -> float | None:
+    """Time per output token after the first (None for a single token)."""
+    n = len(self.tokens)
+    return None if n < 2 else (self.finished_s - self.first_token_s) / (n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """One step: its start on the clock, duration, width (C or 1), live requests, tokens
+  fed (prompt or recomputed context, and decode), pages in use after reserving, and
+  the requests preempted before it."""
+
+  start_s: float
+  seconds: float
+  width: int
+  live: int
+  prefill_tokens: int
+  decode_tokens: int
+  pages_in_use: int
+  preempted: int
+
+
+@dataclasses.dataclass
+class ServeResult:
+  """What `Engine.run` served: per request (trace order) and per step."""
+
+  requests: list[Served]
+  steps: list[StepRecord]
+  compiled_shapes: int
+
+  @property
+  def duration_s(self) -> float:
+    return self.steps[-1].start_s + self.steps[-1].seconds if self.steps else 0.0
+
+  @property
+  def generated_tokens(self) -> int:
+    return sum(len(s.tokens) for s in self.requests)
+
+  @property
+  def preemptions(self) -> int:
+    return sum(s.preemptions for s in self.requests)
+
+  def tokens_per_s(self) -> float:
+    """Generated tokens per second of served time (idle gaps between arrivals included)."""
+    return self.generated_tokens / self.duration_s
+
+  def concurrency(self) -> tuple[int, float]:
+    """Peak live requests, and their mean over the steps' time (idle gaps excluded)."""
+    busy = sum(s.seconds for s in self.steps)
+    return (max(s.live for s in self.steps),
+            sum(s.live * s.seconds for s in self.steps) / busy)
+
+
+@dataclasses.dataclass
+class _Live:
+  served: Served
+  context: list[int]
+  slot: int = -1
+  fed: int = 0
+  order: int = 0  # Admission counter: the newest live request is preempted first.
+  reset: bool = True
+
+
+class Engine:
+  """A continuous-batching server of one model on one paged cache (see the module doc).
+
+  Args:
+    model: a `kvtpu.models.Llama`.
+    kv_format: the cache's format (any `KVFormat` name or scheme).
+    slots: B, requests in flight at most (the step's batch).
+    num_pages, page_len: the pool (page 0 is the null page: P - 1 usable).
+    max_len: positions per request at most (a multiple of page_len): prompt + budget
+      of every request must fit.
+    chunk: C, prompt tokens fed per request per step at most.
+    stop_ids: ids that end a request (unless its budget is an exact length).
+    sampling: `models.Sampling` (greedy by default); seed: its draws.
+    impl: `kvtpu.attend` implementation.
+    calibration: the `CalibrationArtifact` of a static format (made on this model).
+  """
+
+  def __init__(self, model, *, kv_format, slots: int, num_pages: int, page_len: int,
+               max_len: int, chunk: int = 64, stop_ids: Sequence[int] = (),
+               sampling: Sampling | None = None, seed: int = 0, impl: str = "auto",
+               calibration=None):
+    for name, value, low in (("slots", slots, 1), ("chunk", chunk, 1), ("page_len", page_len, 1),
+                             ("num_pages", num_pages, 2), ("max_len", max_len, 1)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+    if impl not in IMPLS:
+      raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+    if max_len > model.cfg.max_position:
+      raise ValueError(f"max_len={max_len} exceeds the model's {model.cfg.max_position} "
+                       "positions")
+    self.model, self.impl = model, impl
+    self.graphdef, self.state = nnx.split(model)
+    self.slots, self.chunk = slots, chunk
+    self.sampling = Sampling() if sampling is None else sampling
+    self.key = jax.random.key(seed)
+    self.stop_ids = frozenset(int(i) for i in stop_ids)
+    cfg = model.cfg
+    if calibration is not None:
+      calibration.check_compatible(num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim, model_name=cfg.name)
+    self.cache = kvtpu.KVCache.init(kv_format, num_layers=cfg.num_layers, batch=slots,
+                                    kv_heads=cfg.num_kv_heads, max_len=max_len,
+                                    head_dim=cfg.head_dim, page_len=page_len,
+                                    num_pages=num_pages, calibration=calibration)
+    self.allocator = PageAllocator.for_cache(self.cache)
+    self.compiled_shapes = 0
+    for width in (chunk, 1):  # Both shapes compiled before any request is served.
+      self._run_step(np.zeros((slots, width), np.int32), np.zeros(slots, np.int32),
+                     np.zeros(slots, bool))
+      self.compiled_shapes += 1
+
+  @property
+  def fmt(self) -> kvtpu.KVFormat:
+    return self.cache.fmt
+
+  def _run_step(self, tokens, valid, reset) -> np.ndarray:
+    self.key, sub = jax.random.split(self.key)
+    nxt, self.cache = _step(self.graphdef, self.state, self.cache,
+                            jnp.asarray(self.allocator.table), jnp.asarray(reset),
+                            jnp.asarray(tokens), jnp.asarray(valid), sub, self.sampling,
+                            impl=self.impl)
+    return np.asarray(jax.block_until_ready(nxt))
+
+  def check(self, trace: Trace) -> None:
+    """Raises for a request the engine can never serve: longer than max_len, or needing
+    more pages than the pool has."""
+    a = self.allocator
+    for r in trace.requests:
+      need = r.prompt_len + r.max_new_tokens
+      if need > a.max_len:
+        raise ValueError(f"request {r.id!r} needs {need} positions (prompt {r.prompt_len} + "
+                         f"budget {r.max_new_tokens}), more than max_len={a.max_len}")
+      if a.pages_for(need) > a.usable_pages:
+        raise ValueError(f"request {r.id!r} needs {a.pages_for(need)} pages, more than the "
+                         f"pool's {a.usable_pages} usable pages")
+
+  def run(self, trace: Trace, *, check_pages: bool = False) -> ServeResult:
+    """Serves every request of `trace` to its end.
+
+    Args:
+      check_pages: check the allocator's invariants, and that the pages in use are
+        those the live requests hold, at every step (tests).
+    """
+    self.check(trace)
+    a = self.allocator
+    served = [Served(r) for r in trace.requests]
+    arrivals = collections.deque(served)
+    waiting: collections.deque[_Live] = collections.deque()
+    live: dict[int, _Live] = {}  # slot -> request
+    steps: list[StepRecord] = []
+    clock, admitted = 0.0, 0
+    while arrivals or waiting or live:
+      while arrivals and arrivals[0].request.arrival_s <= clock:
+        s = arrivals.popleft()
+        waiting.append(_Live(s, list(map(int, s.request.prompt))))
+      if not live and not waiting:
+        clock = arrivals[0].request.arrival_s
+        continue
+      # Admit the oldest waiting requests while slots and pages for a first chunk allow.
+      free_slots = [b for b in range(self.slots) if b not in live]
+      while waiting and free_slots and a.free_pages() >= a.pages_for(
+          min(self.chunk, len(waiting[0].context))):
+        w = waiting.popleft()
+        w.slot, w.fed, w.reset, w.order = free_slots.pop(0), 0, True, admitted
+        admitted += 1
+        if w.served.admitted_s is None:
+          w.served.admitted_s = clock
+        live[w.slot] = w
+      # Reserve this step's pages, oldest first; preempt the newest when they run out.
+      preempted = 0
+      for w in sorted(live.values(), key=lambda w: w.order):
+        if w.slot not in live:
+          continue  # Preempted below for an older request.
+        while True:
+          try:
+            a.reserve(w.slot, w.fed + min(self.chunk, len(w.context) - w.fed))
+            break
+          except OutOfPages:
+            victim = max(live.values(), key=lambda v: v.order)
+            a.release(victim.slot)
+            del live[victim.slot]
+            victim.served.preemptions += 1
+            victim.slot, victim.fed = -1, 0
+            waiting.appendleft(victim)
+            preempted += 1
+            if victim is w:
+              break
+      if not live:  # Everything was preempted: an admission needs pages first.
+        raise RuntimeError("no live request can reserve its next pages; the pool is too small "
+                           "for one request's chunk")  # check() makes this unreachable.
+      feed = {b: w.context[w.fed:w.fed + self.chunk] for b, w in live.items()}
+      width = 1 if all(len(f) == 1 for f in feed.values()) else self.chunk
+      tokens = np.zeros((self.slots, width), np.int32)
+      valid = np.zeros(self.slots, np.int32)
+      reset = np.zeros(self.slots, bool)
+      for b, f in feed.items():
+        tokens[b, :len(f)], valid[b], reset[b] = f, len(f), live[b].reset
+      if check_pages:
+        a.check()
+        held = sum(a.held(b) for b in live)
+        assert a.pages_in_use == held, (a.pages_in_use, held)
+      begin = time.perf_counter()
+      nxt = self._run_step(tokens, valid, reset)
+      seconds = time.perf_counter() - begin
+      # Decode tokens: the one token generated last (recomputed context counts as prefill).
+      decode = sum(1 for b, w in live.items() if w.served.tokens and w.fed == len(w.context) - 1)
+      steps.append(StepRecord(clock, seconds, width, len(live), int(valid.sum()) - decode,
+                              decode, a.pages_in_use, preempted))
+      clock += seconds
+      for b, w in list(live.items()):
+        w.fed += len(feed[b])
+        w.reset = False
+        if w.fed < len(w.context):
+          continue  # Still prefilling (or recomputing).
+        token = int(nxt[b])
+        s, r = w.served, w.served.request
+        s.tokens.append(token)
+        w.context.append(token)
+        if s.first_token_s is None:
+          s.first_token_s = clock
+        s.stopped = not r.exact_length and token in self.stop_ids
+        if s.stopped or len(s.tokens) == r.max_new_tokens:
+          s.finished_s = clock
+          a.release(b)
+          del live[b]
+    if check_pages:
+      a.check()
+      assert a.pages_in_use == 0
+    return ServeResult(served, steps, self.compiled_shapes)
