@@ -51,11 +51,13 @@ from flax import nnx
 from kvtpu.models.generation import Sampling, sample_logits
 
 import kvtpu
+from kvtpu import memory
 from kvtpu.attention import IMPLS
 from kvtpu.eval.traffic import Request, Trace
 from kvtpu.paging import OutOfPages, PageAllocator
 
-__all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS"]
+__all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS", "compare_outputs",
+           "pages_for_budget"]
 
 # Traces of the step by its width: each is a compile (tests check the bound).
 TRACE_COUNTS: collections.Counter[int] = collections.Counter()
@@ -146,11 +148,83 @@ class ServeResult:
     """Generated tokens per second of served time (idle gaps between arrivals included)."""
     return self.generated_tokens / self.duration_s
 
-  def concurrency(self) -> tuple[int, float]:
-    """Peak live requests, and their mean over the steps' time (idle gaps excluded)."""
-    busy = sum(s.seconds for s in self.steps)
-    return (max(s.live for s in self.steps),
-            sum(s.live * s.seconds for s in self.steps) / busy)
+  def concurrency(self, *, before_preemption: bool = False) -> tuple[int, float]:
+    """Peak live requests, and their mean over the steps' time (idle gaps excluded);
+    `before_preemption`: over the steps before the first that preempted (all steps when
+    none did): what the pool sustains before it runs out."""
+    steps = self.steps
+    if before_preemption:
+      first = next((i for i, s in enumerate(steps) if s.preempted), len(steps))
+      steps = steps[:max(first, 1)]
+    busy = sum(s.seconds for s in steps)
+    return max(s.live for s in steps), sum(s.live * s.seconds for s in steps) / busy
+
+  def summary(self) -> dict[str, float | int | None]:
+    """The figures a serving report gives, as one flat row."""
+    ttft = [s.ttft_s for s in self.requests]
+    tpot = [t for t in (s.tpot_s for s in self.requests) if t is not None]
+    peak, mean = self.concurrency()
+    peak_before, mean_before = self.concurrency(before_preemption=True)
+    q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
+    return {"requests": len(self.requests), "generated_tokens": self.generated_tokens,
+            "duration_s": self.duration_s, "tokens_per_s": self.tokens_per_s(),
+            "peak_concurrency": peak, "mean_concurrency": mean,
+            "peak_concurrency_before_preemption": peak_before,
+            "mean_concurrency_before_preemption": mean_before,
+            "preemptions": self.preemptions,
+            "preempted_requests": sum(1 for s in self.requests if s.preemptions),
+            "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99),
+            "tpot_p50_s": q(tpot, 50), "tpot_p99_s": q(tpot, 99),
+            "peak_pages": max(s.pages_in_use for s in self.steps), "steps": len(self.steps),
+            "compiled_shapes": self.compiled_shapes}
+
+
+def compare_outputs(reference: ServeResult, other: ServeResult) -> dict[str, object]:
+  """How `other`'s outputs match `reference`'s, request by request (by id): the share
+  identical token for token, and where each differing one first differs (its index in
+  the output; a prefix of the other counts as differing at the shorter length)."""
+  ref = {s.request.id: s.tokens for s in reference.requests}
+  got = {s.request.id: s.tokens for s in other.requests}
+  if ref.keys() != got.keys():
+    raise ValueError("the two results served different requests: "
+                     f"{sorted(ref.keys() ^ got.keys())[:5]}")
+  first = {}
+  for rid, want in ref.items():
+    have = got[rid]
+    if have != want:
+      first[rid] = next((i for i, (a, b) in enumerate(zip(want, have, strict=False))
+                         if a != b),
+                        min(len(want), len(have)))
+  return {"requests": len(ref), "identical": len(ref) - len(first),
+          "share_identical": (len(ref) - len(first)) / len(ref),
+          "first_difference": first,
+          "median_first_difference": float(np.median(list(first.values()))) if first else None}
+
+
+def pages_for_budget(fmt, cfg, *, cache_bytes: int, slots: int, page_len: int,
+                     max_len: int) -> int:
+  """The most pages (the null page included) a paged cache of `fmt` for a model of `cfg`
+  holds within `cache_bytes`: the slots' own arrays (windows, page tables, lengths)
+  come first, the pool takes the rest (`kvtpu.memory.cache_bytes`, exact).
+
+  Raises:
+    ValueError: when the slots' arrays and two pages (the null page and one) do not fit.
+  """
+  def size(n: int) -> int:
+    return memory.cache_bytes(fmt, num_layers=cfg.num_layers, batch=slots,
+                              kv_heads=cfg.num_kv_heads, max_len=max_len, head_dim=cfg.head_dim,
+                              page_len=page_len, num_pages=n)
+
+  base = size(2)
+  if base > cache_bytes:
+    raise ValueError(
+        f"kv_format={kvtpu.KVFormat.parse(fmt).name}: {slots} slots and two pages of "
+        f"{page_len} positions take {base / 2**20:.1f} MiB (windows, tables and per-sequence "
+        f"arrays included), more than the cache budget of {cache_bytes / 2**20:.1f} MiB")
+  n = 2 + (cache_bytes - base) // (size(3) - base)
+  while size(n) > cache_bytes:  # int4 arrays round up per tensor.
+    n -= 1
+  return int(n)
 
 
 @dataclasses.dataclass

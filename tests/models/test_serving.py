@@ -138,3 +138,65 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model, alone):
   a, b, c = ({s.request.id: s.tokens for s in r.requests} for r in runs)
   assert a == b and a != c and a != alone
   assert all(len(a[r.id]) == r.max_new_tokens for r in trace.requests)  # No stop ids.
+
+
+def test_summary_figures_follow_from_the_records(model):
+  result = engine(model, num_pages=7).run(make_trace())
+  row = result.summary()
+  steps = result.steps
+  first = next(i for i, s in enumerate(steps) if s.preempted)
+  before = steps[:first]
+  # Time-weighted means by hand.
+  assert row["mean_concurrency_before_preemption"] == pytest.approx(
+      sum(s.live * s.seconds for s in before) / sum(s.seconds for s in before))
+  assert row["peak_concurrency_before_preemption"] == max(s.live for s in before)
+  assert row["mean_concurrency"] == pytest.approx(
+      sum(s.live * s.seconds for s in steps) / sum(s.seconds for s in steps))
+  ttft = sorted(s.first_token_s - s.request.arrival_s for s in result.requests)
+  assert row["ttft_p50_s"] == pytest.approx(np.median(ttft))
+  assert ttft[0] <= row["ttft_p99_s"] <= ttft[-1]
+  assert row["preemptions"] == sum(s.preempted for s in steps) > 0
+  assert row["peak_pages"] <= 6 and row["requests"] == 7 and row["compiled_shapes"] == 2
+  assert row["tokens_per_s"] == pytest.approx(row["generated_tokens"] / row["duration_s"])
+  # Each request's prompt and every output token but the last went through the model;
+  # recompute after preemption feeds some again.
+  needed = sum(s.request.prompt_len + len(s.tokens) - 1 for s in result.requests)
+  assert sum(s.prefill_tokens + s.decode_tokens for s in steps) > needed
+  ample = engine(model).run(make_trace())
+  assert sum(s.prefill_tokens + s.decode_tokens for s in ample.steps) == needed
+  assert sum(s.decode_tokens for s in ample.steps) == sum(len(s.tokens) - 1 for s in ample.requests)
+
+
+def test_compare_outputs_finds_the_first_difference():
+  def result(outputs):
+    served = [serving.Served(Request(rid, 0.0, np.array([3]), 9), tokens=t)
+              for rid, t in outputs.items()]
+    return serving.ServeResult(served, [], 2)
+
+  ref = result({"a": [1, 2, 3], "b": [4, 5], "c": [6, 7, 8], "d": [9]})
+  got = result({"a": [1, 2, 3], "b": [4, 6], "c": [6, 7], "d": [2, 2]})
+  out = serving.compare_outputs(ref, got)
+  assert out["identical"] == 1 and out["share_identical"] == 0.25
+  assert out["first_difference"] == {"b": 1, "c": 2, "d": 0}
+  assert out["median_first_difference"] == 1.0
+  with pytest.raises(ValueError, match="served different requests"):
+    serving.compare_outputs(ref, result({"a": [1]}))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-sbf16-rot+sink4+recent16"])
+def test_pages_for_budget_is_the_largest_pool_that_fits(fmt):
+  from kvtpu import KVCache
+  dims = dict(slots=5, page_len=16, max_len=64)
+  whole = KVCache.init(fmt, num_layers=TINY.num_layers, batch=5, kv_heads=TINY.num_kv_heads,
+                       max_len=64, head_dim=TINY.head_dim, page_len=16, num_pages=40).nbytes
+  for budget in (whole, whole + 1, whole - 1):
+    n = serving.pages_for_budget(fmt, TINY, cache_bytes=budget, **dims)
+    size = lambda p: KVCache.init(  # noqa: E731
+        fmt, num_layers=TINY.num_layers, batch=5, kv_heads=TINY.num_kv_heads, max_len=64,
+        head_dim=TINY.head_dim, page_len=16, num_pages=p).nbytes
+    assert size(n) <= budget < size(n + 1)
+    assert n == (40 if budget >= whole else 39)
+  small = KVCache.init(fmt, num_layers=TINY.num_layers, batch=5, kv_heads=TINY.num_kv_heads,
+                       max_len=64, head_dim=TINY.head_dim, page_len=16, num_pages=2).nbytes
+  with pytest.raises(ValueError, match=r"5 slots and two pages of 16 positions take .* MiB"):
+    serving.pages_for_budget(fmt, TINY, cache_bytes=small - 1, **dims)
