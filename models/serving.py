@@ -20,8 +20,8 @@ Scheduling, at each step on the engine's clock:
 
   * arrivals (`arrival_s <= clock`) queue in arrival order; when nothing is live the
     clock jumps to the next arrival;
-  * the oldest waiting request takes a free slot (its row reset) if the free pages
-    hold its first chunk;
+  * the oldest waiting request takes a free slot (its row reset) if the free pages,
+    after what the live requests' unfed contexts will take, hold its whole context;
   * before the step, every live request reserves pages for the tokens it is fed,
     oldest first; when the pool runs out, the most recently admitted live request is
     preempted: its pages are freed and it waits at the head of the queue, keeping the
@@ -335,16 +335,20 @@ class Engine:
       if not live and not waiting:
         clock = arrivals[0].request.arrival_s
         continue
-      # Admit the oldest waiting requests while slots and pages for a first chunk allow.
+      # Admit the oldest waiting requests while a slot is free and the free pages hold
+      # their whole contexts after the live requests' unfed contexts (output growth
+      # beyond that is what preemption handles).
       free_slots = [b for b in range(self.slots) if b not in live]
-      while waiting and free_slots and a.free_pages() >= a.pages_for(
-          min(self.chunk, len(waiting[0].context))):
+      committed = sum(max(a.pages_for(len(w.context)) - a.held(b), 0) for b, w in live.items())
+      while waiting and free_slots and a.free_pages() - committed >= a.pages_for(
+          len(waiting[0].context)):
         w = waiting.popleft()
         w.slot, w.fed, w.reset, w.order = free_slots.pop(0), 0, True, admitted
         admitted += 1
         if w.served.admitted_s is None:
           w.served.admitted_s = clock
         live[w.slot] = w
+        committed += a.pages_for(len(w.context))
       # Reserve this step's pages, oldest first; preempt the newest when they run out.
       preempted = 0
       for w in sorted(live.values(), key=lambda w: w.order):

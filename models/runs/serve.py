@@ -1,0 +1,259 @@
+"""The serve run: continuous batching of one request trace on each cache precision.
+
+Each KV format serves the same trace (`kvtpu.eval.traffic`: a JSONL file, or Poisson
+arrivals with named length distributions) through `kvtpu.models.Engine` on a paged
+cache whose pool is what the HBM budget leaves after the weights
+(`hbm_gib` - weights - `workspace_gib`, `serving.pages_for_budget`): the same bytes,
+more pages for a cheaper precision. Per format it reports concurrency (peak and mean,
+also before the first preemption: what the pool sustains), preemptions, completed
+requests, tokens per second, time to first token and per output token (p50, p99) and
+pages used; and how many requests produce the reference format's (the first one's,
+bf16 by default) output token for token, and where the others first differ.
+
+Outputs: config.json, results.jsonl (a row per format), requests.jsonl (a row per
+format and request), report.md, inflight.png (requests in flight over time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from kvtpu.models import serving
+from kvtpu.models.generation import Sampling
+from kvtpu.models.pretrained import load_pretrained
+from kvtpu.models.runs.common import (
+  FOUR_BIT_SCHEME,
+  ConfigError,
+  check,
+  check_head_dim,
+  check_workdir,
+  finite_number,
+  format_list,
+  impl_choice,
+  model_name,
+  one_of,
+  positive_int,
+  start,
+)
+
+from kvtpu import reports
+from kvtpu.eval import traffic, workloads
+
+__all__ = ["ServeConfig", "run", "serve_formats", "load_trace"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """A serving comparison (each field is the serve binary's flag of the same name).
+
+  Attributes:
+    model: `load_pretrained` name, .gguf file or checkpoint folder.
+    kv_formats: the cache formats served; the first is the accuracy reference.
+    trace: a JSONL trace file (`kvtpu.eval.traffic.load_jsonl`); empty: the generator.
+    rate, num_requests, prompt_len, output_len, seed: the Poisson generator's arrivals
+      per second, requests, length distributions (`traffic.Distribution` specs) and seed.
+    filler: the workload whose tokens fill length-only prompts.
+    hbm_gib: memory per device for weights, cache and workspace, GiB.
+    workspace_gib: of it, kept for activations and temporaries.
+    slots: requests in flight at most; page_len: positions per page; chunk: prompt
+      tokens per request per step; max_len: positions per request at most.
+    temperature, top_p, top_k: sampling (temperature 0: greedy).
+    impl: attend implementation; param_dtype: the weights' dtype.
+  """
+
+  model: str = "smollm2-135m"
+  kv_formats: tuple[str, ...] = ("bf16", "int8", FOUR_BIT_SCHEME)
+  trace: str = ""
+  rate: float = 50.0
+  num_requests: int = 32
+  prompt_len: str = "lognormal:median=96,sigma=0.4,max=192"
+  output_len: str = "fixed:32"
+  seed: int = 0
+  filler: str = "prose"
+  hbm_gib: float = 0.6
+  workspace_gib: float = 0.0
+  slots: int = 32
+  page_len: int = 32
+  chunk: int = 32
+  max_len: int = 256
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int | None = None
+  impl: str = "auto"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    model_name("model", self.model)
+    object.__setattr__(self, "kv_formats", format_list(
+        "kv_formats", self.kv_formats, dynamic_only="serve runs dynamic-scale caches"))
+    check(isinstance(self.trace, str), "trace", f"expected a path or '', got {self.trace!r}")
+    check(not self.trace or Path(self.trace).is_file(), "trace", f"{self.trace} is not a file")
+    finite_number("rate", self.rate, low=0, low_open=True)
+    for name in ("num_requests", "slots", "page_len", "chunk", "max_len"):
+      object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+    object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
+    for name in ("prompt_len", "output_len"):
+      try:
+        traffic.Distribution.parse(getattr(self, name))
+      except ValueError as e:
+        raise ConfigError(name, str(e)) from None
+    finite_number("hbm_gib", self.hbm_gib, low=0, low_open=True)
+    finite_number("workspace_gib", self.workspace_gib, low=0)
+    check(self.max_len % self.page_len == 0, "max_len",
+          f"expected a multiple of page_len={self.page_len}, got {self.max_len}")
+    try:
+      Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+    except ValueError as e:
+      field = next((f for f in ("temperature", "top_p", "top_k") if f in str(e)), "temperature")
+      raise ConfigError(field, str(e)) from None
+    object.__setattr__(self, "impl", impl_choice("impl", self.impl))
+    one_of("param_dtype", self.param_dtype, ("float32", "bfloat16"))
+
+  @property
+  def sampling(self) -> Sampling:
+    return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
+  """The config's trace: its JSONL file, or the Poisson generator's."""
+  filler = workloads.load(config.filler, tokenizer, seed=config.seed)
+  try:
+    if config.trace:
+      return traffic.load_jsonl(config.trace, tokenizer, max_context=config.max_len,
+                                filler=filler)
+    return traffic.poisson(rate=config.rate, num_requests=config.num_requests,
+                           prompt_len=config.prompt_len, output_len=config.output_len,
+                           max_context=config.max_len, filler=filler, seed=config.seed)
+  except ValueError as e:
+    raise ConfigError("trace" if config.trace else "prompt_len", str(e)) from None
+
+
+def weight_bytes(model) -> int:
+  """Bytes of the model's parameters."""
+  from flax import nnx  # noqa: PLC0415
+
+  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
+                  out: Callable[[str], Any] = print) -> tuple[list[dict], dict[str, Any]]:
+  """Serves `trace` on each of `config.kv_formats`; returns the per-format rows and the
+  per-format `ServeResult`s."""
+  weights = weight_bytes(model)
+  budget = int((config.hbm_gib - config.workspace_gib) * 2**30) - weights
+  check(budget > 0, "hbm_gib",
+        f"{config.hbm_gib:g} GiB leaves no room for a cache after the weights "
+        f"({weights / 2**20:.2f} MiB) and the workspace ({config.workspace_gib:g} GiB)")
+  rows, results = [], {}
+  for fmt in config.kv_formats:
+    try:
+      pages = serving.pages_for_budget(fmt, model.cfg, cache_bytes=budget, slots=config.slots,
+                                       page_len=config.page_len, max_len=config.max_len)
+    except ValueError as e:
+      raise ConfigError("hbm_gib", str(e)) from None
+    engine = serving.Engine(model, kv_format=fmt, slots=config.slots, num_pages=pages,
+                            page_len=config.page_len, max_len=config.max_len,
+                            chunk=config.chunk, stop_ids=sorted(tokenizer.stop_ids),
+                            sampling=config.sampling, seed=config.seed, impl=config.impl)
+    try:
+      engine.check(trace)
+    except ValueError as e:
+      raise ConfigError("hbm_gib", f"kv_format={fmt}: {e}") from None
+    result = engine.run(trace)
+    results[fmt] = result
+    match = serving.compare_outputs(results[config.kv_formats[0]], result)
+    row = dict(kv_format=fmt, model=model.cfg.name, weight_precision=model.weight_precision,
+               backend=jax.default_backend(), impl=config.impl, trace=trace.name,
+               trace_sha256=trace.sha256, weight_bytes=weights, cache_budget_bytes=budget,
+               num_pages=pages, page_len=config.page_len, slots=config.slots,
+               cache_bytes=engine.cache.nbytes, **result.summary(),
+               reference=config.kv_formats[0], identical=match["identical"],
+               share_identical=match["share_identical"],
+               median_first_difference=match["median_first_difference"])
+    rows.append(row)
+    out(f"serve {fmt}: {pages - 1} pages, peak {row['peak_concurrency']} / mean "
+        f"{row['mean_concurrency_before_preemption']:.2f} requests before preemption, "
+        f"preemptions {row['preemptions']}, {row['tokens_per_s']:.1f} tok/s, TTFT p50 "
+        f"{row['ttft_p50_s']:.2f} s, identical to {config.kv_formats[0]}: "
+        f"{match['identical']}/{match['requests']}")
+  base = rows[0]["mean_concurrency_before_preemption"]
+  for row in rows:
+    row["concurrency_vs_reference"] = row["mean_concurrency_before_preemption"] / base
+  return rows, results
+
+
+def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[dict],
+           results: dict[str, Any]) -> None:
+  reports.write_jsonl(rows, workdir / "results.jsonl")
+  per_request = [dict(kv_format=fmt, id=s.request.id, arrival_s=s.request.arrival_s,
+                      prompt_tokens=s.request.prompt_len, tokens=s.tokens, stopped=s.stopped,
+                      admitted_s=s.admitted_s, first_token_s=s.first_token_s,
+                      finished_s=s.finished_s, preemptions=s.preemptions)
+                 for fmt, r in results.items() for s in r.requests]
+  reports.write_jsonl(per_request, workdir / "requests.jsonl")
+  series = [reports.Series(fmt, [s.start_s for s in r.steps], [s.live for s in r.steps])
+            for fmt, r in results.items()]
+  figure = reports.plot_series(workdir / "inflight.png", series, kind="line",
+                               title=f"Requests in flight, {rows[0]['model']}",
+                               xlabel="time (s, this machine's steps)",
+                               ylabel="requests in flight", xscale="linear", yscale="linear")
+  ref = config.kv_formats[0]
+  ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}"  # noqa: E731
+  body = [[r["kv_format"], r["num_pages"] - 1, r["peak_concurrency_before_preemption"],
+           f"{r['mean_concurrency_before_preemption']:.2f}",
+           f"{r['concurrency_vs_reference']:.2f}x", r["peak_concurrency"],
+           r["preemptions"], r["requests"], f"{r['tokens_per_s']:.1f}",
+           f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
+           f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p99_s'])}", r["peak_pages"],
+           f"{r['identical']}/{r['requests']}", r["median_first_difference"] or "-"]
+          for r in rows]
+  d = trace.disclosure()
+  text = [
+      f"# Serving: {rows[0]['model']}\n",
+      f"Weights: {rows[0]['weight_precision']} ({rows[0]['weight_bytes'] / 2**20:.3f} MiB). "
+      f"KV cache: each format below, on a pool of what {config.hbm_gib:g} GiB leaves after "
+      f"the weights and {config.workspace_gib:g} GiB of workspace "
+      f"({rows[0]['cache_budget_bytes'] / 2**20:.3f} MiB), pages of {config.page_len} "
+      f"positions, {config.slots} slots, prompt chunks of {config.chunk}; impl "
+      f"{config.impl} on {rows[0]['backend']}. Greedy: "
+      f"{config.sampling.temperature == 0}.\n",
+      f"Trace: {d['description']} (`{d['name']}`, sha256 `{d['sha256'][:16]}`, "
+      f"{d['prompt_tokens']} prompt tokens"
+      + (f"; filler {d['filler']['name']}, token sha256 "
+         f"`{d['filler']['token_sha256'][:16]}`" if d.get("filler") else "") + ").\n",
+      reports.markdown_table(
+          ["kv format", "pages", "peak before preemption", "mean before preemption",
+           f"vs {ref}", "peak", "preemptions", "requests", "tok/s", "TTFT p50 / p99 (ms)",
+           "TPOT p50 / p99 (ms)", "peak pages", f"identical to {ref}",
+           "median first difference"], body),
+      "\nTimes are on this machine's clock: each step advances it by its measured time "
+      "(compiles excluded), so the latencies are this machine's, not a TPU's.\n",
+      figure.markdown("requests in flight", "Requests in flight at each step, per format."),
+  ]
+  reports.write_text(workdir / "report.md", "\n".join(text) + "\n")
+
+
+def run(config: ServeConfig, workdir: str | os.PathLike | None = None,
+        out: Callable[[str], Any] = print, *, overwrite: bool = False) -> list[dict]:
+  """Loads the model, builds the trace, serves it on each format and writes the workdir."""
+  if workdir is not None:
+    workdir = check_workdir(workdir, config, overwrite=overwrite)
+  model, tokenizer = load_pretrained(config.model, param_dtype=jnp.dtype(config.param_dtype))
+  check_head_dim("kv_formats", config.kv_formats, model.cfg.head_dim,
+                 f"of model {model.cfg.name}")
+  check(config.max_len <= model.cfg.max_position, "max_len",
+        f"{config.max_len} exceeds model {model.cfg.name}'s {model.cfg.max_position} positions")
+  trace = load_trace(config, tokenizer)
+  if workdir is not None:
+    workdir = start(workdir, config, weight_precision=model.weight_precision,
+                    trace=trace.disclosure())
+  rows, results = serve_formats(model, tokenizer, trace, config, out=out)
+  if workdir is not None:
+    _write(Path(workdir), config, trace, rows, results)
+  return rows

@@ -1,0 +1,109 @@
+"""The serve run in process (a tiny random model and a fake tokenizer), its flag errors
+(each raised before anything is served), and the binary end to end once (subprocess, on a
+tiny checkpoint)."""
+
+import json
+
+import jax
+import pytest
+from absl import app
+from flax import nnx
+from kvtpu.experiments import serve as serve_binary
+from kvtpu.experiments.common import parse_flags
+from kvtpu.models.llama import Llama
+from kvtpu.models.runs import serve as serve_run
+from kvtpu.models.runs.serve import ServeConfig
+
+from kvtpu import memory
+from tests.helpers import TINY, run_binary
+from tests.run_support import fake_pretrained, forbid, save_tiny_checkpoint
+
+# TINY: 2 layers, 2 kv heads of 16: 256 bytes per bf16 token. A budget of 12 pages of 8
+# bf16 positions beyond its weights, fewer than 8 requests need at once.
+WEIGHTS = sum(x.nbytes for x in jax.tree.leaves(nnx.state(Llama(TINY, rngs=nnx.Rngs(0)),
+                                                          nnx.Param)))
+SMALL = dict(kv_formats=("bf16", "int8"), rate=1000.0, num_requests=10,
+             prompt_len="uniform:low=4,high=24", output_len="fixed:6", filler="random",
+             slots=8, page_len=8, chunk=8, max_len=32, impl="xla",
+             hbm_gib=(WEIGHTS + 12 * 8 * 256 + 4096) / 2**30)
+
+
+def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
+  monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained())
+  printed = []
+  rows = serve_run.run(ServeConfig(**SMALL), tmp_path, out=printed.append)
+  bf16, int8 = rows
+  assert [r["kv_format"] for r in rows] == ["bf16", "int8"]
+  assert bf16["weight_bytes"] == WEIGHTS
+  for r in rows:  # Each pool is the largest its format fits in the same budget.
+    size = lambda n, r=r: memory.cache_bytes(  # noqa: E731
+        r["kv_format"], num_layers=TINY.num_layers, batch=8, kv_heads=TINY.num_kv_heads,
+        max_len=32, head_dim=TINY.head_dim, page_len=8, num_pages=n)
+    assert r["cache_bytes"] == size(r["num_pages"]) <= r["cache_budget_bytes"]
+    assert size(r["num_pages"] + 1) > r["cache_budget_bytes"]
+  # At head_dim 16, int8 with a float32 scale per token and head: 20 bytes per 16 values.
+  assert int8["num_pages"] > 1.55 * bf16["num_pages"]
+  assert bf16["share_identical"] == 1.0 and bf16["concurrency_vs_reference"] == 1.0
+  assert bf16["preemptions"] > 0  # The budget binds bf16.
+  assert int8["mean_concurrency_before_preemption"] > bf16["mean_concurrency_before_preemption"]
+  assert all(r["requests"] == 10 and r["compiled_shapes"] == 2 for r in rows)
+  assert printed[0].startswith("serve bf16: ") and "identical to bf16: 10/10" in printed[0]
+  saved = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert saved == json.loads(json.dumps(rows))
+  per_request = (tmp_path / "requests.jsonl").read_text().splitlines()
+  assert len(per_request) == 20
+  report = (tmp_path / "report.md").read_text()
+  assert "| bf16 |" in report and "| int8 |" in report and "inflight.png" in report
+  assert (tmp_path / "inflight.png").stat().st_size > 1000
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["trace"]["sha256"] == bf16["trace_sha256"] and config["kv_formats"] == ["bf16",
+                                                                                         "int8"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv_formats=int8-channel"], "--kv_formats: int8-channel has static scales"),
+    (["--prompt_len=normal:mean=3"], "--prompt_len: distribution spec 'normal:mean=3'"),
+    (["--rate=0"], "--rate: expected a finite number > 0"),
+    (["--max_len=100", "--page_len=32"], "--max_len: expected a multiple of page_len=32"),
+    (["--trace=/no/such.jsonl"], "--trace: /no/such.jsonl is not a file"),
+])
+def test_flag_errors_name_the_flag(args, message):
+  with pytest.raises(app.UsageError) as e:
+    serve_binary.config_from_flags(parse_flags(serve_binary.define_flags, args))
+  assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(hbm_gib=WEIGHTS / 2**30), "--hbm_gib: 0.000"),
+    (dict(hbm_gib=(WEIGHTS + 3000) / 2**30), "--hbm_gib: kv_format=bf16: 8 slots and two pages"),
+    (dict(prompt_len="fixed:30"), "--prompt_len: prompt_len=fixed:value=30 and output_len="),
+])
+def test_what_cannot_be_served_fails_before_serving(monkeypatch, tmp_path, overrides, message):
+  monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained())
+  forbid(monkeypatch, serve_run.serving.Engine, "run")
+  fv = parse_flags(serve_binary.define_flags, [f"--{k}={v}" for k, v in {
+      **SMALL, "kv_formats": "bf16,int8", **overrides}.items()])
+  with pytest.raises(app.UsageError) as e:
+    serve_binary.main(["serve"], dataclasses_free(fv, tmp_path))
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def dataclasses_free(fv, tmp_path):
+  fv["workdir"].value = str(tmp_path / "out")
+  return fv
+
+
+@pytest.mark.slow
+def test_serve_binary_end_to_end(tmp_path):
+  checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+  out = tmp_path / "out"
+  proc = run_binary("kvtpu.experiments.serve", f"--model={checkpoint}", "--kv_formats=bf16,int8",
+                    "--num_requests=6", "--prompt_len=uniform:low=4,high=20",
+                    "--output_len=fixed:4", "--filler=random", "--slots=4", "--page_len=8",
+                    "--chunk=8", "--max_len=32", "--impl=xla", "--hbm_gib=0.2", workdir=out,
+                    timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "serve int8: " in proc.stdout
+  rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+  assert [r["kv_format"] for r in rows] == ["bf16", "int8"] and rows[1]["requests"] == 6
+  assert (out / "report.md").is_file() and (out / "inflight.png").is_file()
