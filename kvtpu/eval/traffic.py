@@ -64,6 +64,28 @@ DISTRIBUTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _DIST = re.compile(r"^\s*(\w+)\s*(?::\s*(.*))?$")
 
 
+class _Invalid(Exception):
+  """A distribution's parameters are invalid (`reason`); re-raised as a ValueError naming
+  the spec or the distribution."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _finite(value) -> bool:
+  """Whether a Python number is finite as a float (a huge int is not)."""
+  try:
+    return math.isfinite(value)
+  except OverflowError:
+    return False
+
+
+def _exact(value: float) -> str:
+  """A number as text that parses back to the same value."""
+  return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _number(text: str, where: str) -> float:
   try:
     value = float(text)
@@ -72,6 +94,31 @@ def _number(text: str, where: str) -> float:
   if not math.isfinite(value):
     raise ValueError(f"{where}: {text!r} must be finite")
   return value
+
+
+def _validate(kind: str, p: dict) -> None:
+  """Raises `_Invalid` unless `p` are valid parameters of a `kind` distribution."""
+  if kind not in DISTRIBUTIONS:
+    raise _Invalid(f"kind must be one of {', '.join(DISTRIBUTIONS)}")
+  required, optional = DISTRIBUTIONS[kind]
+  if set(p) - set(required + optional) or set(required) - set(p):
+    raise _Invalid(f"{kind} takes {', '.join(required)} (and optionally "
+                   f"{', '.join(optional) or 'nothing else'})")
+  for key, value in p.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+        value):
+      raise _Invalid(f"{key}={value!r} must be a finite number")
+  counts = {k: v for k, v in p.items() if k != "sigma"}
+  for key, value in counts.items():
+    if value != int(value) or value < 1:
+      raise _Invalid(f"{key}={value:g} must be an integer >= 1")
+  if kind == "uniform" and p["low"] > p["high"]:
+    raise _Invalid(f"low={p['low']:g} is above high={p['high']:g}")
+  if kind == "lognormal":
+    if p["sigma"] <= 0:
+      raise _Invalid(f"sigma={p['sigma']:g} must be > 0")
+    if p.get("min", 1) > p["max"]:
+      raise _Invalid(f"min={p['min']:g} is above max={p['max']:g}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,27 +159,23 @@ class Distribution:
     missing = [k for k in required if k not in params]
     if missing:
       raise ValueError(f"{where}: {kind} needs {', '.join(missing)}")
-    dist = cls(kind, tuple(sorted(params.items())))
-    dist._check(where)
-    return dist
+    try:
+      _validate(kind, params)
+    except _Invalid as e:
+      raise ValueError(f"{where}: {e.reason}") from None
+    return cls(kind, tuple(sorted(params.items())))
 
-  def _check(self, where: str) -> None:
-    p = dict(self.params)
-    counts = {k: v for k, v in p.items() if k != "sigma"}
-    for key, value in counts.items():
-      if value != int(value) or value < 1:
-        raise ValueError(f"{where}: {key}={value:g} must be an integer >= 1")
-    if self.kind == "uniform" and p["low"] > p["high"]:
-      raise ValueError(f"{where}: low={p['low']:g} is above high={p['high']:g}")
-    if self.kind == "lognormal":
-      if p["sigma"] <= 0:
-        raise ValueError(f"{where}: sigma={p['sigma']:g} must be > 0")
-      if p.get("min", 1) > p["max"]:
-        raise ValueError(f"{where}: min={p['min']:g} is above max={p['max']:g}")
+  def __post_init__(self):
+    try:
+      _validate(self.kind, dict(self.params))
+    except _Invalid as e:
+      raise ValueError(f"distribution {self.kind}:{dict(self.params)}: {e.reason}") from None
+
 
   @property
   def name(self) -> str:
-    return f"{self.kind}:" + ",".join(f"{k}={v:g}" for k, v in self.params)
+    """The spec `parse` rebuilds it from (exact: integers as integers, floats by repr)."""
+    return f"{self.kind}:" + ",".join(f"{k}={_exact(v)}" for k, v in self.params)
 
   @property
   def high(self) -> int:
@@ -172,7 +215,17 @@ class Request:
   exact_length: bool = False
 
   def __post_init__(self):
-    ids = np.array(self.prompt, dtype=np.int64)
+    if not isinstance(self.id, str) or not self.id:
+      raise ValueError(f"request id must be a non-empty string, got {self.id!r}")
+    if not isinstance(self.exact_length, (bool, np.bool_)):
+      raise ValueError(f"request {self.id!r}: exact_length must be a bool, got "
+                       f"{self.exact_length!r}")
+    object.__setattr__(self, "exact_length", bool(self.exact_length))
+    ids = np.asarray(self.prompt)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"request {self.id!r}: prompt must be integer token ids, got dtype "
+                       f"{ids.dtype}")
+    ids = ids.astype(np.int64)
     if ids.ndim != 1 or ids.size == 0:
       raise ValueError(f"request {self.id!r}: prompt must be a non-empty 1-D list of token "
                        f"ids, got shape {ids.shape}")
@@ -181,11 +234,11 @@ class Request:
     ids = ids.astype(np.int32)
     ids.setflags(write=False)
     object.__setattr__(self, "prompt", ids)
-    if not (isinstance(self.arrival_s, (int, float)) and math.isfinite(self.arrival_s)
-            and self.arrival_s >= 0):
+    if not (isinstance(self.arrival_s, (int, float)) and not isinstance(self.arrival_s, bool)
+            and _finite(self.arrival_s) and self.arrival_s >= 0):
       raise ValueError(f"request {self.id!r}: arrival_s must be a finite number >= 0, got "
                        f"{self.arrival_s!r}")
-    object.__setattr__(self, "arrival_s", float(self.arrival_s))
+    object.__setattr__(self, "arrival_s", float(self.arrival_s) + 0.0)  # -0.0 -> 0.0
     if isinstance(self.max_new_tokens, bool) or not isinstance(
         self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
       raise ValueError(f"request {self.id!r}: max_new_tokens must be an int >= 1, got "
@@ -336,7 +389,7 @@ def _request(record: Any, where: str, tokenizer: TokenizerLike | None, filler: _
     raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
   arrival = record.get("arrival_s")
   if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not (
-      math.isfinite(arrival) and arrival >= 0):
+      _finite(arrival) and arrival >= 0):
     raise ValueError(f"{where}: arrival_s must be a number >= 0 (seconds from the trace's "
                      f"start), got {arrival!r}")
   rid = record.get("id", default_id)
@@ -371,7 +424,8 @@ def _request(record: Any, where: str, tokenizer: TokenizerLike | None, filler: _
         isinstance(i, int) and not isinstance(i, bool) for i in value):
       raise ValueError(f"{where}: prompt_ids must be a non-empty list of integers")
     vocab = getattr(tokenizer, "vocab_size", None)
-    bad = [i for i in value if i < 0 or (vocab is not None and i >= vocab)]
+    limit = vocab if vocab is not None else 2**31
+    bad = [i for i in value if i < 0 or i >= limit]
     if bad:
       raise ValueError(f"{where}: prompt_ids holds {bad[0]}, outside [0, "
                        f"{vocab if vocab is not None else '2**31'})")
@@ -466,7 +520,7 @@ def poisson(*, rate: float, num_requests: int, prompt_len: str | Distribution,
   requests = tuple(
       Request(f"r{i}", float(arrivals[i]), source.take(int(p[i]), f"request r{i}"), int(o[i]),
               exact_length=True) for i in range(num_requests))
-  name = (f"poisson:rate={rate:g},num_requests={num_requests},prompt_len={prompts.name},"
+  name = (f"poisson:rate={_exact(rate)},num_requests={num_requests},prompt_len={prompts.name},"
           f"output_len={outputs.name},seed={seed}")
   return Trace(name=name, description=(
       f"{num_requests} requests, Poisson arrivals at {rate:g}/s, prompt lengths {prompts.name}, "

@@ -62,7 +62,13 @@ def test_distributions_draw_within_their_bounds_with_their_statistics():
   assert abs((x == 400).mean() - tail) < 0.01
   low = Distribution.parse("lognormal:median=2,sigma=2,max=50,min=5").sample(rng, 1000)
   assert low.min() == 5 and low.max() == 50
-  assert Distribution.parse(logn.name) == logn  # The name rebuilds it.
+  assert Distribution.parse(logn.name) == logn  # The name rebuilds it, exactly:
+  for spec in ("fixed:1234567", "lognormal:median=200,sigma=0.123456789,max=99999999"):
+    assert Distribution.parse(Distribution.parse(spec).name) == Distribution.parse(spec)
+  with pytest.raises(ValueError, match="kind must be one of"):
+    Distribution("normal", (("mean", 3.0),))  # Built directly, checked too.
+  with pytest.raises(ValueError, match="low=0 must be an integer >= 1"):
+    Distribution("uniform", (("high", 3.0), ("low", 0.0)))
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -123,6 +129,8 @@ def test_poisson_refuses_what_cannot_fit_before_drawing():
                      "max_context=99"):
     traffic.poisson(**base, max_context=99)
   assert traffic.poisson(**base, max_context=100).longest() == 100
+  # The name holds the rate exactly (two rates, two names).
+  assert "rate=1.0000001," in traffic.poisson(**{**base, "rate": 1.0000001}, max_context=100).name
   for key, bad, match in (("rate", 0.0, "rate must be"), ("rate", math.inf, "rate must be"),
                           ("num_requests", 0, "num_requests must be"),
                           ("seed", -1, "seed must be")):
@@ -188,6 +196,10 @@ def test_jsonl_gives_every_prompt_and_budget_kind(tmp_path):
     ('{"id": "first", "arrival_s": 2, "prompt": "x", "output_len": 1}', "id 'first' was already used on line 1"),
     ('{"arrival_s": 2, "prompt": "x", "output_len": 1', "not JSON"),
     ('[1, 2]', "want a JSON object"),
+    ('{"arrival_s": 1e400, "prompt": "x", "output_len": 1}', "arrival_s must be a number >= 0"),
+    ('{"arrival_s": ' + "9" * 400 + ', "prompt": "x", "output_len": 1}',
+     "arrival_s must be a number >= 0"),
+    ('{"arrival_s": 2, "prompt_ids": [3, 4294967296], "output_len": 1}', r"outside \[0, 259\)"),
 ])
 def test_bad_lines_are_errors_naming_the_line(tmp_path, line, match):
   first = json.dumps({"id": "first", "arrival_s": 1, "prompt": "ok", "max_new_tokens": 2})
@@ -223,6 +235,19 @@ def test_traces_refuse_what_they_cannot_serve(tmp_path):
     with pytest.raises(ValueError, match=match):
       Request(**{**dict(id="x", arrival_s=0.0, prompt=np.array([3]), max_new_tokens=1), **bad})
   assert not r.prompt.flags.writeable
+  for bad, match in ((dict(prompt=np.array([3.7])), "prompt must be integer token ids"),
+                     (dict(prompt=[True, False]), "prompt must be integer token ids"),
+                     (dict(id=7), "request id must be a non-empty string"),
+                     (dict(exact_length="no"), "exact_length must be a bool")):
+    with pytest.raises(ValueError, match=match):
+      Request(**{**dict(id="x", arrival_s=0.0, prompt=np.array([3]), max_new_tokens=1), **bad})
+  # -0.0 is 0.0: the same request, the same hash.
+  zero, negative = (Request("z", t, np.array([3]), 1) for t in (0.0, -0.0))
+  assert traffic.trace_sha256([zero]) == traffic.trace_sha256([negative])
+  prompt_only = write(tmp_path, ['{"arrival_s": 0, "prompt_ids": [3, 2147483648], "output_len": 1}'],
+                      "big.jsonl")
+  with pytest.raises(ValueError, match=r"big.jsonl:1: prompt_ids holds 2147483648, outside \[0, 2\*\*31\)"):
+    traffic.load_jsonl(prompt_only, max_context=8)
 
 
 def test_a_workload_fills_prompts_and_is_disclosed():
