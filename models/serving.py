@@ -12,8 +12,9 @@ then all in the cache takes the token the step sampled from its last position. S
 rule covers prefill, chunked prefill, decode and recompute after preemption.
 
 The step has two shapes, `[B, C]` (some request is prefilling) and `[B, 1]` (every
-live request decodes), each compiled once per engine (`compiled_shapes`), however
-many requests are served and however the mix changes: rows without a request feed 0
+live request decodes), each compiled once, when the engine is built
+(`compiled_shapes`; engines of equal shapes share them), however many requests are
+served and however the mix changes: rows without a request feed 0
 tokens (nothing written, their cache row does not advance).
 
 Scheduling, at each step on the engine's clock:
@@ -22,11 +23,11 @@ Scheduling, at each step on the engine's clock:
     clock jumps to the next arrival;
   * the oldest waiting request takes a free slot (its row reset) if the free pages,
     after what the live requests' unfed contexts will take, hold its whole context;
-  * before the step, every live request reserves pages for the tokens it is fed,
-    oldest first; when the pool runs out, the most recently admitted live request is
-    preempted: its pages are freed and it waits at the head of the queue, keeping the
-    tokens it generated, which are recomputed from its context when it is readmitted
-    (greedy outputs are unchanged by it);
+  * before the step, every live request reserves pages for the tokens it is fed, in
+    arrival order; when the pool runs out, the live request that arrived last is
+    preempted: its pages are freed and it waits at the head of the queue (in arrival
+    order among the preempted), keeping the tokens it generated, which are recomputed
+    from its context when it is readmitted (greedy outputs are unchanged by it);
   * a request finishes at a stop id (unless its budget is an exact output length) or
     at its budget; its pages and slot are freed at once.
 
@@ -64,15 +65,18 @@ TRACE_COUNTS: collections.Counter[int] = collections.Counter()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, table, reset, tokens, valid, key, sampling, *, impl):
+def _step(graphdef, state, cache, table, reset, tokens, valid, key, draws, sampling, *, impl):
   """Resets the `reset` rows, feeds `tokens[b, :valid[b]]`, samples each row's next token
-  from its last fed position. Returns `(next i32[B], cache)`."""
+  from its last fed position with the key `key` folded with `draws[b]` (its request and
+  token index). Returns `(next i32[B], cache)`."""
   TRACE_COUNTS[tokens.shape[1]] += 1
   model = nnx.merge(graphdef, state)
   cache = cache.with_page_table(table).reset(reset)
   logits, cache = model(tokens, cache, valid_len=valid, impl=impl,
                         logits_at=jnp.maximum(valid - 1, 0))
-  return sample_logits(logits[:, 0], key, sampling), cache
+  keys = jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(key, d[0]), d[1]))(draws)
+  nxt = jax.vmap(lambda x, k: sample_logits(x[None], k, sampling)[0])(logits[:, 0], keys)
+  return nxt, cache
 
 
 @dataclasses.dataclass
@@ -110,14 +114,16 @@ class Served:
 
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
-  """One step: its start on the clock, duration, width (C or 1), live requests, tokens
-  fed (prompt or recomputed context, and decode), pages in use after reserving, and
-  the requests preempted before it."""
+  """One step: its start on the clock, duration, width (C or 1), live requests, requests
+  that had arrived but waited for a slot or pages, tokens fed (prompt or recomputed
+  context, and decode), pages in use after reserving, and the requests preempted
+  before it."""
 
   start_s: float
   seconds: float
   width: int
   live: int
+  waiting: int
   prefill_tokens: int
   decode_tokens: int
   pages_in_use: int
@@ -134,7 +140,11 @@ class ServeResult:
 
   @property
   def duration_s(self) -> float:
-    return self.steps[-1].start_s + self.steps[-1].seconds if self.steps else 0.0
+    """From the first arrival to the end of the last step."""
+    if not self.steps:
+      return 0.0
+    first = min(s.request.arrival_s for s in self.requests)
+    return self.steps[-1].start_s + self.steps[-1].seconds - first
 
   @property
   def generated_tokens(self) -> int:
@@ -145,18 +155,34 @@ class ServeResult:
     return sum(s.preemptions for s in self.requests)
 
   def tokens_per_s(self) -> float:
-    """Generated tokens per second of served time (idle gaps between arrivals included)."""
+    """Generated tokens per second from the first arrival to the end (idle gaps between
+    arrivals included)."""
     return self.generated_tokens / self.duration_s
 
-  def concurrency(self, *, before_preemption: bool = False) -> tuple[int, float]:
-    """Peak live requests, and their mean over the steps' time (idle gaps excluded);
-    `before_preemption`: over the steps before the first that preempted (all steps when
-    none did): what the pool sustains before it runs out."""
+  def concurrency(self, window: str = "all") -> tuple[int, float]:
+    """Peak live requests, and their mean over the steps' time (idle gaps excluded), over
+    the steps of `window`:
+
+      "all": every step.
+      "saturated": the steps at whose start requests that had arrived were waiting
+        (for a slot or for pages): what the cache sustains under the trace's load, the
+        same window for every format whatever its preemptions.
+      "before_preemption": the steps before the first that preempted (every step when
+        none did).
+
+    (0, 0.0) when the window holds no step.
+    """
     steps = self.steps
-    if before_preemption:
-      first = next((i for i, s in enumerate(steps) if s.preempted), len(steps))
-      steps = steps[:max(first, 1)]
+    if window == "saturated":
+      steps = [s for s in steps if s.waiting]
+    elif window == "before_preemption":
+      steps = steps[:next((i for i, s in enumerate(steps) if s.preempted), len(steps))]
+    elif window != "all":
+      raise ValueError(f"window must be 'all', 'saturated' or 'before_preemption', got "
+                       f"{window!r}")
     busy = sum(s.seconds for s in steps)
+    if not steps or busy <= 0:
+      return 0, 0.0
     return max(s.live for s in steps), sum(s.live * s.seconds for s in steps) / busy
 
   def summary(self) -> dict[str, float | int | None]:
@@ -164,11 +190,15 @@ class ServeResult:
     ttft = [s.ttft_s for s in self.requests]
     tpot = [t for t in (s.tpot_s for s in self.requests) if t is not None]
     peak, mean = self.concurrency()
-    peak_before, mean_before = self.concurrency(before_preemption=True)
+    peak_saturated, mean_saturated = self.concurrency("saturated")
+    peak_before, mean_before = self.concurrency("before_preemption")
     q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
     return {"requests": len(self.requests), "generated_tokens": self.generated_tokens,
             "duration_s": self.duration_s, "tokens_per_s": self.tokens_per_s(),
             "peak_concurrency": peak, "mean_concurrency": mean,
+            "peak_concurrency_saturated": peak_saturated,
+            "mean_concurrency_saturated": mean_saturated,
+            "saturated_seconds": sum(s.seconds for s in self.steps if s.waiting),
             "peak_concurrency_before_preemption": peak_before,
             "mean_concurrency_before_preemption": mean_before,
             "preemptions": self.preemptions,
@@ -201,6 +231,27 @@ def compare_outputs(reference: ServeResult, other: ServeResult) -> dict[str, obj
           "median_first_difference": float(np.median(list(first.values()))) if first else None}
 
 
+def check_trace(trace: Trace, *, max_len: int, page_len: int, num_pages: int,
+                vocab_size: int) -> None:
+  """Raises ValueError for a request an engine of these dimensions can never serve: a
+  token id outside the vocabulary, more positions than max_len (prompt + budget), or
+  more pages than the pool's usable ones (the last generated token is never written:
+  prompt + budget - 1 positions)."""
+  usable = num_pages - 1
+  for r in trace.requests:
+    if int(r.prompt.max()) >= vocab_size:
+      raise ValueError(f"request {r.id!r} holds token id {int(r.prompt.max())}, outside the "
+                       f"model's vocabulary of {vocab_size}")
+    need = r.prompt_len + r.max_new_tokens
+    if need > max_len:
+      raise ValueError(f"request {r.id!r} needs {need} positions (prompt {r.prompt_len} + "
+                       f"budget {r.max_new_tokens}), more than max_len={max_len}")
+    pages = -(-(need - 1) // page_len)
+    if pages > usable:
+      raise ValueError(f"request {r.id!r} needs {pages} pages, more than the pool's {usable} "
+                       "usable pages")
+
+
 def pages_for_budget(fmt, cfg, *, cache_bytes: int, slots: int, page_len: int,
                      max_len: int) -> int:
   """The most pages (the null page included) a paged cache of `fmt` for a model of `cfg`
@@ -231,10 +282,11 @@ def pages_for_budget(fmt, cfg, *, cache_bytes: int, slots: int, page_len: int,
 class _Live:
   served: Served
   context: list[int]
+  order: int  # Arrival order: the latest-arrived live request is preempted first.
   slot: int = -1
   fed: int = 0
-  order: int = 0  # Admission counter: the newest live request is preempted first.
   reset: bool = True
+  decoding: bool = False  # Its next fed token is the one generated last step.
 
 
 class Engine:
@@ -249,7 +301,9 @@ class Engine:
       of every request must fit.
     chunk: C, prompt tokens fed per request per step at most.
     stop_ids: ids that end a request (unless its budget is an exact length).
-    sampling: `models.Sampling` (greedy by default); seed: its draws.
+    sampling: `models.Sampling` (greedy by default); seed: its draws. A request's i-th
+      token is drawn with the seed's key folded with (its arrival index, i), so sampled
+      outputs do not depend on the schedule, the batch or preemption.
     impl: `kvtpu.attend` implementation.
     calibration: the `CalibrationArtifact` of a static format (made on this model).
   """
@@ -264,6 +318,8 @@ class Engine:
         raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
     if impl not in IMPLS:
       raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+    if chunk > max_len:
+      raise ValueError(f"chunk={chunk} must be <= max_len={max_len}")
     if max_len > model.cfg.max_position:
       raise ValueError(f"max_len={max_len} exceeds the model's {model.cfg.max_position} "
                        "positions")
@@ -282,36 +338,31 @@ class Engine:
                                     head_dim=cfg.head_dim, page_len=page_len,
                                     num_pages=num_pages, calibration=calibration)
     self.allocator = PageAllocator.for_cache(self.cache)
-    self.compiled_shapes = 0
-    for width in (chunk, 1):  # Both shapes compiled before any request is served.
+    self.widths = sorted({chunk, 1})
+    for width in self.widths:  # Every shape compiled before any request is served.
       self._run_step(np.zeros((slots, width), np.int32), np.zeros(slots, np.int32),
-                     np.zeros(slots, bool))
-      self.compiled_shapes += 1
+                     np.zeros(slots, bool), np.zeros((slots, 2), np.int32))
 
   @property
   def fmt(self) -> kvtpu.KVFormat:
     return self.cache.fmt
 
-  def _run_step(self, tokens, valid, reset) -> np.ndarray:
-    self.key, sub = jax.random.split(self.key)
+  def _run_step(self, tokens, valid, reset, draws) -> np.ndarray:
     nxt, self.cache = _step(self.graphdef, self.state, self.cache,
                             jnp.asarray(self.allocator.table), jnp.asarray(reset),
-                            jnp.asarray(tokens), jnp.asarray(valid), sub, self.sampling,
-                            impl=self.impl)
+                            jnp.asarray(tokens), jnp.asarray(valid), self.key,
+                            jnp.asarray(draws), self.sampling, impl=self.impl)
     return np.asarray(jax.block_until_ready(nxt))
 
+  @property
+  def compiled_shapes(self) -> int:
+    """The step's shapes: [B, C] and [B, 1] (one when C is 1)."""
+    return len(self.widths)
+
   def check(self, trace: Trace) -> None:
-    """Raises for a request the engine can never serve: longer than max_len, or needing
-    more pages than the pool has."""
-    a = self.allocator
-    for r in trace.requests:
-      need = r.prompt_len + r.max_new_tokens
-      if need > a.max_len:
-        raise ValueError(f"request {r.id!r} needs {need} positions (prompt {r.prompt_len} + "
-                         f"budget {r.max_new_tokens}), more than max_len={a.max_len}")
-      if a.pages_for(need) > a.usable_pages:
-        raise ValueError(f"request {r.id!r} needs {a.pages_for(need)} pages, more than the "
-                         f"pool's {a.usable_pages} usable pages")
+    """Raises for a request the engine can never serve (`check_trace`)."""
+    check_trace(trace, max_len=self.cache.max_len, page_len=self.cache.page_len,
+                num_pages=self.allocator.usable_pages + 1, vocab_size=self.model.cfg.vocab_size)
 
   def run(self, trace: Trace, *, check_pages: bool = False) -> ServeResult:
     """Serves every request of `trace` to its end.
@@ -327,11 +378,12 @@ class Engine:
     waiting: collections.deque[_Live] = collections.deque()
     live: dict[int, _Live] = {}  # slot -> request
     steps: list[StepRecord] = []
-    clock, admitted = 0.0, 0
+    clock, arrived = 0.0, 0
     while arrivals or waiting or live:
       while arrivals and arrivals[0].request.arrival_s <= clock:
         s = arrivals.popleft()
-        waiting.append(_Live(s, list(map(int, s.request.prompt))))
+        waiting.append(_Live(s, list(map(int, s.request.prompt)), arrived))
+        arrived += 1
       if not live and not waiting:
         clock = arrivals[0].request.arrival_s
         continue
@@ -343,8 +395,7 @@ class Engine:
       while waiting and free_slots and a.free_pages() - committed >= a.pages_for(
           len(waiting[0].context)):
         w = waiting.popleft()
-        w.slot, w.fed, w.reset, w.order = free_slots.pop(0), 0, True, admitted
-        admitted += 1
+        w.slot, w.fed, w.reset, w.decoding = free_slots.pop(0), 0, True, False
         if w.served.admitted_s is None:
           w.served.admitted_s = clock
         live[w.slot] = w
@@ -363,8 +414,10 @@ class Engine:
             a.release(victim.slot)
             del live[victim.slot]
             victim.served.preemptions += 1
-            victim.slot, victim.fed = -1, 0
-            waiting.appendleft(victim)
+            victim.slot, victim.fed, victim.decoding = -1, 0, False
+            # Back at the head of the queue, in arrival order among the preempted.
+            at = next((i for i, q in enumerate(waiting) if q.order > victim.order), len(waiting))
+            waiting.insert(at, victim)
             preempted += 1
             if victim is w:
               break
@@ -376,19 +429,22 @@ class Engine:
       tokens = np.zeros((self.slots, width), np.int32)
       valid = np.zeros(self.slots, np.int32)
       reset = np.zeros(self.slots, bool)
+      draws = np.zeros((self.slots, 2), np.int32)  # (request, token index): its sample's key.
       for b, f in feed.items():
-        tokens[b, :len(f)], valid[b], reset[b] = f, len(f), live[b].reset
+        w = live[b]
+        tokens[b, :len(f)], valid[b], reset[b] = f, len(f), w.reset
+        draws[b] = w.order, len(w.served.tokens)
       if check_pages:
         a.check()
         held = sum(a.held(b) for b in live)
         assert a.pages_in_use == held, (a.pages_in_use, held)
       begin = time.perf_counter()
-      nxt = self._run_step(tokens, valid, reset)
+      nxt = self._run_step(tokens, valid, reset, draws)
       seconds = time.perf_counter() - begin
       # Decode tokens: the one token generated last (recomputed context counts as prefill).
-      decode = sum(1 for b, w in live.items() if w.served.tokens and w.fed == len(w.context) - 1)
-      steps.append(StepRecord(clock, seconds, width, len(live), int(valid.sum()) - decode,
-                              decode, a.pages_in_use, preempted))
+      decode = sum(1 for w in live.values() if w.decoding)
+      steps.append(StepRecord(clock, seconds, width, len(live), len(waiting),
+                              int(valid.sum()) - decode, decode, a.pages_in_use, preempted))
       clock += seconds
       for b, w in list(live.items()):
         w.fed += len(feed[b])
@@ -396,6 +452,7 @@ class Engine:
         if w.fed < len(w.context):
           continue  # Still prefilling (or recomputing).
         token = int(nxt[b])
+        w.decoding = True
         s, r = w.served, w.served.request
         s.tokens.append(token)
         w.context.append(token)
@@ -409,4 +466,7 @@ class Engine:
     if check_pages:
       a.check()
       assert a.pages_in_use == 0
+      # No write was dropped at a row's capacity, and no error bit was set.
+      assert not np.asarray(self.cache.overflow).any()
+      assert not any(v.any() for v in self.cache.error_flags().values())
     return ServeResult(served, steps, self.compiled_shapes)

@@ -231,3 +231,23 @@ def bits(x) -> np.ndarray:
 def slow_unless(fast: bool) -> list:
   """Marks for `pytest.param`: none for a case of the fast tier, `slow` for the rest."""
   return [] if fast else [pytest.mark.slow]
+
+
+class ByteTokenizer:
+  """A tiny stand-in tokenizer: id = byte + 3; optionally adds BOS (id 1) to every encode."""
+
+  vocab_size = 259
+
+  def __init__(self, add_bos: bool = False):
+    self.add_bos = add_bos
+    self.bos_id = 1
+
+  def encode(self, text: str) -> list[int]:
+    return [1] * self.add_bos + [b + 3 for b in text.encode("utf-8")]
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+  def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
+    text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+    return self.encode(text + ("<assistant>" if add_generation_prompt else ""))

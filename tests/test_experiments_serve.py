@@ -45,7 +45,9 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
   assert int8["num_pages"] > 1.55 * bf16["num_pages"]
   assert bf16["share_identical"] == 1.0 and bf16["concurrency_vs_reference"] == 1.0
   assert bf16["preemptions"] > 0  # The budget binds bf16.
-  assert int8["mean_concurrency_before_preemption"] > bf16["mean_concurrency_before_preemption"]
+  assert int8["mean_concurrency_saturated"] > bf16["mean_concurrency_saturated"]
+  assert int8["concurrency_vs_reference"] == pytest.approx(
+      int8["mean_concurrency_saturated"] / bf16["mean_concurrency_saturated"])
   assert all(r["requests"] == 10 and r["compiled_shapes"] == 2 for r in rows)
   assert printed[0].startswith("serve bf16: ") and "identical to bf16: 10/10" in printed[0]
   saved = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -66,6 +68,7 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
     (["--rate=0"], "--rate: expected a finite number > 0"),
     (["--max_len=100", "--page_len=32"], "--max_len: expected a multiple of page_len=32"),
     (["--trace=/no/such.jsonl"], "--trace: /no/such.jsonl is not a file"),
+    (["--chunk=64", "--max_len=32", "--page_len=8"], "--chunk: expected at most max_len=32"),
 ])
 def test_flag_errors_name_the_flag(args, message):
   with pytest.raises(app.UsageError) as e:

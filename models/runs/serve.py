@@ -4,8 +4,10 @@ Each KV format serves the same trace (`kvtpu.eval.traffic`: a JSONL file, or Poi
 arrivals with named length distributions) through `kvtpu.models.Engine` on a paged
 cache whose pool is what the HBM budget leaves after the weights
 (`hbm_gib` - weights - `workspace_gib`, `serving.pages_for_budget`): the same bytes,
-more pages for a cheaper precision. Per format it reports concurrency (peak and mean,
-also before the first preemption: what the pool sustains), preemptions, completed
+more pages for a cheaper precision. Per format it reports concurrency (peak and mean
+while arrived requests wait for room: what the cache sustains under the load, the
+headline and the ratio to the reference; also before the first preemption, and
+overall), preemptions, completed
 requests, tokens per second, time to first token and per output token (p50, p99) and
 pages used; and how many requests produce the reference format's (the first one's,
 bf16 by default) output token for token, and where the others first differ.
@@ -107,6 +109,8 @@ class ServeConfig:
     finite_number("workspace_gib", self.workspace_gib, low=0)
     check(self.max_len % self.page_len == 0, "max_len",
           f"expected a multiple of page_len={self.page_len}, got {self.max_len}")
+    check(self.chunk <= self.max_len, "chunk",
+          f"expected at most max_len={self.max_len}, got {self.chunk}")
     try:
       Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
     except ValueError as e:
@@ -131,6 +135,8 @@ def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
                            prompt_len=config.prompt_len, output_len=config.output_len,
                            max_context=config.max_len, filler=filler, seed=config.seed)
   except ValueError as e:
+    # The generator's one error past the config's checks: the two distributions' largest
+    # draws exceed max_len (a prompt longer than the filler names prompt_len too).
     raise ConfigError("trace" if config.trace else "prompt_len", str(e)) from None
 
 
@@ -157,14 +163,16 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
                                        page_len=config.page_len, max_len=config.max_len)
     except ValueError as e:
       raise ConfigError("hbm_gib", str(e)) from None
+    try:  # Before the engine compiles its step.
+      serving.check_trace(trace, max_len=config.max_len, page_len=config.page_len,
+                          num_pages=pages, vocab_size=model.cfg.vocab_size)
+    except ValueError as e:
+      raise ConfigError("hbm_gib" if "pages" in str(e) else "trace",
+                        f"kv_format={fmt}: {e}") from None
     engine = serving.Engine(model, kv_format=fmt, slots=config.slots, num_pages=pages,
                             page_len=config.page_len, max_len=config.max_len,
                             chunk=config.chunk, stop_ids=sorted(tokenizer.stop_ids),
                             sampling=config.sampling, seed=config.seed, impl=config.impl)
-    try:
-      engine.check(trace)
-    except ValueError as e:
-      raise ConfigError("hbm_gib", f"kv_format={fmt}: {e}") from None
     result = engine.run(trace)
     results[fmt] = result
     match = serving.compare_outputs(results[config.kv_formats[0]], result)
@@ -177,14 +185,15 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
                share_identical=match["share_identical"],
                median_first_difference=match["median_first_difference"])
     rows.append(row)
-    out(f"serve {fmt}: {pages - 1} pages, peak {row['peak_concurrency']} / mean "
-        f"{row['mean_concurrency_before_preemption']:.2f} requests before preemption, "
+    out(f"serve {fmt}: {pages - 1} pages, {row['mean_concurrency_saturated']:.2f} requests in "
+        f"flight on average while requests waited (peak {row['peak_concurrency_saturated']}), "
         f"preemptions {row['preemptions']}, {row['tokens_per_s']:.1f} tok/s, TTFT p50 "
         f"{row['ttft_p50_s']:.2f} s, identical to {config.kv_formats[0]}: "
         f"{match['identical']}/{match['requests']}")
-  base = rows[0]["mean_concurrency_before_preemption"]
+  base = rows[0]["mean_concurrency_saturated"]
   for row in rows:
-    row["concurrency_vs_reference"] = row["mean_concurrency_before_preemption"] / base
+    row["concurrency_vs_reference"] = (row["mean_concurrency_saturated"] / base if base
+                                       else None)
   return rows, results
 
 
@@ -205,13 +214,15 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
                                ylabel="requests in flight", xscale="linear", yscale="linear")
   ref = config.kv_formats[0]
   ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}"  # noqa: E731
-  body = [[r["kv_format"], r["num_pages"] - 1, r["peak_concurrency_before_preemption"],
-           f"{r['mean_concurrency_before_preemption']:.2f}",
-           f"{r['concurrency_vs_reference']:.2f}x", r["peak_concurrency"],
+  ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+  body = [[r["kv_format"], r["num_pages"] - 1, f"{r['mean_concurrency_saturated']:.2f}",
+           ratio(r["concurrency_vs_reference"]),
+           f"{r['mean_concurrency_before_preemption']:.2f}", r["peak_concurrency"],
            r["preemptions"], r["requests"], f"{r['tokens_per_s']:.1f}",
            f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
            f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p99_s'])}", r["peak_pages"],
-           f"{r['identical']}/{r['requests']}", r["median_first_difference"] or "-"]
+           f"{r['identical']}/{r['requests']}",
+           "-" if r["median_first_difference"] is None else r["median_first_difference"]]
           for r in rows]
   d = trace.disclosure()
   text = [
@@ -228,8 +239,9 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
       + (f"; filler {d['filler']['name']}, token sha256 "
          f"`{d['filler']['token_sha256'][:16]}`" if d.get("filler") else "") + ").\n",
       reports.markdown_table(
-          ["kv format", "pages", "peak before preemption", "mean before preemption",
-           f"vs {ref}", "peak", "preemptions", "requests", "tok/s", "TTFT p50 / p99 (ms)",
+          ["kv format", "pages", "mean in flight while requests wait", f"vs {ref}",
+           "mean before first preemption", "peak", "preemptions", "requests", "tok/s",
+           "TTFT p50 / p99 (ms)",
            "TPOT p50 / p99 (ms)", "peak pages", f"identical to {ref}",
            "median first difference"], body),
       "\nTimes are on this machine's clock: each step advances it by its measured time "

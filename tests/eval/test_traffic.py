@@ -17,7 +17,7 @@ import pytest
 from kvtpu.eval import traffic
 from kvtpu.eval.traffic import Distribution, Request, Trace
 from kvtpu.eval.workloads import Workload
-from tests.eval.test_workloads import ByteTokenizer
+from tests.helpers import ByteTokenizer
 
 FILLER = np.arange(10, 10 + 997, dtype=np.int32)  # A stream whose windows are recognizable.
 

@@ -90,6 +90,8 @@ def test_preemption_recomputes_to_the_same_outputs(model, alone):
   assert {s.request.id: s.tokens for s in result.requests} == alone
   assert max(s.pages_in_use for s in result.steps) <= 6
   assert sum(s.preempted for s in result.steps) == result.preemptions
+  # The live request that arrived last goes first: the first to arrive never does.
+  assert result.requests[0].preemptions == 0
 
 
 def test_the_step_compiles_two_shapes_whatever_the_traffic(model):
@@ -134,7 +136,11 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model, alone):
   top1 = engine(model, sampling=Sampling(temperature=1.0, top_k=1)).run(trace)
   assert {s.request.id: s.tokens for s in top1.requests} == alone
   hot = Sampling(temperature=2.0)
-  runs = [engine(model, sampling=hot, seed=seed).run(trace) for seed in (5, 5, 6)]
+  # Each token's key is the seed's folded with (request, token index): the same draws
+  # whatever the schedule (which follows measured step times), the batch or preemption.
+  runs = [engine(model, sampling=hot, seed=seed, **kw).run(trace)
+          for seed, kw in ((5, {}), (5, dict(num_pages=7, slots=2)), (6, {}))]
+  assert runs[1].preemptions > 0
   a, b, c = ({s.request.id: s.tokens for s in r.requests} for r in runs)
   assert a == b and a != c and a != alone
   assert all(len(a[r.id]) == r.max_new_tokens for r in trace.requests)  # No stop ids.
@@ -152,6 +158,10 @@ def test_summary_figures_follow_from_the_records(model):
   assert row["peak_concurrency_before_preemption"] == max(s.live for s in before)
   assert row["mean_concurrency"] == pytest.approx(
       sum(s.live * s.seconds for s in steps) / sum(s.seconds for s in steps))
+  waited = [s for s in steps if s.waiting]
+  assert waited and row["mean_concurrency_saturated"] == pytest.approx(
+      sum(s.live * s.seconds for s in waited) / sum(s.seconds for s in waited))
+  assert row["saturated_seconds"] == pytest.approx(sum(s.seconds for s in waited))
   ttft = sorted(s.first_token_s - s.request.arrival_s for s in result.requests)
   assert row["ttft_p50_s"] == pytest.approx(np.median(ttft))
   assert ttft[0] <= row["ttft_p99_s"] <= ttft[-1]
@@ -200,3 +210,31 @@ def test_pages_for_budget_is_the_largest_pool_that_fits(fmt):
                        max_len=64, head_dim=TINY.head_dim, page_len=16, num_pages=2).nbytes
   with pytest.raises(ValueError, match=r"5 slots and two pages of 16 positions take .* MiB"):
     serving.pages_for_budget(fmt, TINY, cache_bytes=small - 1, **dims)
+
+
+def test_the_clock_waits_for_arrivals(model):
+  # Nothing arrives before 5 s, and nothing between the two bursts: the clock jumps.
+  trace = Trace("t", "", (Request("a", 5.0, np.array([5, 6, 7]), 3),
+                          Request("b", 9.0, np.array([8, 9]), 2)))
+  result = engine(model).run(trace, check_pages=True)
+  a, b = result.requests
+  assert a.admitted_s == 5.0 and b.admitted_s == 9.0 and a.finished_s < 9.0
+  assert result.steps[0].start_s == 5.0
+  assert result.duration_s == pytest.approx(result.steps[-1].start_s + result.steps[-1].seconds - 5.0)
+  assert result.concurrency("saturated") == (0, 0.0)  # Nobody ever waited.
+  with pytest.raises(ValueError, match="window must be"):
+    result.concurrency("busy")
+
+
+def test_bad_tokens_and_chunks_are_refused(model):
+  eng = engine(model)
+  bad = Trace("t", "", (Request("v", 0.0, np.array([3, TINY.vocab_size]), 2),))
+  with pytest.raises(ValueError, match="request 'v' holds token id 97, outside the model's "
+                     "vocabulary of 97"):
+    eng.run(bad)
+  with pytest.raises(ValueError, match="chunk=64 must be <= max_len=32"):
+    engine(model, chunk=64)
+  # The last generated token is never written: prompt + budget - 1 positions.
+  fits = Trace("t", "", (Request("f", 0.0, np.arange(3, 20), 8),))  # 24 positions: 3 pages.
+  result = engine(model, num_pages=4).run(fits, check_pages=True)
+  assert len(result.requests[0].tokens) == 8
