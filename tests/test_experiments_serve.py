@@ -16,7 +16,7 @@ from kvtpu.models.runs.serve import ServeConfig
 
 from kvtpu import memory
 from tests.helpers import TINY, run_binary
-from tests.run_support import fake_pretrained, forbid, save_tiny_checkpoint
+from tests.run_support import FakeTokenizer, fake_pretrained, forbid, save_tiny_checkpoint
 
 # TINY: 2 layers, 2 kv heads of 16: 256 bytes per bf16 token. A budget of 12 pages of 8
 # bf16 positions beyond its weights, fewer than 8 requests need at once.
@@ -110,3 +110,24 @@ def test_serve_binary_end_to_end(tmp_path):
   rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert [r["kv_format"] for r in rows] == ["bf16", "int8"] and rows[1]["requests"] == 6
   assert (out / "report.md").is_file() and (out / "inflight.png").is_file()
+
+
+def test_a_jsonl_trace_is_served_as_written(monkeypatch, tmp_path):
+  monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained())
+  lines = [{"id": "chat", "arrival_s": 0.0, "messages": [{"role": "user", "content": "Hi"}],
+            "max_new_tokens": 3},
+           {"id": "ids", "arrival_s": 0.01, "prompt_ids": [11, 12, 13], "output_len": 4},
+           {"id": "filled", "arrival_s": 0.02, "prompt_len": 9, "output_len": 2}]
+  trace = tmp_path / "trace.jsonl"
+  trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  rows = serve_run.run(ServeConfig(**{**SMALL, "trace": str(trace)}), tmp_path / "out",
+                       out=lambda _: None)
+  per_request = [json.loads(x) for x in (tmp_path / "out" / "requests.jsonl").read_text()
+                 .splitlines()]
+  assert [r["id"] for r in per_request] == ["chat", "ids", "filled"] * 2
+  assert [r["prompt_tokens"] for r in per_request[:3]] == [len(FakeTokenizer().encode_chat(
+      lines[0]["messages"])), 3, 9]
+  # Exact lengths are served exactly; a budget may end at a stop id.
+  assert [len(r["tokens"]) for r in per_request[1:3]] == [4, 2]
+  assert 1 <= len(per_request[0]["tokens"]) <= 3
+  assert rows[0]["trace"] == f"jsonl:{trace.resolve()}" and rows[0]["requests"] == 3
