@@ -19,8 +19,8 @@ tokens (nothing written, their cache row does not advance).
 
 Scheduling, at each step on the engine's clock:
 
-  * arrivals (`arrival_s <= clock`) queue in arrival order; when nothing is live the
-    clock jumps to the next arrival;
+  * arrivals (`arrival_s <= clock`) queue in arrival order; when nothing is live or
+    waiting the clock jumps to the next arrival;
   * the oldest waiting request takes a free slot (its row reset) if the free pages,
     after what the live requests' unfed contexts will take, hold its whole context;
   * before the step, every live request reserves pages for the tokens it is fed, in
