@@ -31,7 +31,7 @@ from kvtpu import reports
 __all__ = ["FOUR_BIT_SCHEME", "FOUR_BIT_NU_SCHEME", "TWO_BIT_SCHEME", "ConfigError", "Progress", "calibration_progress", "chat_responder", "check",
            "check_head_dim", "check_workdir", "done_items", "environment", "finite_number",
            "format_list", "impl_choice", "int_list", "model_name", "one_of", "positive_int",
-           "save_artifact", "start", "str_list", "workload_list", "write_config"]
+           "sampling", "save_artifact", "start", "str_list", "workload_list", "write_config"]
 
 
 # The 4-bit cache the binaries' defaults compare: int4 with bf16 per-token scales, rotated
@@ -64,6 +64,18 @@ def check(ok: bool, field: str, message: str) -> None:
   """Raises `ConfigError(field, message)` unless `ok`."""
   if not ok:
     raise ConfigError(field, message)
+
+
+def sampling(temperature: Any, top_p: Any, top_k: Any):
+  """The `kvtpu.models.Sampling` of a config's temperature, top_p and top_k fields, else a
+  ConfigError on the field its error names."""
+  from kvtpu.models.generation import Sampling  # noqa: PLC0415
+
+  try:
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+  except ValueError as e:
+    field = next((f for f in ("temperature", "top_p", "top_k") if f in str(e)), "temperature")
+    raise ConfigError(field, str(e)) from None
 
 
 def one_of(field: str, value: Any, choices: Iterable[Any]) -> Any:

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from kvtpu.models.generation import Generation, Sampling, generate
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
-  ConfigError,
   check,
   check_head_dim,
   check_workdir,
@@ -31,6 +30,7 @@ from kvtpu.models.runs.common import (
   model_name,
   one_of,
   positive_int,
+  sampling,
   start,
   str_list,
 )
@@ -81,18 +81,14 @@ class GenerateConfig:
                                                             self.max_new_tokens))
     object.__setattr__(self, "kv_format", format_list(
         "kv_format", [self.kv_format], dynamic_only="generate runs dynamic-scale caches")[0])
-    try:
-      Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-    except ValueError as e:
-      field = next((f for f in ("temperature", "top_p", "top_k") if f in str(e)), "temperature")
-      raise ConfigError(field, str(e)) from None
+    sampling(self.temperature, self.top_p, self.top_k)
     object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
     object.__setattr__(self, "impl", impl_choice("impl", self.impl))
     one_of("param_dtype", self.param_dtype, ("float32", "bfloat16"))
 
   @property
   def sampling(self) -> Sampling:
-    return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+    return sampling(self.temperature, self.top_p, self.top_k)
 
 
 @dataclasses.dataclass(frozen=True)

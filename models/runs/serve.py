@@ -41,6 +41,7 @@ from kvtpu.models.runs.common import (
   model_name,
   one_of,
   positive_int,
+  sampling,
   start,
 )
 
@@ -111,17 +112,13 @@ class ServeConfig:
           f"expected a multiple of page_len={self.page_len}, got {self.max_len}")
     check(self.chunk <= self.max_len, "chunk",
           f"expected at most max_len={self.max_len}, got {self.chunk}")
-    try:
-      Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-    except ValueError as e:
-      field = next((f for f in ("temperature", "top_p", "top_k") if f in str(e)), "temperature")
-      raise ConfigError(field, str(e)) from None
+    sampling(self.temperature, self.top_p, self.top_k)
     object.__setattr__(self, "impl", impl_choice("impl", self.impl))
     one_of("param_dtype", self.param_dtype, ("float32", "bfloat16"))
 
   @property
   def sampling(self) -> Sampling:
-    return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+    return sampling(self.temperature, self.top_p, self.top_k)
 
 
 def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
