@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from kvtpu.models import serving
 from kvtpu.models.generation import Sampling
 from kvtpu.models.pretrained import load_pretrained
@@ -44,6 +45,7 @@ from kvtpu.models.runs.common import (
   sampling,
   start,
 )
+from kvtpu.models.sharding import state_bytes_per_device
 
 from kvtpu import reports
 from kvtpu.eval import traffic, workloads
@@ -137,18 +139,11 @@ def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
     raise ConfigError("trace" if config.trace else "prompt_len", str(e)) from None
 
 
-def weight_bytes(model) -> int:
-  """Bytes of the model's parameters."""
-  from flax import nnx  # noqa: PLC0415
-
-  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
                   out: Callable[[str], Any] = print) -> tuple[list[dict], dict[str, Any]]:
   """Serves `trace` on each of `config.kv_formats`; returns the per-format rows and the
   per-format `ServeResult`s."""
-  weights = weight_bytes(model)
+  weights = state_bytes_per_device(nnx.state(model, nnx.Param), model=1)
   budget = int((config.hbm_gib - config.workspace_gib) * 2**30) - weights
   check(budget > 0, "hbm_gib",
         f"{config.hbm_gib:g} GiB leaves no room for a cache after the weights "
