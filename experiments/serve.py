@@ -61,6 +61,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   i("top_k", d.top_k, "Sample among the k most likely tokens only.", flag_values=fv)
   s("impl", d.impl, "attend implementation (auto, xla, pallas, interpret).", flag_values=fv)
   s("param_dtype", d.param_dtype, "dtype of the weights: float32, bfloat16.", flag_values=fv)
+  s("mesh", d.mesh, "data:<n>,model:<m>: slots over data, kv heads and weights over model "
+    "(--hbm_gib is then per device).", flag_values=fv)
+  s("strategy", d.strategy, "kv heads over the model axis: auto, heads, replicate, sequence.",
+    flag_values=fv)
   define_workdir_flags(fv, "workdir/serve")
 
 

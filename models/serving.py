@@ -50,12 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from kvtpu.models.generation import Sampling, sample_logits
+from kvtpu.models.sharding import param_shardings
 
 import kvtpu
-from kvtpu import memory
 from kvtpu.attention import IMPLS
 from kvtpu.eval.traffic import Request, Trace
 from kvtpu.paging import OutOfPages, PageAllocator
+from kvtpu.sharding import CacheSharding, per_device_bytes, resolve_strategy
 
 __all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS", "compare_outputs",
            "pages_for_budget"]
@@ -64,16 +65,20 @@ __all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS", "com
 TRACE_COUNTS: collections.Counter[int] = collections.Counter()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
-def _step(graphdef, state, cache, table, reset, tokens, valid, key, draws, sampling, *, impl):
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "cache_sharding"),
+                   donate_argnames=("cache",))
+def _step(graphdef, state, cache, table, reset, tokens, valid, key, draws, sampling, *, impl,
+          cache_sharding):
   """Resets the `reset` rows, feeds `tokens[b, :valid[b]]`, samples each row's next token
   from its last fed position with the key `key` folded with `draws[b]` (its request and
-  token index). Returns `(next i32[B], cache)`."""
+  token index). Returns `(next i32[B], cache)`; a sharded cache stays in its layout."""
   TRACE_COUNTS[tokens.shape[1]] += 1
   model = nnx.merge(graphdef, state)
   cache = cache.with_page_table(table).reset(reset)
   logits, cache = model(tokens, cache, valid_len=valid, impl=impl,
-                        logits_at=jnp.maximum(valid - 1, 0))
+                        logits_at=jnp.maximum(valid - 1, 0), cache_sharding=cache_sharding)
+  if cache_sharding is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding.shardings(cache))
   keys = jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(key, d[0]), d[1]))(draws)
   nxt = jax.vmap(lambda x, k: sample_logits(x[None], k, sampling)[0])(logits[:, 0], keys)
   return nxt, cache
@@ -232,12 +237,16 @@ def compare_outputs(reference: ServeResult, other: ServeResult) -> dict[str, obj
 
 
 def check_trace(trace: Trace, *, max_len: int, page_len: int, num_pages: int,
-                vocab_size: int) -> None:
+                vocab_size: int, shards: int = 1, model_shards: int = 1) -> None:
   """Raises ValueError for a request an engine of these dimensions can never serve: a
   token id outside the vocabulary, more positions than max_len (prompt + budget), or
   more pages than the pool's usable ones (the last generated token is never written:
-  prompt + budget - 1 positions)."""
-  usable = num_pages - 1
+  prompt + budget - 1 positions). A pool split into `shards` x `model_shards` blocks
+  (`kvtpu.paging.PageAllocator`) holds a request in one data shard's blocks, its
+  positions' pages spread over the model shards' blocks in order."""
+  blocks = shards * model_shards
+  usable = num_pages // blocks - 1  # Per block.
+  columns = (max_len // page_len) // model_shards  # Table columns per model shard.
   for r in trace.requests:
     if int(r.prompt.max()) >= vocab_size:
       raise ValueError(f"request {r.id!r} holds token id {int(r.prompt.max())}, outside the "
@@ -247,35 +256,45 @@ def check_trace(trace: Trace, *, max_len: int, page_len: int, num_pages: int,
       raise ValueError(f"request {r.id!r} needs {need} positions (prompt {r.prompt_len} + "
                        f"budget {r.max_new_tokens}), more than max_len={max_len}")
     pages = -(-(need - 1) // page_len)
-    if pages > usable:
-      raise ValueError(f"request {r.id!r} needs {pages} pages, more than the pool's {usable} "
+    if min(pages, columns) > usable:  # The first block takes the most.
+      where = "the pool's" if blocks == 1 else f"a pool block's (of {blocks})"
+      raise ValueError(f"request {r.id!r} needs {min(pages, columns)} pages"
+                       f"{'' if blocks == 1 else ' of one block'}, more than {where} {usable} "
                        "usable pages")
 
 
 def pages_for_budget(fmt, cfg, *, cache_bytes: int, slots: int, page_len: int,
-                     max_len: int) -> int:
-  """The most pages (the null page included) a paged cache of `fmt` for a model of `cfg`
-  holds within `cache_bytes`: the slots' own arrays (windows, page tables, lengths)
-  come first, the pool takes the rest (`kvtpu.memory.cache_bytes`, exact).
+                     max_len: int, data: int = 1, model: int = 1, strategy: str = "auto") -> int:
+  """The most pages (the null pages included) a paged cache of `fmt` for a model of
+  `cfg` holds within `cache_bytes` per device: the slots' own arrays (windows, page
+  tables, lengths) come first, the pool takes the rest (`kvtpu.memory.cache_bytes`,
+  exact; `kvtpu.sharding.per_device_bytes` on a `data` x `model` mesh, where the pool is
+  a multiple of its blocks: D, or D x M under `"sequence"`).
 
   Raises:
-    ValueError: when the slots' arrays and two pages (the null page and one) do not fit.
+    ValueError: when the slots' arrays and two pages per block (the null page and one)
+      do not fit.
   """
-  def size(n: int) -> int:
-    return memory.cache_bytes(fmt, num_layers=cfg.num_layers, batch=slots,
-                              kv_heads=cfg.num_kv_heads, max_len=max_len, head_dim=cfg.head_dim,
-                              page_len=page_len, num_pages=n)
+  blocks = data * (model if resolve_strategy(strategy, kv_heads=cfg.num_kv_heads,
+                                             model=model) == "sequence" else 1)
+
+  def size(n: int) -> int:  # n pages per block.
+    return per_device_bytes(fmt, num_layers=cfg.num_layers, batch=slots,
+                            kv_heads=cfg.num_kv_heads, max_len=max_len, head_dim=cfg.head_dim,
+                            data=data, model=model, strategy=strategy, page_len=page_len,
+                            num_pages=n * blocks)
 
   base = size(2)
   if base > cache_bytes:
+    per = "" if blocks == 1 else " per block"
     raise ValueError(
-        f"kv_format={kvtpu.KVFormat.parse(fmt).name}: {slots} slots and two pages of "
+        f"kv_format={kvtpu.KVFormat.parse(fmt).name}: {slots} slots and two pages{per} of "
         f"{page_len} positions take {base / 2**20:.1f} MiB (windows, tables and per-sequence "
         f"arrays included), more than the cache budget of {cache_bytes / 2**20:.1f} MiB")
   n = 2 + (cache_bytes - base) // (size(3) - base)
   while size(n) > cache_bytes:  # int4 arrays round up per tensor.
     n -= 1
-  return int(n)
+  return int(n * blocks)
 
 
 @dataclasses.dataclass
@@ -306,12 +325,20 @@ class Engine:
       outputs do not depend on the schedule, the batch or preemption.
     impl: `kvtpu.attend` implementation.
     calibration: the `CalibrationArtifact` of a static format (made on this model).
+    cache_sharding: serve on a mesh (`kvtpu.sharding.CacheSharding`): the cache in its
+      sharded layout (slots over the data axis, each data shard with its own block of
+      the pool; kv heads or, under `"sequence"`, positions over the model axis), the
+      weights tensor-parallel over the model axis (`kvtpu.models.sharding`). A
+      request's pages come from its slot's blocks, so admission picks a free slot whose
+      blocks hold its context, and a block that runs out preempts the latest-arrived
+      live request of its data shard. num_pages counts the whole pool (a multiple of
+      the blocks).
   """
 
   def __init__(self, model, *, kv_format, slots: int, num_pages: int, page_len: int,
                max_len: int, chunk: int = 64, stop_ids: Sequence[int] = (),
                sampling: Sampling | None = None, seed: int = 0, impl: str = "auto",
-               calibration=None):
+               calibration=None, cache_sharding: CacheSharding | None = None):
     for name, value, low in (("slots", slots, 1), ("chunk", chunk, 1), ("page_len", page_len, 1),
                              ("num_pages", num_pages, 2), ("max_len", max_len, 1)):
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -323,7 +350,17 @@ class Engine:
     if max_len > model.cfg.max_position:
       raise ValueError(f"max_len={max_len} exceeds the model's {model.cfg.max_position} "
                        "positions")
-    self.model, self.impl = model, impl
+    if cache_sharding is not None and not isinstance(cache_sharding, CacheSharding):
+      raise TypeError("cache_sharding must be a kvtpu.sharding.CacheSharding or None, got "
+                      f"{type(cache_sharding).__name__}")
+    if cache_sharding is not None and jax.sharding.AxisType.Explicit in (
+        cache_sharding.mesh.axis_types):
+      raise ValueError("cache_sharding.mesh must have Auto axes (the model's layers leave "
+                       "their shardings to the compiler), got axis_types="
+                       f"{cache_sharding.mesh.axis_types}: build it with jax.make_mesh(..., "
+                       "axis_types=(jax.sharding.AxisType.Auto,) * 2) or "
+                       "kvtpu.models.headroom.make_mesh")
+    self.model, self.impl, self.cache_sharding = model, impl, cache_sharding
     self.graphdef, self.state = nnx.split(model)
     self.slots, self.chunk = slots, chunk
     self.sampling = Sampling() if sampling is None else sampling
@@ -333,11 +370,20 @@ class Engine:
     if calibration is not None:
       calibration.check_compatible(num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads,
                                    head_dim=cfg.head_dim, model_name=cfg.name)
-    self.cache = kvtpu.KVCache.init(kv_format, num_layers=cfg.num_layers, batch=slots,
-                                    kv_heads=cfg.num_kv_heads, max_len=max_len,
-                                    head_dim=cfg.head_dim, page_len=page_len,
-                                    num_pages=num_pages, calibration=calibration)
-    self.allocator = PageAllocator.for_cache(self.cache)
+    dims = dict(num_layers=cfg.num_layers, batch=slots, kv_heads=cfg.num_kv_heads,
+                max_len=max_len, head_dim=cfg.head_dim, page_len=page_len,
+                num_pages=num_pages, calibration=calibration)
+    if cache_sharding is None:
+      self.cache = kvtpu.KVCache.init(kv_format, **dims)
+      self.allocator = PageAllocator.for_cache(self.cache)
+    else:
+      # The layout's checks (slots and pages divisible by the shards, the strategy's
+      # fit) on the abstract cache, before anything is allocated or compiled.
+      self.allocator = cache_sharding.allocator(jax.eval_shape(
+          functools.partial(kvtpu.KVCache.init, kv_format, **dims)))
+      self.cache = cache_sharding.init(kv_format, **dims)
+      self.state = jax.device_put(self.state, param_shardings(self.state, cache_sharding.mesh,
+                                                              model_axis=cache_sharding.model_axis))
     self.widths = sorted({chunk, 1})
     for width in self.widths:  # Every shape compiled before any request is served.
       self._run_step(np.zeros((slots, width), np.int32), np.zeros(slots, np.int32),
@@ -351,7 +397,8 @@ class Engine:
     nxt, self.cache = _step(self.graphdef, self.state, self.cache,
                             jnp.asarray(self.allocator.table), jnp.asarray(reset),
                             jnp.asarray(tokens), jnp.asarray(valid), self.key,
-                            jnp.asarray(draws), self.sampling, impl=self.impl)
+                            jnp.asarray(draws), self.sampling, impl=self.impl,
+                            cache_sharding=self.cache_sharding)
     return np.asarray(jax.block_until_ready(nxt))
 
   @property
@@ -361,8 +408,17 @@ class Engine:
 
   def check(self, trace: Trace) -> None:
     """Raises for a request the engine can never serve (`check_trace`)."""
+    a = self.allocator
     check_trace(trace, max_len=self.cache.max_len, page_len=self.cache.page_len,
-                num_pages=self.allocator.usable_pages + 1, vocab_size=self.model.cfg.vocab_size)
+                num_pages=a.num_pages, vocab_size=self.model.cfg.vocab_size, shards=a.shards,
+                model_shards=a.model_shards)
+
+  def _blocks(self, slot: int, tokens: int) -> collections.Counter[int]:
+    """Pages per pool block that `slot` needs, beyond those it holds, for `tokens`
+    positions."""
+    a = self.allocator
+    return collections.Counter(a.block_of(slot, w)
+                               for w in range(a.held(slot), a.pages_for(tokens)))
 
   def run(self, trace: Trace, *, check_pages: bool = False) -> ServeResult:
     """Serves every request of `trace` to its end.
@@ -390,16 +446,29 @@ class Engine:
       # Admit the oldest waiting requests while a slot is free and the free pages hold
       # their whole contexts after the live requests' unfed contexts (output growth
       # beyond that is what preemption handles).
+      # A sharded pool: a slot takes pages from its own blocks; of the free slots whose
+      # blocks hold the context, the one with the most free pages left (the lowest index
+      # among equals) is taken.
       free_slots = [b for b in range(self.slots) if b not in live]
-      committed = sum(max(a.pages_for(len(w.context)) - a.held(b), 0) for b, w in live.items())
-      while waiting and free_slots and a.free_pages() - committed >= a.pages_for(
-          len(waiting[0].context)):
+      committed = collections.Counter()
+      for b, w in live.items():
+        committed.update(self._blocks(b, len(w.context)))
+      while waiting and free_slots:
+        best, room = None, -1
+        for b in free_slots:
+          need = self._blocks(b, len(waiting[0].context))
+          left = min((a.free_pages(k) - committed[k] - n for k, n in need.items()), default=0)
+          if left >= 0 and left > room:
+            best, room = b, left
+        if best is None:
+          break
         w = waiting.popleft()
-        w.slot, w.fed, w.reset, w.decoding = free_slots.pop(0), 0, True, False
+        free_slots.remove(best)
+        w.slot, w.fed, w.reset, w.decoding = best, 0, True, False
         if w.served.admitted_s is None:
           w.served.admitted_s = clock
         live[w.slot] = w
-        committed += a.pages_for(len(w.context))
+        committed.update(self._blocks(best, len(w.context)))
       # Reserve this step's pages, oldest first; preempt the newest when they run out.
       preempted = 0
       for w in sorted(live.values(), key=lambda w: w.order):
@@ -409,8 +478,10 @@ class Engine:
           try:
             a.reserve(w.slot, w.fed + min(self.chunk, len(w.context) - w.fed))
             break
-          except OutOfPages:
-            victim = max(live.values(), key=lambda v: v.order)
+          except OutOfPages as e:
+            shard = e.shard // a.model_shards  # The block's data shard.
+            victim = max((v for v in live.values() if a.shard_of(v.slot) == shard),
+                         key=lambda v: v.order)
             a.release(victim.slot)
             del live[victim.slot]
             victim.served.preemptions += 1

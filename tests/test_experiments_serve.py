@@ -62,6 +62,20 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
                                                                                          "int8"]
 
 
+def test_run_on_a_mesh_sizes_each_device(monkeypatch):
+  monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained())
+  single = serve_run.run(ServeConfig(**{**SMALL, "kv_formats": ("int8",)}), out=lambda _: None)
+  sharded = serve_run.run(ServeConfig(**{**SMALL, "kv_formats": ("int8",),
+                                         "mesh": "data:2,model:2"}), out=lambda _: None)
+  one, two = single[0], sharded[0]
+  assert one["strategy"] is None and two["strategy"] == "heads" and two["mesh"] == "data:2,model:2"
+  # Per device: half the slots and half the kv heads; the weights split over model too.
+  assert two["weight_bytes"] < one["weight_bytes"]
+  assert two["cache_bytes_per_device"] <= two["cache_budget_bytes"]
+  assert two["num_pages"] > 2 * one["num_pages"] and two["num_pages"] % 2 == 0
+  assert two["requests"] == 10 and two["compiled_shapes"] == 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--kv_formats=int8-channel"], "--kv_formats: int8-channel has static scales"),
     (["--prompt_len=normal:mean=3"], "--prompt_len: distribution spec 'normal:mean=3'"),
@@ -69,6 +83,9 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
     (["--max_len=100", "--page_len=32"], "--max_len: expected a multiple of page_len=32"),
     (["--trace=/no/such.jsonl"], "--trace: /no/such.jsonl is not a file"),
     (["--chunk=64", "--max_len=32", "--page_len=8"], "--chunk: expected at most max_len=32"),
+    (["--mesh=data:2"], "--mesh: mesh='data:2': name both axes"),
+    (["--strategy=rows"], "--strategy: expected one of"),
+    (["--mesh=data:2,model:1", "--slots=3"], "--slots: expected a multiple of the mesh's data"),
 ])
 def test_flag_errors_name_the_flag(args, message):
   with pytest.raises(app.UsageError) as e:
@@ -80,6 +97,10 @@ def test_flag_errors_name_the_flag(args, message):
     (dict(hbm_gib=WEIGHTS / 2**30), "--hbm_gib: 0.000"),
     (dict(hbm_gib=(WEIGHTS + 3000) / 2**30), "--hbm_gib: kv_format=bf16: 8 slots and two pages"),
     (dict(prompt_len="fixed:30"), "--prompt_len: prompt_len=fixed:value=30 and output_len="),
+    (dict(mesh="data:4,model:4"), "--mesh: data:4,model:4 needs 16 devices, 8 are present"),
+    (dict(mesh="data:1,model:4", strategy="heads"), "--strategy: "),
+    (dict(mesh="data:1,model:8", strategy="sequence"), "--max_len: strategy=sequence splits "
+     "each request's 4 pages over 8 model devices"),
 ])
 def test_what_cannot_be_served_fails_before_serving(monkeypatch, tmp_path, overrides, message):
   monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained())

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from kvtpu.models import serving
 from kvtpu.models.generation import Sampling
+from kvtpu.models.headroom import make_mesh, parse_mesh
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
   FOUR_BIT_SCHEME,
@@ -49,8 +50,9 @@ from kvtpu.models.sharding import state_bytes_per_device
 
 from kvtpu import reports
 from kvtpu.eval import traffic, workloads
+from kvtpu.sharding import STRATEGIES, CacheSharding
 
-__all__ = ["ServeConfig", "run", "serve_formats", "load_trace"]
+__all__ = ["ServeConfig", "run", "serve_formats", "load_trace", "cache_sharding"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ class ServeConfig:
       tokens per request per step; max_len: positions per request at most.
     temperature, top_p, top_k: sampling (temperature 0: greedy).
     impl: attend implementation; param_dtype: the weights' dtype.
+    mesh: "data:<n>,model:<m>": slots over `data`, kv heads (or positions, `strategy`)
+      and weights over `model` (`kvtpu.sharding`); hbm_gib is then per device.
+    strategy: kv heads over the model axis (`kvtpu.sharding.STRATEGIES`).
   """
 
   model: str = "smollm2-135m"
@@ -92,6 +97,8 @@ class ServeConfig:
   top_k: int | None = None
   impl: str = "auto"
   param_dtype: str = "float32"
+  mesh: str = "data:1,model:1"
+  strategy: str = "auto"
 
   def __post_init__(self):
     model_name("model", self.model)
@@ -117,10 +124,46 @@ class ServeConfig:
     sampling(self.temperature, self.top_p, self.top_k)
     object.__setattr__(self, "impl", impl_choice("impl", self.impl))
     one_of("param_dtype", self.param_dtype, ("float32", "bfloat16"))
+    try:
+      mesh = parse_mesh(self.mesh)
+    except ValueError as e:
+      raise ConfigError("mesh", str(e)) from None
+    one_of("strategy", self.strategy, STRATEGIES)
+    check(self.slots % mesh["data"] == 0, "slots",
+          f"expected a multiple of the mesh's data axis ({mesh['data']}), got {self.slots}")
+
+  @property
+  def mesh_axes(self) -> dict[str, int]:
+    return parse_mesh(self.mesh)
 
   @property
   def sampling(self) -> Sampling:
     return sampling(self.temperature, self.top_p, self.top_k)
+
+
+def cache_sharding(config: ServeConfig, cfg) -> CacheSharding | None:
+  """The config's mesh over this process's first D x M devices (None for one device)."""
+  axes = config.mesh_axes
+  n = axes["data"] * axes["model"]
+  if n == 1:
+    return None
+  devices = jax.devices()
+  check(len(devices) >= n, "mesh",
+        f"{config.mesh} needs {n} devices, {len(devices)} are present (on a CPU, set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting)")
+  sharding = CacheSharding(make_mesh(devices[:n], axes["data"], axes["model"]),
+                           strategy=config.strategy)
+  try:
+    sharding.resolved(cfg.num_kv_heads)
+  except ValueError as e:
+    raise ConfigError("strategy", f"{e} ({cfg.name} has {cfg.num_kv_heads} kv heads)") from None
+  pages_per_sequence = config.max_len // config.page_len
+  check(sharding.resolved(cfg.num_kv_heads) != "sequence"
+        or pages_per_sequence % axes["model"] == 0, "max_len",
+        f"strategy=sequence splits each request's {pages_per_sequence} pages over "
+        f"{axes['model']} model devices: expected max_len / page_len to be a multiple of "
+        f"{axes['model']}")
+  return sharding
 
 
 def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
@@ -143,36 +186,49 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
                   out: Callable[[str], Any] = print) -> tuple[list[dict], dict[str, Any]]:
   """Serves `trace` on each of `config.kv_formats`; returns the per-format rows and the
   per-format `ServeResult`s."""
-  weights = state_bytes_per_device(nnx.state(model, nnx.Param), model=1)
+  axes = config.mesh_axes
+  sharding = cache_sharding(config, model.cfg)
+  weights = state_bytes_per_device(nnx.state(model, nnx.Param), model=axes["model"])
   budget = int((config.hbm_gib - config.workspace_gib) * 2**30) - weights
   check(budget > 0, "hbm_gib",
         f"{config.hbm_gib:g} GiB leaves no room for a cache after the weights "
-        f"({weights / 2**20:.2f} MiB) and the workspace ({config.workspace_gib:g} GiB)")
+        f"({weights / 2**20:.2f} MiB per device) and the workspace "
+        f"({config.workspace_gib:g} GiB)")
+  blocks = axes["data"] * (axes["model"] if sharding is not None and sharding.resolved(
+      model.cfg.num_kv_heads) == "sequence" else 1)
   rows, results = [], {}
   for fmt in config.kv_formats:
     try:
       pages = serving.pages_for_budget(fmt, model.cfg, cache_bytes=budget, slots=config.slots,
-                                       page_len=config.page_len, max_len=config.max_len)
+                                       page_len=config.page_len, max_len=config.max_len,
+                                       data=axes["data"], model=axes["model"],
+                                       strategy=config.strategy)
     except ValueError as e:
       raise ConfigError("hbm_gib", str(e)) from None
     try:  # Before the engine compiles its step.
       serving.check_trace(trace, max_len=config.max_len, page_len=config.page_len,
-                          num_pages=pages, vocab_size=model.cfg.vocab_size)
+                          num_pages=pages, vocab_size=model.cfg.vocab_size,
+                          shards=axes["data"], model_shards=blocks // axes["data"])
     except ValueError as e:
       raise ConfigError("hbm_gib" if "pages" in str(e) else "trace",
                         f"kv_format={fmt}: {e}") from None
     engine = serving.Engine(model, kv_format=fmt, slots=config.slots, num_pages=pages,
                             page_len=config.page_len, max_len=config.max_len,
                             chunk=config.chunk, stop_ids=sorted(tokenizer.stop_ids),
-                            sampling=config.sampling, seed=config.seed, impl=config.impl)
+                            sampling=config.sampling, seed=config.seed, impl=config.impl,
+                            cache_sharding=sharding)
     result = engine.run(trace)
     results[fmt] = result
     match = serving.compare_outputs(results[config.kv_formats[0]], result)
     row = dict(kv_format=fmt, model=model.cfg.name, weight_precision=model.weight_precision,
-               backend=jax.default_backend(), impl=config.impl, trace=trace.name,
+               backend=jax.default_backend(), impl=config.impl, mesh=config.mesh,
+               strategy=None if sharding is None else sharding.resolved(model.cfg.num_kv_heads),
+               trace=trace.name,
                trace_sha256=trace.sha256, weight_bytes=weights, cache_budget_bytes=budget,
                num_pages=pages, page_len=config.page_len, slots=config.slots,
-               cache_bytes=engine.cache.nbytes, **result.summary(),
+               cache_bytes=engine.cache.nbytes, cache_bytes_per_device=(
+                   engine.cache.nbytes if sharding is None
+                   else sharding.per_device_bytes(engine.cache)), **result.summary(),
                reference=config.kv_formats[0], identical=match["identical"],
                share_identical=match["share_identical"],
                median_first_difference=match["median_first_difference"])
@@ -224,7 +280,10 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
       f"the weights and {config.workspace_gib:g} GiB of workspace "
       f"({rows[0]['cache_budget_bytes'] / 2**20:.3f} MiB), pages of {config.page_len} "
       f"positions, {config.slots} slots, prompt chunks of {config.chunk}; impl "
-      f"{config.impl} on {rows[0]['backend']}. Greedy: "
+      f"{config.impl} on {rows[0]['backend']}"
+      + ("" if rows[0]["strategy"] is None else
+         f", mesh {config.mesh} (kv heads: {rows[0]['strategy']}; budgets per device)")
+      + ". Greedy: "
       f"{config.sampling.temperature == 0}.\n",
       f"Trace: {d['description']} (`{d['name']}`, sha256 `{d['sha256'][:16]}`, "
       f"{d['prompt_tokens']} prompt tokens"

@@ -9,14 +9,18 @@ step and return to zero; the step must compile two shapes, whatever the traffic.
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from kvtpu.models import serving
 from kvtpu.models.generation import Sampling, generate
 from kvtpu.models.llama import Llama
 
 from kvtpu.eval.traffic import Request, Trace
+from kvtpu.sharding import CacheSharding
 from tests.helpers import TINY
 
 PAGE, CHUNK = 8, 8
@@ -37,6 +41,13 @@ def make_trace(seed=0, n=7):
     requests.append(Request(f"r{i}", t, prompt, int(rng.integers(1, 13))))
     t += 0.0 if i == 2 else float(rng.exponential(0.002))
   return Trace("test", "ragged requests", tuple(requests))
+
+
+def burst(trace):
+  """`trace` with every request arriving at 0 (in its order): the contention a test of
+  preemption needs, whatever this machine's step times (which advance the clock)."""
+  return Trace(trace.name, f"{trace.description}, all at 0", tuple(
+      dataclasses.replace(r, arrival_s=0.0) for r in trace.requests))
 
 
 def alone_outputs(model, fmt):
@@ -77,7 +88,7 @@ def test_outputs_equal_each_request_alone_and_pages_return(model, alone):
 # (per-slot arrays beside the pool), keys and values in different precisions.
 @pytest.mark.parametrize("fmt", ["int8", "int4-asym-sbf16-rot+sink2+recent8", "k8v4"])
 def test_every_format_serves_what_it_gives_alone(model, fmt):
-  result = engine(model, kv_format=fmt, num_pages=8).run(make_trace(), check_pages=True)
+  result = engine(model, kv_format=fmt, num_pages=8).run(burst(make_trace()), check_pages=True)
   assert result.preemptions > 0  # Recompute restores the windows too.
   assert {s.request.id: s.tokens for s in result.requests} == alone_outputs(model, fmt)
 
@@ -85,7 +96,7 @@ def test_every_format_serves_what_it_gives_alone(model, fmt):
 def test_preemption_recomputes_to_the_same_outputs(model, alone):
   # 6 usable pages of 8 positions for 3 slots: requests of up to 31 positions cannot all
   # grow at once, so the newest is preempted and recomputed.
-  result = engine(model, num_pages=7).run(make_trace(), check_pages=True)
+  result = engine(model, num_pages=7).run(burst(make_trace()), check_pages=True)
   assert result.preemptions > 0
   assert {s.request.id: s.tokens for s in result.requests} == alone
   assert max(s.pages_in_use for s in result.steps) <= 6
@@ -138,7 +149,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model, alone):
   hot = Sampling(temperature=2.0)
   # Each token's key is the seed's folded with (request, token index): the same draws
   # whatever the schedule (which follows measured step times), the batch or preemption.
-  runs = [engine(model, sampling=hot, seed=seed, **kw).run(trace)
+  runs = [engine(model, sampling=hot, seed=seed, **kw).run(burst(trace) if kw else trace)
           for seed, kw in ((5, {}), (5, dict(num_pages=7, slots=2)), (6, {}))]
   assert runs[1].preemptions > 0
   a, b, c = ({s.request.id: s.tokens for s in r.requests} for r in runs)
@@ -147,7 +158,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model, alone):
 
 
 def test_summary_figures_follow_from_the_records(model):
-  result = engine(model, num_pages=7).run(make_trace())
+  result = engine(model, num_pages=7).run(burst(make_trace()))
   row = result.summary()
   steps = result.steps
   first = next(i for i, s in enumerate(steps) if s.preempted)
@@ -212,6 +223,22 @@ def test_pages_for_budget_is_the_largest_pool_that_fits(fmt):
     serving.pages_for_budget(fmt, TINY, cache_bytes=small - 1, **dims)
 
 
+@pytest.mark.parametrize("strategy, blocks", [("heads", 2), ("sequence", 4)])
+def test_pages_for_budget_on_a_mesh_counts_one_device(strategy, blocks):
+  from kvtpu.sharding import per_device_bytes
+  dims = dict(slots=4, page_len=16, max_len=64)
+  size = lambda p: per_device_bytes(  # noqa: E731
+      "int8", num_layers=TINY.num_layers, batch=4, kv_heads=TINY.num_kv_heads, max_len=64,
+      head_dim=TINY.head_dim, data=2, model=2, strategy=strategy, page_len=16, num_pages=p)
+  budget = size(blocks * 10) + 1
+  n = serving.pages_for_budget("int8", TINY, cache_bytes=budget, data=2, model=2,
+                               strategy=strategy, **dims)
+  assert n == blocks * 10 and size(n + blocks) > budget
+  with pytest.raises(ValueError, match="two pages per block"):
+    serving.pages_for_budget("int8", TINY, cache_bytes=size(2 * blocks) - 1, data=2, model=2,
+                             strategy=strategy, **dims)
+
+
 def test_the_clock_waits_for_arrivals(model):
   # Nothing arrives before 5 s, and nothing between the two bursts: the clock jumps.
   trace = Trace("t", "", (Request("a", 5.0, np.array([5, 6, 7]), 3),
@@ -238,3 +265,43 @@ def test_bad_tokens_and_chunks_are_refused(model):
   fits = Trace("t", "", (Request("f", 0.0, np.arange(3, 20), 8),))  # 24 positions: 3 pages.
   result = engine(model, num_pages=4).run(fits, check_pages=True)
   assert len(result.requests[0].tokens) == 8
+
+
+# Slots over the data axis (each data shard with its own block of the pool), kv heads or
+# positions over the model axis, weights tensor-parallel: the same outputs as alone, with
+# preemption inside a data shard, pages accounted per block every step.
+@pytest.mark.parametrize("strategy, fmt", [("heads", "bf16"), ("sequence", "int8")])
+def test_sharded_engine_serves_what_it_gives_alone(model, alone, strategy, fmt):
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sh = CacheSharding(mesh, strategy=strategy)
+  want = alone if fmt == "bf16" else alone_outputs(model, fmt)
+  # 4 slots, two per data shard; each shard has 2 (heads) or 2 x 2 (sequence) blocks.
+  blocks = 2 if strategy == "heads" else 4
+  ample = engine(model, kv_format=fmt, slots=4, num_pages=blocks * 9, cache_sharding=sh)
+  result = ample.run(make_trace(), check_pages=True)
+  assert {s.request.id: s.tokens for s in result.requests} == want
+  assert result.preemptions == 0 and result.compiled_shapes == 2
+  assert max(s.live for s in result.steps) == 4
+  # The cache kept its sharded layout through every step (the pool over the data axis,
+  # and over the model axis too under "sequence").
+  specs = jax.tree.leaves(sh.specs(ample.cache), is_leaf=lambda x: isinstance(x, P))
+  for x, spec in zip(jax.tree.leaves(ample.cache), specs, strict=True):
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+  pool = ample.cache.k.values.sharding
+  assert len(pool.device_set) == 4 and not pool.is_fully_replicated
+  # A request's longest context takes 4 pages of a block (with "sequence": its first two
+  # pages in one block, its next two in the other). With 4 (3) usable pages per block,
+  # two slots per data shard cannot both grow: a shard runs out and preempts its newest.
+  per_block = 4 if strategy == "heads" else 2
+  tight = engine(model, kv_format=fmt, slots=4, num_pages=blocks * 5 if strategy == "heads"
+                 else blocks * 4, cache_sharding=sh)
+  result = tight.run(burst(make_trace()), check_pages=True)
+  assert result.preemptions > 0
+  assert {s.request.id: s.tokens for s in result.requests} == want
+  with pytest.raises(ValueError, match="pages of one block, more than a pool block's"):
+    engine(model, kv_format=fmt, slots=4, num_pages=blocks * per_block,
+           cache_sharding=sh).check(
+        make_trace())
+  explicit = CacheSharding(jax.make_mesh((2, 2), ("data", "model")), strategy=strategy)
+  with pytest.raises(ValueError, match="cache_sharding.mesh must have Auto axes"):
+    engine(model, slots=4, num_pages=blocks * 9, cache_sharding=explicit)
