@@ -40,12 +40,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
      flag_values=fv)
   s("trace", d.trace, "A JSONL trace (kvtpu.eval.traffic); empty: the Poisson generator.",
     flag_values=fv)
+  s("prompts", d.prompts, "Generator: chat (the chat workload's questions in the model's "
+    "template, ending at a stop id or the output_len budget) or filler (prompt_len tokens "
+    "of --filler, exact output lengths).", flag_values=fv)
   f("rate", d.rate, "Generator: requests per second (Poisson arrivals).", flag_values=fv)
   i("num_requests", d.num_requests, "Generator: requests.", flag_values=fv)
   s("prompt_len", d.prompt_len, "Generator: prompt length distribution (fixed:N, "
     "uniform:low=,high=, lognormal:median=,sigma=,max=).", flag_values=fv)
-  s("output_len", d.output_len, "Generator: output length distribution (exact lengths).",
-    flag_values=fv)
+  s("output_len", d.output_len, "Generator: output length distribution (chat: the budget; "
+    "filler: exact lengths).", flag_values=fv)
   i("seed", d.seed, "Seed of the generator, the filler workload and sampling.", flag_values=fv)
   s("filler", d.filler, "Workload whose tokens fill prompts given by length.", flag_values=fv)
   f("hbm_gib", d.hbm_gib, "Memory per device for weights, cache and workspace (GiB): a CPU "

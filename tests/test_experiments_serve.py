@@ -2,6 +2,7 @@
 (each raised before anything is served), and the binary end to end once (subprocess, on a
 tiny checkpoint)."""
 
+import dataclasses
 import json
 
 import jax
@@ -12,9 +13,11 @@ from kvtpu.experiments import serve as serve_binary
 from kvtpu.experiments.common import parse_flags
 from kvtpu.models.llama import Llama
 from kvtpu.models.runs import serve as serve_run
+from kvtpu.models.runs.common import ConfigError
 from kvtpu.models.runs.serve import ServeConfig
 
 from kvtpu import memory
+from kvtpu.eval import traffic
 from tests.helpers import TINY, run_binary
 from tests.run_support import FakeTokenizer, fake_pretrained, forbid, save_tiny_checkpoint
 
@@ -22,7 +25,7 @@ from tests.run_support import FakeTokenizer, fake_pretrained, forbid, save_tiny_
 # bf16 positions beyond its weights, fewer than 8 requests need at once.
 WEIGHTS = sum(x.nbytes for x in jax.tree.leaves(nnx.state(Llama(TINY, rngs=nnx.Rngs(0)),
                                                           nnx.Param)))
-SMALL = dict(kv_formats=("bf16", "int8"), rate=1000.0, num_requests=10,
+SMALL = dict(kv_formats=("bf16", "int8"), prompts="filler", rate=1000.0, num_requests=10,
              prompt_len="uniform:low=4,high=24", output_len="fixed:6", filler="random",
              slots=8, page_len=8, chunk=8, max_len=32, impl="xla",
              hbm_gib=(WEIGHTS + 12 * 8 * 256 + 4096) / 2**30)
@@ -60,6 +63,25 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["trace"]["sha256"] == bf16["trace_sha256"] and config["kv_formats"] == ["bf16",
                                                                                          "int8"]
+
+
+def test_chat_prompts_are_the_questions_in_the_template(monkeypatch):
+  long = dataclasses.replace(TINY, max_position=256)
+  monkeypatch.setattr(serve_run, "load_pretrained", fake_pretrained(long))
+  config = ServeConfig(**{**SMALL, "prompts": "chat", "num_requests": 6, "output_len": "fixed:8",
+                          "max_len": 128, "hbm_gib": 0.01})
+  tok = FakeTokenizer()
+  trace = serve_run.load_trace(config, tok)
+  assert trace.name.startswith("chat:") and len(trace.requests) == 6
+  assert trace.sha256 == traffic.chat(tok, rate=SMALL["rate"], num_requests=6,
+                                      output_len="fixed:8", max_context=128, seed=0).sha256
+  rows = serve_run.run(config, out=lambda _: None)
+  assert [r["trace"] for r in rows] == [trace.name] * 2
+  assert all(r["requests"] == 6 for r in rows) and rows[0]["share_identical"] == 1.0
+  with pytest.raises(ConfigError, match="num_requests: expected at most the 40 chat questions"):
+    ServeConfig(**{**SMALL, "prompts": "chat", "num_requests": 41})
+  with pytest.raises(ConfigError, match="max_len: the longest chat prompt"):
+    serve_run.load_trace(dataclasses.replace(config, max_len=64), tok)
 
 
 def test_run_on_a_mesh_sizes_each_device(monkeypatch):

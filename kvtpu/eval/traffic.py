@@ -31,6 +31,11 @@ Two sources:
     drawn from named `Distribution`s; prompts are windows of the filler stream; every
     request generates exactly its drawn output length.
 
+  `chat(tokenizer, rate=..., num_requests=..., output_len=..., seed=...)`: the same
+    arrivals, each request one of `kvtpu.eval.workloads.CHAT_QUESTIONS` in the model's
+    chat template (`workloads.chat_prompts`), its budget drawn from `output_len`; it
+    ends at a stop id or at its budget, as a chat server's requests do.
+
 Every request must fit the model's context: prompt + budget <= `max_context` (a bad
 line is an error naming the file and line; a generator whose distributions could
 exceed it is refused before drawing).
@@ -50,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from kvtpu.eval.workloads import TokenizerLike, Workload
+from kvtpu.eval.workloads import TokenizerLike, Workload, chat_prompts
 
-__all__ = ["Distribution", "Request", "Trace", "DISTRIBUTIONS", "load_jsonl", "poisson",
+__all__ = ["Distribution", "Request", "Trace", "DISTRIBUTIONS", "chat", "load_jsonl", "poisson",
            "trace_sha256"]
 
 # name -> (required parameters, optional parameters), all numbers.
@@ -489,6 +494,16 @@ def load_jsonl(path: str | Path, tokenizer: TokenizerLike | None = None, *, max_
                requests=tuple(requests), filler=source.disclosure if source.used else None)
 
 
+def _check_arrivals(rate, num_requests, seed) -> None:
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+      math.isfinite(rate) and rate > 0):
+    raise ValueError(f"rate must be a finite number of requests per second > 0, got {rate!r}")
+  if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+    raise ValueError(f"num_requests must be an int >= 1, got {num_requests!r}")
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
 def poisson(*, rate: float, num_requests: int, prompt_len: str | Distribution,
             output_len: str | Distribution, max_context: int, filler: Workload | np.ndarray,
             seed: int = 0) -> Trace:
@@ -503,13 +518,7 @@ def poisson(*, rate: float, num_requests: int, prompt_len: str | Distribution,
       drawing), or a prompt longer than the filler.
   """
   max_context = _check_context(max_context)
-  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
-      math.isfinite(rate) and rate > 0):
-    raise ValueError(f"rate must be a finite number of requests per second > 0, got {rate!r}")
-  if isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
-    raise ValueError(f"num_requests must be an int >= 1, got {num_requests!r}")
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+  _check_arrivals(rate, num_requests, seed)
   prompts, outputs = Distribution.parse(prompt_len), Distribution.parse(output_len)
   _fit(f"prompt_len={prompts.name} and output_len={outputs.name}", prompts.high, outputs.high,
        max_context)
@@ -525,3 +534,35 @@ def poisson(*, rate: float, num_requests: int, prompt_len: str | Distribution,
   return Trace(name=name, description=(
       f"{num_requests} requests, Poisson arrivals at {rate:g}/s, prompt lengths {prompts.name}, "
       f"output lengths {outputs.name}"), requests=requests, seed=seed, filler=source.disclosure)
+
+
+def chat(tokenizer: TokenizerLike, *, rate: float, num_requests: int,
+         output_len: str | Distribution, max_context: int, seed: int = 0) -> Trace:
+  """A chat trace: Poisson arrivals at `rate` (as `poisson`'s) of the first
+  `num_requests` questions of `workloads.CHAT_QUESTIONS` shuffled by `seed`, each one
+  user turn in `tokenizer`'s chat template with the generation prompt
+  (`workloads.chat_prompts`), with a budget drawn from `output_len`: generation ends at
+  a stop id or at the budget. Deterministic for `seed`.
+
+  Raises:
+    ValueError: a non-positive rate, a count outside [1, len(CHAT_QUESTIONS)], a bad
+      distribution spec, or a prompt plus the largest budget past `max_context`.
+  """
+  max_context = _check_context(max_context)
+  _check_arrivals(rate, num_requests, seed)
+  outputs = Distribution.parse(output_len)
+  _, prompts = chat_prompts(tokenizer, num_questions=num_requests, seed=seed)
+  longest = max(len(p) for p in prompts)
+  _fit(f"the longest chat prompt ({longest} tokens) and output_len={outputs.name}", longest,
+       outputs.high, max_context)
+  rng = np.random.default_rng(seed)
+  arrivals = np.cumsum(rng.exponential(1.0 / rate, size=num_requests))
+  o = outputs.sample(rng, num_requests)
+  requests = tuple(Request(f"r{i}", float(arrivals[i]), np.asarray(prompts[i], np.int32),
+                           int(o[i])) for i in range(num_requests))
+  name = (f"chat:rate={_exact(rate)},num_requests={num_requests},output_len={outputs.name},"
+          f"seed={seed}")
+  return Trace(name=name, description=(
+      f"{num_requests} chat questions (kvtpu.eval.workloads.CHAT_QUESTIONS, shuffled by seed "
+      f"{seed}) in the model's chat template, Poisson arrivals at {rate:g}/s, budgets "
+      f"{outputs.name} (ending at a stop id)"), requests=requests, seed=seed)

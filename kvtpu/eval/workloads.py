@@ -58,7 +58,7 @@ import numpy as np
 __all__ = [
     "CHAT_QUESTIONS", "CODE_MODULES", "PASSKEY_FILLER", "PASSKEY_INTRO", "PASSKEY_NEEDLE",
     "PASSKEY_QUESTION", "PROSE_MODULES", "REPEAT_DEFAULT_TEXT", "WORKLOADS", "Respond",
-    "TokenizerLike", "Workload", "chat", "code", "jsonl", "load", "passkey", "prose",
+    "TokenizerLike", "Workload", "chat", "chat_prompts", "code", "jsonl", "load", "passkey", "prose",
     "random_tokens", "repeat", "text_file", "texts_sha256", "tokens_sha256",
 ]
 
@@ -524,6 +524,29 @@ CHAT_QUESTIONS: tuple[str, ...] = (
 )
 
 
+def chat_prompts(tokenizer: TokenizerLike, *, num_questions: int | None = None,
+                 seed: int = 0) -> tuple[list[str], list[list[int]]]:
+  """`(questions, prompts)`: `CHAT_QUESTIONS` shuffled by `seed`, the first
+  `num_questions` (None: all), each one user turn rendered with
+  `tokenizer.encode_chat(..., add_generation_prompt=True)` (the template's default system
+  prompt, if any, included): what `chat` asks, and the chat serving trace's prompts.
+
+  Raises:
+    ValueError: `num_questions` not in [1, len(CHAT_QUESTIONS)], or a bad seed.
+  """
+  seed = _check_seed(seed)
+  n = len(CHAT_QUESTIONS)
+  if num_questions is not None:
+    _check_positive_int("num_questions", num_questions)
+    if num_questions > n:
+      raise ValueError(f"num_questions={num_questions} exceeds the {n} CHAT_QUESTIONS")
+  questions = [CHAT_QUESTIONS[i] for i in _permutation(n, seed)][:num_questions]
+  prompts = [[int(i) for i in tokenizer.encode_chat([{"role": "user", "content": q}],
+                                                    add_generation_prompt=True)]
+             for q in questions]
+  return questions, prompts
+
+
 def chat(tokenizer: TokenizerLike, respond: Respond, *, num_questions: int | None = None,
          seed: int = 0) -> Workload:
   """Chat: the model's template around `CHAT_QUESTIONS`, followed by the model's answers.
@@ -550,15 +573,8 @@ def chat(tokenizer: TokenizerLike, respond: Respond, *, num_questions: int | Non
       outside the vocabulary.
   """
   seed = _check_seed(seed)
-  n = len(CHAT_QUESTIONS)
-  if num_questions is not None:
-    _check_positive_int("num_questions", num_questions)
-    if num_questions > n:
-      raise ValueError(f"num_questions={num_questions} exceeds the {n} CHAT_QUESTIONS")
-  questions = [CHAT_QUESTIONS[i] for i in _permutation(n, seed)][:num_questions]
+  questions, prompts = chat_prompts(tokenizer, num_questions=num_questions, seed=seed)
   conversations = [[{"role": "user", "content": q}] for q in questions]
-  prompts = [[int(i) for i in tokenizer.encode_chat(c, add_generation_prompt=True)]
-             for c in conversations]
   answers = list(respond([list(p) for p in prompts]))
   if len(answers) != len(prompts):
     raise ValueError(f"chat: respond returned {len(answers)} answers for {len(prompts)} prompts")

@@ -50,9 +50,13 @@ from kvtpu.models.sharding import state_bytes_per_device
 
 from kvtpu import reports
 from kvtpu.eval import traffic, workloads
+from kvtpu.eval.workloads import CHAT_QUESTIONS
 from kvtpu.sharding import STRATEGIES, CacheSharding
 
-__all__ = ["ServeConfig", "run", "serve_formats", "load_trace", "cache_sharding"]
+# The generators' prompts (ServeConfig.prompts).
+PROMPTS = ("chat", "filler")
+
+__all__ = ["PROMPTS", "ServeConfig", "run", "serve_formats", "load_trace", "cache_sharding"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +66,13 @@ class ServeConfig:
   Attributes:
     model: `load_pretrained` name, .gguf file or checkpoint folder.
     kv_formats: the cache formats served; the first is the accuracy reference.
-    trace: a JSONL trace file (`kvtpu.eval.traffic.load_jsonl`); empty: the generator.
-    rate, num_requests, prompt_len, output_len, seed: the Poisson generator's arrivals
-      per second, requests, length distributions (`traffic.Distribution` specs) and seed.
+    trace: a JSONL trace file (`kvtpu.eval.traffic.load_jsonl`); empty: a generator.
+    prompts: the generator's prompts: "chat" (`traffic.chat`: the chat workload's
+      questions in the model's template, each ending at a stop id or its budget) or
+      "filler" (`traffic.poisson`: `prompt_len` tokens of `filler`, exact output lengths).
+    rate, num_requests, prompt_len, output_len, seed: the generator's arrivals per second,
+      requests, length distributions (`traffic.Distribution` specs; `output_len` is the
+      chat budget) and seed.
     filler: the workload whose tokens fill length-only prompts.
     hbm_gib: memory per device for weights, cache and workspace, GiB.
     workspace_gib: of it, kept for activations and temporaries.
@@ -80,10 +88,11 @@ class ServeConfig:
   model: str = "smollm2-135m"
   kv_formats: tuple[str, ...] = ("bf16", "int8", FOUR_BIT_SCHEME)
   trace: str = ""
+  prompts: str = "chat"
   rate: float = 50.0
-  num_requests: int = 32
+  num_requests: int = 40
   prompt_len: str = "lognormal:median=96,sigma=0.4,max=192"
-  output_len: str = "fixed:32"
+  output_len: str = "fixed:64"
   seed: int = 0
   filler: str = "prose"
   hbm_gib: float = 0.6
@@ -106,10 +115,14 @@ class ServeConfig:
         "kv_formats", self.kv_formats, dynamic_only="serve runs dynamic-scale caches"))
     check(isinstance(self.trace, str), "trace", f"expected a path or '', got {self.trace!r}")
     check(not self.trace or Path(self.trace).is_file(), "trace", f"{self.trace} is not a file")
+    one_of("prompts", self.prompts, PROMPTS)
     finite_number("rate", self.rate, low=0, low_open=True)
     for name in ("num_requests", "slots", "page_len", "chunk", "max_len"):
       object.__setattr__(self, name, positive_int(name, getattr(self, name)))
     object.__setattr__(self, "seed", positive_int("seed", self.seed, low=0))
+    check(self.trace or self.prompts != "chat" or self.num_requests <= len(CHAT_QUESTIONS),
+          "num_requests", f"expected at most the {len(CHAT_QUESTIONS)} chat questions "
+          f"(--prompts=chat), got {self.num_requests}")
     for name in ("prompt_len", "output_len"):
       try:
         traffic.Distribution.parse(getattr(self, name))
@@ -167,7 +180,14 @@ def cache_sharding(config: ServeConfig, cfg) -> CacheSharding | None:
 
 
 def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
-  """The config's trace: its JSONL file, or the Poisson generator's."""
+  """The config's trace: its JSONL file, or a generator's."""
+  if config.prompts == "chat" and not config.trace:
+    try:
+      return traffic.chat(tokenizer, rate=config.rate, num_requests=config.num_requests,
+                          output_len=config.output_len, max_context=config.max_len,
+                          seed=config.seed)
+    except ValueError as e:  # The longest question plus the largest budget.
+      raise ConfigError("max_len", str(e)) from None
   filler = workloads.load(config.filler, tokenizer, seed=config.seed)
   try:
     if config.trace:

@@ -16,7 +16,7 @@ import pytest
 
 from kvtpu.eval import traffic
 from kvtpu.eval.traffic import Distribution, Request, Trace
-from kvtpu.eval.workloads import Workload
+from kvtpu.eval.workloads import CHAT_QUESTIONS, Workload
 from tests.helpers import ByteTokenizer
 
 FILLER = np.arange(10, 10 + 997, dtype=np.int32)  # A stream whose windows are recognizable.
@@ -140,6 +140,36 @@ def test_poisson_refuses_what_cannot_fit_before_drawing():
     traffic.poisson(**{**base, "filler": FILLER[:50]}, max_context=100)
   with pytest.raises(ValueError, match="max_context must be an int >= 2"):
     traffic.poisson(**base, max_context=1.5)
+
+
+def test_chat_asks_the_questions_in_the_template_and_stops_at_stop_ids():
+  tok = ByteTokenizer()
+  kw = dict(rate=2.0, num_requests=len(CHAT_QUESTIONS), output_len="fixed:64",
+            max_context=1024)
+  trace = traffic.chat(tok, **kw, seed=1)
+  assert traffic.chat(tok, **kw, seed=1).sha256 == trace.sha256 == reference_sha(trace.requests)
+  # Every question once, in the order the chat workload shuffles them, each one user
+  # turn rendered by the tokenizer's template (not the bare question).
+  order = [CHAT_QUESTIONS[i] for i in np.random.default_rng(1).permutation(len(CHAT_QUESTIONS))]
+  for r, q in zip(trace.requests, order, strict=True):
+    want = tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+    assert list(r.prompt) == want and len(want) > len(tok.encode(q))
+    assert r.max_new_tokens == 64 and not r.exact_length  # Ends at a stop id.
+  assert [r.arrival_s for r in trace.requests] == sorted(r.arrival_s for r in trace.requests)
+  assert traffic.chat(tok, **kw, seed=2).sha256 != trace.sha256
+  assert trace.name == "chat:rate=2,num_requests=40,output_len=fixed:value=64,seed=1"
+  assert "filler" not in trace.disclosure() and "CHAT_QUESTIONS" in trace.description
+  first = traffic.chat(tok, **{**kw, "num_requests": 3}, seed=1)
+  assert [list(r.prompt) for r in first.requests] == [list(r.prompt)
+                                                      for r in trace.requests[:3]]
+  longest = max(r.prompt_len for r in trace.requests)
+  with pytest.raises(ValueError, match=f"the longest chat prompt \\({longest} tokens\\) and "
+                     "output_len=fixed:value=64: a prompt of"):
+    traffic.chat(tok, **{**kw, "max_context": longest + 63})
+  with pytest.raises(ValueError, match="num_questions=41 exceeds the 40 CHAT_QUESTIONS"):
+    traffic.chat(tok, **{**kw, "num_requests": 41})
+  with pytest.raises(ValueError, match="rate must be"):
+    traffic.chat(tok, **{**kw, "rate": -1.0})
 
 
 # ----------------------------------------------------------------------------- JSONL traces
