@@ -68,6 +68,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     "(--hbm_gib is then per device).", flag_values=fv)
   s("strategy", d.strategy, "kv heads over the model axis: auto, heads, replicate, sequence.",
     flag_values=fv)
+  flags.DEFINE_bool("exact_reference", d.exact_reference, "Also serve the trace on an f32 "
+                    "cache and report each format's outputs identical to it.", flag_values=fv)
   define_workdir_flags(fv, "workdir/serve")
 
 

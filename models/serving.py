@@ -59,7 +59,7 @@ from kvtpu.paging import OutOfPages, PageAllocator
 from kvtpu.sharding import CacheSharding, per_device_bytes, resolve_strategy
 
 __all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS", "compare_outputs",
-           "pages_for_budget"]
+           "lockstep", "pages_for_budget"]
 
 # Traces of the step by its width: each is a compile (tests check the bound).
 TRACE_COUNTS: collections.Counter[int] = collections.Counter()
@@ -234,6 +234,36 @@ def compare_outputs(reference: ServeResult, other: ServeResult) -> dict[str, obj
           "share_identical": (len(ref) - len(first)) / len(ref),
           "first_difference": first,
           "median_first_difference": float(np.median(list(first.values()))) if first else None}
+
+
+def lockstep(model, trace: Trace, *, kv_format, slots: int, page_len: int, max_len: int,
+             cache_sharding: CacheSharding | None = None, **engine_args) -> ServeResult:
+  """Serves `trace` in a schedule that depends on the trace alone: its requests in
+  arrival order, in groups of `slots` that arrive together on a pool holding every
+  request's whole context (no waiting, no preemption). Each group prefills in the same
+  steps and decodes in lockstep, so two formats compute every token in the same step
+  shapes and batch rows, and their outputs differ by the cache alone. (Under traffic,
+  when a request shares a step with which others, and in which of the two shapes, follows
+  step times; the step's float rounding then differs a little with the schedule.)
+
+  `engine_args`: `Engine`'s other arguments (chunk, stop_ids, sampling, seed, impl,
+  calibration).
+  """
+  blocks = 1  # Of the pool, each with its null page.
+  if cache_sharding is not None:
+    sequence = cache_sharding.resolved(model.cfg.num_kv_heads) == "sequence"
+    blocks = cache_sharding.data * (cache_sharding.model if sequence else 1)
+  engine = Engine(model, kv_format=kv_format, slots=slots, page_len=page_len, max_len=max_len,
+                  num_pages=slots * (max_len // page_len) + blocks,
+                  cache_sharding=cache_sharding, **engine_args)
+  served, steps = [], []
+  for start in range(0, len(trace.requests), slots):
+    group = Trace(trace.name, trace.description, tuple(
+        dataclasses.replace(r, arrival_s=0.0) for r in trace.requests[start:start + slots]))
+    result = engine.run(group)  # Times on each group's own clock, from 0.
+    served += result.requests
+    steps += result.steps
+  return ServeResult(served, steps, engine.compiled_shapes)
 
 
 def check_trace(trace: Trace, *, max_len: int, page_len: int, num_pages: int,

@@ -52,13 +52,21 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
   assert int8["concurrency_vs_reference"] == pytest.approx(
       int8["mean_concurrency_saturated"] / bf16["mean_concurrency_saturated"])
   assert all(r["requests"] == 10 and r["compiled_shapes"] == 2 for r in rows)
-  assert printed[0].startswith("serve bf16: ") and "identical to bf16: 10/10" in printed[0]
+  assert printed[0].startswith("serve bf16: ") and (
+      "identical to bf16's: 10/10 in lockstep, 10/10 as served; to the f32 cache's: " in printed[0])
+  assert bf16["identical"] == bf16["served_identical"] == 10 and bf16["exact_reference"] == "f32"
   saved = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert saved == json.loads(json.dumps(rows))
-  per_request = (tmp_path / "requests.jsonl").read_text().splitlines()
+  per_request = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
   assert len(per_request) == 20
+  # The shares follow from the per-request outputs: lockstep and served, each against bf16's.
+  for key, field in (("lockstep_tokens", "identical"), ("tokens", "served_identical")):
+    ref = {r["id"]: r[key] for r in per_request if r["kv_format"] == "bf16"}
+    same = sum(r[key] == ref[r["id"]] for r in per_request if r["kv_format"] == "int8")
+    assert same == int8[field]
   report = (tmp_path / "report.md").read_text()
   assert "| bf16 |" in report and "| int8 |" in report and "inflight.png" in report
+  assert "## Outputs" in report and "identical to f32" in report
   assert (tmp_path / "inflight.png").stat().st_size > 1000
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["trace"]["sha256"] == bf16["trace_sha256"] and config["kv_formats"] == ["bf16",

@@ -19,6 +19,7 @@ format and request), report.md, inflight.png (requests in flight over time).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,9 @@ from kvtpu.eval import traffic, workloads
 from kvtpu.eval.workloads import CHAT_QUESTIONS
 from kvtpu.sharding import STRATEGIES, CacheSharding
 
+# The unquantized cache outputs are also compared with (ServeConfig.exact_reference).
+EXACT = "f32"
+
 # The generators' prompts (ServeConfig.prompts).
 PROMPTS = ("chat", "filler")
 
@@ -83,6 +87,9 @@ class ServeConfig:
     mesh: "data:<n>,model:<m>": slots over `data`, kv heads (or positions, `strategy`)
       and weights over `model` (`kvtpu.sharding`); hbm_gib is then per device.
     strategy: kv heads over the model axis (`kvtpu.sharding.STRATEGIES`).
+    exact_reference: also serve the trace on an f32 cache (in lockstep) and report how
+      many outputs each format shares with it: the bf16 reference's own distance from
+      exact K/V, against which the others' is read.
   """
 
   model: str = "smollm2-135m"
@@ -108,6 +115,7 @@ class ServeConfig:
   param_dtype: str = "float32"
   mesh: str = "data:1,model:1"
   strategy: str = "auto"
+  exact_reference: bool = True
 
   def __post_init__(self):
     model_name("model", self.model)
@@ -203,9 +211,10 @@ def load_trace(config: ServeConfig, tokenizer) -> traffic.Trace:
 
 
 def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
-                  out: Callable[[str], Any] = print) -> tuple[list[dict], dict[str, Any]]:
-  """Serves `trace` on each of `config.kv_formats`; returns the per-format rows and the
-  per-format `ServeResult`s."""
+                  out: Callable[[str], Any] = print
+                  ) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
+  """Serves `trace` on each of `config.kv_formats`; returns the per-format rows, the
+  per-format `ServeResult`s as served, and those of `serving.lockstep`."""
   axes = config.mesh_axes
   sharding = cache_sharding(config, model.cfg)
   weights = state_bytes_per_device(nnx.state(model, nnx.Param), model=axes["model"])
@@ -216,8 +225,15 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
         f"({config.workspace_gib:g} GiB)")
   blocks = axes["data"] * (axes["model"] if sharding is not None and sharding.resolved(
       model.cfg.num_kv_heads) == "sequence" else 1)
-  rows, results = [], {}
-  for fmt in config.kv_formats:
+  engine_args = dict(page_len=config.page_len, max_len=config.max_len, chunk=config.chunk,
+                     stop_ids=sorted(tokenizer.stop_ids), sampling=config.sampling,
+                     seed=config.seed, impl=config.impl, cache_sharding=sharding)
+  # Outputs compared in one schedule that depends on the trace alone (serving.lockstep):
+  # differences are the cache's, not when requests shared steps.
+  lockstep = functools.partial(serving.lockstep, model, trace, slots=config.slots,
+                               **engine_args)
+  pools = {}
+  for fmt in config.kv_formats:  # Every format's pool checked before anything is served.
     try:
       pages = serving.pages_for_budget(fmt, model.cfg, cache_bytes=budget, slots=config.slots,
                                        page_len=config.page_len, max_len=config.max_len,
@@ -232,47 +248,63 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
     except ValueError as e:
       raise ConfigError("hbm_gib" if "pages" in str(e) else "trace",
                         f"kv_format={fmt}: {e}") from None
+    pools[fmt] = pages
+  exact = lockstep(kv_format=EXACT) if config.exact_reference else None
+  rows, results, locked = [], {}, {}
+  for fmt, pages in pools.items():
     engine = serving.Engine(model, kv_format=fmt, slots=config.slots, num_pages=pages,
-                            page_len=config.page_len, max_len=config.max_len,
-                            chunk=config.chunk, stop_ids=sorted(tokenizer.stop_ids),
-                            sampling=config.sampling, seed=config.seed, impl=config.impl,
-                            cache_sharding=sharding)
+                            **engine_args)
     result = engine.run(trace)
     results[fmt] = result
-    match = serving.compare_outputs(results[config.kv_formats[0]], result)
+    locked[fmt] = lockstep(kv_format=fmt)
+    ref = config.kv_formats[0]
+    match = serving.compare_outputs(locked[ref], locked[fmt])
+    served = serving.compare_outputs(results[ref], result)
+    vs_exact = serving.compare_outputs(exact, locked[fmt]) if exact is not None else None
     row = dict(kv_format=fmt, model=model.cfg.name, weight_precision=model.weight_precision,
                backend=jax.default_backend(), impl=config.impl, mesh=config.mesh,
                strategy=None if sharding is None else sharding.resolved(model.cfg.num_kv_heads),
                trace=trace.name,
                trace_sha256=trace.sha256, weight_bytes=weights, cache_budget_bytes=budget,
-               num_pages=pages, page_len=config.page_len, slots=config.slots,
+               num_pages=pages, usable_pages=pages - blocks, page_len=config.page_len,
+               slots=config.slots,
                cache_bytes=engine.cache.nbytes, cache_bytes_per_device=(
                    engine.cache.nbytes if sharding is None
                    else sharding.per_device_bytes(engine.cache)), **result.summary(),
-               reference=config.kv_formats[0], identical=match["identical"],
+               reference=ref, identical=match["identical"],
                share_identical=match["share_identical"],
-               median_first_difference=match["median_first_difference"])
+               median_first_difference=match["median_first_difference"],
+               served_identical=served["identical"],
+               served_share_identical=served["share_identical"],
+               exact_reference=EXACT if exact is not None else None,
+               identical_to_exact=None if vs_exact is None else vs_exact["identical"],
+               share_identical_to_exact=None if vs_exact is None else vs_exact["share_identical"])
     rows.append(row)
-    out(f"serve {fmt}: {pages - 1} pages, {row['mean_concurrency_saturated']:.2f} requests in "
-        f"flight on average while requests waited (peak {row['peak_concurrency_saturated']}), "
-        f"preemptions {row['preemptions']}, {row['tokens_per_s']:.1f} tok/s, TTFT p50 "
-        f"{row['ttft_p50_s']:.2f} s, identical to {config.kv_formats[0]}: "
-        f"{match['identical']}/{match['requests']}")
+    n = match["requests"]
+    out(f"serve {fmt}: {pages - blocks} pages, {row['mean_concurrency_saturated']:.2f} requests "
+        f"in flight on average while requests waited (peak "
+        f"{row['peak_concurrency_saturated']}), preemptions {row['preemptions']}, "
+        f"{row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s; outputs "
+        f"identical to {ref}'s: {match['identical']}/{n} in lockstep, {served['identical']}/{n} "
+        "as served" + ("" if vs_exact is None else
+                       f"; to the {EXACT} cache's: {vs_exact['identical']}/{n}"))
   base = rows[0]["mean_concurrency_saturated"]
   for row in rows:
     row["concurrency_vs_reference"] = (row["mean_concurrency_saturated"] / base if base
                                        else None)
-  return rows, results
+  return rows, results, locked
 
 
 def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[dict],
-           results: dict[str, Any]) -> None:
+           results: dict[str, Any], locked: dict[str, Any]) -> None:
   reports.write_jsonl(rows, workdir / "results.jsonl")
   per_request = [dict(kv_format=fmt, id=s.request.id, arrival_s=s.request.arrival_s,
                       prompt_tokens=s.request.prompt_len, tokens=s.tokens, stopped=s.stopped,
                       admitted_s=s.admitted_s, first_token_s=s.first_token_s,
-                      finished_s=s.finished_s, preemptions=s.preemptions)
-                 for fmt, r in results.items() for s in r.requests]
+                      finished_s=s.finished_s, preemptions=s.preemptions,
+                      lockstep_tokens=q.tokens)
+                 for fmt, r in results.items()
+                 for s, q in zip(r.requests, locked[fmt].requests, strict=True)]
   reports.write_jsonl(per_request, workdir / "requests.jsonl")
   series = [reports.Series(fmt, [s.start_s for s in r.steps], [s.live for s in r.steps])
             for fmt, r in results.items()]
@@ -283,15 +315,18 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
   ref = config.kv_formats[0]
   ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}"  # noqa: E731
   ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
-  body = [[r["kv_format"], r["num_pages"] - 1, f"{r['mean_concurrency_saturated']:.2f}",
-           ratio(r["concurrency_vs_reference"]),
-           f"{r['mean_concurrency_before_preemption']:.2f}", r["peak_concurrency"],
-           r["preemptions"], r["requests"], f"{r['tokens_per_s']:.1f}",
-           f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
-           f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p99_s'])}", r["peak_pages"],
-           f"{r['identical']}/{r['requests']}",
-           "-" if r["median_first_difference"] is None else r["median_first_difference"]]
-          for r in rows]
+  share = lambda k, n: "-" if k is None else f"{k}/{n} ({100 * k / n:.0f}%)"  # noqa: E731
+  capacity = [[r["kv_format"], r["usable_pages"], f"{r['mean_concurrency_saturated']:.2f}",
+               ratio(r["concurrency_vs_reference"]),
+               f"{r['mean_concurrency_before_preemption']:.2f}", r["peak_concurrency"],
+               r["preemptions"], f"{r['tokens_per_s']:.1f}",
+               f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}",
+               f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p99_s'])}", r["peak_pages"]]
+              for r in rows]
+  outputs = [[r["kv_format"], share(r["identical"], r["requests"]),
+              "-" if r["median_first_difference"] is None else r["median_first_difference"],
+              share(r["served_identical"], r["requests"]),
+              share(r["identical_to_exact"], r["requests"])] for r in rows]
   d = trace.disclosure()
   text = [
       f"# Serving: {rows[0]['model']}\n",
@@ -303,21 +338,32 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
       f"{config.impl} on {rows[0]['backend']}"
       + ("" if rows[0]["strategy"] is None else
          f", mesh {config.mesh} (kv heads: {rows[0]['strategy']}; budgets per device)")
-      + ". Greedy: "
-      f"{config.sampling.temperature == 0}.\n",
+      + f". Greedy: {config.sampling.temperature == 0}.\n",
       f"Trace: {d['description']} (`{d['name']}`, sha256 `{d['sha256'][:16]}`, "
       f"{d['prompt_tokens']} prompt tokens"
       + (f"; filler {d['filler']['name']}, token sha256 "
          f"`{d['filler']['token_sha256'][:16]}`" if d.get("filler") else "") + ").\n",
+      "## Capacity under the trace\n",
+      "Concurrency is time-weighted over steps: while requests waited for a slot or pages "
+      "(what the pool sustains under the load), and before the first preemption.\n",
       reports.markdown_table(
-          ["kv format", "pages", "mean in flight while requests wait", f"vs {ref}",
-           "mean before first preemption", "peak", "preemptions", "requests", "tok/s",
-           "TTFT p50 / p99 (ms)",
-           "TPOT p50 / p99 (ms)", "peak pages", f"identical to {ref}",
-           "median first difference"], body),
+          ["kv format", "usable pages", "mean in flight while requests wait", f"vs {ref}",
+           "mean before first preemption", "peak", "preemptions", "tok/s",
+           "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "peak pages"], capacity),
       "\nTimes are on this machine's clock: each step advances it by its measured time "
       "(compiles excluded), so the latencies are this machine's, not a TPU's.\n",
       figure.markdown("requests in flight", "Requests in flight at each step, per format."),
+      "\n## Outputs\n",
+      f"Requests whose output equals {ref}'s token for token, served in lockstep "
+      "(`kvtpu.models.serving.lockstep`: a schedule that depends on the trace alone, so the "
+      "difference is the cache's) and as served under the trace (where the step's float "
+      "rounding also follows the schedule), and equals an "
+      f"{EXACT} cache's in lockstep (the reference's own distance from exact K/V). The "
+      "first difference is the output index where a differing request first departs, "
+      "median over those.\n",
+      reports.markdown_table(
+          ["kv format", f"identical to {ref}", "median first difference",
+           f"identical to {ref} as served", f"identical to {EXACT}"], outputs),
   ]
   reports.write_text(workdir / "report.md", "\n".join(text) + "\n")
 
@@ -336,7 +382,7 @@ def run(config: ServeConfig, workdir: str | os.PathLike | None = None,
   if workdir is not None:
     workdir = start(workdir, config, weight_precision=model.weight_precision,
                     trace=trace.disclosure())
-  rows, results = serve_formats(model, tokenizer, trace, config, out=out)
+  rows, results, locked = serve_formats(model, tokenizer, trace, config, out=out)
   if workdir is not None:
-    _write(Path(workdir), config, trace, rows, results)
+    _write(Path(workdir), config, trace, rows, results, locked)
   return rows

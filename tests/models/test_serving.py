@@ -305,3 +305,19 @@ def test_sharded_engine_serves_what_it_gives_alone(model, alone, strategy, fmt):
   explicit = CacheSharding(jax.make_mesh((2, 2), ("data", "model")), strategy=strategy)
   with pytest.raises(ValueError, match="cache_sharding.mesh must have Auto axes"):
     engine(model, slots=4, num_pages=blocks * 9, cache_sharding=explicit)
+
+
+def test_lockstep_schedules_by_the_trace_alone(model, alone):
+  # Groups of 3 arriving together on a pool that holds them: outputs as alone, no wait,
+  # and the same steps (shapes, rows, tokens) whatever the format or the clock.
+  trace = make_trace()
+  runs = {fmt: serving.lockstep(model, trace, kv_format=fmt, slots=3, page_len=PAGE,
+                                max_len=4 * PAGE, chunk=CHUNK, impl="xla")
+          for fmt in ("bf16", "int4-sbf16-rot")}
+  bf16, int4 = runs.values()
+  assert {s.request.id: s.tokens for s in bf16.requests} == alone
+  assert [s.request.id for s in bf16.requests] == [r.id for r in trace.requests]
+  shape = lambda r: [(s.width, s.live, s.prefill_tokens, s.decode_tokens) for s in r.steps]  # noqa: E731
+  assert shape(bf16) == shape(int4)
+  assert all(s.waiting == 0 and s.preempted == 0 for s in bf16.steps)
+  assert max(s.live for s in bf16.steps) == 3 and bf16.preemptions == 0
