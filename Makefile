@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 # Calibration and evaluation of the KV-cache precisions on SmolLM2 (quick preset, CPU),
 # the memory-headroom sweep on its defaults (Llama-3.1-8B, bf16 weights, v5e-8), the same
-# sweep for SmolLM2 on one v5e chip, and the summary that joins SmolLM2's capacity and
-# accuracy in one table. Each run replaces the previous one's outputs (--overwrite; the
-# binaries refuse a used workdir without it).
+# sweep for SmolLM2 on one v5e chip, the summary that joins SmolLM2's capacity and
+# accuracy in one table, and the serving comparison on its defaults (chat traffic on
+# SmolLM2 with continuous batching, bf16 vs int8 vs 4-bit at one CPU-sized memory budget).
+# Each run replaces the previous one's outputs (--overwrite; the binaries refuse a used
+# workdir without it).
 SUMMARY_FORMATS = bf16,int8,fp8_e4m3,int4,fp8_e5m2,int8-rot,int4-sbf16-rot+sink4+recent252,int4-nu-sbf16-rot+sink4+recent252,int2-nu-sbf16-rot+sink4+recent252
 run: $(STAMP)
 	$(PY) -m kvtpu.experiments.evaluate --preset=quick --workdir=$(WORKDIR)/evaluate --overwrite
@@ -30,6 +32,7 @@ run: $(STAMP)
 	  --workdir=$(WORKDIR)/headroom-smollm2 --overwrite
 	$(PY) -m kvtpu.experiments.summary --evaluate_dir=$(WORKDIR)/evaluate \
 	  --headroom_dir=$(WORKDIR)/headroom-smollm2 --workdir=$(WORKDIR)/summary --overwrite
+	$(PY) -m kvtpu.experiments.serve --workdir=$(WORKDIR)/serve --overwrite
 
 # The full suite (what CI runs). Whole files per worker (tests/conftest.py): a file's tests share their
 # module's fixtures and compiled programs instead of compiling them on both workers.

@@ -312,6 +312,9 @@ FORMAT_COLORS: dict[str, str] = {
     "int4": "#009e73", "fp8_e5m2": "#cc79a7", "k8v4": "#d55e00", "k4v8": "#56b4e9",
     "k8v16": "#8c564b", "k16v8": "#9467bd", "int8-asym": "#17becf", "int4-asym": "#bcbd22",
     "int4-g32": "#a6761d", "int4-asym-g32": "#666600",
+    # The serving comparison's rotated schemes.
+    "int8-rot": "#1f78b4", "int8-sbf16-rot": "#6a3d9a", "int4-sbf16-rot": "#33a02c",
+    "int4-nu-sbf16-rot": "#e31a1c", "int4-asym-sbf16-rot": "#ff7f00",
 }
 _PALETTE = ("#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6cee3", "#b2df8a",
             "#fb9a99", "#fdbf6f", "#cab2d6", "#6a3d9a", "#b15928", "#1f78b4", "#33a02c",

@@ -55,6 +55,10 @@ def test_run_serves_every_format_and_writes_the_workdir(monkeypatch, tmp_path):
   assert printed[0].startswith("serve bf16: ") and (
       "identical to bf16's: 10/10 in lockstep, 10/10 as served; to the f32 cache's: " in printed[0])
   assert bf16["identical"] == bf16["served_identical"] == 10 and bf16["exact_reference"] == "f32"
+  assert printed[-1] == (
+      f"serve: requests in flight while requests waited, vs bf16: int8 "
+      f"{int8['concurrency_vs_reference']:.2f}x; outputs identical to bf16's in lockstep: int8 "
+      f"{100 * int8['share_identical']:.0f}%; report: {tmp_path / 'report.md'}")
   saved = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert saved == json.loads(json.dumps(rows))
   per_request = [json.loads(x) for x in (tmp_path / "requests.jsonl").read_text().splitlines()]
@@ -182,3 +186,15 @@ def test_a_jsonl_trace_is_served_as_written(monkeypatch, tmp_path):
   assert [len(r["tokens"]) for r in per_request[1:3]] == [4, 2]
   assert 1 <= len(per_request[0]["tokens"]) <= 3
   assert rows[0]["trace"] == f"jsonl:{trace.resolve()}" and rows[0]["requests"] == 3
+
+
+def test_the_default_precisions_can_meet_the_concurrency_targets():
+  # At SmolLM2's head_dim 64, bytes per token (scales included) bound what a large pool
+  # holds: the defaults' 8- and 4-bit caches must hold at least 1.9x and 3.4x bf16's.
+  config = ServeConfig()
+  assert config.kv_formats == ("bf16", serve_run.SERVING_INT8, serve_run.SERVING_FOUR_BIT)
+  per_token = {f: memory.bytes_per_token(f, kv_heads=3, head_dim=64) for f in config.kv_formats}
+  assert per_token["bf16"] / per_token[serve_run.SERVING_INT8] == pytest.approx(128 / 66)
+  assert per_token["bf16"] / per_token[serve_run.SERVING_FOUR_BIT] == pytest.approx(128 / 34)
+  assert config.prompts == "chat" and config.output_len == "fixed:64"
+  assert config.slots >= config.num_requests  # Capacity is the pool's, never the slots'.

@@ -33,7 +33,6 @@ from kvtpu.models.generation import Sampling
 from kvtpu.models.headroom import make_mesh, parse_mesh
 from kvtpu.models.pretrained import load_pretrained
 from kvtpu.models.runs.common import (
-  FOUR_BIT_SCHEME,
   ConfigError,
   check,
   check_head_dim,
@@ -54,13 +53,22 @@ from kvtpu.eval import traffic, workloads
 from kvtpu.eval.workloads import CHAT_QUESTIONS
 from kvtpu.sharding import STRATEGIES, CacheSharding
 
+# The serving comparison's precisions. Both rotate each head (`rot`), which spreads the
+# keys' outlier channels over all channels: the 8-bit grid then keeps outputs far closer
+# to bf16's at the same bytes. bf16 scales: the fewest bytes per token. No bf16 windows in
+# the 4-bit scheme: a window is held per slot whether or not it is used, and at serving
+# lengths (hundreds of positions) it costs more than the whole request's quantized pages
+# save (docs/serving.md). `nu`: a 16-level code scaled by each token's RMS.
+SERVING_INT8 = "int8-sbf16-rot"
+SERVING_FOUR_BIT = "int4-nu-sbf16-rot"
+
 # The unquantized cache outputs are also compared with (ServeConfig.exact_reference).
 EXACT = "f32"
 
 # The generators' prompts (ServeConfig.prompts).
 PROMPTS = ("chat", "filler")
 
-__all__ = ["PROMPTS", "ServeConfig", "run", "serve_formats", "load_trace", "cache_sharding"]
+__all__ = ["PROMPTS", "SERVING_FOUR_BIT", "SERVING_INT8", "ServeConfig", "run", "serve_formats", "load_trace", "cache_sharding"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +101,7 @@ class ServeConfig:
   """
 
   model: str = "smollm2-135m"
-  kv_formats: tuple[str, ...] = ("bf16", "int8", FOUR_BIT_SCHEME)
+  kv_formats: tuple[str, ...] = ("bf16", SERVING_INT8, SERVING_FOUR_BIT)
   trace: str = ""
   prompts: str = "chat"
   rate: float = 50.0
@@ -102,9 +110,9 @@ class ServeConfig:
   output_len: str = "fixed:64"
   seed: int = 0
   filler: str = "prose"
-  hbm_gib: float = 0.6
+  hbm_gib: float = 0.51
   workspace_gib: float = 0.0
-  slots: int = 32
+  slots: int = 40
   page_len: int = 32
   chunk: int = 32
   max_len: int = 256
@@ -306,7 +314,9 @@ def _write(workdir: Path, config: ServeConfig, trace: traffic.Trace, rows: list[
                  for fmt, r in results.items()
                  for s, q in zip(r.requests, locked[fmt].requests, strict=True)]
   reports.write_jsonl(per_request, workdir / "requests.jsonl")
-  series = [reports.Series(fmt, [s.start_s for s in r.steps], [s.live for s in r.steps])
+  # One point per step: lines without markers.
+  series = [reports.Series(fmt, [s.start_s for s in r.steps], [s.live for s in r.steps],
+                           style=dataclasses.replace(reports.style_of(fmt), marker=""))
             for fmt, r in results.items()]
   figure = reports.plot_series(workdir / "inflight.png", series, kind="line",
                                title=f"Requests in flight, {rows[0]['model']}",
@@ -385,4 +395,11 @@ def run(config: ServeConfig, workdir: str | os.PathLike | None = None,
   rows, results, locked = serve_formats(model, tokenizer, trace, config, out=out)
   if workdir is not None:
     _write(Path(workdir), config, trace, rows, results, locked)
+  ref = rows[0]["kv_format"]
+  out(f"serve: requests in flight while requests waited, vs {ref}: "
+      + ", ".join(f"{r['kv_format']} {r['concurrency_vs_reference']:.2f}x" for r in rows[1:]
+                  if r["concurrency_vs_reference"] is not None)
+      + f"; outputs identical to {ref}'s in lockstep: "
+      + ", ".join(f"{r['kv_format']} {100 * r['share_identical']:.0f}%" for r in rows[1:])
+      + ("" if workdir is None else f"; report: {Path(workdir) / 'report.md'}"))
   return rows
