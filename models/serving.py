@@ -22,12 +22,16 @@ Scheduling, at each step on the engine's clock:
   * arrivals (`arrival_s <= clock`) queue in arrival order; when nothing is live or
     waiting the clock jumps to the next arrival;
   * the oldest waiting request takes a free slot (its row reset) if the free pages,
-    after what the live requests' unfed contexts will take, hold its whole context;
+    after what the live requests' unfed contexts will take, hold its whole context
+    (a sharded pool: the free pages of the blocks that slot draws from; of the slots
+    that fit, the one with the most pages left);
   * before the step, every live request reserves pages for the tokens it is fed, in
-    arrival order; when the pool runs out, the live request that arrived last is
-    preempted: its pages are freed and it waits at the head of the queue (in arrival
-    order among the preempted), keeping the tokens it generated, which are recomputed
-    from its context when it is readmitted (greedy outputs are unchanged by it);
+    arrival order; when the pool (a block) runs out, the live request that arrived last
+    among those holding pages there (of that data shard) is preempted, or the
+    reserving request itself if it is the latest: its pages are freed and it waits at
+    the head of the queue (in arrival order among the preempted), keeping the tokens it
+    generated, which are recomputed from its context when it is readmitted (greedy
+    outputs are unchanged by it);
   * a request finishes at a stop id (unless its budget is an exact output length) or
     at its budget; its pages and slot are freed at once.
 
@@ -247,7 +251,10 @@ def lockstep(model, trace: Trace, *, kv_format, slots: int, page_len: int, max_l
   step times; the step's float rounding then differs a little with the schedule.)
 
   `engine_args`: `Engine`'s other arguments (chunk, stop_ids, sampling, seed, impl,
-  calibration).
+  calibration). Sampled tokens are drawn with the keys serving gives them (each
+  request's arrival index in the whole trace). The pool holds `slots` whole requests,
+  whatever a served run's budget. The steps' times restart at 0 with each group: the
+  result is for comparing outputs, not for its timing figures.
   """
   blocks = 1  # Of the pool, each with its null page.
   if cache_sharding is not None:
@@ -260,7 +267,7 @@ def lockstep(model, trace: Trace, *, kv_format, slots: int, page_len: int, max_l
   for start in range(0, len(trace.requests), slots):
     group = Trace(trace.name, trace.description, tuple(
         dataclasses.replace(r, arrival_s=0.0) for r in trace.requests[start:start + slots]))
-    result = engine.run(group)  # Times on each group's own clock, from 0.
+    result = engine.run(group, first_order=start)  # Each group's clock starts at 0.
     served += result.requests
     steps += result.steps
   return ServeResult(served, steps, engine.compiled_shapes)
@@ -345,7 +352,8 @@ class Engine:
     model: a `kvtpu.models.Llama`.
     kv_format: the cache's format (any `KVFormat` name or scheme).
     slots: B, requests in flight at most (the step's batch).
-    num_pages, page_len: the pool (page 0 is the null page: P - 1 usable).
+    num_pages, page_len: the pool (page 0 is the null page: P - 1 usable; sharded, each
+      block's first page: P minus the blocks).
     max_len: positions per request at most (a multiple of page_len): prompt + budget
       of every request must fit.
     chunk: C, prompt tokens fed per request per step at most.
@@ -450,12 +458,15 @@ class Engine:
     return collections.Counter(a.block_of(slot, w)
                                for w in range(a.held(slot), a.pages_for(tokens)))
 
-  def run(self, trace: Trace, *, check_pages: bool = False) -> ServeResult:
+  def run(self, trace: Trace, *, check_pages: bool = False, first_order: int = 0
+          ) -> ServeResult:
     """Serves every request of `trace` to its end.
 
     Args:
       check_pages: check the allocator's invariants, and that the pages in use are
         those the live requests hold, at every step (tests).
+      first_order: the arrival index of the trace's first request (its sampling key's;
+        a trace served in parts continues the count).
     """
     self.check(trace)
     a = self.allocator
@@ -464,7 +475,7 @@ class Engine:
     waiting: collections.deque[_Live] = collections.deque()
     live: dict[int, _Live] = {}  # slot -> request
     steps: list[StepRecord] = []
-    clock, arrived = 0.0, 0
+    clock, arrived = 0.0, first_order
     while arrivals or waiting or live:
       while arrivals and arrivals[0].request.arrival_s <= clock:
         s = arrivals.popleft()
@@ -509,9 +520,13 @@ class Engine:
             a.reserve(w.slot, w.fed + min(self.chunk, len(w.context) - w.fed))
             break
           except OutOfPages as e:
-            shard = e.shard // a.model_shards  # The block's data shard.
-            victim = max((v for v in live.values() if a.shard_of(v.slot) == shard),
-                         key=lambda v: v.order)
+            # The latest-arrived request holding pages in the block that ran out (its
+            # data shard's, from the block's first table column on), or `w` itself.
+            shard = e.shard // a.model_shards
+            first = (e.shard % a.model_shards) * (a.pages_per_sequence // a.model_shards)
+            victim = max((v for v in live.values() if v is w or (
+                a.shard_of(v.slot) == shard and a.held(v.slot) > first)),
+                key=lambda v: v.order)
             a.release(victim.slot)
             del live[victim.slot]
             victim.served.preemptions += 1

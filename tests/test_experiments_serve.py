@@ -156,7 +156,7 @@ def test_serve_binary_end_to_end(tmp_path):
   checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
   out = tmp_path / "out"
   proc = run_binary("kvtpu.experiments.serve", f"--model={checkpoint}", "--kv_formats=bf16,int8",
-                    "--num_requests=6", "--prompt_len=uniform:low=4,high=20",
+                    "--prompts=filler", "--num_requests=6", "--prompt_len=uniform:low=4,high=20",
                     "--output_len=fixed:4", "--filler=random", "--slots=4", "--page_len=8",
                     "--chunk=8", "--max_len=32", "--impl=xla", "--hbm_gib=0.2", workdir=out,
                     timeout=300)

@@ -278,7 +278,7 @@ def test_sharded_engine_serves_what_it_gives_alone(model, alone, strategy, fmt):
   # 4 slots, two per data shard; each shard has 2 (heads) or 2 x 2 (sequence) blocks.
   blocks = 2 if strategy == "heads" else 4
   ample = engine(model, kv_format=fmt, slots=4, num_pages=blocks * 9, cache_sharding=sh)
-  result = ample.run(make_trace(), check_pages=True)
+  result = ample.run(burst(make_trace()), check_pages=True)
   assert {s.request.id: s.tokens for s in result.requests} == want
   assert result.preemptions == 0 and result.compiled_shapes == 2
   assert max(s.live for s in result.steps) == 4
@@ -321,3 +321,11 @@ def test_lockstep_schedules_by_the_trace_alone(model, alone):
   assert shape(bf16) == shape(int4)
   assert all(s.waiting == 0 and s.preempted == 0 for s in bf16.steps)
   assert max(s.live for s in bf16.steps) == 3 and bf16.preemptions == 0
+  # Sampled: each request keeps its serving keys (its arrival index in the whole trace),
+  # so lockstep in groups draws what serving draws.
+  hot = dict(sampling=Sampling(temperature=2.0), seed=3)
+  served = engine(model, slots=3, **hot).run(trace)
+  grouped = serving.lockstep(model, trace, kv_format="bf16", slots=3, page_len=PAGE,
+                             max_len=4 * PAGE, chunk=CHUNK, impl="xla", **hot)
+  assert ({s.request.id: s.tokens for s in grouped.requests}
+          == {s.request.id: s.tokens for s in served.requests} != alone)
