@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Sequence
 
@@ -63,7 +64,7 @@ from kvtpu.paging import OutOfPages, PageAllocator
 from kvtpu.sharding import CacheSharding, per_device_bytes, resolve_strategy
 
 __all__ = ["Engine", "Served", "StepRecord", "ServeResult", "TRACE_COUNTS", "compare_outputs",
-           "lockstep", "pages_for_budget"]
+           "lockstep", "pages_for_budget", "pool_blocks"]
 
 # Traces of the step by its width: each is a compile (tests check the bound).
 TRACE_COUNTS: collections.Counter[int] = collections.Counter()
@@ -240,6 +241,16 @@ def compare_outputs(reference: ServeResult, other: ServeResult) -> dict[str, obj
           "median_first_difference": float(np.median(list(first.values()))) if first else None}
 
 
+def pool_blocks(cache_sharding: CacheSharding | None, kv_heads: int) -> tuple[int, int]:
+  """`(shards, model_shards)`: how a paged pool on this mesh splits into blocks, each
+  with its own null page (`kvtpu.paging.PageAllocator`): one per data shard, times the
+  model axis under `"sequence"`; `(1, 1)` unsharded."""
+  if cache_sharding is None:
+    return 1, 1
+  sequence = cache_sharding.resolved(kv_heads) == "sequence"
+  return cache_sharding.data, cache_sharding.model if sequence else 1
+
+
 def lockstep(model, trace: Trace, *, kv_format, slots: int, page_len: int, max_len: int,
              cache_sharding: CacheSharding | None = None, **engine_args) -> ServeResult:
   """Serves `trace` in a schedule that depends on the trace alone: its requests in
@@ -256,10 +267,7 @@ def lockstep(model, trace: Trace, *, kv_format, slots: int, page_len: int, max_l
   whatever a served run's budget. The steps' times restart at 0 with each group: the
   result is for comparing outputs, not for its timing figures.
   """
-  blocks = 1  # Of the pool, each with its null page.
-  if cache_sharding is not None:
-    sequence = cache_sharding.resolved(model.cfg.num_kv_heads) == "sequence"
-    blocks = cache_sharding.data * (cache_sharding.model if sequence else 1)
+  blocks = math.prod(pool_blocks(cache_sharding, model.cfg.num_kv_heads))
   engine = Engine(model, kv_format=kv_format, slots=slots, page_len=page_len, max_len=max_len,
                   num_pages=slots * (max_len // page_len) + blocks,
                   cache_sharding=cache_sharding, **engine_args)

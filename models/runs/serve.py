@@ -231,8 +231,8 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
         f"{config.hbm_gib:g} GiB leaves no room for a cache after the weights "
         f"({weights / 2**20:.2f} MiB per device) and the workspace "
         f"({config.workspace_gib:g} GiB)")
-  blocks = axes["data"] * (axes["model"] if sharding is not None and sharding.resolved(
-      model.cfg.num_kv_heads) == "sequence" else 1)
+  shards, model_shards = serving.pool_blocks(sharding, model.cfg.num_kv_heads)
+  blocks = shards * model_shards
   engine_args = dict(page_len=config.page_len, max_len=config.max_len, chunk=config.chunk,
                      stop_ids=sorted(tokenizer.stop_ids), sampling=config.sampling,
                      seed=config.seed, impl=config.impl, cache_sharding=sharding)
@@ -252,7 +252,7 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
     try:  # Before the engine compiles its step.
       serving.check_trace(trace, max_len=config.max_len, page_len=config.page_len,
                           num_pages=pages, vocab_size=model.cfg.vocab_size,
-                          shards=axes["data"], model_shards=blocks // axes["data"])
+                          shards=shards, model_shards=model_shards)
     except ValueError as e:
       raise ConfigError("hbm_gib" if "pages" in str(e) else "trace",
                         f"kv_format={fmt}: {e}") from None
