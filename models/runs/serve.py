@@ -183,11 +183,11 @@ def cache_sharding(config: ServeConfig, cfg) -> CacheSharding | None:
   sharding = CacheSharding(make_mesh(devices[:n], axes["data"], axes["model"]),
                            strategy=config.strategy)
   try:
-    sharding.resolved(cfg.num_kv_heads)
+    strategy = sharding.resolved(cfg.num_kv_heads)
   except ValueError as e:
     raise ConfigError("strategy", f"{e} ({cfg.name} has {cfg.num_kv_heads} kv heads)") from None
   pages_per_sequence = config.max_len // config.page_len
-  check(sharding.resolved(cfg.num_kv_heads) != "sequence"
+  check(strategy != "sequence"
         or pages_per_sequence % axes["model"] == 0, "max_len",
         f"strategy=sequence splits each request's {pages_per_sequence} pages over "
         f"{axes['model']} model devices: expected max_len / page_len to be a multiple of "
@@ -264,7 +264,8 @@ def serve_formats(model, tokenizer, trace: traffic.Trace, config: ServeConfig,
                             **engine_args)
     result = engine.run(trace)
     results[fmt] = result
-    locked[fmt] = lockstep(kv_format=fmt)
+    # An f32 format among kv_formats is the exact reference's run: not served twice.
+    locked[fmt] = exact if fmt == EXACT and exact is not None else lockstep(kv_format=fmt)
     ref = config.kv_formats[0]
     match = serving.compare_outputs(locked[ref], locked[fmt])
     served = serving.compare_outputs(results[ref], result)
