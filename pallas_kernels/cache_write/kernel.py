@@ -223,10 +223,12 @@ def cache_write(store: jax.Array, new: jax.Array, layer, lo: jax.Array, hi: jax.
     lo_b, hi_b = lo_ref[b], hi_ref[b]
     first, last = _tile_range(lo_b, hi_b, tile, last_tile)
     i = jnp.minimum(first + j, last)  # The tile of the sequence's positions.
-    page = table_ref[b * pages_per_seq + jax.lax.div(i, tiles_per_page)]
     if paged:  # A slab is the sequence's own even when it writes nothing; a page may not be.
+      page = table_ref[b * pages_per_seq + jax.lax.div(i, tiles_per_page)]
       page = jnp.where((hi_b > lo_b) & (page >= 0) & (page < rows), page, 0)
-    within = jax.lax.rem(i, tiles_per_page)
+      within = jax.lax.rem(i, tiles_per_page)
+    else:  # The one-page table, not read: sequence b's slab is row b.
+      page, within = b, i
     layer_i = jnp.clip(layer_ref[0], 0, num_layers - 1)
     return (layer_i, page, 0, 0, within) if minor else (layer_i, page, 0, within, 0)
 

@@ -414,7 +414,8 @@ def _block_end(length, chunk, j, block_t: int, max_len: int, sink: int = 0, rece
 def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q_ref, k_ref, v_ref,
             *rest, d: Dims, block_t: int, block_s: int, k_zero: bool, v_zero: bool, sink: int,
             recent: int, precision: jax.lax.Precision, lse: bool, k_codes=None, v_codes=None,
-            transposed: tuple[bool, bool] = (False, False), window_layouts=None):
+            transposed: tuple[bool, bool] = (False, False), window_layouts=None,
+            spanned: bool = True):
   del layer_ref, table_ref  # Used by the index maps only.
   refs = list(rest)
   ks_ref = refs.pop(0) if d.k_groups or d.k_token_group else None
@@ -428,7 +429,9 @@ def _kernel(layer_ref, lengths_ref, chunk_ref, table_ref, start_ref, stop_ref, q
   b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   num_blocks = pl.num_programs(3)
   length, chunk = lengths_ref[b], chunk_ref[b]
-  start, stop = start_ref[b], stop_ref[b]  # The span of positions this call reads.
+  # The span of positions this call reads (every position when the call has no span:
+  # its refs are then never read).
+  start, stop = (start_ref[b], stop_ref[b]) if spanned else (0, d.max_len)
   end = jnp.minimum(length + chunk, d.max_len)  # Positions < end hold tokens.
   # The store blocks this query block reads hold positions < block_end.
   block_end = jnp.minimum(_block_end(length, chunk, j, block_t, d.max_len, sink, recent), stop)
@@ -725,6 +728,9 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   bs = block_s
   blocks_per_page = pl.cdiv(d.slab, bs)
   windows_len = tuple(0 if w is None else w.size for w in (windows[0], windows[2]))
+  # Static: without a span or a page table the index maps read neither (on a TPU, fewer
+  # scalar loads per grid step; in interpret mode, fewer host callbacks).
+  spanned, paged = span is not None, page_table is not None
   if page_table is None:
     page_table = jnp.arange(d.batch, dtype=jnp.int32)[:, None]
   pages_per_seq = page_table.shape[1]
@@ -749,11 +755,17 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
     length, chunk_b = lengths_ref[b], chunk_ref[b]
     live = _live(chunk_b, j, block_t)
     j = jnp.where(live, j, _last_live(chunk_b, block_t))
-    end = jnp.minimum(_block_end(length, chunk_b, j, block_t, d.max_len, *windows_len),
-                      stop_ref[b])
+    end = _block_end(length, chunk_b, j, block_t, d.max_len, *windows_len)
+    if spanned:
+      end = jnp.minimum(end, stop_ref[b])
     last = jnp.maximum(jax.lax.div(end + bs - 1, bs) - 1, 0)  # end >= 0: see _kernel's query_limit.
-    first = jnp.minimum(jax.lax.div(jnp.maximum(start_ref[b], 0), bs), last)
-    block = jnp.where(live, jnp.minimum(jnp.maximum(i, first), last), last)
+    if spanned:
+      first = jnp.minimum(jax.lax.div(jnp.maximum(start_ref[b], 0), bs), last)
+      block = jnp.where(live, jnp.minimum(jnp.maximum(i, first), last), last)
+    else:
+      block = jnp.where(live, jnp.minimum(i, last), last)
+    if not paged:  # The one-page table: sequence b is page b.
+      return layer_ref[0], b, h, block
     page = table_ref[b * pages_per_seq + jax.lax.div(block, blocks_per_page)]
     page = jnp.where((page >= 0) & (page < d.rows), page, 0)
     return layer_ref[0], page, h, jax.lax.rem(block, blocks_per_page)
@@ -797,7 +809,8 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
   kernel = functools.partial(_kernel, d=d, block_t=block_t, block_s=bs,
                              k_zero=k_zero is not None, v_zero=v_zero is not None,
                              k_codes=codes[0], v_codes=codes[1], precision=precision, lse=lse,
-                             transposed=transposed, window_layouts=layouts, **sizes)
+                             transposed=transposed, window_layouts=layouts, spanned=spanned,
+                             **sizes)
   out_shape, out_specs = jax.ShapeDtypeStruct(qk.shape, jnp.float32), q_spec
   if lse:  # One float per row: [B, K, T*G, 1].
     out_shape = (out_shape, jax.ShapeDtypeStruct((*qk.shape[:3], 1), jnp.float32))
