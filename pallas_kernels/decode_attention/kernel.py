@@ -770,14 +770,18 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
     page = jnp.where((page >= 0) & (page < d.rows), page, 0)
     return layer_ref[0], page, h, jax.lax.rem(block, blocks_per_page)
 
+  def kv_block_minor(*args):
+    """`kv_block` for blocks whose positions are the minor axis: `(..., 0, block)`."""
+    layer_i, page, h, block = kv_block(*args)  # Read once (each read is a scalar load).
+    return layer_i, page, h, 0, block
+
   sq = pl.Squeezed()
   q_spec = pl.BlockSpec((sq, sq, rows, d.head_dim), q_block)
 
   def kv_spec(transposed: bool):
     """A K or V block: `[bs, H]`, or `[H, bs]` of values stored positions-minor."""
     if transposed:
-      return pl.BlockSpec((sq, sq, sq, d.head_dim, bs),
-                          lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3]))
+      return pl.BlockSpec((sq, sq, sq, d.head_dim, bs), kv_block_minor)
     return pl.BlockSpec((sq, sq, sq, bs, d.head_dim), lambda *a: (*kv_block(*a), 0))
 
   in_specs, operands = [q_spec, kv_spec(transposed[0]), kv_spec(transposed[1])], [qk, k, v]
@@ -791,8 +795,7 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
         in_specs.append(pl.BlockSpec((sq, sq, sq, bs // n, d.head_dim),
                                      lambda *a: (*kv_block(*a), 0)))
       else:
-        in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs),
-                                     lambda *a: (*kv_block(*a)[:3], 0, kv_block(*a)[3])))
+        in_specs.append(pl.BlockSpec((sq, sq, sq, groups, bs), kv_block_minor))
       operands.append(arr)
   sizes = {"sink": 0, "recent": 0}
   layouts = {}
