@@ -744,6 +744,8 @@ def attention_call(d: Dims, q, k, v, lengths, chunk, layer, k_scale, k_zero, v_s
 
   def q_block(b, h, j, i, layer_ref, lengths_ref, chunk_ref, table_ref, *_):
     """(b, h, query block): blocks of padding only repeat the last live one (no copy)."""
+    if num_q_blocks == 1:  # Block 0 always runs (`_live`): nothing to read.
+      return b, h, 0, 0
     chunk_b = chunk_ref[b]
     return b, h, jnp.where(_live(chunk_b, j, block_t), j, _last_live(chunk_b, block_t)), 0
 
