@@ -124,6 +124,12 @@ class PageAllocator:
     return (self.shard_of(seq) * self.model_shards
             + column // (self.pages_per_sequence // self.model_shards))
 
+  def holds_in(self, seq: int, block: int) -> bool:
+    """Whether sequence `seq` holds a page of pool block `block` (`block_of`): its
+    columns `[0, held)` run through its data shard's blocks in order."""
+    held = self.held(seq)
+    return held > 0 and self.block_of(seq, 0) <= block <= self.block_of(seq, held - 1)
+
   def held(self, seq: int) -> int:
     """Pages sequence `seq` holds."""
     return int(self._held[self._check_seq(seq)])

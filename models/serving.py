@@ -528,13 +528,10 @@ class Engine:
             a.reserve(w.slot, w.fed + min(self.chunk, len(w.context) - w.fed))
             break
           except OutOfPages as e:
-            # The latest-arrived request holding pages in the block that ran out (its
-            # data shard's, from the block's first table column on), or `w` itself.
-            shard = e.shard // a.model_shards
-            first = (e.shard % a.model_shards) * (a.pages_per_sequence // a.model_shards)
-            victim = max((v for v in live.values() if v is w or (
-                a.shard_of(v.slot) == shard and a.held(v.slot) > first)),
-                key=lambda v: v.order)
+            # The latest-arrived request holding pages in the block that ran out, or
+            # `w` itself.
+            victim = max((v for v in live.values() if v is w or a.holds_in(v.slot, e.shard)),
+                         key=lambda v: v.order)
             a.release(victim.slot)
             del live[victim.slot]
             victim.served.preemptions += 1

@@ -225,6 +225,9 @@ def test_allocator_invariants_hold_under_random_traffic(model_shards):
       assert allocator.held(s) == allocator.pages_for(held[s])
       # Block-local ids: each block's pages are 1..local-1.
       assert allocator.table[s].max() < local
+      blocks = range(2 * model_shards)
+      assert [allocator.holds_in(s, k) for k in blocks] == [
+          any(allocator.block_of(s, c) == k for c in range(allocator.held(s))) for k in blocks]
     assert allocator.pages_in_use + allocator.free_pages() == allocator.usable_pages
   assert refused > 0  # The traffic did run the pool dry.
 
